@@ -1,0 +1,209 @@
+"""Accounting for a `ModelConfig`: parameters, FLOPs, AdamW training memory and training time.
+
+Pure functions of the config (no I/O, no torch) except `measure_activation_bytes`, which builds
+the real model to check the activation estimate against what autograd actually keeps.
+
+Conventions (the seeds' conventions, so their tables are reproduced exactly):
+- a matrix product (m x n)(n x p) costs 2mnp FLOPs; only matrix products are counted;
+- attention is counted over the full (T x T) score matrix (no causal halving);
+- backward costs 2x forward, so one training step costs 3x forward;
+- AdamW keeps two fp32 moments per parameter.
+
+Worked example (GPT-2 small shape, the seeds' table):
+
+>>> from tinystories_cli.config import PRESETS
+>>> parameter_counts(PRESETS["gpt2-small"].model)["total"]
+190460160
+>>> round(forward_flops(PRESETS["gpt2-small"].model, seq_len=1024)["total"] / 1e9, 3)
+349.63
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from tinystories_cli.config import ModelConfig
+from tinystories_cli.errors import UserError
+
+FP32 = 4
+
+
+def _norm_params(cfg: ModelConfig) -> int:
+    if cfg.norm == "none":
+        return 0
+    if cfg.norm == "layernorm":
+        return 2 * cfg.d_model if cfg.layernorm_bias else cfg.d_model
+    return cfg.d_model
+
+
+def ffn_matrices(cfg: ModelConfig) -> int:
+    """SwiGLU has three d_model x d_ff matrices (w1, w2, w3); the plain FFNs have two."""
+    return 3 if cfg.ffn == "swiglu" else 2
+
+
+def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters by component. `total` equals `sum(p.numel() for p in TransformerLM(cfg).parameters())`."""
+    d, V = cfg.d_model, cfg.vocab_size
+    attention = 4 * d * d  # W_Q, W_K, W_V, W_O (no biases)
+    ffn = ffn_matrices(cfg) * d * cfg.d_ff
+    norms = 2 * _norm_params(cfg)
+    layer = attention + ffn + norms
+    counts = {
+        "token_embedding": V * d,
+        "position_embedding": cfg.context_length * d if cfg.pos_emb == "learned" else 0,
+        "attention_per_layer": attention,
+        "ffn_per_layer": ffn,
+        "norms_per_layer": norms,
+        "layer": layer,
+        "layers": cfg.num_layers * layer,
+        "final_norm": _norm_params(cfg),
+        "lm_head": 0 if cfg.tie_embeddings else V * d,
+    }
+    counts["total"] = (
+        counts["token_embedding"] + counts["position_embedding"] + counts["layers"] + counts["final_norm"] + counts["lm_head"]
+    )
+    return counts
+
+
+FLOP_COMPONENTS = ("qkv_projections", "attention_scores", "attention_weighted", "output_projection", "ffn", "lm_head")
+
+
+def forward_flops(cfg: ModelConfig, seq_len: int | None = None, batch_size: int = 1) -> dict[str, int]:
+    """Forward-pass matmul FLOPs by component for `batch_size` sequences of `seq_len` tokens."""
+    T = seq_len or cfg.context_length
+    d, L = cfg.d_model, cfg.num_layers
+    per_layer = {
+        "qkv_projections": 3 * 2 * T * d * d,
+        # per head (T x hd)(hd x T), summed over heads = 2 T^2 d
+        "attention_scores": 2 * T * T * d,
+        "attention_weighted": 2 * T * T * d,
+        "output_projection": 2 * T * d * d,
+        "ffn": ffn_matrices(cfg) * 2 * T * d * cfg.d_ff,
+    }
+    flops = {k: batch_size * L * v for k, v in per_layer.items()}
+    flops["lm_head"] = batch_size * 2 * T * d * cfg.vocab_size
+    flops["total"] = sum(flops[k] for k in FLOP_COMPONENTS)
+    return flops
+
+
+def train_flops_per_step(cfg: ModelConfig, batch_size: int, seq_len: int | None = None) -> int:
+    """Forward + backward (2x forward) for one optimizer step of `batch_size` sequences."""
+    return 3 * forward_flops(cfg, seq_len, batch_size)["total"]
+
+
+# --- memory -----------------------------------------------------------------------------------
+
+def activation_bytes(cfg: ModelConfig, batch_size: int, seq_len: int | None = None, bytes_per_el: int = FP32) -> dict[str, int]:
+    """Bytes of activations autograd keeps for backward in this project's `TransformerLM`.
+
+    Counted per tensor the implementation saves (checked against `measure_activation_bytes`):
+    with the reference attention each layer keeps the (B, h, T, T) attention probabilities;
+    the FFN keeps its d_ff-wide intermediates; the LM head keeps the logits for cross-entropy.
+    """
+    B, T = batch_size, seq_len or cfg.context_length
+    d, h, dff, V = cfg.d_model, cfg.num_heads, cfg.d_ff, cfg.vocab_size
+    btd = B * T * d
+    norm_units = 0 if cfg.norm == "none" else 2  # each norm keeps its input and normalized output
+    # q, k, v (after RoPE), the attention output fed to W_O, and the block input fed to W_Q/K/V
+    attn_units = 5 if cfg.pos_emb == "rope" else 4
+    scores = 2 * B * h * T * T  # pre-softmax scores and probabilities
+    ffn_units = {"swiglu": 4, "silu": 2, "gelu": 2, "relu": 1}[cfg.ffn]  # d_ff-wide tensors kept
+    per_layer = (2 * norm_units + attn_units) * btd + scores + ffn_units * B * T * dff
+    out = {
+        "per_layer": per_layer * bytes_per_el,
+        "layers": cfg.num_layers * per_layer * bytes_per_el,
+        "final_norm": norm_units * btd * bytes_per_el,
+        "logits": 2 * B * T * V * bytes_per_el,  # logits and their log-softmax for cross-entropy
+    }
+    out["total"] = out["layers"] + out["final_norm"] + out["logits"]
+    return out
+
+
+def training_memory(cfg: ModelConfig, batch_size: int, seq_len: int | None = None) -> dict[str, int]:
+    """fp32 AdamW training memory: parameters + gradients + two moments + activations."""
+    p = parameter_counts(cfg)["total"]
+    mem = {
+        "parameters": p * FP32,
+        "gradients": p * FP32,
+        "optimizer_state": 2 * p * FP32,
+        "activations": activation_bytes(cfg, batch_size, seq_len)["total"],
+    }
+    mem["total"] = sum(mem.values())
+    return mem
+
+
+def max_batch_size(cfg: ModelConfig, memory_bytes: int, seq_len: int | None = None) -> int:
+    """Largest batch whose training memory fits `memory_bytes` (0 when not even batch 1 fits)."""
+    fixed = training_memory(cfg, 1, seq_len)
+    per_sample = fixed["activations"]
+    free = memory_bytes - (fixed["total"] - per_sample)
+    return max(0, free // per_sample)
+
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
+          "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40}
+
+
+def parse_memory(text: str) -> int:
+    """Parse a memory size. GB and GiB both mean 2^30 bytes, as GPU vendors label cards.
+
+    >>> parse_memory("80GB"), parse_memory("512 MiB"), parse_memory("1.5T")
+    (85899345920, 536870912, 1649267441664)
+    """
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).upper() if m else None
+    if not m or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise UserError(f"cannot read memory size {text!r}", "use a positive number with a unit, e.g. 80GB, 24GiB, 512MB")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def training_time_seconds(total_flops: float, peak_tflops: float, mfu: float) -> float:
+    return total_flops / (peak_tflops * 1e12 * mfu)
+
+
+def report(
+    cfg: ModelConfig,
+    *,
+    batch_size: int,
+    steps: int | None = None,
+    tokens: int | None = None,
+    memory: int | None = None,
+    peak_tflops: float = 19.5,
+    mfu: float = 0.5,
+) -> dict:
+    """Every figure `tslm account` shows, as one JSON-ready dict."""
+    T = cfg.context_length
+    if tokens is not None:
+        steps = math.ceil(tokens / (batch_size * T))
+    step_flops = train_flops_per_step(cfg, batch_size)
+    fwd = forward_flops(cfg, T)
+    params = parameter_counts(cfg)
+    out = {
+        "config": cfg.model_dump(),
+        "parameters": params | {"bytes_fp32": params["total"] * 4, "bytes_bf16": params["total"] * 2},
+        "forward_flops": fwd,
+        "forward_flops_share": {k: fwd[k] / fwd["total"] for k in FLOP_COMPONENTS},
+        "training": {
+            "batch_size": batch_size,
+            "seq_len": T,
+            "tokens_per_step": batch_size * T,
+            "flops_per_step": step_flops,
+            "flops_per_token": step_flops / (batch_size * T),
+        },
+        "memory": training_memory(cfg, batch_size),
+    }
+    if memory is not None:
+        out["memory"]["budget"] = memory
+        out["memory"]["max_batch_size"] = max_batch_size(cfg, memory)
+    if steps is not None:
+        total = step_flops * steps
+        out["time"] = {
+            "steps": steps,
+            "tokens": steps * batch_size * T,
+            "total_flops": total,
+            "peak_tflops": peak_tflops,
+            "mfu": mfu,
+            "seconds": training_time_seconds(total, peak_tflops, mfu),
+        }
+    return out

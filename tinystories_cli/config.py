@@ -1,0 +1,293 @@
+"""Typed configuration: `ModelConfig`, `TrainConfig`, the presets registry and config-file loading.
+
+One source of truth for every value: a preset gives defaults, a `--config` file (TOML or JSON)
+overrides the preset, and CLI flags override the file. Unknown keys are rejected by name.
+
+A config file looks like this (every section and key optional):
+
+    preset = "tinystories-17m"
+    [model]
+    num_layers = 6
+    [train]
+    lr = 3e-4
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tinystories_cli.errors import UserError
+
+
+class StrictModel(BaseModel):
+    """Base for every config: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def default_d_ff(d_model: int, ffn: str) -> int:
+    """Default FFN width: 8/3 d_model rounded up to a multiple of 64 for SwiGLU, else 4 d_model.
+
+    SwiGLU has three matrices instead of two, so 8/3 keeps the parameter count of a 4x FFN.
+
+    >>> default_d_ff(512, "swiglu"), default_d_ff(512, "gelu")
+    (1408, 2048)
+    """
+    if ffn == "swiglu":
+        return 64 * math.ceil(8 * d_model / 3 / 64)
+    return 4 * d_model
+
+
+class ModelConfig(StrictModel):
+    """The architecture of a `TransformerLM`, with a switch for every ablation in the seeds."""
+
+    vocab_size: int = Field(10_000, gt=0)
+    context_length: int = Field(256, gt=0)
+    d_model: int = Field(512, gt=0)
+    num_layers: int = Field(4, gt=0)
+    num_heads: int = Field(16, gt=0)
+    d_ff: int = Field(0, ge=0, description="0 means the default for the chosen FFN")
+    rope_theta: float = Field(10_000.0, gt=0)
+    norm: Literal["rmsnorm", "layernorm", "none"] = "rmsnorm"
+    norm_position: Literal["pre", "post"] = "pre"
+    norm_eps: float = Field(1e-5, gt=0)
+    layernorm_bias: bool = True
+    pos_emb: Literal["rope", "nope", "sinusoidal", "learned"] = "rope"
+    ffn: Literal["swiglu", "silu", "gelu", "relu"] = "swiglu"
+    tie_embeddings: bool = False
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    init: Literal["cs336", "gpt2"] = "cs336"
+    attention_backend: Literal["auto", "reference", "sdpa"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_d_ff(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("d_ff"):
+            d_model = data.get("d_model", cls.model_fields["d_model"].default)
+            ffn = data.get("ffn", cls.model_fields["ffn"].default)
+            if isinstance(d_model, int) and d_model > 0 and isinstance(ffn, str):
+                data = {**data, "d_ff": default_d_ff(d_model, ffn)}
+        return data
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> "ModelConfig":
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads}); "
+                f"try num_heads in {divisors(self.d_model)[:8]}"
+            )
+        if self.pos_emb == "rope" and self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head dim, got d_model/num_heads = {self.head_dim}")
+        if self.pos_emb == "sinusoidal" and self.d_model % 2:
+            raise ValueError(f"sinusoidal positions need an even d_model, got {self.d_model}")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+
+def divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+class TrainConfig(StrictModel):
+    """Training hyperparameters. The schedule ends exactly at `max_steps` (or at the step that
+    `train_tokens` implies)."""
+
+    dataset: str = "tinystories"
+    batch_size: int = Field(64, gt=0)
+    grad_accum_steps: int = Field(1, gt=0)
+    max_steps: int = Field(20_000, gt=0)
+    train_tokens: int | None = Field(None, gt=0, description="if set, overrides max_steps")
+    lr: float = Field(8e-4, gt=0)
+    min_lr: float = Field(8e-5, ge=0)
+    warmup_steps: int = Field(2000, ge=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    eval_every: int = Field(500, gt=0)
+    eval_batches: int = Field(20, gt=0)
+    log_every: int = Field(10, gt=0)
+    save_every: int = Field(1000, gt=0)
+    keep_last: int = Field(2, ge=1)
+    seed: int = 0
+    device: str = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    compile: bool = False
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> "TrainConfig":
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.train_tokens is None and self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed max_steps ({self.max_steps})")
+        return self
+
+
+class Preset(StrictModel):
+    name: str
+    description: str
+    model: ModelConfig
+    train: TrainConfig = TrainConfig()
+    tokenizer: str = Field("bpe", description="'bpe' (train one with tslm bpe) or 'gpt2' (GPT-2's files)")
+
+
+def _gpt2_shaped(name: str, d_model: int, layers: int, heads: int, d_ff: int) -> Preset:
+    return Preset(
+        name=name,
+        description=f"GPT-2 {name.split('-')[1]} shape in this project's architecture (RMSNorm, RoPE, SwiGLU, untied)",
+        model=ModelConfig(
+            vocab_size=50257, context_length=1024, d_model=d_model, num_layers=layers, num_heads=heads, d_ff=d_ff
+        ),
+        tokenizer="gpt2",
+    )
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        _gpt2_shaped("gpt2-small", 768, 12, 12, 3072),
+        _gpt2_shaped("gpt2-medium", 1024, 24, 16, 4096),
+        _gpt2_shaped("gpt2-large", 1280, 36, 20, 5120),
+        _gpt2_shaped("gpt2-xl", 1600, 48, 25, 6400),
+        Preset(
+            name="tinystories-17m",
+            description="CS336 baseline: 4 layers, d 512, pre-norm RMSNorm, RoPE, SwiGLU, 10K BPE",
+            model=ModelConfig(
+                vocab_size=10_000, context_length=256, d_model=512, num_layers=4, num_heads=16, d_ff=1344
+            ),
+            train=TrainConfig(batch_size=64, max_steps=20_000, lr=8e-4, min_lr=8e-5, warmup_steps=2000,
+                              weight_decay=1e-4, grad_clip=1.0, eval_every=500, save_every=2000),
+        ),
+        Preset(
+            name="tinystories-33m",
+            description="GPT-2 style TinyStories-33M (seed 004): LayerNorm, learned positions, GELU, tied, GPT-2 BPE",
+            model=ModelConfig(
+                vocab_size=50257, context_length=512, d_model=384, num_layers=6, num_heads=6, d_ff=1536,
+                norm="layernorm", pos_emb="learned", ffn="gelu", tie_embeddings=True, dropout=0.1, init="gpt2",
+            ),
+            train=TrainConfig(batch_size=32, grad_accum_steps=32, max_steps=20_000, lr=1e-4, min_lr=1e-5,
+                              warmup_steps=1000, weight_decay=0.1, beta2=0.95, grad_clip=0.5,
+                              eval_every=500, save_every=1000),
+            tokenizer="gpt2",
+        ),
+        Preset(
+            name="owt-modern",
+            description="OpenWebText ablation base (seed 002): pre-norm RMSNorm, RoPE, SwiGLU, tied",
+            model=ModelConfig(vocab_size=32_000, context_length=256, d_model=256, num_layers=4, num_heads=4,
+                              tie_embeddings=True),
+            train=TrainConfig(dataset="owt", batch_size=64, max_steps=40_000, lr=3e-4, min_lr=3e-5,
+                              warmup_steps=2000, weight_decay=0.1, eval_every=1000, save_every=5000),
+        ),
+        Preset(
+            name="owt-vanilla",
+            description="OpenWebText vanilla (seed 002): post-norm LayerNorm, sinusoidal positions, ReLU, tied",
+            model=ModelConfig(vocab_size=32_000, context_length=256, d_model=256, num_layers=4, num_heads=4,
+                              norm="layernorm", norm_position="post", pos_emb="sinusoidal", ffn="relu",
+                              tie_embeddings=True),
+            train=TrainConfig(dataset="owt", batch_size=64, max_steps=40_000, lr=3e-4, min_lr=3e-5,
+                              warmup_steps=2000, weight_decay=0.1, eval_every=1000, save_every=5000),
+        ),
+        Preset(
+            # Sized for ~30 minutes on 2 CPU cores: ~3.4M non-embedding-heavy parameters at 4K vocab
+            # process ~10K tokens/s, i.e. ~18M tokens in 30 minutes, enough for grammatical stories.
+            name="tinystories-cpu",
+            description="Laptop-CPU model: 4 layers, d 256, 8 heads, ctx 256, 4K BPE; ~30 min on 2 cores",
+            model=ModelConfig(vocab_size=4096, context_length=256, d_model=256, num_layers=4, num_heads=8, d_ff=704),
+            train=TrainConfig(batch_size=32, max_steps=2200, lr=2e-3, min_lr=2e-4, warmup_steps=100,
+                              weight_decay=0.1, grad_clip=1.0, eval_every=200, eval_batches=10, save_every=500),
+        ),
+        Preset(
+            name="debug",
+            description="Seconds-sized model for smoke tests",
+            model=ModelConfig(vocab_size=512, context_length=64, d_model=64, num_layers=2, num_heads=4, d_ff=192),
+            train=TrainConfig(batch_size=8, max_steps=50, lr=3e-3, min_lr=3e-4, warmup_steps=5, weight_decay=0.0,
+                              eval_every=25, eval_batches=2, log_every=5, save_every=25),
+        ),
+    ]
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise UserError(f"unknown preset {name!r}", f"valid presets: {', '.join(PRESETS)}") from None
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML or JSON config file into a plain dict (sections `model`, `train`, key `preset`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}", "check the --config path")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot parse config file {path}: {e}", "fix the syntax (TOML or JSON)") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a table/object at the top level")
+    allowed = {"preset", "model", "train"}
+    for key in data:
+        if key not in allowed:
+            raise UserError(f"unknown key {key!r} in config file {path}", f"allowed top-level keys: {sorted(allowed)}")
+    return data
+
+
+def format_validation_error(err: ValidationError, where: str) -> str:
+    """Turn a pydantic error into one line naming the offending key."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown key {loc!r}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            parts.append(f"{loc}: {msg}" if loc else msg)
+    return f"invalid {where}: " + "; ".join(parts)
+
+
+def build_config(cls: type[StrictModel], base: StrictModel | None, *layers: dict[str, Any] | None, where: str):
+    """Merge dict layers over `base` (later wins) and validate into `cls` with one-line errors."""
+    data: dict[str, Any] = base.model_dump() if base is not None else {}
+    for layer in layers:
+        if layer:
+            data.update({k: v for k, v in layer.items() if v is not None})
+    given = {k for layer in layers if layer for k, v in layer.items() if v is not None}
+    if cls is ModelConfig and given & {"d_model", "ffn"} and "d_ff" not in given:
+        data["d_ff"] = 0  # derived from the old d_model/ffn: derive it again for the new ones
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, where), "fix the value or see --help") from None
+
+
+def resolve_configs(
+    preset: str | None,
+    config_file: str | Path | None = None,
+    model_overrides: dict[str, Any] | None = None,
+    train_overrides: dict[str, Any] | None = None,
+) -> tuple[Preset, ModelConfig, TrainConfig]:
+    """preset < config file < CLI flags. Returns (preset, model config, train config)."""
+    file_data = load_config_file(config_file) if config_file else {}
+    name = preset or file_data.get("preset")
+    if not name:
+        raise UserError("no preset given", f"pass a preset name (one of: {', '.join(PRESETS)}) or set preset in --config")
+    p = get_preset(name)
+    for section in ("model", "train"):
+        if section in file_data and not isinstance(file_data[section], dict):
+            raise UserError(f"[{section}] in the config file must be a table")
+    model = build_config(ModelConfig, p.model, file_data.get("model"), model_overrides, where="model config")
+    train = build_config(TrainConfig, p.train, file_data.get("train"), train_overrides, where="train config")
+    return p, model, train

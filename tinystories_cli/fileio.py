@@ -1,0 +1,84 @@
+"""Small file helpers shared by every command: atomic writes and output-path checks.
+
+Every file tslm writes goes through `atomic_write`: the bytes land in a temporary file in the
+same directory, are flushed and fsynced, and only then renamed over the destination. A crash or
+Ctrl-C at any point leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+
+from tinystories_cli.errors import UserError
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
+    """Open a temporary sibling of `path` for writing; rename it to `path` on success.
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> with atomic_write(d / "x.txt", "w") as f:
+    ...     _ = f.write("hello")
+    >>> (d / "x.txt").read_text()
+    'hello'
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if "b" not in mode and encoding is None:
+        encoding = "utf-8"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_write(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_write(path, "w") as f:
+        f.write(text)
+
+
+def check_output_path(path: str | os.PathLike, force: bool) -> Path:
+    """Refuse to overwrite an existing output unless `force` is set."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise UserError(f"output already exists: {path}", "pass --force to overwrite it, or choose another --out")
+    return path
+
+
+def check_input_file(path: str | os.PathLike, what: str = "input file", hint: str | None = None) -> Path:
+    """Check that `path` is an existing, non-empty regular file."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{what} not found: {path}", hint or "check the path")
+    if path.is_dir():
+        raise UserError(f"{what} is a directory, not a file: {path}", "pass the path of a file")
+    if path.stat().st_size == 0:
+        raise UserError(f"{what} is empty: {path}", "pass a file with content")
+    return path
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (constant memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            h.update(chunk)
+    return h.hexdigest()
