@@ -12,8 +12,16 @@ import importlib
 import os
 import sys
 
-import click
 import typer
+
+try:  # recent Typer vendors its own copy of click; older versions use click itself.
+    from typer._click.exceptions import ClickException, UsageError
+except ImportError:  # pragma: no cover - depends on the installed Typer
+    from click.exceptions import ClickException, UsageError
+try:
+    from typer.exceptions import Abort, Exit
+except ImportError:  # pragma: no cover
+    from click.exceptions import Abort, Exit
 
 from tinystories_cli import __version__
 from tinystories_cli.console import print_error
@@ -70,13 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rv = command.main(args=argv, prog_name="tslm", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
-    except click.exceptions.Exit as e:
+    except Exit as e:
         return e.exit_code
-    except click.ClickException as e:
+    except ClickException as e:
+        if type(e).__name__ == "NoArgsIsHelpError":
+            return 0  # bare `tslm` or `tslm CMD` with no arguments: the help was printed
         if debug:
             raise
         hint = ""
-        if isinstance(e, click.UsageError) and e.ctx is not None:
+        if isinstance(e, UsageError) and e.ctx is not None:
             hint = f" (see `{e.ctx.command_path} --help`)"
         print_error(f"{e.format_message()}{hint}")
         return 2
@@ -85,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print_error(str(e))
         return 2
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (Abort, KeyboardInterrupt):
         print_error("interrupted")
         return 130
     except BrokenPipeError:

@@ -81,7 +81,7 @@ def _print_presets(as_json: bool) -> None:
         return
     t = Table(title="Presets", title_justify="left")
     for col in ("name", "params", "layers", "d_model", "heads", "ctx", "description"):
-        t.add_column(col, justify="right" if col not in ("name", "description") else "left")
+        t.add_column(col, justify="left" if col in ("name", "description") else "right", no_wrap=col != "description")
     for n, p in PRESETS.items():
         m = p.model
         t.add_row(n, human_count(account.parameter_counts(m)["total"]), str(m.num_layers), str(m.d_model),

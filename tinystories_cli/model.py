@@ -1,0 +1,627 @@
+"""A decoder-only Transformer language model written from scratch in plain PyTorch.
+
+No `nn.Linear`, `nn.Embedding`, `nn.LayerNorm` or `torch.nn.functional` layers inside the model:
+every layer is a few tensor ops on `nn.Parameter`s, so each can be read, tested and ablated.
+The one exception is a switchable fast path, `attention_backend="sdpa"` (or "auto"), which calls
+`torch.nn.functional.scaled_dot_product_attention`; `tests/test_model.py` proves it equals the
+from-scratch `attention_backend="reference"` path.
+
+Every ablation of the seeds is one `ModelConfig` switch: `norm` (rmsnorm | layernorm | none),
+`norm_position` (pre | post), `pos_emb` (rope | nope | sinusoidal | learned), `ffn`
+(swiglu | silu | gelu | relu), `tie_embeddings`, `dropout`, `init` (cs336 | gpt2).
+
+    >>> import torch
+    >>> from tinystories_cli.config import ModelConfig
+    >>> model = TransformerLM(ModelConfig(vocab_size=64, context_length=16, d_model=32, num_layers=1, num_heads=2))
+    >>> model(torch.randint(0, 64, (2, 10))).shape
+    torch.Size([2, 10, 64])
+
+Keyword construction (as in CS336) works too: `TransformerLM(vocab_size=..., context_length=...,
+d_model=..., num_layers=..., num_heads=..., d_ff=..., rope_theta=...)`.
+
+KV cache for generation (gpt-fast style: per-layer preallocated k/v buffers). `setup_caches`
+allocates them; `forward(ids, start_pos=p)` treats `ids[:, t]` as the token at absolute position
+`p + t`, writes its keys/values into the cache and attends to cached positions `0 .. p + t`:
+
+    model.setup_caches(batch_size=1, max_seq_len=cfg.context_length)
+    logits = model(prompt_ids, start_pos=0)                  # prefill: (1, P, V)
+    pos = prompt_ids.shape[1]
+    for _ in range(n):                                       # then one token per step
+        next_id = logits[:, -1].argmax(-1, keepdim=True)     # (1, 1)
+        logits = model(next_id, start_pos=pos); pos += 1
+    model.clear_caches()
+
+Positions never exceed `context_length` (learned positions and the RoPE table stop there), so a
+generator that wants more tokens must crop and re-prefill. Without caches, `start_pos` only offsets
+the positions.
+
+Hugging Face interop: `to_llama_state_dict` / `from_llama_state_dict` / `llama_config_dict` map the
+pre-norm RMSNorm/RoPE/SwiGLU model to `LlamaForCausalLM`; `permute_for_llama` is the one place that
+maps interleaved-pair RoPE to Llama's half-split rotation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tinystories_cli.config import ModelConfig
+from tinystories_cli.errors import UserError
+
+__all__ = [
+    "Linear", "Embedding", "RMSNorm", "LayerNorm", "SwiGLU", "FeedForward", "RotaryPositionalEmbedding",
+    "softmax", "log_softmax", "silu", "gelu", "relu", "cross_entropy", "dropout", "scaled_dot_product_attention",
+    "KVCache", "MultiHeadSelfAttention", "TransformerBlock", "TransformerLM", "sinusoidal_table",
+    "permute_for_llama", "unpermute_from_llama", "to_llama_state_dict", "from_llama_state_dict", "llama_config_dict",
+]
+
+
+# --- functions --------------------------------------------------------------------------------
+
+def softmax(x: Tensor, dim: int = -1) -> Tensor:
+    """Numerically stable softmax: subtracting the max leaves the result unchanged but keeps exp() finite.
+
+    >>> softmax(torch.tensor([1e4, 1e4]), dim=0)
+    tensor([0.5000, 0.5000])
+    """
+    # the max is a constant shift (softmax is invariant to it), so its gradient is exactly zero:
+    # detaching it saves autograd from keeping the input alive for amax's backward
+    e = torch.exp(x - x.amax(dim=dim, keepdim=True).detach())
+    return e / e.sum(dim=dim, keepdim=True)
+
+
+def log_softmax(x: Tensor, dim: int = -1) -> Tensor:
+    """log softmax(x) = x - logsumexp(x), computed stably."""
+    m = x.amax(dim=dim, keepdim=True).detach()
+    return x - m - torch.log(torch.exp(x - m).sum(dim=dim, keepdim=True))
+
+
+def silu(x: Tensor) -> Tensor:
+    """x * sigmoid(x)."""
+    return x * torch.sigmoid(x)
+
+
+def gelu(x: Tensor) -> Tensor:
+    """Exact GELU: x * Phi(x) with the erf form of the normal CDF."""
+    return 0.5 * x * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
+
+
+def relu(x: Tensor) -> Tensor:
+    return torch.clamp_min(x, 0.0)
+
+
+ACTIVATIONS = {"silu": silu, "gelu": gelu, "relu": relu}
+
+
+def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean negative log-likelihood of `targets` under `logits` (..., V), over all leading dims.
+
+    Uses log-sum-exp, never the probabilities, so logits of 1e4 stay finite.
+
+    >>> cross_entropy(torch.tensor([[0.0, 0.0]]), torch.tensor([1])).item() == math.log(2)
+    True
+    """
+    logits = logits.reshape(-1, logits.shape[-1])
+    targets = targets.reshape(-1)
+    m = logits.amax(dim=-1, keepdim=True).detach()
+    lse = m.squeeze(-1) + torch.log(torch.exp(logits - m).sum(dim=-1))  # (N,)
+    target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N,)
+    return (lse - target_logit).mean()
+
+
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Inverted dropout: zero each element with probability p, scale survivors by 1/(1-p)."""
+    if not training or p == 0.0:
+        return x
+    keep = (torch.rand_like(x) >= p).to(x.dtype) * (1.0 / (1.0 - p))
+    return x * keep
+
+
+def scaled_dot_product_attention(Q: Tensor, K: Tensor, V: Tensor, mask: Tensor | None = None,
+                                 dropout_p: float = 0.0, training: bool = False) -> Tensor:
+    """softmax(Q K^T / sqrt(d_k)) V with Q (..., q, d_k), K (..., k, d_k), V (..., k, d_v).
+
+    `mask` is boolean (..., q, k), broadcastable; True means "may attend". Returns (..., q, d_v).
+    """
+    d_k = Q.shape[-1]
+    # scaling Q (q x d_k) is cheaper than scaling the (q x k) scores and saves no extra tensor
+    scores = (Q * (1.0 / math.sqrt(d_k))) @ K.transpose(-2, -1)  # (..., q, k)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = dropout(softmax(scores, dim=-1), dropout_p, training)
+    return probs @ V  # (..., q, d_v)
+
+
+def sinusoidal_table(num_positions: int, d_model: int) -> Tensor:
+    """Vaswani et al. positions: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(same)."""
+    pos = torch.arange(num_positions, dtype=torch.float64).unsqueeze(1)  # (P, 1)
+    inv = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)  # (d/2,)
+    angle = pos * inv  # (P, d/2)
+    return torch.stack([angle.sin(), angle.cos()], dim=-1).flatten(-2).float()  # (P, d)
+
+
+# --- layers -----------------------------------------------------------------------------------
+
+def _trunc_normal_(w: Tensor, std: float) -> Tensor:
+    return nn.init.trunc_normal_(w, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+
+class Linear(nn.Module):
+    """y = x W^T without bias; W is (out_features, in_features), init N(0, 2/(in+out)) cut at 3 std."""
+
+    def __init__(self, in_features: int, out_features: int, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _trunc_normal_(self.weight, math.sqrt(2.0 / (self.in_features + self.out_features)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ self.weight.t()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class Embedding(nn.Module):
+    """A lookup table (num_embeddings, embedding_dim), init N(0, 1) cut at 3."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, device=None, dtype=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _trunc_normal_(self.weight, 1.0)
+
+    def forward(self, token_ids: Tensor) -> Tensor:
+        return self.weight[token_ids]
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}"
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in float32 and cast back (safe under bf16 autocast)."""
+
+    def __init__(self, d_model: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        in_dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (x * self.weight.float()).to(in_dtype)
+
+
+class LayerNorm(nn.Module):
+    """(x - mean) / sqrt(var + eps) * weight + bias (biased variance), in float32 and cast back."""
+
+    def __init__(self, d_model: int, eps: float = 1e-5, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(d_model, device=device, dtype=dtype)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        in_dtype = x.dtype
+        x = x.float()
+        centered = x - x.mean(dim=-1, keepdim=True)
+        x = centered * torch.rsqrt(centered.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        x = x * self.weight.float()
+        if self.bias is not None:
+            x = x + self.bias.float()
+        return x.to(in_dtype)
+
+
+def make_norm(kind: str, d_model: int, eps: float = 1e-5, bias: bool = True, device=None, dtype=None) -> nn.Module:
+    """'rmsnorm' | 'layernorm' | 'none' (identity, no parameters)."""
+    if kind == "rmsnorm":
+        return RMSNorm(d_model, eps, device=device, dtype=dtype)
+    if kind == "layernorm":
+        return LayerNorm(d_model, eps, bias=bias, device=device, dtype=dtype)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown norm {kind!r}")
+
+
+class SwiGLU(nn.Module):
+    """Gated FFN: w2(silu(w1 x) * w3 x), w1/w3: d_model -> d_ff, w2: d_ff -> d_model."""
+
+    def __init__(self, d_model: int, d_ff: int, device=None, dtype=None):
+        super().__init__()
+        self.w1 = Linear(d_model, d_ff, device=device, dtype=dtype)
+        self.w2 = Linear(d_ff, d_model, device=device, dtype=dtype)
+        self.w3 = Linear(d_model, d_ff, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(silu(self.w1(x)) * self.w3(x))
+
+
+class FeedForward(nn.Module):
+    """Non-gated FFN: w2(act(w1 x)) with act one of silu, gelu (exact), relu."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", device=None, dtype=None):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
+        self.activation = activation
+        self.act = ACTIVATIONS[activation]
+        self.w1 = Linear(d_model, d_ff, device=device, dtype=dtype)
+        self.w2 = Linear(d_ff, d_model, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(self.act(self.w1(x)))
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation}"
+
+
+def make_ffn(kind: str, d_model: int, d_ff: int, device=None, dtype=None) -> nn.Module:
+    if kind == "swiglu":
+        return SwiGLU(d_model, d_ff, device=device, dtype=dtype)
+    return FeedForward(d_model, d_ff, kind, device=device, dtype=dtype)
+
+
+class RotaryPositionalEmbedding(nn.Module):
+    """RoPE: rotate each consecutive pair (x[2i], x[2i+1]) by the angle pos * theta^(-2i/d_k).
+
+    `forward(x, token_positions)`: x (..., seq, d_k), positions (..., seq) broadcastable to x's
+    leading dims. cos/sin tables (max_seq_len, d_k/2) are non-persistent buffers (not in checkpoints).
+    """
+
+    def __init__(self, theta: float, d_k: int, max_seq_len: int, device=None):
+        super().__init__()
+        if d_k % 2:
+            raise ValueError(f"RoPE needs an even d_k, got {d_k}")
+        self.theta, self.d_k, self.max_seq_len = theta, d_k, max_seq_len
+        inv_freq = theta ** (-torch.arange(0, d_k, 2, dtype=torch.float64, device=device) / d_k)  # (d_k/2,)
+        angle = torch.arange(max_seq_len, dtype=torch.float64, device=device).unsqueeze(1) * inv_freq  # (S, d_k/2)
+        self.register_buffer("cos", angle.cos().float(), persistent=False)
+        self.register_buffer("sin", angle.sin().float(), persistent=False)
+
+    def forward(self, x: Tensor, token_positions: Tensor) -> Tensor:
+        cos = self.cos[token_positions].to(x.dtype)  # (..., seq, d_k/2)
+        sin = self.sin[token_positions].to(x.dtype)
+        x1, x2 = x[..., 0::2], x[..., 1::2]  # (..., seq, d_k/2) each: the two halves of every pair
+        return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+    def extra_repr(self) -> str:
+        return f"theta={self.theta}, d_k={self.d_k}, max_seq_len={self.max_seq_len}"
+
+
+# --- attention --------------------------------------------------------------------------------
+
+class KVCache(nn.Module):
+    """Preallocated keys/values for incremental decoding: k, v of shape (batch, heads, max_seq_len, head_dim).
+
+    Buffers are non-persistent, so they never enter a checkpoint.
+    """
+
+    def __init__(self, batch_size: int, num_heads: int, max_seq_len: int, head_dim: int, device=None, dtype=None):
+        super().__init__()
+        shape = (batch_size, num_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, start_pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, h, T, hd) at positions start_pos..start_pos+T-1; return the cache up to there."""
+        B, _, T, _ = k.shape
+        end = start_pos + T
+        if B > self.k.shape[0] or end > self.k.shape[2]:
+            raise ValueError(f"KV cache too small: need batch {B}, length {end}; have {tuple(self.k.shape)}")
+        self.k[:B, :, start_pos:end] = k.to(self.k.dtype)
+        self.v[:B, :, start_pos:end] = v.to(self.v.dtype)
+        return self.k[:B, :, :end], self.v[:B, :, :end]
+
+
+def _sdpa_available() -> bool:
+    return hasattr(torch.nn.functional, "scaled_dot_product_attention")
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """Causal multi-head self-attention with optional RoPE on q and k.
+
+    `.q_proj`, `.k_proj`, `.v_proj`, `.output_proj` are Linear(d_model, d_model). RoPE is applied
+    when `theta` is given (then `max_seq_len` sizes its table). `forward(x, token_positions=None)`;
+    positions default to 0..T-1 (offset by `start_pos`).
+    `attention_backend`: "reference" (from scratch), "sdpa" (PyTorch's fused kernel) or "auto"
+    (sdpa when available and exactly equivalent, i.e. no attention dropout in training).
+    """
+
+    def __init__(self, d_model: int, num_heads: int, max_seq_len: int | None = None, theta: float | None = None,
+                 *, attention_backend: str = "auto", dropout: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        if d_model % num_heads:
+            raise ValueError(f"d_model {d_model} not divisible by num_heads {num_heads}")
+        if attention_backend not in ("auto", "reference", "sdpa"):
+            raise ValueError(f"unknown attention_backend {attention_backend!r}")
+        if attention_backend == "sdpa" and not _sdpa_available():
+            raise UserError("attention_backend 'sdpa' needs torch.nn.functional.scaled_dot_product_attention",
+                            "upgrade torch or use attention_backend 'reference'")
+        self.d_model, self.num_heads, self.head_dim = d_model, num_heads, d_model // num_heads
+        self.attention_backend, self.dropout = attention_backend, dropout
+        self.q_proj = Linear(d_model, d_model, device=device, dtype=dtype)
+        self.k_proj = Linear(d_model, d_model, device=device, dtype=dtype)
+        self.v_proj = Linear(d_model, d_model, device=device, dtype=dtype)
+        self.output_proj = Linear(d_model, d_model, device=device, dtype=dtype)
+        self.rope = None
+        if theta is not None:
+            if max_seq_len is None:
+                raise ValueError("RoPE (theta given) needs max_seq_len")
+            self.rope = RotaryPositionalEmbedding(theta, self.head_dim, max_seq_len, device=device)
+        self.kv_cache: KVCache | None = None
+
+    def _use_sdpa(self) -> bool:
+        if self.attention_backend == "reference":
+            return False
+        if self.attention_backend == "sdpa":
+            return True
+        return _sdpa_available() and not (self.training and self.dropout > 0)
+
+    def forward(self, x: Tensor, token_positions: Tensor | None = None, start_pos: int = 0) -> Tensor:
+        *lead, T, d = x.shape
+        # fused QKV projection: one (d -> 3d) matmul; the checkpoint keeps the three separate weights
+        w_qkv = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight], dim=0)  # (3d, d)
+        qkv = x @ w_qkv.t()  # (..., T, 3d)
+        qkv = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).movedim(-3, -2)  # (..., 3, T, nh, hs)
+        q, k, v = (qkv.select(-4, i).transpose(-3, -2) for i in range(3))  # (..., nh, T, hs) each
+        if self.rope is not None:
+            if token_positions is None:
+                token_positions = torch.arange(start_pos, start_pos + T, device=x.device)
+            # positions (..., T) -> (..., 1, T) so they broadcast over the head dim
+            pos = token_positions.unsqueeze(-2) if token_positions.dim() > 1 else token_positions
+            q, k = self.rope(q, pos), self.rope(k, pos)
+
+        if self.kv_cache is not None:
+            if len(lead) != 1:
+                raise ValueError("the KV cache needs input of shape (batch, seq, d_model)")
+            k, v = self.kv_cache.update(start_pos, k, v)  # (B, nh, start_pos+T, hs)
+        S = k.shape[-2]
+        # query t sits at absolute position start_pos + t (or T-1 when uncached) and sees keys 0..that
+        causal_plain = S == T  # queries and keys start at position 0
+        mask = None
+        if not causal_plain and T > 1:
+            q_pos = torch.arange(S - T, S, device=x.device)
+            mask = torch.arange(S, device=x.device) <= q_pos.unsqueeze(-1)  # (T, S)
+
+        p = self.dropout if self.training else 0.0
+        if self._use_sdpa():
+            y = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal_plain and T > 1)
+        else:
+            if causal_plain:
+                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            y = scaled_dot_product_attention(q, k, v, mask, dropout_p=p, training=self.training)
+        y = y.transpose(-3, -2).flatten(-2)  # (..., T, d)
+        return self.output_proj(y)
+
+
+class TransformerBlock(nn.Module):
+    """One layer. Pre-norm: x + attn(ln1(x)), then x + ffn(ln2(x)). Post-norm: ln1(x + attn(x)),
+    then ln2(x + ffn(x)). norm='none' drops the norms. Dropout (training only) on both residual branches.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, d_ff: int, max_seq_len: int | None = None,
+                 theta: float | None = None, *, norm: str = "rmsnorm", norm_position: str = "pre",
+                 norm_eps: float = 1e-5, layernorm_bias: bool = True, ffn: str = "swiglu", dropout: float = 0.0,
+                 attention_backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        if norm_position not in ("pre", "post"):
+            raise ValueError(f"unknown norm_position {norm_position!r}")
+        self.norm_position, self.dropout = norm_position, dropout
+        self.ln1 = make_norm(norm, d_model, norm_eps, layernorm_bias, device=device, dtype=dtype)
+        self.attn = MultiHeadSelfAttention(d_model, num_heads, max_seq_len, theta, attention_backend=attention_backend,
+                                           dropout=dropout, device=device, dtype=dtype)
+        self.ln2 = make_norm(norm, d_model, norm_eps, layernorm_bias, device=device, dtype=dtype)
+        self.ffn = make_ffn(ffn, d_model, d_ff, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, token_positions: Tensor | None = None, start_pos: int = 0) -> Tensor:
+        p, tr = self.dropout, self.training
+        if self.norm_position == "pre":
+            x = x + dropout(self.attn(self.ln1(x), token_positions, start_pos), p, tr)
+            x = x + dropout(self.ffn(self.ln2(x)), p, tr)
+        else:
+            x = self.ln1(x + dropout(self.attn(x, token_positions, start_pos), p, tr))
+            x = self.ln2(x + dropout(self.ffn(x), p, tr))
+        return x
+
+
+# --- the language model -----------------------------------------------------------------------
+
+class TransformerLM(nn.Module):
+    """Token embedding -> `num_layers` TransformerBlocks -> final norm -> LM head; returns logits (B, T, V).
+
+    Build from a `ModelConfig` or from its fields as keywords (`device`/`dtype` keywords are also accepted).
+    With `tie_embeddings` the LM head shares `token_embeddings.weight` (both names appear in
+    `state_dict`, one tensor). `ln_final` exists whenever norm != 'none' (also for post-norm).
+    """
+
+    def __init__(self, config: ModelConfig | None = None, *, device=None, dtype=None, **kwargs: Any):
+        super().__init__()
+        if config is None:
+            config = ModelConfig(**kwargs)
+        elif kwargs:
+            config = config.model_copy(update=kwargs)
+            config = ModelConfig.model_validate(config.model_dump())
+        self.config = cfg = config
+        dd = {"device": device, "dtype": dtype}
+        self.token_embeddings = Embedding(cfg.vocab_size, cfg.d_model, **dd)
+        if cfg.pos_emb == "learned":
+            self.position_embeddings = Embedding(cfg.context_length, cfg.d_model, **dd)
+        elif cfg.pos_emb == "sinusoidal":
+            self.register_buffer("sinusoidal", sinusoidal_table(cfg.context_length, cfg.d_model).to(device),
+                                 persistent=False)
+        theta = cfg.rope_theta if cfg.pos_emb == "rope" else None
+        self.layers = nn.ModuleList(
+            TransformerBlock(cfg.d_model, cfg.num_heads, cfg.d_ff, cfg.context_length, theta, norm=cfg.norm,
+                             norm_position=cfg.norm_position, norm_eps=cfg.norm_eps,
+                             layernorm_bias=cfg.layernorm_bias, ffn=cfg.ffn, dropout=cfg.dropout,
+                             attention_backend=cfg.attention_backend, **dd)
+            for _ in range(cfg.num_layers)
+        )
+        self.ln_final = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.layernorm_bias, **dd)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, **dd)
+        self.reset_parameters()
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.token_embeddings.weight
+
+    # -- init --
+    def reset_parameters(self) -> None:
+        """cs336: Linear N(0, 2/(in+out)), Embedding N(0, 1), all cut at 3 std. gpt2: N(0, 0.02) everywhere,
+        with output_proj and w2 (the projections that write into the residual stream) scaled by
+        1/sqrt(2 num_layers). Norms start at weight 1, bias 0. A tied matrix gets the LM head's init
+        in cs336 mode (an N(0, 1) head would give logits of size sqrt(d_model) at step 0).
+        """
+        cfg = self.config
+        for m in self.modules():
+            if isinstance(m, (Linear, Embedding)):
+                m.reset_parameters()
+            elif isinstance(m, (RMSNorm, LayerNorm)):
+                nn.init.ones_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        if cfg.init == "gpt2":
+            for name, p in self.named_parameters():
+                if p.dim() == 2:
+                    std = 0.02
+                    if name.endswith(("output_proj.weight", "w2.weight")):
+                        std = 0.02 / math.sqrt(2 * cfg.num_layers)
+                    _trunc_normal_(p, std)
+        elif cfg.tie_embeddings:
+            self.lm_head.reset_parameters()
+            with torch.no_grad():
+                self.token_embeddings.weight.copy_(self.lm_head.weight)
+
+    # -- caches --
+    def setup_caches(self, batch_size: int, max_seq_len: int | None = None, device=None, dtype=None) -> None:
+        """Allocate a KVCache per layer for up to `batch_size` sequences of `max_seq_len` (<= context_length)."""
+        max_seq_len = max_seq_len or self.config.context_length
+        if max_seq_len > self.config.context_length:
+            raise ValueError(f"max_seq_len {max_seq_len} exceeds context_length {self.config.context_length}")
+        ref = self.lm_head.weight
+        device = device or ref.device
+        dtype = dtype or ref.dtype
+        for layer in self.layers:
+            a = layer.attn
+            a.kv_cache = KVCache(batch_size, a.num_heads, max_seq_len, a.head_dim, device=device, dtype=dtype)
+
+    def clear_caches(self) -> None:
+        for layer in self.layers:
+            layer.attn.kv_cache = None
+
+    # -- forward --
+    def forward(self, token_ids: Tensor, start_pos: int = 0) -> Tensor:
+        """token_ids (B, T) with T <= context_length - start_pos -> logits (B, T, vocab_size)."""
+        T = token_ids.shape[-1]
+        if start_pos + T > self.config.context_length:
+            raise ValueError(f"positions {start_pos}..{start_pos + T - 1} exceed context_length "
+                             f"{self.config.context_length}")
+        x = self.token_embeddings(token_ids)  # (B, T, d)
+        positions = torch.arange(start_pos, start_pos + T, device=token_ids.device)  # (T,)
+        if self.config.pos_emb == "learned":
+            x = x + self.position_embeddings(positions)
+        elif self.config.pos_emb == "sinusoidal":
+            x = x + self.sinusoidal[positions].to(x.dtype)
+        x = dropout(x, self.config.dropout, self.training)
+        rope_pos = positions if self.config.pos_emb == "rope" else None
+        for layer in self.layers:
+            x = layer(x, rope_pos, start_pos)
+        return self.lm_head(self.ln_final(x))
+
+    def num_parameters(self) -> int:
+        """Distinct parameters (a tied matrix counts once), as `account.parameter_counts` reports."""
+        return sum(p.numel() for p in self.parameters())
+
+
+# --- Hugging Face Llama interop ---------------------------------------------------------------
+
+def permute_for_llama(w: Tensor, num_heads: int) -> Tensor:
+    """Reorder the rows of a q/k projection (d_out, d_in) from interleaved-pair RoPE to Llama's half split.
+
+    Ours rotates pairs (2i, 2i+1) within each head; Llama's `rotate_half` pairs (i, i + hd/2) with the
+    same frequency theta^(-2i/hd). So per head, Llama's row i is our row 2i and row hd/2 + i is our 2i+1.
+    This is the one place the mapping lives (export reuses it).
+    """
+    d_out, d_in = w.shape
+    hd = d_out // num_heads
+    return w.reshape(num_heads, hd // 2, 2, d_in).transpose(1, 2).reshape(d_out, d_in)
+
+
+def unpermute_from_llama(w: Tensor, num_heads: int) -> Tensor:
+    """Inverse of `permute_for_llama`."""
+    d_out, d_in = w.shape
+    hd = d_out // num_heads
+    return w.reshape(num_heads, 2, hd // 2, d_in).transpose(1, 2).reshape(d_out, d_in)
+
+
+def _check_llama_compatible(cfg: ModelConfig) -> None:
+    if (cfg.norm, cfg.norm_position, cfg.pos_emb, cfg.ffn) != ("rmsnorm", "pre", "rope", "swiglu"):
+        raise UserError(
+            f"only pre-norm RMSNorm/RoPE/SwiGLU models map to Llama, got norm={cfg.norm} "
+            f"norm_position={cfg.norm_position} pos_emb={cfg.pos_emb} ffn={cfg.ffn}",
+            "export this model in the native format instead")
+
+
+def llama_config_dict(cfg: ModelConfig) -> dict[str, Any]:
+    """Keyword arguments for `transformers.LlamaConfig` (also valid as its config.json) for this model."""
+    _check_llama_compatible(cfg)
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": cfg.context_length, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
+    }
+
+
+def to_llama_state_dict(state_dict: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    """Map our state_dict names/layouts to `LlamaForCausalLM`'s (q/k rows permuted by `permute_for_llama`)."""
+    _check_llama_compatible(cfg)
+    h = cfg.num_heads
+    out = {"model.embed_tokens.weight": state_dict["token_embeddings.weight"],
+           "model.norm.weight": state_dict["ln_final.weight"]}
+    out["lm_head.weight"] = state_dict.get("lm_head.weight", state_dict["token_embeddings.weight"])
+    for i in range(cfg.num_layers):
+        a, m = f"layers.{i}.", f"model.layers.{i}."
+        out[m + "self_attn.q_proj.weight"] = permute_for_llama(state_dict[a + "attn.q_proj.weight"], h)
+        out[m + "self_attn.k_proj.weight"] = permute_for_llama(state_dict[a + "attn.k_proj.weight"], h)
+        out[m + "self_attn.v_proj.weight"] = state_dict[a + "attn.v_proj.weight"]
+        out[m + "self_attn.o_proj.weight"] = state_dict[a + "attn.output_proj.weight"]
+        out[m + "mlp.gate_proj.weight"] = state_dict[a + "ffn.w1.weight"]
+        out[m + "mlp.up_proj.weight"] = state_dict[a + "ffn.w3.weight"]
+        out[m + "mlp.down_proj.weight"] = state_dict[a + "ffn.w2.weight"]
+        out[m + "input_layernorm.weight"] = state_dict[a + "ln1.weight"]
+        out[m + "post_attention_layernorm.weight"] = state_dict[a + "ln2.weight"]
+    return out
+
+
+def from_llama_state_dict(llama_sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    """Inverse of `to_llama_state_dict`: Llama names/layouts to ours (for `TransformerLM.load_state_dict`)."""
+    _check_llama_compatible(cfg)
+    h = cfg.num_heads
+    out = {"token_embeddings.weight": llama_sd["model.embed_tokens.weight"],
+           "ln_final.weight": llama_sd["model.norm.weight"],
+           "lm_head.weight": llama_sd.get("lm_head.weight", llama_sd["model.embed_tokens.weight"])}
+    for i in range(cfg.num_layers):
+        a, m = f"layers.{i}.", f"model.layers.{i}."
+        out[a + "attn.q_proj.weight"] = unpermute_from_llama(llama_sd[m + "self_attn.q_proj.weight"], h)
+        out[a + "attn.k_proj.weight"] = unpermute_from_llama(llama_sd[m + "self_attn.k_proj.weight"], h)
+        out[a + "attn.v_proj.weight"] = llama_sd[m + "self_attn.v_proj.weight"]
+        out[a + "attn.output_proj.weight"] = llama_sd[m + "self_attn.o_proj.weight"]
+        out[a + "ffn.w1.weight"] = llama_sd[m + "mlp.gate_proj.weight"]
+        out[a + "ffn.w3.weight"] = llama_sd[m + "mlp.up_proj.weight"]
+        out[a + "ffn.w2.weight"] = llama_sd[m + "mlp.down_proj.weight"]
+        out[a + "ln1.weight"] = llama_sd[m + "input_layernorm.weight"]
+        out[a + "ln2.weight"] = llama_sd[m + "post_attention_layernorm.weight"]
+    return out
