@@ -24,7 +24,7 @@ def human_count(n: float) -> str:
     >>> human_count(190460160), human_count(1536), human_count(768)
     ('190.460M', '1.536K', '768')
     """
-    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+    for div, suffix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
         if abs(n) >= div:
             return f"{n / div:.3f}{suffix}"
     return f"{n:g}" if isinstance(n, float) else str(n)

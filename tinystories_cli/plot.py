@@ -189,7 +189,8 @@ def render_png(series: list[Series], metric: str, x: str = "step", log_y: bool =
             xs = [v / scale for v in s.x]
             # A single point has no line to draw: give every curve a marker when it is that short.
             marker = "o" if len(xs) <= 20 else None
-            ax.plot(xs, s.y, label=s.name, marker=marker, markersize=3, linewidth=1.5)
+            label = f"{s.name} ({s.dropped} non-finite dropped)" if s.dropped else s.name
+            ax.plot(xs, s.y, label=label, marker=marker, markersize=3, linewidth=1.5)
         if log_y:
             ax.set_yscale("log")
         ax.set_xlabel(x_label(x, scale))
