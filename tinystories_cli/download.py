@@ -53,6 +53,7 @@ RETRIES = 5          # attempts after the first one, per stretch without progres
 BACKOFF = 1.0        # seconds before the first retry; doubles each time
 MAX_BACKOFF = 60.0
 TIMEOUT = 30.0       # seconds a connect or a read may stall before it counts as a network error
+SLEEP = time.sleep   # the backoff pause when no `sleep` is passed (tests replace it)
 
 # progress(stage, done, total): stage is "download", "verify" or "decompress"; done/total in bytes
 # (total None when the server does not say). For "download", done counts bytes already in the .part.
@@ -198,8 +199,11 @@ def record_path(dest: str | os.PathLike) -> Path:
     return dest.with_name(dest.name + ".sha256")
 
 
-def _write_record(dest: Path, *, sha256: str, source_sha256: str, source_size: int, url: str, verified: bool) -> None:
-    st = dest.stat()
+def _write_record(dest: Path, *, sha256: str, source_sha256: str, source_size: int, url: str, verified: bool,
+                  stat_of: Path | None = None) -> None:
+    # os.replace keeps size and mtime, so the record of a plain download is written from the .part
+    # *before* its rename: a crash in between leaves a record without a file, which is harmless.
+    st = (stat_of or dest).stat()
     rec = {
         "sha256": sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
         "source": url, "source_sha256": source_sha256, "source_size": source_size, "verified": verified,
@@ -229,6 +233,8 @@ def check_complete(dest: str | os.PathLike, expected_sha256: str | None = None,
     if not dest.exists():
         return None
     rec = _read_record(dest)
+    if rec is None and part_path(dest).exists():
+        return None  # a .gz download stopped between decompression and its record: finish it
     if rec is None:
         raise UserError(f"{dest} exists but has no download record ({record_path(dest).name})",
                         "pass --force to download it again, or move the file away")
@@ -243,12 +249,15 @@ def check_complete(dest: str | os.PathLike, expected_sha256: str | None = None,
         if progress:
             progress("verify", 0, st.st_size)
         actual = sha256_file(dest)
+        if progress:
+            progress("verify", st.st_size, st.st_size)
         if actual != rec["sha256"]:
             raise UserError(f"{dest} is corrupted: sha256 {actual}, {rec['sha256']} recorded in {record_path(dest).name}",
                             "pass --force to download it again")
         rec["mtime_ns"] = st.st_mtime_ns
         atomic_write_text(record_path(dest), json.dumps(rec, indent=1) + "\n")
-    return DownloadResult(dest, rec["sha256"], rec["size"], rec["source_sha256"], "skipped", bool(rec.get("verified")))
+    verified = bool(rec.get("verified")) or expected_sha256 is not None  # checked against it just above
+    return DownloadResult(dest, rec["sha256"], rec["size"], rec["source_sha256"], "skipped", verified)
 
 
 # ----------------------------------------------------------------------------- fetching
@@ -340,7 +349,11 @@ def _fetch_once(url: str, part: Path, timeout: float, chunk_size: int, progress:
                         raise _Retry(f"connection lost after {offset + got} bytes: {type(e).__name__}") from None
                     if not chunk:
                         break
-                    f.write(chunk)  # a local write error (disk full) is not retried: it propagates
+                    try:
+                        f.write(chunk)
+                    except OSError as e:  # disk full, permissions: retrying would not help
+                        raise UserError(f"cannot write {part}: {e.strerror or e}",
+                                        "free some disk space and rerun; the download resumes") from None
                     got += len(chunk)
                     if progress:
                         progress("download", offset + got, total)
@@ -356,7 +369,7 @@ def _fetch_once(url: str, part: Path, timeout: float, chunk_size: int, progress:
 
 
 def fetch(url: str, part: str | os.PathLike, *, retries: int = RETRIES, backoff: float = BACKOFF,
-          sleep: Callable[[float], None] = time.sleep, timeout: float = TIMEOUT, chunk_size: int = CHUNK_SIZE,
+          sleep: Callable[[float], None] | None = None, timeout: float = TIMEOUT, chunk_size: int = CHUNK_SIZE,
           progress: Progress | None = None) -> int:
     """Bring `part` up to the full content of `url`, resuming what is there. Returns its size.
 
@@ -375,7 +388,7 @@ def fetch(url: str, part: str | os.PathLike, *, retries: int = RETRIES, backoff:
             if failures > retries:
                 raise UserError(f"download of {url} failed after {retries + 1} attempts: {e}",
                                 f"rerun the same command to resume from {part.name}") from None
-            sleep(min(backoff * 2 ** (failures - 1), MAX_BACKOFF))
+            (sleep or SLEEP)(min(backoff * 2 ** (failures - 1), MAX_BACKOFF))
         except KeyboardInterrupt:
             raise DownloadInterrupted(part, part.stat().st_size if part.exists() else 0) from None
 
@@ -399,7 +412,7 @@ def _gunzip(src: Path, dest: Path, progress: Progress | None, chunk_size: int) -
 
 def download_url(url: str, out: str | os.PathLike, sha256: str | None = None, *, size: int | None = None,
                  gunzip: bool = False, force: bool = False, progress: Progress | None = None,
-                 retries: int = RETRIES, backoff: float = BACKOFF, sleep: Callable[[float], None] = time.sleep,
+                 retries: int = RETRIES, backoff: float = BACKOFF, sleep: Callable[[float], None] | None = None,
                  timeout: float = TIMEOUT, chunk_size: int = CHUNK_SIZE) -> DownloadResult:
     """Download `url` to `out`: resumable, verified, atomic; skipped when already complete.
 
@@ -430,9 +443,20 @@ def download_url(url: str, out: str | os.PathLike, sha256: str | None = None, *,
     if out.is_dir():
         raise UserError(f"output {out} is a directory", "pass a file path")
     resumed_from = part.stat().st_size if part.exists() else 0
+    try:
+        return _download_part(url, out, part, sha256, size, gunzip, progress, resumed_from, retries=retries,
+                              backoff=backoff, sleep=sleep, timeout=timeout, chunk_size=chunk_size)
+    except DownloadInterrupted:
+        raise
+    except KeyboardInterrupt:  # while verifying or decompressing: the verified .part is still there
+        if part.exists():
+            raise DownloadInterrupted(part, part.stat().st_size) from None
+        raise
 
-    n = fetch(url, part, retries=retries, backoff=backoff, sleep=sleep, timeout=timeout,
-              chunk_size=chunk_size, progress=progress)
+
+def _download_part(url: str, out: Path, part: Path, sha256: str | None, size: int | None, gunzip: bool,
+                   progress: Progress | None, resumed_from: int, *, chunk_size: int, **fetch_kwargs) -> DownloadResult:
+    n = fetch(url, part, chunk_size=chunk_size, progress=progress, **fetch_kwargs)
     if size is not None and n != size:
         part.unlink(missing_ok=True)
         raise UserError(f"{url}: got {n} bytes, expected {size}; the partial file was removed",
@@ -440,18 +464,22 @@ def download_url(url: str, out: str | os.PathLike, sha256: str | None = None, *,
     if progress:
         progress("verify", 0, n)
     source_sha = sha256_file(part)
+    if progress:
+        progress("verify", n, n)
     if sha256 is not None and source_sha != sha256:
         part.unlink(missing_ok=True)
         raise UserError(f"sha256 mismatch for {url}: expected {sha256}, got {source_sha}; nothing was kept",
                         "check the --sha256 value or the source")
 
+    record = dict(source_sha256=source_sha, source_size=n, url=url, verified=sha256 is not None)
     if gunzip:
         out_sha = _gunzip(part, out, progress, chunk_size)
-        part.unlink()
+        _write_record(out, sha256=out_sha, **record)
+        part.unlink()  # last: until the record exists, the .part marks the download as unfinished
     else:
-        os.replace(part, out)  # same directory: atomic
         out_sha = source_sha
-    _write_record(out, sha256=out_sha, source_sha256=source_sha, source_size=n, url=url, verified=sha256 is not None)
+        _write_record(out, sha256=out_sha, stat_of=part, **record)
+        os.replace(part, out)  # same directory: atomic
     return DownloadResult(out, out_sha, out.stat().st_size, source_sha, "downloaded", sha256 is not None, resumed_from)
 
 

@@ -34,6 +34,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
         encoding = "utf-8"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give them normal permissions
         with os.fdopen(fd, mode, encoding=encoding) as f:
             yield f
             f.flush()
@@ -43,6 +44,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

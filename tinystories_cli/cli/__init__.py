@@ -29,6 +29,7 @@ from tinystories_cli.errors import UserError
 
 # Registered subcommands, in --help order. A module is listed only once its command really works.
 COMMANDS = [
+    "download",
     "account",
 ]
 

@@ -1,0 +1,119 @@
+"""`tslm download`: a registry dataset into data/<dataset>/, or any URL into --out FILE."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Annotated, Iterator, Optional
+
+import typer
+from rich.progress import (
+    BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
+)
+
+from tinystories_cli import download as dl
+from tinystories_cli.console import console, err_console, human_bytes, print_note
+from tinystories_cli.errors import UserError
+
+COMMAND_KWARGS = {"no_args_is_help": True}
+
+_STAGES = {"download": "downloading", "verify": "verifying", "decompress": "decompressing"}
+
+
+def command(
+    dataset: Annotated[Optional[str], typer.Argument(
+        metavar="DATASET|URL",
+        help=f"One of: {', '.join(dl.DATASETS)}. Or a URL (http(s)://, file://) to fetch into --out.",
+        show_default=False)] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--dir", help="Data root; files land in DIR/<dataset>/ (default: data/, or $TSLM_DATA).")] = None,
+    split: Annotated[str, typer.Option("--split", help="train | valid | all.")] = "all",
+    endpoint: Annotated[Optional[str], typer.Option("--endpoint", help="Hugging Face mirror URL or local mirror directory (default: $HF_ENDPOINT, else https://huggingface.co).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="URL mode: the file to write.")] = None,
+    sha256: Annotated[Optional[str], typer.Option("--sha256", help="URL mode: expected sha256 (hex) of the downloaded bytes.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Download again even if the file exists.")] = False,
+    list_datasets: Annotated[bool, typer.Option("--list", help="List the datasets and exit.")] = False,
+) -> None:
+    """Resumable, verified downloads: `tslm download tinystories`, or `tslm download URL --out FILE`.
+
+    Interrupted downloads continue from FILE.part on the next run. A file's sha256 is checked against the registry (or --sha256) when known; otherwise it is printed and recorded in FILE.sha256, so a later run notices a corrupted file. Complete, verified files are skipped.
+    """
+    if list_datasets:
+        for d in dl.DATASETS.values():
+            console.print(f"{d.name:<16} {d.description}", soft_wrap=True)
+        return
+    if dataset is None:
+        raise UserError("missing DATASET or URL", f"e.g. tslm download tinystories; datasets: {', '.join(dl.DATASETS)}")
+    if "://" in dataset:
+        if out is None:
+            raise UserError("a URL needs --out FILE", f"e.g. tslm download {dataset} --out data/corpus.txt")
+        for flag, given in (("--dir", out_dir), ("--endpoint", endpoint)):
+            if given is not None:
+                raise UserError(f"{flag} applies to registry datasets, not to a URL", "use --out FILE")
+        jobs = [dl.PlannedFile(dataset, out, sha256.strip().lower() if sha256 else None)]
+    else:
+        if out is not None or sha256 is not None:
+            raise UserError("--out/--sha256 apply to URL downloads",
+                            f"registry files go to {{--dir}}/{dataset}/ and use the registry's checksums")
+        jobs = dl.plan_dataset(dataset, split, out_dir, endpoint)
+    for pf in jobs:
+        _download_one(pf, force)
+
+
+def _download_one(pf: dl.PlannedFile, force: bool) -> None:
+    try:
+        with _progress_bar(pf.dest.name) as progress:
+            res = dl.download_planned(pf, force=force, progress=progress)
+    except dl.DownloadInterrupted as e:  # Ctrl-C: the bar is closed, say what was kept
+        err_console.print(f"[yellow]interrupted:[/yellow] kept {human_bytes(e.have)} in {e.part}; "
+                          "rerun the same command to resume", soft_wrap=True)
+        raise typer.Exit(130) from None
+    _report(pf, res)
+
+
+@contextlib.contextmanager
+def _progress_bar(name: str) -> Iterator[dl.Progress]:
+    """A rich bar (bytes, speed, ETA) on stderr, fed by the library's progress callback."""
+    bar = Progress(
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+        console=err_console, transient=False,
+    )
+    task: TaskID | None = None
+    state = {"stage": None}
+
+    def update(stage: str, done: int, total: int | None) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(name, total=total)
+        if stage != state["stage"]:
+            state["stage"] = stage
+            # A new stage restarts the speed/ETA estimate (verify/decompress run at disk speed).
+            bar.reset(task, total=total, completed=done, description=f"{_STAGES.get(stage, stage)} {name}")
+        else:
+            bar.update(task, completed=done, total=total)
+
+    try:
+        yield update
+        if task is not None:
+            bar.update(task, description=f"[green]done[/green] {name}")
+    finally:
+        if task is not None:
+            bar.stop()
+
+
+def _report(pf: dl.PlannedFile, res: dl.DownloadResult) -> None:
+    rec = dl.record_path(res.path)
+    if res.status == "skipped":
+        how = "verified against the registry" if res.verified else f"matches {rec.name}"
+        console.print(f"[green]ok[/green] {res.path} ({human_bytes(res.size)}) already complete, {how}; skipped", soft_wrap=True)
+        return
+    resumed = f", resumed at {human_bytes(res.resumed_from)}" if res.resumed_from else ""
+    console.print(f"[green]downloaded[/green] {res.path} ({human_bytes(res.size)}{resumed})", soft_wrap=True)
+    if res.verified:
+        console.print(f"  sha256 {res.source_sha256} verified", soft_wrap=True)
+    else:
+        # Not in the registry yet: print it so it can be checked elsewhere and recorded.
+        console.print(f"  sha256 {res.source_sha256} (no expected value known; recorded in {rec})", soft_wrap=True)
+    if res.sha256 != res.source_sha256:
+        console.print(f"  sha256 {res.sha256} after decompression", soft_wrap=True)
+    print_note(f"  source: {pf.url}")
