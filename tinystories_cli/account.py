@@ -95,29 +95,101 @@ def train_flops_per_step(cfg: ModelConfig, batch_size: int, seq_len: int | None 
 # --- memory -----------------------------------------------------------------------------------
 
 def activation_bytes(cfg: ModelConfig, batch_size: int, seq_len: int | None = None, bytes_per_el: int = FP32) -> dict[str, int]:
-    """Bytes of activations autograd keeps for backward in this project's `TransformerLM`.
+    """Bytes of activations autograd keeps for backward in this project's `TransformerLM` (one training
+    step with cross-entropy), counted tensor by tensor as `tinystories_cli.model` saves them and checked
+    against `measure_activation_bytes` (within 10%, tests/test_account_measure.py).
 
-    Counted per tensor the implementation saves (checked against `measure_activation_bytes`):
-    with the reference attention each layer keeps the (B, h, T, T) attention probabilities;
-    the FFN keeps its d_ff-wide intermediates; the LM head keeps the logits for cross-entropy.
+    Describes the from-scratch attention (`attention_backend` "reference", and "auto", as the
+    conservative bound that also holds for the seeds' accounting), which keeps the (B, h, T, T)
+    exp-scores and probabilities; with `attention_backend="sdpa"` the fused kernel keeps only its
+    output and a (B, h, T) log-sum-exp instead. Per layer, in units of B*T*d_model elements:
+    the attention input, q, k, v and the output fed to W_O (5; sdpa 5, or 6 with RoPE); the FFN input
+    (1) plus the d_ff-wide tensors its activation keeps (SwiGLU 5, SiLU 3, GELU 4, ReLU 2); each norm
+    keeps its input (or centered input) and normalized value (2) and a per-row 1/rms; with dropout > 0
+    every dropout site adds its keep-mask (embeddings 1, each residual branch 1, attention probabilities
+    one more (B, h, T, T)). Then the final norm, the LM-head input and, for the loss, one (B, T, V)
+    tensor of exp(logits - max).
     """
     B, T = batch_size, seq_len or cfg.context_length
     d, h, dff, V = cfg.d_model, cfg.num_heads, cfg.d_ff, cfg.vocab_size
-    btd = B * T * d
-    norm_units = 0 if cfg.norm == "none" else 2  # each norm keeps its input and normalized output
-    # q, k, v (after RoPE), the attention output fed to W_O, and the block input fed to W_Q/K/V
-    attn_units = 5 if cfg.pos_emb == "rope" else 4
-    scores = 2 * B * h * T * T  # pre-softmax scores and probabilities
-    ffn_units = {"swiglu": 4, "silu": 2, "gelu": 2, "relu": 1}[cfg.ffn]  # d_ff-wide tensors kept
-    per_layer = (2 * norm_units + attn_units) * btd + scores + ffn_units * B * T * dff
+    n, be = B * T, bytes_per_el
+    btd = n * d * be
+    sdpa = cfg.attention_backend == "sdpa"
+    dropout = cfg.dropout > 0
+    norm_bytes = 0 if cfg.norm == "none" else 2 * btd + n * FP32  # input (or centered) + normalized, 1/rms
+    if sdpa:
+        # q, k, v, the kernel output (+ its log-sum-exp) and the input; with RoPE the output comes back
+        # in (B, h, T, hs) layout, so flattening it for W_O copies it once more
+        attention = (6 if cfg.pos_emb == "rope" else 5) * btd + B * h * T * FP32
+    else:
+        scores = B * h * T * T * be
+        attention = 5 * btd + (3 if dropout else 2) * scores + B * h * T * be + T * T  # + row sums, bool mask
+    if cfg.pos_emb == "rope":
+        attention += 4 * T * (cfg.head_dim // 2) * be  # cos/sin rows gathered for q and for k
+    ffn_units = {"swiglu": 5, "silu": 3, "gelu": 4, "relu": 2}[cfg.ffn]
+    ffn = btd + ffn_units * n * dff * be
+    per_layer = attention + ffn + 2 * norm_bytes + (2 * btd if dropout else 0)
     out = {
-        "per_layer": per_layer * bytes_per_el,
-        "layers": cfg.num_layers * per_layer * bytes_per_el,
-        "final_norm": norm_units * btd * bytes_per_el,
-        "logits": 2 * B * T * V * bytes_per_el,  # logits and their log-softmax for cross-entropy
+        "embedding": n * 8 + (T * 8 if cfg.pos_emb == "learned" else 0) + (btd if dropout else 0),
+        "per_layer": per_layer,
+        "layers": cfg.num_layers * per_layer,
+        "final_norm": norm_bytes,
+        "lm_head_input": btd,
+        "logits": n * V * be + n * FP32 + 2 * n * 8,  # exp(logits - max), row sums, target indices
     }
-    out["total"] = out["layers"] + out["final_norm"] + out["logits"]
+    out["total"] = out["embedding"] + out["layers"] + out["final_norm"] + out["lm_head_input"] + out["logits"]
     return out
+
+
+def measure_activation_bytes(cfg: ModelConfig, batch_size: int, seq_len: int | None = None) -> int:
+    """Bytes autograd actually keeps for backward: build `TransformerLM(cfg)` on CPU, run one training
+    forward (cross-entropy loss included) and backward, and add up the tensors saved for backward.
+
+    Saved tensors are counted once per storage (views of one buffer count once); parameters and
+    buffers are excluded (they are counted as parameters); tensors saved by graph nodes that are
+    freed before the backward (e.g. by ops on detached values) are not counted. With
+    `attention_backend="auto"` the reference attention is measured, the path `activation_bytes`
+    describes. Meant for small configs: it allocates the real activations.
+    """
+    import weakref
+
+    import torch
+
+    from tinystories_cli.model import TransformerLM, cross_entropy
+
+    T = seq_len or cfg.context_length
+    if cfg.attention_backend == "auto":
+        cfg = cfg.model_copy(update={"attention_backend": "reference"})
+    torch.manual_seed(0)
+    model = TransformerLM(cfg).train()
+    owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+
+    class Saved:  # a handle per saved tensor; it dies with the graph node that holds it
+        __slots__ = ("t", "__weakref__")
+
+        def __init__(self, t):
+            self.t = t
+
+    handles: list[weakref.ref] = []
+
+    def pack(t):
+        h = Saved(t)
+        handles.append(weakref.ref(h))
+        return h
+
+    ids = torch.randint(0, cfg.vocab_size, (batch_size, T + 1))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda h: h.t):
+        loss = cross_entropy(model(ids[:, :-1]), ids[:, 1:])
+    sizes: dict[int, int] = {}
+    for ref in handles:
+        h = ref()
+        if h is None:
+            continue
+        st = h.t.untyped_storage()
+        if st.data_ptr() not in owned:
+            sizes[st.data_ptr()] = st.nbytes()
+    loss.backward()
+    return sum(sizes.values())
 
 
 def training_memory(cfg: ModelConfig, batch_size: int, seq_len: int | None = None) -> dict[str, int]:

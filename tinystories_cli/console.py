@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 
 # Results go to stdout (so they can be piped); progress, notes and errors go to stderr.
 console = Console(highlight=False)
@@ -11,11 +12,11 @@ err_console = Console(stderr=True, highlight=False)
 
 def print_error(message: str) -> None:
     """One red line: what is wrong and how to fix it."""
-    err_console.print(f"[bold red]error:[/bold red] {message}", markup=True, highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
 
 
 def print_note(message: str) -> None:
-    err_console.print(f"[dim]{message}[/dim]", soft_wrap=True)
+    err_console.print(f"[dim]{escape(message)}[/dim]", soft_wrap=True)
 
 
 def human_count(n: float) -> str:

@@ -50,6 +50,8 @@ from torch import Tensor
 # Float tolerance for "mass reaches p": a token is outside the nucleus when the tokens before it
 # already hold at least p - TOP_P_TOL. Softmax in float32 rounds sums at ~1e-7.
 TOP_P_TOL = 1e-6
+# Candidates examined before falling back to sorting the whole vocabulary in top-p.
+TOP_P_CANDIDATES = 128
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,13 +74,18 @@ def top_k_filter(logits: Tensor, k: int) -> Tensor:
 def top_p_filter(logits: Tensor, p: float) -> Tensor:
     """Keep the nucleus: the fewest most-likely tokens whose probability reaches `p` (+ ties).
 
-    >>> top_p_filter(torch.tensor([[0.5, 0.3, 0.2]]).log(), 0.8).exp().tolist()
-    [[0.5, 0.30000001192092896, 0.0]]
+    >>> (top_p_filter(torch.tensor([[0.5, 0.3, 0.2]]).log(), 0.8) > float("-inf")).tolist()
+    [[True, True, False]]
     """
     if p >= 1.0:
         return logits
     probs = torch.softmax(logits.float(), dim=-1)
-    sorted_p, _ = torch.sort(probs, dim=-1, descending=True)  # (B, V)
+    # Fast path: when the TOP_P_CANDIDATES most likely tokens already hold mass p in every row (a
+    # trained model, usually), the nucleus lies among them and a top-k replaces the full sort.
+    k = min(TOP_P_CANDIDATES, probs.size(-1))
+    sorted_p = torch.topk(probs, k, dim=-1).values  # (B, k), descending
+    if k == probs.size(-1) or bool((sorted_p.double().sum(-1) < p).any()):
+        sorted_p, _ = torch.sort(probs, dim=-1, descending=True)  # (B, V)
     # float64 cumulative mass of the tokens strictly before each one (an exclusive cumsum)
     before = sorted_p.double().cumsum(-1) - sorted_p.double()
     keep_sorted = before < (p - TOP_P_TOL)
@@ -146,3 +153,430 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_p: float, t
         raise UserError(f"--top-p must be in (0, 1], got {top_p}")
     if top_k < 0:
         raise UserError(f"--top-k must be >= 0 (0 disables it), got {top_k}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The model steps (gpt-fast shaped; each one is a plain function that torch.compile can take)
+# ---------------------------------------------------------------------------------------------
+
+
+def prefill(model, ids: Tensor, start_pos: int = 0) -> Tensor:
+    """Forward the prompt ids (B, T) at positions start_pos.. (filling the cache when one is set
+    up); returns the logits of the last position (B, V)."""
+    return model(ids, start_pos=start_pos)[:, -1]
+
+
+def decode_one_token(model, token: Tensor, pos: int) -> Tensor:
+    """Forward one token per row, token (B, 1) at absolute position `pos`, reading the cache for
+    positions 0..pos-1; returns the next-token logits (B, V)."""
+    return model(token, start_pos=pos)[:, -1]
+
+
+def full_forward(model, window: Tensor) -> Tensor:
+    """The uncached step: recompute the whole window (B, n) from scratch; logits of its last position."""
+    return model(window, start_pos=0)[:, -1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver: a batch of equal-length prompts, one random stream per row
+# ---------------------------------------------------------------------------------------------
+
+# why a row stopped
+EOT, STOP_TOKEN, STOP_STRING, MAX_TOKENS = "end_of_text", "stop_token", "stop_string", "max_tokens"
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover - a model always has parameters
+        return torch.device("cpu")
+
+
+class BatchDecoder:
+    """Decode B rows that share one prompt length (so the batch needs no padding).
+
+    Iterating yields, per step, a list of B entries: the new id of each live row, or None for a
+    row that has finished (a stop id ends a row and is not yielded). A consumer may end a row
+    early with `finish(r, reason)` (stop strings). After iteration `stop_reasons`, `new_tokens`,
+    `finish_times` and `context_shifts` describe what happened.
+
+    >>> dec = BatchDecoder(model, [[1, 2, 3]] * 2, seeds=[0, 1], max_new_tokens=5)    # doctest: +SKIP
+    >>> [step for step in dec]                                                         # doctest: +SKIP
+    [[17, 4], [9, 4], ...]
+    """
+
+    def __init__(
+        self,
+        model,
+        prompts: Sequence[Sequence[int]],
+        *,
+        seeds: Sequence[int] | None,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        stop_ids: Sequence[int] | None = None,
+        eot_id: int | None = None,
+        use_cache: bool = True,
+        allowed_vocab: int | None = None,
+    ):
+        check_sampling_args(max_new_tokens, temperature, top_p, top_k)
+        if not prompts or len({len(p) for p in prompts}) != 1 or not prompts[0]:
+            raise ValueError("BatchDecoder needs >= 1 non-empty prompts of one common length")
+        cfg = model.config
+        self.model, self.ctx, self.vocab_size = model, cfg.context_length, cfg.vocab_size
+        for p in prompts:
+            bad = [i for i in p if not 0 <= i < self.vocab_size]
+            if bad:
+                raise ValueError(f"token id {bad[0]} is outside the model's vocabulary (0..{self.vocab_size - 1})")
+        self.batch_size = len(prompts)
+        # a prompt longer than the context keeps its last context_length tokens
+        self.prompt_dropped = max(0, len(prompts[0]) - self.ctx)
+        self.prompts = [list(p[-self.ctx:]) for p in prompts]
+        self.max_new_tokens = max_new_tokens
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+        self.stop_ids = set(stop_ids or ())
+        self.eot_id = eot_id
+        self.use_cache = use_cache
+        # ids a tokenizer smaller than the model's vocabulary could not decode are never sampled
+        self.allowed_vocab = allowed_vocab if allowed_vocab and allowed_vocab < self.vocab_size else None
+        if temperature > 0 and (seeds is None or len(seeds) != self.batch_size):
+            raise ValueError("sampling (temperature > 0) needs one seed per row")
+        self.seeds = list(seeds) if seeds is not None else None
+        self.finished = [False] * self.batch_size
+        self.stop_reasons: list[str | None] = [None] * self.batch_size
+        self.new_tokens = [0] * self.batch_size
+        self.finish_times = [0.0] * self.batch_size
+        self.context_shifts = 0
+        self.start_time = 0.0
+
+    def finish(self, row: int, reason: str) -> None:
+        if not self.finished[row]:
+            self.finished[row] = True
+            self.stop_reasons[row] = reason
+            self.finish_times[row] = time.perf_counter() - self.start_time
+
+    def _logits(self, logits: Tensor) -> Tensor:
+        if self.allowed_vocab is not None:
+            logits = logits.clone()
+            logits[:, self.allowed_vocab:] = float("-inf")
+        return logits
+
+    @torch.inference_mode()
+    def __iter__(self) -> Iterator[list[int | None]]:
+        model, ctx, B = self.model, self.ctx, self.batch_size
+        device = _model_device(model)
+        was_training = model.training
+        model.eval()
+        self.start_time = time.perf_counter()
+        gens = make_generators(0, 0)
+        if self.temperature > 0:
+            gens = [torch.Generator(device=device).manual_seed(s) for s in self.seeds]
+        # the tokens in the context window (row-major, positions 0..n-1); the cache mirrors them
+        window = torch.empty(B, ctx, dtype=torch.long, device=device)
+        n = len(self.prompts[0])
+        window[:, :n] = torch.tensor(self.prompts, dtype=torch.long, device=device)
+        keep = max(1, ctx // 2)  # tokens kept when the window slides
+        try:
+            if self.use_cache:
+                model.setup_caches(B, ctx)
+                logits = prefill(model, window[:, :n])
+            else:
+                logits = full_forward(model, window[:, :n])
+            for step in range(self.max_new_tokens):
+                noise = draw_noise(gens, self.vocab_size, device) if self.temperature > 0 else None
+                nxt = sample(self._logits(logits), noise, self.temperature, self.top_k, self.top_p)  # (B,)
+                out: list[int | None] = []
+                for r, tok in enumerate(nxt.tolist()):
+                    if self.finished[r]:
+                        out.append(None)
+                    elif tok in self.stop_ids:
+                        self.finish(r, EOT if tok == self.eot_id else STOP_TOKEN)
+                        out.append(None)
+                    else:
+                        self.new_tokens[r] += 1
+                        out.append(tok)
+                if step == self.max_new_tokens - 1:
+                    for r in range(B):
+                        self.finish(r, MAX_TOKENS)
+                yield out
+                if all(self.finished):
+                    break
+                # feed the new token back in
+                if n == ctx:
+                    # the context is full: slide, keeping the newest `keep` tokens, and re-prefill
+                    window[:, : keep - 1] = window[:, n - keep + 1 : n].clone()
+                    window[:, keep - 1] = nxt
+                    n = keep
+                    self.context_shifts += 1
+                    logits = prefill(model, window[:, :n]) if self.use_cache else full_forward(model, window[:, :n])
+                else:
+                    window[:, n] = nxt
+                    n += 1
+                    if self.use_cache:
+                        logits = decode_one_token(model, window[:, n - 1 : n], n - 1)
+                    else:
+                        logits = full_forward(model, window[:, :n])
+        finally:
+            if self.use_cache:
+                model.clear_caches()
+            model.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------------
+# The library API (batch 1): token ids in, token ids out
+# ---------------------------------------------------------------------------------------------
+
+
+def generate_tokens(
+    model,
+    prompt_ids: list[int],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop_ids: list[int] | None = None,
+) -> Iterator[int]:
+    """Yield up to `max_new_tokens` new token ids after `prompt_ids`, one at a time.
+
+    Stops early (without yielding it) at any id in `stop_ids`. The KV cache is set up and freed
+    inside the call. An empty prompt starts from `stop_ids[0]` (pass the end-of-text id first; the
+    text-level `generate` does). Same seed, same arguments -> same ids.
+    """
+    check_sampling_args(max_new_tokens, temperature, top_p, top_k)
+    prompt_ids = list(prompt_ids)
+    if not prompt_ids:
+        eot = getattr(model, "eot_id", None)
+        if eot is None and stop_ids:
+            eot = stop_ids[0]
+        if eot is None:
+            raise ValueError("empty prompt: pass stop_ids=[<|endoftext|> id] so generation can start from it")
+        prompt_ids = [eot]
+    seed = random_seed() if seed is None else seed
+    dec = BatchDecoder(model, [prompt_ids], seeds=[seed], max_new_tokens=max_new_tokens, temperature=temperature,
+                       top_p=top_p, top_k=top_k, stop_ids=stop_ids)
+    for step in dec:
+        if step[0] is None:
+            return
+        yield step[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Text: prompts in, completions out (streaming complete UTF-8 characters, stop strings)
+# ---------------------------------------------------------------------------------------------
+
+
+def _token_bytes_fn(tokenizer) -> Callable[[int], bytes] | None:
+    """id -> raw bytes when the tokenizer exposes its byte vocabulary (then streaming is O(1)/token)."""
+    vocab = getattr(tokenizer, "vocab", None)
+    if isinstance(vocab, dict) and vocab and isinstance(next(iter(vocab.values())), (bytes, bytearray)):
+        return lambda i: bytes(vocab.get(i, b"\xef\xbf\xbd"))  # an id with no bytes decodes as U+FFFD
+    return None
+
+
+class TextStream:
+    """The completion text of one row, grown a token at a time.
+
+    Only complete UTF-8 characters are released: a token that ends inside a multi-byte character
+    waits for the next one (an incremental decoder). With stop strings, text that could still be
+    the start of a stop string is held back until it is decided.
+
+    >>> s = TextStream(lambda ids: bytes(ids).decode("utf-8", "replace"), token_bytes=lambda i: bytes([i]))
+    >>> [s.push(b) for b in "é!".encode()]      # 'é' is two bytes: nothing until both arrived
+    ['', 'é', '!']
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], token_bytes: Callable[[int], bytes] | None = None,
+                 stop_strings: Sequence[str] = ()):
+        self._decode, self._token_bytes = decode, token_bytes
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stop_strings = [s for s in stop_strings if s]
+        self.ids: list[int] = []
+        self.text = ""  # decoded so far (complete characters only)
+        self.released = 0  # len of text handed out by push()
+        self.stopped = False
+
+    def _decoded(self, final: bool) -> str:
+        if self._token_bytes is not None:
+            return self.text + self._utf8.decode(self._token_bytes(self.ids[-1]) if self.ids and not final else b"",
+                                                 final=final)
+        text = self._decode(self.ids)
+        if not final:
+            text = text.rstrip("\ufffd")  # maybe an incomplete character: wait for more bytes
+        return text
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the newly releasable text ('' if none yet, or once stopped)."""
+        if self.stopped:
+            return ""
+        self.ids.append(token_id)
+        self.text = self._decoded(final=False)
+        return self._release(final=False)
+
+    def close(self) -> str:
+        """End of the row: flush what is left (a dangling partial character becomes U+FFFD)."""
+        if not self.stopped:
+            if self._token_bytes is not None:
+                self.text += self._utf8.decode(b"", final=True)
+            else:
+                self.text = self._decoded(final=True)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        if self.stop_strings and not self.stopped:
+            hits = [i for i in (self.text.find(s) for s in self.stop_strings) if i >= 0]
+            if hits:
+                self.text, self.stopped = self.text[: min(hits)], True
+        end = len(self.text)
+        if not final and not self.stopped:
+            end -= _partial_stop_len(self.text, self.stop_strings)
+        chunk = self.text[self.released:end]
+        self.released = max(self.released, end)
+        return chunk
+
+
+def _partial_stop_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of a stop string.
+
+    >>> _partial_stop_len("The end.\\n", ["\\n\\n"]), _partial_stop_len("abc", ["x"])
+    (1, 0)
+    """
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+@dataclass
+class Sample:
+    """One generated completion and how it came about (the --json record)."""
+
+    prompt: str
+    seed: int | None
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+    tokens_per_s: float
+    stop_reason: str
+    prompt_dropped: int = 0  # prompt tokens cut because the prompt was longer than the context
+    context_shifts: int = 0  # times the window slid because the context filled up
+    token_ids: list[int] = field(default_factory=list, repr=False)
+
+    def to_json(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "token_ids"}
+        d["tokens_per_s"] = round(self.tokens_per_s, 2)
+        return d
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """The prompt's ids; an empty prompt is the end-of-text token (where every story starts)."""
+    ids = tokenizer.encode(prompt) if prompt else []
+    if not ids:
+        if tokenizer.eot_id is None:
+            from tinystories_cli.errors import UserError
+
+            raise UserError("empty prompt, and the tokenizer has no <|endoftext|> token to start from",
+                            "give a prompt")
+        ids = [tokenizer.eot_id]
+    return ids
+
+
+def generate_samples(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    num_samples: int = 1,
+    max_new_tokens: int = 256,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop_at_eot: bool = True,
+    stop_strings: Sequence[str] = (),
+    use_cache: bool = True,
+    on_text: Callable[[int, str], None] | None = None,
+) -> list[Sample]:
+    """`num_samples` completions of each prompt, ordered prompt by prompt.
+
+    Batching: all rows whose prompts encode to the same number of tokens run as one batch (so no
+    padding and no per-row positions are needed); each distinct length is one batch. Sample i of
+    every prompt uses seed `seed + i`, so `--seed S+i` reproduces it alone. `on_text(k, chunk)` is
+    called with text as it becomes final for sample k (the index in the returned list).
+    """
+    check_sampling_args(max_new_tokens, temperature, top_p, top_k)
+    if num_samples < 1:
+        from tinystories_cli.errors import UserError
+
+        raise UserError(f"--num-samples must be at least 1, got {num_samples}")
+    seed = random_seed() if seed is None else seed
+    ctx = model.config.context_length
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    token_bytes = _token_bytes_fn(tokenizer)
+    stop_ids = [tokenizer.eot_id] if stop_at_eot and tokenizer.eot_id is not None else []
+    results: list[Sample | None] = [None] * (len(prompts) * num_samples)
+
+    by_len: dict[int, list[int]] = {}
+    for j, ids in enumerate(encoded):
+        by_len.setdefault(min(len(ids), ctx), []).append(j)
+    for plen in sorted(by_len):
+        rows = [(j, i) for j in by_len[plen] for i in range(num_samples)]  # (prompt index, sample index)
+        dec = BatchDecoder(
+            model, [encoded[j][-ctx:] for j, _ in rows], seeds=[seed + i for _, i in rows],
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            stop_ids=stop_ids, eot_id=tokenizer.eot_id, use_cache=use_cache,
+            allowed_vocab=getattr(tokenizer, "vocab_size", None),
+        )
+        streams = [TextStream(tokenizer.decode, token_bytes, stop_strings) for _ in rows]
+        keys = [j * num_samples + i for j, i in rows]
+        for step in dec:
+            for r, tok in enumerate(step):
+                if tok is None:
+                    continue
+                chunk = streams[r].push(tok)
+                if chunk and on_text:
+                    on_text(keys[r], chunk)
+                if streams[r].stopped:
+                    dec.finish(r, STOP_STRING)
+        for r, (j, i) in enumerate(rows):
+            s = streams[r]
+            chunk = s.close()
+            if chunk and on_text:
+                on_text(keys[r], chunk)
+            n_new, secs = dec.new_tokens[r], dec.finish_times[r]
+            results[keys[r]] = Sample(
+                prompt=prompts[j], seed=seed + i if temperature > 0 else None, text=s.text,
+                prompt_tokens=plen, new_tokens=n_new,
+                tokens_per_s=n_new / secs if secs > 0 else 0.0, stop_reason=dec.stop_reasons[r] or MAX_TOKENS,
+                prompt_dropped=len(encoded[j]) - plen, context_shifts=dec.context_shifts, token_ids=s.ids,
+            )
+    return results  # type: ignore[return-value]
+
+
+def generate(
+    model,
+    tokenizer,
+    prompt: str,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop_ids: list[int] | None = None,
+) -> str:
+    """The completion text of `prompt` (without the prompt).
+
+    `stop_ids=None` stops at the tokenizer's end-of-text; pass `[]` to never stop early. An empty
+    prompt starts from end-of-text.
+    """
+    ids = encode_prompt(tokenizer, prompt)
+    stops = ([] if tokenizer.eot_id is None else [tokenizer.eot_id]) if stop_ids is None else stop_ids
+    new = list(generate_tokens(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                               top_k=top_k, seed=seed, stop_ids=stops))
+    return tokenizer.decode(new)

@@ -42,7 +42,8 @@ class Series:
     name: str
     x: list[float]
     y: list[float]
-    dropped: int = 0  # points present in the log but not finite (NaN/inf/null)
+    dropped: int = 0  # points present in the log but not finite (NaN/inf/null), or without an x value
+    missing_x: int = 0  # of those, the ones without a finite x (e.g. no elapsed_s for --x time)
     keys: set[str] = field(default_factory=set)  # every key seen in the run's log (for error hints)
 
 
@@ -60,10 +61,13 @@ def metrics_path(run: str | os.PathLike) -> Path:
 
 
 def run_name(run: str | os.PathLike) -> str:
-    """Legend label: the run directory's name (or the file's stem for a bare metrics file)."""
+    """Legend label: the run directory's name (`latest` resolved to the run it points at), or the
+    file's stem for a metrics file not named metrics.jsonl."""
     p = Path(run)
     if p.is_file():
-        return p.parent.name if p.name == METRICS_FILE and p.parent.name else p.stem
+        return p.resolve().parent.name if p.name == METRICS_FILE else p.stem
+    if not p.exists() and (paths.RUNS_ROOT / str(run)).is_dir():
+        p = paths.RUNS_ROOT / str(run)
     return p.resolve().name if p.exists() else str(run)
 
 
@@ -111,6 +115,7 @@ def load_series(run: str | os.PathLike, metric: str, x: str = "step", name: str 
         xv, yv = _finite(rec.get(xkey)), _finite(rec[metric])
         if xv is None or yv is None:
             s.dropped += 1
+            s.missing_x += xv is None
             continue
         s.x.append(xv)
         s.y.append(yv)
@@ -139,6 +144,9 @@ def prepare(series: list[Series], metric: str, smooth_k: int = 1, log_y: bool = 
     if smooth_k < 1:
         raise UserError(f"--smooth must be >= 1, got {smooth_k}")
     if not any(s.y for s in series):
+        no_x = sum(s.missing_x for s in series)
+        if no_x:
+            raise UserError(f"{no_x} {metric!r} value(s) have no x value for this --x", "try --x step")
         seen = sorted(set().union(*(s.keys for s in series)) - set(X_KEYS.values()))
         raise UserError(f"no finite {metric!r} values in the given run(s)",
                         f"metrics logged: {', '.join(seen) or 'none'}")
@@ -148,7 +156,7 @@ def prepare(series: list[Series], metric: str, smooth_k: int = 1, log_y: bool = 
         if log_y:
             keep = [i for i, v in enumerate(y) if v > 0]
             x, y = [x[i] for i in keep], [y[i] for i in keep]
-        out.append(Series(s.name, x, y, s.dropped, s.keys))
+        out.append(Series(s.name, x, y, s.dropped, s.missing_x, s.keys))
     return out
 
 
@@ -171,7 +179,8 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise UserError("matplotlib is not installed", "pip install 'tslm[plot]' (or pip install matplotlib), or use --ascii") from None
+        # No square brackets in the message: the error line is rendered as rich markup.
+        raise UserError("matplotlib is not installed", "pip install matplotlib (the tslm 'plot' extra), or use --ascii") from None
     matplotlib.use("Agg")  # no display needed; must precede the pyplot import
     import matplotlib.pyplot as plt
 
@@ -192,7 +201,13 @@ def render_png(series: list[Series], metric: str, x: str = "step", log_y: bool =
             label = f"{s.name} ({s.dropped} non-finite dropped)" if s.dropped else s.name
             ax.plot(xs, s.y, label=label, marker=marker, markersize=3, linewidth=1.5)
         if log_y:
+            from matplotlib.ticker import FuncFormatter
+
             ax.set_yscale("log")
+            # Loss ranges span well under a decade: plain numbers read better than 4x10^0.
+            plain = FuncFormatter(lambda v, _: f"{v:g}")
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
         ax.set_xlabel(x_label(x, scale))
         ax.set_ylabel(metric)
         ax.set_title(title or f"{metric} vs {x_label(x, scale)}")

@@ -30,7 +30,16 @@ from tinystories_cli.errors import UserError
 # Registered subcommands, in --help order. A module is listed only once its command really works.
 COMMANDS = [
     "download",
+    "bpe",
+    "encode",
+    "train",
+    "eval",
+    "generate",
     "account",
+    "plot",
+    "stats",
+    "export",
+    "quickstart",
 ]
 
 app = typer.Typer(

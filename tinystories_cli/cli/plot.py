@@ -39,7 +39,12 @@ def command(
         raise UserError("--width must be >= 10 and --height >= 3")
     if out is not None:
         check_output_path(out, force)
-    series = plot.prepare([plot.load_series(r, metric, x) for r in runs], metric, smooth_k, log_y)
+    loaded = [plot.load_series(r, metric, x) for r in runs]
+    names = [s.name for s in loaded]
+    for s, r in zip(loaded, runs):
+        if names.count(s.name) > 1:
+            s.name = r  # two runs share a directory name: label them by the path given
+    series = plot.prepare(loaded, metric, smooth_k, log_y)
     for s in series:
         if not s.y:
             print_note(f"{s.name}: no finite {metric} values (skipped)")

@@ -1,0 +1,151 @@
+"""`tslm quickstart`: the whole pipeline end to end on a small text the test writes, and its pieces.
+
+The end-to-end test uses `--preset debug` and `--minutes 0.1`, so it runs the real stages
+(split, BPE, encode, probe + bounded training, a story) in seconds even on 2 busy cores.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tinystories_cli import quickstart as qs
+from tinystories_cli.errors import UserError
+
+NAMES = ["Lily", "Tom", "Mia", "Ben", "Sue", "Max", "Anna", "Sam"]
+THINGS = ["a red ball", "a big box", "a little cat", "a shiny stone", "a blue kite", "a small boat"]
+PLACES = ["the park", "the garden", "the beach", "the forest", "the house", "the river"]
+FEELINGS = ["happy", "sad", "excited", "scared", "proud", "tired"]
+
+
+def tiny_stories(n: int, seed: int = 0) -> str:
+    """`n` template stories separated by <|endoftext|>, like the TinyStories files."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.sample(NAMES, 2)
+        out.append(
+            f"Once upon a time, {a} went to {rng.choice(PLACES)}. {a} found {rng.choice(THINGS)}. "
+            f"{a} was very {rng.choice(FEELINGS)}. {b} came to play. They played with it all day. "
+            f"At the end of the day, {a} and {b} went home. The end.\n"
+        )
+    return "<|endoftext|>\n".join(out) + "<|endoftext|>\n"
+
+
+@pytest.fixture
+def story_text(tmp_path: Path) -> Path:
+    p = tmp_path / "stories.txt"
+    p.write_text(tiny_stories(400), encoding="utf-8")
+    return p
+
+
+def test_quickstart_end_to_end_then_rerun_skips(tmp_path: Path, story_text: Path, run_cli):
+    work = tmp_path / "work"
+    t0 = time.perf_counter()
+    code, out, err = run_cli("quickstart", "--text", str(story_text), "--minutes", "0.1", "--dir", str(work),
+                             "--vocab-size", "300", "--preset", "debug", "--device", "cpu", "--plain",
+                             "--max-tokens", "40")
+    first = time.perf_counter() - t0
+    assert code == 0, err
+    data, run = work / "data" / "quickstart", work / "runs" / "quickstart"
+    for f in ("train.txt", "valid.txt", "train.npy", "valid.npy", "tokenizer/vocab.json", "tokenizer/merges.txt",
+              "tokenizer/tokenizer_config.json"):
+        assert (data / f).is_file(), f
+    # split: the last 5% of the 400 documents (20) are held out, and nothing is lost
+    valid = (data / "valid.txt").read_text(encoding="utf-8")
+    train = (data / "train.txt").read_text(encoding="utf-8")
+    assert train + valid == story_text.read_text(encoding="utf-8")
+    assert valid.count("<|endoftext|>") == 20
+    assert json.loads((data / "tokenizer/tokenizer_config.json").read_text())["vocab_size"] == 300
+    tokens = np.load(data / "train.npy", mmap_mode="r")
+    assert len(tokens) > 1000 and int(tokens.max()) < 300
+    # the run: config, checkpoints, a non-empty story
+    config = json.loads((run / "config.json").read_text())
+    assert config["preset"] == "debug" and config["train"]["dataset"] == "quickstart"
+    assert list((run / "checkpoints").glob("step_*.safetensors"))
+    story = (run / "story.txt").read_text(encoding="utf-8")
+    assert story.startswith("Once upon a time") and len(story.strip()) > len("Once upon a time")
+    assert "Once upon a time" in out and str(run) in out.replace("\n", "")
+    assert "tslm generate" in out and "tslm eval" in out
+    print(f"first quickstart run: {first:.1f} s")  # ~10 s on an idle 2-core machine (most of it importing torch)
+
+    # A rerun skips every finished stage (no retraining) and tells another story from the same run.
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    mtime = (data / "train.npy").stat().st_mtime_ns
+    code, out, err = run_cli("quickstart", "--text", str(story_text), "--dir", str(work), "--vocab-size", "300",
+                             "--preset", "debug", "--device", "cpu", "--plain", "--max-tokens", "20")
+    assert code == 0, err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ckpts
+    assert (data / "train.npy").stat().st_mtime_ns == mtime
+    assert "already there" in out
+
+    # A run stopped before its last step (here: its newest checkpoint removed) is resumed, not restarted.
+    newest = sorted((run / "checkpoints").glob("step_*.safetensors"))[-1]
+    newest.unlink()
+    code, out, err = run_cli("quickstart", "--text", str(story_text), "--dir", str(work), "--vocab-size", "300",
+                             "--preset", "debug", "--device", "cpu", "--plain", "--max-tokens", "20")
+    assert code == 0, err
+    assert "resuming" in out and newest.is_file()
+
+    # Another vocabulary size does not silently mix tokenizers: an error naming --force.
+    code, out, err = run_cli("quickstart", "--text", str(story_text), "--dir", str(work), "--vocab-size", "320",
+                             "--preset", "debug", "--device", "cpu")
+    assert code == 2 and "--force" in err
+
+
+def test_split_point_holds_out_last_documents():
+    data = "".join(f"story {i}\n<|endoftext|>\n" for i in range(100)).encode()
+    cut = qs.split_point(data)
+    assert data[cut:].startswith(b"\nstory 95\n") and data[:cut].endswith(b"<|endoftext|>")
+    # no <|endoftext|>: blank lines separate documents
+    data = b"\n\n".join(b"doc %d" % i for i in range(20))
+    assert data[qs.split_point(data):] == b"doc 19"
+    with pytest.raises(UserError, match="at least 2"):
+        qs.split_point(b"just one story<|endoftext|>\n")
+
+
+def test_read_text_prefix_cuts_at_document_boundary(tmp_path: Path):
+    p = tmp_path / "t.txt"
+    p.write_bytes(b"aaaa<|endoftext|>bbbb<|endoftext|>cccc<|endoftext|>")
+    data, truncated = qs.read_text_prefix(p, 40)
+    assert truncated and data == b"aaaa<|endoftext|>bbbb<|endoftext|>"
+    assert qs.read_text_prefix(p, 1000) == (p.read_bytes(), False)
+
+
+def test_plan_steps_time_data_and_minimum():
+    # 10K tokens/s, 8192 tokens/step: (0.9 * 600 - 2) s -> 656 steps without evaluation
+    plan = qs.plan_steps(600, 10_000, 8192, 10**9, 0)
+    assert plan.steps == 656 and plan.limited_by == "time" and plan.seconds <= 600
+    assert 1 <= plan.warmup_steps <= plan.steps and plan.eval_every * qs.NUM_EVALS >= plan.steps
+    # evaluation time is budgeted too
+    assert qs.plan_steps(600, 10_000, 8192, 10**9, 400_000).steps < plan.steps
+    # a small text caps the run at MAX_EPOCHS passes
+    plan = qs.plan_steps(600, 10**6, 8192, 100_000, 0)
+    assert plan.limited_by == "data" and plan.steps == int(qs.MAX_EPOCHS * 100_000 // 8192)
+    assert qs.plan_steps(1, 10, 8192, 10**9, 0).steps == qs.MIN_STEPS
+
+
+def test_fit_context():
+    assert qs.fit_context(256, 10_000) == 256
+    assert qs.fit_context(256, 257) == 256
+    assert qs.fit_context(256, 200) == 128
+    with pytest.raises(UserError, match="longer --text"):
+        qs.fit_context(256, 5)
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path: Path, run_cli):
+    code, _, err = run_cli("quickstart", "--text", str(tmp_path / "missing.txt"), "--dir", str(tmp_path))
+    assert code == 2 and "not found" in err
+    (tmp_path / "one.txt").write_text("a single story without any separator")
+    code, _, err = run_cli("quickstart", "--text", str(tmp_path / "one.txt"), "--dir", str(tmp_path))
+    assert code == 2 and "at least 2" in err
+    code, _, err = run_cli("quickstart", "--text", str(tmp_path / "one.txt"), "--minutes", "0")
+    assert code == 2 and "--minutes" in err
+    (tmp_path / "bin.txt").write_bytes(b"ok<|endoftext|>\xff\xfe<|endoftext|>")
+    code, _, err = run_cli("quickstart", "--text", str(tmp_path / "bin.txt"), "--dir", str(tmp_path))
+    assert code == 2 and "UTF-8" in err

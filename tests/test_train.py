@@ -1,0 +1,259 @@
+"""The training loop: exact resume, DDP equivalence, signals, guard rails, run directory, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from tinystories_cli import paths, runs
+from tinystories_cli import train as T
+from tinystories_cli.checkpoint import read_checkpoint
+from tinystories_cli.errors import UserError
+
+from train_fixtures import TINY_MODEL, TINY_TRAIN, make_dataset, write_token_file
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """A tmp dir with data/tiny (tokenizer + token files) and runs/, wired into tslm's path defaults."""
+    tok = make_dataset(tmp_path)
+    monkeypatch.setattr(paths, "DATA_ROOT", tmp_path / "data")
+    monkeypatch.setattr(paths, "RUNS_ROOT", tmp_path / "runs")
+    torch.set_num_threads(1)
+    return tmp_path, tok
+
+
+def _run(name, model=None, train=None, **opts):
+    opts.setdefault("peak_tflops", 1.0)  # skip the matmul measurement
+    options = T.TrainOptions(run_name=name, display="quiet", **opts)
+    run = T.prepare_run("debug", None, {**TINY_MODEL, **(model or {})},
+                        {"dataset": "tiny", **TINY_TRAIN, **(train or {})}, options)
+    return T.train(run)
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return read_checkpoint(runs.latest_checkpoint(run_dir)).model
+
+
+def test_exact_resume_matches_uninterrupted_run(workspace):
+    # dropout > 0 so the restored torch RNG state matters too
+    model = {"dropout": 0.1}
+    full = _run("full", model)
+    first = _run("split", model, stop_at=4)
+    assert first.stopped == "stop_at" and first.step == 4
+    second = _run("split", model, resume="auto")
+    assert second.step == 8 and set(second.train_losses) == {5, 6, 7, 8}
+    losses = {**first.train_losses, **second.train_losses}
+    assert losses == full.train_losses  # bit-identical, not approximately equal
+    assert second.val_losses == {8: full.val_losses[8]}
+    a, b = _weights(full.run_dir), _weights(second.run_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # metrics.jsonl of the resumed run has each step once, in order
+    steps = [json.loads(line)["step"] for line in (second.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
+def test_run_directory_contents(workspace):
+    tmp, tok = workspace
+    res = _run("contents", train={"keep_last": 1})
+    d = res.run_dir
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["model"]["vocab_size"] == tok.vocab_size  # from the tokenizer, not the preset's 512
+    assert cfg["tokens_per_step"] == 4 * 16 and cfg["planned_tokens"] == 8 * 4 * 16
+    assert cfg["parameters"] > 0 and cfg["tokenizer"]["fingerprint"] == tok.fingerprint
+    assert sorted(p.name for p in (d / "tokenizer").iterdir()) == sorted(
+        p.name for p in (tmp / "data" / "tiny" / "tokenizer").iterdir())
+    assert [s for s, _ in runs.step_checkpoints(d)] == [8]  # keep_last=1
+    assert runs.best_checkpoint(d) is not None
+    assert (tmp / "runs" / "latest").resolve() == d.resolve()
+    records = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert all({"step", "tokens", "elapsed_s", "train_loss", "lr", "grad_norm"} <= r.keys() for r in records)
+    assert [r["step"] for r in records if "val_loss" in r] == [4, 8]
+    assert records[-1]["lr"] == pytest.approx(3e-4)  # the cosine ends exactly at max_steps
+    model, tokenizer, mcfg = runs.load_trained_model("contents")
+    assert not model.training and tokenizer.fingerprint == tok.fingerprint and mcfg.vocab_size == tok.vocab_size
+
+
+def test_train_tokens_sets_the_schedule(workspace):
+    res = _run("tokens", train={"train_tokens": 4 * 16 * 5 + 1, "max_steps": 1000, "warmup_steps": 1})
+    assert res.max_steps == 6 and res.step == 6
+
+
+def test_sigint_saves_checkpoint_and_exits_cleanly(workspace):
+    def interrupt(step, record):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives after step 2's work: noticed at the end of step 3
+
+    run = T.prepare_run("debug", None, TINY_MODEL, {"dataset": "tiny", **TINY_TRAIN},
+                        T.TrainOptions(run_name="sig", display="quiet", peak_tflops=1.0))
+    res = T.train(run, on_step=interrupt)
+    assert res.stopped == "interrupted" and res.step == 3
+    assert [s for s, _ in runs.step_checkpoints(res.run_dir)] == [3]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert _run("sig", resume="auto").step == 8
+
+
+def test_nonfinite_loss_stops_with_clear_message(workspace, monkeypatch):
+    import tinystories_cli.model as M
+
+    real = M.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(logits, targets):
+        out = real(logits, targets)
+        if torch.is_grad_enabled():  # training forwards only (evaluation runs under no_grad)
+            calls["n"] += 1
+            if calls["n"] == 5:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(M, "cross_entropy", poisoned)
+    with pytest.raises(T.NonFiniteError) as e:
+        _run("nan")
+    msg = str(e.value)
+    assert "step 5" in msg and "step_0000004.safetensors" in msg and "--lr" in msg
+    calls["n"] = 0
+    res = _run("nan2", skip_nonfinite=1)  # skipped, then the run finishes
+    assert res.step == 8 and res.train_losses[5] != res.train_losses[5]  # NaN logged for the skipped step
+
+
+def test_compile_failure_falls_back_to_eager(workspace, monkeypatch, capsys):
+    class Broken(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self._orig_mod = m
+
+        def forward(self, *a, **k):
+            raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", lambda m, **k: Broken(m))
+    run = T.prepare_run("debug", None, TINY_MODEL, {"dataset": "tiny", **TINY_TRAIN, "compile": True},
+                        T.TrainOptions(run_name="comp", display="plain", peak_tflops=1.0))
+    res = T.train(run)
+    assert res.step == 8
+    assert "torch.compile failed" in capsys.readouterr().out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    paths.DATA_ROOT = Path(root) / "data"
+    paths.RUNS_ROOT = Path(root) / "runs"
+    try:
+        res = _run("ddp", train={"max_steps": 4, "eval_every": 2, "save_every": 4, "batch_size": 2})
+        if rank == 0:
+            Path(out).write_text(json.dumps({"losses": res.train_losses, "val": res.val_losses}))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_processes_equal_one_process_with_double_batch(workspace):
+    tmp, _ = workspace
+    out = tmp / "ddp.json"
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(tmp), str(out)), nprocs=2, join=True)
+    ddp = json.loads(out.read_text())
+    single = _run("single", train={"max_steps": 4, "eval_every": 2, "save_every": 4, "batch_size": 4})
+    assert [float(v) for v in ddp["losses"].values()] == pytest.approx(list(single.train_losses.values()), rel=1e-5)
+    assert [float(v) for v in ddp["val"].values()] == pytest.approx(list(single.val_losses.values()), rel=1e-5)
+    a, b = _weights(tmp / "runs" / "ddp"), _weights(single.run_dir)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    cfg = json.loads((tmp / "runs" / "ddp" / "config.json").read_text())
+    assert cfg["world_size"] == 2 and cfg["tokens_per_step"] == 2 * 2 * 16
+
+
+# ---------------------------------------------------------------- bad input through the CLI
+
+
+def _cli(run_cli, *args):
+    code, out, err = run_cli("train", "--preset", "debug", "--dataset", "tiny", "--ctx", "16", "--d-model", "32",
+                             "--num-layers", "1", "--num-heads", "2", "--max-steps", "4", "--warmup-steps", "1",
+                             "--device", "cpu", "--quiet", *args)
+    return code, " ".join((out + err).split())
+
+
+def test_cli_trains_and_refuses_to_clobber_a_run(workspace, run_cli):
+    code, text = _cli(run_cli, "--run-name", "r1")
+    assert code == 0, text
+    code, text = _cli(run_cli, "--run-name", "r1")
+    assert code == 2 and "already holds a run" in text and "--resume" in text and "--force" in text
+    assert _cli(run_cli, "--run-name", "r1", "--force")[0] == 0
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--lr", "-1"], "lr"),
+    (["--warmup-steps", "10"], "warmup_steps (10) must not exceed max_steps (4)"),
+    (["--vocab-size", "100"], "smaller than the tokenizer's 300"),
+    (["--stop-at", "9"], "--stop-at 9 is outside 1..4"),
+    (["--dataset", "nope"], "tokenizer not found"),
+    (["--dtype", "float16"], "bfloat16"),
+])
+def test_cli_bad_config(workspace, run_cli, args, expected):
+    code, text = _cli(run_cli, "--run-name", "bad", *args)
+    assert code == 2 and expected in text, text
+    assert "Traceback" not in text
+
+
+def test_cli_missing_token_file_names_encode_command(workspace, run_cli):
+    tmp, _ = workspace
+    (tmp / "data" / "tiny" / "valid.npy").unlink()
+    code, text = _cli(run_cli, "--run-name", "m")
+    assert code == 2 and "valid.npy" in text and "tslm encode" in text
+
+
+def test_cli_tokenizer_mismatch_and_bad_ids(workspace, run_cli):
+    tmp, tok = workspace
+    f = tmp / "data" / "tiny" / "valid.npy"
+    meta = json.loads(f.with_suffix(".json").read_text())
+    meta["fingerprint"] = "0" * 64
+    f.with_suffix(".json").write_text(json.dumps(meta))
+    code, text = _cli(run_cli, "--run-name", "m")
+    assert code == 2 and "valid.npy" in text and "tokenizer" in text, text
+
+    # ids >= the model's vocab, as the sidecar says ...
+    write_token_file(f, list(range(20)) + [tok.vocab_size + 5], tok, 100, vocab_size=tok.vocab_size + 10)
+    code, text = _cli(run_cli, "--run-name", "m")
+    assert code == 2 and "valid.npy" in text and f"id {tok.vocab_size + 5}" in text, text
+    # ... and when a damaged sidecar hides them (the ids themselves are scanned)
+    write_token_file(f, list(range(20)) + [tok.vocab_size + 5], tok, 100, max_id=19, vocab_size=tok.vocab_size + 10)
+    code, text = _cli(run_cli, "--run-name", "m")
+    assert code == 2 and "valid.npy" in text and f"id {tok.vocab_size + 5}" in text and "damaged" in text, text
+
+
+def test_cli_corrupted_checkpoint_refused_previous_kept(workspace, run_cli):
+    code, text = _cli(run_cli, "--run-name", "c", "--stop-at", "2", "--save-every", "1")
+    assert code == 0, text
+    d = paths.RUNS_ROOT / "c"
+    latest = runs.latest_checkpoint(d)
+    data = latest.read_bytes()
+    latest.write_bytes(data[: len(data) // 2])
+    code, text = _cli(run_cli, "--run-name", "c", "--resume")
+    assert code == 2 and "step_0000002.safetensors" in text and "corrupted or truncated" in text
+    assert "step_0000001.safetensors" in text  # names the previous one to resume from
+    assert read_checkpoint(d / "checkpoints" / "step_0000001.safetensors").iteration == 1
+    code, text = _cli(run_cli, "--resume", str(d / "checkpoints" / "step_0000001.safetensors"))
+    assert code == 0, text
+
+
+def test_prepare_run_rejects_changed_settings_on_resume(workspace):
+    _run("chg", stop_at=2)
+    with pytest.raises(UserError, match="lr"):
+        T.prepare_run(None, None, None, {"lr": 1e-2}, T.TrainOptions(run_name="chg", resume="auto"))
+    with pytest.raises(UserError, match="d_model"):
+        T.prepare_run(None, None, {"d_model": 64}, None, T.TrainOptions(run_name="chg", resume="auto"))
+    # settings that do not change what a step computes may change
+    run = T.prepare_run(None, None, None, {"log_every": 3, "dataset": "tiny"},
+                        T.TrainOptions(run_name="chg", resume="auto"))
+    assert run.resume_from is not None and run.train_cfg.log_every == 3

@@ -1,0 +1,86 @@
+"""`tslm eval`: loss, perplexity and bits-per-byte of a trained model over a whole token file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from tinystories_cli import paths, runs
+from tinystories_cli.checkpoint import load_model_state, read_checkpoint
+from tinystories_cli.console import console, err_console
+from tinystories_cli.errors import UserError
+from tinystories_cli.evaluate import evaluate_tokens
+from tinystories_cli.fileio import atomic_write_text, check_output_path
+
+
+def command(
+    run: Annotated[Optional[str], typer.Argument(help="Run name, run directory or checkpoint file (default: runs/latest).", show_default=False)] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Token file (default: the run's data/<dataset>/valid.npy).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = 16,
+    ctx: Annotated[Optional[int], typer.Option("--ctx", "--context-length", help="Window length (default and maximum: the model's context length).")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto (cuda > mps > cpu), cpu, cuda, mps.")] = "auto",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write the JSON here (default: <run>/eval_<data>.json).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON only.")] = False,
+    latest: Annotated[bool, typer.Option("--latest", help="Use the latest step checkpoint instead of the best one.")] = False,
+) -> None:
+    """Mean loss, perplexity and bits-per-byte over a whole token file, in non-overlapping windows."""
+    from tinystories_cli.model import TransformerLM
+    from tinystories_cli.train import Dist, check_tokens, open_tokens, pick_device
+
+    if batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {batch_size}")
+    target = runs.resolve_run(run)
+    run_dir = runs.run_dir_of(target)
+    ckpt_path = runs.checkpoint_for(target, prefer_best=not latest)
+    ckpt = read_checkpoint(ckpt_path)
+    cfg = runs.model_config_of(ckpt, run_dir)
+    tokenizer = runs.load_tokenizer(runs.tokenizer_dir_of(run_dir))
+    dataset = "tinystories"
+    try:
+        dataset = runs.read_run_config(run_dir)["train"].get("dataset", dataset)
+    except UserError:
+        pass
+    data = data or paths.tokens_path(dataset, "valid")
+    tokens, meta = open_tokens(data, "evaluation", dataset, "valid")
+    check_tokens(data, tokenizer.fingerprint, cfg.vocab_size)
+    window = ctx or cfg.context_length
+    if window <= 0:
+        raise UserError(f"--ctx must be positive, got {window}")
+    if window > cfg.context_length:
+        raise UserError(f"--ctx {window} exceeds the model's context length {cfg.context_length} (its positional limit)",
+                        f"use --ctx {cfg.context_length} or less")
+    if out is not None:
+        check_output_path(out, force)
+    dev = pick_device(device, Dist())
+    model = TransformerLM(cfg)
+    load_model_state(ckpt, model)
+    model.to(dev)
+    total = len(range(0, max(len(tokens) - 1, 0), window))
+    with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=err_console, transient=True, disable=as_json) as progress:
+        task = progress.add_task("eval", total=total)
+        result = evaluate_tokens(model, tokens, window, batch_size, dev, meta.get("source_bytes"),
+                                 on_progress=lambda done, n: progress.update(task, completed=done))
+    result.update(run=str(run_dir), checkpoint=str(ckpt_path), step=ckpt.iteration, data=str(data))
+    dest = out or run_dir / f"eval_{Path(data).stem}.json"
+    atomic_write_text(dest, json.dumps(result, indent=2) + "\n")
+    if as_json:
+        console.print_json(json.dumps(result))
+        return
+    t = Table(title=f"{ckpt_path} (step {ckpt.iteration}) on {data}", title_justify="left")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    t.add_row("mean loss (nats/token)", f"{result['loss']:.4f}")
+    t.add_row("perplexity", f"{result['perplexity']:.3f}")
+    bpb = result["bits_per_byte"]
+    t.add_row("bits per byte", f"{bpb:.4f}" if bpb is not None else "n/a (no source_bytes in the sidecar)")
+    t.add_row("tokens predicted", f"{result['predicted_tokens']:,}")
+    t.add_row("windows", f"{result['windows']:,} x {window}")
+    console.print(t)
+    console.print(f"wrote {dest}")

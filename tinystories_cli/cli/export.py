@@ -1,0 +1,35 @@
+"""`tslm export`: a trained run as a Hugging Face Llama directory or as plain safetensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tinystories_cli import export
+from tinystories_cli.console import console, human_bytes, print_note
+from tinystories_cli.errors import UserError
+
+
+def command(
+    run: Annotated[Optional[str], typer.Argument(help="Run name, run directory or checkpoint file (default: runs/latest).", show_default=False)] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="hf (transformers LlamaForCausalLM + tokenizer.json) | safetensors (tslm's own format).")] = "hf",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory (created; replaced only with --force).", show_default=False)] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="Weight dtype: float32 | bfloat16 | float16.")] = "float32",
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it holds an earlier export.")] = False,
+) -> None:
+    """Export a trained model for transformers/tokenizers (--format hf) or as plain safetensors weights + config."""
+    if out is None:
+        raise UserError("missing --out", "pass the directory to write, e.g. --out exports/my-model")
+    if fmt not in export.FORMATS:
+        raise UserError(f"unknown --format {fmt!r}", f"choose one of: {', '.join(export.FORMATS)}")
+    if dtype not in export.DTYPES:
+        raise UserError(f"unknown --dtype {dtype!r}", f"choose one of: {', '.join(export.DTYPES)}")
+    path, cfg = export.export_run(run, fmt, out, force, dtype)
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    console.print(f"wrote {path} ({fmt}, {human_bytes(size)}): " + ", ".join(sorted(
+        str(f.relative_to(path)) for f in path.rglob("*") if f.is_file())), markup=False, highlight=False)
+    if fmt == "hf":
+        print_note(f"load it with: transformers.AutoModelForCausalLM.from_pretrained({str(path)!r}) and "
+                   f"AutoTokenizer.from_pretrained({str(path)!r}); needs: pip install transformers tokenizers")

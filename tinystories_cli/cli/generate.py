@@ -1,0 +1,181 @@
+"""`tslm generate`: sample text from a trained run, streaming it to the terminal."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.text import Text
+
+from tinystories_cli import generate as gen
+from tinystories_cli.console import console, err_console, print_note
+from tinystories_cli.errors import UserError
+
+DEFAULT_PROMPT = "Once upon a time"
+SAMPLING = "Sampling"
+
+
+def command(
+    prompt: Annotated[Optional[str], typer.Argument(
+        help=f'The prompt; "-" reads it from stdin. Default: "{DEFAULT_PROMPT}".', show_default=False)] = None,
+    run: Annotated[Optional[str], typer.Option(
+        "--run", help="Run name or directory (default: runs/latest); loads its best checkpoint if present.")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(
+        "--checkpoint", help="A checkpoint file (its run directory supplies the tokenizer).")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="At most this many new tokens per sample.",
+                                            rich_help_panel=SAMPLING)] = 256,
+    temp: Annotated[float, typer.Option("--temp", "--temperature", help="Temperature; 0 means greedy.",
+                                        rich_help_panel=SAMPLING)] = 1.0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass in (0, 1]; 1 disables it.",
+                                         rich_help_panel=SAMPLING)] = 1.0,
+    top_k: Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens; 0 disables it.",
+                                       rich_help_panel=SAMPLING)] = 0,
+    seed: Annotated[Optional[int], typer.Option(
+        "--seed", help="Random seed (default: a fresh one, reported); sample i uses seed + i.",
+        rich_help_panel=SAMPLING, show_default=False)] = None,
+    num_samples: Annotated[int, typer.Option("--num-samples", "-n", help="Samples per prompt, generated as one batch.",
+                                             rich_help_panel=SAMPLING)] = 1,
+    prompt_file: Annotated[Optional[Path], typer.Option(
+        "--prompt-file", help="A file with one prompt per line (blank lines skipped), batched.")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(
+        "--stop", help="Also stop when the completion contains this string (repeatable; not included in the text).",
+        rich_help_panel=SAMPLING, show_default=False)] = None,
+    no_stop: Annotated[bool, typer.Option("--no-stop", help="Do not stop at <|endoftext|>: always generate "
+                                          "--max-tokens tokens.", rich_help_panel=SAMPLING)] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per sample (JSON lines) "
+                                          "instead of streaming text.")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps.")] = "auto",
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the whole context every step "
+                                           "(slow; for comparison).")] = False,
+) -> None:
+    """Generate text from a trained model: temperature, top-k, top-p, KV cache, streaming output.
+
+    Streams the completion as it is produced, then prints a summary line (prompt tokens, new tokens,
+    tokens/s, why it stopped) on stderr. When the context fills up, the window slides: the newest
+    half of the context is kept and re-read, and generation continues.
+    """
+    gen.check_sampling_args(max_tokens, temp, top_p, top_k)
+    if num_samples < 1:
+        raise UserError(f"--num-samples must be at least 1, got {num_samples}")
+    if run is not None and checkpoint is not None:
+        raise UserError("--run and --checkpoint are exclusive", "pass one of them")
+    if stop and no_stop:
+        raise UserError("--stop and --no-stop contradict each other", "pass one of them")
+    prompts = _prompts(prompt, prompt_file)
+    if checkpoint is not None and not checkpoint.is_file():
+        raise UserError(f"checkpoint file not found: {checkpoint}",
+                        "train a model first with `tslm train`, or pass a file from runs/<name>/checkpoints/")
+    model, tokenizer = _load(checkpoint if checkpoint is not None else run, _device(device))
+
+    stream = not as_json and len(prompts) * num_samples == 1
+    if stream and prompts[0]:
+        console.print(Text(prompts[0], style="bold"), end="", soft_wrap=True)
+        console.file.flush()
+
+    def on_text(_k: int, chunk: str) -> None:
+        console.file.write(chunk)
+        console.file.flush()
+
+    samples = gen.generate_samples(
+        model, tokenizer, prompts, num_samples=num_samples, max_new_tokens=max_tokens, temperature=temp,
+        top_p=top_p, top_k=top_k, seed=seed, stop_at_eot=not no_stop, stop_strings=[] if no_stop else (stop or []),
+        use_cache=not no_cache, on_text=on_text if stream else None,
+    )
+    for k, s in enumerate(samples):
+        if as_json:
+            console.file.write(json.dumps(s.to_json(), ensure_ascii=False) + "\n")
+            continue
+        if not stream:
+            seed_note = f", seed {s.seed}" if s.seed is not None else ""
+            console.rule(f"sample {k + 1}/{len(samples)}{seed_note}", align="left", style="dim")
+            console.print(Text(s.prompt, style="bold"), end="", soft_wrap=True)
+            console.file.write(s.text)
+        console.file.write("\n")
+        console.file.flush()
+        _summary(s, with_seed=stream)
+    console.file.flush()
+
+
+def _prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
+    if prompt is not None and prompt_file is not None:
+        raise UserError("give either a PROMPT or --prompt-file, not both")
+    if prompt_file is not None:
+        from tinystories_cli.fileio import check_input_file
+
+        check_input_file(prompt_file, "prompt file")
+        try:
+            lines = prompt_file.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise UserError(f"prompt file {prompt_file} is not UTF-8 text: {e}") from None
+        prompts = [line for line in lines if line.strip()]
+        if not prompts:
+            raise UserError(f"prompt file {prompt_file} has no prompts", "write one prompt per line")
+        return prompts
+    if prompt == "-":
+        return [sys.stdin.read().rstrip("\r\n")]
+    return [DEFAULT_PROMPT if prompt is None else prompt]
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        return "mps" if mps is not None and mps.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine", "use --device cpu")
+    if name not in ("cpu", "mps") and not name.startswith("cuda"):
+        raise UserError(f"unknown --device {name!r}", "use auto, cpu, cuda, cuda:N or mps")
+    return name
+
+
+def _load(run_or_checkpoint, device: str):
+    from tinystories_cli import runs
+
+    try:
+        path = runs.resolve_run(run_or_checkpoint)
+    except UserError as e:
+        if "tslm train" in str(e):
+            raise
+        raise UserError(e.what, f"{e.fix}; or train one first with `tslm train`" if e.fix else
+                        "train one first with `tslm train`") from None
+    model, tokenizer, cfg = runs.load_trained_model(path, device=device)
+    check_tokenizer_matches(cfg, tokenizer, runs.run_dir_of(path))
+    return model, tokenizer
+
+
+def check_tokenizer_matches(cfg, tokenizer, run_dir: Path | None = None) -> None:
+    """A tokenizer with ids the model has no rows for (or another fingerprint than the run was
+    trained with) would give garbage or crash: refuse it with a clear message."""
+    fix = "use the tokenizer/ directory saved in the run (it is copied there by `tslm train`)"
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise UserError(f"checkpoint/tokenizer mismatch: the tokenizer has {tokenizer.vocab_size} tokens, "
+                        f"the model only {cfg.vocab_size}", fix)
+    if run_dir is not None:
+        from tinystories_cli import runs
+
+        try:
+            recorded = (runs.read_run_config(run_dir).get("tokenizer") or {}).get("fingerprint")
+        except UserError:
+            recorded = None
+        fp = getattr(tokenizer, "fingerprint", None)
+        if recorded and fp and recorded != fp:
+            raise UserError(f"checkpoint/tokenizer mismatch: {run_dir}/tokenizer is not the tokenizer the run was "
+                            f"trained with (fingerprint {fp[:12]} != {recorded[:12]})", fix)
+
+
+def _summary(s: gen.Sample, with_seed: bool) -> None:
+    parts = [f"{s.prompt_tokens} prompt tokens", f"{s.new_tokens} new tokens", f"{s.tokens_per_s:.1f} tokens/s",
+             f"stopped: {s.stop_reason.replace('_', ' ')}"]
+    if with_seed and s.seed is not None:
+        parts.append(f"seed {s.seed}")
+    if s.prompt_dropped:
+        parts.append(f"prompt longer than the context: kept its last {s.prompt_tokens} tokens")
+    if s.context_shifts:
+        parts.append(f"context full: the window slid {s.context_shifts}x")
+    err_console.print(Text("[" + ", ".join(parts) + "]", style="dim"), soft_wrap=True)

@@ -1,0 +1,318 @@
+"""Export a trained model: Hugging Face Llama format (`--format hf`) or plain safetensors (`--format safetensors`).
+
+`--format hf` writes a directory that `transformers` and `tokenizers` load offline:
+
+    config.json              LlamaConfig (from `model.llama_config_dict`, plus token ids and dtype)
+    model.safetensors        weights under Llama names (`model.to_llama_state_dict`: q/k rows permuted
+                             from our interleaved-pair RoPE to Llama's half-split rotation)
+    generation_config.json   bos/eos/pad ids (the end-of-text token)
+    tokenizer.json           a `tokenizers` byte-level BPE: vocab, merges, special tokens as added tokens
+    tokenizer_config.json    for `AutoTokenizer` (PreTrainedTokenizerFast, no BOS/EOS added, no space clean-up)
+
+Only the Llama-shaped architecture maps onto `LlamaForCausalLM` (pre-norm RMSNorm, RoPE, SwiGLU, no
+biases; tied or untied); anything else is refused with the switch that cannot be represented.
+
+`tokenizer.json` is assembled here as plain JSON, so exporting needs neither `transformers` nor
+`tokenizers` (only loading the result does). Byte strings are written through the GPT-2 byte-to-
+unicode alphabet, which is what the ByteLevel pre-tokenizer produces:
+
+    >>> vocab = {i: bytes([i]) for i in range(256)} | {256: b" t", 257: b"<|endoftext|>"}
+    >>> tj = tokenizer_json(vocab, [(b" ", b"t")], {"<|endoftext|>": 257})
+    >>> tj["model"]["merges"], tj["model"]["vocab"]["Ġt"], tj["added_tokens"][0]["id"]
+    (['Ġ t'], 256, 257)
+
+`--format safetensors` is the run's own format for any architecture: `model.safetensors` with our
+tensor names (a tied LM head stored once), `config.json` with the full ModelConfig, and the
+tokenizer files (`tokenizer/vocab.json`, `merges.txt`, `tokenizer_config.json`).
+
+Every export is atomic: files are written into a temporary sibling directory that is renamed to
+`--out` only when complete; an existing `--out` is replaced only with `force`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import save as st_save
+
+from tinystories_cli.config import ModelConfig
+from tinystories_cli.errors import UserError
+from tinystories_cli.fileio import atomic_write_bytes, atomic_write_text
+from tinystories_cli.tokenizer.files import encode_token_bytes, write_vocab_merges
+
+FORMATS = ("hf", "safetensors")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EOT = "<|endoftext|>"
+# What LlamaForCausalLM computes, switch by switch (the ModelConfig value it requires).
+LLAMA_SWITCHES = {"norm": "rmsnorm", "norm_position": "pre", "pos_emb": "rope", "ffn": "swiglu"}
+HF_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+# ---------------------------------------------------------------- checks
+
+
+def llama_incompatibilities(cfg: ModelConfig) -> list[str]:
+    """The `switch=value` settings LlamaForCausalLM cannot represent (empty when it can).
+
+    >>> llama_incompatibilities(ModelConfig(norm_position="post", pos_emb="nope"))
+    ['norm_position=post', 'pos_emb=nope']
+    """
+    return [f"{k}={getattr(cfg, k)}" for k, want in LLAMA_SWITCHES.items() if getattr(cfg, k) != want]
+
+
+def check_llama_compatible(cfg: ModelConfig) -> None:
+    bad = llama_incompatibilities(cfg)
+    if bad:
+        verb = "is" if len(bad) == 1 else "are"
+        raise UserError(f"{', '.join(bad)} {verb} not representable as LlamaForCausalLM "
+                        "(it needs pre-norm RMSNorm, RoPE and SwiGLU)",
+                        "export with --format safetensors (tslm's own format) instead")
+
+
+def check_tokenizer_fits(tokenizer, cfg: ModelConfig) -> None:
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {cfg.vocab_size}",
+                        "export the tokenizer the run was trained with")
+
+
+def special_token_ids(tokenizer) -> dict[str, int]:
+    """Special token -> id, through the tokenizer's own encoding (a special token is one id)."""
+    out = {}
+    for s in tokenizer.special_tokens:
+        ids = tokenizer.encode(s)
+        if len(ids) != 1:
+            raise UserError(f"special token {s!r} does not encode to one id", "the tokenizer files are inconsistent")
+        out[s] = ids[0]
+    return out
+
+
+# ---------------------------------------------------------------- tokenizer.json (plain JSON)
+
+
+def tokenizer_json(vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]], specials: dict[str, int]) -> dict:
+    """A `tokenizers` byte-level BPE that encodes exactly like our Tokenizer.
+
+    - added tokens (the specials) are split off first, leftmost-longest, as our tokenizer does;
+    - ByteLevel pre-tokenizer with the GPT-2 regex (use_regex) and no prefix space;
+    - BPE applies merges by rank inside each pre-token (ignore_merges false: no whole-word lookup);
+    - ByteLevel decoder maps the byte alphabet back to bytes.
+    """
+    # Lowest id wins for duplicate byte strings, as in our Tokenizer.
+    model_vocab: dict[str, int] = {}
+    for i in sorted(vocab, reverse=True):
+        model_vocab[encode_token_bytes(vocab[i])] = i
+    model_vocab = dict(sorted(model_vocab.items(), key=lambda kv: kv[1]))
+    added = [
+        {"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+         "special": True}
+        for s, i in sorted(specials.items(), key=lambda kv: kv[1])
+    ]
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {
+            "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+            "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+            "vocab": model_vocab,
+            # "a b" strings: byte-level tokens never hold a literal space (it is written as Ġ).
+            "merges": [f"{encode_token_bytes(a)} {encode_token_bytes(b)}" for a, b in merges],
+        },
+    }
+
+
+def tokenizer_config_json(specials: dict[str, int], context_length: int) -> dict:
+    eot = EOT if EOT in specials else None
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": context_length,
+        "bos_token": eot, "eos_token": eot, "unk_token": None, "pad_token": None,
+        # The model was trained on raw ids: nothing is prepended or appended, spaces are kept as is.
+        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+        "added_tokens_decoder": {
+            str(i): {"content": s, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+                     "special": True}
+            for s, i in sorted(specials.items(), key=lambda kv: kv[1])
+        },
+    }
+
+
+# ---------------------------------------------------------------- configs and weights
+
+
+def hf_config(cfg: ModelConfig, specials: dict[str, int], dtype: str = "float32") -> dict[str, Any]:
+    """config.json for LlamaForCausalLM: the model module's mapping plus token ids and dtype."""
+    from tinystories_cli.model import llama_config_dict
+
+    check_llama_compatible(cfg)
+    eot = specials.get(EOT)
+    out = dict(llama_config_dict(cfg))
+    out.update({
+        "bos_token_id": eot, "eos_token_id": eot, "pad_token_id": None,
+        "initializer_range": 0.02, "use_cache": True, "attention_dropout": 0.0, "rope_scaling": None,
+        # transformers < 5 reads torch_dtype, >= 5 reads dtype.
+        "torch_dtype": dtype, "dtype": dtype,
+    })
+    return out
+
+
+def generation_config(specials: dict[str, int]) -> dict[str, Any]:
+    eot = specials.get(EOT)
+    # No max_length: HF's would clash with max_new_tokens; positions past context_length are the user's call.
+    return {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot}
+
+
+def _plain_state(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    from tinystories_cli.checkpoint import clean_name, unwrap_model
+
+    return {clean_name(k): v.detach().to("cpu", dtype) for k, v in unwrap_model(model).state_dict().items()}
+
+
+def hf_state_dict(model: torch.nn.Module, cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Llama-named tensors (contiguous, each its own storage); a tied LM head is left to tie_word_embeddings."""
+    from tinystories_cli.model import to_llama_state_dict
+
+    sd = to_llama_state_dict(_plain_state(model, dtype), cfg)
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return {k: v.contiguous().clone() for k, v in sd.items()}
+
+
+def native_state_dict(model: torch.nn.Module, cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Our own tensor names; a tied LM head is stored once (under token_embeddings.weight)."""
+    sd = _plain_state(model, dtype)
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return {k: v.contiguous().clone() for k, v in sd.items()}
+
+
+# ---------------------------------------------------------------- writing
+
+
+def check_out_dir(out: str | os.PathLike, force: bool, protect: list[Path] = ()) -> Path:
+    """Refuse an existing --out without `force`; with it, replace only an empty directory or an earlier export.
+
+    `protect` (the run directory) may never be replaced or lie inside --out: `--force` must not delete a run.
+    """
+    out = Path(out)
+    resolved = out.resolve()
+    for p in protect:
+        p = Path(p).resolve()
+        if resolved == p or resolved in p.parents:
+            raise UserError(f"--out {out} would replace the run directory {p}", "choose another --out")
+    if not out.exists() and not out.is_symlink():
+        return out
+    if not force:
+        raise UserError(f"output already exists: {out}", "pass --force to overwrite it, or choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise UserError(f"{out} is a non-empty directory that does not look like an export (no config.json)",
+                        "refusing to delete it even with --force; choose another --out")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces `out` (rename), on failure it is removed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the export is meant to be shared
+        yield tmp
+        old = None
+        if out.exists() or out.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / "x")  # move aside first, so `out` is never half old, half new
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_json(path: Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def export_hf(model: torch.nn.Module, tokenizer, cfg: ModelConfig, out: str | os.PathLike, force: bool = False,
+              dtype: str = "float32", protect: list[Path] = ()) -> Path:
+    """Write the Hugging Face Llama directory (see the module docstring); returns its path."""
+    check_llama_compatible(cfg)
+    check_tokenizer_fits(tokenizer, cfg)
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}", f"choose one of: {', '.join(DTYPES)}")
+    out = check_out_dir(out, force, protect)
+    specials = special_token_ids(tokenizer)
+    tensors = hf_state_dict(model, cfg, DTYPES[dtype])
+    with atomic_dir(out) as d:
+        _write_json(d / "config.json", hf_config(cfg, specials, dtype))
+        atomic_write_bytes(d / "model.safetensors", st_save(tensors, metadata={"format": "pt"}))
+        _write_json(d / "generation_config.json", generation_config(specials))
+        _write_json(d / "tokenizer.json", tokenizer_json(tokenizer.vocab, tokenizer.merges, specials))
+        _write_json(d / "tokenizer_config.json", tokenizer_config_json(specials, cfg.context_length))
+    return out
+
+
+def export_safetensors(model: torch.nn.Module, tokenizer, cfg: ModelConfig, out: str | os.PathLike,
+                       force: bool = False, dtype: str = "float32", protect: list[Path] = ()) -> Path:
+    """Write model.safetensors (our names) + config.json + tokenizer/ (any architecture)."""
+    check_tokenizer_fits(tokenizer, cfg)
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}", f"choose one of: {', '.join(DTYPES)}")
+    out = check_out_dir(out, force, protect)
+    specials = special_token_ids(tokenizer)
+    tensors = native_state_dict(model, cfg, DTYPES[dtype])
+    config = {"format": "tslm", "model": cfg.model_dump(), "dtype": dtype,
+              "tied": {"lm_head.weight": "token_embeddings.weight"} if cfg.tie_embeddings else {},
+              "special_tokens": specials}
+    with atomic_dir(out) as d:
+        atomic_write_bytes(d / "model.safetensors",
+                           st_save(tensors, metadata={"format": "pt", "tslm_model_config": json.dumps(cfg.model_dump())}))
+        _write_json(d / "config.json", config)
+        write_vocab_merges(d / "tokenizer", tokenizer.vocab, tokenizer.merges)
+        _write_json(d / "tokenizer" / "tokenizer_config.json",
+                    {"format": "tslm-bpe", "special_tokens": list(tokenizer.special_tokens),
+                     "special_token_ids": specials, "vocab_size": tokenizer.vocab_size})
+    return out
+
+
+def export_run(run: str | os.PathLike | None, fmt: str, out: str | os.PathLike, force: bool = False,
+               dtype: str = "float32") -> tuple[Path, ModelConfig]:
+    """Export a run (name, directory, or checkpoint file; None = runs/latest). Returns (out, model config)."""
+    from tinystories_cli import runs
+
+    if fmt not in FORMATS:
+        raise UserError(f"unknown --format {fmt!r}", f"choose one of: {', '.join(FORMATS)}")
+    path = runs.resolve_run(run)
+    run_dir = runs.run_dir_of(path)
+    # Fail fast, before loading any weights: the output path, then the architecture (when the run's
+    # config.json is readable; the checkpoint's own config is checked again after loading).
+    check_out_dir(out, force, [run_dir])
+    if fmt == "hf":
+        try:
+            early = ModelConfig.model_validate(runs.read_run_config(run_dir)["model"])
+        except Exception:
+            early = None
+        if early is not None:
+            check_llama_compatible(early)
+    model, tokenizer, cfg = runs.load_trained_model(path, "cpu")
+    writer = export_hf if fmt == "hf" else export_safetensors
+    return writer(model, tokenizer, cfg, out, force, dtype, protect=[run_dir]), cfg

@@ -1,0 +1,660 @@
+"""`tslm quickstart`: from nothing to a generated story with one command.
+
+The pipeline is the one a user would type by hand, run with defaults sized for the machine:
+
+    1. text       download TinyStories' validation file (22 MB) into data/tinystories/valid.txt,
+                  or use --text FILE
+    2. split      data/quickstart/train.txt + valid.txt: the last 5% of the documents (separated
+                  by <|endoftext|>; blank lines or lines when there is none) are held out
+    3. tokenizer  byte-level BPE (default 2048 ids) on the first 4 MB of train.txt
+                  -> data/quickstart/tokenizer/
+    4. encode     data/quickstart/train.npy + valid.npy (token ids, with .json sidecars)
+    5. train      runs/quickstart/: preset tinystories-cpu (tinystories-17m on a GPU), for about
+                  --minutes of wall-clock time (see `plan_steps`)
+    6. story      a sample from the trained model, printed and saved in runs/quickstart/story.txt
+
+Every stage is skipped when its output is already there and matches (so rerunning after Ctrl-C
+continues where it stopped: an interrupted download resumes from its .part, an interrupted
+training run from its last checkpoint). An output that exists but does not match (another
+--text, another --vocab-size) is an error that names the fix: --force redoes every stage.
+
+Bounded time: the training schedule (cosine, warmup) must know its length before the first step,
+so the number of steps is computed up front. A short probe times real optimizer steps of the
+chosen model on the chosen device, and `plan_steps` turns the remaining budget into steps:
+
+    >>> plan = plan_steps(budget_s=600, tokens_per_s=10_000, tokens_per_step=8192,
+    ...                   train_tokens=5_000_000, eval_tokens=81_920)
+    >>> plan.steps, plan.limited_by
+    (640, 'time')
+
+This module does not print: the CLI passes `notify(stage, message)` and progress callbacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, ContextManager, Iterator
+
+from tinystories_cli import paths
+from tinystories_cli.errors import UserError
+from tinystories_cli.fileio import atomic_write_bytes, atomic_write_text, check_input_file, sha256_file
+
+DATASET = "quickstart"            # data/quickstart/: never collides with a real `tslm download` dataset
+RUN_NAME = "quickstart"           # runs/quickstart/
+SOURCE_DATASET = "tinystories"    # what is downloaded without --text ...
+SOURCE_SPLIT = "valid"            # ... only its 22 MB validation file
+EOT = "<|endoftext|>"
+VALID_FRACTION = 0.05             # documents held out for validation
+MAX_TEXT_BYTES = 64 << 20         # a larger --text is cut (at a document boundary) to this much
+BPE_SAMPLE_BYTES = 4 << 20        # the tokenizer is trained on this much of train.txt
+DEFAULT_VOCAB_SIZE = 2048
+DEFAULT_MINUTES = 10.0
+CPU_PRESET = "tinystories-cpu"
+GPU_PRESET = "tinystories-17m"
+MAX_EPOCHS = 4.0                  # never more passes than this over train.npy (a small text overfits)
+MIN_STEPS = 2
+NUM_EVALS = 5                     # validation (and checkpoint) points in the run
+DEFAULT_PROMPT = "Once upon a time"
+STORY_FILE = "story.txt"
+SOURCE_RECORD = "source.json"     # written last by the split stage: marks data/quickstart/*.txt complete
+
+Notify = Callable[[str, str], None]  # notify(stage, message)
+# download_progress(file name) -> context manager yielding a `download.Progress` callback (a progress bar)
+ProgressScope = Callable[[str], ContextManager[Callable]]
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C while training: a checkpoint was saved and a rerun continues from it."""
+
+    def __init__(self, message: str):
+        self.message = message
+        super().__init__(message)
+
+
+@dataclass
+class QuickstartOptions:
+    text: Path | None = None          # use this file instead of downloading
+    minutes: float = DEFAULT_MINUTES  # training wall-clock budget (the probe included)
+    workdir: Path | None = None       # data/ and runs/ go under it (default: $TSLM_DATA / $TSLM_RUNS or ./)
+    vocab_size: int = DEFAULT_VOCAB_SIZE
+    device: str = "auto"
+    force: bool = False
+    preset: str | None = None         # default: CPU_PRESET, or GPU_PRESET on CUDA
+    endpoint: str | None = None       # download mirror (see `tslm download --endpoint`)
+    prompt: str = DEFAULT_PROMPT
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_p: float = 0.95
+    seed: int = 0
+    display: str = "auto"             # passed to the training loop: auto | rich | plain | quiet
+
+
+@dataclass
+class StepPlan:
+    """How long the training run is, and why."""
+
+    steps: int
+    limited_by: str                   # "time" | "data" (MAX_EPOCHS) | "minimum"
+    seconds: float                    # estimated wall-clock time of the run
+    eval_every: int
+    warmup_steps: int
+
+
+@dataclass
+class QuickstartResult:
+    workdir: Path
+    source: Path
+    train_text: Path
+    valid_text: Path
+    tokenizer_dir: Path
+    train_tokens: Path
+    valid_tokens: Path
+    run_dir: Path
+    checkpoint: Path
+    story_file: Path
+    story: str
+    preset: str
+    device: str
+    steps: int = 0
+    max_steps: int = 0
+    best_val_loss: float | None = None
+    tokens_per_s: float = 0.0
+    stages: dict[str, str] = field(default_factory=dict)      # stage -> "done" | "skipped" | "resumed"
+    seconds: dict[str, float] = field(default_factory=dict)   # stage -> wall-clock seconds
+    plan: StepPlan | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Where things go
+# ----------------------------------------------------------------------------------------------
+
+
+def roots(workdir: Path | None) -> tuple[Path, Path]:
+    """(data root, runs root): WORKDIR/data and WORKDIR/runs, or the usual defaults.
+
+    >>> [p.as_posix() for p in roots(Path("/tmp/qs"))]
+    ['/tmp/qs/data', '/tmp/qs/runs']
+    """
+    if workdir is None:
+        return paths.DATA_ROOT, paths.RUNS_ROOT
+    return Path(workdir) / "data", Path(workdir) / "runs"
+
+
+@contextlib.contextmanager
+def runs_root_at(root: Path) -> Iterator[None]:
+    """Point `runs.runs_root()` (which the training loop reads) at `root` for the duration."""
+    old = paths.RUNS_ROOT
+    paths.RUNS_ROOT = Path(root)
+    try:
+        yield
+    finally:
+        paths.RUNS_ROOT = old
+
+
+# ----------------------------------------------------------------------------------------------
+# 1-2. Text and the train/valid split
+# ----------------------------------------------------------------------------------------------
+
+
+def fetch_source(opts: QuickstartOptions, data_root: Path, download_progress: ProgressScope | None = None
+                 ) -> tuple[Path, str]:
+    """The text to learn from: --text, or TinyStories' validation file (downloaded, resumable,
+    verified; skipped when complete). Returns (path, "given" | "downloaded" | "skipped")."""
+    if opts.text is not None:
+        return check_input_file(opts.text, "--text file"), "given"
+    from tinystories_cli import download as dl
+
+    (pf,) = dl.plan_dataset(SOURCE_DATASET, SOURCE_SPLIT, data_root, opts.endpoint)
+    # --force does not download again: a complete, verified file is as good as a new one.
+    with (download_progress(pf.dest.name) if download_progress else contextlib.nullcontext()) as progress:
+        res = dl.download_planned(pf, progress=progress)
+    return res.path, res.status
+
+
+def separator_of(data: bytes) -> bytes:
+    """What separates documents: <|endoftext|> when present, else blank lines, else newlines.
+
+    >>> separator_of(b"a<|endoftext|>b"), separator_of(b"a\\n\\nb"), separator_of(b"a\\nb")
+    (b'<|endoftext|>', b'\\n\\n', b'\\n')
+    """
+    for sep in (EOT.encode(), b"\n\n", b"\n"):
+        if sep in data:
+            return sep
+    return b"\n"
+
+
+def split_point(data: bytes, valid_fraction: float = VALID_FRACTION) -> int:
+    """Byte offset where validation starts: before the last `valid_fraction` of the documents
+    (at least one). `data[:cut]` ends with a separator, so no document is cut in two.
+
+    >>> data = b"".join(b"story %d<|endoftext|>" % i for i in range(40))
+    >>> cut = split_point(data)
+    >>> data[cut:]
+    b'story 38<|endoftext|>story 39<|endoftext|>'
+    """
+    sep = separator_of(data)
+    pieces = data.split(sep)
+    docs = [i for i, p in enumerate(pieces) if p.strip()]  # pieces with content (not the "\n" between)
+    if len(docs) < 2:
+        raise UserError(f"the text holds {len(docs)} document(s); at least 2 are needed to hold one out for "
+                        "validation", f"pass a longer text (documents separated by {EOT} or blank lines)")
+    k = max(1, round(len(docs) * valid_fraction))
+    first_valid = docs[len(docs) - k]
+    return sum(len(p) + len(sep) for p in pieces[:first_valid])
+
+
+def read_text_prefix(path: Path, max_bytes: int = MAX_TEXT_BYTES) -> tuple[bytes, bool]:
+    """Up to `max_bytes` of `path`, cut after the last document separator when the file is longer.
+    Returns (bytes, truncated)."""
+    with open(path, "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) <= max_bytes:
+        return data, False
+    data = data[:max_bytes]
+    sep = separator_of(data)
+    cut = data.rfind(sep)
+    return (data[: cut + len(sep)] if cut > 0 else data), True
+
+
+def _check_utf8(data: bytes, path: Path) -> None:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (invalid byte at offset {e.start})",
+                        "convert it to UTF-8 first (e.g. iconv -t UTF-8)") from None
+
+
+def split_text(source: Path, train_out: Path, valid_out: Path, *, force: bool = False) -> tuple[str, dict]:
+    """Write train.txt/valid.txt from `source` unless they already hold its split. Returns (status, record)."""
+    record_file = train_out.parent / SOURCE_RECORD
+    st = source.stat()
+    want = {"source": str(source.resolve()), "size": st.st_size, "valid_fraction": VALID_FRACTION,
+            "max_text_bytes": MAX_TEXT_BYTES}
+    if not force and record_file.is_file() and train_out.is_file() and valid_out.is_file():
+        try:
+            rec = json.loads(record_file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            rec = {}
+        if isinstance(rec, dict) and {k: rec.get(k) for k in want} == want and rec.get("sha256") == sha256_file(source):
+            return "skipped", rec
+        raise UserError(f"{train_out.parent} was made from another text ({rec.get('source', 'unknown')})",
+                        "pass --force to redo every stage with this text, or use another --dir")
+    data, truncated = read_text_prefix(source)
+    _check_utf8(data, source)
+    cut = split_point(data)
+    # The record is removed first and written last: while it is missing the split counts as unfinished.
+    record_file.unlink(missing_ok=True)
+    atomic_write_bytes(train_out, data[:cut])
+    atomic_write_bytes(valid_out, data[cut:])
+    rec = {**want, "sha256": sha256_file(source), "used_bytes": len(data), "truncated": truncated,
+           "train_bytes": cut, "valid_bytes": len(data) - cut}
+    atomic_write_text(record_file, json.dumps(rec, indent=1) + "\n")
+    return "done", rec
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Tokenizer
+# ----------------------------------------------------------------------------------------------
+
+
+def bpe_sample(train_text: Path, max_bytes: int = BPE_SAMPLE_BYTES) -> bytes:
+    """The first `max_bytes` of the training text, ending at a document boundary."""
+    data, _ = read_text_prefix(train_text, max_bytes)
+    return data
+
+
+def train_tokenizer(train_text: Path, out_dir: Path, vocab_size: int, *, force: bool = False,
+                    progress=None) -> str:
+    """BPE on the start of train.txt into `out_dir`; "skipped" when the same tokenizer is there."""
+    from tinystories_cli.tokenizer import bpe
+
+    specials = bpe.check_special_tokens([EOT])
+    bpe.check_vocab_size(vocab_size, len(specials))
+    sample = bpe_sample(train_text)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".bpe_sample.", suffix=".txt", dir=out_dir.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(sample)
+        fingerprint = bpe.training_fingerprint(vocab_size, specials, sha256_file(tmp))
+        if not force and (out_dir / bpe.CONFIG_NAME).is_file():
+            bpe.check_output_dir(out_dir, fingerprint, False)  # raises when it holds another tokenizer
+            return "skipped"
+        bpe.check_output_dir(out_dir, fingerprint, force)
+        result = bpe.train_bpe_file(tmp, vocab_size, specials, progress=progress)
+        extra = {"source": {"path": str(train_text), "bytes": len(sample), "note": "first bytes of the file"},
+                 "trained_with": "tslm quickstart"}
+        bpe.save_tokenizer(out_dir, result.vocab, result.merges, fingerprint, extra)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return "done"
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Encode
+# ----------------------------------------------------------------------------------------------
+
+
+def _token_file_matches(tokens_file: Path, tokenizer) -> bool:
+    """True when `tokens_file` exists and was encoded with `tokenizer` (sidecar fingerprint)."""
+    from tinystories_cli.train import check_tokens
+
+    if not tokens_file.is_file():
+        return False
+    try:
+        check_tokens(tokens_file, tokenizer.fingerprint, tokenizer.vocab_size)
+    except UserError:
+        return False
+    return True
+
+
+def encode_text(text_file: Path, tokens_file: Path, tokenizer_dir: Path, *, force: bool = False,
+                progress=None) -> str:
+    """Encode `text_file` into `tokens_file` (+ sidecar) unless it already holds this tokenizer's ids."""
+    from tinystories_cli import runs
+
+    tokenizer = runs.load_tokenizer(tokenizer_dir)
+    if not force and _token_file_matches(tokens_file, tokenizer):
+        return "skipped"
+    if tokens_file.exists() and not force:
+        raise UserError(f"{tokens_file} was encoded with another tokenizer",
+                        "pass --force to redo every stage, or use another --dir")
+    from tinystories_cli.tokenizer.bpe import default_workers
+    from tinystories_cli.tokenizer.encode import encode_file
+
+    # (bytes, tokens) progress of this file, labelled with its name for the caller's bar
+    size = text_file.stat().st_size
+    cb = (lambda done, toks: progress(text_file.name, done, size, toks)) if progress else None
+    encode_file(text_file, tokens_file, tokenizer, workers=default_workers(), force=True, progress=cb,
+                tokenizer_dir=tokenizer_dir)
+    return "done"
+
+
+def count_tokens(tokens_file: Path) -> int:
+    import numpy as np
+
+    return int(np.load(tokens_file, mmap_mode="r").shape[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Train for a bounded time
+# ----------------------------------------------------------------------------------------------
+
+
+def plan_steps(budget_s: float, tokens_per_s: float, tokens_per_step: int, train_tokens: int, eval_tokens: int,
+               *, max_epochs: float = MAX_EPOCHS, min_steps: int = MIN_STEPS, num_evals: int = NUM_EVALS,
+               overhead_s: float = 2.0, safety: float = 0.9) -> StepPlan:
+    """Steps that fit in `budget_s` seconds at the measured throughput, capped at `max_epochs` passes.
+
+    Time = steps x (tokens_per_step / tokens_per_s) + min(num_evals, steps) validation passes over
+    `eval_tokens` (forward only: about a third of a training step per token) + `overhead_s`
+    (start-up, checkpoints); `safety` leaves room for a noisy estimate.
+
+    >>> plan_steps(60, 10_000, 8192, 10**9, 0).steps          # (0.9 * 60 - 2) s / 0.8192 s per step
+    63
+    >>> plan_steps(600, 10**6, 8192, 100_000, 0).limited_by   # 4 epochs of 100K tokens = 48 steps
+    'data'
+    """
+    tps = max(tokens_per_s, 1e-9)
+    step_s = tokens_per_step / tps
+    eval_each = eval_tokens / tps / 3
+    usable = budget_s * safety - overhead_s
+    if usable >= num_evals * (step_s + eval_each):
+        by_time = int((usable - num_evals * eval_each) // step_s)
+    else:  # fewer steps than evaluations: one evaluation per step
+        by_time = int(max(usable, 0.0) // (step_s + eval_each))
+    by_data = max(1, int(max_epochs * train_tokens // tokens_per_step))
+    steps, why = (by_time, "time") if by_time <= by_data else (by_data, "data")
+    if steps < min_steps:
+        steps, why = min_steps, "minimum"
+    eval_every = max(1, math.ceil(steps / num_evals))
+    warmup = min(max(1, steps // 20), 100, steps)
+    seconds = steps * step_s + min(num_evals, steps) * eval_each + overhead_s
+    return StepPlan(steps, why, seconds, eval_every, warmup)
+
+
+def measure_throughput(model_cfg, train_cfg, device, max_seconds: float, max_steps: int = 10) -> tuple[float, float]:
+    """Training tokens/s of `model_cfg` on `device`: one warm-up step, then timed optimizer steps on
+    random ids until `max_seconds` (at least one). Returns (tokens/s, seconds spent in total)."""
+    import torch
+
+    from tinystories_cli.model import TransformerLM, cross_entropy
+    from tinystories_cli.optim import AdamW, make_param_groups
+    from tinystories_cli.train import _autocast_factory, _sync
+
+    t_start = time.perf_counter()
+    torch.manual_seed(0)
+    model = TransformerLM(model_cfg).to(device)
+    opt = AdamW(make_param_groups(model, train_cfg.weight_decay), lr=1e-4, weight_decay=train_cfg.weight_decay)
+    autocast, _ = _autocast_factory(device, train_cfg.dtype)
+    B, T = train_cfg.batch_size, model_cfg.context_length
+    x = torch.randint(0, model_cfg.vocab_size, (B, T), device=device)  # (B, T)
+    y = torch.randint(0, model_cfg.vocab_size, (B, T), device=device)
+
+    def step() -> None:
+        for _ in range(train_cfg.grad_accum_steps):
+            with autocast():
+                logits = model(x)  # (B, T, V)
+            (cross_entropy(logits.float(), y) / train_cfg.grad_accum_steps).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # first step: allocations, kernel selection
+    _sync(device)
+    t0, n = time.perf_counter(), 0
+    while n < 1 or (time.perf_counter() - t0 < max_seconds and n < max_steps):
+        step()
+        _sync(device)
+        n += 1
+    tps = n * B * train_cfg.grad_accum_steps * T / (time.perf_counter() - t0)
+    del model, opt
+    return tps, time.perf_counter() - t_start
+
+
+def _run_state(run_dir: Path) -> tuple[dict | None, int]:
+    """(saved config or None, step of the latest checkpoint or 0)."""
+    from tinystories_cli import runs
+
+    cfg_file = run_dir / runs.CONFIG_FILE
+    if not cfg_file.is_file():
+        return None, 0
+    try:
+        cfg = runs.read_run_config(run_dir)
+    except UserError:
+        return None, 0
+    ckpts = runs.step_checkpoints(run_dir)
+    return cfg, (ckpts[-1][0] if ckpts else 0)
+
+
+def fit_context(context_length: int, num_tokens: int) -> int:
+    """The preset's context length, or the largest power of two that fits a small token file.
+
+    >>> fit_context(256, 10_000), fit_context(256, 200), fit_context(256, 256)
+    (256, 128, 128)
+    """
+    if num_tokens > context_length:
+        return context_length
+    ctx = 1 << (max(num_tokens - 1, 1).bit_length() - 1)
+    if ctx < 8:
+        raise UserError(f"the validation text is only {num_tokens} tokens long",
+                        "pass a longer --text (a few hundred short stories at least)")
+    return ctx
+
+
+@dataclass
+class TrainOutcome:
+    status: str          # done | skipped | resumed
+    preset: str
+    device: str
+    step: int
+    max_steps: int
+    best_val_loss: float | None = None
+    tokens_per_s: float = 0.0
+    plan: StepPlan | None = None
+
+
+def train_model(opts: QuickstartOptions, run_dir: Path, tokenizer_dir: Path, train_file: Path, valid_file: Path,
+                notify: Notify) -> TrainOutcome:
+    """Train runs/quickstart for about `opts.minutes`, resume it, or skip it when it is finished."""
+    from tinystories_cli import runs
+    from tinystories_cli import train as tl
+
+    device = tl.pick_device(opts.device, tl.Dist())
+    tokenizer = runs.load_tokenizer(tokenizer_dir)
+    saved, last_step = (None, 0) if opts.force else _run_state(run_dir)
+    if saved is not None:
+        fp = (saved.get("tokenizer") or {}).get("fingerprint")
+        if fp is not None and fp != tokenizer.fingerprint:
+            raise UserError(f"{run_dir} was trained with another tokenizer",
+                            "pass --force to redo every stage, or use another --dir")
+        max_steps = int(saved.get("max_steps") or saved.get("train", {}).get("max_steps", 0))
+        if last_step >= max_steps > 0:
+            best = _best_val_loss(run_dir)
+            return TrainOutcome("skipped", saved.get("preset", "?"), str(device), last_step, max_steps, best)
+    base_opts = dict(run_name=RUN_NAME, train_file=train_file, valid_file=valid_file, tokenizer_dir=tokenizer_dir,
+                     display=opts.display)
+    if saved is not None and last_step > 0:
+        notify("train", f"resuming {run_dir} from step {last_step}")
+        run = tl.prepare_run(None, None, None, {"device": opts.device},
+                             tl.TrainOptions(resume="auto", **base_opts))
+        result = _train(tl, run)
+        return TrainOutcome("resumed", run.preset, str(device), result.step, result.max_steps, result.best_val_loss,
+                            result.tokens_per_s)
+
+    preset = opts.preset or (GPU_PRESET if device.type == "cuda" else CPU_PRESET)
+    n_train, n_valid = count_tokens(train_file), count_tokens(valid_file)
+    from tinystories_cli.config import get_preset
+
+    p = get_preset(preset)
+    ctx = fit_context(p.model.context_length, min(n_train, n_valid))
+    if ctx != p.model.context_length:
+        notify("train", f"context length {ctx} instead of {p.model.context_length}: the text is short")
+    model_over = {"context_length": ctx} if ctx != p.model.context_length else {}
+    train_over: dict = {"dataset": DATASET, "device": opts.device}
+    if device.type == "cuda":
+        import torch
+
+        if torch.cuda.is_bf16_supported():
+            train_over["dtype"] = "bfloat16"
+    # First resolve the configs (this also checks the tokenizer and token files), then time a few
+    # real steps of that model, then fix the schedule's length from what is left of the budget.
+    probe_run = tl.prepare_run(preset, None, model_over, {**train_over, "max_steps": max(p.train.warmup_steps, 1)},
+                               tl.TrainOptions(force=True, **base_opts))
+    mc, tc = probe_run.model_cfg, probe_run.train_cfg
+    budget = opts.minutes * 60.0
+    probe_s = min(20.0, max(0.5, 0.05 * budget))
+    notify("train", f"measuring the speed of {preset} on {device} (a {probe_s:.2g} s probe)")
+    tps, spent = measure_throughput(mc, tc, device, probe_s)
+    tokens_per_step = tc.batch_size * tc.grad_accum_steps * mc.context_length
+    eval_windows = min(tc.eval_batches * tc.batch_size, max(1, n_valid - mc.context_length))
+    plan = plan_steps(budget - spent, tps, tokens_per_step, n_train, eval_windows * mc.context_length)
+    why = {"time": f"fits in the {opts.minutes:g}-minute budget",
+           "data": f"{MAX_EPOCHS:g} passes over the {n_train:,} training tokens; more would only memorize them",
+           "minimum": "the budget is smaller than the minimum run"}[plan.limited_by]
+    notify("train", f"{tps:,.0f} tokens/s -> {plan.steps:,} steps of {tokens_per_step:,} tokens, about "
+                    f"{plan.seconds / 60:.1f} min ({why})")
+    train_over.update(max_steps=plan.steps, warmup_steps=plan.warmup_steps, eval_every=plan.eval_every,
+                      save_every=plan.eval_every, log_every=max(1, min(10, plan.steps // 20)))
+    run = tl.prepare_run(preset, None, model_over, train_over, tl.TrainOptions(force=True, **base_opts))
+    result = _train(tl, run)
+    return TrainOutcome("done", run.preset, str(device), result.step, result.max_steps, result.best_val_loss,
+                        result.tokens_per_s, plan)
+
+
+def _train(tl, run):
+    result = tl.train(run)
+    if result.stopped == "interrupted":
+        raise Interrupted(f"training stopped at step {result.step}/{result.max_steps} with a checkpoint in "
+                          f"{run.run_dir}; rerun the same tslm quickstart command to continue")
+    return result
+
+
+def _best_val_loss(run_dir: Path) -> float | None:
+    from tinystories_cli import runs
+
+    best = None
+    f = run_dir / runs.METRICS_FILE
+    if f.is_file():
+        for line in f.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(ValueError, AttributeError):
+                v = json.loads(line).get("val_loss")
+                if isinstance(v, (int, float)) and (best is None or v < best):
+                    best = float(v)
+    return best
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. A story
+# ----------------------------------------------------------------------------------------------
+
+
+def tell_story(run_dir: Path, opts: QuickstartOptions, on_text: Callable[[str], None] | None = None) -> tuple[str, Path]:
+    """Sample one story from the run's best checkpoint; returns (text incl. the prompt, checkpoint used)."""
+    from tinystories_cli import runs
+    from tinystories_cli.generate import generate_samples
+    from tinystories_cli.train import Dist, pick_device
+
+    device = pick_device(opts.device, Dist())
+    ckpt = runs.checkpoint_for(run_dir)
+    model, tokenizer, _ = runs.load_trained_model(run_dir, device=str(device))
+    if on_text:
+        on_text(opts.prompt)
+    (sample,) = generate_samples(model, tokenizer, [opts.prompt], max_new_tokens=opts.max_new_tokens,
+                                 temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed,
+                                 on_text=(lambda _k, chunk: on_text(chunk)) if on_text else None)
+    return opts.prompt + sample.text, ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole pipeline
+# ----------------------------------------------------------------------------------------------
+
+
+def run_quickstart(opts: QuickstartOptions, notify: Notify | None = None, *, download_progress=None,
+                   bpe_progress=None, encode_progress=None,
+                   on_story_text: Callable[[str], None] | None = None) -> QuickstartResult:
+    """Run every stage (skipping finished ones) and return where everything is."""
+    notify = notify or (lambda stage, msg: None)
+    if not (opts.minutes > 0 and math.isfinite(opts.minutes)):
+        raise UserError(f"--minutes must be positive, got {opts.minutes:g}")
+    if opts.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {opts.max_new_tokens}")
+    data_root, runs_root = roots(opts.workdir)
+    ds = paths.dataset_dir(DATASET, data_root)
+    train_txt, valid_txt = paths.text_path(DATASET, "train", data_root), paths.text_path(DATASET, "valid", data_root)
+    tok_dir = paths.tokenizer_dir(DATASET, data_root)
+    train_npy, valid_npy = paths.tokens_path(DATASET, "train", data_root), paths.tokens_path(DATASET, "valid", data_root)
+    run_dir = runs_root / RUN_NAME
+    stages: dict[str, str] = {}
+    seconds: dict[str, float] = {}
+
+    def timed(name: str, fn, *args, **kwargs):
+        t = time.perf_counter()
+        out = fn(*args, **kwargs)
+        seconds[name] = time.perf_counter() - t
+        return out
+
+    source, status = timed("text", fetch_source, opts, data_root, download_progress)
+    stages["text"] = status
+    ds.mkdir(parents=True, exist_ok=True)
+    stages["split"], rec = timed("split", split_text, source, train_txt, valid_txt, force=opts.force)
+    notify("split", f"{'kept' if stages['split'] == 'skipped' else 'wrote'} {train_txt} ({rec.get('train_bytes', 0):,} bytes) "
+                    f"and {valid_txt} ({rec.get('valid_bytes', 0):,} bytes, the last {VALID_FRACTION:.0%} of the documents)"
+                    + (f"; only the first {MAX_TEXT_BYTES >> 20} MB of {source} are used" if rec.get("truncated") else ""))
+    stages["tokenizer"] = timed("tokenizer", train_tokenizer, train_txt, tok_dir, opts.vocab_size, force=opts.force,
+                                progress=bpe_progress)
+    notify("tokenizer", f"{'kept' if stages['tokenizer'] == 'skipped' else 'trained'} {tok_dir} "
+                        f"({opts.vocab_size:,} ids, learned from the first {BPE_SAMPLE_BYTES >> 20} MB of {train_txt.name})")
+    t = time.perf_counter()
+    enc = [encode_text(src, dst, tok_dir, force=opts.force, progress=encode_progress)
+           for src, dst in ((train_txt, train_npy), (valid_txt, valid_npy))]
+    seconds["encode"] = time.perf_counter() - t
+    stages["encode"] = "skipped" if enc == ["skipped", "skipped"] else "done"
+    notify("encode", f"{'kept' if stages['encode'] == 'skipped' else 'wrote'} {train_npy} ({count_tokens(train_npy):,} tokens) "
+                     f"and {valid_npy} ({count_tokens(valid_npy):,} tokens)")
+    with runs_root_at(runs_root):
+        outcome = timed("train", train_model, opts, run_dir, tok_dir, train_npy, valid_npy, notify)
+    stages["train"] = outcome.status
+    story_file = run_dir / STORY_FILE
+    story, ckpt = timed("story", tell_story, run_dir, opts, on_story_text)
+    atomic_write_text(story_file, story.rstrip() + "\n")
+    stages["story"] = "done"
+    return QuickstartResult(
+        workdir=Path(opts.workdir) if opts.workdir is not None else Path("."), source=source,
+        train_text=train_txt, valid_text=valid_txt, tokenizer_dir=tok_dir, train_tokens=train_npy,
+        valid_tokens=valid_npy, run_dir=run_dir, checkpoint=ckpt, story_file=story_file, story=story,
+        preset=outcome.preset, device=outcome.device, steps=outcome.step, max_steps=outcome.max_steps,
+        best_val_loss=outcome.best_val_loss, tokens_per_s=outcome.tokens_per_s, stages=stages, seconds=seconds,
+        plan=outcome.plan,
+    )
+
+
+def _preset_vocab(preset: str) -> int:
+    from tinystories_cli.config import PRESETS
+
+    p = PRESETS.get(preset)
+    return p.model.vocab_size if p is not None and p.tokenizer == "bpe" else 4096
+
+
+def next_commands(r: QuickstartResult) -> list[tuple[str, str]]:
+    """(what, command) pairs to continue from a finished quickstart, with explicit paths."""
+    cd = "" if r.workdir.resolve() == Path.cwd().resolve() else f"cd {r.workdir} && "
+    return [
+        ("another story", f'tslm generate "{DEFAULT_PROMPT}" --run {r.run_dir} --temp 0.8 --top-p 0.95'),
+        ("loss and perplexity on the held-out text", f"tslm eval {r.run_dir} --data {r.valid_tokens}"),
+        ("plot the loss curves", f"tslm plot {r.run_dir} --ascii"),
+        ("a longer run on the same data",
+         f"{cd}tslm train --preset {r.preset} --dataset {DATASET} --max-steps {max(2 * r.max_steps, 1000)} "
+         f"--run-name {DATASET}-long"),
+        ("the full TinyStories (2.2 GB; the tokenizer alone takes a while)",
+         f"{cd}tslm download tinystories && tslm bpe --vocab-size {_preset_vocab(r.preset)} && tslm encode && "
+         f"tslm train --preset {r.preset}"),
+    ]

@@ -1,0 +1,184 @@
+"""Run directories: where a training run keeps its files, and how other commands find a trained model.
+
+    runs/<name>/
+        config.json                     resolved preset + model + train config, parameter count, token budget
+        tokenizer/                      a copy of the tokenizer the run was trained with
+        metrics.jsonl                   one JSON object per logged step / evaluation
+        checkpoints/step_0001000.safetensors   full state (model, optimizer, RNG, sampler); last K kept
+        checkpoints/best.safetensors    weights with the lowest validation loss so far
+    runs/latest -> <name>               the newest run
+
+`tslm eval` and `tslm generate` accept a run name, a run directory or a checkpoint file, and
+default to `runs/latest`:
+
+    >>> model, tokenizer, cfg = load_trained_model("runs/latest")      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from tinystories_cli import paths
+from tinystories_cli.errors import UserError
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+TOKENIZER_DIR = "tokenizer"
+BEST_CHECKPOINT = "best.safetensors"
+LATEST_LINK = "latest"
+_STEP_RE = re.compile(r"^step_(\d+)\.safetensors$")
+
+
+def step_checkpoint_name(step: int) -> str:
+    """>>> step_checkpoint_name(1000)
+    'step_0001000.safetensors'
+    """
+    return f"step_{step:07d}.safetensors"
+
+
+def runs_root() -> Path:
+    return paths.RUNS_ROOT
+
+
+def resolve_run(run: str | os.PathLike | None) -> Path:
+    """A run directory or checkpoint file from a name, a path, or None (= runs/latest)."""
+    if run is None:
+        latest = runs_root() / LATEST_LINK
+        if not latest.exists():
+            raise UserError(f"no run given and {latest} does not exist", "train one with `tslm train --preset debug`, "
+                            "or pass a run name, run directory or checkpoint file")
+        return latest.resolve()
+    p = Path(run)
+    if p.exists():
+        return p.resolve() if p.is_symlink() else p
+    under = runs_root() / str(run)
+    if under.exists():
+        return under.resolve() if under.is_symlink() else under
+    known = sorted(d.name for d in runs_root().iterdir() if d.is_dir()) if runs_root().is_dir() else []
+    hint = f"runs found: {', '.join(known[:8])}" if known else "train one first with `tslm train`"
+    raise UserError(f"no run or checkpoint named {run!r} (looked for {p} and {under})", hint)
+
+
+def run_dir_of(path: Path) -> Path:
+    """The run directory of a run dir or of a checkpoint file inside `<run>/checkpoints/`."""
+    if path.is_dir():
+        return path
+    parent = path.parent
+    return parent.parent if parent.name == CHECKPOINT_DIR else parent
+
+
+def step_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the full checkpoints of a run, oldest first."""
+    d = Path(run_dir) / CHECKPOINT_DIR
+    if not d.is_dir():
+        return []
+    found = []
+    for f in d.iterdir():
+        m = _STEP_RE.match(f.name)
+        if m and f.is_file():
+            found.append((int(m.group(1)), f))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = step_checkpoints(run_dir)
+    return ckpts[-1][1] if ckpts else None
+
+
+def best_checkpoint(run_dir: Path) -> Path | None:
+    p = Path(run_dir) / CHECKPOINT_DIR / BEST_CHECKPOINT
+    return p if p.is_file() else None
+
+
+def checkpoint_for(path: Path, prefer_best: bool = True) -> Path:
+    """The checkpoint file to load for a run dir (best if present, else the latest) or a file as given."""
+    if path.is_file():
+        return path
+    best = best_checkpoint(path) if prefer_best else None
+    ckpt = best or latest_checkpoint(path)
+    if ckpt is None:
+        raise UserError(f"run {path} has no checkpoints yet", "train it (or wait for the first --save-every step)")
+    return ckpt
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    f = Path(run_dir) / CONFIG_FILE
+    if not f.is_file():
+        raise UserError(f"{run_dir} is not a tslm run directory (no {CONFIG_FILE})", "pass a directory under runs/")
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {f}: {e}", "the run directory is damaged") from None
+    if not isinstance(data, dict) or "model" not in data:
+        raise UserError(f"{f} is not a tslm run config", "the run directory is damaged")
+    return data
+
+
+def tokenizer_dir_of(run_dir: Path) -> Path:
+    return Path(run_dir) / TOKENIZER_DIR
+
+
+def load_tokenizer(tokenizer_dir: Path):
+    """The Tokenizer saved in a run (or any `tslm bpe` output directory)."""
+    from tinystories_cli.tokenizer.tokenizer import Tokenizer
+
+    if not Path(tokenizer_dir).is_dir():
+        raise UserError(f"tokenizer directory not found: {tokenizer_dir}",
+                        "train a tokenizer with `tslm bpe` or copy the run's tokenizer/ back")
+    return Tokenizer.from_dir(tokenizer_dir)
+
+
+def model_config_of(ckpt, run_dir: Path):
+    """The ModelConfig stored in a checkpoint's metadata, else in the run's config.json."""
+    from tinystories_cli.config import ModelConfig
+
+    data = ckpt.metadata.get("model_config")
+    if data is None:
+        data = read_run_config(run_dir)["model"]
+    try:
+        return ModelConfig.model_validate(data)
+    except Exception as e:
+        raise UserError(f"invalid model config in {ckpt.source}: {e}", "the run directory is damaged") from None
+
+
+def load_trained_model(run_or_checkpoint: str | os.PathLike | None, device: str = "cpu"):
+    """(model in eval mode on `device`, tokenizer, ModelConfig) from a run name/dir/checkpoint or runs/latest.
+
+    A run directory loads `checkpoints/best.safetensors` when present, else the latest step checkpoint.
+    """
+    from tinystories_cli.checkpoint import load_model_state, read_checkpoint
+    from tinystories_cli.model import TransformerLM
+
+    path = resolve_run(run_or_checkpoint)
+    run_dir = run_dir_of(path)
+    ckpt_path = checkpoint_for(path)
+    ckpt = read_checkpoint(ckpt_path)
+    cfg = model_config_of(ckpt, run_dir)
+    tokenizer = load_tokenizer(tokenizer_dir_of(run_dir))
+    model = TransformerLM(cfg)
+    load_model_state(ckpt, model)
+    model.to(device).eval()
+    return model, tokenizer, cfg
+
+
+def update_latest_link(run_dir: Path) -> None:
+    """Point runs/latest at `run_dir` (relative link, replaced atomically). Silently skipped where
+    symlinks are not allowed (some Windows setups)."""
+    root = Path(run_dir).parent
+    link = root / LATEST_LINK
+    tmp = root / f".{LATEST_LINK}.{os.getpid()}.tmp"
+    try:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        os.symlink(Path(run_dir).name, tmp, target_is_directory=True)
+        os.replace(tmp, link)
+    except OSError:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass

@@ -1,0 +1,745 @@
+"""Byte-level BPE training: exact, parallel pre-tokenization and an incremental merge loop.
+
+The algorithm (Sennrich et al. 2016, byte-level as in GPT-2):
+
+1. Split the text on the special tokens (they are never counted or merged), then split each
+   piece with the GPT-2 pattern into pre-tokens and count them: `{b" the": 51234, ...}`.
+2. Start from 256 single-byte tokens. Repeatedly merge the most frequent adjacent pair inside
+   the pre-tokens (each pre-token weighted by its count); ties go to the lexicographically
+   greater pair of byte strings, i.e. `max` over `(bytes, bytes)` tuples.
+3. The vocabulary is the special tokens (ids 0..k-1), the 256 bytes, then one id per merge.
+
+Worked example (whitespace pre-tokenization, Sennrich et al.):
+
+>>> words = {b"low": 5, b"lower": 2, b"widest": 3, b"newest": 6}
+>>> [a.decode() + " " + b.decode() for a, b in bpe_merges(words, 6)]
+['s t', 'e st', 'o w', 'l ow', 'w est', 'n e']
+
+Pre-tokenization, which dominates the run time, is spread over worker processes, each streaming
+its own byte range of the file in blocks. Every cut (between chunks, and between the blocks a
+worker decodes) is placed where it provably cannot change the result (see `_Cutter`), so the
+counts equal those of tokenizing the whole file at once.
+
+The merge loop updates pair counts only in the pre-tokens that contain the merged pair (an index
+pair -> word ids), and finds the best pair with a heap with lazy invalidation, so each merge
+costs time proportional to the words it touches, not to the number of distinct pairs.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import regex
+
+from tinystories_cli.errors import UserError
+from tinystories_cli.fileio import atomic_write_text, sha256_file
+from tinystories_cli.tokenizer.files import FORMAT_VERSION, write_vocab_merges
+from tinystories_cli.tokenizer.pretokenize import (
+    GPT2_PATTERN,
+    GPT2_SPLIT_PATTERN,
+    find_chunk_boundaries,
+    special_pattern,
+)
+
+# progress(phase, done, total): phase "pretokenize" counts bytes, phase "merge" counts merges.
+ProgressFn = Callable[[str, int, int], None]
+
+BLOCK_SIZE = 1 << 20  # bytes a worker decodes and splits at once (bounds its memory)
+ERRORS = ("strict", "replace")
+
+
+# ----------------------------------------------------------------------------------------------
+# argument checks (shared with the CLI, so both report the same one-line errors)
+
+
+def check_special_tokens(special_tokens: Iterable[str]) -> list[str]:
+    """Return the special tokens as a list; empty or duplicate tokens are a `UserError`."""
+    if isinstance(special_tokens, (str, bytes)):
+        raise UserError("special_tokens must be a list of strings, not a single string", f"pass [{special_tokens!r}]")
+    tokens = list(special_tokens)
+    seen: set[str] = set()
+    for t in tokens:
+        if not isinstance(t, str):
+            raise UserError(f"special token {t!r} is not a string")
+        if t == "":
+            raise UserError("empty special token", "remove the empty --special-token")
+        if t in seen:
+            raise UserError(f"duplicate special token {t!r}", "give each special token once")
+        seen.add(t)
+    return tokens
+
+
+def check_vocab_size(vocab_size: int, num_special: int) -> int:
+    """The number of merges to learn; `vocab_size` must hold the bytes and the special tokens."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        raise UserError(f"vocab size must be an integer, got {vocab_size!r}")
+    floor = 256 + num_special
+    if vocab_size < floor:
+        raise UserError(
+            f"vocab size {vocab_size} is smaller than 256 bytes + {num_special} special token(s) = {floor}",
+            f"pass --vocab-size {floor} or more",
+        )
+    return vocab_size - floor
+
+
+MIN_AUTO_CHUNK = 1 << 20  # with workers=None, a file this small per core is not worth a process
+
+
+def resolve_workers(workers: int | None, size: int) -> int:
+    """`workers` as given (>= 1), or for None the available cores, at most one per MiB of input."""
+    if workers is None:
+        return max(1, min(default_workers(), size // MIN_AUTO_CHUNK))
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise UserError(f"workers must be a positive integer, got {workers!r}")
+    return workers
+
+
+def default_workers() -> int:
+    """Cores this process may use (respects CPU affinity, e.g. taskset or a container cpuset)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# safe cut points
+
+
+class _Cutter:
+    """Finds byte offsets where the text may be cut without changing its pre-tokens.
+
+    A cut at offset p is safe when no occurrence of a special token spans p, and either
+      (S) a special token starts at p: the text is split there anyway; or
+      (N) p is a newline followed by a printable ASCII character that does not start a special
+          token. A newline is never part of a letter/number/punctuation pre-token, and the GPT-2
+          pattern ends a whitespace run just before its last character when a non-space follows,
+          so the pre-tokens are `... | <run minus last> | "\\n" | next ...` whether or not the
+          text is cut at p.
+    (Cutting *after* a newline is not safe: in "a\\n \\nb" the whole text gives "\\n " + "\\n".)
+    Both rules look at most max(len(special) + 1, 2) bytes ahead of p.
+    """
+
+    def __init__(self, special_tokens: Sequence[str]):
+        self.specials = [t.encode("utf-8") for t in special_tokens]
+        self.lookahead = max([2] + [len(t) + 1 for t in self.specials])
+
+    def _spanned(self, buf: bytes, p: int) -> bool:
+        """Does an occurrence of a special token start before p and end after it?"""
+        for t in self.specials:
+            n = len(t)
+            if n > 1:
+                i = buf.find(t, max(0, p - n + 1), p + n - 1)
+                if 0 <= i < p:
+                    return True
+        return False
+
+    def is_safe(self, buf: bytes, p: int) -> bool:
+        if p <= 0 or p + self.lookahead > len(buf) or self._spanned(buf, p):
+            return False
+        if any(buf.startswith(t, p) for t in self.specials):
+            return True
+        # (N); the character after the newline must also not start a special token, or the
+        # whitespace run would end its piece and stay whole ("  \\n<|endoftext|>").
+        return buf[p] == 0x0A and 0x21 <= buf[p + 1] <= 0x7E and not any(buf.startswith(t, p + 1) for t in self.specials)
+
+    def _hi(self, buf: bytes) -> int:
+        return len(buf) - self.lookahead  # largest p with full look-ahead
+
+    def last_cut(self, buf: bytes, lo: int = 0) -> int:
+        """The largest safe cut p with lo < p <= len(buf) - lookahead, or 0 if there is none."""
+        hi = self._hi(buf)
+        while hi > lo:
+            cands = [buf.rfind(b"\n", lo + 1, hi + 1)]
+            cands += [buf.rfind(t, lo + 1, hi + len(t)) for t in self.specials]
+            p = max(cands)
+            if p <= lo:
+                return 0
+            if self.is_safe(buf, p):
+                return p
+            hi = p - 1
+        return 0
+
+    def first_cut(self, buf: bytes, lo: int) -> int:
+        """The smallest safe cut p >= lo with full look-ahead, or -1 if there is none."""
+        hi = self._hi(buf)
+        while lo <= hi:
+            cands = [buf.find(b"\n", lo, hi + 1)]
+            cands += [buf.find(t, lo, hi + len(t)) for t in self.specials]
+            cands = [c for c in cands if c >= 0]
+            if not cands:
+                return -1
+            p = min(cands)
+            if self.is_safe(buf, p):
+                return p
+            lo = p + 1
+        return -1
+
+
+def chunk_boundaries(path: str | Path, num_chunks: int, special_tokens: Sequence[str]) -> list[int]:
+    """Byte offsets [0, ..., size] splitting the file into at most `num_chunks` safely cut chunks.
+
+    The rough positions come from `find_chunk_boundaries` (right before the first special token,
+    or at a newline when the file has none); each is then moved forward to the next safe cut.
+    """
+    cutter = _Cutter(special_tokens)
+    with open(path, "rb") as f:
+        split = special_tokens[0].encode("utf-8") if special_tokens else None
+        rough = find_chunk_boundaries(f, num_chunks, split)
+        if split is not None and len(rough) - 1 < num_chunks:
+            # Too few special tokens to cut at; newlines also make safe cuts.
+            newline = find_chunk_boundaries(f, num_chunks, None)
+            if len(newline) > len(rough):
+                rough = newline
+        size = rough[-1]
+        bounds = [0]
+        for b in rough[1:-1]:
+            b = max(b, bounds[-1] + 1)
+            if b >= size:
+                break
+            cut = _next_safe_cut(f, b, size, cutter)
+            if cut >= size:
+                break
+            if cut > bounds[-1]:
+                bounds.append(cut)
+        bounds.append(size)
+    return bounds if size > 0 else [0]
+
+
+def _next_safe_cut(f, pos: int, size: int, cutter: _Cutter, window: int = 1 << 16) -> int:
+    """The first safe cut at or after `pos` (reading a growing window), or `size`."""
+    start = max(0, pos - cutter.lookahead)  # bytes before pos, to see a special token spanning it
+    while True:
+        f.seek(start)
+        buf = f.read(pos - start + window)
+        p = cutter.first_cut(buf, pos - start)
+        if p >= 0:
+            return start + p
+        if start + len(buf) >= size:
+            return size
+        window *= 2
+
+
+# ----------------------------------------------------------------------------------------------
+# pre-token counting (runs in worker processes)
+
+
+@dataclass
+class _ChunkResult:
+    counts: dict[str, int]
+    bad_offset: int | None = None  # first invalid UTF-8 byte (absolute offset), if any
+    bad_reason: str = ""
+
+
+_progress_counter = None  # a shared mp.Value in workers (bytes read so far)
+
+
+def _init_worker(counter) -> None:
+    global _progress_counter
+    _progress_counter = counter
+
+
+def _splitter(special_tokens: Sequence[str]) -> Callable[[str], list[str]]:
+    """text -> the pieces between special tokens (the tokens themselves are dropped)."""
+    if not special_tokens:
+        return lambda text: [text]
+    if len(special_tokens) == 1:
+        token = special_tokens[0]
+        return lambda text: text.split(token)  # str.split is much faster than a regex
+    return special_pattern(special_tokens).split  # longest token first, as split_special does
+
+
+# Unicode White_Space: what \s matches in the `regex` module (every such character is below U+3001).
+_WS = "".join(c for c in map(chr, range(0x3001)) if regex.match(r"\s", c))
+_WS_SET = frozenset(_WS)
+_ASCII_WS = "".join(c for c in _WS if c.isascii())  # \t \n \v \f \r and space
+_SENTINEL = "\ue000"  # a private-use character standing in for a space that must not split
+
+
+class PretokenCounter:
+    """Counts the GPT-2 pre-tokens of texts (each starting and ending at a safe cut).
+
+    Slow path: split on the special tokens, then `findall` with the GPT-2 pattern. Fast path
+    (about 2x faster on English): `text.split(" ")` and count the pieces in C, then run the
+    pattern once per *distinct* piece, as " " + piece. That is exact because every space starts a
+    new pre-token (" the", " 42", " !", or a whitespace run), except a space that follows
+    whitespace and precedes whitespace, the end, or a special token: in "a\\n  b" the pattern
+    yields "\\n " + " b", the first space continuing a run. Those few spaces are swapped for a
+    sentinel before splitting and swapped back before matching. (After whitespace and before a
+    non-space, a space does start a pre-token: the run ends just before it.) Special tokens that
+    contain a space disable the fast path.
+
+    >>> c = PretokenCounter(["<|endoftext|>"])
+    >>> c.add("the cat\\n  the dog<|endoftext|> the")
+    >>> sorted(c.result().items())
+    [('\\n ', 1), (' cat', 1), (' dog', 1), (' the', 2), ('the', 1)]
+    """
+
+    def __init__(self, special_tokens: Sequence[str] = (), max_pieces: int = 1 << 19):
+        self.specials = list(special_tokens)
+        self.split = _splitter(self.specials)
+        self.fast = not any(" " in t or _SENTINEL in t for t in self.specials)
+        self.counts: Counter[str] = Counter()
+        self.pieces: Counter[str] = Counter()  # space-separated pieces not yet pre-tokenized
+        self.max_pieces = max_pieces  # bounds memory: flush into `counts` beyond this many
+
+    def _pretokens(self, text: str) -> list[str]:
+        out: list[str] = []
+        for piece in self.split(text):
+            out += GPT2_PATTERN.findall(piece)
+        return out
+
+    def _joining_spaces(self, text: str) -> list[int]:
+        """Positions of spaces with whitespace before and whitespace/end/special token after."""
+        found = []
+        n = len(text)
+        for w in _ASCII_WS if text.isascii() else _WS:
+            if w not in text:  # one fast single-character scan rules most of them out
+                continue
+            needle = w + " "
+            i = text.find(needle)
+            while i != -1:
+                q = i + 1  # the space
+                if q + 1 == n or text[q + 1] in _WS_SET or any(text.startswith(t, q + 1) for t in self.specials):
+                    found.append(q)
+                i = text.find(needle, i + 1)
+        return sorted(found)
+
+    def add(self, text: str) -> None:
+        if not self.fast or _SENTINEL in text:
+            self.counts.update(self._pretokens(text))
+            return
+        joins = self._joining_spaces(text)
+        if joins:
+            parts, prev = [], 0
+            for q in joins:
+                parts += (text[prev:q], _SENTINEL)
+                prev = q + 1
+            parts.append(text[prev:])
+            text = "".join(parts)
+        pieces = text.split(" ")
+        self.counts.update(self._pretokens(pieces[0].replace(_SENTINEL, " ")))
+        self.pieces.update(itertools.islice(pieces, 1, None))
+        if len(self.pieces) > self.max_pieces:
+            self._flush()
+
+    def _flush(self) -> None:
+        # Pieces with the same count are pre-tokenized together: " " + " ".join(group) splits
+        # into the same pre-tokens as the pieces one by one, as long as no piece is empty or ends
+        # with whitespace (then every space starts a pre-token, see the class docstring).
+        counts = self.counts
+        groups: dict[int, list[str]] = defaultdict(list)
+        for piece, n in self.pieces.items():
+            if piece and piece[-1] not in _WS_SET and _SENTINEL not in piece:
+                groups[n].append(piece)
+            else:
+                for tok in self._pretokens(" " + piece.replace(_SENTINEL, " ")):
+                    counts[tok] += n
+        for n, group in groups.items():
+            found = Counter(self._pretokens(" " + " ".join(group)))
+            if n == 1:
+                counts.update(found)
+            else:
+                for tok, k in found.items():
+                    counts[tok] += k * n
+        self.pieces.clear()
+
+    def result(self) -> dict[str, int]:
+        self._flush()
+        self.counts.pop("", None)
+        return dict(self.counts)
+
+
+def count_chunk(path: str, start: int, end: int, special_tokens: Sequence[str], errors: str = "strict",
+                block_size: int = BLOCK_SIZE, report: Callable[[int], None] | None = None) -> _ChunkResult:
+    """Count the pre-tokens of bytes [start, end) of a file; `start` and `end` must be safe cuts.
+
+    Reads `block_size` bytes at a time and decodes only up to the last safe cut of the buffer,
+    so memory is bounded by the block size (plus the distinct pre-tokens), not the chunk size.
+    """
+    cutter = _Cutter(special_tokens)
+    counter = PretokenCounter(special_tokens)
+    with open(path, "rb") as f:
+        f.seek(start)
+        pos = start  # file offset just after the bytes read so far
+        buf, buf_off, lo = b"", start, 0  # undecoded bytes, their file offset, cuts <= lo already ruled out
+        while pos < end:
+            block = f.read(min(block_size, end - pos))
+            if not block:
+                break
+            pos += len(block)
+            buf += block
+            if pos < end:
+                cut = cutter.last_cut(buf, lo)
+                if cut == 0:  # no safe cut yet: keep reading
+                    lo = max(0, len(buf) - cutter.lookahead)
+                    continue
+                lo = max(0, len(buf) - cutter.lookahead - cut)
+            else:
+                cut = len(buf)
+            try:
+                text = buf[:cut].decode("utf-8", errors)
+            except UnicodeDecodeError as e:
+                return _ChunkResult({}, buf_off + e.start, e.reason)
+            counter.add(text)
+            buf, buf_off = buf[cut:], buf_off + cut
+            if report is not None:
+                report(len(block))
+        if buf:  # the file shrank while we read it; count what is left
+            try:
+                text = buf.decode("utf-8", errors)
+            except UnicodeDecodeError as e:
+                return _ChunkResult({}, buf_off + e.start, e.reason)
+            counter.add(text)
+    return _ChunkResult(counter.result())
+
+
+def _count_chunk_task(args) -> _ChunkResult:
+    path, start, end, special_tokens, errors = args
+
+    def report(n: int) -> None:
+        with _progress_counter.get_lock():
+            _progress_counter.value += n
+
+    return count_chunk(path, start, end, special_tokens, errors, report=report)
+
+
+def _mp_context():
+    # fork starts workers in milliseconds and shares the imported modules; spawn is the fallback
+    # where fork does not exist (Windows) or is not the platform's choice.
+    methods = mp.get_all_start_methods()
+    return mp.get_context("fork" if "fork" in methods else None)
+
+
+def count_pretokens(input_path: str | Path, special_tokens: Sequence[str] = (), *, workers: int | None = None,
+                    errors: str = "strict", progress: ProgressFn | None = None) -> dict[bytes, int]:
+    """Pre-token counts of a UTF-8 text file: `{pre-token bytes: count}`, special tokens excluded.
+
+    With `workers` > 1 the file is cut into `workers` chunks counted in parallel processes
+    (None: the available cores, but no more than one per MiB of input).
+    Invalid UTF-8 raises a `UserError` naming the first bad byte offset, unless errors="replace".
+    """
+    special_tokens = check_special_tokens(special_tokens)
+    if errors not in ERRORS:
+        raise UserError(f"unknown errors mode {errors!r}", "use strict or replace")
+    path = Path(input_path)
+    size = path.stat().st_size
+    workers = resolve_workers(workers, size)
+    bounds = chunk_boundaries(path, workers, special_tokens) if workers > 1 else [0, size]
+    tasks = [(str(path), s, e, special_tokens, errors) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+    if progress is not None:
+        progress("pretokenize", 0, size)
+    if len(tasks) <= 1:
+        done = 0
+
+        def report(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress("pretokenize", done, size)
+
+        results = [count_chunk(*t, report=report) for t in tasks]
+    else:
+        ctx = _mp_context()
+        counter = ctx.Value("q", 0)
+        with ctx.Pool(len(tasks), initializer=_init_worker, initargs=(counter,)) as pool:
+            pending = pool.map_async(_count_chunk_task, tasks)
+            while not pending.ready():
+                pending.wait(0.1)
+                if progress is not None:
+                    progress("pretokenize", counter.value, size)
+            results = pending.get()
+    if progress is not None:
+        progress("pretokenize", size, size)
+    bad = [r for r in results if r.bad_offset is not None]
+    if bad:
+        first = min(bad, key=lambda r: r.bad_offset)
+        raise UserError(
+            f"{path} is not valid UTF-8: {first.bad_reason} at byte offset {first.bad_offset}",
+            "fix the file, or pass --errors replace to replace invalid bytes with U+FFFD",
+        )
+    total: Counter[str] = Counter()
+    for r in results:
+        total.update(r.counts)
+    return {tok.encode("utf-8"): n for tok, n in total.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# the merge loop
+
+_INVERT = bytes(range(255, -1, -1))
+
+
+def _desc_key(token: bytes) -> str:
+    """A string whose ascending order is the *descending* order of the byte strings.
+
+    Each byte b becomes chr(255 - b) and a terminator chr(256) (larger than any of them) is
+    appended, so a proper prefix (the smaller byte string) sorts after its extensions. Because
+    the terminator appears only at the end, `key(a) + key(b)` orders pairs like `(a, b)` tuples.
+
+    >>> sorted([b"a", b"ab", b"b"], key=_desc_key)
+    [b'b', b'ab', b'a']
+    """
+    return token.translate(_INVERT).decode("latin-1") + "\u0100"
+
+
+def bpe_merges(word_counts: Mapping[bytes, int], num_merges: int, *,
+               progress: ProgressFn | None = None) -> list[tuple[bytes, bytes]]:
+    """Learn up to `num_merges` merges from pre-token counts; the core of `train_bpe`.
+
+    Any pre-tokenization works (the tests feed whitespace-split words). Stops early when no
+    pair is left. Token ids here are internal: 0..255 are the bytes, 256.. the merges.
+    """
+    tokens: list[bytes] = [bytes([i]) for i in range(256)]  # id -> bytes
+    keys: list[str] = [_desc_key(t) for t in tokens]  # id -> tie-break key
+    words: list[list[int]] = []  # distinct pre-tokens as token ids
+    counts: list[int] = []  # their frequencies
+    for w, c in word_counts.items():
+        if len(w) >= 2 and c > 0:  # one-byte pre-tokens hold no pair
+            words.append(list(w))
+            counts.append(c)
+
+    pair_counts: dict[tuple[int, int], int] = defaultdict(int)
+    where: dict[tuple[int, int], set[int]] = defaultdict(set)  # pair -> ids of words that (may) contain it
+    for wi, ids in enumerate(words):
+        c = counts[wi]
+        for pair in zip(ids, ids[1:]):
+            pair_counts[pair] += c
+            where[pair].add(wi)
+
+    # Heap entries (-count, tie key, a, b). Lazy invalidation: an entry may overstate its pair's
+    # count (counts only shrink without a new push); such entries are re-pushed or dropped when
+    # popped. Invariant: every live pair has an entry with count >= its true count.
+    heap = [(-c, keys[a] + keys[b], a, b) for (a, b), c in pair_counts.items()]
+    heapq.heapify(heap)
+    heappush, heappop = heapq.heappush, heapq.heappop
+
+    merges: list[tuple[bytes, bytes]] = []
+    while len(merges) < num_merges and heap:
+        neg, key, a, b = heappop(heap)
+        current = pair_counts.get((a, b), 0)
+        if current != -neg:
+            if 0 < current < -neg:
+                heappush(heap, (-current, key, a, b))
+            continue
+        new_id = len(tokens)
+        tokens.append(tokens[a] + tokens[b])
+        keys.append(_desc_key(tokens[new_id]))
+        merges.append((tokens[a], tokens[b]))
+
+        # Only the neighbours of each merged occurrence change: in x a b y -> x N y the pairs
+        # (x, a), (a, b), (b, y) lose the word's count and (x, N), (N, y) gain it. Runs such as
+        # a b a b -> N N or a a a -> N a are handled by tracking where the last merge ended.
+        delta: dict[tuple[int, int], int] = defaultdict(int)
+        for wi in where.pop((a, b), ()):
+            ids = words[wi]
+            n = len(ids)
+            c = counts[wi]
+            out: list[int] = []
+            i, prev_end = 0, -1  # prev_end: index just past the last merged occurrence
+            while i < n:
+                t = ids[i]
+                if t == a and i + 1 < n and ids[i + 1] == b:
+                    if out:
+                        left = out[-1]
+                        if prev_end != i:  # left is an old token; (left, a) disappears
+                            delta[(left, a)] -= c
+                        delta[(left, new_id)] += c
+                        where[(left, new_id)].add(wi)
+                    if i + 2 < n:
+                        delta[(b, ids[i + 2])] -= c
+                    out.append(new_id)
+                    i += 2
+                    prev_end = i
+                else:
+                    if prev_end == i and out:  # right after a merge: (N, t) appears
+                        delta[(new_id, t)] += c
+                        where[(new_id, t)].add(wi)
+                    out.append(t)
+                    i += 1
+            words[wi] = out  # a stale index entry (pair already gone) just copies the word
+        for pair, d in delta.items():
+            if d == 0:
+                continue
+            n = pair_counts[pair] + d
+            if n > 0:
+                pair_counts[pair] = n
+                if d > 0:
+                    heappush(heap, (-n, keys[pair[0]] + keys[pair[1]], pair[0], pair[1]))
+            else:
+                del pair_counts[pair]
+        del pair_counts[(a, b)]  # every occurrence was merged
+        if progress is not None and (len(merges) % 100 == 0 or len(merges) == num_merges):
+            progress("merge", len(merges), num_merges)
+    if progress is not None:
+        progress("merge", len(merges), num_merges)
+    return merges
+
+
+def build_vocab(special_tokens: Sequence[str], merges: Sequence[tuple[bytes, bytes]]) -> dict[int, bytes]:
+    """Special tokens (ids 0..k-1), the 256 bytes, then one id per merge in creation order."""
+    vocab = {i: t.encode("utf-8") for i, t in enumerate(special_tokens)}
+    k = len(vocab)
+    vocab.update({k + b: bytes([b]) for b in range(256)})
+    for i, (x, y) in enumerate(merges):
+        vocab[k + 256 + i] = x + y
+    return vocab
+
+
+# ----------------------------------------------------------------------------------------------
+# entry points
+
+
+@dataclass
+class TrainResult:
+    vocab: dict[int, bytes]
+    merges: list[tuple[bytes, bytes]]
+    num_pretokens: int = 0  # pre-tokens in the text (with repeats)
+    num_distinct: int = 0  # distinct pre-tokens
+    workers: int = 1
+    seconds: dict[str, float] = field(default_factory=dict)  # per phase
+
+
+def train_bpe_file(input_path: str | Path, vocab_size: int, special_tokens: Sequence[str] = (), *,
+                   workers: int | None = None, errors: str = "strict",
+                   progress: ProgressFn | None = None) -> TrainResult:
+    """`train_bpe` plus the options and figures the CLI needs (errors mode, progress, timings)."""
+    special_tokens = check_special_tokens(special_tokens)
+    num_merges = check_vocab_size(vocab_size, len(special_tokens))
+    path = Path(input_path)
+    if not path.is_file():
+        raise UserError(f"input file not found: {path}" if not path.exists() else f"input is not a file: {path}")
+    workers = resolve_workers(workers, path.stat().st_size)
+    t0 = time.perf_counter()
+    word_counts = count_pretokens(path, special_tokens, workers=workers, errors=errors, progress=progress)
+    t1 = time.perf_counter()
+    merges = bpe_merges(word_counts, num_merges, progress=progress)
+    t2 = time.perf_counter()
+    return TrainResult(
+        vocab=build_vocab(special_tokens, merges), merges=merges,
+        num_pretokens=sum(word_counts.values()), num_distinct=len(word_counts), workers=workers,
+        seconds={"pretokenize": t1 - t0, "merge": t2 - t1},
+    )
+
+
+def train_bpe(input_path: str | os.PathLike, vocab_size: int, special_tokens: Sequence[str] = (), *,
+              workers: int | None = None) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
+    """Train a byte-level BPE tokenizer on a UTF-8 text file.
+
+    Returns (vocab, merges): vocab maps id -> bytes (special tokens 0..k-1 in the order given,
+    then the 256 bytes, then one token per merge); merges are (bytes, bytes) in creation order.
+    `vocab_size` is the maximum final size; fewer merges are learned if pairs run out.
+    `workers` processes count pre-tokens (default: the available cores, at most one per MiB).
+    """
+    r = train_bpe_file(input_path, vocab_size, special_tokens, workers=workers)
+    return r.vocab, r.merges
+
+
+# ----------------------------------------------------------------------------------------------
+# saving: vocab.json + merges.txt (GPT-2 format) + tokenizer_config.json
+
+CONFIG_NAME = "tokenizer_config.json"
+TOKENIZER_FILES = ("vocab.json", "merges.txt", CONFIG_NAME)
+CONFIG_FORMAT = "tslm-bpe"
+
+
+def training_fingerprint(vocab_size: int, special_tokens: Sequence[str], source_sha256: str,
+                         errors: str = "strict") -> dict:
+    """Everything that determines the trained tokenizer: equal fingerprints, equal files."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "requested_vocab_size": vocab_size,
+        "special_tokens": list(special_tokens),
+        "pattern": GPT2_SPLIT_PATTERN,
+        "errors": errors,
+        "source_sha256": source_sha256,
+    }
+
+
+def _read_config(out_dir: Path) -> dict | None:
+    try:
+        cfg = json.loads((out_dir / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def check_output_dir(out_dir: str | Path, fingerprint: dict, force: bool = False) -> Path:
+    """Refuse an output directory that holds a different (or an incomplete) tokenizer, unless `force`.
+
+    A directory holding the same tokenizer (same fingerprint) is fine: retraining rewrites
+    identical files. Call this before training, so a refusal costs nothing and writes nothing.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path exists and is not a directory: {out}", "pass a directory with --out")
+    if not out.is_dir() or force:
+        return out
+    present = [n for n in TOKENIZER_FILES if (out / n).exists()]
+    if not present:
+        return out
+    cfg = _read_config(out)
+    if cfg is not None and {k: cfg.get(k) for k in fingerprint} == fingerprint:
+        return out
+    what = "a different tokenizer" if cfg is not None else f"tokenizer files ({', '.join(present)})"
+    if cfg is not None:
+        what += f" (vocab {cfg.get('requested_vocab_size')}, special tokens {cfg.get('special_tokens')}, " \
+                f"source sha256 {str(cfg.get('source_sha256'))[:12]}...)"
+    raise UserError(f"{out} already holds {what}", "pass --force to replace it, or choose another --out")
+
+
+def save_tokenizer(out_dir: str | Path, vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]],
+                   fingerprint: dict, extra: dict | None = None) -> Path:
+    """Write vocab.json, merges.txt and tokenizer_config.json so that no half tokenizer is ever visible.
+
+    A new directory is filled under a temporary name and renamed into place. In an existing
+    directory the config is removed first and written last: a directory is a complete tokenizer
+    exactly when tokenizer_config.json exists, and the config records the sha256 of the other
+    two files so a reader can tell they belong together.
+    """
+    out = Path(out_dir)
+    specials = fingerprint.get("special_tokens", [])
+    inverse = {tok: i for i, tok in vocab.items()}
+    longest = max(vocab.values(), key=len, default=b"")
+
+    def fill(d: Path) -> None:
+        write_vocab_merges(d, vocab, merges)
+        cfg = {
+            "format": CONFIG_FORMAT,
+            **fingerprint,
+            "vocab_size": len(vocab),
+            "num_merges": len(merges),
+            "special_token_ids": {t: inverse[t.encode("utf-8")] for t in specials},
+            "longest_token_bytes": len(longest),
+            "files": {n: sha256_file(d / n) for n in ("vocab.json", "merges.txt")},
+            **(extra or {}),
+        }
+        atomic_write_text(d / CONFIG_NAME, json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+
+    if out.is_dir():
+        (out / CONFIG_NAME).unlink(missing_ok=True)  # mark incomplete until the config lands again
+        fill(out)
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the renamed dir should look like mkdir's
+        fill(tmp)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,406 @@
+"""Whole-file encoding: text file -> `.npy` token file + JSON sidecar, streamed and in parallel.
+
+The token file is a plain `.npy` array of shape (num_tokens,) with dtype uint16 (when every id fits)
+or uint32, so `np.load(path, mmap_mode="r")` maps it without reading it. Beside it, `<name>.json`
+records what training and evaluation need to trust it:
+
+    {"format_version": 1, "dtype": "uint16", "num_tokens": 1257839, "max_id": 50256,
+     "vocab_size": 50257, "fingerprint": "<sha256 of the tokenizer>", "special_tokens": [...],
+     "source": "data/tinystories/train.txt", "source_bytes": 5150533, "source_sha256": "...", ...}
+
+`source_bytes` is what bits-per-byte divides by; `fingerprint` lets `train`/`eval` refuse a token
+file made by another tokenizer (`check_token_file`).
+
+Memory stays bounded: the text is read in blocks, encoded with the tokenizer's streaming encoder,
+and packed ids are written as they come. With `workers > 1` the file is cut into chunks at places
+where cutting cannot change the encoding (see `split_points`); each worker process encodes its
+chunk into a temporary part file, and the parent concatenates the parts in order, so the output is
+byte-identical to single-process encoding.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from tinystories_cli import __version__
+from tinystories_cli.errors import UserError
+from tinystories_cli.fileio import atomic_write, atomic_write_text, check_input_file, check_output_path, sha256_file
+from tinystories_cli.paths import sidecar_path
+from tinystories_cli.tokenizer.tokenizer import Tokenizer
+
+FORMAT_VERSION = 1
+HEADER_BYTES = 128  # a .npy v1.0 header for shape (n,) is 128 bytes for every n below 10**20
+BLOCK_BYTES = 1 << 20  # bytes read per block
+MIN_PARALLEL_BYTES = 1 << 20  # below this, worker start-up costs more than it saves
+
+# progress(bytes_done, tokens_done), both cumulative
+Progress = Callable[[int, int], None]
+
+# A safe place to cut a file for parallel encoding: after a printable, non-space ASCII character
+# and before a space or newline. Encoding-wise this is the "non-space | space" cut of
+# `Tokenizer._safe_cut`; byte-wise both sides are ASCII, so it never splits a UTF-8 character; and
+# as long as no special token contains a space or newline, no special token spans it.
+_SPLIT = re.compile(rb"[\x21-\x7e][ \n]")
+
+
+# --------------------------------------------------------------------------- the .npy container
+
+
+def npy_header(dtype: np.dtype, num_tokens: int) -> bytes:
+    """The fixed-size (128-byte) .npy header of a 1-D array, so it can be rewritten in place at the end.
+
+    >>> len(npy_header(np.dtype("<u2"), 0)), len(npy_header(np.dtype("<u4"), 10**15))
+    (128, 128)
+    """
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (int(num_tokens),)})
+    header = buf.getvalue()
+    if len(header) != HEADER_BYTES:  # pragma: no cover - only for absurd sizes
+        raise ValueError(f"unexpected .npy header size {len(header)}")
+    return header
+
+
+# --------------------------------------------------------------------------- reading text
+
+
+def _utf8_tail(block: bytes) -> int:
+    """Index where an incomplete UTF-8 character at the end of `block` starts (len(block) if none).
+
+    >>> _utf8_tail("aé".encode()[:-1]), _utf8_tail(b"ab")
+    (1, 2)
+    """
+    n = len(block)
+    for back in range(1, min(4, n) + 1):
+        c = block[n - back]
+        if c < 0x80:
+            return n  # ASCII: nothing incomplete
+        if c >= 0xC0:  # a lead byte: how long is its sequence?
+            need = 2 if c < 0xE0 else 3 if c < 0xF0 else 4
+            return n - back if need > back else n
+    return n  # only continuation bytes: invalid anyway, decode reports it
+
+
+def iter_text(path: Path, start: int, end: int, errors: str = "strict", block_bytes: int = BLOCK_BYTES,
+              on_block: Callable[[bytes], None] | None = None) -> Iterator[str]:
+    """Decoded text of bytes [start, end) of `path`, in blocks, never splitting a UTF-8 character.
+
+    Invalid UTF-8 raises UserError naming the absolute byte offset (unless errors="replace").
+    `on_block` sees each raw block (used to hash the file while reading it).
+    """
+    with open(path, "rb") as f:
+        f.seek(start)
+        pos = start  # absolute offset of `carry`'s first byte
+        carry = b""
+        while pos + len(carry) < end:
+            block = f.read(min(block_bytes, end - pos - len(carry)))
+            if not block:
+                break
+            if on_block is not None:
+                on_block(block)
+            data = carry + block
+            at_end = pos + len(data) >= end
+            cut = len(data) if at_end else _utf8_tail(data)
+            yield _decode(data[:cut], errors, path, pos)
+            pos += cut
+            carry = data[cut:]
+        if carry:
+            yield _decode(carry, errors, path, pos)
+
+
+def _decode(data: bytes, errors: str, path: Path, offset: int) -> str:
+    try:
+        return data.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{path} is not valid UTF-8: bad byte 0x{data[e.start]:02x} at byte offset {offset + e.start}",
+            "fix the file, or pass --errors replace to replace bad bytes with U+FFFD",
+        ) from None
+
+
+# --------------------------------------------------------------------------- splitting for workers
+
+
+def parallel_safe(tokenizer: Tokenizer) -> bool:
+    """Whether `split_points` cuts are safe for this tokenizer (no special token holds a space or newline)."""
+    return not any(" " in s or "\n" in s for s in tokenizer.special_tokens)
+
+
+def split_points(path: Path, num_chunks: int, probe: int = 1 << 16) -> list[int]:
+    """Byte offsets [0, ..., size] cutting the file into at most `num_chunks` chunks at safe places.
+
+    Each inner cut starts at an even guess and moves forward to the next `_SPLIT` match; guesses
+    that find none (or land on the same place) are dropped, so there may be fewer chunks.
+    """
+    size = path.stat().st_size
+    points = [0]
+    with open(path, "rb") as f:
+        for k in range(1, max(1, num_chunks)):
+            pos = max(size * k // num_chunks, points[-1])
+            f.seek(pos)
+            last = b""
+            while True:
+                block = f.read(probe)
+                if not block:
+                    pos = size
+                    break
+                buf = last + block
+                m = _SPLIT.search(buf)
+                if m is not None:
+                    pos = pos - len(last) + m.start() + 1
+                    break
+                last = buf[-1:]
+                pos += len(block)
+            if points[-1] < pos < size:
+                points.append(pos)
+    points.append(size)
+    return points
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _encode_range(tokenizer: Tokenizer, path: Path, start: int, end: int, out, errors: str,
+                  on_block: Callable[[bytes], None] | None = None,
+                  on_batch: Callable[[int], None] | None = None) -> tuple[int, int]:
+    """Encode bytes [start, end) of `path`, writing packed ids to `out`; returns (num_tokens, max_id)."""
+    itemsize = tokenizer.dtype.itemsize
+    n, max_id = 0, -1
+    for packed in tokenizer.encode_packed_batches(iter_text(path, start, end, errors, on_block=on_block)):
+        if not packed:
+            continue
+        out.write(packed)
+        k = len(packed) // itemsize
+        n += k
+        max_id = max(max_id, int(np.frombuffer(packed, dtype=tokenizer.dtype).max()))
+        if on_batch is not None:
+            on_batch(k)
+    return n, max_id
+
+
+_WORKER_TOKENIZER: Tokenizer | None = None
+
+
+def _worker_init(tokenizer: Tokenizer) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = tokenizer
+
+
+def _worker(path: str, start: int, end: int, part: str, errors: str) -> tuple[int, int]:
+    """Encode one chunk into the part file `part` (runs in a worker process)."""
+    assert _WORKER_TOKENIZER is not None
+    with open(part, "wb") as out:
+        return _encode_range(_WORKER_TOKENIZER, Path(path), start, end, out, errors)
+
+
+def _mp_context():
+    # fork shares the already-built tokenizer with the workers at no cost; elsewhere (macOS,
+    # Windows) spawn sends it to each worker once.
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+
+def encode_file(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    tokenizer: Tokenizer,
+    *,
+    workers: int = 1,
+    errors: str = "strict",
+    force: bool = False,
+    progress: Progress | None = None,
+    tokenizer_dir: str | os.PathLike | None = None,
+    chunks_per_worker: int = 4,
+) -> dict:
+    """Encode the UTF-8 text file `src` into the token file `out` (.npy) and its JSON sidecar.
+
+    Returns the sidecar dict. `workers > 1` encodes chunks in parallel processes (same output).
+    Refuses to overwrite `out` or its sidecar unless `force`.
+    """
+    if errors not in ("strict", "replace"):
+        raise UserError(f"--errors must be strict or replace, got {errors!r}")
+    src = check_input_file(src, "text file", "check the path, or run `tslm download` first")
+    out = Path(out)
+    side = sidecar_path(out)
+    if out.suffix != ".npy":
+        raise UserError(f"token file must end in .npy: {out}", "choose an --out path ending in .npy")
+    if out.resolve() == src.resolve() or side.resolve() == src.resolve():
+        raise UserError(f"output {out} would overwrite the input {src}", "choose another --out")
+    check_output_path(out, force)
+    check_output_path(side, force)
+
+    size = src.stat().st_size
+    points = [0, size]
+    if workers > 1 and size >= MIN_PARALLEL_BYTES and parallel_safe(tokenizer):
+        points = split_points(src, workers * max(1, chunks_per_worker))
+    t0 = time.perf_counter()
+    with atomic_write(out, "wb") as f:
+        f.write(npy_header(tokenizer.dtype, 0))  # placeholder; rewritten once the count is known
+        if len(points) <= 2:
+            used = 1
+            num_tokens, max_id, digest = _encode_serial(tokenizer, src, size, f, errors, progress)
+        else:
+            used = min(workers, len(points) - 1)
+            num_tokens, max_id, digest = _encode_parallel(tokenizer, src, points, f, out.parent, errors, used, progress)
+        f.seek(0)
+        f.write(npy_header(tokenizer.dtype, num_tokens))
+        f.seek(0, os.SEEK_END)
+    seconds = time.perf_counter() - t0
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "dtype": tokenizer.dtype.name,
+        "num_tokens": num_tokens,
+        "max_id": max_id,
+        "vocab_size": tokenizer.vocab_size,
+        "fingerprint": tokenizer.fingerprint,
+        "special_tokens": tokenizer.special_tokens,
+        "eot_id": tokenizer.eot_id,
+        "tokenizer_dir": str(tokenizer_dir) if tokenizer_dir is not None else None,
+        "source": str(src),
+        "source_bytes": size,
+        "source_sha256": digest,
+        "errors": errors,
+        "bytes_per_token": size / num_tokens if num_tokens else None,
+        "workers": used,
+        "chunks": len(points) - 1,
+        "seconds": round(seconds, 3),
+        "tslm_version": __version__,
+    }
+    atomic_write_text(side, json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def _encode_serial(tokenizer, src: Path, size: int, f, errors: str, progress: Progress | None) -> tuple[int, int, str]:
+    h = hashlib.sha256()
+    done = {"bytes": 0, "tokens": 0}
+
+    def on_block(block: bytes) -> None:
+        h.update(block)
+        done["bytes"] += len(block)
+
+    def on_batch(k: int) -> None:
+        done["tokens"] += k
+        if progress is not None:
+            progress(done["bytes"], done["tokens"])
+
+    n, max_id = _encode_range(tokenizer, src, 0, size, f, errors, on_block=on_block, on_batch=on_batch)
+    if progress is not None:
+        progress(size, n)
+    return n, max_id, h.hexdigest()
+
+
+def _encode_parallel(tokenizer, src: Path, points: list[int], f, tmp_parent: Path, errors: str, workers: int,
+                     progress: Progress | None) -> tuple[int, int, str]:
+    tmpdir = tempfile.mkdtemp(prefix=".encode-parts.", dir=tmp_parent)  # same disk as the output
+    digest: dict[str, str] = {}
+    hasher = threading.Thread(target=lambda: digest.setdefault("sha", sha256_file(src)), daemon=True)
+    try:
+        parts = [os.path.join(tmpdir, f"{i:06d}.bin") for i in range(len(points) - 1)]
+        with cf.ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_worker_init, initargs=(tokenizer,)) as pool:
+            futures = {pool.submit(_worker, str(src), a, b, part, errors): (a, b)
+                       for a, b, part in zip(points[:-1], points[1:], parts)}
+            hasher.start()  # after the workers exist: hashing overlaps with encoding
+            results = {}
+            done_bytes = done_tokens = 0
+            try:
+                for fut in cf.as_completed(futures):
+                    a, b = futures[fut]
+                    results[a] = fut.result()
+                    done_bytes += b - a
+                    done_tokens += results[a][0]
+                    if progress is not None:
+                        progress(done_bytes, done_tokens)
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+        hasher.join()
+        num_tokens = sum(n for n, _ in results.values())
+        max_id = max(m for _, m in results.values())
+        for part in parts:  # concatenate in file order
+            with open(part, "rb") as p:
+                shutil.copyfileobj(p, f, 1 << 22)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return num_tokens, max_id, digest["sha"]
+
+
+# --------------------------------------------------------------------------- reading token files
+
+
+def load_token_file(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
+    """Memory-map a token file and read its sidecar, checking that the two agree.
+
+    Returns (ids, sidecar) where `ids` is a read-only 1-D memmap. Ids are not scanned here; the
+    sidecar's `max_id` (checked by `check_token_file`) covers them.
+    """
+    path = Path(path)
+    fix = f"re-create it with `tslm encode` (e.g. `tslm encode {_text_guess(path)} --out {path} --force`)"
+    if not path.is_file():
+        raise UserError(f"token file not found: {path}", f"create it with `tslm encode` (e.g. `tslm encode {_text_guess(path)}`)")
+    side = sidecar_path(path)
+    if not side.is_file():
+        raise UserError(f"token file {path} has no sidecar {side}", fix)
+    try:
+        meta = json.loads(side.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"malformed token sidecar {side}: {e}", fix) from None
+    if not isinstance(meta, dict):
+        raise UserError(f"malformed token sidecar {side}: expected a JSON object", fix)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"token sidecar {side} has format version {meta.get('format_version')!r}, expected {FORMAT_VERSION}", fix)
+    for key, kind in (("dtype", str), ("num_tokens", int), ("vocab_size", int), ("fingerprint", str), ("max_id", int)):
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise UserError(f"malformed token sidecar {side}: {key!r} missing or not a {kind.__name__}", fix)
+    if meta["dtype"] not in ("uint16", "uint32"):
+        raise UserError(f"malformed token sidecar {side}: dtype {meta['dtype']!r} is not uint16 or uint32", fix)
+    try:
+        ids = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise UserError(f"malformed token file {path}: {e}", fix) from None
+    if ids.ndim != 1 or ids.dtype != np.dtype(meta["dtype"]) or len(ids) != meta["num_tokens"]:
+        raise UserError(
+            f"token file {path} ({ids.dtype}, shape {ids.shape}) does not match its sidecar "
+            f"({meta['dtype']}, {meta['num_tokens']} tokens)", fix)
+    if meta["num_tokens"] and not 0 <= meta["max_id"] < meta["vocab_size"]:
+        raise UserError(f"malformed token sidecar {side}: max_id {meta['max_id']} outside the vocab of {meta['vocab_size']}", fix)
+    return ids, meta
+
+
+def check_token_file(path: str | os.PathLike, tokenizer_fingerprint: str | None, vocab_size: int) -> tuple[np.ndarray, dict]:
+    """`load_token_file`, then refuse a file from another tokenizer or with ids >= `vocab_size`.
+
+    Pass `tokenizer_fingerprint=None` to skip the tokenizer check (e.g. a run without a tokenizer).
+    """
+    ids, meta = load_token_file(path)
+    guess = _text_guess(Path(path))
+    if tokenizer_fingerprint is not None and meta["fingerprint"] != tokenizer_fingerprint:
+        raise UserError(
+            f"token file {path} was made by a different tokenizer (fingerprint {meta['fingerprint'][:12]} "
+            f"!= {tokenizer_fingerprint[:12]})",
+            f"re-encode it with this run's tokenizer: `tslm encode {guess} --tokenizer DIR --out {path} --force`",
+        )
+    if meta["num_tokens"] and meta["max_id"] >= vocab_size:
+        raise UserError(
+            f"token file {path} holds id {meta['max_id']}, but the model's vocab has only {vocab_size} ids",
+            f"use --vocab-size {meta['vocab_size']} (the tokenizer's), or re-encode with a smaller tokenizer",
+        )
+    return ids, meta
+
+
+def _text_guess(path: Path) -> str:
+    """The text file a token file was probably made from (for fix hints)."""
+    return str(path.with_suffix(".txt"))
+
