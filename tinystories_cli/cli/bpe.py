@@ -60,7 +60,7 @@ def command(
         "--vocab-size", help="Final vocabulary size incl. 256 bytes and special tokens (default: the preset's).",
         show_default=False)] = None,
     special_tokens: Annotated[Optional[List[str]], typer.Option(
-        "--special-token", help=f"Special token, repeatable; ids 0..k-1 in order (default: {DEFAULT_SPECIAL}).",
+        "--special-token", metavar="TOKEN", help=f"Special token, repeatable; ids 0..k-1 in order (default: {DEFAULT_SPECIAL}).",
         show_default=False)] = None,
     no_special: Annotated[bool, typer.Option("--no-special-tokens", help="Train without any special token.")] = False,
     out: Annotated[Optional[Path], typer.Option(
@@ -113,8 +113,11 @@ def command(
                 label = "pre-tokenize" if phase == "pretokenize" else "merge"
                 tasks[phase] = bar.add_task(label, total=max(total, 1), rate="")
                 started[phase] = time.perf_counter()
-            dt = max(time.perf_counter() - started[phase], 1e-9)
-            rate = f"{human_bytes(done / dt)}/s" if phase == "pretokenize" else f"{done / dt:,.0f} merges/s"
+            dt = time.perf_counter() - started[phase]
+            if dt < 0.2:  # too early for a meaningful rate
+                rate = ""
+            else:
+                rate = f"{human_bytes(done / dt)}/s" if phase == "pretokenize" else f"{done / dt:,.0f} merges/s"
             bar.update(tasks[phase], completed=done, rate=rate)
 
         result = bpe.train_bpe_file(input_path, vocab_size, specials, workers=workers, errors=errors, progress=progress)

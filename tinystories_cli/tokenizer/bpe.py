@@ -526,6 +526,8 @@ def bpe_merges(word_counts: Mapping[bytes, int], num_merges: int, *,
     heappush, heappop = heapq.heappush, heapq.heappop
 
     merges: list[tuple[bytes, bytes]] = []
+    if progress is not None:
+        progress("merge", 0, num_merges)
     while len(merges) < num_merges and heap:
         neg, key, a, b = heappop(heap)
         current = pair_counts.get((a, b), 0)
