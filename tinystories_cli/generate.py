@@ -32,8 +32,8 @@ the window slides: the oldest half is dropped, the newest `context_length // 2` 
 re-prefilled into a fresh cache at positions 0.., and decoding continues (the llama.cpp
 "context shift" policy: one prefill every `context_length // 2` tokens, so the cost stays
 amortised O(1) per token). A prompt longer than the context keeps only its last
-`context_length - 1` tokens (the report says how many were dropped). An empty prompt starts
-from `<|endoftext|>`, the document separator the model was trained on.
+`context_length` tokens (`Sample.prompt_dropped` and the CLI's summary say how many were cut).
+An empty prompt starts from `<|endoftext|>`, the document separator the model was trained on.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def draw_noise(generators: Sequence[torch.Generator], vocab_size: int, device: t
     noise = torch.empty(len(generators), vocab_size, device=device)
     for r, g in enumerate(generators):
         noise[r].exponential_(1.0, generator=g)
-    return noise
+    return noise.clamp_min_(1e-30)  # a variate of exactly 0 would turn p / E into inf or nan
 
 
 def sample(logits: Tensor, noise: Tensor | None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:

@@ -325,7 +325,7 @@ def encode_text(text_file: Path, tokens_file: Path, tokenizer_dir: Path, *, forc
     if not force and _token_file_matches(tokens_file, tokenizer):
         return "skipped"
     if tokens_file.exists() and not force:
-        raise UserError(f"{tokens_file} was encoded with another tokenizer",
+        raise UserError(f"{tokens_file} does not match the tokenizer in {tokenizer_dir} (another tokenizer, or damaged)",
                         "pass --force to redo every stage, or use another --dir")
     from tinystories_cli.tokenizer.bpe import default_workers
     from tinystories_cli.tokenizer.encode import encode_file
@@ -381,6 +381,21 @@ def plan_steps(budget_s: float, tokens_per_s: float, tokens_per_step: int, train
     return StepPlan(steps, why, seconds, eval_every, warmup)
 
 
+def eval_batches_for(budget_s: float, tokens_per_s: float, context_length: int, batch_size: int, max_batches: int,
+                     *, num_evals: int = NUM_EVALS, share: float = 0.1) -> int:
+    """Validation batches per evaluation so that all evaluations together take about `share` of the
+    budget (at least 1 batch, at most the preset's `max_batches`). On a slow CPU the preset's 10
+    batches would cost more than the training steps of a short run.
+
+    >>> eval_batches_for(600, 1_000, 256, 32, 10)     # 60 s of evals at 1K tokens/s: 140 windows
+    4
+    >>> eval_batches_for(600, 100_000, 256, 32, 10)
+    10
+    """
+    windows = share * budget_s * tokens_per_s * 3 / (num_evals * context_length)  # forward ~ 1/3 of a step
+    return max(1, min(max_batches, int(windows // batch_size)))
+
+
 def measure_throughput(model_cfg, train_cfg, device, max_seconds: float, max_steps: int = 10) -> tuple[float, float]:
     """Training tokens/s of `model_cfg` on `device`: one warm-up step, then timed optimizer steps on
     random ids until `max_seconds` (at least one). Returns (tokens/s, seconds spent in total)."""
@@ -415,7 +430,6 @@ def measure_throughput(model_cfg, train_cfg, device, max_seconds: float, max_ste
         _sync(device)
         n += 1
     tps = n * B * train_cfg.grad_accum_steps * T / (time.perf_counter() - t0)
-    del model, opt
     return tps, time.perf_counter() - t_start
 
 
@@ -514,7 +528,8 @@ def train_model(opts: QuickstartOptions, run_dir: Path, tokenizer_dir: Path, tra
     notify("train", f"measuring the speed of {preset} on {device} (a {probe_s:.2g} s probe)")
     tps, spent = measure_throughput(mc, tc, device, probe_s)
     tokens_per_step = tc.batch_size * tc.grad_accum_steps * mc.context_length
-    eval_windows = min(tc.eval_batches * tc.batch_size, max(1, n_valid - mc.context_length))
+    eval_batches = eval_batches_for(budget - spent, tps, mc.context_length, tc.batch_size, tc.eval_batches)
+    eval_windows = min(eval_batches * tc.batch_size, max(1, n_valid - mc.context_length))
     plan = plan_steps(budget - spent, tps, tokens_per_step, n_train, eval_windows * mc.context_length)
     why = {"time": f"fits in the {opts.minutes:g}-minute budget",
            "data": f"{MAX_EPOCHS:g} passes over the {n_train:,} training tokens; more would only memorize them",
@@ -522,6 +537,7 @@ def train_model(opts: QuickstartOptions, run_dir: Path, tokenizer_dir: Path, tra
     notify("train", f"{tps:,.0f} tokens/s -> {plan.steps:,} steps of {tokens_per_step:,} tokens, about "
                     f"{plan.seconds / 60:.1f} min ({why})")
     train_over.update(max_steps=plan.steps, warmup_steps=plan.warmup_steps, eval_every=plan.eval_every,
+                      eval_batches=eval_batches,
                       save_every=plan.eval_every, log_every=max(1, min(10, plan.steps // 20)))
     run = tl.prepare_run(preset, None, model_over, train_over, tl.TrainOptions(force=True, **base_opts))
     result = _train(tl, run)
@@ -604,6 +620,8 @@ def run_quickstart(opts: QuickstartOptions, notify: Notify | None = None, *, dow
 
     source, status = timed("text", fetch_source, opts, data_root, download_progress)
     stages["text"] = status
+    how = {"given": "using", "downloaded": "downloaded", "skipped": "already downloaded:"}.get(status, status)
+    notify("text", f"{how} {source} ({source.stat().st_size:,} bytes)")
     ds.mkdir(parents=True, exist_ok=True)
     stages["split"], rec = timed("split", split_text, source, train_txt, valid_txt, force=opts.force)
     notify("split", f"{'kept' if stages['split'] == 'skipped' else 'wrote'} {train_txt} ({rec.get('train_bytes', 0):,} bytes) "

@@ -29,17 +29,17 @@ from tinystories_cli.model import TransformerLM, cross_entropy, llama_config_dic
 from tinystories_cli.optim import AdamW
 
 
-def matmul_peak_flops(n: int = 1024, seconds: float = 2.0) -> float:
-    """Best observed fp32 FLOP/s of an n x n matmul on this machine (the MFU denominator)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
+def matmul_peak_flops(sizes: tuple[int, ...] = (1024, 2048, 4096), seconds: float = 1.5) -> float:
+    """Best observed fp32 FLOP/s of square matmuls on this machine (the MFU denominator)."""
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
         a @ b
-    best, end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t = time.perf_counter()
-        for _ in range(4):
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            t = time.perf_counter()
             a @ b
-        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t))
+            best = max(best, 2 * n**3 / (time.perf_counter() - t))
     return best
 
 

@@ -53,10 +53,8 @@ def command(
 ) -> None:
     """Generate text from a trained model: temperature, top-k, top-p, KV cache, streaming output.
 
-    Streams the completion as it is produced, then prints a summary line (prompt tokens, new tokens,
-    tokens/s, why it stopped) on stderr. When the context fills up, the window slides: the newest
-    half of the context is kept and re-read, and generation continues.
-    """
+    Streams the completion as it is produced, then prints a summary line (prompt tokens, new tokens, tokens/s, why it stopped) on stderr. When the context fills up, the window slides: the newest half of the context is kept and re-read, and generation continues. A prompt longer than the context keeps its end.
+    """  # noqa: E501 (one line per paragraph: the help renderer keeps line breaks)
     gen.check_sampling_args(max_tokens, temp, top_p, top_k)
     if num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {num_samples}")

@@ -17,7 +17,6 @@ from tinystories_cli.console import console, err_console, human_bytes
 COMMAND_KWARGS = {"no_args_is_help": False}
 ADVANCED = "Advanced"
 
-_TITLES = {"split": "split", "tokenizer": "tokenizer", "encode": "encode", "train": "train"}
 
 
 def command(
@@ -60,7 +59,7 @@ def command(
         if stage == "train" and not notify.train_started:  # type: ignore[attr-defined]
             console.rule("[bold]train", align="left")
             notify.train_started = True  # type: ignore[attr-defined]
-        console.print(f"[bold cyan]{_TITLES.get(stage, stage)}[/bold cyan] {message}", soft_wrap=True, highlight=False)
+        console.print(f"[bold cyan]{stage}[/bold cyan] {message}", soft_wrap=True, highlight=False)
 
     notify.train_started = False  # type: ignore[attr-defined]
 
