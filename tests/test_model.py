@@ -208,6 +208,8 @@ def test_state_dict_names_keyword_construction_and_tying():
     sin = TransformerLM(tiny(pos_emb="sinusoidal"))
     assert not any("sinusoidal" in k or "position" in k for k in sin.state_dict())
     assert TransformerLM(tiny(), num_layers=3).config.num_layers == 3
+    positional = TransformerLM(100, 16, 32, 2, 4, 64, 10000.0)  # CS336 argument order
+    assert positional.config == m.config
 
 
 def test_gpt2_init_scales_residual_projections():

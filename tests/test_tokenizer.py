@@ -147,6 +147,12 @@ def test_parity_with_tiktoken_edge_cases(gpt2, tiktoken_gpt2, text):
 
 
 @pytest.mark.shared_data
+def test_parity_with_tiktoken_lone_surrogates(gpt2, tiktoken_gpt2):
+    text = "a\ud800b \udfff"  # not valid text: both encode the surrogates as U+FFFD
+    assert gpt2.encode(text) == _ref(tiktoken_gpt2, text) == gpt2.encode("a\ufffdb \ufffd")
+
+
+@pytest.mark.shared_data
 def test_gpt2_known_ids_and_properties(gpt2):
     assert gpt2.encode("Hello world") == [15496, 995]
     assert gpt2.encode(EOT) == [50256]
@@ -292,11 +298,38 @@ def test_fingerprint_changes_with_vocab_merges_and_specials(toy):
     assert Tokenizer(v, toy.merges, [EOT]).fingerprint != base
 
 
-def test_cache_is_bounded(toy):
-    tok = Tokenizer(toy.vocab, toy.merges, [EOT], cache_size=50)
-    ids = tok.encode(TEXT * 2)
-    assert ids == toy.encode(TEXT * 2)
-    assert len(tok._cache) <= 50 + len(set(GPT2_PATTERN.findall(TEXT)))
+@pytest.mark.parametrize("size", [0, 5, 50])
+def test_caches_are_bounded(toy, size):
+    tok = Tokenizer(toy.vocab, toy.merges, [EOT], cache_size=size)
+    text = (TEXT + EOT) * 3
+    assert tok.encode(text) == toy.encode(text)
+    assert tok.encode_packed(text) == toy.encode_packed(text)
+    biggest = max(len(set(GPT2_PATTERN.findall(TEXT))), len(set(TEXT.split(" "))))
+    for table in (tok._cache, tok._packed_cache, tok._word_cache, tok._word_packed_cache):
+        assert len(table) <= size + biggest
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(["a", "b", "é", " ", "  ", "\n", "\t", "'", "'s", "1", ".", "\u00a0", "\u3000", "x y"]), max_size=25).map("".join))
+def test_word_fast_path_equals_pretoken_path(toy, text):
+    spaces = _whitespace_tokenizer()
+    for tok in (Tokenizer(toy.vocab, toy.merges, [EOT]), spaces):
+        assert tok._encode_plain(text) == tok._encode_pieces(text)
+        assert tok._encode_plain_packed(text) == tok._encode_pieces_packed(text)
+
+
+def _whitespace_tokenizer() -> Tokenizer:
+    """Merges whitespace runs, so that wrongly cutting inside a run changes the ids."""
+    vocab = {i: bytes([i]) for i in range(256)} | {256: b"  ", 257: b"\n ", 258: b"   ", 259: b" b", 260: b"\n\n"}
+    return Tokenizer(vocab, [(b" ", b" "), (b"\n", b" "), (b"  ", b" "), (b" ", b"b"), (b"\n", b"\n")])
+
+
+@pytest.mark.parametrize("text", ["a   b", "a\n  b", "a\n\n b", "a \n  b c", "b    b", "x\u3000  b"])
+def test_word_fast_path_keeps_whitespace_runs_whole(text):
+    tok = _whitespace_tokenizer()
+    want = [i for p in GPT2_PATTERN.findall(text) for i in tok._bpe(p)]
+    assert tok.encode(text) == want
+    assert tok.encode_packed(text) == tok._encode_pieces_packed(text)
 
 
 # --------------------------------------------------------------------------- round trips
@@ -310,6 +343,10 @@ def test_roundtrip_hypothesis(toy, text):
         ids = tok.encode(text)
         assert tok.decode(ids) == text
         assert all(0 <= i < tok.vocab_size for i in ids)
+
+
+def test_lone_surrogates_become_replacement_char(toy):
+    assert toy.encode("a\ud800b") == toy.encode("a\ufffdb")
 
 
 def test_roundtrip_fixture_text(toy):

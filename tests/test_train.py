@@ -257,3 +257,10 @@ def test_prepare_run_rejects_changed_settings_on_resume(workspace):
     run = T.prepare_run(None, None, None, {"log_every": 3, "dataset": "tiny"},
                         T.TrainOptions(run_name="chg", resume="auto"))
     assert run.resume_from is not None and run.train_cfg.log_every == 3
+
+
+def test_resume_auto_starts_a_run_that_has_no_checkpoint(workspace):
+    res = _run("fresh", resume="auto", stop_at=1, train={"save_every": 100})
+    assert res.step == 1 and (res.run_dir / "config.json").is_file()
+    (res.run_dir / "checkpoints" / "step_0000001.safetensors").unlink()  # as if killed before its first save
+    assert _run("fresh", resume="auto").step == 8  # started over (no "already holds a run" refusal)

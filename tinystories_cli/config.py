@@ -198,13 +198,17 @@ PRESETS: dict[str, Preset] = {
                               warmup_steps=2000, weight_decay=0.1, eval_every=1000, save_every=5000),
         ),
         Preset(
-            # Sized for ~30 minutes on 2 CPU cores: ~3.4M non-embedding-heavy parameters at 4K vocab
-            # process ~10K tokens/s, i.e. ~18M tokens in 30 minutes, enough for grammatical stories.
+            # Sized for ~30 minutes on 2 CPU cores. Measured (tests/benchmarks/bench_train.py and
+            # quality_cpu.sh, torch 2.13 CPU, 2 shared cores): 0.9-1.5K training tokens/s for this
+            # 5.3M-parameter model (28.7 MFLOP/token). 30 minutes are therefore ~2.5M tokens, about two
+            # passes over the 1.29M-token tinystories_train.txt. At that budget more, smaller steps beat
+            # fewer large ones: batch 16 x 256 = 4,096 tokens/step, 600 steps (~27 min at 1.5K tokens/s).
+            # Evaluation (6 x 16 fixed windows every 100 steps) costs under 2% of the time.
             name="tinystories-cpu",
             description="Laptop-CPU model: 4 layers, d 256, 8 heads, ctx 256, 4K BPE; ~30 min on 2 cores",
             model=ModelConfig(vocab_size=4096, context_length=256, d_model=256, num_layers=4, num_heads=8, d_ff=704),
-            train=TrainConfig(batch_size=32, max_steps=2200, lr=2e-3, min_lr=2e-4, warmup_steps=100,
-                              weight_decay=0.1, grad_clip=1.0, eval_every=200, eval_batches=10, save_every=500),
+            train=TrainConfig(batch_size=16, max_steps=600, lr=2e-3, min_lr=2e-4, warmup_steps=30,
+                              weight_decay=0.1, grad_clip=1.0, eval_every=100, eval_batches=6, save_every=100),
         ),
         Preset(
             name="debug",

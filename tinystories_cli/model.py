@@ -387,8 +387,8 @@ class MultiHeadSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, token_positions: Tensor | None = None, start_pos: int = 0) -> Tensor:
         *lead, T, d = x.shape
-        # three separate projections rather than one fused (d -> 3d) matmul: on CPU the speed is the same,
-        # and it keeps autograd from holding the whole fused qkv buffer (or a concatenated weight) alive
+        # three separate projections rather than one fused (d -> 3d) matmul: a fused one would make autograd
+        # keep the whole qkv buffer alive (v is saved as a view of it) plus a concatenated weight copy
         heads = (self.num_heads, self.head_dim)
         q = self.q_proj(x).unflatten(-1, heads)  # (..., T, nh, hs)
         k = self.k_proj(x).unflatten(-1, heads)
@@ -466,8 +466,17 @@ class TransformerLM(nn.Module):
     `state_dict`, one tensor). `ln_final` exists whenever norm != 'none' (also for post-norm).
     """
 
-    def __init__(self, config: ModelConfig | None = None, *, device=None, dtype=None, **kwargs: Any):
+    POSITIONAL = ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff", "rope_theta")
+
+    def __init__(self, config: ModelConfig | None = None, *args: Any, device=None, dtype=None, **kwargs: Any):
         super().__init__()
+        if config is not None and not isinstance(config, ModelConfig):  # CS336 order: TransformerLM(V, ctx, d, ...)
+            if len(args) + 1 > len(self.POSITIONAL):
+                raise TypeError(f"at most {len(self.POSITIONAL)} positional arguments: {self.POSITIONAL}")
+            kwargs = {**dict(zip(self.POSITIONAL, (config, *args))), **kwargs}
+            config = None
+        elif args:
+            raise TypeError("pass either a ModelConfig or the config fields, not both positionally")
         if config is None:
             config = ModelConfig(**kwargs)
         elif kwargs:

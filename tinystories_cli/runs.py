@@ -35,7 +35,9 @@ _STEP_RE = re.compile(r"^step_(\d+)\.safetensors$")
 
 
 def step_checkpoint_name(step: int) -> str:
-    """>>> step_checkpoint_name(1000)
+    """The file name of the full checkpoint at `step`.
+
+    >>> step_checkpoint_name(1000)
     'step_0001000.safetensors'
     """
     return f"step_{step:07d}.safetensors"

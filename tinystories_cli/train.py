@@ -224,10 +224,10 @@ def prepare_run(
         if opts.resume == "auto":
             candidate = root / opts.run_name if opts.run_name else root / runs.LATEST_LINK
             if candidate.exists():
-                run_dir = candidate.resolve()
-                resume_from = runs.latest_checkpoint(run_dir)
-            elif opts.run_name:
-                run_dir = root / opts.run_name
+                resume_from = runs.latest_checkpoint(candidate.resolve())
+            if resume_from is not None or opts.run_name:
+                # runs/latest without a checkpoint is not reused: a fresh run gets its own name
+                run_dir = candidate.resolve() if candidate.exists() else candidate
         else:
             target = runs.resolve_run(opts.resume)
             run_dir = runs.run_dir_of(target)
@@ -266,7 +266,8 @@ def prepare_run(
         if run_dir is None:
             run_dir = root / (opts.run_name or new_run_name(preset_name))
         if (run_dir / runs.CONFIG_FILE).exists() or runs.step_checkpoints(run_dir):
-            if not opts.force:
+            # --resume auto on a run that never reached its first checkpoint starts it over.
+            if not opts.force and opts.resume != "auto":
                 raise UserError(f"{run_dir} already holds a run",
                                 "pass --resume to continue it, --force to start it over, or choose another --run-name")
 
@@ -387,7 +388,9 @@ def _sync(device: torch.device) -> None:
 
 
 def format_duration(seconds: float) -> str:
-    """>>> format_duration(3725), format_duration(65.2)
+    """Hours and minutes, or minutes and seconds.
+
+    >>> format_duration(3725), format_duration(65.2)
     ('1h02m', '1m05s')
     """
     seconds = max(0, int(seconds))
@@ -573,6 +576,10 @@ def train(run: Run, on_step: Callable[[int, dict], None] | None = None) -> Train
             raise UserError(f"{run.resume_from} is already at step {start_step} (the run ends at {run.end_step})",
                             "raise --stop-at, or the run is finished: evaluate it with `tslm eval`")
 
+    if dist.rank > 0:
+        # Same initial weights on every rank (seeded above), but each rank its own dropout stream;
+        # rank 0 keeps the single-process stream.
+        torch.manual_seed(tc.seed + 7919 * dist.rank + 104729 * start_step)
     if dist.enabled:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if tc.compile:
@@ -627,7 +634,7 @@ def train(run: Run, on_step: Callable[[int, dict], None] | None = None) -> Train
     step = start_step
     compiled_checked = not tc.compile
     model.train()
-    if rng_state is not None:  # last thing before the loop: nothing else may draw from the stream
+    if rng_state is not None and dist.is_main:  # last thing before the loop: nothing else may draw from it
         _restore_rng(rng_state, device)
     try:
         with _Signals() as signals:
@@ -740,14 +747,14 @@ def train(run: Run, on_step: Callable[[int, dict], None] | None = None) -> Train
 
 def _broadcast_str(text: str, device: torch.device, max_bytes: int = 4096) -> str:
     """Rank 0's string on every rank (as a byte tensor: no pickling)."""
-    buf = torch.zeros(max_bytes + 1, dtype=torch.uint8, device=device)
     data = text.encode("utf-8")[:max_bytes]
-    buf[0] = 0
-    buf[1:len(data) + 1] = torch.tensor(list(data), dtype=torch.uint8)
-    length = torch.tensor([len(data)], dtype=torch.int64, device=device)
-    torch.distributed.broadcast(length, src=0)
-    torch.distributed.broadcast(buf, src=0)
-    return bytes(buf[1:int(length.item()) + 1].tolist()).decode("utf-8")
+    buf = torch.zeros(max_bytes, dtype=torch.uint8)
+    buf[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else buf[:0]
+    packed = torch.cat([torch.tensor([len(data)], dtype=torch.int64).view(torch.uint8), buf]).to(device)
+    torch.distributed.broadcast(packed, src=0)
+    packed = packed.cpu()
+    n = int(packed[:8].view(torch.int64).item())
+    return bytes(packed[8:8 + n].tolist()).decode("utf-8")
 
 
 def _forward_backward(model, batches, autocast, cross_entropy, dist: Dist) -> torch.Tensor:
@@ -799,7 +806,8 @@ def _print_header(display: Display, run: Run, summary: dict, peak_note: str, sta
 
     cfg, tc = run.model_cfg, run.train_cfg
     lines = [
-        f"run {run.run_dir}  ({'new' if run.fresh else f'resuming from step {start_step}: {run.resume_from}'})",
+        f"run {run.run_dir}  ({'new' if run.fresh else f'resuming from step {start_step}: {run.resume_from}'}; "
+        f"resolved config in {run.run_dir / runs.CONFIG_FILE})",
         f"preset {run.preset}  model: vocab {cfg.vocab_size}, ctx {cfg.context_length}, {cfg.num_layers} x "
         f"d{cfg.d_model}, {cfg.num_heads} heads, d_ff {cfg.d_ff}, {cfg.norm_position}-{cfg.norm}, {cfg.pos_emb}, "
         f"{cfg.ffn}, {'tied' if cfg.tie_embeddings else 'untied'}, init {cfg.init}",
