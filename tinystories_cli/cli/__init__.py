@@ -13,6 +13,7 @@ import os
 import sys
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 try:  # recent Typer vendors its own copy of click; older versions use click itself.
     from typer._click.exceptions import ClickException, UsageError
@@ -27,24 +28,66 @@ from tinystories_cli import __version__
 from tinystories_cli.console import print_error
 from tinystories_cli.errors import UserError
 
-# Registered subcommands, in --help order. A module is listed only once its command really works.
-COMMANDS = [
-    "download",
-    "bpe",
-    "encode",
-    "train",
-    "eval",
-    "generate",
-    "account",
-    "plot",
-    "stats",
-    "export",
-    "quickstart",
-]
+# Registered subcommands in --help order, with their one-line summary. A command is listed only once
+# it really works. Modules are imported only when their command runs, so `tslm bpe` or `tslm --help`
+# never pay for importing torch.
+COMMANDS: dict[str, str] = {
+    "quickstart": "From nothing to a generated story in one command (download, bpe, encode, train, generate).",
+    "download": "Fetch a dataset or any URL: resumable, verified, atomic.",
+    "bpe": "Train a byte-level BPE tokenizer (GPT-2 pre-tokenization, special tokens).",
+    "encode": "Encode text files into token files (.npy + JSON sidecar), in parallel.",
+    "train": "Train a Transformer LM from a preset or config, with checkpoints and exact resume.",
+    "eval": "Loss, perplexity and bits-per-byte of a run or checkpoint on a token file.",
+    "generate": "Sample text with a KV cache: temperature, top-k, top-p, streaming.",
+    "account": "Parameters, FLOPs, AdamW training memory and training time for a model preset.",
+    "plot": "Plot runs' metrics (loss, grad norm, lr) on one figure, PNG or ASCII.",
+    "stats": "Documents, bytes, tokens and a document-length histogram of a text file.",
+    "export": "Export a run to Hugging Face format (LlamaForCausalLM + tokenizer) or plain safetensors.",
+}
+
+
+def _load_command(name: str) -> TyperCommand:
+    """Build the click command for `name` by importing its module (only now)."""
+    module = importlib.import_module(f"tinystories_cli.cli.{name}")
+    sub = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    sub.command(name, **getattr(module, "COMMAND_KWARGS", {}))(module.command)
+    command = typer.main.get_command(sub)
+    command.name = name
+    return command
+
+
+class LazyGroup(TyperGroup):
+    """A command group that imports a subcommand's module only when that subcommand is invoked."""
+
+    def list_commands(self, ctx) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name: str):
+        if name not in COMMANDS:
+            return None
+        if ctx.resilient_parsing or _listing_help(ctx):
+            # The group's --help only needs each command's summary: skip the import.
+            return TyperCommand(name=name, help=COMMANDS[name], short_help=COMMANDS[name], callback=None)
+        return _load_command(name)
+
+
+def _listing_help(ctx) -> bool:
+    return ctx.meta.get("tslm.listing_help", False)
+
+
+class _HelpAwareGroup(LazyGroup):
+    def format_help(self, ctx, formatter):
+        ctx.meta["tslm.listing_help"] = True
+        try:
+            return super().format_help(ctx, formatter)
+        finally:
+            ctx.meta["tslm.listing_help"] = False
+
 
 app = typer.Typer(
+    cls=_HelpAwareGroup,
     name="tslm",
-    help="Train small Transformer language models from scratch: download, bpe, encode, train, eval, generate, account.",
+    help="Train small Transformer language models from scratch. Start with `tslm quickstart`.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -66,11 +109,6 @@ def _root(
     """tslm: the small-LM pipeline in one command."""
     if debug:
         os.environ["TSLM_DEBUG"] = "1"
-
-
-for _name in COMMANDS:
-    _module = importlib.import_module(f"tinystories_cli.cli.{_name}")
-    app.command(_name, **getattr(_module, "COMMAND_KWARGS", {}))(_module.command)
 
 
 def _debug_enabled(argv: list[str]) -> bool:
