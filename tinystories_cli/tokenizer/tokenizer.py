@@ -63,7 +63,6 @@ _SAFE_CUT = regex.compile(r"(?r)\S\s|\p{L}[^\s\p{L}]")
 
 # A whitespace character followed by a space: where cutting before a space is NOT safe.
 _WS_SPACE = regex.compile(r"\s ")
-_WS_SPACE_ASCII = re.compile(r"[\t\n\x0b\x0c\r ] ")
 
 # Pre-tokens longer than this are merged with a heap (O(n log n)) instead of rescanning all pairs
 # after every merge (O(n^2)), so a megabyte-long run of spaces or digits cannot stall encoding.
@@ -336,16 +335,15 @@ class Tokenizer:
         """
         words = _split_words(text)
         if words is None:
-            return self._encode_pieces(text)
-        table = self._word_cache
-        cache = table.d
-        ids = self._encode_pieces(words[0]) if words[0] else []
+            return list(chain.from_iterable(self._piece_values(text, packed=False)))
+        cache = self._word_cache.d
+        ids = list(chain.from_iterable(self._piece_values(words[0], packed=False))) if words[0] else []
         n = len(ids)
         try:
             ids.extend(chain.from_iterable(map(cache.__getitem__, islice(words, 1, None))))
         except KeyError:
             del ids[n:]
-            table.add({w: tuple(self._encode_pieces(" " + w)) for w in table.missing(islice(words, 1, None))})
+            self._add_words(words, packed=False)
             ids.extend(chain.from_iterable(map(cache.__getitem__, islice(words, 1, None))))
         return ids
 
@@ -353,47 +351,66 @@ class Tokenizer:
         """`_encode_plain` as packed bytes, with its own caches."""
         words = _split_words(text)
         if words is None:
-            return self._encode_pieces_packed(text)
-        table = self._word_packed_cache
-        cache = table.d
-        head = self._encode_pieces_packed(words[0]) if words[0] else b""
+            return b"".join(self._piece_values(text, packed=True))
+        cache = self._word_packed_cache.d
         try:
             tail = b"".join(map(cache.__getitem__, islice(words, 1, None)))
         except KeyError:
-            table.add({w: self._encode_pieces_packed(" " + w) for w in table.missing(islice(words, 1, None))})
+            self._add_words(words, packed=True)
             tail = b"".join(map(cache.__getitem__, islice(words, 1, None)))
-        return head + tail if head else tail
+        return b"".join(self._piece_values(words[0], packed=True)) + tail if words[0] else tail
+
+    def _add_words(self, words: list[str], packed: bool) -> None:
+        """Cache " " + w for the new words w of `words[1:]` (one regex pass over all of them).
+
+        Every word but the last ends in a non-space (a space followed it), so in " w1 w2 ..." the
+        cut before each space is safe, and each " " + w starts with the only pre-token of its own
+        that begins with a space: that mark splits the pre-tokens back into words.
+        """
+        table = self._word_packed_cache if packed else self._word_cache
+        new = table.missing(islice(words, 1, None))
+        last = words[-1]
+        if last in new:  # it may end in whitespace: encode it on its own
+            new.discard(last)
+            table.add({last: self._join(self._piece_values(" " + last, packed), packed)})
+        if not new:
+            return
+        fresh = list(new)
+        pieces = _pretokens(" " + " ".join(fresh))
+        values = self._piece_values(pieces, packed)
+        starts = [i for i, p in enumerate(pieces) if p[0] == " "]
+        if len(starts) != len(fresh):  # pragma: no cover - cannot happen; stay correct regardless
+            table.add({w: self._join(self._piece_values(" " + w, packed), packed) for w in fresh})
+            return
+        table.add({w: self._join(values[a:b], packed) for w, a, b in zip(fresh, starts, starts[1:] + [len(pieces)])})
+
+    @staticmethod
+    def _join(values: list, packed: bool):
+        return b"".join(values) if packed else tuple(chain.from_iterable(values))
+
+    def _piece_values(self, text_or_pieces: str | list[str], packed: bool) -> list:
+        """The cached value (ids tuple, or packed bytes) of every pre-token, merging new ones once."""
+        pieces = _pretokens(text_or_pieces) if isinstance(text_or_pieces, str) else text_or_pieces
+        table = self._packed_cache if packed else self._cache
+        cache = table.d
+        try:
+            return list(map(cache.__getitem__, pieces))  # all in C when every pre-token is cached
+        except KeyError:
+            pass
+        new = {p: self._bpe(p) for p in table.missing(pieces)}
+        if packed:
+            code = self._dtype.char  # "H" (uint16) or "I" (uint32)
+            new = {p: struct.pack(f"<{len(ids)}{code}", *ids) for p, ids in new.items()}
+        table.add(new)
+        return list(map(cache.__getitem__, pieces))
 
     def _encode_pieces(self, text: str) -> list[int]:
-        """Ids of a text holding no special tokens, pre-token by pre-token."""
-        pieces = (ASCII_PATTERN if text.isascii() else GPT2_PATTERN).findall(text)
-        table = self._cache
-        cache = table.d
-        try:
-            # Fast path, all in C: every pre-token is cached (the usual case on natural text).
-            return list(chain.from_iterable(map(cache.__getitem__, pieces)))
-        except KeyError:
-            pass
-        # Some pre-tokens are new: merge each distinct one once, then take the fast path again.
-        table.add({p: self._bpe(p) for p in table.missing(pieces)})
-        return list(chain.from_iterable(map(cache.__getitem__, pieces)))
+        """Ids of a text holding no special tokens, pre-token by pre-token (no word cache)."""
+        return list(chain.from_iterable(self._piece_values(text, packed=False)))
 
     def _encode_pieces_packed(self, text: str) -> bytes:
-        """`_encode_pieces` as packed bytes, with its own cache of packed pre-tokens."""
-        pieces = (ASCII_PATTERN if text.isascii() else GPT2_PATTERN).findall(text)
-        table = self._packed_cache
-        cache = table.d
-        try:
-            return b"".join(map(cache.__getitem__, pieces))
-        except KeyError:
-            pass
-        code = self._dtype.char  # "H" (uint16) or "I" (uint32)
-        new = {}
-        for p in table.missing(pieces):
-            ids = self._bpe(p)
-            new[p] = struct.pack(f"<{len(ids)}{code}", *ids)
-        table.add(new)
-        return b"".join(map(cache.__getitem__, pieces))
+        """`_encode_pieces` as packed bytes."""
+        return b"".join(self._piece_values(text, packed=True))
 
     def _bpe(self, piece: str) -> tuple[int, ...]:
         """Apply merges in rank order to the bytes of one pre-token."""
@@ -517,13 +534,22 @@ class _Cache:
         self.chars += sum(map(len, items))
 
 
+def _pretokens(text: str) -> list[str]:
+    """GPT-2 pre-tokens of `text` (the ASCII pattern when it applies)."""
+    return (ASCII_PATTERN if text.isascii() else GPT2_PATTERN).findall(text)
+
+
 def _split_words(text: str) -> list[str] | None:
     r"""`text.split(" ")` when every space follows a non-space (all cuts before spaces are safe), else None.
 
     >>> _split_words("a b, c"), _split_words("a  b"), _split_words("a\n b")
     (['a', 'b,', 'c'], None, None)
     """
-    if (_WS_SPACE_ASCII if text.isascii() else _WS_SPACE).search(text) is not None:
+    if text.isascii():
+        # str `in` scans run at memchr speed; these are all ASCII whitespace characters + space
+        if "  " in text or "\n " in text or "\t " in text or "\r " in text or "\x0b " in text or "\x0c " in text:
+            return None
+    elif _WS_SPACE.search(text) is not None:
         return None
     return text.split(" ")
 
