@@ -102,6 +102,14 @@ def test_plain_names_after_torch_compile(tmp_path):
     # and backward through it. The `_orig_mod.` prefix comes from the OptimizedModule wrapper, which
     # every backend shares; "aot_eager" skips inductor's C++ code generation (over a minute on 2 CPU
     # cores). If torch.compile is broken here this test fails: it is never skipped.
+    torch._dynamo.reset()  # compiled code is cached per function: keep other tests' compiles independent
+    try:
+        _check_compiled_names(tmp_path)
+    finally:
+        torch._dynamo.reset()
+
+
+def _check_compiled_names(tmp_path):
     model, opt = _trained(steps=0)
     compiled = torch.compile(model, backend="aot_eager")
     x = torch.randint(0, 50, (1, 4))

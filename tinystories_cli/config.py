@@ -198,16 +198,16 @@ PRESETS: dict[str, Preset] = {
                               warmup_steps=2000, weight_decay=0.1, eval_every=1000, save_every=5000),
         ),
         Preset(
-            # Sized for ~30 minutes on 2 CPU cores. Measured (tests/benchmarks/bench_train.py and
-            # quality_cpu.sh, torch 2.13 CPU, 2 shared cores): 0.9-1.5K training tokens/s for this
-            # 5.3M-parameter model (28.7 MFLOP/token). 30 minutes are therefore ~2.5M tokens, about two
-            # passes over the 1.29M-token tinystories_train.txt. At that budget more, smaller steps beat
-            # fewer large ones: batch 16 x 256 = 4,096 tokens/step, 600 steps (~27 min at 1.5K tokens/s).
-            # Evaluation (6 x 16 fixed windows every 100 steps) costs under 2% of the time.
+            # Sized for ~30 minutes on 2 CPU cores. Measured with tests/benchmarks/bench_train.py (torch
+            # 2.13 CPU, 2 cores, otherwise idle): ~3.0K training tokens/s for this 5.3M-parameter model
+            # (28.7 MFLOP/token), 1.38 s per step of 16 x 256 tokens; 3-4x slower when the cores are shared.
+            # 1,000 steps = 4.1M tokens (~3 passes over the 1.29M-token tinystories_train.txt) take ~24 min
+            # plus ~2% for evaluation, leaving headroom for a slower machine. At this budget more, smaller
+            # steps beat fewer large ones, hence batch 16.
             name="tinystories-cpu",
             description="Laptop-CPU model: 4 layers, d 256, 8 heads, ctx 256, 4K BPE; ~30 min on 2 cores",
             model=ModelConfig(vocab_size=4096, context_length=256, d_model=256, num_layers=4, num_heads=8, d_ff=704),
-            train=TrainConfig(batch_size=16, max_steps=600, lr=2e-3, min_lr=2e-4, warmup_steps=30,
+            train=TrainConfig(batch_size=16, max_steps=1000, lr=2e-3, min_lr=2e-4, warmup_steps=50,
                               weight_decay=0.1, grad_clip=1.0, eval_every=100, eval_batches=6, save_every=100),
         ),
         Preset(

@@ -15,7 +15,12 @@ their real frequency. They are timed separately and amortized over the preset's 
 
     overhead = (t_loop - t_bare) / t_bare + t_eval / (eval_every t_bare) + t_save / (save_every t_bare)
 
-Prints one JSON object; `loop_overhead_pct` is the number the issue asks to keep under 5.
+On a shared machine the end-to-end difference is within the noise (a few %, either sign), so
+the loop's own per-step work (drawing a batch from the memmap, one metrics line) is also timed
+directly, which noise cannot hide: `direct_overhead_pct` = that work + amortized eval/checkpoints.
+
+Prints one JSON object; `loop_overhead_pct` (end to end) and `direct_overhead_pct` are the numbers
+the issue asks to keep under 5.
 """
 
 from __future__ import annotations
@@ -117,6 +122,24 @@ def save_seconds(model_cfg, train_cfg, root: Path) -> float:
     return time.perf_counter() - t
 
 
+def per_step_loop_work(model_cfg, train_cfg, root: Path, draws: int = 50) -> float:
+    """Seconds per step of the loop's own work: sample a batch from the memmap, write a metrics line."""
+    from tinystories_cli.data import BatchSampler
+
+    data = np.load(root / "train.npy", mmap_mode="r")
+    sampler = BatchSampler(data, train_cfg.batch_size, model_cfg.context_length, seed=0)
+    record = {"step": 1, "tokens": 4096, "elapsed_s": 1.0, "train_loss": 3.2, "lr": 1e-3, "grad_norm": 0.5,
+              "tokens_per_s": 1000.0, "mfu": 0.1}
+    with open(root / "m.jsonl", "a") as fh:
+        t = time.perf_counter()
+        for _ in range(draws):
+            for _ in range(train_cfg.grad_accum_steps):
+                sampler.next("cpu")
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+        return (time.perf_counter() - t) / draws
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tinystories-cpu")
@@ -135,12 +158,14 @@ def main() -> None:
         write_tokens(root / "valid.npy", 200_000, mc.vocab_size, 1)
         bare_steps(mc, tc, 1)  # warm-up: allocator, thread pool, first-call paths
         loop_steps(mc, tc, 2, root, "warmup")
-        bare, loop = [], []
+        bare, loop, evals, saves = [], [], [], []
         for r in range(args.repeats):
             bare.append(bare_steps(mc, tc, args.steps))
             loop.append(loop_steps(mc, tc, args.steps, root, f"r{r}"))
-        t_eval = eval_seconds(mc, tc, root)
-        t_save = save_seconds(mc, tc, root)
+            evals.append(eval_seconds(mc, tc, root))
+            saves.append(save_seconds(mc, tc, root))
+        t_eval, t_save = min(evals), min(saves)
+        t_work = per_step_loop_work(mc, tc, root)
     t_bare, t_loop = min(bare), min(loop)
     per_step = (t_loop - t_bare) / t_bare
     amortized = t_eval / (tc.eval_every * t_bare) + t_save / (tc.save_every * t_bare)
@@ -158,6 +183,8 @@ def main() -> None:
         "per_step_overhead_pct": round(100 * per_step, 2),
         "amortized_eval_save_pct": round(100 * amortized, 2),
         "loop_overhead_pct": round(100 * (per_step + amortized), 2),
+        "loop_work_s_per_step": round(t_work, 5),
+        "direct_overhead_pct": round(100 * (t_work / t_bare + amortized), 2),
         "steps_in_30_min": int(1800 / (t_loop * (1 + amortized))),
     }
     print(json.dumps(result, indent=2))

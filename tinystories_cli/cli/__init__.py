@@ -41,6 +41,7 @@ COMMANDS: dict[str, str] = {
     "generate": "Sample text with a KV cache: temperature, top-k, top-p, streaming.",
     "account": "Parameters, FLOPs, AdamW training memory and training time for a model preset.",
     "plot": "Plot runs' metrics (loss, grad norm, lr) on one figure, PNG or ASCII.",
+    "compare": "Compare runs in one table: differing settings, val loss, perplexity, bits-per-byte.",
     "stats": "Documents, bytes, tokens and a document-length histogram of a text file.",
     "export": "Export a run to Hugging Face format (LlamaForCausalLM + tokenizer) or plain safetensors.",
 }

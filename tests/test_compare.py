@@ -1,0 +1,222 @@
+"""`tslm compare`: run summaries from hand-written run directories, the differing-settings table,
+Markdown/JSON output, user errors, and `--data` evaluation equal to `tslm eval` on real tiny runs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from tinystories_cli import compare, paths
+from tinystories_cli.config import ModelConfig, TrainConfig
+
+from train_fixtures import make_dataset
+
+
+def write_run(root: Path, name: str, model: dict | None = None, train: dict | None = None,
+              metrics: list[dict] | None = None, eval_result: dict | None = None, preset: str = "debug") -> Path:
+    """A run directory as `tslm train` leaves it (config.json, metrics.jsonl, optional eval_valid.json)."""
+    d = root / name
+    d.mkdir(parents=True)
+    m = ModelConfig(**{"vocab_size": 256, "context_length": 32, "d_model": 32, "num_layers": 1, "num_heads": 2,
+                       **(model or {})})
+    t = TrainConfig(**{"max_steps": 10, "warmup_steps": 1, **(train or {})})
+    cfg = {"preset": preset, "model": m.model_dump(), "train": t.model_dump(), "parameters": 1234,
+           "max_steps": t.max_steps, "tokens_per_step": 64}
+    (d / "config.json").write_text(json.dumps(cfg))
+    if metrics is not None:
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
+    if eval_result is not None:
+        (d / "eval_valid.json").write_text(json.dumps(eval_result))
+    return d
+
+
+def test_summarize_metrics_best_final_and_nan():
+    recs = [{"step": 5, "tokens": 320, "train_loss": 4.0},
+            {"step": 10, "tokens": 640, "val_loss": 3.0},
+            {"step": 15, "tokens": 960, "val_loss": 2.5},
+            {"step": 20, "tokens": 1280, "val_loss": float("nan")}]
+    s = compare.summarize_metrics(recs)
+    assert (s["steps"], s["tokens"]) == (20, 1280)
+    assert (s["best_val_loss"], s["best_val_step"]) == (2.5, 15)
+    assert s["final_val_step"] == 20 and math.isnan(s["final_val_loss"])
+    empty = compare.summarize_metrics([])
+    assert empty["steps"] is None and empty["best_val_loss"] is None
+
+
+def test_differing_settings_keep_only_what_changes_and_skip_bookkeeping(tmp_path):
+    a = write_run(tmp_path, "a", train={"lr": 1e-3, "device": "cpu", "log_every": 1}, metrics=[])
+    b = write_run(tmp_path, "b", model={"pos_emb": "nope"}, train={"lr": 3e-3, "device": "cuda"}, metrics=[])
+    sa, sb = compare.summarize_run(a), compare.summarize_run(b)
+    assert compare.differing_settings([sa, sb]) == ["pos_emb", "lr"]
+    assert compare.differing_settings([sa]) == []
+    cols, rows = compare.compare_table([sa, sb])
+    assert cols[:3] == ["run", "pos_emb", "lr"] and "eval loss" not in cols
+    assert rows[0][:3] == ["a", "rope", "0.001"] and rows[1][:3] == ["b", "nope", "0.003"]
+
+
+def test_cli_markdown_table_has_a_row_per_run_with_eval_columns(tmp_path, run_cli):
+    ev = {"loss": 2.0, "perplexity": math.exp(2.0), "bits_per_byte": 0.75, "data": "v.npy", "step": 10}
+    a = write_run(tmp_path, "base", metrics=[{"step": 10, "tokens": 640, "val_loss": 2.1}], eval_result=ev)
+    b = write_run(tmp_path, "tied", model={"tie_embeddings": True},
+                  metrics=[{"step": 4, "tokens": 256, "val_loss": 2.6}])
+    code, out, err = run_cli("compare", str(a), str(b), "--markdown")
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0] == ("| run | tie_embeddings | params | steps | tokens | best val | final val | eval loss | ppl "
+                        "| bpb |")
+    assert lines[1].startswith("|---|---|---:|")
+    assert lines[2] == "| base | no | 1.234K | 10 | 640 | 2.1000 | 2.1000 | 2.0000 | 7.39 | 0.7500 |"
+    # an unfinished run shows steps done / planned, and no eval yet
+    assert lines[3] == "| tied | yes | 1.234K | 4/10 | 256 | 2.6000 | 2.6000 | - | - | - |"
+    assert len(lines) == 4
+
+
+def test_cli_json_and_rich_outputs(tmp_path, run_cli):
+    a = write_run(tmp_path, "one", metrics=[{"step": 3, "tokens": 9, "val_loss": 1.5}])
+    code, out, err = run_cli("compare", str(a), "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data[0]["name"] == "one" and data[0]["best_val_loss"] == 1.5 and data[0]["settings"]["preset"] == "debug"
+    code, out, err = run_cli("compare", str(a))
+    assert code == 0, err
+    assert "one" in out and "1.5000" in out
+
+
+def test_run_without_metrics_is_listed_with_a_note(tmp_path, run_cli):
+    a = write_run(tmp_path, "fresh")
+    code, out, err = run_cli("compare", str(a), "--markdown")
+    assert code == 0
+    assert "| fresh |" in out and "no metrics.jsonl" in err
+
+
+def test_same_directory_names_are_labelled_by_path(tmp_path, run_cli):
+    a = write_run(tmp_path / "x", "run", metrics=[])
+    b = write_run(tmp_path / "y", "run", metrics=[], train={"lr": 1e-3})
+    code, out, _ = run_cli("compare", str(a), str(b), "--markdown")
+    assert code == 0
+    assert f"| {a} |" in out and f"| {b} |" in out
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["nonexistent-run"], "no run or checkpoint named"),
+    (["RUN", "--markdown", "--json"], "exclude each other"),
+    (["RUN", "--batch-size", "0"], "--batch-size must be positive"),
+    (["RUN", "--data", "missing.npy"], "token file not found"),
+    (["NOTRUN"], "not a tslm run directory"),
+])
+def test_cli_user_errors(tmp_path, run_cli, monkeypatch, args, expected):
+    monkeypatch.setattr(paths, "RUNS_ROOT", tmp_path / "runs")
+    run = write_run(tmp_path, "r", metrics=[])
+    (tmp_path / "plain").mkdir()
+    args = [str(run) if a == "RUN" else str(tmp_path / "plain") if a == "NOTRUN" else a for a in args]
+    code, _, err = run_cli("compare", *args)
+    assert code == 2
+    assert expected in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Two tiny trained runs that differ only in lr (training is the slow part: shared by the module)."""
+    from tinystories_cli.cli import main
+
+    root = tmp_path_factory.mktemp("cmp")
+    make_dataset(root)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(paths, "DATA_ROOT", root / "data")
+        mp.setattr(paths, "RUNS_ROOT", root / "runs")
+        for name, lr in (("lo", "1e-3"), ("hi", "3e-3")):
+            code = main(["train", "--preset", "debug", "--dataset", "tiny", "--ctx", "16", "--d-model", "32",
+                         "--num-layers", "1", "--num-heads", "2", "--max-steps", "4", "--warmup-steps", "1",
+                         "--eval-every", "2", "--lr", lr, "--min-lr", "1e-4", "--device", "cpu", "--run-name", name,
+                         "--quiet", "--peak-tflops", "1"])
+            assert code == 0
+    return root
+
+
+def test_data_evaluates_like_tslm_eval(two_runs, run_cli, monkeypatch):
+    monkeypatch.setattr(paths, "DATA_ROOT", two_runs / "data")
+    monkeypatch.setattr(paths, "RUNS_ROOT", two_runs / "runs")
+    valid = two_runs / "data" / "tiny" / "valid.npy"
+    code, out, err = run_cli("compare", "lo", "hi", "--data", str(valid), "--device", "cpu", "--json")
+    assert code == 0, err
+    got = {r["name"]: r for r in json.loads(out)}
+    for name in ("lo", "hi"):
+        code, out, err = run_cli("eval", name, "--device", "cpu", "--json", "--out", str(two_runs / f"{name}.json"),
+                                 "--force")
+        assert code == 0, err
+        ref = json.loads(out)
+        assert got[name]["eval"]["loss"] == pytest.approx(ref["loss"], rel=1e-9)
+        assert got[name]["eval"]["bits_per_byte"] == pytest.approx(ref["bits_per_byte"], rel=1e-9)
+        assert got[name]["steps"] == 4 and got[name]["best_val_loss"] is not None
+    assert got["lo"]["eval"]["loss"] != got["hi"]["eval"]["loss"]
+    code, out, _ = run_cli("compare", "lo", "hi", "--data", str(valid), "--device", "cpu", "--markdown")
+    assert code == 0
+    header = out.splitlines()[0]
+    assert header.startswith("| run | lr | params |") and header.endswith("| eval loss | ppl | bpb |")
+
+
+# ---------------------------------------------------------------- the generated run README
+# (here because it summarizes run directories the same way, and reuses the trained runs above)
+
+
+def test_run_readme_of_a_trained_run_and_its_commands_work(two_runs, run_cli, monkeypatch, tmp_path):
+    import shlex
+
+    from tinystories_cli import runs
+    from tinystories_cli.run_readme import render_run_readme, write_run_readme
+
+    monkeypatch.setattr(paths, "DATA_ROOT", two_runs / "data")
+    monkeypatch.setattr(paths, "RUNS_ROOT", two_runs / "runs")
+    run_dir = two_runs / "runs" / "lo"
+    text = render_run_readme(run_dir)
+    model, _, _ = runs.load_trained_model(run_dir)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert text.startswith("# lo\n")
+    assert "- **preset**: `debug`" in text
+    assert f"- **parameters**: {n_params:,}" in text and f"| **total** | {n_params:,} |" in text
+    assert "- **training**: 4 of 4 steps" in text
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["tokenizer"]["fingerprint"] in text
+    assert "valid.npy`: " in text and "tokens, from" in text
+    assert f"tslm eval {run_dir}`." in text  # no eval yet: says how to get one
+    assert f"tslm export {run_dir} --format hf" in text  # pre-norm RMSNorm + RoPE + SwiGLU: exportable
+
+    # The README's commands run as written (from another directory: the run path is what they name).
+    monkeypatch.chdir(tmp_path)
+    block = text.split("```bash\n", 1)[1].split("```", 1)[0]
+    cmds = {line.split()[1]: shlex.split(line.split("#")[0]) for line in block.splitlines()}
+    for name in ("eval", "export"):
+        code, _, err = run_cli(*cmds[name][1:])
+        assert code == 0, (cmds[name], err)
+    assert (tmp_path / "lo-hf" / "config.json").is_file()
+
+    dest = write_run_readme(run_dir)  # now with the eval result the command above wrote
+    assert dest == run_dir / "README.md"
+    after = dest.read_text(encoding="utf-8")
+    ev = json.loads((run_dir / "eval_valid.json").read_text())
+    assert f"| `tslm eval` bits per byte | {ev['bits_per_byte']:.4f} |" in after
+    assert "`eval_valid.json`: `tslm eval` result" in after
+
+
+def test_run_readme_of_an_unfinished_non_llama_run(tmp_path):
+    from tinystories_cli.run_readme import render_run_readme
+
+    d = write_run(tmp_path, "post", model={"norm_position": "post", "pos_emb": "nope"},
+                  metrics=[{"step": 3, "tokens": 192, "val_loss": 4.25}])
+    text = render_run_readme(d)
+    assert "Not exportable to Hugging Face Llama format (norm_position=post, pos_emb=nope)" in text
+    assert "--format hf" not in text and "--format safetensors" in text
+    assert f"tslm train --resume {d}" in text and "not finished" in text
+    assert "| best validation loss (step 3, fixed windows) | 4.2500 |" in text
+    assert render_run_readme(d) == text  # a pure function of the directory's files
+
+
+def test_run_readme_needs_a_run_directory(tmp_path):
+    from tinystories_cli.errors import UserError
+    from tinystories_cli.run_readme import render_run_readme
+
+    with pytest.raises(UserError, match="not a tslm run directory"):
+        render_run_readme(tmp_path)

@@ -1,0 +1,63 @@
+"""`tslm compare`: one table of several runs: the settings that differ, progress, and validation quality."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
+
+from tinystories_cli import compare
+from tinystories_cli.console import console, print_note
+from tinystories_cli.errors import UserError
+
+COMMAND_KWARGS = {"no_args_is_help": True}
+
+
+def command(
+    runs: Annotated[list[str], typer.Argument(help="Run names under runs/ or run directories.", show_default=False)],
+    data: Annotated[Optional[Path], typer.Option("--data", help="Evaluate every run on this token file now (as `tslm eval` does) instead of reading saved eval_*.json results.", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass with --data.")] = 16,
+    device: Annotated[str, typer.Option("--device", help="With --data: auto (cuda > mps > cpu), cpu, cuda, mps.")] = "auto",
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table (for a results file).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print every run's summary as JSON.")] = False,
+) -> None:
+    """Compare runs: differing settings, steps, tokens, best/final val loss, and eval loss/perplexity/bits-per-byte."""
+    if markdown and as_json:
+        raise UserError("--markdown and --json exclude each other", "pick one")
+    if batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {batch_size}")
+
+    def progress(i: int, n: int, name: str) -> None:
+        print_note(f"evaluating {name} on {data} ({i + 1}/{n})")
+
+    summaries = compare.compare_runs(runs, data, batch_size, device, on_run=progress)
+    for s in summaries:
+        for note in s.notes:
+            print_note(note)
+    if as_json:
+        console.print_json(json.dumps([s.as_dict() for s in summaries]))
+        return
+    cols, rows = compare.compare_table(summaries)
+    if markdown:
+        # Plain print: rich would wrap long lines and interpret [brackets].
+        print(compare.to_markdown(cols, rows))
+        return
+    t = Table(box=box.SIMPLE_HEAD, caption="best/final val: logged during training on fixed windows; eval loss, "
+              "ppl, bpb (bits per byte): `tslm eval` on the whole file" if any(s.eval for s in summaries) else None,
+              caption_justify="left")
+    for c in cols:
+        t.add_column(c, justify="right" if c in compare.NUMERIC_COLUMNS else "left", no_wrap=True)
+    for row in rows:
+        t.add_row(*row)
+    # Never squeeze numbers into ellipses: a table wider than the terminal is printed at its full width.
+    natural = Measurement.get(console, console.options.update(width=100_000), t).maximum
+    out = console
+    if natural > console.width:
+        out = Console(width=natural, highlight=False, force_terminal=console.is_terminal)
+    out.print(t)

@@ -1,0 +1,227 @@
+"""A generated README.md for a run directory, so a shared run explains itself.
+
+`render_run_readme(run_dir)` reads only what the run directory holds (config.json, metrics.jsonl,
+eval_*.json, tokenizer/, checkpoints/) plus the sidecars of the token files it was trained on, and
+returns Markdown: what was trained (preset, resolved config, parameters by component), on what (token
+files, tokenizer fingerprint), how well (best/final validation loss; loss, perplexity and bits per
+byte from `tslm eval`), and the exact commands to generate, evaluate, plot, export and resume.
+Missing pieces (a run still training, no eval yet) are said so, never an error.
+
+`write_run_readme(run_dir)` writes it atomically to `<run_dir>/README.md`; `tslm train` calls it when
+training ends and `tslm eval` may call it again so the README shows the new numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from pathlib import Path
+from typing import Any
+
+from tinystories_cli import paths, runs
+from tinystories_cli.compare import read_eval_result, summarize_metrics
+from tinystories_cli.fileio import atomic_write_text
+
+README_FILE = "README.md"
+
+
+def _run_ref(run_dir: Path) -> str:
+    """How commands should name the run: its path as given (shell-quoted)."""
+    return shlex.quote(str(run_dir))
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if abs(v) >= 1e-2 or v == 0 else f"{v:g}"
+    return str(v)
+
+
+def _setting(v: Any) -> str:
+    """A config value as written in a config file: floats in short form (3e-4, 10000.0 -> 10000)."""
+    if isinstance(v, float):
+        return f"{v:g}"
+    return _fmt(v)
+
+
+def _table(rows: list[tuple[str, str]], head: tuple[str, str] = ("setting", "value")) -> list[str]:
+    out = [f"| {head[0]} | {head[1]} |", "|---|---|"]
+    out += [f"| {k} | {str(v).replace('|', chr(92) + '|')} |" for k, v in rows]
+    return out
+
+
+def _param_rows(model: dict) -> list[tuple[str, str]]:
+    from tinystories_cli.account import parameter_counts
+    from tinystories_cli.config import ModelConfig
+
+    try:
+        counts = parameter_counts(ModelConfig.model_validate(model))
+    except Exception:  # an unreadable model section: the README still gets written, without this table
+        return []
+    names = [("token_embedding", "token embedding"), ("position_embedding", "position embedding"),
+             ("layers", f"{model.get('num_layers')} blocks"), ("final_norm", "final norm"),
+             ("lm_head", "LM head" + (" (tied to the embedding)" if model.get("tie_embeddings") else "")),
+             ("total", "**total**")]
+    return [(label, f"{counts[k]:,}") for k, label in names]
+
+
+def _data_lines(config: dict) -> list[str]:
+    lines = []
+    tok = config.get("tokenizer") or {}
+    for split in ("train", "valid"):
+        f = (config.get("data") or {}).get(split)
+        if not f:
+            continue
+        meta = _read_json(paths.sidecar_path(f)) or {}
+        detail = []
+        if meta.get("num_tokens") is not None:
+            detail.append(f"{meta['num_tokens']:,} tokens")
+        if meta.get("source"):
+            src = f"from `{meta['source']}`"
+            if meta.get("source_bytes") is not None:
+                src += f" ({meta['source_bytes']:,} bytes"
+                src += f", sha256 `{meta['source_sha256'][:16]}…`)" if meta.get("source_sha256") else ")"
+            detail.append(src)
+        lines.append(f"- {split}: `{f}`" + (f": {', '.join(detail)}" if detail else " (sidecar not found here)"))
+    if tok.get("fingerprint"):
+        lines.append(f"- tokenizer fingerprint: `{tok['fingerprint']}` (trained as `{tok.get('source', '?')}`; "
+                     "token files made by another tokenizer are refused)")
+    return lines
+
+
+def render_run_readme(run_dir: str | os.PathLike) -> str:
+    """The Markdown README of a run directory (a pure function of the files it reads)."""
+    from tinystories_cli.plot import read_metrics
+
+    run_dir = Path(run_dir)
+    config = runs.read_run_config(run_dir)
+    model, train = config.get("model") or {}, config.get("train") or {}
+    name = run_dir.name
+    ref = _run_ref(run_dir)
+    metrics_file = run_dir / runs.METRICS_FILE
+    m = summarize_metrics(read_metrics(metrics_file)) if metrics_file.is_file() else summarize_metrics([])
+    ev = read_eval_result(run_dir)
+    max_steps = config.get("max_steps") or train.get("max_steps")
+    params = config.get("parameters")
+
+    arch = (f"{model.get('num_layers')} layers x d_model {model.get('d_model')}, {model.get('num_heads')} heads, "
+            f"d_ff {model.get('d_ff')}, context {model.get('context_length')}, vocab {model.get('vocab_size')}; "
+            f"{model.get('norm_position')}-norm {model.get('norm')}, {model.get('pos_emb')} positions, "
+            f"{model.get('ffn')} FFN, {'tied' if model.get('tie_embeddings') else 'untied'} embeddings")
+    out = [f"# {name}", "",
+           "A language model trained from scratch with `tslm`. "
+           "This file is generated from the run directory; rerun `tslm eval` or training to refresh it.", "",
+           f"- **preset**: `{config.get('preset')}`",
+           f"- **model**: {arch}",
+           f"- **parameters**: {params:,}" if isinstance(params, int) else "- **parameters**: -",
+           f"- **training**: {m['steps'] if m['steps'] is not None else 0:,} of {max_steps or '?':,} steps"
+           if isinstance(max_steps, int) else f"- **training**: {m['steps']} steps",
+           ]
+    if m["tokens"] is not None:
+        out[-1] += f", {m['tokens']:,} tokens ({config.get('tokens_per_step', '?'):,} per step)" \
+            if isinstance(config.get("tokens_per_step"), int) else f", {m['tokens']:,} tokens"
+    if m["steps"] is not None and isinstance(max_steps, int) and m["steps"] < max_steps:
+        out[-1] += " (not finished: resume it with the command below)"
+    created = config.get("created")
+    out.append(f"- **made with**: tslm {config.get('tslm_version', '?')}, torch {config.get('torch_version', '?')}, "
+               f"device `{config.get('device', '?')}` x {config.get('world_size', 1)}"
+               + (f", started {created}" if created else ""))
+
+    out += ["", "## Results", ""]
+    rows = []
+    if m["best_val_loss"] is not None:
+        rows.append((f"best validation loss (step {m['best_val_step']}, fixed windows)", _fmt(m["best_val_loss"])))
+    if m["final_val_loss"] is not None or m["final_val_step"] is not None:
+        rows.append((f"final validation loss (step {m['final_val_step']})", _fmt(m["final_val_loss"])))
+    if ev is not None:
+        where = f" on `{ev['data']}`" if ev.get("data") else ""
+        step = f", step {ev['step']}" if ev.get("step") is not None else ""
+        rows += [(f"`tslm eval` loss{where}{step} (nats/token)", _fmt(ev.get("loss"))),
+                 ("`tslm eval` perplexity", _fmt(ev.get("perplexity"), 3)),
+                 ("`tslm eval` bits per byte", _fmt(ev.get("bits_per_byte")))]
+    if rows:
+        out += _table(rows, ("metric", "value"))
+    else:
+        out.append("No validation loss logged yet.")
+    if ev is None:
+        out += ["", f"Loss over the whole validation file, perplexity and bits per byte: `tslm eval {ref}`."]
+
+    out += ["", "## Use it", "", "```bash",
+            f"tslm generate \"Once upon a time\" --run {ref} --temp 0.8 --top-p 0.95   # a story",
+            f"tslm eval {ref}                                   # loss, perplexity, bits per byte",
+            f"tslm plot {ref} --metric val_loss --out {shlex.quote(str(run_dir / 'val_loss.png'))}   # loss curve",
+            ]
+    try:
+        from tinystories_cli.export import llama_incompatibilities
+        from tinystories_cli.config import ModelConfig
+
+        bad = llama_incompatibilities(ModelConfig.model_validate(model))
+    except Exception:
+        bad = ["unknown architecture"]
+    export_dir = shlex.quote(f"{name}-hf")
+    if not bad:
+        out.append(f"tslm export {ref} --format hf --out {export_dir}   # transformers / tokenizers")
+    out.append(f"tslm export {ref} --format safetensors --out {shlex.quote(name + '-safetensors')}   # plain weights")
+    if m["steps"] is not None and isinstance(max_steps, int) and m["steps"] < max_steps:
+        out.append(f"tslm train --resume {ref}                           # continue to step {max_steps:,}")
+    out.append("```")
+    if not bad:
+        out += ["", "After `--format hf`, in Python (`pip install transformers`):", "", "```python",
+                "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                f"model = AutoModelForCausalLM.from_pretrained({f'{name}-hf'!r})",
+                f"tokenizer = AutoTokenizer.from_pretrained({f'{name}-hf'!r})", "```"]
+    else:
+        out += ["", f"Not exportable to Hugging Face Llama format ({', '.join(bad)}); "
+                "`--format safetensors` works for every architecture."]
+
+    out += ["", "## Model", ""]
+    out += _table([(k, f"`{_setting(v)}`") for k, v in model.items()])
+    prow = _param_rows(model)
+    if prow:
+        out += ["", "Parameters by component:", ""] + _table(prow, ("component", "parameters"))
+    out += ["", "## Training", ""]
+    extra = [("tokens per step", config.get("tokens_per_step")), ("steps (schedule)", max_steps),
+             ("planned tokens", config.get("planned_tokens")), ("processes", config.get("world_size"))]
+    out += _table([(k, f"`{_setting(v)}`") for k, v in train.items()]
+                  + [(k, f"{v:,}" if isinstance(v, int) else _fmt(v)) for k, v in extra if v is not None])
+
+    out += ["", "## Data", ""]
+    data_lines = _data_lines(config)
+    out += data_lines or ["Not recorded in config.json."]
+
+    out += ["", "## Files", ""]
+    files = [(runs.CONFIG_FILE, "resolved preset + model + train config, parameter count, token budget")]
+    if (run_dir / runs.TOKENIZER_DIR).is_dir():
+        names = ", ".join(sorted(f.name for f in (run_dir / runs.TOKENIZER_DIR).iterdir() if f.is_file()))
+        files.append((f"{runs.TOKENIZER_DIR}/", f"the tokenizer the run was trained with ({names})"))
+    if metrics_file.is_file():
+        files.append((runs.METRICS_FILE, "one JSON object per logged step and evaluation"))
+    for step, p in runs.step_checkpoints(run_dir):
+        files.append((f"{runs.CHECKPOINT_DIR}/{p.name}", f"full state at step {step:,} (model, optimizer, RNG, "
+                      "data position): resumable"))
+    if runs.best_checkpoint(run_dir):
+        files.append((f"{runs.CHECKPOINT_DIR}/{runs.BEST_CHECKPOINT}", "weights with the lowest validation loss "
+                      "(what generate, eval and export load)"))
+    for p in sorted(run_dir.glob("eval_*.json")):
+        files.append((p.name, "`tslm eval` result"))
+    out += [f"- `{f}`: {what}" for f, what in files]
+    return "\n".join(out) + "\n"
+
+
+def write_run_readme(run_dir: str | os.PathLike) -> Path:
+    """Render and atomically write `<run_dir>/README.md`; returns its path."""
+    dest = Path(run_dir) / README_FILE
+    atomic_write_text(dest, render_run_readme(run_dir))
+    return dest
