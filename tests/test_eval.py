@@ -15,7 +15,7 @@ from tinystories_cli.config import ModelConfig
 from tinystories_cli.evaluate import evaluate_tokens, window_starts
 from tinystories_cli.model import TransformerLM
 
-from train_fixtures import TINY_MODEL, TINY_TRAIN, make_dataset
+from train_fixtures import make_dataset
 
 
 def test_windows_predict_every_token_once():

@@ -41,7 +41,7 @@ import torch
 
 from tinystories_cli import __version__, paths, runs
 from tinystories_cli.checkpoint import read_checkpoint, save_checkpoint, load_model_state, load_optimizer_state
-from tinystories_cli.config import ModelConfig, TrainConfig, build_config, get_preset, load_config_file, resolve_configs
+from tinystories_cli.config import ModelConfig, TrainConfig, build_config, load_config_file, resolve_configs
 from tinystories_cli.data import BatchSampler, fixed_windows, window_batches
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import atomic_write_text

@@ -9,7 +9,7 @@ import typer
 
 MODEL = "Model overrides"
 
-ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="TOML or JSON config file (sections [model], [train]).")]
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="TOML or JSON config file (sections \\[model], \\[train]).")]
 PrintConfig = Annotated[bool, typer.Option("--print-config", help="Print the fully resolved config as JSON and exit.")]
 Ctx = Annotated[Optional[int], typer.Option("--ctx", "--context-length", help="Context length.", rich_help_panel=MODEL)]
 VocabSize = Annotated[Optional[int], typer.Option("--vocab-size", help="Vocabulary size.", rich_help_panel=MODEL)]
