@@ -3,7 +3,7 @@
 #
 # Common options of every recipe:
 #   --budget tiny|small|full   tiny: a 2-layer d=64 model, seconds per run on a CPU (a smoke test);
-#                              small: 4 layers d=128, a few minutes per run on a laptop CPU;
+#                              small: 4 layers d=128, 300 steps x 8 x 128 tokens, minutes per run on a CPU;
 #                              full: the tinystories-17m preset as the seeds ran it (GPU)
 #   --text FILE                build the dataset from this UTF-8 text instead of data/tinystories/
 #                              (last 5% of its lines held out for validation), e.g. ../shared/data/tinystories_train.txt
@@ -86,10 +86,10 @@ budget_settings() {
             VOCAB=512; MAX_LINES=3000; CTX=64; BATCH=8; STEPS=25
             SIZE_FLAGS=(--d-model 64 --num-layers 2 --num-heads 4 --ctx 64)
             SCHED_FLAGS=(--warmup-steps 3 --eval-every 5 --eval-batches 2 --log-every 5) ;;
-        small)  # a few minutes per run on a laptop CPU; the curves already separate
-            VOCAB=2048; MAX_LINES=200000; CTX=128; BATCH=16; STEPS=400
+        small)  # 1.4M parameters, 307K tokens per run: minutes per run on a laptop CPU
+            VOCAB=2048; MAX_LINES=200000; CTX=128; BATCH=8; STEPS=300
             SIZE_FLAGS=(--d-model 128 --num-layers 4 --num-heads 4 --ctx 128)
-            SCHED_FLAGS=(--warmup-steps 40 --eval-every 50 --eval-batches 8 --log-every 10) ;;
+            SCHED_FLAGS=(--warmup-steps 30 --eval-every 50 --eval-batches 8 --log-every 10) ;;
         full)   # the seeds' setting: 20,000 steps x 64 x 256 tokens (327.7M tokens), a GPU
             VOCAB=10000; MAX_LINES=0; CTX=256; BATCH=64; STEPS=20000
             SIZE_FLAGS=()
@@ -121,6 +121,16 @@ prepare_data() {
         rm -f "$dir/all.txt.tmp"
     elif [ ! -f "$dir/train.txt" ] || [ ! -f "$dir/valid.txt" ]; then
         [ "$DATASET" = tinystories ] || die "data/$DATASET/{train,valid}.txt not found; pass --text FILE"
+        if [ "$BUDGET" != full ]; then
+            # tiny/small need far less than the 2.2 GB train split: the 22 MB validation file, split.
+            tslm download tinystories --split valid   # resumable and verified; skipped when complete
+            rmdir "$dir" 2>/dev/null || true
+            TEXT="$PWD/data/tinystories/valid.txt"
+            DATASET="tinystories-valid-$BUDGET"
+            echo "== data: no data/tinystories/train.txt; using its validation file as data/$DATASET"
+            prepare_data
+            return
+        fi
         tslm download tinystories   # resumable and verified
     fi
     tslm bpe "$dir/train.txt" --vocab-size "$VOCAB" --force
@@ -162,7 +172,8 @@ run_queue() {
     local i name failed=0
     for i in "${!RUN_NAMES[@]}"; do
         name=${RUN_NAMES[$i]}
-        if [ "$FORCE" = 0 ] && [ -f "runs/$name/.done" ]; then
+        if [ "$FORCE" = 0 ] && [ -f "runs/$name/.done" ] \
+                && { [ "$EVAL_MODE" = compare ] || [ -f "runs/$name/eval_valid.json" ]; }; then
             echo "== $name: done already (--force retrains)"
             echo 0 > "runs/$name/.status"
             continue
@@ -194,8 +205,11 @@ finish() {
                 --title "$title: $metric" --out "$out/$metric.png" --force 2>"$out/.plot.err"; then
             # Most likely matplotlib is missing (pip install matplotlib): a terminal plot instead.
             echo "(no PNG: $(tail -n 1 "$out/.plot.err")); writing $out/$metric.txt" >&2
+            rm -f "$out/$metric.png"   # never leave a stale figure of other runs beside the new table
             tslm plot "${run_dirs[@]}" --metric "$metric" --x "${PLOT_X:-step}" --smooth "$smooth" --ascii \
                 > "$out/$metric.txt"
+        else
+            rm -f "$out/$metric.txt"
         fi
         rm -f "$out/.plot.err"
     done

@@ -2,7 +2,7 @@
 # The seeds' architecture ablations, one tslm run each, then loss curves and a results table.
 #
 #   bash examples/ablations.sh --budget tiny --text ../shared/data/tinystories_valid.txt   # CPU, ~1 min
-#   bash examples/ablations.sh --budget small --jobs 2                                    # CPU, under an hour
+#   bash examples/ablations.sh --budget small                                              # CPU, under an hour
 #   bash examples/ablations.sh --budget full -- --dtype bfloat16                           # GPU, the seeds' size
 #
 # Every run is the tinystories-17m baseline (pre-norm RMSNorm, RoPE, SwiGLU, untied embeddings,

@@ -9,7 +9,7 @@
 #   --batch-sizes "A B C"  sequences per step (default: tiny "4 8 16"; small "4 8 16 32 64";
 #                          full "16 32 64 128 256")
 #   --tokens N             training tokens of every run (default: the budget's baseline, batch x steps x ctx:
-#                          tiny 12,800; small 819,200; full 327,680,000 = the seeds' 20,000 x 64 x 256)
+#                          tiny 12,800; small 307,200; full 327,680,000 = the seeds' 20,000 x 64 x 256)
 # Each run gets --train-tokens N (its step count follows), a warmup of 10% and 5 evaluations; the
 # peak lr stays the preset's 8e-4 (add -- --lr X to change it for all runs).
 #

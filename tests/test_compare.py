@@ -187,11 +187,12 @@ def test_run_readme_of_a_trained_run_and_its_commands_work(two_runs, run_cli, mo
     # The README's commands run as written (from another directory: the run path is what they name).
     monkeypatch.chdir(tmp_path)
     block = text.split("```bash\n", 1)[1].split("```", 1)[0]
-    cmds = {line.split()[1]: shlex.split(line.split("#")[0]) for line in block.splitlines()}
-    for name in ("eval", "export"):
-        code, _, err = run_cli(*cmds[name][1:])
-        assert code == 0, (cmds[name], err)
-    assert (tmp_path / "lo-hf" / "config.json").is_file()
+    cmds = [shlex.split(line.split("#")[0]) for line in block.splitlines()]
+    assert [c[1] for c in cmds] == ["generate", "eval", "plot", "export", "export"]
+    for cmd in cmds[1:]:
+        code, _, err = run_cli(*cmd[1:])
+        assert code == 0, (cmd, err)
+    assert (tmp_path / "lo-hf" / "config.json").is_file() and (tmp_path / "lo-safetensors").is_dir()
 
     dest = write_run_readme(run_dir)  # now with the eval result the command above wrote
     assert dest == run_dir / "README.md"

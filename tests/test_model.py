@@ -99,9 +99,13 @@ def test_ffns_compute_their_formula():
     sw = SwiGLU(16, 24)
     ref = F.linear(F.silu(F.linear(x, sw.w1.weight)) * F.linear(x, sw.w3.weight), sw.w2.weight)
     torch.testing.assert_close(sw(x), ref)
+    fused = SwiGLU(16, 24, fused_kernels=True)
+    fused.load_state_dict(sw.state_dict())
+    torch.testing.assert_close(fused(x), sw(x))
     for act, fn in [("silu", F.silu), ("gelu", F.gelu), ("relu", F.relu)]:
-        ff = FeedForward(16, 40, act)
-        torch.testing.assert_close(ff(x), F.linear(fn(F.linear(x, ff.w1.weight)), ff.w2.weight))
+        for fk in (False, True):
+            ff = FeedForward(16, 40, act, fused_kernels=fk)
+            torch.testing.assert_close(ff(x), F.linear(fn(F.linear(x, ff.w1.weight)), ff.w2.weight))
     with pytest.raises(ValueError):
         FeedForward(16, 40, "tanh")
 
@@ -180,6 +184,7 @@ def test_backends_agree_forward_and_backward():
     torch.testing.assert_close(fast(ids), ref(ids), atol=1e-5, rtol=1e-5)
     for (n, a), b in zip(ref.named_parameters(), fast.parameters()):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=n)
+    assert ref.layers[0].ffn.silu is silu and fast.layers[0].ffn.silu is not silu  # fused SiLU only off-reference
     auto = TransformerLM(cfg.model_copy(update={"dropout": 0.1}))
     attn = auto.layers[0].attn
     assert attn.eval()._use_sdpa()

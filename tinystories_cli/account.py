@@ -103,8 +103,9 @@ def activation_bytes(cfg: ModelConfig, batch_size: int, seq_len: int | None = No
     conservative bound that also holds for the seeds' accounting), which keeps the (B, h, T, T)
     exp-scores and probabilities; with `attention_backend="sdpa"` the fused kernel keeps only its
     output and a (B, h, T) log-sum-exp instead. Per layer, in units of B*T*d_model elements:
-    the attention input, q, k, v and the output fed to W_O (5; sdpa 5, or 6 with RoPE); the FFN input
-    (1) plus the d_ff-wide tensors its activation keeps (SwiGLU 5, SiLU 3, GELU 4, ReLU 2); each norm
+    the attention input, q, k, v and the output fed to W_O (5, also with sdpa); the FFN input
+    (1) plus the d_ff-wide tensors its activation keeps (SwiGLU 5, SiLU 3, GELU 4, ReLU 2; with sdpa's
+    fused SiLU, SwiGLU 4 and SiLU 2); each norm
     keeps its input (or centered input) and normalized value (2) and a per-row 1/rms; with dropout > 0
     every dropout site adds its keep-mask (embeddings 1, each residual branch 1, attention probabilities
     one more (B, h, T, T)). Then the final norm, the LM-head input and, for the loss, one (B, T, V)
@@ -118,15 +119,17 @@ def activation_bytes(cfg: ModelConfig, batch_size: int, seq_len: int | None = No
     dropout = cfg.dropout > 0
     norm_bytes = 0 if cfg.norm == "none" else 2 * btd + n * FP32  # input (or centered) + normalized, 1/rms
     if sdpa:
-        # q, k, v, the kernel output (+ its log-sum-exp) and the input; with RoPE the output comes back
-        # in (B, h, T, hs) layout, so flattening it for W_O copies it once more
-        attention = (6 if cfg.pos_emb == "rope" else 5) * btd + B * h * T * FP32
+        # q, k, v, the kernel output (+ its log-sum-exp) and the input; the output comes back in the
+        # (B, T, h, hs) layout of q, so flattening it for W_O is a view, not a copy
+        attention = 5 * btd + B * h * T * FP32
     else:
         scores = B * h * T * T * be
         attention = 5 * btd + (3 if dropout else 2) * scores + B * h * T * be + T * T  # + row sums, bool mask
     if cfg.pos_emb == "rope":
         attention += 4 * T * (cfg.head_dim // 2) * be  # cos/sin rows gathered for q and for k
     ffn_units = {"swiglu": 5, "silu": 3, "gelu": 4, "relu": 2}[cfg.ffn]
+    if sdpa and cfg.ffn in ("swiglu", "silu"):
+        ffn_units -= 1  # the fused SiLU of the non-reference path keeps only its input
     ffn = btd + ffn_units * n * dff * be
     per_layer = attention + ffn + 2 * norm_bytes + (2 * btd if dropout else 0)
     out = {

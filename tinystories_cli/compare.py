@@ -235,7 +235,8 @@ def compare_table(summaries: list[RunSummary]) -> tuple[list[str], list[list[str
                _fmt_count(s.tokens), _fmt_float(s.best_val_loss, 4), _fmt_float(s.final_val_loss, 4)]
         if show_eval:
             e = s.eval or {}
-            row += [_fmt_float(e.get("loss"), 4), _fmt_float(e.get("perplexity"), 2), _fmt_float(e.get("bits_per_byte"), 4)]
+            row += [_fmt_float(e.get("loss"), 4), _fmt_float(e.get("perplexity"), 2),
+                    _fmt_float(e.get("bits_per_byte"), 4)]
         rows.append(row)
     return cols, rows
 

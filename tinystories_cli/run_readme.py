@@ -21,6 +21,7 @@ from typing import Any
 
 from tinystories_cli import paths, runs
 from tinystories_cli.compare import read_eval_result, summarize_metrics
+from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import atomic_write_text
 
 README_FILE = "README.md"
@@ -111,7 +112,10 @@ def render_run_readme(run_dir: str | os.PathLike) -> str:
     name = run_dir.name
     ref = _run_ref(run_dir)
     metrics_file = run_dir / runs.METRICS_FILE
-    m = summarize_metrics(read_metrics(metrics_file)) if metrics_file.is_file() else summarize_metrics([])
+    try:
+        m = summarize_metrics(read_metrics(metrics_file) if metrics_file.is_file() else [])
+    except UserError:  # a damaged metrics file must not stop the README (nor the training that writes it)
+        m = summarize_metrics([])
     ev = read_eval_result(run_dir)
     max_steps = config.get("max_steps") or train.get("max_steps")
     params = config.get("parameters")

@@ -336,9 +336,10 @@ def _clear_run_dir(run_dir: Path) -> None:
     """--force: remove what a previous run left (only tslm's own files)."""
     for name in (runs.CHECKPOINT_DIR, runs.TOKENIZER_DIR):
         shutil.rmtree(run_dir / name, ignore_errors=True)
-    for name in (runs.CONFIG_FILE, runs.METRICS_FILE):
+    for path in [run_dir / runs.CONFIG_FILE, run_dir / runs.METRICS_FILE, run_dir / "README.md",
+                 *run_dir.glob("eval_*.json")]:
         with contextlib.suppress(FileNotFoundError):
-            (run_dir / name).unlink()
+            path.unlink()
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
@@ -740,6 +741,11 @@ def train(run: Run, on_step: Callable[[int, dict], None] | None = None) -> Train
     result.elapsed_s = time.perf_counter() - t_start
     done_steps = step - start_step
     result.tokens_per_s = done_steps * tokens_per_step / max(result.elapsed_s, 1e-9)
+    if main:
+        # The run directory describes itself (what, on what, results, how to use it).
+        from tinystories_cli.run_readme import write_run_readme
+
+        write_run_readme(run.run_dir)
     if dist.enabled:
         torch.distributed.barrier()
     return result

@@ -20,7 +20,7 @@ COMMAND_KWARGS = {"no_args_is_help": True}
 
 
 def command(
-    runs: Annotated[list[str], typer.Argument(help="Run names under runs/ or run directories.", show_default=False)],
+    runs: Annotated[list[str], typer.Argument(help="Run names under runs/ or run directories.", show_default=False, metavar="RUN")],
     data: Annotated[Optional[Path], typer.Option("--data", help="Evaluate every run on this token file now (as `tslm eval` does) instead of reading saved eval_*.json results.", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass with --data.")] = 16,
     device: Annotated[str, typer.Option("--device", help="With --data: auto (cuda > mps > cpu), cpu, cuda, mps.")] = "auto",

@@ -70,6 +70,10 @@ def command(
     result.update(run=str(run_dir), checkpoint=str(ckpt_path), step=ckpt.iteration, data=str(data))
     dest = out or run_dir / f"eval_{Path(data).stem}.json"
     atomic_write_text(dest, json.dumps(result, indent=2) + "\n")
+    if out is None:
+        from tinystories_cli.run_readme import write_run_readme
+
+        write_run_readme(run_dir)  # refresh the run's README with the new bits-per-byte
     if as_json:
         console.print_json(json.dumps(result))
         return
