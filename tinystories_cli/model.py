@@ -630,6 +630,22 @@ def llama_config_dict(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
+# Per-layer parameter names: ours -> Hugging Face Llama's. q/k rows are also permuted (interleaved-pair
+# RoPE -> half-split RoPE); every other tensor is copied as is.
+_LLAMA_LAYER_NAMES = {
+    "attn.q_proj.weight": "self_attn.q_proj.weight",
+    "attn.k_proj.weight": "self_attn.k_proj.weight",
+    "attn.v_proj.weight": "self_attn.v_proj.weight",
+    "attn.output_proj.weight": "self_attn.o_proj.weight",
+    "ffn.w1.weight": "mlp.gate_proj.weight",
+    "ffn.w3.weight": "mlp.up_proj.weight",
+    "ffn.w2.weight": "mlp.down_proj.weight",
+    "ln1.weight": "input_layernorm.weight",
+    "ln2.weight": "post_attention_layernorm.weight",
+}
+_ROPE_ROWS = {"attn.q_proj.weight", "attn.k_proj.weight"}
+
+
 def to_llama_state_dict(state_dict: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     """Map our state_dict names/layouts to `LlamaForCausalLM`'s (q/k rows permuted by `permute_for_llama`)."""
     _check_llama_compatible(cfg)
@@ -638,16 +654,9 @@ def to_llama_state_dict(state_dict: dict[str, Tensor], cfg: ModelConfig) -> dict
            "model.norm.weight": state_dict["ln_final.weight"]}
     out["lm_head.weight"] = state_dict.get("lm_head.weight", state_dict["token_embeddings.weight"])
     for i in range(cfg.num_layers):
-        a, m = f"layers.{i}.", f"model.layers.{i}."
-        out[m + "self_attn.q_proj.weight"] = permute_for_llama(state_dict[a + "attn.q_proj.weight"], h)
-        out[m + "self_attn.k_proj.weight"] = permute_for_llama(state_dict[a + "attn.k_proj.weight"], h)
-        out[m + "self_attn.v_proj.weight"] = state_dict[a + "attn.v_proj.weight"]
-        out[m + "self_attn.o_proj.weight"] = state_dict[a + "attn.output_proj.weight"]
-        out[m + "mlp.gate_proj.weight"] = state_dict[a + "ffn.w1.weight"]
-        out[m + "mlp.up_proj.weight"] = state_dict[a + "ffn.w3.weight"]
-        out[m + "mlp.down_proj.weight"] = state_dict[a + "ffn.w2.weight"]
-        out[m + "input_layernorm.weight"] = state_dict[a + "ln1.weight"]
-        out[m + "post_attention_layernorm.weight"] = state_dict[a + "ln2.weight"]
+        for ours, theirs in _LLAMA_LAYER_NAMES.items():
+            w = state_dict[f"layers.{i}.{ours}"]
+            out[f"model.layers.{i}.{theirs}"] = permute_for_llama(w, h) if ours in _ROPE_ROWS else w
     return out
 
 
@@ -659,14 +668,7 @@ def from_llama_state_dict(llama_sd: dict[str, Tensor], cfg: ModelConfig) -> dict
            "ln_final.weight": llama_sd["model.norm.weight"],
            "lm_head.weight": llama_sd.get("lm_head.weight", llama_sd["model.embed_tokens.weight"])}
     for i in range(cfg.num_layers):
-        a, m = f"layers.{i}.", f"model.layers.{i}."
-        out[a + "attn.q_proj.weight"] = unpermute_from_llama(llama_sd[m + "self_attn.q_proj.weight"], h)
-        out[a + "attn.k_proj.weight"] = unpermute_from_llama(llama_sd[m + "self_attn.k_proj.weight"], h)
-        out[a + "attn.v_proj.weight"] = llama_sd[m + "self_attn.v_proj.weight"]
-        out[a + "attn.output_proj.weight"] = llama_sd[m + "self_attn.o_proj.weight"]
-        out[a + "ffn.w1.weight"] = llama_sd[m + "mlp.gate_proj.weight"]
-        out[a + "ffn.w3.weight"] = llama_sd[m + "mlp.up_proj.weight"]
-        out[a + "ffn.w2.weight"] = llama_sd[m + "mlp.down_proj.weight"]
-        out[a + "ln1.weight"] = llama_sd[m + "input_layernorm.weight"]
-        out[a + "ln2.weight"] = llama_sd[m + "post_attention_layernorm.weight"]
+        for ours, theirs in _LLAMA_LAYER_NAMES.items():
+            w = llama_sd[f"model.layers.{i}.{theirs}"]
+            out[f"layers.{i}.{ours}"] = unpermute_from_llama(w, h) if ours in _ROPE_ROWS else w
     return out
