@@ -12,10 +12,12 @@ A tied matrix (`lm_head.weight` is `token_embeddings.weight`) is stored once und
 the alias is recorded and re-tied on load. Paths are written atomically (temp file + fsync + rename),
 so a crash mid-write leaves the previous checkpoint untouched.
 
-    >>> import io, torch
-    >>> m = torch.nn.Linear(2, 2); opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    >>> import io
+    >>> from tinystories_cli.model import Linear
+    >>> from tinystories_cli.optim import AdamW
+    >>> m = Linear(2, 2); opt = AdamW(m.parameters(), lr=0.1)
     >>> buf = io.BytesIO(); save_checkpoint(m, opt, 7, buf); _ = buf.seek(0)
-    >>> load_checkpoint(buf, torch.nn.Linear(2, 2), None)
+    >>> load_checkpoint(buf, Linear(2, 2), None)
     7
 """
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Any, Iterator
 
 from tinystories_cli.errors import UserError
 
@@ -80,6 +81,14 @@ def check_input_file(path: str | os.PathLike, what: str = "input file", hint: st
     if path.stat().st_size == 0:
         raise UserError(f"{what} is empty: {path}", "pass a file with content")
     return path
+
+
+def read_json(path: str | os.PathLike, what: str, fix: str | None = None) -> Any:
+    """Parse a JSON file; a syntax or encoding problem is a `UserError` naming `what` and the path."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"malformed {what} {path}: {e}", fix) from None
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:

@@ -213,12 +213,17 @@ def render_png(series: list[Series], metric: str, x: str = "step", log_y: bool =
         ax.set_title(title or f"{metric} vs {x_label(x, scale)}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(loc="best", fontsize="small")
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        return buf.getvalue()
+        return figure_png(fig)
     finally:
         plt.close(fig)
+
+
+def figure_png(fig) -> bytes:
+    """A matplotlib figure as PNG bytes (tight layout), for atomic writes by the caller."""
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
 
 
 # ---------------------------------------------------------------- terminal plot (no dependency)

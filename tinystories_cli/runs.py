@@ -16,7 +16,6 @@ default to `runs/latest`:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 
 from tinystories_cli import paths
 from tinystories_cli.errors import UserError
+from tinystories_cli.fileio import read_json
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -112,10 +112,7 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     f = Path(run_dir) / CONFIG_FILE
     if not f.is_file():
         raise UserError(f"{run_dir} is not a tslm run directory (no {CONFIG_FILE})", "pass a directory under runs/")
-    try:
-        data = json.loads(f.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {f}: {e}", "the run directory is damaged") from None
+    data = read_json(f, "run config", "the run directory is damaged")
     if not isinstance(data, dict) or "model" not in data:
         raise UserError(f"{f} is not a tslm run config", "the run directory is damaged")
     return data

@@ -275,9 +275,7 @@ def render_histogram_ascii(values: list[int], unit: str, bins: int = 20, width: 
 
 def render_histogram_png(values: list[int], unit: str, title: str | None = None, bins: int = 50) -> bytes:
     """The histogram as PNG bytes (matplotlib, optional extra)."""
-    import io
-
-    from tinystories_cli.plot import _pyplot
+    from tinystories_cli.plot import _pyplot, figure_png
 
     plt = _pyplot()
     edges, counts, overflow = histogram(values, bins)
@@ -294,10 +292,7 @@ def render_histogram_png(values: list[int], unit: str, title: str | None = None,
             ax.axvline(d["mean"], color="tab:red", linestyle=":", linewidth=1, label=f"mean {d['mean']:,.1f}")
             ax.legend(loc="best", fontsize="small")
         ax.grid(True, axis="y", alpha=0.3)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        return buf.getvalue()
+        return figure_png(fig)
     finally:
         plt.close(fig)
 

@@ -38,7 +38,7 @@ import numpy as np
 
 from tinystories_cli import __version__
 from tinystories_cli.errors import UserError
-from tinystories_cli.fileio import atomic_write, atomic_write_text, check_input_file, check_output_path, sha256_file
+from tinystories_cli.fileio import atomic_write, atomic_write_text, check_input_file, check_output_path, read_json, sha256_file
 from tinystories_cli.paths import sidecar_path
 from tinystories_cli.tokenizer.tokenizer import Tokenizer
 
@@ -353,10 +353,7 @@ def load_token_file(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
     side = sidecar_path(path)
     if not side.is_file():
         raise UserError(f"token file {path} has no sidecar {side}", fix)
-    try:
-        meta = json.loads(side.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"malformed token sidecar {side}: {e}", fix) from None
+    meta = read_json(side, "token sidecar", fix)
     if not isinstance(meta, dict):
         raise UserError(f"malformed token sidecar {side}: expected a JSON object", fix)
     if meta.get("format_version") != FORMAT_VERSION:

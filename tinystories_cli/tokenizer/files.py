@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from tinystories_cli.errors import UserError
-from tinystories_cli.fileio import atomic_write_text
+from tinystories_cli.fileio import atomic_write_text, read_json
 
 FORMAT_VERSION = 1
 
@@ -67,10 +67,7 @@ def read_vocab_merges(vocab_path: str | Path, merges_path: str | Path) -> tuple[
     for p in (vocab_path, merges_path):
         if not p.is_file():
             raise UserError(f"tokenizer file not found: {p}", "run `tslm bpe` to train a tokenizer, or pass --tokenizer DIR")
-    try:
-        raw = json.loads(vocab_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"malformed vocab file {vocab_path}: {e}", "re-create it with `tslm bpe`") from None
+    raw = read_json(vocab_path, "vocab file", "re-create it with `tslm bpe`")
     if not isinstance(raw, dict):
         raise UserError(f"malformed vocab file {vocab_path}: expected a JSON object of token -> id")
     vocab: dict[int, bytes] = {}

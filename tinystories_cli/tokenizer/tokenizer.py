@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import json
 import re
 import struct
 from itertools import chain, islice, repeat
@@ -37,6 +36,7 @@ import numpy as np
 import regex
 
 from tinystories_cli.errors import UserError
+from tinystories_cli.fileio import read_json
 from tinystories_cli.tokenizer.files import read_vocab_merges
 from tinystories_cli.tokenizer.pretokenize import GPT2_PATTERN
 
@@ -591,10 +591,7 @@ def _config_special_tokens(path: Path) -> list[str] | None:
     """The "special_tokens" list of a tokenizer_config.json, or None when the file is absent."""
     if not path.is_file():
         return None
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"malformed tokenizer config {path}: {e}", "re-create it with `tslm bpe`") from None
+    cfg = read_json(path, "tokenizer config", "re-create it with `tslm bpe`")
     specials = cfg.get("special_tokens") if isinstance(cfg, dict) else None
     if specials is None:
         return None
