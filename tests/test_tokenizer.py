@@ -228,6 +228,13 @@ def test_long_pieces_heap_path_equals_simple_loop(toy, monkeypatch):
     assert toy._heap_ok
 
 
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(list("Once upon a time, Lily's 2 cats played.\n é") + ["  ", "aa", "ee", "once"]), max_size=40).map("".join))
+def test_ordered_bpe_equals_gpt2_merge_all_loop(toy, piece):
+    ids = list(piece.encode("utf-8"))
+    assert toy._bpe_ordered(list(ids)) == tuple(toy._bpe_merge_all(list(ids)))
+
+
 def test_out_of_order_merges_disable_the_heap():
     vocab = {i: bytes([i]) for i in range(256)} | {256: b"bc", 257: b"abc"}
     tok = Tokenizer(vocab, [(b"a", b"bc"), (b"b", b"c")])  # uses "bc" before making it
@@ -305,7 +312,7 @@ def test_caches_are_bounded(toy, size):
     assert tok.encode(text) == toy.encode(text)
     assert tok.encode_packed(text) == toy.encode_packed(text)
     biggest = max(len(set(GPT2_PATTERN.findall(TEXT))), len(set(TEXT.split(" "))))
-    for table in (tok._cache, tok._packed_cache, tok._word_cache, tok._word_packed_cache):
+    for table in (tok._cache, tok._word_cache, tok._end_cache):
         assert len(table) <= size + biggest
 
 
@@ -314,8 +321,7 @@ def test_caches_are_bounded(toy, size):
 def test_word_fast_path_equals_pretoken_path(toy, text):
     spaces = _whitespace_tokenizer()
     for tok in (Tokenizer(toy.vocab, toy.merges, [EOT]), spaces):
-        assert tok._encode_plain(text) == tok._encode_pieces(text)
-        assert tok._encode_plain_packed(text) == tok._encode_pieces_packed(text)
+        assert tok.encode_packed(text) == tok._encode_pieces(text)  # the text holds no special token
 
 
 def _whitespace_tokenizer() -> Tokenizer:
@@ -329,7 +335,7 @@ def test_word_fast_path_keeps_whitespace_runs_whole(text):
     tok = _whitespace_tokenizer()
     want = [i for p in GPT2_PATTERN.findall(text) for i in tok._bpe(p)]
     assert tok.encode(text) == want
-    assert tok.encode_packed(text) == tok._encode_pieces_packed(text)
+    assert tok.encode_packed(text) == tok._encode_pieces(text)
 
 
 # --------------------------------------------------------------------------- round trips

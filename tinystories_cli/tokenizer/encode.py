@@ -13,9 +13,9 @@ file made by another tokenizer (`check_token_file`).
 
 Memory stays bounded: the text is read in blocks, encoded with the tokenizer's streaming encoder,
 and packed ids are written as they come. With `workers > 1` the file is cut into chunks at places
-where cutting cannot change the encoding (see `split_points`); each worker process encodes its
-chunk into a temporary part file, and the parent concatenates the parts in order, so the output is
-byte-identical to single-process encoding.
+where cutting cannot change the encoding (see `split_points`); the parent process encodes the first
+share of chunks straight into the output while worker processes encode the rest into temporary part
+files, which the parent appends in order, so the output is byte-identical to single-process encoding.
 """
 
 from __future__ import annotations
@@ -308,14 +308,24 @@ def _encode_parallel(tokenizer, src: Path, points: list[int], f, tmp_parent: Pat
     digest: dict[str, str] = {}
     hasher = threading.Thread(target=lambda: digest.setdefault("sha", sha256_file(src)), daemon=True)
     try:
-        parts = [os.path.join(tmpdir, f"{i:06d}.bin") for i in range(len(points) - 1)]
-        with cf.ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_worker_init, initargs=(tokenizer,)) as pool:
+        # The parent encodes the first 1/workers of the chunks itself, straight into the output,
+        # while `workers - 1` worker processes take the rest, a part file per chunk: every core
+        # works from the start, and the parent's share needs no copy.
+        own = max(1, (len(points) - 1) // workers)
+        parts = [os.path.join(tmpdir, f"{i:06d}.bin") for i in range(own, len(points) - 1)]
+        results: dict[int, tuple[int, int]] = {}
+        done_bytes = done_tokens = 0
+        with cf.ProcessPoolExecutor(workers - 1, mp_context=_mp_context(), initializer=_worker_init, initargs=(tokenizer,)) as pool:
             futures = {pool.submit(_worker, str(src), a, b, part, errors): (a, b)
-                       for a, b, part in zip(points[:-1], points[1:], parts)}
+                       for a, b, part in zip(points[own:-1], points[own + 1:], parts)}
             hasher.start()  # after the workers exist: hashing overlaps with encoding
-            results = {}
-            done_bytes = done_tokens = 0
             try:
+                for a, b in zip(points[:own], points[1 : own + 1]):
+                    results[a] = _encode_range(tokenizer, src, a, b, f, errors)
+                    done_bytes += b - a
+                    done_tokens += results[a][0]
+                    if progress is not None:
+                        progress(done_bytes, done_tokens)
                 for fut in cf.as_completed(futures):
                     a, b = futures[fut]
                     results[a] = fut.result()
