@@ -14,6 +14,7 @@ import torch
 from tinystories_cli import paths, runs
 from tinystories_cli import train as T
 from tinystories_cli.checkpoint import read_checkpoint
+from tinystories_cli.config import ModelConfig
 from tinystories_cli.errors import UserError
 
 from train_fixtures import TINY_MODEL, TINY_TRAIN, make_dataset, write_token_file
@@ -121,6 +122,30 @@ def test_nonfinite_loss_stops_with_clear_message(workspace, monkeypatch):
     calls["n"] = 0
     res = _run("nan2", skip_nonfinite=1)  # skipped, then the run finishes
     assert res.step == 8 and res.train_losses[5] != res.train_losses[5]  # NaN logged for the skipped step
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_compiled_loss_equals_eager(dtype):
+    # `train --compile` compiles the whole loss (model + cross-entropy, under autocast) as one graph;
+    # aot_eager runs the same dynamo capture + AOT autograd as inductor without a C++ compiler.
+    from tinystories_cli.model import TransformerLM, cross_entropy
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(vocab_size=64, context_length=16, d_model=32, num_layers=2, num_heads=4))
+    x, y = torch.randint(0, 64, (2, 2, 16)).unbind(0)
+    autocast, _ = T._autocast_factory(torch.device("cpu"), dtype)
+    eager = T._loss_fn(model, autocast, cross_entropy)
+    grads = []
+    for fn in (eager, torch.compile(eager, backend="aot_eager")):
+        model.zero_grad(set_to_none=True)
+        loss = fn(x, y)
+        loss.backward()
+        grads.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    assert not any(k.startswith("_orig_mod.") for k in model.state_dict())
 
 
 def test_compile_failure_falls_back_to_eager(workspace, monkeypatch, capsys):

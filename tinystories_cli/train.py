@@ -583,14 +583,20 @@ def train(run: Run, on_step: Callable[[int, dict], None] | None = None) -> Train
         torch.manual_seed(tc.seed + 7919 * dist.rank + 104729 * start_step)
     if dist.enabled:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if tc.compile:
-        if device.type == "mps" or not hasattr(torch, "compile"):
-            notes.append("--compile is not supported here: running eagerly")
-        else:
-            model = torch.compile(model)
     autocast, note = _autocast_factory(device, tc.dtype)
     if note:
         notes.append(note)
+    loss_fn = _loss_fn(model, autocast, cross_entropy)
+    compile_ = tc.compile
+    if compile_ and (device.type == "mps" or not hasattr(torch, "compile")):
+        notes.append("--compile is not supported here: running eagerly")
+        compile_ = False
+    if compile_:
+        # Without DDP, compile the whole loss (model + cross-entropy as one graph: the logits and
+        # their gradient never leave the fused kernels; ~15% faster on CPU than compiling the model
+        # alone). The model itself stays unwrapped, so checkpoint names are unchanged. DDP needs
+        # its module compiled (its gradient hooks must run), so there the model is compiled.
+        loss_fn = _loss_fn(torch.compile(model), autocast, cross_entropy) if dist.enabled else torch.compile(loss_fn)
 
     # Run directory: config, tokenizer copy, metrics (rank 0 only).
     n_params = raw_model.num_parameters()
@@ -633,7 +639,7 @@ def train(run: Run, on_step: Callable[[int, dict], None] | None = None) -> Train
     t_start = time.perf_counter()
     t_log, tokens_log = t_start, 0
     step = start_step
-    compiled_checked = not tc.compile
+    compiled_checked = not compile_
     model.train()
     if rng_state is not None and dist.is_main:  # last thing before the loop: nothing else may draw from it
         _restore_rng(rng_state, device)
@@ -646,16 +652,15 @@ def train(run: Run, on_step: Callable[[int, dict], None] | None = None) -> Train
                     group["lr"] = lr
                 batches = [sampler.next(device) for _ in range(tc.grad_accum_steps)]
                 try:
-                    loss_sum = _forward_backward(model, batches, autocast, cross_entropy, dist)
+                    loss_sum = _forward_backward(loss_fn, model, batches, dist)
                 except Exception as e:  # torch.compile can fail at the first call (no compiler, old GPU, ...)
                     if compiled_checked or isinstance(e, UserError):
                         raise
-                    model = raw_model if not dist.enabled else torch.nn.parallel.DistributedDataParallel(
-                        raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+                    loss_fn = _loss_fn(model, autocast, cross_entropy)
                     optimizer.zero_grad(set_to_none=True)
                     display.note(f"note: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                                  "continuing without --compile")
-                    loss_sum = _forward_backward(model, batches, autocast, cross_entropy, dist)
+                    loss_sum = _forward_backward(loss_fn, model, batches, dist)
                 compiled_checked = True
                 grad_norm = clip_grad_norm_(raw_model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
                 # One small all-reduce per step: the mean loss and whether any rank got a stop signal.
@@ -763,7 +768,16 @@ def _broadcast_str(text: str, device: torch.device, max_bytes: int = 4096) -> st
     return bytes(packed[8:8 + n].tolist()).decode("utf-8")
 
 
-def _forward_backward(model, batches, autocast, cross_entropy, dist: Dist) -> torch.Tensor:
+def _loss_fn(model, autocast, cross_entropy) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """loss(x, y): the mean cross-entropy of `model` on one micro-batch (logits in float32)."""
+    def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with autocast():
+            logits = model(x)  # (B, T, V)
+        return cross_entropy(logits.float(), y)
+    return loss
+
+
+def _forward_backward(loss_fn, model, batches, dist: Dist) -> torch.Tensor:
     """Accumulate gradients over the micro-batches; returns the step's mean loss (a 0-dim tensor)."""
     n = len(batches)
     total = torch.zeros((), device=batches[0][0].device)
@@ -771,9 +785,7 @@ def _forward_backward(model, batches, autocast, cross_entropy, dist: Dist) -> to
         # DDP: all-reduce gradients only after the last micro-batch.
         sync = contextlib.nullcontext() if (not dist.enabled or i == n - 1) else model.no_sync()
         with sync:
-            with autocast():
-                logits = model(x)  # (B, T, V)
-            loss = cross_entropy(logits.float(), y) / n
+            loss = loss_fn(x, y) / n
             loss.backward()
         total += loss.detach()
     return total

@@ -1,9 +1,11 @@
 """Training-step throughput of `TransformerLM` + our AdamW vs Hugging Face `LlamaForCausalLM` + torch.optim.AdamW.
 
 One step = forward + cross-entropy + backward + optimizer step on a (batch x seq) batch, on CPU (fp32).
-Both models have the same shape (pre-norm RMSNorm, RoPE, SwiGLU, untied) and the same weights. Steps of
-the two are interleaved (ours, peer, ours, peer, ...) so load from other processes hits both alike;
-tokens/s use the best step (other processes only add time); medians and every step time are kept too.
+Both models have the same shape (pre-norm RMSNorm, RoPE, SwiGLU, untied) and the same weights. With
+compile, the whole loss (model + cross-entropy) is one compiled graph for both, as `tslm train --compile`
+does. Steps run in rounds (ours eager, peer eager, ours compiled, peer compiled, again ...) so load from
+other processes hits all alike; tokens/s use the best step (other processes only add time), and each
+ratio is also given as the median over rounds of the per-round ratio; every step time is kept too.
 MFU = achieved matmul FLOP/s (the `tslm account` count, 3x forward per step) / this machine's measured
 fp32 matmul peak.
 
@@ -20,6 +22,7 @@ import statistics
 import sys
 import time
 from datetime import datetime, timezone
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -56,22 +59,36 @@ def build_pair(preset: str):
     return cfg, ours, peer
 
 
-def make_steppers(ours, peer, compile_: bool):
+def make_steppers(ours, peer, compile_: bool, model_only: bool = False):
+    """One training step for each model. With `compile_`, the whole loss (model + cross-entropy) is
+    one compiled graph, as `tslm train --compile` does, for both; `model_only` compiles just the
+    models (the loss stays eager), for comparison."""
     ours_opt = AdamW(ours.parameters(), lr=1e-4, weight_decay=0.1)
     peer_opt = torch.optim.AdamW(peer.parameters(), lr=1e-4, weight_decay=0.1)
-    ours_fwd = torch.compile(ours) if compile_ else ours
-    peer_fwd = torch.compile(peer) if compile_ else peer
+
+    def ours_loss(x, y):
+        return cross_entropy(ours(x), y)
+
+    def peer_loss(x, y):
+        logits = peer(input_ids=x).logits
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+    if compile_ and model_only:
+        ours_c, peer_c = torch.compile(ours), torch.compile(peer)
+        ours_loss = lambda x, y: cross_entropy(ours_c(x), y)  # noqa: E731
+        peer_loss = lambda x, y: F.cross_entropy(peer_c(input_ids=x).logits.flatten(0, 1), y.reshape(-1))  # noqa: E731
+    elif compile_:
+        ours_loss, peer_loss = torch.compile(ours_loss), torch.compile(peer_loss)
 
     def ours_step(x, y):
-        loss = cross_entropy(ours_fwd(x), y)
+        loss = ours_loss(x, y)
         ours_opt.zero_grad(set_to_none=True)
         loss.backward()
         ours_opt.step()
         return loss.item()
 
     def peer_step(x, y):
-        logits = peer_fwd(input_ids=x).logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss = peer_loss(x, y)
         peer_opt.zero_grad(set_to_none=True)
         loss.backward()
         peer_opt.step()
@@ -87,6 +104,9 @@ def timed(fn, *args) -> float:
 
 
 def bench_preset(preset: str, batch: int, seq: int, warmup: int, steps: int, modes: list[str], peak: float) -> dict:
+    """Time every stepper (ours/peer x eager/compile) in rounds, one step of each per round, so that
+    the machine's slow and fast phases hit all of them alike. Besides best-step figures, ratios are
+    also given as the median over rounds of the per-round ratio (steadier on a noisy machine)."""
     cfg, ours, peer = build_pair(preset)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
     x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
@@ -94,39 +114,46 @@ def bench_preset(preset: str, batch: int, seq: int, warmup: int, steps: int, mod
     flops = account.train_flops_per_step(cfg, batch, seq)
     out = {"params": sum(p.numel() for p in ours.parameters()), "tokens_per_step": tokens,
            "train_flops_per_step": flops}
+    steppers: dict[str, Callable] = {}
     for mode in modes:
-        ours_step, peer_step = make_steppers(ours, peer, mode == "compile")
-        res: dict = {}
-        try:
+        ours_step, peer_step = make_steppers(ours, peer, mode != "eager", model_only=mode == "compilemodel")
+        for who, fn in (("ours", ours_step), ("peer", peer_step)):
             t0 = time.perf_counter()
-            for _ in range(warmup):  # includes compilation for mode == "compile"
-                ours_step(x, y)
-            res["ours_warmup_s"] = round(time.perf_counter() - t0, 2)
-            t0 = time.perf_counter()
-            for _ in range(warmup):
-                peer_step(x, y)
-            res["peer_warmup_s"] = round(time.perf_counter() - t0, 2)
-            ours_t, peer_t = [], []
-            for _ in range(steps):
-                ours_t.append(timed(ours_step, x, y))
-                peer_t.append(timed(peer_step, x, y))
-        except Exception as e:  # e.g. no C++ compiler for inductor: report, keep the other figures
-            res["error"] = f"{type(e).__name__}: {e}"[:300]
-            out[mode] = res
-            continue
-        for who, ts in (("ours", ours_t), ("peer", peer_t)):
-            best = min(ts)  # other processes only ever add time, so the best step is the cleanest figure
-            res[f"{who}_steps_s"] = [round(t, 3) for t in ts]
-            res[f"{who}_best_step_s"] = round(best, 4)
-            res[f"{who}_median_step_s"] = round(statistics.median(ts), 4)
-            res[f"{who}_tokens_per_s"] = round(tokens / best, 1)
-            res[f"{who}_mfu"] = round(flops / best / peak, 4)
-        res["ratio_ours_over_peer"] = round(res["ours_tokens_per_s"] / res["peer_tokens_per_s"], 3)
-        res["ratio_ours_over_peer_median"] = round(res["peer_median_step_s"] / res["ours_median_step_s"], 3)
-        out[mode] = res
-    if "eager" in out and "compile" in out and "ours_tokens_per_s" in out["compile"]:
+            try:
+                for _ in range(warmup):  # includes compilation for mode == "compile"
+                    fn(x, y)
+            except Exception as e:  # e.g. no C++ compiler for inductor: report, keep the other figures
+                out.setdefault(mode, {})["error"] = f"{type(e).__name__}: {e}"[:300]
+                continue
+            out.setdefault(mode, {})[f"{who}_warmup_s"] = round(time.perf_counter() - t0, 2)
+            steppers[f"{who}_{mode}"] = fn
+    times: dict[str, list[float]] = {k: [] for k in steppers}
+    for _ in range(steps):
+        for key, fn in steppers.items():
+            times[key].append(timed(fn, x, y))
+
+    def paired(a: str, b: str) -> float:
+        """median over rounds of (b's step time / a's step time): how much faster a is than b."""
+        return round(statistics.median(tb / ta for ta, tb in zip(times[a], times[b])), 3)
+
+    for key, ts in times.items():
+        who, mode = key.split("_")
+        res = out[mode]
+        best = min(ts)  # other processes only ever add time, so the best step is the cleanest figure
+        res[f"{who}_steps_s"] = [round(t, 3) for t in ts]
+        res[f"{who}_best_step_s"] = round(best, 4)
+        res[f"{who}_median_step_s"] = round(statistics.median(ts), 4)
+        res[f"{who}_tokens_per_s"] = round(tokens / best, 1)
+        res[f"{who}_mfu"] = round(flops / best / peak, 4)
+    for mode in modes:
+        if f"ours_{mode}" in times and f"peer_{mode}" in times:
+            res = out[mode]
+            res["ratio_ours_over_peer"] = round(res["ours_tokens_per_s"] / res["peer_tokens_per_s"], 3)
+            res["ratio_ours_over_peer_paired_median"] = paired(f"ours_{mode}", f"peer_{mode}")
+    if "ours_compile" in times and "peer_eager" in times:
         out["ratio_ours_compile_over_peer_eager"] = round(
             out["compile"]["ours_tokens_per_s"] / out["eager"]["peer_tokens_per_s"], 3)
+        out["ratio_ours_compile_over_peer_eager_paired_median"] = paired("ours_compile", "peer_eager")
     return out
 
 
@@ -136,11 +163,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=6, help="timed rounds")
     ap.add_argument("--no-compile", action="store_true", help="eager only")
+    ap.add_argument("--compile-model-only", action="store_true",
+                    help="also time compiling the models alone (loss eager), mode 'compilemodel'")
     ap.add_argument("--json", help="also write the JSON here")
     args = ap.parse_args(argv)
-    modes = ["eager"] if args.no_compile else ["eager", "compile"]
+    modes = ["eager"] if args.no_compile else ["eager", "compile"] + (["compilemodel"] if args.compile_model_only else [])
     peak = matmul_peak_flops()
     result = {
         "benchmark": "train_step_throughput",

@@ -60,7 +60,7 @@ def command(
     seed: Annotated[Optional[int], _opt("--seed", help="Seed for init and batches.")] = None,
     device: Annotated[Optional[str], _opt("--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps.")] = None,
     dtype: Annotated[Optional[str], _opt("--dtype", help="float32 | bfloat16 (autocast).")] = None,
-    compile: Annotated[Optional[bool], _opt("--compile/--no-compile", help="torch.compile the model (falls back to eager if it fails).")] = None,
+    compile: Annotated[Optional[bool], _opt("--compile/--no-compile", help="torch.compile the model and loss as one graph (falls back to eager if it fails).")] = None,
     # run options
     run_name: Annotated[Optional[str], _opt("--run-name", help="Run directory name under runs/ (default: preset-timestamp).", panel=RUN)] = None,
     resume: Annotated[bool, _opt("--resume", help="Continue a run. `--resume` or `--resume auto`: --run-name (or runs/latest) from its latest checkpoint, starting fresh if it has none; `--resume RUN_OR_CHECKPOINT`: that run or checkpoint.", panel=RUN)] = False,
