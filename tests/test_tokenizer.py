@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import json
+import sys
 import tracemalloc
 from collections import Counter
 from pathlib import Path
@@ -322,6 +323,13 @@ def test_word_fast_path_equals_pretoken_path(toy, text):
     spaces = _whitespace_tokenizer()
     for tok in (Tokenizer(toy.vocab, toy.merges, [EOT]), spaces):
         assert tok.encode_packed(text) == tok._encode_pieces(text)  # the text holds no special token
+
+
+def test_isspace_covers_every_regex_whitespace():
+    # The word path decides "this word ends in whitespace, so a space may not follow it" with
+    # str.isspace; that is safe only if isspace is true wherever the GPT-2 pattern's \s matches.
+    ws = regex.compile(r"\s")
+    assert [c for c in range(sys.maxunicode + 1) if ws.match(chr(c)) and not chr(c).isspace()] == []
 
 
 def _whitespace_tokenizer() -> Tokenizer:

@@ -160,25 +160,32 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_p: float, t
 # ---------------------------------------------------------------------------------------------
 
 
-def prefill(model, ids: Tensor, start_pos: int = 0) -> Tensor:
-    """Forward the prompt ids (B, T) at positions start_pos.. (filling the cache when one is set
-    up); returns the logits of the last position (B, V)."""
-    return model(ids, start_pos=start_pos)[:, -1]
+def _forward(model, ids: Tensor, start_pos: int, pad: Tensor | None) -> Tensor:
+    # `pad` only when there is padding, so any model taking (ids, start_pos=) can be driven
+    logits = model(ids, start_pos=start_pos) if pad is None else model(ids, start_pos=start_pos, pad=pad)
+    return logits[:, -1]
 
 
-def decode_one_token(model, token: Tensor, pos: int) -> Tensor:
-    """Forward one token per row, token (B, 1) at absolute position `pos`, reading the cache for
-    positions 0..pos-1; returns the next-token logits (B, V)."""
-    return model(token, start_pos=pos)[:, -1]
+def prefill(model, ids: Tensor, start_pos: int = 0, pad: Tensor | None = None) -> Tensor:
+    """Forward the prompt ids (B, T) at columns start_pos.. (filling the cache when one is set up);
+    returns the logits of the last column (B, V). `pad` (B,): left padding per row (see
+    `TransformerLM.forward`)."""
+    return _forward(model, ids, start_pos, pad)
 
 
-def full_forward(model, window: Tensor) -> Tensor:
-    """The uncached step: recompute the whole window (B, n) from scratch; logits of its last position."""
-    return model(window, start_pos=0)[:, -1]
+def decode_one_token(model, token: Tensor, pos: int, pad: Tensor | None = None) -> Tensor:
+    """Forward one token per row, token (B, 1) at column `pos`, reading the cache for columns
+    0..pos-1; returns the next-token logits (B, V)."""
+    return _forward(model, token, pos, pad)
+
+
+def full_forward(model, window: Tensor, pad: Tensor | None = None) -> Tensor:
+    """The uncached step: recompute the whole window (B, n) from scratch; logits of its last column."""
+    return _forward(model, window, 0, pad)
 
 
 # ---------------------------------------------------------------------------------------------
-# The driver: a batch of equal-length prompts, one random stream per row
+# The driver: a batch of prompts (left-padded to one length), one random stream per row
 # ---------------------------------------------------------------------------------------------
 
 # why a row stopped
@@ -193,7 +200,10 @@ def _model_device(model) -> torch.device:
 
 
 class BatchDecoder:
-    """Decode B rows that share one prompt length (so the batch needs no padding).
+    """Decode B rows at once. Prompts of different lengths are left-padded to the longest: each row
+    keeps its own positions (its first token at position 0) and never attends to its padding, so a
+    row decodes as it would alone. The rows share one window of `context_length` columns, padding
+    included: when the longest row fills it, every row slides at once.
 
     Iterating yields, per step, a list of B entries: the new id of each live row, or None for a
     row that has finished (a stop id ends a row and is not yielded). A consumer may end a row
@@ -221,8 +231,8 @@ class BatchDecoder:
         allowed_vocab: int | None = None,
     ):
         check_sampling_args(max_new_tokens, temperature, top_p, top_k)
-        if not prompts or len({len(p) for p in prompts}) != 1 or not prompts[0]:
-            raise ValueError("BatchDecoder needs >= 1 non-empty prompts of one common length")
+        if not prompts or not all(len(p) for p in prompts):
+            raise ValueError("BatchDecoder needs >= 1 non-empty prompts")
         cfg = model.config
         self.model, self.ctx, self.vocab_size = model, cfg.context_length, cfg.vocab_size
         for p in prompts:
@@ -231,7 +241,7 @@ class BatchDecoder:
                 raise ValueError(f"token id {bad[0]} is outside the model's vocabulary (0..{self.vocab_size - 1})")
         self.batch_size = len(prompts)
         # a prompt longer than the context keeps its last context_length tokens
-        self.prompt_dropped = max(0, len(prompts[0]) - self.ctx)
+        self.prompt_dropped = [max(0, len(p) - self.ctx) for p in prompts]
         self.prompts = [list(p[-self.ctx:]) for p in prompts]
         self.max_new_tokens = max_new_tokens
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
@@ -274,15 +284,18 @@ class BatchDecoder:
             gens = [torch.Generator(device=device).manual_seed(s) for s in self.seeds]
         # the tokens in the context window (row-major, positions 0..n-1); the cache mirrors them
         window = torch.empty(B, ctx, dtype=torch.long, device=device)
-        n = len(self.prompts[0])
-        window[:, :n] = torch.tensor(self.prompts, dtype=torch.long, device=device)
+        n = max(map(len, self.prompts))
+        # left padding (id 0: any id would do, padding columns are never attended to)
+        window[:, :n] = torch.tensor([[0] * (n - len(p)) + p for p in self.prompts], dtype=torch.long, device=device)
+        pad = torch.tensor([n - len(p) for p in self.prompts], device=device)
+        pad = pad if bool(pad.any()) else None
         keep = max(1, ctx // 2)  # tokens kept when the window slides
         try:
             if self.use_cache:
                 model.setup_caches(B, ctx)
-                logits = prefill(model, window[:, :n])
+                logits = prefill(model, window[:, :n], pad=pad)
             else:
-                logits = full_forward(model, window[:, :n])
+                logits = full_forward(model, window[:, :n], pad)
             for step in range(self.max_new_tokens):
                 noise = draw_noise(gens, self.vocab_size, device) if self.temperature > 0 else None
                 nxt = sample(self._logits(logits), noise, self.temperature, self.top_k, self.top_p)  # (B,)
@@ -307,16 +320,19 @@ class BatchDecoder:
                     # the context is full: slide, keeping the newest `keep` tokens, and re-prefill
                     window[:, : keep - 1] = window[:, n - keep + 1 : n].clone()
                     window[:, keep - 1] = nxt
+                    if pad is not None:  # the dropped columns take padding with them
+                        pad = (pad - (n - keep + 1)).clamp_min(0)
+                        pad = pad if bool(pad.any()) else None
                     n = keep
                     self.context_shifts += 1
-                    logits = prefill(model, window[:, :n]) if self.use_cache else full_forward(model, window[:, :n])
+                    logits = prefill(model, window[:, :n], pad=pad) if self.use_cache else full_forward(model, window[:, :n], pad)
                 else:
                     window[:, n] = nxt
                     n += 1
                     if self.use_cache:
-                        logits = decode_one_token(model, window[:, n - 1 : n], n - 1)
+                        logits = decode_one_token(model, window[:, n - 1 : n], n - 1, pad)
                     else:
-                        logits = full_forward(model, window[:, :n])
+                        logits = full_forward(model, window[:, :n], pad)
         finally:
             if self.use_cache:
                 model.clear_caches()
@@ -504,10 +520,10 @@ def generate_samples(
 ) -> list[Sample]:
     """`num_samples` completions of each prompt, ordered prompt by prompt.
 
-    Batching: all rows whose prompts encode to the same number of tokens run as one batch (so no
-    padding and no per-row positions are needed); each distinct length is one batch. Sample i of
-    every prompt uses seed `seed + i`, so `--seed S+i` reproduces it alone. `on_text(k, chunk)` is
-    called with text as it becomes final for sample k (the index in the returned list).
+    Batching: every row (prompts x samples) runs in one batch; prompts of different lengths are
+    left-padded (see `BatchDecoder`). Sample i of every prompt uses seed `seed + i`, so `--seed S+i`
+    reproduces it alone (until the context fills: rows of a batch slide together). `on_text(k,
+    chunk)` is called with text as it becomes final for sample k (the index in the returned list).
     """
     check_sampling_args(max_new_tokens, temperature, top_p, top_k)
     if num_samples < 1:
@@ -515,46 +531,40 @@ def generate_samples(
 
         raise UserError(f"--num-samples must be at least 1, got {num_samples}")
     seed = random_seed() if seed is None else seed
-    ctx = model.config.context_length
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     token_bytes = _token_bytes_fn(tokenizer)
     stop_ids = [tokenizer.eot_id] if stop_at_eot and tokenizer.eot_id is not None else []
     results: list[Sample | None] = [None] * (len(prompts) * num_samples)
 
-    by_len: dict[int, list[int]] = {}
-    for j, ids in enumerate(encoded):
-        by_len.setdefault(min(len(ids), ctx), []).append(j)
-    for plen in sorted(by_len):
-        rows = [(j, i) for j in by_len[plen] for i in range(num_samples)]  # (prompt index, sample index)
-        dec = BatchDecoder(
-            model, [encoded[j][-ctx:] for j, _ in rows], seeds=[seed + i for _, i in rows],
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-            stop_ids=stop_ids, eot_id=tokenizer.eot_id, use_cache=use_cache,
-            allowed_vocab=getattr(tokenizer, "vocab_size", None),
-        )
-        streams = [TextStream(tokenizer.decode, token_bytes, stop_strings) for _ in rows]
-        keys = [j * num_samples + i for j, i in rows]
-        for step in dec:
-            for r, tok in enumerate(step):
-                if tok is None:
-                    continue
-                chunk = streams[r].push(tok)
-                if chunk and on_text:
-                    on_text(keys[r], chunk)
-                if streams[r].stopped:
-                    dec.finish(r, STOP_STRING)
-        for r, (j, i) in enumerate(rows):
-            s = streams[r]
-            chunk = s.close()
+    rows = [(j, i) for j in range(len(prompts)) for i in range(num_samples)]  # (prompt index, sample index)
+    dec = BatchDecoder(
+        model, [encoded[j] for j, _ in rows], seeds=[seed + i for _, i in rows],
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        stop_ids=stop_ids, eot_id=tokenizer.eot_id, use_cache=use_cache,
+        allowed_vocab=getattr(tokenizer, "vocab_size", None),
+    )
+    streams = [TextStream(tokenizer.decode, token_bytes, stop_strings) for _ in rows]
+    for step in dec:
+        for r, tok in enumerate(step):
+            if tok is None:
+                continue
+            chunk = streams[r].push(tok)
             if chunk and on_text:
-                on_text(keys[r], chunk)
-            n_new, secs = dec.new_tokens[r], dec.finish_times[r]
-            results[keys[r]] = Sample(
-                prompt=prompts[j], seed=seed + i if temperature > 0 else None, text=s.text,
-                prompt_tokens=plen, new_tokens=n_new,
-                tokens_per_s=n_new / secs if secs > 0 else 0.0, stop_reason=dec.stop_reasons[r] or MAX_TOKENS,
-                prompt_dropped=len(encoded[j]) - plen, context_shifts=dec.context_shifts, token_ids=s.ids,
-            )
+                on_text(r, chunk)
+            if streams[r].stopped:
+                dec.finish(r, STOP_STRING)
+    for r, (j, i) in enumerate(rows):
+        s = streams[r]
+        chunk = s.close()
+        if chunk and on_text:
+            on_text(r, chunk)
+        n_new, secs = dec.new_tokens[r], dec.finish_times[r]
+        results[r] = Sample(
+            prompt=prompts[j], seed=seed + i if temperature > 0 else None, text=s.text,
+            prompt_tokens=len(dec.prompts[r]), new_tokens=n_new,
+            tokens_per_s=n_new / secs if secs > 0 else 0.0, stop_reason=dec.stop_reasons[r] or MAX_TOKENS,
+            prompt_dropped=dec.prompt_dropped[r], context_shifts=dec.context_shifts, token_ids=s.ids,
+        )
     return results  # type: ignore[return-value]
 
 

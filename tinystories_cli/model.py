@@ -397,7 +397,10 @@ class MultiHeadSelfAttention(nn.Module):
             return True
         return _sdpa_available() and not (self.training and self.dropout > 0)
 
-    def forward(self, x: Tensor, token_positions: Tensor | None = None, start_pos: int = 0) -> Tensor:
+    def forward(self, x: Tensor, token_positions: Tensor | None = None, start_pos: int = 0,
+                attn_mask: Tensor | None = None) -> Tensor:
+        """`attn_mask` (bool, broadcastable to (..., nh, T, S), True = may attend) replaces the
+        causal mask when given (the model builds one for left-padded batches)."""
         *lead, T, d = x.shape
         # three separate projections rather than one fused (d -> 3d) matmul: a fused one would make autograd
         # keep the whole qkv buffer alive (v is saved as a view of it) plus a concatenated weight copy
@@ -420,9 +423,9 @@ class MultiHeadSelfAttention(nn.Module):
             k, v = self.kv_cache.update(start_pos, k, v)  # (B, nh, start_pos+T, hs)
         S = k.shape[-2]
         # query t sits at absolute position start_pos + t (or T-1 when uncached) and sees keys 0..that
-        causal_plain = S == T  # queries and keys start at position 0
-        mask = None
-        if not causal_plain and T > 1:
+        causal_plain = S == T and attn_mask is None  # queries and keys start at position 0
+        mask = attn_mask
+        if mask is None and not causal_plain and T > 1:
             q_pos = torch.arange(S - T, S, device=x.device)
             mask = torch.arange(S, device=x.device) <= q_pos.unsqueeze(-1)  # (T, S)
 
@@ -459,13 +462,14 @@ class TransformerBlock(nn.Module):
         self.ffn = make_ffn(ffn, d_model, d_ff, device=device, dtype=dtype,
                             fused_kernels=attention_backend != "reference")
 
-    def forward(self, x: Tensor, token_positions: Tensor | None = None, start_pos: int = 0) -> Tensor:
+    def forward(self, x: Tensor, token_positions: Tensor | None = None, start_pos: int = 0,
+                attn_mask: Tensor | None = None) -> Tensor:
         p, tr = self.dropout, self.training
         if self.norm_position == "pre":
-            x = x + dropout(self.attn(self.ln1(x), token_positions, start_pos), p, tr)
+            x = x + dropout(self.attn(self.ln1(x), token_positions, start_pos, attn_mask), p, tr)
             x = x + dropout(self.ffn(self.ln2(x)), p, tr)
         else:
-            x = self.ln1(x + dropout(self.attn(x, token_positions, start_pos), p, tr))
+            x = self.ln1(x + dropout(self.attn(x, token_positions, start_pos, attn_mask), p, tr))
             x = self.ln2(x + dropout(self.ffn(x), p, tr))
         return x
 
@@ -564,14 +568,28 @@ class TransformerLM(nn.Module):
             layer.attn.kv_cache = None
 
     # -- forward --
-    def forward(self, token_ids: Tensor, start_pos: int = 0) -> Tensor:
-        """token_ids (B, T) with T <= context_length - start_pos -> logits (B, T, vocab_size)."""
+    def forward(self, token_ids: Tensor, start_pos: int = 0, pad: Tensor | None = None) -> Tensor:
+        """token_ids (B, T) with T <= context_length - start_pos -> logits (B, T, vocab_size).
+
+        `pad` (B,) ints: left padding for batches of prompts of different lengths. Row b's first
+        `pad[b]` columns are padding: its tokens sit at positions 0, 1, ... from column pad[b] on,
+        and no query attends to a padding column (a padding query sees only itself, so it stays
+        finite; its logits mean nothing). Columns count from the start of the KV cache.
+        """
         T = token_ids.shape[-1]
         if start_pos + T > self.config.context_length:
             raise ValueError(f"positions {start_pos}..{start_pos + T - 1} exceed context_length "
                              f"{self.config.context_length}")
         x = self.token_embeddings(token_ids)  # (B, T, d)
         positions = torch.arange(start_pos, start_pos + T, device=token_ids.device)  # (T,)
+        attn_mask = None
+        if pad is not None:
+            cols = positions  # the columns of these queries
+            keys = torch.arange(start_pos + T, device=token_ids.device)  # (S,) the columns of all keys
+            pad = pad.to(token_ids.device).view(-1, 1, 1)  # (B, 1, 1)
+            attn_mask = (keys <= cols[:, None]) & ((keys >= pad) | (keys == cols[:, None]))  # (B, T, S)
+            attn_mask = attn_mask.unsqueeze(1)  # (B, 1, T, S): the same for every head
+            positions = (cols - pad[:, :, 0]).clamp_min(0)  # (B, T)
         if self.config.pos_emb == "learned":
             x = x + self.position_embeddings(positions)
         elif self.config.pos_emb == "sinusoidal":
@@ -579,7 +597,7 @@ class TransformerLM(nn.Module):
         x = dropout(x, self.config.dropout, self.training)
         rope_pos = positions if self.config.pos_emb == "rope" else None
         for layer in self.layers:
-            x = layer(x, rope_pos, start_pos)
+            x = layer(x, rope_pos, start_pos, attn_mask)
         return self.lm_head(self.ln_final(x))
 
     def num_parameters(self) -> int:
