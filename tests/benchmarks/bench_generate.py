@@ -1,6 +1,6 @@
 """Benchmark `tslm generate` decoding (not a timed test). Prints one JSON object.
 
-    python tests/benchmarks/bench_generate.py [--repeats 3] [--threads 1] [--long]
+    python tests/benchmarks/bench_generate.py [--repeats 3] [--threads 1] [--long] [--compile]
 
 Model: the `tinystories-17m` shape (4 x 512, 16 heads, ctx 256, vocab 10K), random init (speed
 does not depend on the weights). Batch 1, a 10-token prompt, exactly N new tokens (no stop token).
@@ -15,6 +15,10 @@ does not depend on the weights). Batch 1, a 10-token prompt, exactly N new token
 2. Cached vs uncached as the sequence grows: N = 64, N = 246 (prompt + N = the full context of
    256), N = 512 (the window slides 3 times). With `--long`, also the same model with a
    1024-token context filled completely (N = 1014, one repeat).
+3. The fp32 ceiling: the time of only the matrix-vector products one decoded token needs (every
+   projection and the LM head, the real weights, in order), i.e. the most tokens/s any fp32
+   implementation can reach here, reported as a multiple of the peer. With `--compile`, also ours
+   with `decode_one_token` under torch.compile.
 
 Threads: `--threads 1` by default: the development machine has 2 cores shared with other jobs,
 where a second OpenMP thread makes small matmuls ~10x slower and the figures meaningless.
@@ -136,11 +140,60 @@ def growth(model, prompt: list[int], lengths: list[int], repeats: int) -> dict:
     return out
 
 
+def matmul_ceiling(model: TransformerLM, repeats: int, tokens: int = 64) -> dict:
+    """The fastest any fp32 implementation of this model can decode at batch 1 on this machine.
+
+    Decoding a token multiplies one vector by every projection matrix and the LM head, each read
+    once from memory (70 MB for the 17m shape: more than any cache, so from DRAM). This times just
+    those matrix-vector products, in decoding order, with the real weights; nothing else.
+    """
+    from tinystories_cli.model import Linear
+
+    weights = [m.weight.detach() for m in model.modules() if isinstance(m, Linear)]
+    xs = {d: torch.randn(1, d) for d in {w.shape[1] for w in weights}}
+
+    def one_token() -> None:
+        for w in weights:
+            xs[w.shape[1]] @ w.t()
+
+    one_token()
+    per_token = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(tokens):
+            one_token()
+        per_token.append((time.perf_counter() - t0) / tokens)
+    t = statistics.median(per_token)
+    nbytes = sum(w.numel() * w.element_size() for w in weights)
+    return {"matrices": len(weights), "weight_bytes_per_token": nbytes, "matmul_only_ms_per_token": round(t * 1e3, 3),
+            "ceiling_tokens_per_s": round(1 / t, 1), "effective_GB_per_s": round(nbytes / t / 1e9, 2)}
+
+
+def compiled_decode(model, prompt: list[int], n: int, repeats: int) -> dict:
+    """Ours with the cache and `decode_one_token` under torch.compile (gpt-fast style)."""
+    import tinystories_cli.generate as G
+
+    eager = G.decode_one_token
+    G.decode_one_token = torch.compile(eager, dynamic=True)
+    try:
+        setting = SETTINGS["greedy"]
+        t0 = time.perf_counter()
+        ours(model, prompt, 16, setting)  # compiles
+        compile_s = time.perf_counter() - t0
+        c = [timed(ours, model, prompt, n, setting)[0] for _ in range(repeats)]
+    finally:
+        G.decode_one_token = eager
+    e = [timed(ours, model, prompt, n, setting)[0] for _ in range(repeats)]
+    return {"compile_s": round(compile_s, 1), "greedy_compiled_tokens_per_s": tokens_per_s(c, n),
+            "greedy_eager_tokens_per_s": tokens_per_s(e, n)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--long", action="store_true", help="also a 1024-context model filled completely")
+    ap.add_argument("--compile", action="store_true", help="also decode with torch.compile'd decode_one_token")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -169,6 +222,12 @@ def main() -> None:
         "peer_256_new_tokens": peer_comparison(model, hf, prompt, 256, args.repeats),
         "cached_vs_uncached": growth(model, prompt, [64, cfg.context_length - len(prompt), 512], args.repeats),
     }
+    peer = report["peer_256_new_tokens"]["greedy"]["tokens_per_s"]["hf_llama_generate"]
+    ceiling = matmul_ceiling(model, args.repeats)
+    ceiling["ceiling_over_hf_greedy"] = round(ceiling["ceiling_tokens_per_s"] / peer, 2)
+    report["fp32_matmul_ceiling"] = ceiling
+    if args.compile:
+        report["compiled_decode_256_new_tokens"] = compiled_decode(model, prompt, 256, args.repeats)
     if args.long:
         long_model = build(cfg.model_copy(update={"context_length": 1024}))
         report["cached_vs_uncached_ctx1024"] = growth(long_model, prompt, [1024 - len(prompt)], 1)
