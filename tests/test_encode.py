@@ -84,6 +84,32 @@ def test_parallel_equals_serial_byte_for_byte(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # part files cleaned up
 
 
+@pytest.mark.parametrize("slow", ["parent", "worker"])
+def test_parallel_work_sharing_is_exact_whoever_is_slow(tmp_path, monkeypatch, slow):
+    # The parent claims chunks from the front while the worker takes them from the back; make one
+    # side slow so the meeting point moves to either end: the file must not change.
+    import os
+    import time
+
+    monkeypatch.setattr(enc, "MIN_PARALLEL_BYTES", 0)
+    tok = _toy_tokenizer()
+    src = tmp_path / "t.txt"
+    _write_text(src, 300)
+    enc.encode_file(src, tmp_path / "serial.npy", tok, workers=1)
+    parent, encode_range = os.getpid(), enc._encode_range
+
+    def paced(*args, **kwargs):
+        if (os.getpid() == parent) == (slow == "parent"):
+            time.sleep(0.05)
+        return encode_range(*args, **kwargs)
+
+    monkeypatch.setattr(enc, "_encode_range", paced)
+    meta = enc.encode_file(src, tmp_path / "par.npy", tok, workers=2, chunks_per_worker=6)
+    assert meta["chunks"] > 6
+    assert (tmp_path / "serial.npy").read_bytes() == (tmp_path / "par.npy").read_bytes()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_split_points_are_safe_cuts(tmp_path):
     tok = _toy_tokenizer()
     src = tmp_path / "t.txt"

@@ -17,6 +17,7 @@ plus the ratios the issue sets as targets (ours_single / tiktoken_single >= 0.5,
 ours_file_parallel / tiktoken_batch >= 1.0) and, when the BPE trainer is present, throughput with a
 10K TinyStories tokenizer trained on the same file. Every timing is the best of --repeats runs,
 interleaved, so background load hits all contenders alike; single-process rows also give CPU time.
+The ratios are also given as paired medians (the median over repeats of the per-repeat ratio).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -92,7 +94,10 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-tok-"))
     results: dict[str, dict] = {}
 
+    walls: dict[str, list[float]] = {}  # every repeat, for the paired ratios
+
     def record(name: str, wall: float, cpu: float | None = None):
+        walls.setdefault(name, []).append(wall)
         r = results.setdefault(name, {"wall_s": float("inf"), "cpu_s": float("inf") if cpu is not None else None})
         r["wall_s"] = min(r["wall_s"], wall)
         if cpu is not None:
@@ -140,6 +145,11 @@ def main() -> None:
     def ratio(a: str, b: str, key: str = "wall_s") -> float:
         return round(results[b][key] / results[a][key], 3)
 
+    def paired(a: str, b: str) -> float:
+        """Median over repeats of b's time / a's time within the same repeat (seconds apart), which
+        cancels the machine's slow and fast phases better than best against best."""
+        return round(statistics.median(tb / ta for ta, tb in zip(walls[a], walls[b])), 3)
+
     out = {
         "benchmark": "tokenizer throughput",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -156,6 +166,12 @@ def main() -> None:
             "ours_file_parallel_vs_ours_file_serial": ratio("ours_file_parallel", "ours_file_serial"),
             "ours_single_vs_hf_single": ratio("ours_single", "hf_single"),
         },
+        "paired_median_ratios": {
+            "ours_single_vs_tiktoken_single": paired("ours_single", "tiktoken_single"),
+            "ours_file_parallel_vs_tiktoken_batch": paired("ours_file_parallel", "tiktoken_batch"),
+            "ours_file_parallel_vs_ours_file_serial": paired("ours_file_parallel", "ours_file_serial"),
+        },
+        "wall_s_every_repeat": {k: [round(t, 4) for t in v] for k, v in walls.items()},
     }
 
     if not args.no_train_10k:
@@ -166,13 +182,13 @@ def main() -> None:
         else:
             (vocab, merges), train_s, _ = timed(lambda: train_bpe(src, 10_000, [EOT]))
             small = Tokenizer(vocab, merges, [EOT])
-            best_w = best_c = float("inf")
-            for _ in range(args.repeats):
+            best_w = best_c = pw = float("inf")
+            for _ in range(args.repeats):  # fresh tokenizers (cold caches) every time, as above
                 t = Tokenizer(vocab, merges, [EOT])
                 ids, w, c = timed(lambda: t.encode(text))
                 best_w, best_c = min(best_w, w), min(best_c, c)
-            fresh = Tokenizer(vocab, merges, [EOT])
-            _, pw, _ = timed(lambda: encode_file(src, tmp / "small.npy", fresh, workers=ncores, force=True))
+                fresh = Tokenizer(vocab, merges, [EOT])
+                pw = min(pw, timed(lambda: encode_file(src, tmp / "small.npy", fresh, workers=ncores, force=True))[1])
             out["tinystories_10k"] = {
                 "train_s": round(train_s, 2), "vocab_size": small.vocab_size, "tokens": len(ids),
                 "bytes_per_token": round(nbytes / len(ids), 4), "roundtrip": small.decode(ids) == text,

@@ -13,9 +13,10 @@ file made by another tokenizer (`check_token_file`).
 
 Memory stays bounded: the text is read in blocks, encoded with the tokenizer's streaming encoder,
 and packed ids are written as they come. With `workers > 1` the file is cut into chunks at places
-where cutting cannot change the encoding (see `split_points`); the parent process encodes the first
-share of chunks straight into the output while worker processes encode the rest into temporary part
-files, which the parent appends in order, so the output is byte-identical to single-process encoding.
+where cutting cannot change the encoding (see `split_points`); the parent process encodes chunks from
+the front straight into the output while worker processes encode chunks from the back into temporary
+part files, which the parent appends in order, so the output is byte-identical to single-process
+encoding.
 """
 
 from __future__ import annotations
@@ -223,7 +224,7 @@ def encode_file(
     force: bool = False,
     progress: Progress | None = None,
     tokenizer_dir: str | os.PathLike | None = None,
-    chunks_per_worker: int = 4,
+    chunks_per_worker: int = 8,
 ) -> dict:
     """Encode the UTF-8 text file `src` into the token file `out` (.npy) and its JSON sidecar.
 
@@ -306,28 +307,39 @@ def _encode_parallel(tokenizer, src: Path, points: list[int], f, tmp_parent: Pat
                      progress: Progress | None) -> tuple[int, int, str]:
     tmpdir = tempfile.mkdtemp(prefix=".encode-parts.", dir=tmp_parent)  # same disk as the output
     digest: dict[str, str] = {}
-    hasher = threading.Thread(target=lambda: digest.setdefault("sha", sha256_file(src)), daemon=True)
+    def hash_source() -> None:
+        digest["sha"] = sha256_file(src)
+        # the sidecar needs the fingerprint: computing it here, while the cores encode, keeps it
+        # out of the serial tail (the chunk claiming rebalances the parent's share around it)
+        _ = tokenizer.fingerprint
+
+    hasher = threading.Thread(target=hash_source, daemon=True)
     try:
-        # The parent encodes the first 1/workers of the chunks itself, straight into the output,
-        # while `workers - 1` worker processes take the rest, a part file per chunk: every core
-        # works from the start, and the parent's share needs no copy.
-        own = max(1, (len(points) - 1) // workers)
-        parts = [os.path.join(tmpdir, f"{i:06d}.bin") for i in range(own, len(points) - 1)]
+        # Work is shared from both ends: the workers take chunks from the last one backwards, the
+        # parent from the first one forwards, straight into the output (no copy), claiming each
+        # chunk by cancelling its still-pending future, until it meets a chunk a worker has taken.
+        # So every core works from the start, and a slow core simply ends up with fewer chunks.
+        n_chunks = len(points) - 1
+        parts = {i: os.path.join(tmpdir, f"{i:06d}.bin") for i in range(1, n_chunks)}
         results: dict[int, tuple[int, int]] = {}
         done_bytes = done_tokens = 0
         with cf.ProcessPoolExecutor(workers - 1, mp_context=_mp_context(), initializer=_worker_init, initargs=(tokenizer,)) as pool:
-            futures = {pool.submit(_worker, str(src), a, b, part, errors): (a, b)
-                       for a, b, part in zip(points[own:-1], points[own + 1:], parts)}
+            futures = {i: pool.submit(_worker, str(src), points[i], points[i + 1], parts[i], errors)
+                       for i in reversed(range(1, n_chunks))}
             hasher.start()  # after the workers exist: hashing overlaps with encoding
             try:
-                for a, b in zip(points[:own], points[1 : own + 1]):
+                own = 0
+                while own < n_chunks and (own == 0 or futures[own].cancel()):
+                    a, b = points[own], points[own + 1]
                     results[a] = _encode_range(tokenizer, src, a, b, f, errors)
+                    own += 1
                     done_bytes += b - a
                     done_tokens += results[a][0]
                     if progress is not None:
                         progress(done_bytes, done_tokens)
-                for fut in cf.as_completed(futures):
-                    a, b = futures[fut]
+                taken = {futures[i]: i for i in range(own, n_chunks)}
+                for fut in cf.as_completed(taken):
+                    a, b = points[taken[fut]], points[taken[fut] + 1]
                     results[a] = fut.result()
                     done_bytes += b - a
                     done_tokens += results[a][0]
@@ -337,10 +349,10 @@ def _encode_parallel(tokenizer, src: Path, points: list[int], f, tmp_parent: Pat
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
         hasher.join()
-        num_tokens = sum(n for n, _ in results.values())
+        num_tokens = sum(k for k, _ in results.values())
         max_id = max(m for _, m in results.values())
-        for part in parts:  # concatenate in file order
-            with open(part, "rb") as p:
+        for i in range(own, n_chunks):  # the workers' chunks follow the parent's, in file order
+            with open(parts[i], "rb") as p:
                 shutil.copyfileobj(p, f, 1 << 22)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
