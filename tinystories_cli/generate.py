@@ -6,7 +6,7 @@ The loop is gpt-fast shaped: three small steps that can each be compiled on thei
     decode_one_token(model, tok, pos)   one forward over one new token per row; reads/extends the cache
     sample(logits, noise, ...)          temperature -> top-k -> top-p -> one id per row
 
-and a driver (`generate_batch`) that owns the cache, the random streams, stop conditions and the
+and a driver (`BatchDecoder`) that owns the cache, the random streams, stop conditions and the
 context window. `generate_tokens` / `generate` are the batch-1 library API:
 
     >>> ids = list(generate_tokens(model, tok.encode("Once upon a time"), max_new_tokens=50, seed=0))  # doctest: +SKIP
@@ -34,6 +34,12 @@ re-prefilled into a fresh cache at positions 0.., and decoding continues (the ll
 amortised O(1) per token). A prompt longer than the context keeps only its last
 `context_length` tokens (`Sample.prompt_dropped` and the CLI's summary say how many were cut).
 An empty prompt starts from `<|endoftext|>`, the document separator the model was trained on.
+
+Batches of different prompts: shorter prompts are left-padded to the longest. The model gets the
+padding per row (`TransformerLM.forward(..., pad=)`): each row's positions start at 0 at its first
+real token, and no query attends to a padding column, so a row decodes exactly as it would alone
+(tested against single runs). The rows share the window's columns, padding included, so in a batch
+every row slides when the longest one fills the context.
 """
 
 from __future__ import annotations
