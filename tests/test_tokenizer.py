@@ -318,7 +318,8 @@ def test_caches_are_bounded(toy, size):
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.sampled_from(["a", "b", "é", " ", "  ", "\n", "\t", "'", "'s", "1", ".", "\u00a0", "\u3000", "x y"]), max_size=25).map("".join))
+@given(st.lists(st.sampled_from(["a", "b", "é", " ", "  ", "\n", "\t", "'", "'s", "1", ".", "\u00a0", "\u3000", "x y",
+                                 "\x1c", "\x85"]), max_size=25).map("".join))
 def test_word_fast_path_equals_pretoken_path(toy, text):
     spaces = _whitespace_tokenizer()
     for tok in (Tokenizer(toy.vocab, toy.merges, [EOT]), spaces):

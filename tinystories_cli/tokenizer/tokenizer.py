@@ -28,7 +28,7 @@ import hashlib
 import heapq
 import re
 import struct
-from itertools import accumulate, chain, islice, repeat
+from itertools import accumulate, chain, compress, islice, repeat
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
 
@@ -63,6 +63,9 @@ _SAFE_CUT = regex.compile(r"(?r)\S\s|\p{L}[^\s\p{L}]")
 
 # On a word-cache miss, the new words of up to this much text are cached in one batch (`_encode_packed`).
 _BATCH_CHARS = 1 << 18
+
+# A whitespace character followed by a space: a word ending in whitespace cannot stand before a space.
+_WS_SPACE = regex.compile(r"\s ")
 
 # Pre-tokens longer than this are merged with a heap (O(n log n)) instead of rescanning all pairs
 # after every merge (O(n^2)), so a megabyte-long run of spaces or digits cannot stall encoding.
@@ -384,11 +387,16 @@ class Tokenizer:
             ends.add({w: b"".join(values[b - len(p):b]) for w, p, b in zip(new_ends, spans, stops)})
         table = self._word_cache
         new = table.missing(chain.from_iterable(islice(words, 1, len(words) - 1) for words in lists))
-        fresh = [w for w in new if w and not w[-1].isspace()]
-        if len(fresh) < len(new):  # the others are not safe before a space: remember that
-            table.add(dict.fromkeys(new.difference(fresh)))
-        # ASCII words apart, so that they go through the faster ASCII pattern
-        for group in ([w for w in fresh if w.isascii()], [w for w in fresh if not w.isascii()]):
+        fresh = list(new)
+        joined = " ".join(fresh) + " "
+        if "" in new or _WS_SPACE.search(joined):  # rare: some word ends in whitespace (or is empty)
+            fresh = [w for w in fresh if w and not w[-1].isspace()]
+            table.add(dict.fromkeys(new.difference(fresh)))  # not safe before a space: remember that
+        if joined.isascii():
+            groups = [fresh]
+        else:  # ASCII words apart, so that they go through the faster ASCII pattern
+            groups = [[w for w in fresh if w.isascii()], [w for w in fresh if not w.isascii()]]
+        for group in groups:
             if group:
                 table.add(self._words_values(group))
 
@@ -396,7 +404,7 @@ class Tokenizer:
         """{w: packed ids of " " + w} for words that end in a non-space, with one regex pass."""
         pieces = _pretokens(" " + " ".join(words))
         values = self._piece_values(pieces)
-        starts = [i for i, p in enumerate(pieces) if p[0] == " "]
+        starts = list(compress(range(len(pieces)), map(str.startswith, pieces, repeat(" "))))
         if len(starts) != len(words):  # pragma: no cover - cannot happen; stay correct regardless
             return {w: b"".join(self._piece_values(" " + w)) for w in words}
         stops = starts[1:] + [len(pieces)]
