@@ -59,42 +59,36 @@ def build_pair(preset: str):
     return cfg, ours, peer
 
 
+def make_step(loss_fn: Callable, opt: torch.optim.Optimizer) -> Callable:
+    """One training step: loss, zero grads, backward, optimizer step; returns the loss value."""
+
+    def step(x, y):
+        loss = loss_fn(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return step
+
+
 def make_steppers(ours, peer, compile_: bool, model_only: bool = False):
     """One training step for each model. With `compile_`, the whole loss (model + cross-entropy) is
     one compiled graph, as `tslm train --compile` does, for both; `model_only` compiles just the
     models (the loss stays eager), for comparison."""
-    ours_opt = AdamW(ours.parameters(), lr=1e-4, weight_decay=0.1)
-    peer_opt = torch.optim.AdamW(peer.parameters(), lr=1e-4, weight_decay=0.1)
+    ours_fwd, peer_fwd = (torch.compile(ours), torch.compile(peer)) if compile_ and model_only else (ours, peer)
 
     def ours_loss(x, y):
-        return cross_entropy(ours(x), y)
+        return cross_entropy(ours_fwd(x), y)
 
     def peer_loss(x, y):
-        logits = peer(input_ids=x).logits
+        logits = peer_fwd(input_ids=x).logits
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
-    if compile_ and model_only:
-        ours_c, peer_c = torch.compile(ours), torch.compile(peer)
-        ours_loss = lambda x, y: cross_entropy(ours_c(x), y)  # noqa: E731
-        peer_loss = lambda x, y: F.cross_entropy(peer_c(input_ids=x).logits.flatten(0, 1), y.reshape(-1))  # noqa: E731
-    elif compile_:
+    if compile_ and not model_only:
         ours_loss, peer_loss = torch.compile(ours_loss), torch.compile(peer_loss)
-
-    def ours_step(x, y):
-        loss = ours_loss(x, y)
-        ours_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        ours_opt.step()
-        return loss.item()
-
-    def peer_step(x, y):
-        loss = peer_loss(x, y)
-        peer_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        peer_opt.step()
-        return loss.item()
-
-    return ours_step, peer_step
+    return (make_step(ours_loss, AdamW(ours.parameters(), lr=1e-4, weight_decay=0.1)),
+            make_step(peer_loss, torch.optim.AdamW(peer.parameters(), lr=1e-4, weight_decay=0.1)))
 
 
 def timed(fn, *args) -> float:

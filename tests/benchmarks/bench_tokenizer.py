@@ -68,8 +68,7 @@ def build_hf(vocab_path: Path, merges_path: Path):
     return hf
 
 
-def scaled_file_rows(n: int, text: str, src: Path, stories: list[str], tt, tmp: Path, ncores: int, base: Tokenizer,
-                     repeats: int) -> dict:
+def scaled_file_rows(n: int, text: str, src: Path, tt, tmp: Path, ncores: int, base: Tokenizer, repeats: int) -> dict:
     """`tslm encode` on 2 workers vs tiktoken encode_batch on the file repeated n times.
 
     A proxy for the multi-GB corpora the tool is for: per-process start-up and cache filling are
@@ -91,11 +90,7 @@ def scaled_file_rows(n: int, text: str, src: Path, stories: list[str], tt, tmp: 
         best["ours_file_parallel"] = min(best["ours_file_parallel"], w_ours)
         best["tiktoken_batch"] = min(best["tiktoken_batch"], w_tt)
         pairs.append(w_tt / w_ours)
-    big.unlink()
-    (tmp / "scaled.npy").unlink()
-    sidecar = tmp / "scaled.json"
-    if sidecar.exists():
-        sidecar.unlink()
+    big.unlink()  # the token file and its sidecar go with the rest of `tmp`
     return {"copies": n, "bytes": nbytes,
             "MB_per_s": {k: round(nbytes / v / 1e6, 3) for k, v in best.items()},
             "ratio_ours_file_parallel_vs_tiktoken_batch": round(best["tiktoken_batch"] / best["ours_file_parallel"], 3),
@@ -211,7 +206,7 @@ def main() -> None:
     }
 
     if args.scale > 1:
-        out["scaled"] = scaled_file_rows(args.scale, text, src, stories, tt, tmp, ncores, base, args.repeats)
+        out["scaled"] = scaled_file_rows(args.scale, text, src, tt, tmp, ncores, base, args.repeats)
     if not args.no_train_10k:
         try:
             from tinystories_cli.tokenizer.bpe import train_bpe
