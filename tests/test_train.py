@@ -86,7 +86,22 @@ def test_train_tokens_sets_the_schedule(workspace):
     assert res.max_steps == 6 and res.step == 6
 
 
-def test_sigint_saves_checkpoint_and_exits_cleanly(workspace):
+@pytest.fixture
+def sigint_disposition():
+    """Set SIGINT's disposition for the test and restore the inherited one afterwards: a suite started in the
+    background (CI, `nohup`, `cmd &`) inherits SIG_IGN, one started at a terminal the default handler."""
+    inherited = signal.getsignal(signal.SIGINT)
+
+    def set_to(handler):
+        signal.signal(signal.SIGINT, handler)
+
+    yield set_to
+    signal.signal(signal.SIGINT, inherited)
+
+
+def test_sigint_saves_checkpoint_and_exits_cleanly(workspace, sigint_disposition):
+    sigint_disposition(signal.default_int_handler)
+
     def interrupt(step, record):
         if step == 2:
             os.kill(os.getpid(), signal.SIGINT)  # arrives after step 2's work: noticed at the end of step 3
@@ -98,6 +113,20 @@ def test_sigint_saves_checkpoint_and_exits_cleanly(workspace):
     assert [s for s, _ in runs.step_checkpoints(res.run_dir)] == [3]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     assert _run("sig", resume="auto").step == 8
+
+
+def test_inherited_ignored_sigint_is_respected(workspace, sigint_disposition):
+    sigint_disposition(signal.SIG_IGN)  # as a background job starts
+
+    def interrupt(step, record):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # ignored: the run goes on to the end
+
+    run = T.prepare_run("debug", None, TINY_MODEL, {"dataset": "tiny", **TINY_TRAIN},
+                        T.TrainOptions(run_name="sigign", display="quiet", peak_tflops=1.0))
+    res = T.train(run, on_step=interrupt)
+    assert res.stopped == "finished" and res.step == 8
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_nonfinite_loss_stops_with_clear_message(workspace, monkeypatch):

@@ -475,7 +475,11 @@ class Display:
 
 class _Signals:
     """SIGINT/SIGTERM set a flag; the loop saves a checkpoint and exits at the end of the step.
-    A second Ctrl-C interrupts immediately."""
+    A second Ctrl-C interrupts immediately.
+
+    An inherited SIG_IGN for SIGINT is respected: a shell starts background jobs (`cmd &`, CI runners,
+    `nohup`) with SIGINT ignored so that a Ctrl-C at the terminal does not reach them, and that choice
+    belongs to whoever started us. SIGTERM is always handled: it is how schedulers ask for a clean stop."""
 
     def __init__(self):
         self.stop = False
@@ -487,6 +491,8 @@ class _Signals:
 
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
+                if sig == signal.SIGINT and signal.getsignal(sig) is signal.SIG_IGN:
+                    continue
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
 
