@@ -15,6 +15,7 @@ from tinystories_cli import paths, runs
 from tinystories_cli import train as T
 from tinystories_cli.checkpoint import read_checkpoint
 from tinystories_cli.config import ModelConfig
+from tinystories_cli.device import autocast_factory
 from tinystories_cli.errors import UserError
 
 from train_fixtures import TINY_MODEL, TINY_TRAIN, make_dataset, write_token_file
@@ -163,7 +164,7 @@ def test_compiled_loss_equals_eager(dtype):
     torch.manual_seed(0)
     model = TransformerLM(ModelConfig(vocab_size=64, context_length=16, d_model=32, num_layers=2, num_heads=4))
     x, y = torch.randint(0, 64, (2, 2, 16)).unbind(0)
-    autocast, _ = T._autocast_factory(torch.device("cpu"), dtype)
+    autocast, _ = autocast_factory(torch.device("cpu"), dtype)
     eager = T._loss_fn(model, autocast, cross_entropy)
     grads = []
     for fn in (eager, torch.compile(eager, backend="aot_eager")):

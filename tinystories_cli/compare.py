@@ -163,9 +163,10 @@ def summarize_run(run: str | os.PathLike) -> RunSummary:
 def evaluate_run(run_dir: Path, data: str | os.PathLike, batch_size: int = 16, device: str = "auto") -> dict:
     """Evaluate a run's best (else latest) checkpoint on a whole token file, as `tslm eval` does."""
     from tinystories_cli.evaluate import evaluate_tokens
-    from tinystories_cli.train import Dist, check_tokens, open_tokens, pick_device
+    from tinystories_cli.device import pick_device
+    from tinystories_cli.tokens import check_tokens, open_tokens
 
-    dev = pick_device(device, Dist())
+    dev = pick_device(device)
     model, tokenizer, cfg = runs.load_trained_model(run_dir, device=str(dev))
     tokens, meta = open_tokens(Path(data), "evaluation", "tinystories", "valid")
     check_tokens(Path(data), getattr(tokenizer, "fingerprint", None), cfg.vocab_size)

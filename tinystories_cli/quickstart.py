@@ -403,13 +403,13 @@ def measure_throughput(model_cfg, train_cfg, device, max_seconds: float, max_ste
 
     from tinystories_cli.model import TransformerLM, cross_entropy
     from tinystories_cli.optim import AdamW, make_param_groups
-    from tinystories_cli.train import _autocast_factory, _sync
+    from tinystories_cli.device import autocast_factory, sync
 
     t_start = time.perf_counter()
     torch.manual_seed(0)
     model = TransformerLM(model_cfg).to(device)
     opt = AdamW(make_param_groups(model, train_cfg.weight_decay), lr=1e-4, weight_decay=train_cfg.weight_decay)
-    autocast, _ = _autocast_factory(device, train_cfg.dtype)
+    autocast, _ = autocast_factory(device, train_cfg.dtype)
     B, T = train_cfg.batch_size, model_cfg.context_length
     x = torch.randint(0, model_cfg.vocab_size, (B, T), device=device)  # (B, T)
     y = torch.randint(0, model_cfg.vocab_size, (B, T), device=device)
@@ -423,11 +423,11 @@ def measure_throughput(model_cfg, train_cfg, device, max_seconds: float, max_ste
         opt.zero_grad(set_to_none=True)
 
     step()  # first step: allocations, kernel selection
-    _sync(device)
+    sync(device)
     t0, n = time.perf_counter(), 0
     while n < 1 or (time.perf_counter() - t0 < max_seconds and n < max_steps):
         step()
-        _sync(device)
+        sync(device)
         n += 1
     tps = n * B * train_cfg.grad_accum_steps * T / (time.perf_counter() - t0)
     return tps, time.perf_counter() - t_start
@@ -480,8 +480,9 @@ def train_model(opts: QuickstartOptions, run_dir: Path, tokenizer_dir: Path, tra
     """Train runs/quickstart for about `opts.minutes`, resume it, or skip it when it is finished."""
     from tinystories_cli import runs
     from tinystories_cli import train as tl
+    from tinystories_cli.device import pick_device
 
-    device = tl.pick_device(opts.device, tl.Dist())
+    device = pick_device(opts.device)
     tokenizer = runs.load_tokenizer(tokenizer_dir)
     saved, last_step = (None, 0) if opts.force else _run_state(run_dir)
     if saved is not None:
@@ -576,9 +577,9 @@ def tell_story(run_dir: Path, opts: QuickstartOptions, on_text: Callable[[str], 
     """Sample one story from the run's best checkpoint; returns (text incl. the prompt, checkpoint used)."""
     from tinystories_cli import runs
     from tinystories_cli.generate import generate_samples
-    from tinystories_cli.train import Dist, pick_device
+    from tinystories_cli.device import pick_device
 
-    device = pick_device(opts.device, Dist())
+    device = pick_device(opts.device)
     ckpt = runs.checkpoint_for(run_dir)
     model, tokenizer, _ = runs.load_trained_model(run_dir, device=str(device))
     if on_text:

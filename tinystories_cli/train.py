@@ -44,7 +44,10 @@ from tinystories_cli.checkpoint import read_checkpoint, save_checkpoint, load_mo
 from tinystories_cli.config import ModelConfig, TrainConfig, build_config, load_config_file, resolve_configs
 from tinystories_cli.data import BatchSampler, fixed_windows, window_batches
 from tinystories_cli.errors import UserError
+from tinystories_cli.device import (Dist, autocast_factory, broadcast_str, dist_from_env, init_distributed,
+                                   measure_peak_tflops, pick_device)
 from tinystories_cli.fileio import atomic_write_text
+from tinystories_cli.tokens import check_tokens, open_tokens
 
 # Train settings that may change when a run is resumed (they do not change what is computed).
 RESUME_MUTABLE = {"eval_every", "log_every", "save_every", "keep_last", "device", "dtype", "compile", "eval_batches"}
@@ -108,87 +111,9 @@ class TrainResult:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Dist:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def dist_from_env() -> Dist:
-    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is a single process."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return Dist()
-    return Dist(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
-
-
-def pick_device(requested: str, dist: Dist) -> torch.device:
-    """`auto` = cuda > mps > cpu; under DDP each rank takes cuda:LOCAL_RANK."""
-    if requested == "auto":
-        if torch.cuda.is_available():
-            requested = "cuda"
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            requested = "mps"
-        else:
-            requested = "cpu"
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise UserError(f"unknown device {requested!r}", "use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda but CUDA is not available", "use --device cpu or auto")
-        if dist.enabled:
-            device = torch.device("cuda", dist.local_rank)
-        torch.cuda.set_device(device)
-    elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("--device mps but MPS is not available", "use --device cpu or auto")
-    return device
-
-
-def init_distributed(dist: Dist, device: torch.device) -> None:
-    if dist.enabled and not torch.distributed.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend=backend, rank=dist.rank, world_size=dist.world_size)
-
-
 # --------------------------------------------------------------------------------------------
 # Preparing a run: configs, tokenizer, data, run directory
 # --------------------------------------------------------------------------------------------
-
-
-def open_tokens(path: Path, what: str, dataset: str, split: str):
-    """Memmap a token file and its sidecar; a missing file names the `tslm encode` command that makes it."""
-    from tinystories_cli.tokenizer.encode import load_token_file
-
-    if not Path(path).is_file():
-        raise UserError(f"{what} token file not found: {path}",
-                        f"make it with `tslm encode {paths.text_path(dataset, split)}` "
-                        f"(after `tslm bpe {paths.text_path(dataset, 'train')}`), or pass its path")
-    return load_token_file(path)
-
-
-def check_tokens(path: Path, tokenizer_fingerprint: str | None, vocab_size: int, chunk: int = 1 << 24) -> None:
-    """Token file made by this tokenizer and every id < vocab_size. The sidecar's max_id is checked
-    first (cheap); then the ids themselves are scanned in chunks, since a damaged or hand-made file
-    could disagree with its sidecar and an out-of-range id would crash the embedding lookup."""
-    from tinystories_cli.tokenizer.encode import check_token_file
-
-    ids, _ = check_token_file(path, tokenizer_fingerprint, vocab_size)
-    for i in range(0, len(ids), chunk):
-        top = int(ids[i:i + chunk].max())
-        if top >= vocab_size:
-            raise UserError(f"token file {path} holds id {top} (at or after position {i}), but the model's vocab "
-                            f"has only {vocab_size} ids; its sidecar says otherwise, so the file is damaged",
-                            f"re-create it with `tslm encode {Path(path).with_suffix('.txt')} --out {path} --force`")
 
 
 def _explicit(keys: dict | None, name: str) -> bool:
@@ -364,30 +289,6 @@ def flops_per_token(cfg: ModelConfig) -> float:
     return train_flops_per_step(cfg, batch_size=1, seq_len=cfg.context_length) / cfg.context_length
 
 
-def measure_peak_tflops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
-    """A measured stand-in for the hardware peak: the best of a few large matmuls (TFLOP/s)."""
-    n = 4096 if device.type == "cuda" else 1024
-    # Values do not matter for timing; a private generator keeps the training RNG stream untouched.
-    g = torch.Generator(device=device).manual_seed(0)
-    a = torch.rand(n, n, device=device, generator=g).to(dtype)
-    b = torch.rand(n, n, device=device, generator=g).to(dtype)
-    best = float("inf")
-    for _ in range(4):
-        _sync(device)
-        t = time.perf_counter()
-        a @ b
-        _sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e12
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 def format_duration(seconds: float) -> str:
     """Hours and minutes, or minutes and seconds.
 
@@ -521,16 +422,6 @@ def _restore_rng(extra: dict[str, torch.Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(extra["rng.torch_cuda"], device)
 
 
-def _autocast_factory(device: torch.device, dtype: str) -> tuple[Callable, str | None]:
-    """A context-manager factory for the chosen compute dtype, and a note when it falls back."""
-    if dtype == "bfloat16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            return contextlib.nullcontext, "this GPU has no bfloat16: training in float32"
-        if device.type in ("cuda", "cpu", "mps"):
-            return (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)), None
-    return contextlib.nullcontext, None
-
-
 def train(run: Run, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
     """Train `run` from its start (or checkpoint) to `run.end_step`; returns losses and where it stopped.
 
@@ -547,7 +438,7 @@ def train(run: Run, on_step: Callable[[int, dict], None] | None = None) -> Train
     if dist.enabled:
         # Every rank has checked its inputs (prepare_run) before rank 0 writes anything, and all
         # ranks use rank 0's run directory (a timestamped name could differ by a second).
-        run.run_dir = Path(_broadcast_str(str(run.run_dir), device))
+        run.run_dir = Path(broadcast_str(str(run.run_dir), device))
         torch.distributed.barrier()
     notes: list[str] = []
 
@@ -589,7 +480,7 @@ def train(run: Run, on_step: Callable[[int, dict], None] | None = None) -> Train
         torch.manual_seed(tc.seed + 7919 * dist.rank + 104729 * start_step)
     if dist.enabled:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast, note = _autocast_factory(device, tc.dtype)
+    autocast, note = autocast_factory(device, tc.dtype)
     if note:
         notes.append(note)
     loss_fn = _loss_fn(model, autocast, cross_entropy)
@@ -760,18 +651,6 @@ def train(run: Run, on_step: Callable[[int, dict], None] | None = None) -> Train
     if dist.enabled:
         torch.distributed.barrier()
     return result
-
-
-def _broadcast_str(text: str, device: torch.device, max_bytes: int = 4096) -> str:
-    """Rank 0's string on every rank (as a byte tensor: no pickling)."""
-    data = text.encode("utf-8")[:max_bytes]
-    buf = torch.zeros(max_bytes, dtype=torch.uint8)
-    buf[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else buf[:0]
-    packed = torch.cat([torch.tensor([len(data)], dtype=torch.int64).view(torch.uint8), buf]).to(device)
-    torch.distributed.broadcast(packed, src=0)
-    packed = packed.cpu()
-    n = int(packed[:8].view(torch.int64).item())
-    return bytes(packed[8:8 + n].tolist()).decode("utf-8")
 
 
 def _loss_fn(model, autocast, cross_entropy) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -31,7 +31,8 @@ def command(
 ) -> None:
     """Mean loss, perplexity and bits-per-byte over a whole token file, in non-overlapping windows."""
     from tinystories_cli.model import TransformerLM
-    from tinystories_cli.train import Dist, check_tokens, open_tokens, pick_device
+    from tinystories_cli.device import pick_device
+    from tinystories_cli.tokens import check_tokens, open_tokens
 
     if batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
@@ -57,7 +58,7 @@ def command(
                         f"use --ctx {cfg.context_length} or less")
     if out is not None:
         check_output_path(out, force)
-    dev = pick_device(device, Dist())
+    dev = pick_device(device)
     model = TransformerLM(cfg)
     load_model_state(ckpt, model)
     model.to(dev)

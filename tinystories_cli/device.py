@@ -1,0 +1,122 @@
+"""Where a run computes: the device, the process group (torchrun), autocast, syncs and a peak-FLOPs probe.
+
+    dist = dist_from_env()                  # Dist(rank, local_rank, world_size) from torchrun's variables
+    device = pick_device("auto", dist)      # cuda > mps > cpu; each rank takes cuda:LOCAL_RANK
+    init_distributed(dist, device)          # NCCL on GPUs, gloo on CPUs (a no-op for one process)
+    autocast, note = autocast_factory(device, "bfloat16")
+    with autocast(): ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from tinystories_cli.errors import UserError
+
+
+@dataclass
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_from_env() -> Dist:
+    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is a single process."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return Dist()
+    return Dist(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
+
+
+def mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def pick_device(requested: str, dist: Dist | None = None) -> torch.device:
+    """`auto` = cuda > mps > cpu; under DDP each rank takes cuda:LOCAL_RANK."""
+    dist = dist or Dist()
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UserError(f"unknown device {requested!r}", "use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("device cuda was asked for, but CUDA is not available", "use device cpu or auto")
+        if dist.enabled:
+            device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    elif device.type == "mps" and not mps_available():
+        raise UserError("device mps was asked for, but MPS is not available", "use device cpu or auto")
+    return device
+
+
+def init_distributed(dist: Dist, device: torch.device) -> None:
+    """Join the process group of a torchrun job (NCCL on GPUs, gloo on CPUs); a no-op for one process."""
+    if dist.enabled and not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend=backend, rank=dist.rank, world_size=dist.world_size)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (for timing); CPU work is already done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def autocast_factory(device: torch.device, dtype: str) -> tuple[Callable, str | None]:
+    """A context-manager factory for the chosen compute dtype, and a note when it falls back."""
+    if dtype == "bfloat16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return contextlib.nullcontext, "this GPU has no bfloat16: training in float32"
+        if device.type in ("cuda", "cpu", "mps"):
+            return (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)), None
+    return contextlib.nullcontext, None
+
+
+def measure_peak_tflops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """A measured stand-in for the hardware peak: the best of a few large matmuls (TFLOP/s)."""
+    n = 4096 if device.type == "cuda" else 1024
+    # Values do not matter for timing; a private generator keeps the training RNG stream untouched.
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.rand(n, n, device=device, generator=g).to(dtype)
+    b = torch.rand(n, n, device=device, generator=g).to(dtype)
+    best = float("inf")
+    for _ in range(4):
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e12
+
+
+def broadcast_str(text: str, device: torch.device, max_bytes: int = 4096) -> str:
+    """Rank 0's string on every rank (as a byte tensor: no pickling)."""
+    data = text.encode("utf-8")[:max_bytes]
+    buf = torch.zeros(max_bytes, dtype=torch.uint8)
+    buf[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else buf[:0]
+    packed = torch.cat([torch.tensor([len(data)], dtype=torch.int64).view(torch.uint8), buf]).to(device)
+    torch.distributed.broadcast(packed, src=0)
+    packed = packed.cpu()
+    n = int(packed[:8].view(torch.int64).item())
+    return bytes(packed[8:8 + n].tolist()).decode("utf-8")
