@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tinystories_cli import compare, paths
+from tinystories_cli import compare, paths, runs
 from tinystories_cli.config import ModelConfig, TrainConfig
 
 from train_fixtures import make_dataset
@@ -38,11 +38,11 @@ def test_summarize_metrics_best_final_and_nan():
             {"step": 10, "tokens": 640, "val_loss": 3.0},
             {"step": 15, "tokens": 960, "val_loss": 2.5},
             {"step": 20, "tokens": 1280, "val_loss": float("nan")}]
-    s = compare.summarize_metrics(recs)
+    s = runs.summarize_metrics(recs)
     assert (s["steps"], s["tokens"]) == (20, 1280)
     assert (s["best_val_loss"], s["best_val_step"]) == (2.5, 15)
     assert s["final_val_step"] == 20 and math.isnan(s["final_val_loss"])
-    empty = compare.summarize_metrics([])
+    empty = runs.summarize_metrics([])
     assert empty["steps"] is None and empty["best_val_loss"] is None
 
 

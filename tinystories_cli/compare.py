@@ -18,13 +18,12 @@ renders the table for a results file:
     | b | 8e-4 | 2.4000 |
 
 With a token file (`tslm compare ... --data valid.npy`) every run is evaluated afresh with
-`evaluate.evaluate_tokens`, exactly as `tslm eval` does, so runs with different tokenizers still
+`evaluate.evaluate_run`, exactly as `tslm eval` does, so runs with different tokenizers still
 compare on bits per byte.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -33,12 +32,11 @@ from typing import Any
 
 from tinystories_cli import runs
 from tinystories_cli.errors import UserError
+from tinystories_cli.evaluate import evaluate_run
 
 # Settings that do not change what a run computes (logging cadence, hardware): never a "difference".
 BOOKKEEPING = {"device", "compile", "log_every", "eval_every", "save_every", "keep_last", "eval_batches",
                "attention_backend"}
-EVAL_PREFIX = "eval_"
-PREFERRED_EVAL = "eval_valid.json"
 
 
 @dataclass
@@ -83,59 +81,14 @@ def flatten_settings(config: dict) -> dict[str, Any]:
     return out
 
 
-def _finite(v) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    return float(v) if math.isfinite(v) else None
 
 
-def read_eval_result(run_dir: Path) -> dict | None:
-    """The run's `tslm eval` result: eval_valid.json if present, else the newest eval_*.json."""
-    files = sorted(Path(run_dir).glob(f"{EVAL_PREFIX}*.json"))
-    if not files:
-        return None
-    preferred = [f for f in files if f.name == PREFERRED_EVAL]
-    f = preferred[0] if preferred else max(files, key=lambda p: p.stat().st_mtime)
-    try:
-        data = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    if not isinstance(data, dict) or "loss" not in data:
-        return None
-    return {"loss": data.get("loss"), "perplexity": data.get("perplexity"),
-            "bits_per_byte": data.get("bits_per_byte"), "data": data.get("data"), "step": data.get("step"),
-            "file": str(f)}
 
 
-def summarize_metrics(records: list[dict]) -> dict[str, Any]:
-    """Last step/tokens/time and the best and final validation loss of a run's metrics records.
-
-    >>> s = summarize_metrics([{"step": 1, "tokens": 8, "val_loss": 3.0}, {"step": 2, "tokens": 16, "val_loss": 3.5}])
-    >>> s["steps"], s["tokens"], s["best_val_loss"], s["best_val_step"], s["final_val_loss"]
-    (2, 16, 3.0, 1, 3.5)
-    """
-    out: dict[str, Any] = dict(steps=None, tokens=None, elapsed_s=None, best_val_loss=None, best_val_step=None,
-                               final_val_loss=None, final_val_step=None)
-    for rec in records:
-        step = rec.get("step")
-        if isinstance(step, int) and (out["steps"] is None or step >= out["steps"]):
-            out["steps"] = step
-            out["tokens"] = rec.get("tokens", out["tokens"])
-            out["elapsed_s"] = rec.get("elapsed_s", out["elapsed_s"])
-        if "val_loss" in rec:
-            v = rec["val_loss"]
-            out["final_val_loss"] = v if isinstance(v, (int, float)) else None
-            out["final_val_step"] = step
-            fv = _finite(v)
-            if fv is not None and (out["best_val_loss"] is None or fv < out["best_val_loss"]):
-                out["best_val_loss"], out["best_val_step"] = fv, step
-    return out
 
 
 def summarize_run(run: str | os.PathLike) -> RunSummary:
     """Read a run (name under runs/, run directory, or runs/latest) into a RunSummary."""
-    from tinystories_cli.plot import read_metrics
-
     path = runs.resolve_run(run)
     run_dir = runs.run_dir_of(path)
     config = runs.read_run_config(run_dir)
@@ -150,29 +103,14 @@ def summarize_run(run: str | os.PathLike) -> RunSummary:
         except Exception:  # a damaged config: leave the column empty rather than fail the table
             s.parameters = None
     s.max_steps = config.get("max_steps") or (config.get("train") or {}).get("max_steps")
-    metrics = run_dir / runs.METRICS_FILE
-    if metrics.is_file():
-        for k, v in summarize_metrics(read_metrics(metrics)).items():
-            setattr(s, k, v)
-    else:
+    for k, v in runs.summarize_run_metrics(run_dir).items():
+        setattr(s, k, v)
+    if not (run_dir / runs.METRICS_FILE).is_file():
         s.notes.append(f"{run_dir.name}: no {runs.METRICS_FILE} yet")
-    s.eval = read_eval_result(run_dir)
+    s.eval = runs.read_eval_result(run_dir)
     return s
 
 
-def evaluate_run(run_dir: Path, data: str | os.PathLike, batch_size: int = 16, device: str = "auto") -> dict:
-    """Evaluate a run's best (else latest) checkpoint on a whole token file, as `tslm eval` does."""
-    from tinystories_cli.evaluate import evaluate_tokens
-    from tinystories_cli.device import pick_device
-    from tinystories_cli.tokens import check_tokens, open_tokens
-
-    dev = pick_device(device)
-    model, tokenizer, cfg = runs.load_trained_model(run_dir, device=str(dev))
-    tokens, meta = open_tokens(Path(data), "evaluation", "tinystories", "valid")
-    check_tokens(Path(data), getattr(tokenizer, "fingerprint", None), cfg.vocab_size)
-    result = evaluate_tokens(model, tokens, cfg.context_length, batch_size, dev, meta.get("source_bytes"))
-    return {"loss": result["loss"], "perplexity": result["perplexity"], "bits_per_byte": result["bits_per_byte"],
-            "data": str(data), "step": None, "file": None}
 
 
 def differing_settings(summaries: list[RunSummary]) -> list[str]:
@@ -275,5 +213,6 @@ def compare_runs(run_args: list[str], data: str | os.PathLike | None = None, bat
         for i, s in enumerate(summaries):
             if on_run is not None:
                 on_run(i, len(summaries), s.name)
-            s.eval = evaluate_run(s.run_dir, data, batch_size, device)
+            r = evaluate_run(s.run_dir, data, batch_size=batch_size, device=device)
+            s.eval = {k: r[k] for k in ("loss", "perplexity", "bits_per_byte", "data", "step")} | {"file": None}
     return summaries

@@ -18,12 +18,20 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from tinystories_cli import paths, runs
+from tinystories_cli.checkpoint import load_model_state, read_checkpoint
+from tinystories_cli.data import window_batches
+from tinystories_cli.device import Dist, pick_device
 from tinystories_cli.errors import UserError
+from tinystories_cli.model import TransformerLM, cross_entropy, log_softmax
+from tinystories_cli.tokens import check_tokens, open_tokens
 
 
 def window_starts(num_tokens: int, context_length: int) -> list[tuple[int, int]]:
@@ -47,8 +55,6 @@ def evaluate_tokens(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Evaluate `model` on all of `tokens`; returns loss, perplexity, bits_per_byte and counts."""
-    from tinystories_cli.model import log_softmax
-
     if len(tokens) < 2:
         raise UserError(f"token file holds {len(tokens)} tokens; evaluation needs at least 2", "encode more text")
     model.eval()
@@ -96,3 +102,62 @@ def evaluate_tokens(
         "context_length": context_length,
     }
     return out
+
+
+def evaluate_run(run: str | os.PathLike | None, data: str | os.PathLike | None = None, *, batch_size: int = 16,
+                 context_length: int | None = None, device: str = "auto", latest: bool = False,
+                 on_progress: Callable[[int, int], None] | None = None) -> dict:
+    """Evaluate a run's best (or, with `latest`, its newest step) checkpoint on a whole token file.
+
+    `run` is a run name, run directory or checkpoint file (None: runs/latest); `data` defaults to the
+    run dataset's valid.npy; `context_length` (the window) defaults to, and may not exceed, the model's.
+    Returns `evaluate_tokens`' result plus run, checkpoint, step and data.
+    """
+    if batch_size <= 0:
+        raise UserError(f"batch size must be positive, got {batch_size}")
+    target = runs.resolve_run(run)
+    run_dir = runs.run_dir_of(target)
+    ckpt_path = runs.checkpoint_for(target, prefer_best=not latest)
+    ckpt = read_checkpoint(ckpt_path)
+    cfg = runs.model_config_of(ckpt, run_dir)
+    tokenizer = runs.load_tokenizer(runs.tokenizer_dir_of(run_dir))
+    window = cfg.context_length if context_length is None else context_length
+    if window <= 0:
+        raise UserError(f"the evaluation window must be positive, got {window}")
+    if window > cfg.context_length:
+        raise UserError(f"the evaluation window {window} exceeds the model's context length {cfg.context_length} "
+                        "(its positional limit)", f"use {cfg.context_length} or less")
+    dataset = "tinystories"
+    try:
+        dataset = (runs.read_run_config(run_dir).get("train") or {}).get("dataset", dataset)
+    except UserError:
+        pass  # a bare checkpoint directory without config.json: the default dataset
+    data = Path(data) if data is not None else paths.tokens_path(dataset, "valid")
+    tokens, meta = open_tokens(data, "evaluation", dataset, "valid")
+    check_tokens(data, tokenizer.fingerprint, cfg.vocab_size)
+    dev = pick_device(device)
+    model = TransformerLM(cfg)
+    load_model_state(ckpt, model)
+    model.to(dev)
+    result = evaluate_tokens(model, tokens, window, batch_size, dev, meta.get("source_bytes"), on_progress=on_progress)
+    result.update(run=str(run_dir), checkpoint=str(ckpt_path), step=ckpt.iteration, data=str(data))
+    return result
+
+
+@torch.no_grad()
+def fixed_window_loss(model, tokens: np.ndarray, starts: np.ndarray, context_length: int, batch_size: int,
+                      device: torch.device, autocast: Callable, dist: Dist) -> float:
+    """Mean loss over the windows at `starts` (split across DDP ranks, then summed): training's validation."""
+    was_training = model.training
+    model.eval()
+    mine = starts[dist.rank::dist.world_size]
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for x, y in window_batches(tokens, mine, context_length, batch_size, device):
+        with autocast():
+            logits = model(x)
+        total[0] += cross_entropy(logits.float(), y).double() * y.numel()
+        total[1] += y.numel()
+    if dist.enabled:
+        torch.distributed.all_reduce(total)
+    model.train(was_training)
+    return (total[0] / total[1]).item()

@@ -18,16 +18,14 @@ nothing beyond the standard library.
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tinystories_cli import paths
+from tinystories_cli import runs
 from tinystories_cli.errors import UserError
 
-METRICS_FILE = "metrics.jsonl"
 # --x choices -> the metrics.jsonl key holding that axis.
 X_KEYS = {"step": "step", "tokens": "tokens", "time": "elapsed_s"}
 COMMON_METRICS = ("val_loss", "train_loss", "grad_norm", "lr")
@@ -53,11 +51,11 @@ def metrics_path(run: str | os.PathLike) -> Path:
     if p.is_file():
         return p
     if p.is_dir():
-        return p / METRICS_FILE
-    named = paths.RUNS_ROOT / str(run)
+        return p / runs.METRICS_FILE
+    named = runs.runs_root() / str(run)
     if named.is_dir():
-        return named / METRICS_FILE
-    raise UserError(f"run not found: {run}", f"pass a run directory, a run name under {paths.RUNS_ROOT}/, or a metrics.jsonl")
+        return named / runs.METRICS_FILE
+    raise UserError(f"run not found: {run}", f"pass a run directory, a run name under {runs.runs_root()}/, or a metrics.jsonl")
 
 
 def run_name(run: str | os.PathLike) -> str:
@@ -65,54 +63,28 @@ def run_name(run: str | os.PathLike) -> str:
     file's stem for a metrics file not named metrics.jsonl."""
     p = Path(run)
     if p.is_file():
-        return p.resolve().parent.name if p.name == METRICS_FILE else p.stem
-    if not p.exists() and (paths.RUNS_ROOT / str(run)).is_dir():
-        p = paths.RUNS_ROOT / str(run)
+        return p.resolve().parent.name if p.name == runs.METRICS_FILE else p.stem
+    if not p.exists() and (runs.runs_root() / str(run)).is_dir():
+        p = runs.runs_root() / str(run)
     return p.resolve().name if p.exists() else str(run)
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The records of a metrics.jsonl. A half-written last line (a run still writing) is skipped;
-    a malformed line elsewhere is an error naming the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no metrics file: {path}", "has this run logged anything yet? `tslm train` writes metrics.jsonl")
-    records: list[dict] = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = f.read().splitlines()  # metrics files are small (one line per logged step)
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)  # Python's json accepts NaN / Infinity as written by json.dumps
-        except json.JSONDecodeError:
-            if lineno == len(lines):
-                break  # the run is writing this line right now
-            raise UserError(f"malformed line {lineno} in {path}", "each line must be one JSON object") from None
-        if isinstance(rec, dict):
-            records.append(rec)
-    return records
 
 
-def _finite(v) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    v = float(v)
-    return v if math.isfinite(v) else None
 
 
 def load_series(run: str | os.PathLike, metric: str, x: str = "step", name: str | None = None) -> Series:
     """Read RUN's metrics and pick (x, metric) pairs; see the module docstring."""
     if x not in X_KEYS:
         raise UserError(f"unknown --x {x!r}", f"choose one of: {', '.join(X_KEYS)}")
-    records = read_metrics(metrics_path(run))
+    records = runs.read_metrics(metrics_path(run))
     xkey = X_KEYS[x]
     s = Series(name or run_name(run), [], [])
     for rec in records:
         s.keys.update(rec)
         if metric not in rec:
             continue
-        xv, yv = _finite(rec.get(xkey)), _finite(rec[metric])
+        xv, yv = runs.finite(rec.get(xkey)), runs.finite(rec[metric])
         if xv is None or yv is None:
             s.dropped += 1
             s.missing_x += xv is None

@@ -492,7 +492,7 @@ def train_model(opts: QuickstartOptions, run_dir: Path, tokenizer_dir: Path, tra
                             "pass --force to redo every stage, or use another --dir")
         max_steps = int(saved.get("max_steps") or saved.get("train", {}).get("max_steps", 0))
         if last_step >= max_steps > 0:
-            best = _best_val_loss(run_dir)
+            best = runs.summarize_run_metrics(run_dir)["best_val_loss"]
             return TrainOutcome("skipped", saved.get("preset", "?"), str(device), last_step, max_steps, best)
     base_opts = dict(run_name=RUN_NAME, train_file=train_file, valid_file=valid_file, tokenizer_dir=tokenizer_dir,
                      display=opts.display)
@@ -552,20 +552,6 @@ def _train(tl, run):
         raise Interrupted(f"training stopped at step {result.step}/{result.max_steps} with a checkpoint in "
                           f"{run.run_dir}; rerun the same tslm quickstart command to continue")
     return result
-
-
-def _best_val_loss(run_dir: Path) -> float | None:
-    from tinystories_cli import runs
-
-    best = None
-    f = run_dir / runs.METRICS_FILE
-    if f.is_file():
-        for line in f.read_text(encoding="utf-8").splitlines():
-            with contextlib.suppress(ValueError, AttributeError):
-                v = json.loads(line).get("val_loss")
-                if isinstance(v, (int, float)) and (best is None or v < best):
-                    best = float(v)
-    return best
 
 
 # ----------------------------------------------------------------------------------------------

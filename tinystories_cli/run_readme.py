@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from tinystories_cli import paths, runs
-from tinystories_cli.compare import read_eval_result, summarize_metrics
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import atomic_write_text
 
@@ -104,19 +103,16 @@ def _data_lines(config: dict) -> list[str]:
 
 def render_run_readme(run_dir: str | os.PathLike) -> str:
     """The Markdown README of a run directory (a pure function of the files it reads)."""
-    from tinystories_cli.plot import read_metrics
-
     run_dir = Path(run_dir)
     config = runs.read_run_config(run_dir)
     model, train = config.get("model") or {}, config.get("train") or {}
     name = run_dir.name
     ref = _run_ref(run_dir)
-    metrics_file = run_dir / runs.METRICS_FILE
     try:
-        m = summarize_metrics(read_metrics(metrics_file) if metrics_file.is_file() else [])
+        m = runs.summarize_run_metrics(run_dir)
     except UserError:  # a damaged metrics file must not stop the README (nor the training that writes it)
-        m = summarize_metrics([])
-    ev = read_eval_result(run_dir)
+        m = runs.summarize_metrics([])
+    ev = runs.read_eval_result(run_dir)
     max_steps = config.get("max_steps") or train.get("max_steps")
     params = config.get("parameters")
 
@@ -210,7 +206,7 @@ def render_run_readme(run_dir: str | os.PathLike) -> str:
     if (run_dir / runs.TOKENIZER_DIR).is_dir():
         names = ", ".join(sorted(f.name for f in (run_dir / runs.TOKENIZER_DIR).iterdir() if f.is_file()))
         files.append((f"{runs.TOKENIZER_DIR}/", f"the tokenizer the run was trained with ({names})"))
-    if metrics_file.is_file():
+    if (run_dir / runs.METRICS_FILE).is_file():
         files.append((runs.METRICS_FILE, "one JSON object per logged step and evaluation"))
     for step, p in runs.step_checkpoints(run_dir):
         files.append((f"{runs.CHECKPOINT_DIR}/{p.name}", f"full state at step {step:,} (model, optimizer, RNG, "

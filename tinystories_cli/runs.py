@@ -16,6 +16,8 @@ default to `runs/latest`:
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 from pathlib import Path
@@ -23,7 +25,7 @@ from typing import Any
 
 from tinystories_cli import paths
 from tinystories_cli.errors import UserError
-from tinystories_cli.fileio import read_json
+from tinystories_cli.fileio import atomic_write_text, read_json
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -31,6 +33,8 @@ CHECKPOINT_DIR = "checkpoints"
 TOKENIZER_DIR = "tokenizer"
 BEST_CHECKPOINT = "best.safetensors"
 LATEST_LINK = "latest"
+EVAL_PREFIX = "eval_"                # eval_<data>.json: results of `tslm eval`
+PREFERRED_EVAL = "eval_valid.json"
 _STEP_RE = re.compile(r"^step_(\d+)\.safetensors$")
 
 
@@ -181,3 +185,101 @@ def update_latest_link(run_dir: Path) -> None:
             tmp.unlink()
         except OSError:
             pass
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics.jsonl and eval_*.json: the one reader of each
+# ---------------------------------------------------------------------------------------------
+
+
+def finite(v) -> float | None:
+    """`v` as a float when it is a finite number, else None (NaN, inf, null, strings, bools).
+
+    >>> finite(2), finite(float("nan")), finite(True), finite("3")
+    (2.0, None, None, None)
+    """
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a metrics.jsonl. A half-written last line (a run still writing) is skipped;
+    a malformed line elsewhere is an error naming the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no metrics file: {path}", "has this run logged anything yet? `tslm train` writes metrics.jsonl")
+    records: list[dict] = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()  # metrics files are small (one line per logged step)
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)  # Python's json accepts NaN / Infinity as written by json.dumps
+        except (json.JSONDecodeError, RecursionError):
+            if lineno == len(lines):
+                break  # the run is writing this line right now
+            raise UserError(f"malformed line {lineno} in {path}", "each line must be one JSON object") from None
+        if isinstance(rec, dict):
+            records.append(rec)
+    return records
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop records logged after the checkpoint's `step` (they will be logged again) and a
+    half-written last line from a killed run."""
+    if not path.is_file():
+        return
+    keep = [json.dumps(r) for r in read_metrics(path) if isinstance(r.get("step", 0), int) and r.get("step", 0) <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def summarize_metrics(records: list[dict]) -> dict[str, Any]:
+    """Last step/tokens/time and the best and final validation loss of a run's metrics records.
+
+    >>> s = summarize_metrics([{"step": 1, "tokens": 8, "val_loss": 3.0}, {"step": 2, "tokens": 16, "val_loss": 3.5}])
+    >>> s["steps"], s["tokens"], s["best_val_loss"], s["best_val_step"], s["final_val_loss"]
+    (2, 16, 3.0, 1, 3.5)
+    """
+    out: dict[str, Any] = dict(steps=None, tokens=None, elapsed_s=None, best_val_loss=None, best_val_step=None,
+                               final_val_loss=None, final_val_step=None)
+    for rec in records:
+        step = rec.get("step")
+        if isinstance(step, int) and (out["steps"] is None or step >= out["steps"]):
+            out["steps"] = step
+            out["tokens"] = rec.get("tokens", out["tokens"])
+            out["elapsed_s"] = rec.get("elapsed_s", out["elapsed_s"])
+        if "val_loss" in rec:
+            v = rec["val_loss"]
+            out["final_val_loss"] = v if isinstance(v, (int, float)) else None
+            out["final_val_step"] = step
+            fv = finite(v)
+            if fv is not None and (out["best_val_loss"] is None or fv < out["best_val_loss"]):
+                out["best_val_loss"], out["best_val_step"] = fv, step
+    return out
+
+
+def summarize_run_metrics(run_dir: Path) -> dict[str, Any]:
+    """`summarize_metrics` of a run directory's metrics.jsonl (all None when it has none yet)."""
+    f = Path(run_dir) / METRICS_FILE
+    return summarize_metrics(read_metrics(f) if f.is_file() else [])
+
+
+def read_eval_result(run_dir: Path) -> dict | None:
+    """The run's `tslm eval` result: eval_valid.json if present, else the newest eval_*.json."""
+    files = sorted(Path(run_dir).glob(f"{EVAL_PREFIX}*.json"))
+    if not files:
+        return None
+    preferred = [f for f in files if f.name == PREFERRED_EVAL]
+    f = preferred[0] if preferred else max(files, key=lambda p: p.stat().st_mtime)
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    if not isinstance(data, dict) or "loss" not in data:
+        return None
+    return {"loss": data.get("loss"), "perplexity": data.get("perplexity"),
+            "bits_per_byte": data.get("bits_per_byte"), "data": data.get("data"), "step": data.get("step"),
+            "file": str(f)}

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import signal
 import time
@@ -36,14 +35,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from tinystories_cli import __version__, paths, runs
 from tinystories_cli.checkpoint import read_checkpoint, save_checkpoint, load_model_state, load_optimizer_state
 from tinystories_cli.config import ModelConfig, TrainConfig, build_config, load_config_file, resolve_configs
-from tinystories_cli.data import BatchSampler, fixed_windows, window_batches
+from tinystories_cli.data import BatchSampler, fixed_windows
 from tinystories_cli.errors import UserError
+from tinystories_cli.evaluate import fixed_window_loss
 from tinystories_cli.device import (Dist, autocast_factory, broadcast_str, dist_from_env, init_distributed,
                                    measure_peak_tflops, pick_device)
 from tinystories_cli.fileio import atomic_write_text
@@ -306,25 +305,6 @@ def format_duration(seconds: float) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def fixed_window_loss(model, tokens: np.ndarray, starts: np.ndarray, context_length: int, batch_size: int,
-                      device: torch.device, autocast: Callable, dist: Dist) -> float:
-    """Mean loss over the windows at `starts` (split across DDP ranks, then summed)."""
-    from tinystories_cli.model import cross_entropy
-
-    was_training = model.training
-    model.eval()
-    mine = starts[dist.rank::dist.world_size]
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for x, y in window_batches(tokens, mine, context_length, batch_size, device):
-        with autocast():
-            logits = model(x)
-        total[0] += cross_entropy(logits.float(), y).double() * y.numel()
-        total[1] += y.numel()
-    if dist.enabled:
-        torch.distributed.all_reduce(total)
-    model.train(was_training)
-    return (total[0] / total[1]).item()
 
 
 # --------------------------------------------------------------------------------------------
@@ -515,7 +495,7 @@ def train(run: Run, on_step: Callable[[int, dict], None] | None = None) -> Train
             atomic_write_text(run.run_dir / runs.CONFIG_FILE, json.dumps(summary, indent=2) + "\n")
             _copy_tokenizer(run.tokenizer_dir, runs.tokenizer_dir_of(run.run_dir))
         else:
-            _truncate_metrics(metrics_file, start_step)
+            runs.truncate_metrics(metrics_file, start_step)
         runs.update_latest_link(run.run_dir)
 
     display = Display(opts.display, start_step, run.end_step, enabled=main)
@@ -690,18 +670,6 @@ def _save_step(raw_model, optimizer, step, ckpt_dir: Path, run: Run, sampler, be
     return path
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop records logged after the checkpoint (they will be logged again)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            continue  # a half-written last line from a killed run
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _print_header(display: Display, run: Run, summary: dict, peak_note: str, start_step: int, notes: list[str]) -> None:

@@ -44,6 +44,7 @@ from tinystories_cli.checkpoint import save_checkpoint
 from tinystories_cli.config import PRESETS
 from tinystories_cli.data import fixed_windows
 from tinystories_cli.device import Dist
+from tinystories_cli.evaluate import fixed_window_loss
 from tinystories_cli.model import TransformerLM, cross_entropy
 from tinystories_cli.optim import AdamW, clip_grad_norm_, make_param_groups
 from tinystories_cli.tokenizer.encode import FORMAT_VERSION
@@ -107,7 +108,7 @@ def eval_seconds(model_cfg, train_cfg, root: Path) -> float:
     valid = np.load(root / "valid.npy", mmap_mode="r")
     starts = fixed_windows(len(valid), model_cfg.context_length, train_cfg.eval_batches * train_cfg.batch_size)
     t = time.perf_counter()
-    T.fixed_window_loss(model, valid, starts, model_cfg.context_length, train_cfg.batch_size,
+    fixed_window_loss(model, valid, starts, model_cfg.context_length, train_cfg.batch_size,
                         torch.device("cpu"), contextlib.nullcontext, Dist())
     return time.perf_counter() - t
 

@@ -10,12 +10,11 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from tinystories_cli import paths, runs
-from tinystories_cli.checkpoint import load_model_state, read_checkpoint
 from tinystories_cli.console import console, err_console
 from tinystories_cli.errors import UserError
-from tinystories_cli.evaluate import evaluate_tokens
+from tinystories_cli.evaluate import evaluate_run
 from tinystories_cli.fileio import atomic_write_text, check_output_path
+from tinystories_cli.run_readme import write_run_readme
 
 
 def command(
@@ -30,55 +29,26 @@ def command(
     latest: Annotated[bool, typer.Option("--latest", help="Use the latest step checkpoint instead of the best one.")] = False,
 ) -> None:
     """Mean loss, perplexity and bits-per-byte over a whole token file, in non-overlapping windows."""
-    from tinystories_cli.model import TransformerLM
-    from tinystories_cli.device import pick_device
-    from tinystories_cli.tokens import check_tokens, open_tokens
-
     if batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
-    target = runs.resolve_run(run)
-    run_dir = runs.run_dir_of(target)
-    ckpt_path = runs.checkpoint_for(target, prefer_best=not latest)
-    ckpt = read_checkpoint(ckpt_path)
-    cfg = runs.model_config_of(ckpt, run_dir)
-    tokenizer = runs.load_tokenizer(runs.tokenizer_dir_of(run_dir))
-    dataset = "tinystories"
-    try:
-        dataset = runs.read_run_config(run_dir)["train"].get("dataset", dataset)
-    except UserError:
-        pass
-    data = data or paths.tokens_path(dataset, "valid")
-    tokens, meta = open_tokens(data, "evaluation", dataset, "valid")
-    check_tokens(data, tokenizer.fingerprint, cfg.vocab_size)
-    window = ctx or cfg.context_length
-    if window <= 0:
-        raise UserError(f"--ctx must be positive, got {window}")
-    if window > cfg.context_length:
-        raise UserError(f"--ctx {window} exceeds the model's context length {cfg.context_length} (its positional limit)",
-                        f"use --ctx {cfg.context_length} or less")
+    if ctx is not None and ctx <= 0:
+        raise UserError(f"--ctx must be positive, got {ctx}", "omit it to use the model's context length")
     if out is not None:
         check_output_path(out, force)
-    dev = pick_device(device)
-    model = TransformerLM(cfg)
-    load_model_state(ckpt, model)
-    model.to(dev)
-    total = len(range(0, max(len(tokens) - 1, 0), window))
     with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=err_console, transient=True, disable=as_json) as progress:
-        task = progress.add_task("eval", total=total)
-        result = evaluate_tokens(model, tokens, window, batch_size, dev, meta.get("source_bytes"),
-                                 on_progress=lambda done, n: progress.update(task, completed=done))
-    result.update(run=str(run_dir), checkpoint=str(ckpt_path), step=ckpt.iteration, data=str(data))
+        task = progress.add_task("eval", total=None)
+        result = evaluate_run(run, data, batch_size=batch_size, context_length=ctx, device=device, latest=latest,
+                              on_progress=lambda done, n: progress.update(task, completed=done, total=n))
+    run_dir, ckpt_path, data, window = Path(result["run"]), result["checkpoint"], result["data"], result["context_length"]
     dest = out or run_dir / f"eval_{Path(data).stem}.json"
     atomic_write_text(dest, json.dumps(result, indent=2) + "\n")
     if out is None:
-        from tinystories_cli.run_readme import write_run_readme
-
         write_run_readme(run_dir)  # refresh the run's README with the new bits-per-byte
     if as_json:
         console.print_json(json.dumps(result))
         return
-    t = Table(title=f"{ckpt_path} (step {ckpt.iteration}) on {data}", title_justify="left")
+    t = Table(title=f"{ckpt_path} (step {result['step']}) on {data}", title_justify="left")
     t.add_column("metric")
     t.add_column("value", justify="right")
     t.add_row("mean loss (nats/token)", f"{result['loss']:.4f}")
