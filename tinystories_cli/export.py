@@ -2,8 +2,8 @@
 
 `--format hf` writes a directory that `transformers` and `tokenizers` load offline:
 
-    config.json              LlamaConfig (from `model.llama_config_dict`, plus token ids and dtype)
-    model.safetensors        weights under Llama names (`model.to_llama_state_dict`: q/k rows permuted
+    config.json              LlamaConfig (from `interop.llama.hf_config`: the mapping plus token ids and dtype)
+    model.safetensors        weights under Llama names (`interop.llama.to_llama_state_dict`: q/k rows permuted
                              from our interleaved-pair RoPE to Llama's half-split rotation)
     generation_config.json   bos/eos/pad ids (the end-of-text token)
     tokenizer.json           a `tokenizers` byte-level BPE: vocab, merges, special tokens as added tokens
@@ -45,35 +45,15 @@ from safetensors.torch import save as st_save
 from tinystories_cli.config import ModelConfig
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import atomic_write_bytes, atomic_write_text
+from tinystories_cli.interop.llama import EOT, check_llama_compatible, hf_config, hf_state_dict, plain_state
 from tinystories_cli.tokenizer.files import encode_token_bytes, write_vocab_merges
 
 FORMATS = ("hf", "safetensors")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-EOT = "<|endoftext|>"
-# What LlamaForCausalLM computes, switch by switch (the ModelConfig value it requires).
-LLAMA_SWITCHES = {"norm": "rmsnorm", "norm_position": "pre", "pos_emb": "rope", "ffn": "swiglu"}
 HF_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 
 
 # ---------------------------------------------------------------- checks
-
-
-def llama_incompatibilities(cfg: ModelConfig) -> list[str]:
-    """The `switch=value` settings LlamaForCausalLM cannot represent (empty when it can).
-
-    >>> llama_incompatibilities(ModelConfig(norm_position="post", pos_emb="nope"))
-    ['norm_position=post', 'pos_emb=nope']
-    """
-    return [f"{k}={getattr(cfg, k)}" for k, want in LLAMA_SWITCHES.items() if getattr(cfg, k) != want]
-
-
-def check_llama_compatible(cfg: ModelConfig) -> None:
-    bad = llama_incompatibilities(cfg)
-    if bad:
-        verb = "is" if len(bad) == 1 else "are"
-        raise UserError(f"{', '.join(bad)} {verb} not representable as LlamaForCausalLM "
-                        "(it needs pre-norm RMSNorm, RoPE and SwiGLU)",
-                        "export with --format safetensors (tslm's own format) instead")
 
 
 def check_tokenizer_fits(tokenizer, cfg: ModelConfig) -> None:
@@ -152,47 +132,15 @@ def tokenizer_config_json(specials: dict[str, int], context_length: int) -> dict
 # ---------------------------------------------------------------- configs and weights
 
 
-def hf_config(cfg: ModelConfig, specials: dict[str, int], dtype: str = "float32") -> dict[str, Any]:
-    """config.json for LlamaForCausalLM: the model module's mapping plus token ids and dtype."""
-    from tinystories_cli.model import llama_config_dict
-
-    check_llama_compatible(cfg)
-    eot = specials.get(EOT)
-    out = dict(llama_config_dict(cfg))
-    out.update({
-        "bos_token_id": eot, "eos_token_id": eot, "pad_token_id": None,
-        "initializer_range": 0.02, "use_cache": True, "attention_dropout": 0.0, "rope_scaling": None,
-        # transformers < 5 reads torch_dtype, >= 5 reads dtype.
-        "torch_dtype": dtype, "dtype": dtype,
-    })
-    return out
-
-
 def generation_config(specials: dict[str, int]) -> dict[str, Any]:
     eot = specials.get(EOT)
     # No max_length: HF's would clash with max_new_tokens; positions past context_length are the user's call.
     return {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot}
 
 
-def _plain_state(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    from tinystories_cli.checkpoint import clean_name, unwrap_model
-
-    return {clean_name(k): v.detach().to("cpu", dtype) for k, v in unwrap_model(model).state_dict().items()}
-
-
-def hf_state_dict(model: torch.nn.Module, cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Llama-named tensors (contiguous, each its own storage); a tied LM head is left to tie_word_embeddings."""
-    from tinystories_cli.model import to_llama_state_dict
-
-    sd = to_llama_state_dict(_plain_state(model, dtype), cfg)
-    if cfg.tie_embeddings:
-        sd.pop("lm_head.weight", None)
-    return {k: v.contiguous().clone() for k, v in sd.items()}
-
-
 def native_state_dict(model: torch.nn.Module, cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Our own tensor names; a tied LM head is stored once (under token_embeddings.weight)."""
-    sd = _plain_state(model, dtype)
+    sd = plain_state(model, dtype)
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)
     return {k: v.contiguous().clone() for k, v in sd.items()}

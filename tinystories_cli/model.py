@@ -13,6 +13,8 @@ Every ablation of the seeds is one `ModelConfig` switch: `norm` (rmsnorm | layer
 
     >>> import torch
     >>> from tinystories_cli.config import ModelConfig
+from tinystories_cli.interop.llama import (from_llama_state_dict, llama_config_dict, permute_for_llama,
+                                           to_llama_state_dict, unpermute_from_llama)
     >>> model = TransformerLM(ModelConfig(vocab_size=64, context_length=16, d_model=32, num_layers=1, num_heads=2))
     >>> model(torch.randint(0, 64, (2, 10))).shape
     torch.Size([2, 10, 64])
@@ -36,9 +38,8 @@ Positions never exceed `context_length` (learned positions and the RoPE table st
 generator that wants more tokens must crop and re-prefill. Without caches, `start_pos` only offsets
 the positions.
 
-Hugging Face interop: `to_llama_state_dict` / `from_llama_state_dict` / `llama_config_dict` map the
-pre-norm RMSNorm/RoPE/SwiGLU model to `LlamaForCausalLM`; `permute_for_llama` is the one place that
-maps interleaved-pair RoPE to Llama's half-split rotation.
+Hugging Face interop (`to_llama_state_dict` / `from_llama_state_dict` / `llama_config_dict` /
+`permute_for_llama`) lives in `interop/llama.py`; the names are re-exported here for the library API.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ import torch
 from torch import Tensor, nn
 
 from tinystories_cli.config import ModelConfig
+from tinystories_cli.interop.llama import (from_llama_state_dict, llama_config_dict, permute_for_llama,
+                                           to_llama_state_dict, unpermute_from_llama)
 from tinystories_cli.errors import UserError
 
 __all__ = [
@@ -603,90 +606,3 @@ class TransformerLM(nn.Module):
     def num_parameters(self) -> int:
         """Distinct parameters (a tied matrix counts once), as `account.parameter_counts` reports."""
         return sum(p.numel() for p in self.parameters())
-
-
-# --- Hugging Face Llama interop ---------------------------------------------------------------
-
-def permute_for_llama(w: Tensor, num_heads: int) -> Tensor:
-    """Reorder the rows of a q/k projection (d_out, d_in) from interleaved-pair RoPE to Llama's half split.
-
-    Ours rotates pairs (2i, 2i+1) within each head; Llama's `rotate_half` pairs (i, i + hd/2) with the
-    same frequency theta^(-2i/hd). So per head, Llama's row i is our row 2i and row hd/2 + i is our 2i+1.
-    This is the one place the mapping lives (export reuses it).
-    """
-    d_out, d_in = w.shape
-    hd = d_out // num_heads
-    return w.reshape(num_heads, hd // 2, 2, d_in).transpose(1, 2).reshape(d_out, d_in)
-
-
-def unpermute_from_llama(w: Tensor, num_heads: int) -> Tensor:
-    """Inverse of `permute_for_llama`."""
-    d_out, d_in = w.shape
-    hd = d_out // num_heads
-    return w.reshape(num_heads, 2, hd // 2, d_in).transpose(1, 2).reshape(d_out, d_in)
-
-
-def _check_llama_compatible(cfg: ModelConfig) -> None:
-    if (cfg.norm, cfg.norm_position, cfg.pos_emb, cfg.ffn) != ("rmsnorm", "pre", "rope", "swiglu"):
-        raise UserError(
-            f"only pre-norm RMSNorm/RoPE/SwiGLU models map to Llama, got norm={cfg.norm} "
-            f"norm_position={cfg.norm_position} pos_emb={cfg.pos_emb} ffn={cfg.ffn}",
-            "export this model in the native format instead")
-
-
-def llama_config_dict(cfg: ModelConfig) -> dict[str, Any]:
-    """Keyword arguments for `transformers.LlamaConfig` (also valid as its config.json) for this model."""
-    _check_llama_compatible(cfg)
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
-        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": cfg.context_length, "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
-    }
-
-
-# Per-layer parameter names: ours -> Hugging Face Llama's. q/k rows are also permuted (interleaved-pair
-# RoPE -> half-split RoPE); every other tensor is copied as is.
-_LLAMA_LAYER_NAMES = {
-    "attn.q_proj.weight": "self_attn.q_proj.weight",
-    "attn.k_proj.weight": "self_attn.k_proj.weight",
-    "attn.v_proj.weight": "self_attn.v_proj.weight",
-    "attn.output_proj.weight": "self_attn.o_proj.weight",
-    "ffn.w1.weight": "mlp.gate_proj.weight",
-    "ffn.w3.weight": "mlp.up_proj.weight",
-    "ffn.w2.weight": "mlp.down_proj.weight",
-    "ln1.weight": "input_layernorm.weight",
-    "ln2.weight": "post_attention_layernorm.weight",
-}
-_ROPE_ROWS = {"attn.q_proj.weight", "attn.k_proj.weight"}
-
-
-def to_llama_state_dict(state_dict: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
-    """Map our state_dict names/layouts to `LlamaForCausalLM`'s (q/k rows permuted by `permute_for_llama`)."""
-    _check_llama_compatible(cfg)
-    h = cfg.num_heads
-    out = {"model.embed_tokens.weight": state_dict["token_embeddings.weight"],
-           "model.norm.weight": state_dict["ln_final.weight"]}
-    out["lm_head.weight"] = state_dict.get("lm_head.weight", state_dict["token_embeddings.weight"])
-    for i in range(cfg.num_layers):
-        for ours, theirs in _LLAMA_LAYER_NAMES.items():
-            w = state_dict[f"layers.{i}.{ours}"]
-            out[f"model.layers.{i}.{theirs}"] = permute_for_llama(w, h) if ours in _ROPE_ROWS else w
-    return out
-
-
-def from_llama_state_dict(llama_sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
-    """Inverse of `to_llama_state_dict`: Llama names/layouts to ours (for `TransformerLM.load_state_dict`)."""
-    _check_llama_compatible(cfg)
-    h = cfg.num_heads
-    out = {"token_embeddings.weight": llama_sd["model.embed_tokens.weight"],
-           "ln_final.weight": llama_sd["model.norm.weight"],
-           "lm_head.weight": llama_sd.get("lm_head.weight", llama_sd["model.embed_tokens.weight"])}
-    for i in range(cfg.num_layers):
-        for ours, theirs in _LLAMA_LAYER_NAMES.items():
-            w = llama_sd[f"model.layers.{i}.{theirs}"]
-            out[f"layers.{i}.{ours}"] = unpermute_from_llama(w, h) if ours in _ROPE_ROWS else w
-    return out

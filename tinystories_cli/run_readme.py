@@ -164,7 +164,7 @@ def render_run_readme(run_dir: str | os.PathLike) -> str:
             f"tslm plot {ref} --metric val_loss --out {shlex.quote(str(run_dir / 'val_loss.png'))}   # loss curve",
             ]
     try:
-        from tinystories_cli.export import llama_incompatibilities
+        from tinystories_cli.interop.llama import llama_incompatibilities
         from tinystories_cli.config import ModelConfig
 
         bad = llama_incompatibilities(ModelConfig.model_validate(model))

@@ -10,6 +10,7 @@ import typer
 from tinystories_cli import export
 from tinystories_cli.console import console, human_bytes, print_note
 from tinystories_cli.errors import UserError
+from tinystories_cli.interop.llama import NotLlamaCompatible
 
 
 def command(
@@ -26,7 +27,10 @@ def command(
         raise UserError(f"unknown --format {fmt!r}", f"choose one of: {', '.join(export.FORMATS)}")
     if dtype not in export.DTYPES:
         raise UserError(f"unknown --dtype {dtype!r}", f"choose one of: {', '.join(export.DTYPES)}")
-    path, cfg = export.export_run(run, fmt, out, force, dtype)
+    try:
+        path, cfg = export.export_run(run, fmt, out, force, dtype)
+    except NotLlamaCompatible as e:
+        raise UserError(e.what, "export with --format safetensors (tslm's own format) instead") from None
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     console.print(f"wrote {path} ({fmt}, {human_bytes(size)}): " + ", ".join(sorted(
         str(f.relative_to(path)) for f in path.rglob("*") if f.is_file())), markup=False, highlight=False)
