@@ -31,12 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from tinystories_cli import runs
+from tinystories_cli.account import parameter_counts
+from tinystories_cli.config import ModelConfig, TrainConfig, results_neutral
 from tinystories_cli.errors import UserError
 from tinystories_cli.evaluate import evaluate_run
 
-# Settings that do not change what a run computes (logging cadence, hardware): never a "difference".
-BOOKKEEPING = {"device", "compile", "log_every", "eval_every", "save_every", "keep_last", "eval_batches",
-               "attention_backend"}
+# Settings that do not change what a run computes (cadence, hardware, kernels): never a "difference".
+BOOKKEEPING = results_neutral(ModelConfig, TrainConfig)
 
 
 @dataclass
@@ -95,9 +96,6 @@ def summarize_run(run: str | os.PathLike) -> RunSummary:
     s = RunSummary(name=run_dir.name, run_dir=run_dir, settings=flatten_settings(config))
     s.parameters = config.get("parameters")
     if s.parameters is None:
-        from tinystories_cli.account import parameter_counts
-        from tinystories_cli.config import ModelConfig
-
         try:
             s.parameters = parameter_counts(ModelConfig.model_validate(config["model"]))["total"]
         except Exception:  # a damaged config: leave the column empty rather than fail the table

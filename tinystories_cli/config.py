@@ -26,9 +26,36 @@ from tinystories_cli.errors import UserError
 
 
 class StrictModel(BaseModel):
-    """Base for every config: unknown keys are errors, assignments are validated."""
+    """Base for every config: unknown keys are errors, assignments are validated, floats are finite."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
+
+
+def setting(default: Any, description: str, *, flags: tuple[str, ...] = (), neutral: bool = False,
+            cli_type: type | None = None, **constraints: Any) -> Any:
+    """A config field declared once: its description is its `--help`, and the CLI option is generated from it.
+
+    `flags` overrides the option names (default `--field-name`; a bool gets `--name/--no-name`); `cli_type`
+    parses the flag as another type first (1e9 tokens as a float); `neutral` marks a setting that never
+    changes what a run computes (cadence, hardware, kernels): it may change on resume, and `tslm compare`
+    does not list it as a difference between runs.
+    """
+    extra: dict[str, Any] = {"neutral": neutral}
+    if flags:
+        extra["flags"] = list(flags)
+    if cli_type is not None:
+        extra["cli_type"] = cli_type.__name__
+    return Field(default, description=description, json_schema_extra=extra, **constraints)
+
+
+def results_neutral(*models: type[BaseModel]) -> set[str]:
+    """Names of the `neutral` settings of the given config classes.
+
+    >>> sorted(results_neutral(TrainConfig))[:3]
+    ['compile', 'device', 'eval_batches']
+    """
+    return {name for m in models for name, f in m.model_fields.items()
+            if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("neutral")}
 
 
 def default_d_ff(d_model: int, ffn: str) -> int:
@@ -47,23 +74,25 @@ def default_d_ff(d_model: int, ffn: str) -> int:
 class ModelConfig(StrictModel):
     """The architecture of a `TransformerLM`, with a switch for every ablation in the seeds."""
 
-    vocab_size: int = Field(10_000, gt=0)
-    context_length: int = Field(256, gt=0)
-    d_model: int = Field(512, gt=0)
-    num_layers: int = Field(4, gt=0)
-    num_heads: int = Field(16, gt=0)
-    d_ff: int = Field(0, ge=0, description="0 means the default for the chosen FFN")
-    rope_theta: float = Field(10_000.0, gt=0)
-    norm: Literal["rmsnorm", "layernorm", "none"] = "rmsnorm"
-    norm_position: Literal["pre", "post"] = "pre"
-    norm_eps: float = Field(1e-5, gt=0)
-    layernorm_bias: bool = True
-    pos_emb: Literal["rope", "nope", "sinusoidal", "learned"] = "rope"
-    ffn: Literal["swiglu", "silu", "gelu", "relu"] = "swiglu"
-    tie_embeddings: bool = False
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    init: Literal["cs336", "gpt2"] = "cs336"
-    attention_backend: Literal["auto", "reference", "sdpa"] = "auto"
+    vocab_size: int = setting(10_000, "Vocabulary size (default: the tokenizer's).", gt=0)
+    context_length: int = setting(256, "Context length.", flags=("--ctx", "--context-length"), gt=0)
+    d_model: int = setting(512, "Model width.", gt=0)
+    num_layers: int = setting(4, "Transformer blocks.", gt=0)
+    num_heads: int = setting(16, "Attention heads.", gt=0)
+    d_ff: int = setting(0, "FFN width (default: 8/3 d_model for SwiGLU, else 4 d_model).", ge=0)
+    rope_theta: float = setting(10_000.0, "RoPE base.", gt=0)
+    norm: Literal["rmsnorm", "layernorm", "none"] = setting("rmsnorm", "Normalization.")
+    norm_position: Literal["pre", "post"] = setting("pre", "Norm before (pre) or after (post) each sublayer.")
+    norm_eps: float = setting(1e-5, "Epsilon of the norms.", gt=0)
+    layernorm_bias: bool = setting(True, "LayerNorm has a bias.")
+    pos_emb: Literal["rope", "nope", "sinusoidal", "learned"] = setting("rope", "Position information.")
+    ffn: Literal["swiglu", "silu", "gelu", "relu"] = setting("swiglu", "Feed-forward network.")
+    tie_embeddings: bool = setting(False, "Share the token embedding with the LM head.",
+                                   flags=("--tie-embeddings/--untie-embeddings",))
+    dropout: float = setting(0.0, "Dropout on embeddings, attention and FFN outputs.", ge=0.0, lt=1.0)
+    init: Literal["cs336", "gpt2"] = setting("cs336", "Weight initialization scheme.")
+    attention_backend: Literal["auto", "reference", "sdpa"] = setting(
+        "auto", "Attention kernel: the from-scratch reference or fused SDPA (tested equal).", neutral=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -101,28 +130,29 @@ class TrainConfig(StrictModel):
     """Training hyperparameters. The schedule ends exactly at `max_steps` (or at the step that
     `train_tokens` implies)."""
 
-    dataset: str = "tinystories"
-    batch_size: int = Field(64, gt=0)
-    grad_accum_steps: int = Field(1, gt=0)
-    max_steps: int = Field(20_000, gt=0)
-    train_tokens: int | None = Field(None, gt=0, description="if set, overrides max_steps")
-    lr: float = Field(8e-4, gt=0)
-    min_lr: float = Field(8e-5, ge=0)
-    warmup_steps: int = Field(2000, ge=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.999, ge=0, lt=1)
-    eps: float = Field(1e-8, gt=0)
-    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
-    eval_every: int = Field(500, gt=0)
-    eval_batches: int = Field(20, gt=0)
-    log_every: int = Field(10, gt=0)
-    save_every: int = Field(1000, gt=0)
-    keep_last: int = Field(2, ge=1)
-    seed: int = 0
-    device: str = "auto"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    compile: bool = False
+    dataset: str = setting("tinystories", "Dataset under data/ (token files and tokenizer).")
+    batch_size: int = setting(64, "Sequences per micro-batch per process.", gt=0)
+    grad_accum_steps: int = setting(1, "Micro-batches per optimizer step.", flags=("--grad-accum",), gt=0)
+    max_steps: int = setting(20_000, "Optimizer steps (the cosine schedule ends here).", gt=0)
+    train_tokens: int | None = setting(None, "Token budget; sets --max-steps.", gt=0, cli_type=float)
+    lr: float = setting(8e-4, "Peak learning rate.", gt=0)
+    min_lr: float = setting(8e-5, "Learning rate at the end of the cosine.", ge=0)
+    warmup_steps: int = setting(2000, "Linear warmup steps.", ge=0)
+    weight_decay: float = setting(1e-4, "AdamW weight decay (matrices only).", ge=0)
+    beta1: float = setting(0.9, "AdamW beta1.", ge=0, lt=1)
+    beta2: float = setting(0.999, "AdamW beta2.", ge=0, lt=1)
+    eps: float = setting(1e-8, "AdamW epsilon.", gt=0)
+    grad_clip: float = setting(1.0, "Global gradient-norm clip (0 = off).", ge=0)
+    eval_every: int = setting(500, "Validation every N steps.", gt=0, neutral=True)
+    eval_batches: int = setting(20, "Validation batches (fixed windows).", gt=0, neutral=True)
+    log_every: int = setting(10, "Log every N steps.", gt=0, neutral=True)
+    save_every: int = setting(1000, "Checkpoint every N steps.", gt=0, neutral=True)
+    keep_last: int = setting(2, "Step checkpoints to keep (plus best).", ge=1, neutral=True)
+    seed: int = setting(0, "Seed for init and batches.")
+    device: str = setting("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps.", neutral=True)
+    dtype: Literal["float32", "bfloat16", "float16"] = setting("float32", "Compute dtype (bfloat16: autocast).")
+    compile: bool = setting(False, "torch.compile the model and loss as one graph (falls back to eager if it fails).",
+                            neutral=True)
 
     @model_validator(mode="after")
     def _check_schedule(self) -> "TrainConfig":

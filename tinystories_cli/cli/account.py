@@ -10,26 +10,16 @@ from rich.table import Table
 
 from tinystories_cli import account
 from tinystories_cli.cli import common
-from tinystories_cli.config import PRESETS, resolve_configs
+from tinystories_cli.config import PRESETS, ModelConfig, resolve_configs
 from tinystories_cli.console import console, human_bytes, human_count
 from tinystories_cli.errors import UserError
 
 
+@common.with_options(common.config_options(ModelConfig, common.MODEL, include=common.SHAPE_FIELDS))
 def command(
     preset: Annotated[Optional[str], typer.Argument(help="Preset name (see --list).", show_default=False)] = None,
     list_presets: Annotated[bool, typer.Option("--list", help="List the presets and exit.")] = False,
     config: common.ConfigFile = None,
-    ctx: common.Ctx = None,
-    vocab_size: common.VocabSize = None,
-    d_model: common.DModel = None,
-    num_layers: common.NumLayers = None,
-    num_heads: common.NumHeads = None,
-    d_ff: common.DFF = None,
-    norm: common.Norm = None,
-    norm_position: common.NormPosition = None,
-    pos_emb: common.PosEmb = None,
-    ffn: common.FFN = None,
-    tie_embeddings: common.Tie = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Sequences per step (default: the preset's).")] = None,
     memory: Annotated[Optional[str], typer.Option("--memory", help="Accelerator memory, e.g. 80GB: prints the largest batch that fits.")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Training steps for the time estimate (default: the preset's).")] = None,
@@ -39,15 +29,13 @@ def command(
     measure: Annotated[bool, typer.Option("--measure", help="Also measure activation memory with one forward+backward on CPU (small configs).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print all figures as one JSON object.")] = False,
     print_config: common.PrintConfig = False,
+    settings: dict | None = None,
 ) -> None:
     """Parameters, FLOPs, AdamW training memory and training time for a model preset."""
     if list_presets:
         _print_presets(as_json)
         return
-    p, cfg, train = resolve_configs(
-        preset, config,
-        common.model_overrides(ctx, vocab_size, d_model, num_layers, num_heads, d_ff, norm, norm_position, pos_emb, ffn, tie_embeddings),
-    )
+    p, cfg, train = resolve_configs(preset, config, common.given(settings, ModelConfig.model_fields))
     if print_config:
         console.print_json(json.dumps({"preset": p.name, "model": cfg.model_dump()}))
         return

@@ -1,48 +1,77 @@
-"""Option types shared by several subcommands (one definition, used everywhere)."""
+"""Options shared by several subcommands, and the options generated from the config fields.
+
+Each model and training setting is declared once, as a field of `ModelConfig` / `TrainConfig` (see
+`config.setting`); `config_options` turns those fields into Typer options (name, type, help, panel) and
+`with_options` adds them to a command, so a new field needs one edit to appear in `tslm train --help`.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
+import typing
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Callable, Literal, Optional
 
 import typer
+from pydantic import BaseModel
 
 MODEL = "Model overrides"
+TRAIN = "Training overrides"
 
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="TOML or JSON config file (sections \\[model], \\[train]).")]
 PrintConfig = Annotated[bool, typer.Option("--print-config", help="Print the fully resolved config as JSON and exit.")]
-Ctx = Annotated[Optional[int], typer.Option("--ctx", "--context-length", help="Context length.", rich_help_panel=MODEL)]
-VocabSize = Annotated[Optional[int], typer.Option("--vocab-size", help="Vocabulary size.", rich_help_panel=MODEL)]
-DModel = Annotated[Optional[int], typer.Option("--d-model", help="Model width.", rich_help_panel=MODEL)]
-NumLayers = Annotated[Optional[int], typer.Option("--num-layers", help="Transformer blocks.", rich_help_panel=MODEL)]
-NumHeads = Annotated[Optional[int], typer.Option("--num-heads", help="Attention heads.", rich_help_panel=MODEL)]
-DFF = Annotated[Optional[int], typer.Option("--d-ff", help="FFN width (default: 8/3 d_model for SwiGLU, else 4 d_model).", rich_help_panel=MODEL)]
-Norm = Annotated[Optional[str], typer.Option("--norm", help="rmsnorm | layernorm | none.", rich_help_panel=MODEL)]
-NormPosition = Annotated[Optional[str], typer.Option("--norm-position", help="pre | post.", rich_help_panel=MODEL)]
-PosEmb = Annotated[Optional[str], typer.Option("--pos-emb", help="rope | nope | sinusoidal | learned.", rich_help_panel=MODEL)]
-FFN = Annotated[Optional[str], typer.Option("--ffn", help="swiglu | silu | gelu | relu.", rich_help_panel=MODEL)]
-Tie = Annotated[Optional[bool], typer.Option("--tie-embeddings/--untie-embeddings", help="Share the token embedding with the LM head.", rich_help_panel=MODEL, show_default=False)]
-RopeTheta = Annotated[Optional[float], typer.Option("--rope-theta", help="RoPE base.", rich_help_panel=MODEL)]
+
+# The model settings that change a model's size and FLOPs (what `tslm account` takes).
+SHAPE_FIELDS = ("context_length", "vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "norm", "norm_position",
+                "pos_emb", "ffn", "tie_embeddings")
+CLI_TYPES = {"float": float, "int": int, "str": str}
 
 
-def model_overrides(
-    ctx: int | None = None,
-    vocab_size: int | None = None,
-    d_model: int | None = None,
-    num_layers: int | None = None,
-    num_heads: int | None = None,
-    d_ff: int | None = None,
-    norm: str | None = None,
-    norm_position: str | None = None,
-    pos_emb: str | None = None,
-    ffn: str | None = None,
-    tie_embeddings: bool | None = None,
-    rope_theta: float | None = None,
-) -> dict:
-    """The model flags that were given, as ModelConfig keys (None = not given)."""
-    values = dict(
-        context_length=ctx, vocab_size=vocab_size, d_model=d_model, num_layers=num_layers, num_heads=num_heads,
-        d_ff=d_ff, norm=norm, norm_position=norm_position, pos_emb=pos_emb, ffn=ffn,
-        tie_embeddings=tie_embeddings, rope_theta=rope_theta,
-    )
-    return {k: v for k, v in values.items() if v is not None}
+def _option(name: str, field: Any, panel: str) -> inspect.Parameter:
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    flags = list(extra.get("flags") or [f"--{name.replace('_', '-')}"])
+    kind = field.annotation
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if typing.get_origin(kind) is not Literal and args:  # X | None
+        kind = args[0]
+    help_text = field.description or ""
+    if typing.get_origin(kind) is Literal:
+        help_text = f"{help_text.rstrip('.')}: {' | '.join(map(str, typing.get_args(kind)))}."
+        kind = str
+    elif kind is bool and "/" not in flags[0]:
+        flags = [f"{flags[0]}/--no-{flags[0][2:]}"]
+    kind = CLI_TYPES.get(extra.get("cli_type"), kind)
+    opt = typer.Option(*flags, help=help_text, rich_help_panel=panel, show_default=False)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[kind], opt])
+
+
+def config_options(model: type[BaseModel], panel: str, include: tuple[str, ...] | None = None) -> list[inspect.Parameter]:
+    """One Typer option per field of `model` (all, or those in `include`), in declaration order."""
+    return [_option(name, f, panel) for name, f in model.model_fields.items() if include is None or name in include]
+
+
+def with_options(*groups: list[inspect.Parameter]) -> Callable[[Callable], Callable]:
+    """Add generated options to a command; it receives them as `settings={name: value given or None}`."""
+    def wrap(func: Callable) -> Callable:
+        extra = [p for group in groups for p in group]
+        names = [p.name for p in extra]
+
+        @functools.wraps(func)
+        def command(**kwargs):
+            settings = {n: kwargs.pop(n) for n in names}
+            return func(**kwargs, settings=settings)
+
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+               for p in inspect.signature(func, eval_str=True).parameters.values() if p.name != "settings"]
+        params = own + extra
+        command.__signature__ = inspect.Signature(params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        del command.__wrapped__  # Typer must read the new signature, not the wrapped function's
+        return command
+    return wrap
+
+
+def given(settings: dict[str, Any], fields: typing.Iterable[str]) -> dict[str, Any]:
+    """The settings among `fields` that were given on the command line (None = not given)."""
+    return {k: settings[k] for k in fields if settings.get(k) is not None}
