@@ -17,6 +17,7 @@ from tinystories_cli.checkpoint import read_checkpoint
 from tinystories_cli.config import ModelConfig
 from tinystories_cli.device import autocast_factory
 from tinystories_cli.errors import UserError
+from tinystories_cli.train.loop import make_loss_fn
 
 from train_fixtures import TINY_MODEL, TINY_TRAIN, make_dataset, write_token_file
 
@@ -131,9 +132,9 @@ def test_inherited_ignored_sigint_is_respected(workspace, sigint_disposition):
 
 
 def test_nonfinite_loss_stops_with_clear_message(workspace, monkeypatch):
-    import tinystories_cli.model as M
+    import tinystories_cli.train.loop as L  # the loss the training loop calls
 
-    real = M.cross_entropy
+    real = L.cross_entropy
     calls = {"n": 0}
 
     def poisoned(logits, targets):
@@ -144,7 +145,7 @@ def test_nonfinite_loss_stops_with_clear_message(workspace, monkeypatch):
                 return out * float("nan")
         return out
 
-    monkeypatch.setattr(M, "cross_entropy", poisoned)
+    monkeypatch.setattr(L, "cross_entropy", poisoned)
     with pytest.raises(T.NonFiniteError) as e:
         _run("nan")
     msg = str(e.value)
@@ -165,7 +166,7 @@ def test_compiled_loss_equals_eager(dtype):
     model = TransformerLM(ModelConfig(vocab_size=64, context_length=16, d_model=32, num_layers=2, num_heads=4))
     x, y = torch.randint(0, 64, (2, 2, 16)).unbind(0)
     autocast, _ = autocast_factory(torch.device("cpu"), dtype)
-    eager = T._loss_fn(model, autocast, cross_entropy)
+    eager = make_loss_fn(model, autocast)
     grads = []
     for fn in (eager, torch.compile(eager, backend="aot_eager")):
         model.zero_grad(set_to_none=True)

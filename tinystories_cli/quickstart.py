@@ -305,7 +305,7 @@ def train_tokenizer(train_text: Path, out_dir: Path, vocab_size: int, *, force: 
 
 def _token_file_matches(tokens_file: Path, tokenizer) -> bool:
     """True when `tokens_file` exists and was encoded with `tokenizer` (sidecar fingerprint)."""
-    from tinystories_cli.train import check_tokens
+    from tinystories_cli.tokens import check_tokens
 
     if not tokens_file.is_file():
         return False

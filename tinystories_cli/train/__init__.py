@@ -1,0 +1,14 @@
+"""Training: `prepare_run` checks everything and picks the run directory, `train` runs the loop.
+
+    from tinystories_cli import train
+    run = train.prepare_run("debug", options=train.TrainOptions(run_name="smoke"))
+    result = train.train(run)
+
+`prepare.py` (configs, data, run directory) -> `loop.py` (state, fit, train_step, save) with
+`display.py` (live display, header, signals) beside it.
+"""
+
+from tinystories_cli.train.loop import NonFiniteError, TrainResult, train
+from tinystories_cli.train.prepare import Run, TrainOptions, prepare_run
+
+__all__ = ["NonFiniteError", "Run", "TrainOptions", "TrainResult", "prepare_run", "train"]

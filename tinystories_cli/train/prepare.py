@@ -1,0 +1,235 @@
+"""Preparing a run: resolve the configs, find and check the tokenizer and token files, pick the run directory.
+
+    run = prepare_run("debug", options=TrainOptions(run_name="smoke"))   # everything checked, nothing written
+
+Every bad input is refused here, before a process group starts or a file is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from tinystories_cli import paths, runs
+from tinystories_cli.checkpoint import read_checkpoint
+from tinystories_cli.config import ModelConfig, TrainConfig, build_config, load_config_file, resolve_configs, results_neutral
+from tinystories_cli.device import dist_from_env
+from tinystories_cli.errors import UserError
+from tinystories_cli.fileio import atomic_write_text
+from tinystories_cli.tokens import check_tokens, open_tokens
+
+
+@dataclass
+class TrainOptions:
+    """Run-level choices that are not hyperparameters (they never change what a step computes)."""
+
+    run_name: str | None = None
+    resume: str | None = None  # None, "auto", or a run name / run dir / checkpoint file
+    force: bool = False
+    stop_at: int | None = None
+    skip_nonfinite: int = 0
+    peak_tflops: float | None = None
+    wandb: bool = False
+    train_file: Path | None = None
+    valid_file: Path | None = None
+    tokenizer_dir: Path | None = None
+    display: str = "auto"  # auto (rich on a terminal, else plain lines) | rich | plain | quiet
+
+
+@dataclass
+class Run:
+    """Everything `train` needs, resolved and checked (built by `prepare_run`)."""
+
+    preset: str
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    options: TrainOptions
+    run_dir: Path
+    tokenizer_dir: Path
+    train_file: Path
+    valid_file: Path
+    resume_from: Path | None
+    max_steps: int
+    end_step: int
+    fresh: bool
+    tokenizer_fingerprint: str | None = None
+
+
+def new_run_name(preset: str) -> str:
+    return f"{preset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def prepare_run(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    model_overrides: dict[str, Any] | None = None,
+    train_overrides: dict[str, Any] | None = None,
+    options: TrainOptions | None = None,
+) -> Run:
+    """Resolve configs (preset < file < flags, or the saved config when resuming), find the tokenizer and
+    token files, check them, and pick the run directory. Raises UserError for every bad input."""
+    opts = options or TrainOptions()
+    file_data = load_config_file(config_file) if config_file else {}
+    file_model, file_train = file_data.get("model") or {}, file_data.get("train") or {}
+    run_dir, resume_from = find_resume(opts)
+    if resume_from is not None:
+        check_resumable(resume_from, run_dir)
+        saved = runs.read_run_config(run_dir)
+        preset_name, model_cfg, train_cfg = resumed_configs(saved, run_dir, preset, {**file_model, **(model_overrides or {})},
+                                                            file_train, train_overrides)
+        tokenizer_dir = runs.tokenizer_dir_of(run_dir)
+    else:
+        p, model_cfg, train_cfg = resolve_configs(preset, config_file, model_overrides, train_overrides)
+        preset_name = p.name
+        tokenizer_dir = opts.tokenizer_dir or paths.tokenizer_dir(train_cfg.dataset)
+        run_dir = run_dir or runs.runs_root() / (opts.run_name or new_run_name(preset_name))
+        if (run_dir / runs.CONFIG_FILE).exists() or runs.step_checkpoints(run_dir):
+            # --resume auto on a run that never reached its first checkpoint starts it over.
+            if not opts.force and opts.resume != "auto":
+                raise UserError(f"{run_dir} already holds a run",
+                                "pass --resume to continue it, --force to start it over, or choose another --run-name")
+
+    tokenizer = load_run_tokenizer(tokenizer_dir, train_cfg.dataset)
+    if resume_from is None:
+        explicit = any((d or {}).get("vocab_size") is not None for d in (file_model, model_overrides))
+        model_cfg = vocab_from_tokenizer(model_cfg, int(tokenizer.vocab_size), explicit)
+    fingerprint = getattr(tokenizer, "fingerprint", None)
+    train_file = Path(opts.train_file or paths.tokens_path(train_cfg.dataset, "train"))
+    valid_file = Path(opts.valid_file or paths.tokens_path(train_cfg.dataset, "valid"))
+    for f, split in ((train_file, "train"), (valid_file, "valid")):
+        check_token_file_fits(f, split, train_cfg.dataset, fingerprint, model_cfg)
+
+    max_steps, end_step = plan_steps(model_cfg, train_cfg, opts)
+    if train_cfg.max_steps != max_steps:
+        train_cfg = train_cfg.model_copy(update={"max_steps": max_steps})
+    return Run(preset_name, model_cfg, train_cfg, opts, run_dir, tokenizer_dir, train_file, valid_file,
+               resume_from, max_steps, end_step, fresh=resume_from is None, tokenizer_fingerprint=fingerprint)
+
+
+def find_resume(opts: TrainOptions) -> tuple[Path | None, Path | None]:
+    """(run directory, checkpoint to resume from) as far as `opts.resume` decides them; None when not resuming."""
+    if opts.resume is None:
+        return None, None
+    root = runs.runs_root()
+    if opts.resume == "auto":
+        candidate = root / opts.run_name if opts.run_name else root / runs.LATEST_LINK
+        resume_from = runs.latest_checkpoint(candidate.resolve()) if candidate.exists() else None
+        if resume_from is not None or opts.run_name:
+            # runs/latest without a checkpoint is not reused: a fresh run gets its own name
+            return (candidate.resolve() if candidate.exists() else candidate), resume_from
+        return None, None
+    target = runs.resolve_run(opts.resume)
+    run_dir = runs.run_dir_of(target)
+    resume_from = target if target.is_file() else runs.latest_checkpoint(run_dir)
+    if resume_from is None:
+        raise UserError(f"run {run_dir} has no checkpoint to resume from",
+                        "start it again with --force, or use --resume auto")
+    return run_dir, resume_from
+
+
+def resumed_configs(saved: dict, run_dir: Path, preset: str | None, given_model: dict, file_train: dict,
+                    train_overrides: dict | None) -> tuple[str, ModelConfig, TrainConfig]:
+    """The saved run's configs, with the given train settings applied where they may change on resume."""
+    name = saved.get("preset")
+    if preset and preset != name:
+        raise UserError(f"--preset {preset} differs from the preset of the run being resumed ({name})",
+                        "drop --preset when resuming, or use a new --run-name")
+    model_cfg = ModelConfig.model_validate(saved["model"])
+    changed = [k for k, v in given_model.items() if v is not None and getattr(model_cfg, k, None) != v]
+    if changed:
+        raise UserError(f"model settings {changed} differ from the run being resumed ({run_dir})",
+                        "drop them, or start a new run with another --run-name")
+    saved_train = TrainConfig.model_validate(saved["train"])
+    train_cfg = build_config(TrainConfig, saved_train, file_train, train_overrides, where="train config")
+    neutral = results_neutral(TrainConfig)
+    changed = [k for k in TrainConfig.model_fields
+               if getattr(saved_train, k) != getattr(train_cfg, k) and k not in neutral]
+    if changed:
+        raise UserError(f"train settings {changed} differ from the run being resumed ({run_dir}); resuming "
+                        "must not change what a step computes", "drop them, or start a new run")
+    return name, model_cfg, train_cfg
+
+
+def load_run_tokenizer(tokenizer_dir: Path, dataset: str):
+    if not tokenizer_dir.is_dir():
+        raise UserError(f"tokenizer not found: {tokenizer_dir}",
+                        f"train one with `tslm bpe {paths.text_path(dataset, 'train')}`, or pass --tokenizer")
+    return runs.load_tokenizer(tokenizer_dir)
+
+
+def vocab_from_tokenizer(model_cfg: ModelConfig, tok_vocab: int, explicit: bool) -> ModelConfig:
+    """The model's vocab comes from the tokenizer unless set explicitly (then it must be large enough)."""
+    if explicit:
+        if model_cfg.vocab_size < tok_vocab:
+            raise UserError(f"vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's {tok_vocab}",
+                            f"drop --vocab-size (it defaults to the tokenizer's) or set it >= {tok_vocab}")
+        return model_cfg
+    return model_cfg if model_cfg.vocab_size == tok_vocab else model_cfg.model_copy(update={"vocab_size": tok_vocab})
+
+
+def check_token_file_fits(path: Path, split: str, dataset: str, fingerprint: str | None, model_cfg: ModelConfig) -> None:
+    """Present, made with this tokenizer, ids inside the vocabulary, longer than one context."""
+    tokens, _ = open_tokens(path, split, dataset, split)
+    check_tokens(path, fingerprint, model_cfg.vocab_size)
+    if len(tokens) <= model_cfg.context_length:
+        raise UserError(f"{path} holds {len(tokens)} tokens, fewer than context length + 1 "
+                        f"({model_cfg.context_length + 1})", "encode more text or lower --ctx")
+
+
+def plan_steps(model_cfg: ModelConfig, train_cfg: TrainConfig, opts: TrainOptions) -> tuple[int, int]:
+    """(max_steps, end_step): --train-tokens (if set) decides max_steps; the schedule ends exactly there."""
+    dist = dist_from_env()
+    tokens_per_step = train_cfg.batch_size * train_cfg.grad_accum_steps * dist.world_size * model_cfg.context_length
+    max_steps = train_cfg.max_steps
+    if train_cfg.train_tokens is not None:
+        max_steps = max(1, math.ceil(train_cfg.train_tokens / tokens_per_step))
+    if train_cfg.warmup_steps > max_steps:
+        raise UserError(f"warmup_steps ({train_cfg.warmup_steps}) exceeds the number of steps ({max_steps})",
+                        "lower --warmup-steps or raise --max-steps/--train-tokens")
+    end_step = max_steps
+    if opts.stop_at is not None:
+        if not 1 <= opts.stop_at <= max_steps:
+            raise UserError(f"--stop-at {opts.stop_at} is outside 1..{max_steps}", "pick a step within the schedule")
+        end_step = opts.stop_at
+    if opts.skip_nonfinite < 0:
+        raise UserError(f"--skip-nonfinite must be >= 0, got {opts.skip_nonfinite}")
+    if train_cfg.dtype == "float16":
+        raise UserError("--dtype float16 needs loss scaling, which tslm train does not do",
+                        "use --dtype bfloat16 (same memory, no scaling needed) or float32")
+    return max_steps, end_step
+
+
+def check_resumable(ckpt: Path, run_dir: Path) -> None:
+    """Refuse a damaged checkpoint before anything is written, naming an older one to resume from."""
+    try:
+        read_checkpoint(ckpt)
+    except UserError as e:
+        older = [p for _, p in runs.step_checkpoints(run_dir) if p != ckpt and p.name < ckpt.name]
+        fix = (f"resume from the previous one: `tslm train --resume {older[-1]}`" if older
+               else "start the run again with --force")
+        raise UserError(e.what, fix) from None
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """--force: remove what a previous run left (only tslm's own files)."""
+    for name in (runs.CHECKPOINT_DIR, runs.TOKENIZER_DIR):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    for path in [run_dir / runs.CONFIG_FILE, run_dir / runs.METRICS_FILE, run_dir / "README.md",
+                 *run_dir.glob("eval_*.json")]:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    if src.resolve() == dst.resolve():
+        return
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.iterdir()):
+        if f.is_file():
+            atomic_write_text(dst / f.name, f.read_text(encoding="utf-8")) if f.suffix in (".json", ".txt") \
+                else shutil.copyfile(f, dst / f.name)
