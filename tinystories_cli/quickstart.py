@@ -40,11 +40,23 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ContextManager, Iterator
+from typing import Callable, ContextManager
 
-from tinystories_cli import paths
+import numpy as np
+import torch
+
+from tinystories_cli import download as dl
+from tinystories_cli import paths, runs
+from tinystories_cli import train as tl
+from tinystories_cli.config import PRESETS, get_preset
+from tinystories_cli.device import pick_device
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import atomic_write_bytes, atomic_write_text, check_input_file, sha256_file
+from tinystories_cli.generate import generate_samples
+from tinystories_cli.tokenizer import bpe
+from tinystories_cli.tokenizer.bpe import default_workers
+from tinystories_cli.tokenizer.encode import encode_file
+from tinystories_cli.tokens import check_tokens
 
 DATASET = "quickstart"            # data/quickstart/: never collides with a real `tslm download` dataset
 RUN_NAME = "quickstart"           # runs/quickstart/
@@ -147,17 +159,6 @@ def roots(workdir: Path | None) -> tuple[Path, Path]:
     return Path(workdir) / "data", Path(workdir) / "runs"
 
 
-@contextlib.contextmanager
-def runs_root_at(root: Path) -> Iterator[None]:
-    """Point `runs.runs_root()` (which the training loop reads) at `root` for the duration."""
-    old = paths.RUNS_ROOT
-    paths.RUNS_ROOT = Path(root)
-    try:
-        yield
-    finally:
-        paths.RUNS_ROOT = old
-
-
 # ----------------------------------------------------------------------------------------------
 # 1-2. Text and the train/valid split
 # ----------------------------------------------------------------------------------------------
@@ -169,7 +170,6 @@ def fetch_source(opts: QuickstartOptions, data_root: Path, download_progress: Pr
     verified; skipped when complete). Returns (path, "given" | "downloaded" | "skipped")."""
     if opts.text is not None:
         return check_input_file(opts.text, "--text file"), "given"
-    from tinystories_cli import download as dl
 
     (pf,) = dl.plan_dataset(SOURCE_DATASET, SOURCE_SPLIT, data_root, opts.endpoint)
     # --force does not download again: a complete, verified file is as good as a new one.
@@ -273,7 +273,6 @@ def bpe_sample(train_text: Path, max_bytes: int = BPE_SAMPLE_BYTES) -> bytes:
 def train_tokenizer(train_text: Path, out_dir: Path, vocab_size: int, *, force: bool = False,
                     progress=None) -> str:
     """BPE on the start of train.txt into `out_dir`; "skipped" when the same tokenizer is there."""
-    from tinystories_cli.tokenizer import bpe
 
     specials = bpe.check_special_tokens([EOT])
     bpe.check_vocab_size(vocab_size, len(specials))
@@ -305,7 +304,6 @@ def train_tokenizer(train_text: Path, out_dir: Path, vocab_size: int, *, force: 
 
 def _token_file_matches(tokens_file: Path, tokenizer) -> bool:
     """True when `tokens_file` exists and was encoded with `tokenizer` (sidecar fingerprint)."""
-    from tinystories_cli.tokens import check_tokens
 
     if not tokens_file.is_file():
         return False
@@ -319,7 +317,6 @@ def _token_file_matches(tokens_file: Path, tokenizer) -> bool:
 def encode_text(text_file: Path, tokens_file: Path, tokenizer_dir: Path, *, force: bool = False,
                 progress=None) -> str:
     """Encode `text_file` into `tokens_file` (+ sidecar) unless it already holds this tokenizer's ids."""
-    from tinystories_cli import runs
 
     tokenizer = runs.load_tokenizer(tokenizer_dir)
     if not force and _token_file_matches(tokens_file, tokenizer):
@@ -327,8 +324,6 @@ def encode_text(text_file: Path, tokens_file: Path, tokenizer_dir: Path, *, forc
     if tokens_file.exists() and not force:
         raise UserError(f"{tokens_file} does not match the tokenizer in {tokenizer_dir} (another tokenizer, or damaged)",
                         "pass --force to redo every stage, or use another --dir")
-    from tinystories_cli.tokenizer.bpe import default_workers
-    from tinystories_cli.tokenizer.encode import encode_file
 
     # (bytes, tokens) progress of this file, labelled with its name for the caller's bar
     size = text_file.stat().st_size
@@ -339,7 +334,6 @@ def encode_text(text_file: Path, tokens_file: Path, tokenizer_dir: Path, *, forc
 
 
 def count_tokens(tokens_file: Path) -> int:
-    import numpy as np
 
     return int(np.load(tokens_file, mmap_mode="r").shape[0])
 
@@ -396,46 +390,8 @@ def eval_batches_for(budget_s: float, tokens_per_s: float, context_length: int, 
     return max(1, min(max_batches, int(windows // batch_size)))
 
 
-def measure_throughput(model_cfg, train_cfg, device, max_seconds: float, max_steps: int = 10) -> tuple[float, float]:
-    """Training tokens/s of `model_cfg` on `device`: one warm-up step, then timed optimizer steps on
-    random ids until `max_seconds` (at least one). Returns (tokens/s, seconds spent in total)."""
-    import torch
-
-    from tinystories_cli.model import TransformerLM, cross_entropy
-    from tinystories_cli.optim import AdamW, make_param_groups
-    from tinystories_cli.device import autocast_factory, sync
-
-    t_start = time.perf_counter()
-    torch.manual_seed(0)
-    model = TransformerLM(model_cfg).to(device)
-    opt = AdamW(make_param_groups(model, train_cfg.weight_decay), lr=1e-4, weight_decay=train_cfg.weight_decay)
-    autocast, _ = autocast_factory(device, train_cfg.dtype)
-    B, T = train_cfg.batch_size, model_cfg.context_length
-    x = torch.randint(0, model_cfg.vocab_size, (B, T), device=device)  # (B, T)
-    y = torch.randint(0, model_cfg.vocab_size, (B, T), device=device)
-
-    def step() -> None:
-        for _ in range(train_cfg.grad_accum_steps):
-            with autocast():
-                logits = model(x)  # (B, T, V)
-            (cross_entropy(logits.float(), y) / train_cfg.grad_accum_steps).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()  # first step: allocations, kernel selection
-    sync(device)
-    t0, n = time.perf_counter(), 0
-    while n < 1 or (time.perf_counter() - t0 < max_seconds and n < max_steps):
-        step()
-        sync(device)
-        n += 1
-    tps = n * B * train_cfg.grad_accum_steps * T / (time.perf_counter() - t0)
-    return tps, time.perf_counter() - t_start
-
-
 def _run_state(run_dir: Path) -> tuple[dict | None, int]:
     """(saved config or None, step of the latest checkpoint or 0)."""
-    from tinystories_cli import runs
 
     cfg_file = run_dir / runs.CONFIG_FILE
     if not cfg_file.is_file():
@@ -478,9 +434,6 @@ class TrainOutcome:
 def train_model(opts: QuickstartOptions, run_dir: Path, tokenizer_dir: Path, train_file: Path, valid_file: Path,
                 notify: Notify) -> TrainOutcome:
     """Train runs/quickstart for about `opts.minutes`, resume it, or skip it when it is finished."""
-    from tinystories_cli import runs
-    from tinystories_cli import train as tl
-    from tinystories_cli.device import pick_device
 
     device = pick_device(opts.device)
     tokenizer = runs.load_tokenizer(tokenizer_dir)
@@ -494,19 +447,18 @@ def train_model(opts: QuickstartOptions, run_dir: Path, tokenizer_dir: Path, tra
         if last_step >= max_steps > 0:
             best = runs.summarize_run_metrics(run_dir)["best_val_loss"]
             return TrainOutcome("skipped", saved.get("preset", "?"), str(device), last_step, max_steps, best)
-    base_opts = dict(run_name=RUN_NAME, train_file=train_file, valid_file=valid_file, tokenizer_dir=tokenizer_dir,
+    base_opts = dict(run_dir=run_dir, train_file=train_file, valid_file=valid_file, tokenizer_dir=tokenizer_dir,
                      display=opts.display)
     if saved is not None and last_step > 0:
         notify("train", f"resuming {run_dir} from step {last_step}")
         run = tl.prepare_run(None, None, None, {"device": opts.device},
                              tl.TrainOptions(resume="auto", **base_opts))
-        result = _train(tl, run)
+        result = _train(run)
         return TrainOutcome("resumed", run.preset, str(device), result.step, result.max_steps, result.best_val_loss,
                             result.tokens_per_s)
 
     preset = opts.preset or (GPU_PRESET if device.type == "cuda" else CPU_PRESET)
     n_train, n_valid = count_tokens(train_file), count_tokens(valid_file)
-    from tinystories_cli.config import get_preset
 
     p = get_preset(preset)
     ctx = fit_context(p.model.context_length, min(n_train, n_valid))
@@ -515,8 +467,6 @@ def train_model(opts: QuickstartOptions, run_dir: Path, tokenizer_dir: Path, tra
     model_over = {"context_length": ctx} if ctx != p.model.context_length else {}
     train_over: dict = {"dataset": DATASET, "device": opts.device}
     if device.type == "cuda":
-        import torch
-
         if torch.cuda.is_bf16_supported():
             train_over["dtype"] = "bfloat16"
     # First resolve the configs (this also checks the tokenizer and token files), then time a few
@@ -527,7 +477,7 @@ def train_model(opts: QuickstartOptions, run_dir: Path, tokenizer_dir: Path, tra
     budget = opts.minutes * 60.0
     probe_s = min(20.0, max(0.5, 0.05 * budget))
     notify("train", f"measuring the speed of {preset} on {device} (a {probe_s:.2g} s probe)")
-    tps, spent = measure_throughput(mc, tc, device, probe_s)
+    tps, spent = tl.measure_throughput(probe_run, probe_s)
     tokens_per_step = tc.batch_size * tc.grad_accum_steps * mc.context_length
     eval_batches = eval_batches_for(budget - spent, tps, mc.context_length, tc.batch_size, tc.eval_batches)
     eval_windows = min(eval_batches * tc.batch_size, max(1, n_valid - mc.context_length))
@@ -541,12 +491,12 @@ def train_model(opts: QuickstartOptions, run_dir: Path, tokenizer_dir: Path, tra
                       eval_batches=eval_batches,
                       save_every=plan.eval_every, log_every=max(1, min(10, plan.steps // 20)))
     run = tl.prepare_run(preset, None, model_over, train_over, tl.TrainOptions(force=True, **base_opts))
-    result = _train(tl, run)
+    result = _train(run)
     return TrainOutcome("done", run.preset, str(device), result.step, result.max_steps, result.best_val_loss,
                         result.tokens_per_s, plan)
 
 
-def _train(tl, run):
+def _train(run):
     result = tl.train(run)
     if result.stopped == "interrupted":
         raise Interrupted(f"training stopped at step {result.step}/{result.max_steps} with a checkpoint in "
@@ -561,9 +511,6 @@ def _train(tl, run):
 
 def tell_story(run_dir: Path, opts: QuickstartOptions, on_text: Callable[[str], None] | None = None) -> tuple[str, Path]:
     """Sample one story from the run's best checkpoint; returns (text incl. the prompt, checkpoint used)."""
-    from tinystories_cli import runs
-    from tinystories_cli.generate import generate_samples
-    from tinystories_cli.device import pick_device
 
     device = pick_device(opts.device)
     ckpt = runs.checkpoint_for(run_dir)
@@ -625,8 +572,7 @@ def run_quickstart(opts: QuickstartOptions, notify: Notify | None = None, *, dow
     stages["encode"] = "skipped" if enc == ["skipped", "skipped"] else "done"
     notify("encode", f"{'kept' if stages['encode'] == 'skipped' else 'wrote'} {train_npy} ({count_tokens(train_npy):,} tokens) "
                      f"and {valid_npy} ({count_tokens(valid_npy):,} tokens)")
-    with runs_root_at(runs_root):
-        outcome = timed("train", train_model, opts, run_dir, tok_dir, train_npy, valid_npy, notify)
+    outcome = timed("train", train_model, opts, run_dir, tok_dir, train_npy, valid_npy, notify)
     stages["train"] = outcome.status
     story_file = run_dir / STORY_FILE
     story, ckpt = timed("story", tell_story, run_dir, opts, on_story_text)
@@ -643,7 +589,6 @@ def run_quickstart(opts: QuickstartOptions, notify: Notify | None = None, *, dow
 
 
 def _preset_vocab(preset: str) -> int:
-    from tinystories_cli.config import PRESETS
 
     p = PRESETS.get(preset)
     return p.model.vocab_size if p is not None and p.tokenizer == "bpe" else 4096

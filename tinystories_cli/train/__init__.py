@@ -8,7 +8,7 @@
 `display.py` (live display, header, signals) beside it.
 """
 
-from tinystories_cli.train.loop import NonFiniteError, TrainResult, train
+from tinystories_cli.train.loop import NonFiniteError, TrainResult, measure_throughput, train
 from tinystories_cli.train.prepare import Run, TrainOptions, prepare_run
 
-__all__ = ["NonFiniteError", "Run", "TrainOptions", "TrainResult", "prepare_run", "train"]
+__all__ = ["NonFiniteError", "Run", "TrainOptions", "TrainResult", "measure_throughput", "prepare_run", "train"]

@@ -45,7 +45,7 @@ from tinystories_cli.checkpoint import load_model_state, load_optimizer_state, r
 from tinystories_cli.config import ModelConfig
 from tinystories_cli.data import BatchSampler, fixed_windows
 from tinystories_cli.device import (Dist, autocast_factory, broadcast_str, dist_from_env, init_distributed,
-                                    measure_peak_tflops, pick_device)
+                                    measure_peak_tflops, pick_device, sync)
 from tinystories_cli.errors import UserError
 from tinystories_cli.evaluate import fixed_window_loss
 from tinystories_cli.fileio import atomic_write_text
@@ -402,6 +402,29 @@ def save_step(run: Run, state: State, step: int, elapsed: float) -> None:
         state.last_good = path
     if state.dist.enabled:
         torch.distributed.barrier()
+
+
+def measure_throughput(run: Run, max_seconds: float, max_steps: int = 10) -> tuple[float, float]:
+    """Training tokens/s of `run` on its device: one warm-up step, then real steps (`train_step` and the
+    optimizer, on the run's data) until `max_seconds` (at least one). Returns (tokens/s, seconds spent).
+    Nothing is written; the run itself starts afresh from its seed."""
+    t_start = time.perf_counter()
+    state = build_state(run)
+    state.model.train()
+
+    def step() -> None:
+        train_step(state, [state.sampler.next(state.device) for _ in range(run.train_cfg.grad_accum_steps)])
+        state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+
+    step()  # first step: allocations, kernel selection (and compiling, with --compile)
+    sync(state.device)
+    t0, n = time.perf_counter(), 0
+    while n < 1 or (time.perf_counter() - t0 < max_seconds and n < max_steps):
+        step()
+        sync(state.device)
+        n += 1
+    return n * state.tokens_per_step / (time.perf_counter() - t0), time.perf_counter() - t_start
 
 
 # --------------------------------------------------------------------------------------------

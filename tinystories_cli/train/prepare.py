@@ -29,6 +29,7 @@ class TrainOptions:
     """Run-level choices that are not hyperparameters (they never change what a step computes)."""
 
     run_name: str | None = None
+    run_dir: Path | None = None  # an explicit run directory instead of runs/<run_name>
     resume: str | None = None  # None, "auto", or a run name / run dir / checkpoint file
     force: bool = False
     stop_at: int | None = None
@@ -87,7 +88,7 @@ def prepare_run(
         p, model_cfg, train_cfg = resolve_configs(preset, config_file, model_overrides, train_overrides)
         preset_name = p.name
         tokenizer_dir = opts.tokenizer_dir or paths.tokenizer_dir(train_cfg.dataset)
-        run_dir = run_dir or runs.runs_root() / (opts.run_name or new_run_name(preset_name))
+        run_dir = run_dir or opts.run_dir or runs.runs_root() / (opts.run_name or new_run_name(preset_name))
         if (run_dir / runs.CONFIG_FILE).exists() or runs.step_checkpoints(run_dir):
             # --resume auto on a run that never reached its first checkpoint starts it over.
             if not opts.force and opts.resume != "auto":
@@ -117,9 +118,10 @@ def find_resume(opts: TrainOptions) -> tuple[Path | None, Path | None]:
         return None, None
     root = runs.runs_root()
     if opts.resume == "auto":
-        candidate = root / opts.run_name if opts.run_name else root / runs.LATEST_LINK
+        named = opts.run_dir or (root / opts.run_name if opts.run_name else None)
+        candidate = named or root / runs.LATEST_LINK
         resume_from = runs.latest_checkpoint(candidate.resolve()) if candidate.exists() else None
-        if resume_from is not None or opts.run_name:
+        if resume_from is not None or named is not None:
             # runs/latest without a checkpoint is not reused: a fresh run gets its own name
             return (candidate.resolve() if candidate.exists() else candidate), resume_from
         return None, None
