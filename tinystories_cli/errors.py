@@ -1,13 +1,15 @@
-"""The one exception type for mistakes a user can make.
+"""The exception type for mistakes a user can make.
 
-Library code raises `UserError(what, fix)`; the CLI prints it as one red line and exits 2.
-Anything else that escapes is a bug and gets a traceback hint instead.
+`UserError(what, fix)` is a `ValueError` that also says how to fix it. Library code raises plain
+`ValueError`s (or a `UserError` where it knows the fix) in plain words, never naming CLI flags; the CLI
+maps parameters to flags and prints any of them as one red line, exit 2. Anything else that escapes is
+a bug and gets a traceback hint instead.
 """
 
 from __future__ import annotations
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """A problem the user can fix: bad flag, missing file, invalid config.
 
     >>> str(UserError("no such file: a.txt", "run `tslm download tinystories` first"))

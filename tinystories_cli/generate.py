@@ -53,6 +53,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from tinystories_cli.errors import UserError
+
 # Float tolerance for "mass reaches p": a token is outside the nucleus when the tokens before it
 # already hold at least p - TOP_P_TOL. Softmax in float32 rounds sums at ~1e-7.
 TOP_P_TOL = 1e-6
@@ -148,17 +150,20 @@ def random_seed() -> int:
 
 
 def check_sampling_args(max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
-    """Raise UserError for values outside their ranges (shared by the library API and the CLI)."""
-    from tinystories_cli.errors import UserError
+    """Raise ValueError, naming the parameter, for values outside their ranges.
 
+    >>> check_sampling_args(1, -1.0, 1.0, 0)
+    Traceback (most recent call last):
+    ValueError: temperature must be >= 0 (0 means greedy), got -1.0
+    """
     if max_new_tokens < 1:
-        raise UserError(f"--max-tokens must be at least 1, got {max_new_tokens}")
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if not temperature >= 0:  # also rejects NaN
-        raise UserError(f"--temp must be >= 0 (0 means greedy), got {temperature}")
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
     if not 0 < top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1], got {top_p}")
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if top_k < 0:
-        raise UserError(f"--top-k must be >= 0 (0 disables it), got {top_k}")
+        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,8 +505,6 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     ids = tokenizer.encode(prompt) if prompt else []
     if not ids:
         if tokenizer.eot_id is None:
-            from tinystories_cli.errors import UserError
-
             raise UserError("empty prompt, and the tokenizer has no <|endoftext|> token to start from",
                             "give a prompt")
         ids = [tokenizer.eot_id]
@@ -533,9 +536,7 @@ def generate_samples(
     """
     check_sampling_args(max_new_tokens, temperature, top_p, top_k)
     if num_samples < 1:
-        from tinystories_cli.errors import UserError
-
-        raise UserError(f"--num-samples must be at least 1, got {num_samples}")
+        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
     seed = random_seed() if seed is None else seed
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     token_bytes = _token_bytes_fn(tokenizer)

@@ -53,7 +53,6 @@ from torch import Tensor, nn
 from tinystories_cli.config import ModelConfig
 from tinystories_cli.interop.llama import (from_llama_state_dict, llama_config_dict, permute_for_llama,
                                            to_llama_state_dict, unpermute_from_llama)
-from tinystories_cli.errors import UserError
 
 __all__ = [
     "Linear", "Embedding", "RMSNorm", "LayerNorm", "SwiGLU", "FeedForward", "RotaryPositionalEmbedding",
@@ -378,8 +377,8 @@ class MultiHeadSelfAttention(nn.Module):
         if attention_backend not in ("auto", "reference", "sdpa"):
             raise ValueError(f"unknown attention_backend {attention_backend!r}")
         if attention_backend == "sdpa" and not _sdpa_available():
-            raise UserError("attention_backend 'sdpa' needs torch.nn.functional.scaled_dot_product_attention",
-                            "upgrade torch or use attention_backend 'reference'")
+            raise ValueError("attention_backend 'sdpa' needs torch.nn.functional.scaled_dot_product_attention "
+                             "(torch >= 2.0); use attention_backend 'reference'")
         self.d_model, self.num_heads, self.head_dim = d_model, num_heads, d_model // num_heads
         self.attention_backend, self.dropout = attention_backend, dropout
         self.q_proj = Linear(d_model, d_model, device=device, dtype=dtype)

@@ -147,7 +147,7 @@ def time_scale(series: list[Series]) -> float:
 # ---------------------------------------------------------------- PNG (matplotlib, optional)
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
     except ImportError:
@@ -162,7 +162,7 @@ def _pyplot():
 def render_png(series: list[Series], metric: str, x: str = "step", log_y: bool = False, title: str | None = None,
                dpi: int = 120) -> bytes:
     """The figure as PNG bytes (the caller writes them atomically)."""
-    plt = _pyplot()
+    plt = pyplot()
     scale = time_scale(series) if x == "time" else 1.0
     fig, ax = plt.subplots(figsize=(8, 5), dpi=dpi)
     try:

@@ -275,9 +275,9 @@ def render_histogram_ascii(values: list[int], unit: str, bins: int = 20, width: 
 
 def render_histogram_png(values: list[int], unit: str, title: str | None = None, bins: int = 50) -> bytes:
     """The histogram as PNG bytes (matplotlib, optional extra)."""
-    from tinystories_cli.plot import _pyplot, figure_png
+    from tinystories_cli.plot import figure_png, pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     edges, counts, overflow = histogram(values, bins)
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     try:

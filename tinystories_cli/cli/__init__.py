@@ -144,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print_error(str(e))
         return 2
+    except ValueError as e:  # the library's plain-words errors: bad values it was given
+        if debug:
+            raise
+        print_error(f"{e} (rerun with --debug for the traceback)")
+        return 2
     except (Abort, KeyboardInterrupt):
         print_error("interrupted")
         return 130

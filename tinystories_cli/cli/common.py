@@ -7,14 +7,17 @@ Each model and training setting is declared once, as a field of `ModelConfig` / 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Optional
+from typing import Annotated, Any, Callable, Iterator, Literal, Optional
 
 import typer
 from pydantic import BaseModel
+
+from tinystories_cli.errors import UserError
 
 MODEL = "Model overrides"
 TRAIN = "Training overrides"
@@ -70,6 +73,27 @@ def with_options(*groups: list[inspect.Parameter]) -> Callable[[Callable], Calla
         del command.__wrapped__  # Typer must read the new signature, not the wrapped function's
         return command
     return wrap
+
+
+@contextlib.contextmanager
+def flag_names(flags: dict[str, str]) -> Iterator[None]:
+    """Turn a library ValueError that names a parameter into a UserError that names its flag.
+
+    >>> with flag_names({"top_p": "--top-p"}):
+    ...     raise ValueError("top_p must be in (0, 1], got 2.0")
+    Traceback (most recent call last):
+    tinystories_cli.errors.UserError: --top-p must be in (0, 1], got 2.0
+    """
+    try:
+        yield
+    except UserError:
+        raise
+    except ValueError as e:
+        text = str(e)
+        for param, flag in flags.items():
+            if text.startswith(param + " "):
+                text = flag + text[len(param):]
+        raise UserError(text) from None
 
 
 def given(settings: dict[str, Any], fields: typing.Iterable[str]) -> dict[str, Any]:

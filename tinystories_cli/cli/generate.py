@@ -11,7 +11,8 @@ import typer
 from rich.text import Text
 
 from tinystories_cli import generate as gen
-from tinystories_cli.console import console, err_console, print_note
+from tinystories_cli.cli import common
+from tinystories_cli.console import console, err_console
 from tinystories_cli.errors import UserError
 
 DEFAULT_PROMPT = "Once upon a time"
@@ -55,7 +56,9 @@ def command(
 
     Streams the completion as it is produced, then prints a summary line (prompt tokens, new tokens, tokens/s, why it stopped) on stderr. When the context fills up, the window slides: the newest half of the context is kept and re-read, and generation continues. A prompt longer than the context keeps its end.
     """  # noqa: E501 (one line per paragraph: the help renderer keeps line breaks)
-    gen.check_sampling_args(max_tokens, temp, top_p, top_k)
+    with common.flag_names({"max_new_tokens": "--max-tokens", "temperature": "--temp", "top_p": "--top-p",
+                            "top_k": "--top-k"}):
+        gen.check_sampling_args(max_tokens, temp, top_p, top_k)
     if num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {num_samples}")
     if run is not None and checkpoint is not None:
