@@ -104,7 +104,7 @@ def test_hf_round_trip_logits_and_tokenizer(tiny_tokenizer, tmp_path, tie, capsy
     out = tmp_path / "hf"
     assert main(["export", str(run_dir), "--format", "hf", "--out", str(out)]) == 0
     assert "wrote" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == sorted(export.HF_FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*export.HF_FILES, export.MARKER])
     conf = json.loads((out / "config.json").read_text())
     assert conf["architectures"] == ["LlamaForCausalLM"] and conf["model_type"] == "llama"
     assert conf["tie_word_embeddings"] is tie and conf["num_key_value_heads"] == 4
@@ -173,9 +173,15 @@ def test_output_is_atomic_and_protected(tiny_tokenizer, tmp_path, capsys):
     other.mkdir()
     (other / "keep.txt").write_text("mine")
     assert main(["export", str(run_dir), "--out", str(other), "--force"]) == 2
-    assert "does not look like an export" in capsys.readouterr().err and (other / "keep.txt").exists()
+    assert "was not written by tslm export" in capsys.readouterr().err and (other / "keep.txt").exists()
     assert main(["export", str(run_dir), "--out", str(run_dir), "--force"]) == 2
     assert "would replace the run directory" in capsys.readouterr().err
+    # Another run's directory has a config.json too: it is still not an export.
+    other_run, _, _ = make_run(tmp_path / "runs", "other", tok_dir, tok)
+    before = sorted(str(p.relative_to(other_run)) for p in other_run.rglob("*"))
+    assert main(["export", str(run_dir), "--out", str(other_run), "--force"]) == 2
+    assert "was not written by tslm export" in capsys.readouterr().err
+    assert sorted(str(p.relative_to(other_run)) for p in other_run.rglob("*")) == before
     assert main(["export", str(run_dir), "--out", str(tmp_path / "x"), "--format", "onnx"]) == 2
     assert "unknown --format" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "no-such-run"), "--out", str(tmp_path / "y")]) == 2

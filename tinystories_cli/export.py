@@ -51,6 +51,7 @@ from tinystories_cli.tokenizer.files import encode_token_bytes, write_vocab_merg
 FORMATS = ("hf", "safetensors")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HF_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+MARKER = ".tslm-export.json"  # written into every export: `--force` replaces only a directory holding it
 
 
 # ---------------------------------------------------------------- checks
@@ -164,9 +165,12 @@ def check_out_dir(out: str | os.PathLike, force: bool, protect: list[Path] = ())
         return out
     if not force:
         raise UserError(f"output already exists: {out}", "pass --force to overwrite it, or choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise UserError(f"{out} is a non-empty directory that does not look like an export (no config.json)",
-                        "refusing to delete it even with --force; choose another --out")
+    if out.is_symlink() or not out.is_dir():
+        raise UserError(f"{out} is not a directory that tslm export wrote", "choose another --out")
+    marker = out / MARKER
+    if any(out.iterdir()) and (marker.is_symlink() or not marker.is_file()):
+        raise UserError(f"{out} was not written by tslm export (no {MARKER}); --force replaces only an earlier export",
+                        "choose another --out")
     return out
 
 
@@ -216,6 +220,7 @@ def export_hf(model: torch.nn.Module, tokenizer, cfg: ModelConfig, out: str | os
         _write_json(d / "generation_config.json", generation_config(specials))
         _write_json(d / "tokenizer.json", tokenizer_json(tokenizer.vocab, tokenizer.merges, specials))
         _write_json(d / "tokenizer_config.json", tokenizer_config_json(specials, cfg.context_length))
+        _write_json(d / MARKER, {"format": "hf", "dtype": dtype})
     return out
 
 
@@ -239,6 +244,7 @@ def export_safetensors(model: torch.nn.Module, tokenizer, cfg: ModelConfig, out:
         _write_json(d / "tokenizer" / "tokenizer_config.json",
                     {"format": "tslm-bpe", "special_tokens": list(tokenizer.special_tokens),
                      "special_token_ids": specials, "vocab_size": tokenizer.vocab_size})
+        _write_json(d / MARKER, {"format": "safetensors", "dtype": dtype})
     return out
 
 
