@@ -147,23 +147,24 @@ queue_run() {
 }
 
 # Train one run, then (--eval each) evaluate it on the whole validation file (tslm eval ->
-# runs/NAME/eval_valid.json). Output goes to runs/NAME/train.log; the exit status to runs/NAME/.status,
-# and runs/NAME/.done marks a finished run.
+# runs/NAME/eval_valid.json). Output goes to runs/.logs/NAME.log, the exit status to runs/.logs/NAME.status,
+# and runs/.logs/NAME.done marks a finished run: the run directory itself holds only what tslm writes.
+LOGS=runs/.logs
 _train_and_eval() {
-    local name=$1 flags=$2 dir="runs/$1"
-    mkdir -p "$dir"
-    rm -f "$dir/.status" "$dir/.done"
+    local name=$1 flags=$2 dir="runs/$1" log="$LOGS/$1"
+    mkdir -p "$LOGS"
+    rm -f "$log.status" "$log.done"
     # shellcheck disable=SC2086  # $flags is a list of flags
     if tslm train --preset tinystories-17m --dataset "$DATASET" ${SIZE_FLAGS[@]+"${SIZE_FLAGS[@]}"} \
             --batch-size "$BATCH" --max-steps "$STEPS" ${SCHED_FLAGS[@]+"${SCHED_FLAGS[@]}"} $flags \
             --device "$DEVICE" --run-name "$name" --force --plain ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"} \
-            > "$dir/train.log" 2>&1 \
+            > "$log.log" 2>&1 \
         && { [ "$EVAL_MODE" = compare ] \
-             || tslm eval "$dir" --data "data/$DATASET/valid.npy" --device "$DEVICE" >> "$dir/train.log" 2>&1; }; then
-        echo 0 > "$dir/.status"
-        touch "$dir/.done"
+             || tslm eval "$dir" --data "data/$DATASET/valid.npy" --device "$DEVICE" >> "$log.log" 2>&1; }; then
+        echo 0 > "$log.status"
+        touch "$log.done"
     else
-        echo 1 > "$dir/.status"
+        echo 1 > "$log.status"
     fi
 }
 
@@ -172,24 +173,24 @@ run_queue() {
     local i name failed=0
     for i in "${!RUN_NAMES[@]}"; do
         name=${RUN_NAMES[$i]}
-        if [ "$FORCE" = 0 ] && [ -f "runs/$name/.done" ] \
+        if [ "$FORCE" = 0 ] && [ -f "$LOGS/$name.done" ] \
                 && { [ "$EVAL_MODE" = compare ] || [ -f "runs/$name/eval_valid.json" ]; }; then
             echo "== $name: done already (--force retrains)"
-            echo 0 > "runs/$name/.status"
+            mkdir -p "$LOGS" && echo 0 > "$LOGS/$name.status"
             continue
         fi
         while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 0.2; done
-        echo "== $name: tslm train ${RUN_FLAGS[$i]:-(baseline)}  (log: runs/$name/train.log)"
+        echo "== $name: tslm train ${RUN_FLAGS[$i]:-(baseline)}  (log: $LOGS/$name.log)"
         _train_and_eval "$name" "${RUN_FLAGS[$i]}" &
     done
     wait
     for name in "${RUN_NAMES[@]}"; do
-        if [ "$(cat "runs/$name/.status" 2>/dev/null)" != 0 ]; then
-            echo "!! $name failed; last lines of runs/$name/train.log:" >&2
-            tail -n 15 "runs/$name/train.log" >&2 || true
+        if [ "$(cat "$LOGS/$name.status" 2>/dev/null)" != 0 ]; then
+            echo "!! $name failed; last lines of $LOGS/$name.log:" >&2
+            tail -n 15 "$LOGS/$name.log" >&2 || true
             failed=1
         fi
-        rm -f "runs/$name/.status"
+        rm -f "$LOGS/$name.status"
     done
     [ "$failed" = 0 ] || die "some runs failed (see above)"
 }

@@ -1,13 +1,16 @@
 """Small file helpers shared by every command: atomic writes and output-path checks.
 
 Every file tslm writes goes through `atomic_write`: the bytes land in a temporary file in the
-same directory, are flushed and fsynced, and only then renamed over the destination. A crash or
-Ctrl-C at any point leaves either the old file or the new one, never half of one.
+same directory, are flushed and fsynced, and only then renamed over the destination (a symlink there is
+replaced, never written through), and the directory is fsynced so the rename itself is durable. A crash
+or Ctrl-C at any point leaves either the old file or the new one, never half of one; a full disk is one
+`UserError` and leaves no temporary file behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -41,10 +44,36 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+        fsync_dir(path.parent)
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            raise disk_full(path) from None
         raise
+
+
+# Out of space, over quota, or over the file-size limit (RLIMIT_FSIZE).
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def disk_full(path: str | os.PathLike) -> UserError:
+    return UserError(f"no space left to write {path} (disk full or over a size limit); nothing was changed",
+                     "free some disk space and run the command again")
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Make a rename or unlink in `directory` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:
@@ -89,6 +118,8 @@ def read_json(path: str | os.PathLike, what: str, fix: str | None = None) -> Any
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"malformed {what} {path}: {e}", fix) from None
+    except RecursionError:
+        raise UserError(f"malformed {what} {path}: nested too deeply", fix) from None
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:

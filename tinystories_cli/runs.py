@@ -6,7 +6,13 @@
         metrics.jsonl                   one JSON object per logged step / evaluation
         checkpoints/step_0001000.safetensors   full state (model, optimizer, RNG, sampler); last K kept
         checkpoints/best.safetensors    weights with the lowest validation loss so far
+        README.md                       what the run is, on what, its results and how to use it
+        .tslm.lock                      while a process trains it: that process's PID and host
     runs/latest -> <name>               the newest run
+
+One process owns a run directory at a time (`RunLock`); `tslm eval`, `generate` and `export` may read
+a run that is being trained. Starting a run over (`--force`) removes only what a run writes
+(`clear_run`), and a directory holding anything else is refused (`foreign_entries`).
 
 `tslm eval` and `tslm generate` accept a run name, a run directory or a checkpoint file, and
 default to `runs/latest`:
@@ -16,16 +22,21 @@ default to `runs/latest`:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
 import re
+import shutil
+import socket
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from tinystories_cli import paths
 from tinystories_cli.errors import UserError
-from tinystories_cli.fileio import atomic_write_text, read_json
+from tinystories_cli.fileio import atomic_write_text, fsync_dir, read_json
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -35,6 +46,12 @@ BEST_CHECKPOINT = "best.safetensors"
 LATEST_LINK = "latest"
 EVAL_PREFIX = "eval_"                # eval_<data>.json: results of `tslm eval`
 PREFERRED_EVAL = "eval_valid.json"
+README_FILE = "README.md"
+STORY_FILE = "story.txt"             # written by tslm quickstart
+LOCK_FILE = ".tslm.lock"
+ABANDONED_PREFIX = "abandoned-"      # checkpoints/abandoned-<time>/: a branch left by resuming earlier
+# What a run writes at its top level (plus eval_*.json); `clear_run` removes only these.
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, README_FILE, STORY_FILE, LOCK_FILE)
 _STEP_RE = re.compile(r"^step_(\d+)\.safetensors$")
 
 
@@ -170,21 +187,23 @@ def load_trained_model(run_or_checkpoint: str | os.PathLike | None, device: str 
 
 
 def update_latest_link(run_dir: Path) -> None:
-    """Point runs/latest at `run_dir` (relative link, replaced atomically). Silently skipped where
-    symlinks are not allowed (some Windows setups)."""
-    root = Path(run_dir).parent
+    """Point <runs root>/latest at `run_dir` (a relative link: a new link, then an atomic rename over the
+    old one). Only for runs directly under the runs root; a `latest` that is not a symlink (a file or
+    directory someone made) is never replaced. Silently skipped where symlinks are not allowed."""
+    run_dir = Path(run_dir)
+    root = run_dir.parent
     link = root / LATEST_LINK
+    if root.resolve() != runs_root().resolve() or (link.exists() and not link.is_symlink()):
+        return
     tmp = root / f".{LATEST_LINK}.{os.getpid()}.tmp"
     try:
-        if tmp.is_symlink() or tmp.exists():
+        with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-        os.symlink(Path(run_dir).name, tmp, target_is_directory=True)
+        os.symlink(run_dir.name, tmp, target_is_directory=True)
         os.replace(tmp, link)
     except OSError:
-        try:
+        with contextlib.suppress(OSError):
             tmp.unlink()
-        except OSError:
-            pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,3 +302,175 @@ def read_eval_result(run_dir: Path) -> dict | None:
     return {"loss": data.get("loss"), "perplexity": data.get("perplexity"),
             "bits_per_byte": data.get("bits_per_byte"), "data": data.get("data"), "step": data.get("step"),
             "file": str(f)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Owning, naming and cleaning run directories
+# ---------------------------------------------------------------------------------------------
+
+
+def check_run_name(name: str) -> str:
+    """A run name is one plain directory name under runs/ (paths go through an explicit run directory).
+
+    >>> check_run_name("lr-3e-4")
+    'lr-3e-4'
+    >>> check_run_name("../elsewhere")
+    Traceback (most recent call last):
+    tinystories_cli.errors.UserError: run name '../elsewhere' is not a plain directory name (no '/', '\\', '..', leading '.', or 'latest') (pass a plain name, or a directory with --run-dir)
+    """
+    bad = (not name or name == LATEST_LINK or name.startswith(".") or any(c in name for c in "/\\\0")
+           or os.path.isabs(name))
+    if bad:
+        raise UserError(f"run name {name!r} is not a plain directory name (no '/', '\\', '..', leading '.', "
+                        f"or '{LATEST_LINK}')", "pass a plain name, or a directory with --run-dir")
+    return name
+
+
+def _ours_in_checkpoints(entry: Path) -> bool:
+    name = entry.name
+    if entry.is_symlink():
+        return False
+    if entry.is_file():
+        return bool(_STEP_RE.match(name)) or name == BEST_CHECKPOINT or (name.startswith(".") and name.endswith(".tmp"))
+    return entry.is_dir() and name.startswith(ABANDONED_PREFIX) and all(
+        f.is_file() and not f.is_symlink() and (_STEP_RE.match(f.name) or f.name == BEST_CHECKPOINT)
+        for f in entry.iterdir())
+
+
+def foreign_entries(run_dir: Path) -> list[str]:
+    """What `run_dir` holds that a run did not write (paths relative to it), sorted.
+
+    A run writes RUN_FILES, eval_*.json, its atomic-write temporaries, tokenizer/ (plain files) and
+    checkpoints/ (step_N, best, abandoned-*/ of those). Symlinks are never ours.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    out = []
+    for entry in run_dir.iterdir():
+        name = entry.name
+        if entry.is_symlink():
+            out.append(name)
+        elif entry.is_file():
+            if not (name in RUN_FILES or (name.startswith(EVAL_PREFIX) and name.endswith(".json"))
+                    or (name.startswith(".") and name.endswith(".tmp"))):
+                out.append(name)
+        elif name == TOKENIZER_DIR and entry.is_dir():
+            out += [f"{name}/{f.name}" for f in entry.iterdir() if f.is_symlink() or not f.is_file()]
+        elif name == CHECKPOINT_DIR and entry.is_dir():
+            out += [f"{name}/{f.name}" for f in entry.iterdir() if not _ours_in_checkpoints(f)]
+        else:
+            out.append(name)
+    return sorted(out)
+
+
+def check_no_foreign(run_dir: Path) -> None:
+    """Refuse to start a run in a directory that holds files tslm did not write, naming them."""
+    foreign = foreign_entries(run_dir)
+    if foreign:
+        shown = ", ".join(foreign[:6]) + (f" and {len(foreign) - 6} more" if len(foreign) > 6 else "")
+        raise UserError(f"{run_dir} holds files tslm did not write ({shown}); a run never deletes them",
+                        "choose another --run-name (or --run-dir), or move those files away")
+
+
+def clear_run(run_dir: Path) -> None:
+    """--force: remove what an earlier run wrote into `run_dir` (only that; see `foreign_entries`)."""
+    run_dir = Path(run_dir)
+    check_no_foreign(run_dir)
+    for name in RUN_FILES:
+        if name != LOCK_FILE:  # the lock belongs to the process that is starting over
+            with contextlib.suppress(FileNotFoundError):
+                (run_dir / name).unlink()
+    for f in run_dir.glob(f"{EVAL_PREFIX}*.json"):
+        f.unlink()
+    tok = run_dir / TOKENIZER_DIR
+    if tok.is_dir():
+        for f in tok.iterdir():
+            f.unlink()
+        tok.rmdir()
+    ckpts = run_dir / CHECKPOINT_DIR
+    if ckpts.is_dir():
+        for f in ckpts.iterdir():
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+        ckpts.rmdir()
+    fsync_dir(run_dir)
+
+
+def abandon_later_checkpoints(run_dir: Path, step: int, best_step: int | None) -> Path | None:
+    """Resuming from `step` of a run that went further: move the later step checkpoints (and a best
+    checkpoint from after `step`) to checkpoints/abandoned-<UTC time>/, out of the current trajectory.
+    Returns that directory, or None when there was nothing later."""
+    later = [p for s, p in step_checkpoints(run_dir) if s > step]
+    best = best_checkpoint(run_dir)
+    if best is not None and (best_step is None or best_step > step):
+        later.append(best)
+    if not later:
+        return None
+    dest = Path(run_dir) / CHECKPOINT_DIR / f"{ABANDONED_PREFIX}{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%fZ')}"
+    dest.mkdir()
+    for p in later:
+        os.rename(p, dest / p.name)
+    fsync_dir(dest)
+    fsync_dir(dest.parent)
+    return dest
+
+
+class RunLock:
+    """One process owns a run directory: `.tslm.lock` holds an exclusive `flock` and the holder's PID and host.
+
+    The kernel drops the lock when its process dies, so a lock left by a killed run is stale by
+    construction and the next run takes it over. A second owner is refused with one line naming the holder.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK_FILE
+        self.fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise UserError(f"{self.path.parent} is in use by {holder}",
+                                "wait for that run to finish (or stop it), or choose another --run-name") from None
+            # The file may have been removed and re-created by a previous holder as we opened it.
+            try:
+                same = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        os.write(fd, (json.dumps(info) + "\n").encode())
+        os.fsync(fd)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        os.close(self.fd)  # closing drops the flock
+        self.fd = None
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode("utf-8", "replace") or "{}")
+        return f"process {int(info['pid'])} on {info['host']} (since {info.get('since', '?')})"
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return "another process"

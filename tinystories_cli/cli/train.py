@@ -28,6 +28,7 @@ def command(
     preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset name (see `tslm account --list`).")] = None,
     config: common.ConfigFile = None,
     run_name: Annotated[Optional[str], _opt("--run-name", help="Run directory name under runs/ (default: preset-timestamp).")] = None,
+    run_dir: Annotated[Optional[Path], _opt("--run-dir", help="Run directory anywhere (instead of runs/<--run-name>); runs/latest is not moved.")] = None,
     resume: Annotated[bool, _opt("--resume", help="Continue a run. `--resume` or `--resume auto`: --run-name (or runs/latest) from its latest checkpoint, starting fresh if it has none; `--resume RUN_OR_CHECKPOINT`: that run or checkpoint.")] = False,
     resume_target: Annotated[Optional[str], typer.Argument(help="With --resume: auto, a run name, a run directory or a checkpoint file.", show_default=False, metavar="[auto|RUN]")] = None,
     force: Annotated[bool, _opt("--force", help="Start over in a run directory that already holds a run.")] = False,
@@ -51,8 +52,10 @@ def command(
     resume_value = (resume_target or "auto") if resume else None
     if preset is None and config is None and resume_value is None:
         raise UserError("no preset given", "pass --preset NAME (see `tslm account --list`), --config FILE, or --resume")
+    if run_name is not None and run_dir is not None:
+        raise UserError("--run-name and --run-dir are exclusive", "pass one of them")
     opts = train_lib.TrainOptions(
-        run_name=run_name, resume=resume_value, force=force, stop_at=stop_at, skip_nonfinite=skip_nonfinite,
+        run_name=run_name, run_dir=run_dir, resume=resume_value, force=force, stop_at=stop_at, skip_nonfinite=skip_nonfinite,
         peak_tflops=peak_tflops, wandb=wandb, train_file=train_data, valid_file=valid_data, tokenizer_dir=tokenizer,
         display="quiet" if quiet else ("plain" if plain else "auto"),
     )

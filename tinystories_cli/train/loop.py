@@ -54,7 +54,7 @@ from tinystories_cli.optim import AdamW, clip_grad_norm_, cosine_lr, make_param_
 from tinystories_cli.run_readme import write_run_readme
 from tinystories_cli.tokens import open_tokens
 from tinystories_cli.train.display import Display, Signals, format_duration, print_header
-from tinystories_cli.train.prepare import Run, TrainOptions, clear_run_dir, copy_tokenizer
+from tinystories_cli.train.prepare import Run, TrainOptions, copy_tokenizer
 
 
 class NonFiniteError(UserError):
@@ -110,6 +110,13 @@ def train(run: Run, on_step: Callable[[int, dict], None] | None = None) -> Train
 
     `on_step(step, record)` is called after every step (tests use it to inject faults).
     """
+    main = dist_from_env().is_main
+    with runs.RunLock(run.run_dir) if main else contextlib.nullcontext():
+        return _train_owned(run, on_step)
+
+
+def _train_owned(run: Run, on_step: Callable[[int, dict], None] | None) -> TrainResult:
+    """`train` while this process owns the run directory (rank 0) or rank 0 does (other ranks)."""
     state = build_state(run)
     summary = run_summary(run, state)
     main = state.dist.is_main
@@ -238,13 +245,28 @@ def write_run_dir(run: Run, state: State, summary: dict) -> None:
     """A fresh run: config.json and the tokenizer copy. A resumed one: metrics trimmed to its checkpoint."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
     if run.fresh:
-        clear_run_dir(run.run_dir)
+        runs.clear_run(run.run_dir)
         summary["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         atomic_write_text(run.run_dir / runs.CONFIG_FILE, json.dumps(summary, indent=2) + "\n")
         copy_tokenizer(run.tokenizer_dir, runs.tokenizer_dir_of(run.run_dir))
     else:
         runs.truncate_metrics(run.run_dir / runs.METRICS_FILE, state.start_step)
+        moved = runs.abandon_later_checkpoints(run.run_dir, state.start_step, best_checkpoint_step(run.run_dir))
+        if moved is not None:
+            state.notes.append(f"resuming from step {state.start_step}: the later checkpoints of the run were "
+                               f"moved to {moved}")
     runs.update_latest_link(run.run_dir)
+
+
+def best_checkpoint_step(run_dir: Path) -> int | None:
+    """The step of the run's best.safetensors (None when it has none or it is unreadable)."""
+    best = runs.best_checkpoint(run_dir)
+    if best is None:
+        return None
+    try:
+        return read_checkpoint(best).iteration
+    except UserError:
+        return None
 
 
 def peak_tflops(run: Run, device: torch.device) -> tuple[float, str]:
@@ -393,7 +415,8 @@ def save_step(run: Run, state: State, step: int, elapsed: float) -> None:
         path = run.run_dir / runs.CHECKPOINT_DIR / runs.step_checkpoint_name(step)
         meta = {"model_config": run.model_cfg.model_dump(), "train_config": run.train_cfg.model_dump(),
                 "preset": run.preset, "sampler": state.sampler.state_dict(), "best_val_loss": state.best_val,
-                "skipped_nonfinite": state.skipped, "elapsed_s": elapsed, "max_steps": run.max_steps}
+                "skipped_nonfinite": state.skipped, "elapsed_s": elapsed, "max_steps": run.max_steps,
+                "tokenizer_fingerprint": run.tokenizer_fingerprint}
         save_checkpoint(state.raw_model, state.optimizer, step, path, metadata=meta,
                         extra_tensors=rng_tensors(state.device))
         for _, old in runs.step_checkpoints(run.run_dir)[:-run.train_cfg.keep_last]:

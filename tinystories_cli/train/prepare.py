@@ -7,13 +7,15 @@ Every bad input is refused here, before a process group starts or a file is writ
 
 from __future__ import annotations
 
-import contextlib
 import math
 import shutil
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tinystories_cli import paths, runs
 from tinystories_cli.checkpoint import read_checkpoint
@@ -75,20 +77,23 @@ def prepare_run(
     """Resolve configs (preset < file < flags, or the saved config when resuming), find the tokenizer and
     token files, check them, and pick the run directory. Raises UserError for every bad input."""
     opts = options or TrainOptions()
+    if opts.run_name is not None:
+        runs.check_run_name(opts.run_name)
     file_data = load_config_file(config_file) if config_file else {}
     file_model, file_train = file_data.get("model") or {}, file_data.get("train") or {}
     run_dir, resume_from = find_resume(opts)
     if resume_from is not None:
-        check_resumable(resume_from, run_dir)
         saved = runs.read_run_config(run_dir)
         preset_name, model_cfg, train_cfg = resumed_configs(saved, run_dir, preset, {**file_model, **(model_overrides or {})},
                                                             file_train, train_overrides)
+        check_resumable(resume_from, run_dir, saved)
         tokenizer_dir = runs.tokenizer_dir_of(run_dir)
     else:
         p, model_cfg, train_cfg = resolve_configs(preset, config_file, model_overrides, train_overrides)
         preset_name = p.name
         tokenizer_dir = opts.tokenizer_dir or paths.tokenizer_dir(train_cfg.dataset)
         run_dir = run_dir or opts.run_dir or runs.runs_root() / (opts.run_name or new_run_name(preset_name))
+        runs.check_no_foreign(run_dir)
         if (run_dir / runs.CONFIG_FILE).exists() or runs.step_checkpoints(run_dir):
             # --resume auto on a run that never reached its first checkpoint starts it over.
             if not opts.force and opts.resume != "auto":
@@ -206,25 +211,69 @@ def plan_steps(model_cfg: ModelConfig, train_cfg: TrainConfig, opts: TrainOption
     return max_steps, end_step
 
 
-def check_resumable(ckpt: Path, run_dir: Path) -> None:
-    """Refuse a damaged checkpoint before anything is written, naming an older one to resume from."""
+class SamplerState(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    seed: int = Field(ge=0, lt=2**63)
+    draws: int = Field(ge=0, lt=2**63)
+
+
+class RunState(BaseModel):
+    """What the trainer stores in a step checkpoint's metadata, checked before a resume acts on it."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config_: dict = Field(alias="model_config")
+    train_config: dict
+    preset: str
+    sampler: SamplerState
+    best_val_loss: float | None = None
+    skipped_nonfinite: int = Field(0, ge=0)
+    elapsed_s: float = Field(0.0, ge=0)
+    max_steps: int = Field(gt=0)
+    tokenizer_fingerprint: str | None = None
+
+
+def check_resumable(ckpt_path: Path, run_dir: Path, saved: dict) -> None:
+    """Refuse, before anything is written, a checkpoint that is damaged, whose run state is malformed, or
+    that belongs to another run (model config, train settings or tokenizer differ from config.json)."""
+    older = [p for _, p in runs.step_checkpoints(run_dir) if p != ckpt_path and p.name < ckpt_path.name]
+    fix = (f"resume from the previous one: `tslm train --resume {older[-1]}`" if older
+           else "start the run again with --force")
     try:
-        read_checkpoint(ckpt)
+        ckpt = read_checkpoint(ckpt_path)
     except UserError as e:
-        older = [p for _, p in runs.step_checkpoints(run_dir) if p != ckpt and p.name < ckpt.name]
-        fix = (f"resume from the previous one: `tslm train --resume {older[-1]}`" if older
-               else "start the run again with --force")
         raise UserError(e.what, fix) from None
+    try:
+        state = RunState.model_validate(ckpt.metadata)
+    except ValidationError as e:
+        where = ", ".join(".".join(map(str, err["loc"])) for err in e.errors()[:3])
+        raise UserError(f"checkpoint {ckpt_path} has no usable run state ({where}): it is not a step "
+                        "checkpoint of a tslm run, or it was damaged", fix) from None
+    if ckpt.optimizer_meta is None:
+        raise UserError(f"checkpoint {ckpt_path} holds no optimizer state (a weights-only checkpoint)",
+                        "resume from a step_*.safetensors checkpoint instead")
+    cpu_state = torch.get_rng_state()
+    rng = ckpt.extra.get("rng.torch_cpu")
+    if rng is not None and (rng.dtype != cpu_state.dtype or rng.shape != cpu_state.shape):
+        raise UserError(f"checkpoint {ckpt_path} holds a malformed RNG state", fix)
+    differ = [f"model.{k}" for k in _differences(ModelConfig, state.model_config_, saved.get("model"))]
+    differ += _differences(TrainConfig, state.train_config, saved.get("train"))
+    if differ:
+        raise UserError(f"checkpoint {ckpt_path} was trained with other settings than {run_dir} records "
+                        f"({', '.join(differ)})", "resume it from the run directory it came from, or start a new run")
+    recorded = (saved.get("tokenizer") or {}).get("fingerprint")
+    if state.tokenizer_fingerprint is not None and recorded is not None and state.tokenizer_fingerprint != recorded:
+        raise UserError(f"checkpoint {ckpt_path} was trained with another tokenizer than {run_dir}",
+                        "resume it from the run directory it came from, or start a new run")
 
 
-def clear_run_dir(run_dir: Path) -> None:
-    """--force: remove what a previous run left (only tslm's own files)."""
-    for name in (runs.CHECKPOINT_DIR, runs.TOKENIZER_DIR):
-        shutil.rmtree(run_dir / name, ignore_errors=True)
-    for path in [run_dir / runs.CONFIG_FILE, run_dir / runs.METRICS_FILE, run_dir / "README.md",
-                 *run_dir.glob("eval_*.json")]:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+def _differences(cls, a: Any, b: Any) -> list[str]:
+    """The settings (neutral ones aside) in which two config dicts differ once validated as `cls`."""
+    try:
+        x, y = cls.model_validate(a), cls.model_validate(b)
+    except ValidationError:
+        return ["(unreadable config)"]
+    neutral = results_neutral(cls)
+    return sorted(k for k in cls.model_fields if k not in neutral and getattr(x, k) != getattr(y, k))
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:
