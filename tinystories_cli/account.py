@@ -21,6 +21,7 @@ Worked example (GPT-2 small shape, the seeds' table):
 from __future__ import annotations
 
 import math
+import os
 import re
 
 from tinystories_cli.config import ModelConfig
@@ -282,3 +283,27 @@ def report(
             "seconds": training_time_seconds(total, peak_tflops, mfu),
         }
     return out
+
+
+def host_memory_bytes() -> int:
+    """This machine's physical memory (what a CPU process could at most use)."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_fits_in_memory(cfg: ModelConfig, what: str, bytes_per_param: int = FP32,
+                         available: int | None = None) -> None:
+    """Refuse (one line) a model whose weights alone exceed this machine's memory, before allocating them.
+
+    >>> check_fits_in_memory(ModelConfig(d_model=8192, num_layers=512, num_heads=64), "a crafted model",
+    ...                      available=2**34)
+    Traceback (most recent call last):
+    tinystories_cli.errors.UserError: a crafted model has 413.026B parameters: its weights alone need 1.50 TiB, more than this machine's 16.00 GiB (use a smaller model, or a machine with more memory)
+    """
+    from tinystories_cli.console import human_bytes, human_count
+
+    n = parameter_counts(cfg)["total"]
+    have = host_memory_bytes() if available is None else available
+    if n * bytes_per_param > have:
+        raise UserError(f"{what} has {human_count(n)} parameters: its weights alone need "
+                        f"{human_bytes(n * bytes_per_param)}, more than this machine's {human_bytes(have)}",
+                        "use a smaller model, or a machine with more memory")

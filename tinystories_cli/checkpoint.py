@@ -9,7 +9,7 @@ One file holds everything needed to continue a run:
                                       non-tensor state and param groups, and caller metadata
 
 A tied matrix (`lm_head.weight` is `token_embeddings.weight`) is stored once under its first name;
-the alias is recorded and re-tied on load. Paths are written atomically (temp file + fsync + rename),
+the alias is recorded, and a model that loads it must tie exactly the same weights. Paths are written atomically (temp file + fsync + rename),
 so a crash mid-write leaves the previous checkpoint untouched.
 
     >>> import io
@@ -27,9 +27,11 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -41,6 +43,29 @@ VERSION = 1
 # Largest JSON header we accept (safetensors headers are a few KB per thousand tensors).
 MAX_HEADER_BYTES = 100 << 20
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+# safetensors dtype names -> bytes per element (what a header may declare).
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+class OptimizerMeta(BaseModel):
+    """The optimizer's non-tensor state in a checkpoint header."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    param_groups: list[dict[str, Any]]
+    scalars: dict[str, dict[str, Any]] = {}
+    class_: str = Field("AdamW", alias="class")
+
+
+class CheckpointHeader(BaseModel):
+    """The `tslm` metadata entry of a checkpoint, validated before anything acts on it."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: Literal["tslm-checkpoint"]
+    version: int = Field(ge=1)
+    iteration: int = Field(ge=0, lt=2**63)
+    tied: dict[str, str] = {}
+    optimizer: OptimizerMeta | None = None
+    metadata: dict[str, Any] = {}
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -166,46 +191,118 @@ def _corrupt(source: str, why: str) -> UserError:
                      "use an earlier checkpoint of the run (older ones are kept), or retrain")
 
 
+def check_safetensors_header(raw: bytes, header_len: int, file_size: int) -> dict[str, Any]:
+    """Parse and check a safetensors JSON header: every entry a known dtype with a shape whose size matches
+    its byte range, every range inside the file. Raises ValueError naming the first problem."""
+    try:
+        entries = json.loads(raw)
+    except RecursionError:
+        raise ValueError("header nested too deeply") from None
+    if not isinstance(entries, dict):
+        raise ValueError("header is not a JSON object")
+    for name, e in entries.items():
+        if name == "__metadata__":
+            if not isinstance(e, dict) or not all(isinstance(v, str) for v in e.values()):
+                raise ValueError("__metadata__ must map strings to strings")
+            continue
+        if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
+            raise ValueError(f"tensor {name!r}: malformed entry")
+        shape, offsets, dtype = e["shape"], e["data_offsets"], e["dtype"]
+        if dtype not in DTYPE_BYTES:
+            raise ValueError(f"tensor {name!r}: unsupported dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 2**40 for d in shape) and len(shape) <= 8):
+            raise ValueError(f"tensor {name!r}: malformed shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise ValueError(f"tensor {name!r}: malformed data_offsets {offsets!r}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel * DTYPE_BYTES[dtype] != offsets[1] - offsets[0]:
+            raise ValueError(f"tensor {name!r}: shape {shape} does not match its {offsets[1] - offsets[0]} bytes")
+        if 8 + header_len + offsets[1] > file_size:
+            raise ValueError(f"tensor data ends at byte {8 + header_len + offsets[1]}, file has {file_size}")
+    return entries
+
+
 def read_checkpoint(src: str | os.PathLike | IO[bytes]) -> Checkpoint:
-    """Read and validate a checkpoint; any damage is a UserError naming the file."""
+    """Read and validate a checkpoint; any damage is a UserError naming the file.
+
+    A path is read through a memory map (`safe_open`) after its header was checked: sizes, dtypes and
+    offsets against the file, and the tslm metadata against `CheckpointHeader`.
+    """
     if isinstance(src, (str, os.PathLike)):
         source = str(src)
         path = Path(src)
         if not path.is_file():
             raise UserError(f"checkpoint not found: {source}", "check the path (runs/<name>/checkpoints/*.safetensors)")
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            n = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else None
+            raw = f.read(n) if n is not None and n <= MAX_HEADER_BYTES and 8 + n <= size else None
+        data = None
     else:
         source = getattr(src, "name", None) or "<file object>"
         data = src.read()
-    if len(data) < 8:
-        raise _corrupt(source, f"{len(data)} bytes")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > MAX_HEADER_BYTES or 8 + n > len(data):
+        size = len(data)
+        n = struct.unpack("<Q", data[:8])[0] if size >= 8 else None
+        raw = data[8:8 + n] if n is not None and n <= MAX_HEADER_BYTES and 8 + n <= size else None
+    if n is None:
+        raise _corrupt(source, f"{size} bytes")
+    if raw is None:
         raise _corrupt(source, "header length exceeds the file")
     try:
-        raw_header = json.loads(data[8:8 + n])
-        meta = raw_header.get("__metadata__") or {}
-        header = json.loads(meta["tslm"])
-        if header.get("format") != FORMAT:
+        entries = check_safetensors_header(raw, n, size)
+        meta = entries.get("__metadata__") or {}
+        if "tslm" not in meta:
             raise ValueError("not a tslm checkpoint")
-        # Every tensor must lie inside the file (safetensors checks this too; say it in our words).
-        end = max((v["data_offsets"][1] for k, v in raw_header.items() if k != "__metadata__"), default=0)
-        if 8 + n + end > len(data):
-            raise ValueError(f"tensor data ends at byte {8 + n + end}, file has {len(data)}")
-        tensors = st_load(data)
+        version = json.loads(meta["tslm"]).get("version", 0)
+        if isinstance(version, int) and version > VERSION:
+            raise UserError(f"checkpoint {source} has format version {version}, newer than this tslm "
+                            f"understands ({VERSION})", "upgrade tslm")
+        header = CheckpointHeader.model_validate_json(meta["tslm"]).model_dump(by_alias=True)
+        if data is None:
+            with safe_open(str(path), framework="pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        else:
+            tensors = st_load(data)
     except UserError:
         raise
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise _corrupt(source, f"metadata {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
     except Exception as e:  # json, key, safetensors errors: all mean a damaged or foreign file
         raise _corrupt(source, f"{type(e).__name__}: {e}") from None
-    if header.get("version", 0) > VERSION:
-        raise UserError(f"checkpoint {source} has format version {header['version']}, newer than this tslm "
-                        f"understands ({VERSION})", "upgrade tslm")
     return Checkpoint(header, tensors, source)
 
 
+def tied_names(model: torch.nn.Module) -> dict[str, str]:
+    """alias -> canonical name of the parameters a module shares (what `model_tensors` stores once)."""
+    seen: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for name, p in unwrap_model(model).named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied[clean_name(name)] = seen[id(p)]
+        else:
+            seen[id(p)] = clean_name(name)
+    return tied
+
+
 def load_model_state(ckpt: Checkpoint, model: torch.nn.Module) -> None:
-    """Copy the checkpoint's tensors into `model` (any wrapper); names and shapes must match exactly."""
+    """Copy the checkpoint's tensors into `model` (any wrapper); names, shapes and ties must match exactly."""
+    sd = check_model_state(ckpt, model)
+    unwrap_model(model).load_state_dict(sd, strict=True)  # a tied pair is one parameter here: it stays tied
+
+
+def check_model_state(ckpt: Checkpoint, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The checkpoint's state dict after checking it fits `model` (names, shapes, ties). `model` may live on
+    the meta device, so a config can be checked against a checkpoint before any memory is allocated."""
     target = unwrap_model(model)
+    own_ties = tied_names(target)
+    if ckpt.tied != own_ties:
+        raise UserError(f"checkpoint {ckpt.source} ties {ckpt.tied or 'no weights'}, but this model ties "
+                        f"{own_ties or 'none'}", "load it with the config it was trained with")
     sd = ckpt.model_state_dict()
     own = {clean_name(k): v for k, v in target.state_dict().items()}
     missing = sorted(set(own) - set(sd))
@@ -217,21 +314,7 @@ def load_model_state(ckpt: Checkpoint, model: torch.nn.Module) -> None:
         if tuple(own[k].shape) != tuple(v.shape):
             raise UserError(f"checkpoint {ckpt.source}: {k} has shape {tuple(v.shape)}, the model expects "
                             f"{tuple(own[k].shape)}", "load it with the config it was trained with")
-    target.load_state_dict(sd, strict=True)
-    # Re-tie: load_state_dict copies values, but a model built untied would now hold two copies.
-    for alias, canonical in ckpt.tied.items():
-        a_mod, a_attr = _owner(target, alias)
-        c_mod, c_attr = _owner(target, canonical)
-        if getattr(a_mod, a_attr) is not getattr(c_mod, c_attr):
-            setattr(a_mod, a_attr, getattr(c_mod, c_attr))
-
-
-def _owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
-    *path, attr = name.split(".")
-    mod = model
-    for p in path:
-        mod = getattr(mod, p)
-    return mod, attr
+    return sd
 
 
 def load_optimizer_state(ckpt: Checkpoint, optimizer: torch.optim.Optimizer) -> None:

@@ -74,12 +74,13 @@ def default_d_ff(d_model: int, ffn: str) -> int:
 class ModelConfig(StrictModel):
     """The architecture of a `TransformerLM`, with a switch for every ablation in the seeds."""
 
-    vocab_size: int = setting(10_000, "Vocabulary size (default: the tokenizer's).", gt=0)
-    context_length: int = setting(256, "Context length.", flags=("--ctx", "--context-length"), gt=0)
-    d_model: int = setting(512, "Model width.", gt=0)
-    num_layers: int = setting(4, "Transformer blocks.", gt=0)
-    num_heads: int = setting(16, "Attention heads.", gt=0)
-    d_ff: int = setting(0, "FFN width (default: 8/3 d_model for SwiGLU, else 4 d_model).", ge=0)
+    # Upper bounds far past any model this tool trains: a crafted config is refused before it allocates.
+    vocab_size: int = setting(10_000, "Vocabulary size (default: the tokenizer's).", gt=0, le=2**24)
+    context_length: int = setting(256, "Context length.", flags=("--ctx", "--context-length"), gt=0, le=2**20)
+    d_model: int = setting(512, "Model width.", gt=0, le=2**16)
+    num_layers: int = setting(4, "Transformer blocks.", gt=0, le=1024)
+    num_heads: int = setting(16, "Attention heads.", gt=0, le=2**12)
+    d_ff: int = setting(0, "FFN width (default: 8/3 d_model for SwiGLU, else 4 d_model).", ge=0, le=2**20)
     rope_theta: float = setting(10_000.0, "RoPE base.", gt=0)
     norm: Literal["rmsnorm", "layernorm", "none"] = setting("rmsnorm", "Normalization.")
     norm_position: Literal["pre", "post"] = setting("pre", "Norm before (pre) or after (post) each sublayer.")
@@ -148,7 +149,7 @@ class TrainConfig(StrictModel):
     log_every: int = setting(10, "Log every N steps.", gt=0, neutral=True)
     save_every: int = setting(1000, "Checkpoint every N steps.", gt=0, neutral=True)
     keep_last: int = setting(2, "Step checkpoints to keep (plus best).", ge=1, neutral=True)
-    seed: int = setting(0, "Seed for init and batches.")
+    seed: int = setting(0, "Seed for init and batches.", ge=0, lt=2**62)
     device: str = setting("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps.", neutral=True)
     dtype: Literal["float32", "bfloat16", "float16"] = setting("float32", "Compute dtype (bfloat16: autocast).")
     compile: bool = setting(False, "torch.compile the model and loss as one graph (falls back to eager if it fails).",

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 from tinystories_cli import paths, runs
-from tinystories_cli.checkpoint import load_model_state, read_checkpoint
+from tinystories_cli.checkpoint import read_checkpoint
 from tinystories_cli.data import window_batches
 from tinystories_cli.device import Dist, pick_device
 from tinystories_cli.errors import UserError
-from tinystories_cli.model import TransformerLM, cross_entropy, log_softmax
+from tinystories_cli.model import cross_entropy, log_softmax
 from tinystories_cli.tokens import check_tokens, open_tokens
 
 
@@ -136,9 +136,7 @@ def evaluate_run(run: str | os.PathLike | None, data: str | os.PathLike | None =
     tokens, meta = open_tokens(data, "evaluation", dataset, "valid")
     check_tokens(data, tokenizer.fingerprint, cfg.vocab_size)
     dev = pick_device(device)
-    model = TransformerLM(cfg)
-    load_model_state(ckpt, model)
-    model.to(dev)
+    model = runs.model_from_checkpoint(ckpt, cfg, dev)
     result = evaluate_tokens(model, tokens, window, batch_size, dev, meta.get("source_bytes"), on_progress=on_progress)
     result.update(run=str(run_dir), checkpoint=str(ckpt_path), step=ckpt.iteration, data=str(data))
     return result

@@ -149,6 +149,27 @@ def random_seed() -> int:
     return int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
 
 
+MAX_SEED = 2**63 - 2**31  # room for seed + sample index inside torch's seed range
+
+
+def check_batch_fits(cfg, rows: int, available: int | None = None) -> None:
+    """Refuse (ValueError) a batch whose KV cache and logits would not fit in memory, before allocating them.
+
+    >>> from tinystories_cli.config import ModelConfig
+    >>> check_batch_fits(ModelConfig(), 10**9, available=2**34)
+    Traceback (most recent call last):
+    ValueError: num_samples x prompts = 1000000000 rows need 3887.46 TiB for the KV cache and logits, more than this machine's 16.00 GiB
+    """
+    from tinystories_cli.account import host_memory_bytes
+    from tinystories_cli.console import human_bytes
+
+    need = rows * 4 * (cfg.num_layers * 2 * cfg.context_length * cfg.d_model + 2 * cfg.vocab_size)
+    have = host_memory_bytes() if available is None else available
+    if need > have:
+        raise ValueError(f"num_samples x prompts = {rows} rows need {human_bytes(need)} for the KV cache and "
+                         f"logits, more than this machine's {human_bytes(have)}")
+
+
 def check_sampling_args(max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
     """Raise ValueError, naming the parameter, for values outside their ranges.
 
@@ -537,6 +558,9 @@ def generate_samples(
     check_sampling_args(max_new_tokens, temperature, top_p, top_k)
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+    if seed is not None and not 0 <= seed < MAX_SEED:
+        raise ValueError(f"seed must be in [0, 2^63), got {seed}")
+    check_batch_fits(model.config, len(prompts) * num_samples)
     seed = random_seed() if seed is None else seed
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     token_bytes = _token_bytes_fn(tokenizer)

@@ -34,8 +34,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import torch
+from pydantic import ValidationError
+
 from tinystories_cli import paths
+from tinystories_cli.account import check_fits_in_memory
+from tinystories_cli.checkpoint import check_model_state, load_model_state, read_checkpoint
+from tinystories_cli.config import ModelConfig, format_validation_error
 from tinystories_cli.errors import UserError
+from tinystories_cli.model import TransformerLM
+from tinystories_cli.tokenizer.tokenizer import Tokenizer
 from tinystories_cli.fileio import atomic_write_text, fsync_dir, read_json
 
 CONFIG_FILE = "config.json"
@@ -145,8 +153,6 @@ def tokenizer_dir_of(run_dir: Path) -> Path:
 
 def load_tokenizer(tokenizer_dir: Path):
     """The Tokenizer saved in a run (or any `tslm bpe` output directory)."""
-    from tinystories_cli.tokenizer.tokenizer import Tokenizer
-
     if not Path(tokenizer_dir).is_dir():
         raise UserError(f"tokenizer directory not found: {tokenizer_dir}",
                         "train a tokenizer with `tslm bpe` or copy the run's tokenizer/ back")
@@ -154,16 +160,26 @@ def load_tokenizer(tokenizer_dir: Path):
 
 
 def model_config_of(ckpt, run_dir: Path):
-    """The ModelConfig stored in a checkpoint's metadata, else in the run's config.json."""
-    from tinystories_cli.config import ModelConfig
-
+    """The ModelConfig stored in a checkpoint's metadata, else in the run's config.json (one-line errors)."""
     data = ckpt.metadata.get("model_config")
     if data is None:
         data = read_run_config(run_dir)["model"]
     try:
         return ModelConfig.model_validate(data)
-    except Exception as e:
-        raise UserError(f"invalid model config in {ckpt.source}: {e}", "the run directory is damaged") from None
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, f"model config in {ckpt.source}"),
+                        "the checkpoint or run directory is damaged") from None
+
+
+def model_from_checkpoint(ckpt, cfg: ModelConfig, device: str | torch.device = "cpu") -> TransformerLM:
+    """Build `cfg`'s model and load `ckpt` into it, checking first, before any memory is allocated, that
+    the weights fit this machine's memory and that the checkpoint's names, shapes and ties fit the config."""
+    check_fits_in_memory(cfg, f"the model in {ckpt.source}")
+    with torch.device("meta"):
+        check_model_state(ckpt, TransformerLM(cfg))
+    model = TransformerLM(cfg)
+    load_model_state(ckpt, model)
+    return model.to(device)
 
 
 def load_trained_model(run_or_checkpoint: str | os.PathLike | None, device: str = "cpu"):
@@ -171,18 +187,14 @@ def load_trained_model(run_or_checkpoint: str | os.PathLike | None, device: str 
 
     A run directory loads `checkpoints/best.safetensors` when present, else the latest step checkpoint.
     """
-    from tinystories_cli.checkpoint import load_model_state, read_checkpoint
-    from tinystories_cli.model import TransformerLM
-
     path = resolve_run(run_or_checkpoint)
     run_dir = run_dir_of(path)
     ckpt_path = checkpoint_for(path)
     ckpt = read_checkpoint(ckpt_path)
     cfg = model_config_of(ckpt, run_dir)
     tokenizer = load_tokenizer(tokenizer_dir_of(run_dir))
-    model = TransformerLM(cfg)
-    load_model_state(ckpt, model)
-    model.to(device).eval()
+    model = model_from_checkpoint(ckpt, cfg, device)
+    model.eval()
     return model, tokenizer, cfg
 
 

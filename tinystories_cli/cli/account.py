@@ -40,12 +40,12 @@ def command(
         console.print_json(json.dumps({"preset": p.name, "model": cfg.model_dump()}))
         return
     for name, value in (("--batch-size", batch_size), ("--steps", steps), ("--tokens", tokens)):
-        if value is not None and value <= 0:
-            raise UserError(f"{name} must be positive, got {value}")
+        if value is not None and not 0 < value < 1e30:  # also refuses NaN and inf
+            raise UserError(f"{name} must be a positive finite number, got {value}")
     if not 0 < mfu <= 1:
         raise UserError(f"--mfu must be in (0, 1], got {mfu}")
-    if peak_tflops <= 0:
-        raise UserError(f"--peak-tflops must be positive, got {peak_tflops}")
+    if not 0 < peak_tflops < 1e9:  # also refuses NaN and inf
+        raise UserError(f"--peak-tflops must be a positive finite number, got {peak_tflops}")
     mem_bytes = account.parse_memory(memory) if memory is not None else None
     bs = batch_size or train.batch_size
     rep = account.report(

@@ -80,11 +80,12 @@ def command(
         console.file.write(chunk)
         console.file.flush()
 
-    samples = gen.generate_samples(
-        model, tokenizer, prompts, num_samples=num_samples, max_new_tokens=max_tokens, temperature=temp,
-        top_p=top_p, top_k=top_k, seed=seed, stop_at_eot=not no_stop, stop_strings=[] if no_stop else (stop or []),
-        use_cache=not no_cache, on_text=on_text if stream else None,
-    )
+    with common.flag_names({"seed": "--seed", "num_samples": "--num-samples"}):
+        samples = gen.generate_samples(
+            model, tokenizer, prompts, num_samples=num_samples, max_new_tokens=max_tokens, temperature=temp,
+            top_p=top_p, top_k=top_k, seed=seed, stop_at_eot=not no_stop, stop_strings=[] if no_stop else (stop or []),
+            use_cache=not no_cache, on_text=on_text if stream else None,
+        )
     for k, s in enumerate(samples):
         if as_json:
             console.file.write(json.dumps(s.to_json(), ensure_ascii=False) + "\n")
@@ -116,7 +117,12 @@ def _prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
             raise UserError(f"prompt file {prompt_file} has no prompts", "write one prompt per line")
         return prompts
     if prompt == "-":
-        return [sys.stdin.read().rstrip("\r\n")]
+        stream = getattr(sys.stdin, "buffer", None)  # bytes, so that bad UTF-8 is our error, not the locale's
+        try:
+            text = stream.read().decode("utf-8") if stream is not None else sys.stdin.read()
+            return [text.rstrip("\r\n")]
+        except UnicodeDecodeError as e:
+            raise UserError(f"the prompt on standard input is not UTF-8 text: {e}", "pipe UTF-8 text") from None
     return [DEFAULT_PROMPT if prompt is None else prompt]
 
 

@@ -59,8 +59,8 @@ def command(
         peak_tflops=peak_tflops, wandb=wandb, train_file=train_data, valid_file=valid_data, tokenizer_dir=tokenizer,
         display="quiet" if quiet else ("plain" if plain else "auto"),
     )
-    if peak_tflops is not None and peak_tflops <= 0:
-        raise UserError(f"--peak-tflops must be positive, got {peak_tflops}")
+    if peak_tflops is not None and not 0 < peak_tflops < 1e9:  # also refuses NaN and inf
+        raise UserError(f"--peak-tflops must be a positive finite number, got {peak_tflops}")
     run = train_lib.prepare_run(preset, config, model_over, train_over, opts)
     if print_config:
         console.print_json(json.dumps({"preset": run.preset, "model": run.model_cfg.model_dump(),

@@ -18,6 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tinystories_cli import paths, runs
+from tinystories_cli.account import check_fits_in_memory
 from tinystories_cli.checkpoint import read_checkpoint
 from tinystories_cli.config import ModelConfig, TrainConfig, build_config, load_config_file, resolve_configs, results_neutral
 from tinystories_cli.device import dist_from_env
@@ -100,6 +101,7 @@ def prepare_run(
                 raise UserError(f"{run_dir} already holds a run",
                                 "pass --resume to continue it, --force to start it over, or choose another --run-name")
 
+    check_fits_in_memory(model_cfg, "this model")  # it is built in host memory first, whatever the device
     tokenizer = load_run_tokenizer(tokenizer_dir, train_cfg.dataset)
     if resume_from is None:
         explicit = any((d or {}).get("vocab_size") is not None for d in (file_model, model_overrides))
