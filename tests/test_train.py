@@ -320,3 +320,36 @@ def test_resume_auto_starts_a_run_that_has_no_checkpoint(workspace):
     assert res.step == 1 and (res.run_dir / "config.json").is_file()
     (res.run_dir / "checkpoints" / "step_0000001.safetensors").unlink()  # as if killed before its first save
     assert _run("fresh", resume="auto").step == 8  # started over (no "already holds a run" refusal)
+
+
+def test_resume_across_processes_is_bit_identical_on_cpu(workspace):
+    """N steps + resume N steps in fresh processes on 2 threads equals 2N steps bit for bit (losses and
+    weights), as does a second fresh 2N run: deterministic CPU kernels (device.deterministic_on_cpu)."""
+    tmp, _ = workspace
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TSLM_DATA": str(tmp / "data"), "TSLM_RUNS": str(tmp / "runs")}
+    # Big enough that the embedding's backward runs on several threads (tiny tensors stay serial).
+    model = [f"--{k.replace('_', '-')}={v}" for k, v in {**TINY_MODEL, "context_length": 64, "d_model": 64,
+                                                             "num_heads": 4}.items()]
+    base = [sys.executable, "-m", "tinystories_cli", "train", "--preset", "debug", "--dataset", "tiny", "--quiet",
+            "--peak-tflops", "1", "--device", "cpu", "--max-steps", "24", "--warmup-steps", "2", "--log-every", "1",
+            "--batch-size", "16", *model]
+
+    def tslm(*args):
+        proc = subprocess.run([*base, *args], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+
+    tslm("--run-name", "whole")
+    tslm("--run-name", "again")
+    tslm("--run-name", "halves", "--stop-at", "12")
+    tslm("--run-name", "halves", "--resume")
+
+    def losses(name):
+        return [(r["step"], r["train_loss"]) for r in map(json.loads, (tmp / "runs" / name / "metrics.jsonl")
+                                                           .read_text().splitlines()) if "train_loss" in r]
+
+    assert losses("whole") == losses("again") == losses("halves") and len(losses("whole")) == 24
+    w = _weights(tmp / "runs" / "whole")
+    assert all(torch.equal(w[k], v) for k, v in _weights(tmp / "runs" / "halves").items())

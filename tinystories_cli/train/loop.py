@@ -44,8 +44,8 @@ from tinystories_cli.account import train_flops_per_step
 from tinystories_cli.checkpoint import load_model_state, load_optimizer_state, read_checkpoint, save_checkpoint
 from tinystories_cli.config import ModelConfig
 from tinystories_cli.data import BatchSampler, fixed_windows
-from tinystories_cli.device import (Dist, autocast_factory, broadcast_str, dist_from_env, init_distributed,
-                                    measure_peak_tflops, pick_device, sync)
+from tinystories_cli.device import (Dist, autocast_factory, broadcast_str, deterministic_on_cpu, dist_from_env,
+                                    init_distributed, measure_peak_tflops, pick_device, sync)
 from tinystories_cli.errors import UserError
 from tinystories_cli.evaluate import fixed_window_loss
 from tinystories_cli.fileio import atomic_write_text
@@ -111,7 +111,7 @@ def train(run: Run, on_step: Callable[[int, dict], None] | None = None) -> Train
     `on_step(step, record)` is called after every step (tests use it to inject faults).
     """
     main = dist_from_env().is_main
-    with runs.RunLock(run.run_dir) if main else contextlib.nullcontext():
+    with runs.RunLock(run.run_dir) if main else contextlib.nullcontext(), deterministic_on_cpu(run.train_cfg.device):
         return _train_owned(run, on_step)
 
 
