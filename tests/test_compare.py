@@ -158,6 +158,48 @@ def test_data_evaluates_like_tslm_eval(two_runs, run_cli, monkeypatch):
     assert header.startswith("| run | lr | params |") and header.endswith("| eval loss | ppl | bpb |")
 
 
+@pytest.fixture(scope="module")
+def seeded_runs(two_runs):
+    """The two runs above (seed 0) plus a seed-1 twin of each, trained the same way."""
+    from tinystories_cli.cli import main
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(paths, "DATA_ROOT", two_runs / "data")
+        mp.setattr(paths, "RUNS_ROOT", two_runs / "runs")
+        for name, lr in (("lo-s1", "1e-3"), ("hi-s1", "3e-3")):
+            code = main(["train", "--preset", "debug", "--dataset", "tiny", "--ctx", "16", "--d-model", "32",
+                         "--num-layers", "1", "--num-heads", "2", "--max-steps", "4", "--warmup-steps", "1",
+                         "--eval-every", "2", "--lr", lr, "--min-lr", "1e-4", "--device", "cpu", "--run-name", name,
+                         "--quiet", "--peak-tflops", "1", "--seed", "1"])
+            assert code == 0
+    return two_runs
+
+
+def test_seeded_runs_end_to_end_mean_std_from_fresh_evaluations(seeded_runs, run_cli, monkeypatch):
+    monkeypatch.setattr(paths, "DATA_ROOT", seeded_runs / "data")
+    monkeypatch.setattr(paths, "RUNS_ROOT", seeded_runs / "runs")
+    valid = seeded_runs / "data" / "tiny" / "valid.npy"
+    names = ["lo", "lo-s1", "hi", "hi-s1"]
+    code, out, err = run_cli("compare", *names, "--data", str(valid), "--device", "cpu", "--json")
+    assert code == 0, err
+    loss = {r["name"]: r["eval"]["loss"] for r in json.loads(out)}
+    assert loss["lo"] != loss["lo-s1"]  # another seed: another initialization and batch order
+    code, out, err = run_cli("compare", *names, "--data", str(valid), "--device", "cpu", "--markdown")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("| run | lr | seeds | params | steps | tokens | best val |")
+    cols = [c.strip() for c in lines[0].split("|")[1:-1]]
+    rows = {r[0]: dict(zip(cols, r)) for r in ([c.strip() for c in line.split("|")[1:-1]] for line in lines[2:4])}
+    assert set(rows) == {"lo", "hi"} and rows["lo"]["seeds"] == "0,1" and rows["hi"]["steps"] == "4"
+    for name in ("lo", "hi"):
+        st = compare.stat([loss[name], loss[f"{name}-s1"]])
+        mean_std = f"{st.mean:.4f} ± {st.std:.4f}"
+        assert rows[name]["eval loss"].startswith(mean_std), rows[name]
+    ref, other = compare.stat([loss["lo"], loss["lo-s1"]]), compare.stat([loss["hi"], loss["hi-s1"]])
+    assert rows["hi"]["eval loss"].endswith(" ~") == compare.within_noise(ref, other)
+    assert "within seed noise" in out and rows["lo"]["eval loss"].count("~") == 0
+
+
 # ---------------------------------------------------------------- the generated run README
 # (here because it summarizes run directories the same way, and reuses the trained runs above)
 
