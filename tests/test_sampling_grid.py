@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import doctest
 import json
+import re
 
 import pytest
 import torch
@@ -197,13 +198,15 @@ def test_cli_grid_markdown_same_prompt_and_seeds_per_cell(grid_run, run_cli):
 
 def test_cli_grid_out_writes_the_file_and_refuses_to_overwrite(grid_run, run_cli, tmp_path):
     dest = tmp_path / "grid.md"
-    common = ["generate", "--grid", "top_k=1,0", "--seed", "0", "--max-tokens", "8", "--device", "cpu"]
+    common = ["generate", "--grid", "top_k=1,0", "--seed", "0", "--max-tokens", "8", "--device", "cpu", "--stop", "."]
     code, out, err = run_cli(*common, "--out", str(dest))
     assert code == 0, err
     text = dest.read_text(encoding="utf-8")
     assert text.startswith("# Sampling grid\n") and "| top_k | distinct-2 |" in text and out == ""
     assert f"wrote {dest}" in " ".join(err.split())
     assert [p.name for p in tmp_path.iterdir()] == ["grid.md"]  # no temporary file left behind
+    samples = re.findall(r"```text\n(.*?)\n```", text, re.S)
+    assert len(samples) == 2 and all("." not in t for t in samples)  # --stop holds in every cell
     code, _, err = run_cli(*common, "--out", str(dest))
     assert code == 2 and "already exists" in err
     code, _, err = run_cli(*common, "--out", str(dest), "--force", "--temp", "0")

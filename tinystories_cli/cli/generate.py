@@ -100,7 +100,8 @@ def command(
     if grid_spec is not None:
         _grid(model, tokenizer, prompts[0], grid_spec, source=source, seed=seed, num_samples=num_samples,
               max_tokens=max_tokens, base={"temperature": temp, "top_p": top_p, "top_k": top_k},
-              stop_at_eot=not no_stop, out=out, as_json=as_json)
+              stop_at_eot=not no_stop, stop_strings=[] if no_stop else (stop or []), use_cache=not no_cache,
+              out=out, as_json=as_json)
         return
 
     stream = not as_json and len(prompts) * num_samples == 1
@@ -183,7 +184,8 @@ def _load(run_or_checkpoint, device: str):
 
 
 def _grid(model, tokenizer, prompt: str, grid: dict, *, source: Path, seed: int | None, num_samples: int,
-          max_tokens: int, base: dict, stop_at_eot: bool, out: Path | None, as_json: bool) -> None:
+          max_tokens: int, base: dict, stop_at_eot: bool, stop_strings: list[str], use_cache: bool,
+          out: Path | None, as_json: bool) -> None:
     """--grid: sample every cell, then print (or write) the Markdown comparison."""
     seed = gen.random_seed() if seed is None else seed
 
@@ -192,7 +194,8 @@ def _grid(model, tokenizer, prompt: str, grid: dict, *, source: Path, seed: int 
         err_console.print(Text(f"[cell {i + 1}/{n}: {label}]", style="dim"))
 
     cells = sampling_grid.run_grid(model, tokenizer, prompt, grid, seed=seed, num_samples=num_samples,
-                                   max_new_tokens=max_tokens, base=base, stop_at_eot=stop_at_eot, on_cell=on_cell)
+                                   max_new_tokens=max_tokens, base=base, stop_at_eot=stop_at_eot,
+                                   stop_strings=stop_strings, use_cache=use_cache, on_cell=on_cell)
     if as_json:
         text = json.dumps([c.to_json() for c in cells], ensure_ascii=False, indent=2) + "\n"
     else:
