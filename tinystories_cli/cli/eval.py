@@ -25,7 +25,7 @@ def command(
     ctx: Annotated[Optional[int], typer.Option("--ctx", "--context-length", help="Window length (default and maximum: the model's context length).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto (cuda > mps > cpu), cpu, cuda, mps.")] = "auto",
     out: Annotated[Optional[Path], typer.Option("--out", help="Write the JSON here (default: <run>/eval_<data>.json).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --out and --plot if they exist.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON only.")] = False,
     latest: Annotated[bool, typer.Option("--latest", help="Use the latest step checkpoint instead of the best one.")] = False,
     per_position: Annotated[bool, typer.Option("--per-position", help="Also report the loss by position in the context window (a table of position buckets; position_nats/position_tokens/position_buckets in the JSON).")] = False,
