@@ -280,6 +280,12 @@ def _seeded(root: Path, name: str, losses: list[float], model: dict | None = Non
     return out
 
 
+def test_compare_doctests():
+    import doctest
+
+    assert doctest.testmod(compare).failed == 0
+
+
 def test_stat_and_within_noise():
     st = compare.stat([1.0, 2.0, 4.0, None, float("inf")])
     assert st.n == 3 and st.mean == pytest.approx(7 / 3)
