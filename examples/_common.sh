@@ -14,6 +14,10 @@
 #   --eval each|compare        each: `tslm eval` every run (eval_valid.json in its directory), then `tslm compare`;
 #                              compare: one `tslm compare --data valid.npy` evaluates them all in one process
 #                              (the same numbers, fewer start-ups) (default: compare for tiny, else each)
+#   --seeds N                  train every run with N random seeds (--seed 0..N-1, runs NAME-s0..NAME-sN-1);
+#                              `tslm compare` then shows each group's mean ± std and marks differences within
+#                              seed noise with ~ (default: 1, one run per setting, named NAME)
+#   --dry-run                  print the tslm train commands and exit: no data, no training
 #   --force                    retrain runs that already finished
 #   -- ARGS...                 extra flags for every `tslm train`, e.g. -- --dtype bfloat16 --compile
 # Set TSLM="python -m tinystories_cli" to use a tslm that is not on PATH.
@@ -40,6 +44,8 @@ WORKDIR=.
 DEVICE=auto
 JOBS=""
 EVAL_MODE=""
+SEEDS=1
+DRY_RUN=0
 FORCE=0
 TRAIN_EXTRA=()
 RECIPE_ARGS=()   # options the recipe itself understands (parsed by the recipe)
@@ -54,6 +60,8 @@ parse_common_args() {
             --device) DEVICE=${2:?--device needs a value}; shift 2 ;;
             --jobs) JOBS=${2:?--jobs needs a number}; shift 2 ;;
             --eval) EVAL_MODE=${2:?--eval needs each or compare}; shift 2 ;;
+            --seeds) SEEDS=${2:?--seeds needs a number}; shift 2 ;;
+            --dry-run) DRY_RUN=1; shift ;;
             --force) FORCE=1; shift ;;
             -h|--help) usage; exit 0 ;;
             --) shift; TRAIN_EXTRA=("$@"); break ;;
@@ -64,12 +72,14 @@ parse_common_args() {
     JOBS=${JOBS:-$([ "$BUDGET" = tiny ] && echo 2 || echo 1)}
     EVAL_MODE=${EVAL_MODE:-$([ "$BUDGET" = tiny ] && echo compare || echo each)}
     case "$JOBS" in ''|*[!0-9]*|0) die "--jobs must be a positive integer, got '$JOBS'" ;; esac
+    case "$SEEDS" in ''|*[!0-9]*|0) die "--seeds must be a positive integer, got '$SEEDS'" ;; esac
     case "$EVAL_MODE" in each|compare) ;; *) die "--eval must be each or compare, got '$EVAL_MODE'" ;; esac
     if [ -n "$TEXT" ]; then
         [ -s "$TEXT" ] || die "--text file not found or empty: $TEXT"
         TEXT=$(cd "$(dirname "$TEXT")" && pwd)/$(basename "$TEXT")   # absolute: we cd into --workdir
     fi
     DATASET=${DATASET:-$([ -n "$TEXT" ] && echo "text-$BUDGET" || echo tinystories)}
+    [ "$DRY_RUN" = 1 ] && return   # nothing is created
     mkdir -p "$WORKDIR"
     cd "$WORKDIR"   # tslm reads and writes data/ and runs/ under the current directory
     if [ "$JOBS" -gt 1 ] && [ -z "${OMP_NUM_THREADS:-}" ]; then
@@ -100,6 +110,10 @@ budget_settings() {
 # data/$DATASET/{train,valid}.npy and tokenizer/, made with tslm bpe + tslm encode when missing.
 prepare_data() {
     local dir="data/$DATASET"
+    if [ "$DRY_RUN" = 1 ]; then
+        echo "== data: data/$DATASET (tslm bpe + tslm encode when missing)"
+        return
+    fi
     if [ -f "$dir/train.npy" ] && [ -f "$dir/valid.npy" ] && [ -d "$dir/tokenizer" ]; then
         echo "== data: reusing $dir (token files and tokenizer present)"
         return
@@ -137,13 +151,29 @@ prepare_data() {
     tslm encode "$DATASET" --force
 }
 
-# Queue a run: queue_run NAME [tslm train flags...]
+# Queue a run: queue_run NAME [tslm train flags...]; with --seeds N, N runs NAME-s0.. with --seed 0..
 RUN_NAMES=()
 RUN_FLAGS=()
 queue_run() {
-    local name=$1; shift
-    RUN_NAMES+=("$name")
-    RUN_FLAGS+=("$*")   # flags never contain spaces: kept as one string, split again when run
+    local name=$1 seed; shift
+    if [ "$SEEDS" = 1 ]; then
+        RUN_NAMES+=("$name")
+        RUN_FLAGS+=("$*")   # flags never contain spaces: kept as one string, split again when run
+        return
+    fi
+    for (( seed = 0; seed < SEEDS; seed++ )); do
+        RUN_NAMES+=("$name-s$seed")
+        RUN_FLAGS+=("$* --seed $seed")
+    done
+}
+
+# The tslm train arguments of one run: train_args NAME FLAGS -> TRAIN_ARGS
+train_args() {
+    local name=$1 flags=$2
+    # shellcheck disable=SC2206  # $flags is a list of flags
+    TRAIN_ARGS=(--preset tinystories-17m --dataset "$DATASET" ${SIZE_FLAGS[@]+"${SIZE_FLAGS[@]}"}
+                --batch-size "$BATCH" --max-steps "$STEPS" ${SCHED_FLAGS[@]+"${SCHED_FLAGS[@]}"} $flags
+                --device "$DEVICE" --run-name "$name" --force --plain ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"})
 }
 
 # Train one run, then (--eval each) evaluate it on the whole validation file (tslm eval ->
@@ -154,11 +184,8 @@ _train_and_eval() {
     local name=$1 flags=$2 dir="runs/$1" log="$LOGS/$1"
     mkdir -p "$LOGS"
     rm -f "$log.status" "$log.done"
-    # shellcheck disable=SC2086  # $flags is a list of flags
-    if tslm train --preset tinystories-17m --dataset "$DATASET" ${SIZE_FLAGS[@]+"${SIZE_FLAGS[@]}"} \
-            --batch-size "$BATCH" --max-steps "$STEPS" ${SCHED_FLAGS[@]+"${SCHED_FLAGS[@]}"} $flags \
-            --device "$DEVICE" --run-name "$name" --force --plain ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"} \
-            > "$log.log" 2>&1 \
+    train_args "$name" "$flags"
+    if tslm train "${TRAIN_ARGS[@]}" > "$log.log" 2>&1 \
         && { [ "$EVAL_MODE" = compare ] \
              || tslm eval "$dir" --data "data/$DATASET/valid.npy" --device "$DEVICE" >> "$log.log" 2>&1; }; then
         echo 0 > "$log.status"
@@ -171,6 +198,14 @@ _train_and_eval() {
 # Run every queued run, $JOBS at a time; finished runs are skipped unless --force.
 run_queue() {
     local i name failed=0
+    if [ "$DRY_RUN" = 1 ]; then
+        for i in "${!RUN_NAMES[@]}"; do
+            train_args "${RUN_NAMES[$i]}" "${RUN_FLAGS[$i]}"
+            echo "tslm train ${TRAIN_ARGS[*]}"
+        done
+        echo "== dry run: ${#RUN_NAMES[@]} runs; nothing was trained"
+        exit 0
+    fi
     for i in "${!RUN_NAMES[@]}"; do
         name=${RUN_NAMES[$i]}
         if [ "$FORCE" = 0 ] && [ -f "$LOGS/$name.done" ] \
@@ -217,7 +252,8 @@ finish() {
     {
         echo "# $title"
         echo
-        echo "Budget \`$BUDGET\`, data \`data/$DATASET\`, made by \`examples/$(basename "$0")\`."
+        echo "Budget \`$BUDGET\`, data \`data/$DATASET\`, made by \`examples/$(basename "$0")\`$(
+            [ "$SEEDS" = 1 ] || echo " with --seeds $SEEDS (every setting trained with --seed 0..$(( SEEDS - 1 )))")."
         echo "best/final val: validation loss logged during training (fixed windows); eval loss, ppl, bpb:"
         echo "\`tslm eval\` over the whole validation file (bpb = bits per byte of text)."
         echo

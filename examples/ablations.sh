@@ -4,6 +4,7 @@
 #   bash examples/ablations.sh --budget tiny --text ../shared/data/tinystories_valid.txt   # CPU, ~1 min
 #   bash examples/ablations.sh --budget small                                              # CPU, under an hour
 #   bash examples/ablations.sh --budget full -- --dtype bfloat16                           # GPU, the seeds' size
+#   bash examples/ablations.sh --budget tiny --seeds 3 --text ../shared/data/tinystories_valid.txt   # 3 random seeds each
 #
 # Every run is the tinystories-17m baseline (pre-norm RMSNorm, RoPE, SwiGLU, untied embeddings,
 # lr 8e-4) with one switch changed:
@@ -20,7 +21,9 @@
 #
 # Writes runs/abl-<budget>-<name>/ (tslm train + tslm eval), then results/ablations-<budget>/:
 # val_loss.png and train_loss.png (tslm plot; .txt terminal plots without matplotlib) and results.md
-# (tslm compare --markdown). Options: see examples/_common.sh; --only NAME,NAME runs a subset.
+# (tslm compare --markdown). With --seeds N every variant runs with --seed 0..N-1 (runs/abl-<budget>-<name>-s<k>/)
+# and the table shows each variant's mean ± std over its seeds, with ~ on the means that are within seed
+# noise of the baseline's. Options: see examples/_common.sh; --only NAME,NAME runs a subset.
 source "$(dirname "$0")/_common.sh"
 
 usage() { recipe_usage "$0"; }

@@ -158,6 +158,48 @@ def test_data_evaluates_like_tslm_eval(two_runs, run_cli, monkeypatch):
     assert header.startswith("| run | lr | params |") and header.endswith("| eval loss | ppl | bpb |")
 
 
+@pytest.fixture(scope="module")
+def seeded_runs(two_runs):
+    """The two runs above (seed 0) plus a seed-1 twin of each, trained the same way."""
+    from tinystories_cli.cli import main
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(paths, "DATA_ROOT", two_runs / "data")
+        mp.setattr(paths, "RUNS_ROOT", two_runs / "runs")
+        for name, lr in (("lo-s1", "1e-3"), ("hi-s1", "3e-3")):
+            code = main(["train", "--preset", "debug", "--dataset", "tiny", "--ctx", "16", "--d-model", "32",
+                         "--num-layers", "1", "--num-heads", "2", "--max-steps", "4", "--warmup-steps", "1",
+                         "--eval-every", "2", "--lr", lr, "--min-lr", "1e-4", "--device", "cpu", "--run-name", name,
+                         "--quiet", "--peak-tflops", "1", "--seed", "1"])
+            assert code == 0
+    return two_runs
+
+
+def test_seeded_runs_end_to_end_mean_std_from_fresh_evaluations(seeded_runs, run_cli, monkeypatch):
+    monkeypatch.setattr(paths, "DATA_ROOT", seeded_runs / "data")
+    monkeypatch.setattr(paths, "RUNS_ROOT", seeded_runs / "runs")
+    valid = seeded_runs / "data" / "tiny" / "valid.npy"
+    names = ["lo", "lo-s1", "hi", "hi-s1"]
+    code, out, err = run_cli("compare", *names, "--data", str(valid), "--device", "cpu", "--json")
+    assert code == 0, err
+    loss = {r["name"]: r["eval"]["loss"] for r in json.loads(out)}
+    assert loss["lo"] != loss["lo-s1"]  # another seed: another initialization and batch order
+    code, out, err = run_cli("compare", *names, "--data", str(valid), "--device", "cpu", "--markdown")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("| run | lr | seeds | params | steps | tokens | best val |")
+    cols = [c.strip() for c in lines[0].split("|")[1:-1]]
+    rows = {r[0]: dict(zip(cols, r)) for r in ([c.strip() for c in line.split("|")[1:-1]] for line in lines[2:4])}
+    assert set(rows) == {"lo", "hi"} and rows["lo"]["seeds"] == "0,1" and rows["hi"]["steps"] == "4"
+    for name in ("lo", "hi"):
+        st = compare.stat([loss[name], loss[f"{name}-s1"]])
+        mean_std = f"{st.mean:.4f} ± {st.std:.4f}"
+        assert rows[name]["eval loss"].startswith(mean_std), rows[name]
+    ref, other = compare.stat([loss["lo"], loss["lo-s1"]]), compare.stat([loss["hi"], loss["hi-s1"]])
+    assert rows["hi"]["eval loss"].endswith(" ~") == compare.within_noise(ref, other)
+    assert "within seed noise" in out and rows["lo"]["eval loss"].count("~") == 0
+
+
 # ---------------------------------------------------------------- the generated run README
 # (here because it summarizes run directories the same way, and reuses the trained runs above)
 
@@ -221,3 +263,95 @@ def test_run_readme_needs_a_run_directory(tmp_path):
 
     with pytest.raises(UserError, match="not a tslm run directory"):
         render_run_readme(tmp_path)
+
+
+# ---------------------------------------------------------------- runs that differ only by seed
+
+
+def _seeded(root: Path, name: str, losses: list[float], model: dict | None = None, train: dict | None = None,
+            evals: bool = True) -> list[Path]:
+    """One run per loss: name-s<seed>, seeds 0.., best val = the loss, eval loss = the loss - 0.1."""
+    out = []
+    for seed, loss in enumerate(losses):
+        ev = ({"loss": loss - 0.1, "perplexity": math.exp(loss - 0.1), "bits_per_byte": (loss - 0.1) / 2,
+               "data": "v.npy", "step": 10} if evals else None)
+        out.append(write_run(root, f"{name}-s{seed}", model=model, train={"seed": seed, **(train or {})},
+                             metrics=[{"step": 10, "tokens": 640, "val_loss": loss}], eval_result=ev))
+    return out
+
+
+def test_compare_doctests():
+    import doctest
+
+    assert doctest.testmod(compare).failed == 0
+
+
+def test_stat_and_within_noise():
+    st = compare.stat([1.0, 2.0, 4.0, None, float("inf")])
+    assert st.n == 3 and st.mean == pytest.approx(7 / 3)
+    assert st.std == pytest.approx(math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2))
+    assert compare.stat([None]) is None
+    a = compare.Stat(2.0, 0.03, 3)
+    # 2 SE = 2 sqrt(0.03^2/3 + 0.03^2/3) = 0.04899
+    assert compare.within_noise(a, compare.Stat(2.048, 0.03, 3)) is True
+    assert compare.within_noise(a, compare.Stat(2.050, 0.03, 3)) is False
+    assert compare.within_noise(a, compare.Stat(1.952, 0.03, 3)) is True  # either direction
+    assert compare.within_noise(a, compare.Stat(2.0, None, 1)) is None  # one seed: cannot tell
+    assert compare.within_noise(None, a) is None
+
+
+def test_runs_differing_only_by_seed_are_grouped_with_mean_std_and_noise_marks(tmp_path):
+    base = _seeded(tmp_path, "abl-base", [2.00, 2.02, 2.04])  # mean 2.02, std 0.02
+    far = _seeded(tmp_path, "abl-post", [2.10, 2.12, 2.14], model={"norm_position": "post"})  # 0.10 away
+    near = _seeded(tmp_path, "abl-nope", [2.01, 2.03, 2.05], model={"pos_emb": "nope"})  # 0.01 away: noise
+    single = _seeded(tmp_path, "abl-lr", [2.50], train={"lr": 1e-2})  # one seed: no mark, no std
+    # bookkeeping never splits a group: the third seed ran on another device and logged more often
+    odd = write_run(tmp_path, "abl-tied-s0", model={"tie_embeddings": True}, train={"seed": 0, "device": "cpu"},
+                    metrics=[{"step": 10, "tokens": 640, "val_loss": 3.0}])
+    odd2 = write_run(tmp_path, "abl-tied-s1", model={"tie_embeddings": True},
+                     train={"seed": 1, "device": "cuda", "log_every": 1},
+                     metrics=[{"step": 8, "tokens": 512, "val_loss": 3.2}])
+    summaries = [compare.summarize_run(p) for p in [*base, *far, *near, *single, odd, odd2]]
+    groups = compare.group_runs(summaries)
+    assert [(g.label, g.seeds) for g in groups] == [("abl-base", [0, 1, 2]), ("abl-post", [0, 1, 2]),
+                                                    ("abl-nope", [0, 1, 2]), ("abl-lr-s0", [0]),
+                                                    ("abl-tied", [0, 1])]
+    cols, rows = compare.compare_table(summaries)
+    assert cols == ["run", "norm_position", "pos_emb", "tie_embeddings", "lr", "seeds", "params", "steps", "tokens",
+                    "best val", "final val", "eval loss", "ppl", "bpb"]
+    cell = {r[0]: dict(zip(cols, r)) for r in rows}
+    assert len(rows) == 5
+    assert cell["abl-base"]["best val"] == "2.0200 ± 0.0200" and cell["abl-base"]["seeds"] == "0,1,2"
+    assert cell["abl-base"]["eval loss"] == "1.9200 ± 0.0200"  # the reference row is never marked
+    assert cell["abl-post"]["best val"] == "2.1200 ± 0.0200"  # 0.10 > 2 SE (0.033): a real difference
+    assert cell["abl-post"]["bpb"] == "1.0100 ± 0.0100"
+    assert cell["abl-nope"]["best val"] == "2.0300 ± 0.0200 ~"  # 0.01 < 0.033: within noise
+    assert cell["abl-nope"]["eval loss"] == "1.9300 ± 0.0200 ~" and cell["abl-nope"]["bpb"].endswith(" ~")
+    assert cell["abl-lr-s0"]["best val"] == "2.5000" and cell["abl-lr-s0"]["lr"] == "0.01"
+    assert cell["abl-tied"]["steps"] == "8-10" and cell["abl-tied"]["tokens"] == "512-640"
+    assert cell["abl-tied"]["eval loss"] == "-" and cell["abl-tied"]["best val"] == "3.1000 ± 0.1414"
+    # one row per run on request: the table of before
+    cols1, rows1 = compare.compare_table(summaries, group=False)
+    assert len(rows1) == 12 and "seed" in cols1 and "seeds" not in cols1
+    # a single run per configuration: no grouping at all
+    assert compare.compare_table(summaries[:1] + summaries[3:4])[0][:2] == ["run", "norm_position"]
+
+
+def test_cli_markdown_groups_seeds_and_explains_the_marks(tmp_path, run_cli):
+    runs_ = [*_seeded(tmp_path, "base", [2.00, 2.02, 2.04]),
+             *_seeded(tmp_path, "post", [2.01, 2.03, 2.05], model={"norm_position": "post"})]
+    code, out, err = run_cli("compare", *map(str, runs_), "--markdown")
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0] == ("| run | norm_position | seeds | params | steps | tokens | best val | final val | eval loss "
+                        "| ppl | bpb |")
+    assert lines[2].startswith("| base | pre | 0,1,2 | 1.234K | 10 | 640 | 2.0200 ± 0.0200 |")
+    assert lines[3].startswith("| post | post | 0,1,2 | 1.234K | 10 | 640 | 2.0300 ± 0.0200 ~ |")
+    assert lines[4] == "" and lines[5].startswith("mean ± standard deviation over the seeds")
+    assert "~: within seed noise" in lines[5] and "first row's (base)" in lines[5]
+    code, out, err = run_cli("compare", *map(str, runs_), "--markdown", "--no-group")
+    assert code == 0, err
+    assert len(out.strip().splitlines()) == 8 and "~" not in out and "| seed |" in out
+    code, out, err = run_cli("compare", *map(str, runs_))  # the rich table carries the legend as its caption
+    assert code == 0, err
+    assert "2.0300 ± 0.0200 ~" in out and "within seed noise" in " ".join(out.split())

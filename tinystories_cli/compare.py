@@ -20,12 +20,27 @@ renders the table for a results file:
 With a token file (`tslm compare ... --data valid.npy`) every run is evaluated afresh with
 `evaluate.evaluate_run`, exactly as `tslm eval` does, so runs with different tokenizers still
 compare on bits per byte.
+
+Seeds: runs whose settings differ only by `seed` are one group (`group_runs`), shown as one row
+with the mean ± sample standard deviation of each quality column over the seeds. A group's mean is
+marked `~` (within seed noise) when it differs from the first group's (the reference: the baseline
+of an ablation) by less than two standard errors of the difference,
+
+    |m1 - m2| < 2 sqrt(s1^2 / n1 + s2^2 / n2)
+
+which needs at least two seeds on both sides (a single-seed group gets no mark either way):
+
+    >>> within_noise(Stat(1.3233, 0.0040, 3), Stat(1.3347, 0.0030, 3))  # 2 SE = 0.0058
+    False
+    >>> within_noise(Stat(1.3233, 0.0100, 3), Stat(1.3347, 0.0060, 3))  # 2 SE = 0.0135
+    True
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,11 +169,14 @@ def _fmt_count(v: Any) -> str:
 
 # best/final val: the loss logged during training on fixed validation windows (metrics.jsonl);
 # eval loss, ppl (perplexity), bpb (bits per byte): `tslm eval` over the whole validation file.
-NUMERIC_COLUMNS = {"params", "steps", "tokens", "best val", "final val", "eval loss", "ppl", "bpb"}
+NUMERIC_COLUMNS = {"params", "steps", "tokens", "best val", "final val", "eval loss", "ppl", "bpb", "seeds"}
 
 
-def compare_table(summaries: list[RunSummary]) -> tuple[list[str], list[list[str]]]:
-    """(column names, rows of formatted cells): run, the differing settings, then progress and quality."""
+def compare_table(summaries: list[RunSummary], group: bool = True) -> tuple[list[str], list[list[str]]]:
+    """(column names, rows of formatted cells): run, the differing settings, then progress and quality.
+    When some runs differ only by seed (and `group`), one row per group: see `grouped_table`."""
+    if group and has_seed_groups(summaries):
+        return grouped_table(summaries)
     diff = differing_settings(summaries)
     show_eval = any(s.eval for s in summaries)
     cols = ["run", *diff, "params", "steps", "tokens", "best val", "final val"]
@@ -176,6 +194,145 @@ def compare_table(summaries: list[RunSummary]) -> tuple[list[str], list[list[str
                     _fmt_float(e.get("bits_per_byte"), 4)]
         rows.append(row)
     return cols, rows
+
+
+# ---------------------------------------------------------------- runs that differ only by seed
+
+SEED_KEY = "seed"
+# quality columns: summarized as mean ± std over a group's seeds and marked when within noise
+QUALITY_COLUMNS = ("best val", "final val", "eval loss", "ppl", "bpb")
+NOISE_MARK = "~"
+_SEED_SUFFIX = re.compile(r"[-_.]?(?:s|seed)\d+$")
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean, sample standard deviation (ddof 1; None for a single value) and count of some values."""
+
+    mean: float
+    std: float | None
+    n: int
+
+
+def stat(values: list[float | None]) -> Stat | None:
+    """The Stat of the finite values among `values` (None when there are none).
+
+    >>> stat([1.0, 2.0, 3.0])
+    Stat(mean=2.0, std=1.0, n=3)
+    >>> stat([2.5, None, float("nan")])
+    Stat(mean=2.5, std=None, n=1)
+    """
+    xs = [float(v) for v in values if runs.finite(v) is not None]
+    if not xs:
+        return None
+    mean = sum(xs) / len(xs)
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None
+    return Stat(mean, std, len(xs))
+
+
+def within_noise(ref: Stat | None, other: Stat | None) -> bool | None:
+    """Whether two groups' means differ by less than two standard errors of the difference; None
+    when it cannot be told (a side missing or with a single seed)."""
+    if ref is None or other is None or ref.std is None or other.std is None:
+        return None
+    se = math.sqrt(ref.std ** 2 / ref.n + other.std ** 2 / other.n)
+    return abs(ref.mean - other.mean) < 2 * se
+
+
+@dataclass
+class RunGroup:
+    """Runs whose settings are equal but for the seed (a single run is a group of one)."""
+
+    label: str
+    runs: list[RunSummary]
+
+    @property
+    def seeds(self) -> list[Any]:
+        return [r.settings.get(SEED_KEY) for r in self.runs]
+
+
+def _group_key(s: RunSummary) -> str:
+    return repr(sorted((k, repr(v)) for k, v in s.settings.items()
+                       if k != SEED_KEY and k.split(".")[-1] not in BOOKKEEPING))
+
+
+def group_label(names: list[str]) -> str:
+    """One name for a group: the runs' common name without a seed suffix (-s1, _seed2, ...).
+
+    >>> group_label(["abl-tiny-nope-s0", "abl-tiny-nope-s1"]), group_label(["a", "b"]), group_label(["x"])
+    ('abl-tiny-nope', 'a (+1)', 'x')
+    """
+    if len(names) == 1:
+        return names[0]
+    stems = {_SEED_SUFFIX.sub("", n) for n in names}
+    if len(stems) == 1 and stems != {""}:
+        return stems.pop()
+    return f"{names[0]} (+{len(names) - 1})"
+
+
+def group_runs(summaries: list[RunSummary]) -> list[RunGroup]:
+    """Runs grouped by every setting but the seed (and bookkeeping), in order of first appearance."""
+    groups: dict[str, list[RunSummary]] = {}
+    for s in summaries:
+        groups.setdefault(_group_key(s), []).append(s)
+    return [RunGroup(group_label([r.name for r in members]), members) for members in groups.values()]
+
+
+def _quality(s: RunSummary) -> dict[str, float | None]:
+    e = s.eval or {}
+    return {"best val": s.best_val_loss, "final val": s.final_val_loss, "eval loss": e.get("loss"),
+            "ppl": e.get("perplexity"), "bpb": e.get("bits_per_byte")}
+
+
+def _fmt_stat(st: Stat | None, digits: int, mark: bool | None) -> str:
+    if st is None:
+        return "-"
+    text = f"{st.mean:.{digits}f}" if st.std is None else f"{st.mean:.{digits}f} ± {st.std:.{digits}f}"
+    return f"{text} {NOISE_MARK}" if mark else text
+
+
+def _same_or_range(values: list[Any], fmt) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "-"
+    lo, hi = min(vals), max(vals)
+    return fmt(lo) if lo == hi else f"{fmt(lo)}-{fmt(hi)}"
+
+
+def has_seed_groups(summaries: list[RunSummary]) -> bool:
+    """Whether any runs differ only by seed (then `compare_table` shows one row per group)."""
+    return any(len(g.runs) > 1 for g in group_runs(summaries))
+
+
+def grouped_table(summaries: list[RunSummary]) -> tuple[list[str], list[list[str]]]:
+    """One row per group of runs that differ only by seed: the differing settings, the seeds, and the
+    quality columns as mean ± std over the seeds, marked `~` when within noise of the first group."""
+    groups = group_runs(summaries)
+    firsts = [g.runs[0] for g in groups]
+    diff = [k for k in differing_settings(firsts) if k != SEED_KEY]
+    show_eval = any(s.eval for s in summaries)
+    quality = [c for c in QUALITY_COLUMNS if show_eval or c in ("best val", "final val")]
+    cols = ["run", *diff, "seeds", "params", "steps", "tokens", *quality]
+    digits = {"ppl": 2}
+    stats = [{c: stat([_quality(r)[c] for r in g.runs]) for c in quality} for g in groups]
+    rows = []
+    for i, (g, st) in enumerate(zip(groups, stats)):
+        row = [g.label, *(_fmt_setting(g.runs[0].settings.get(k)) for k in diff),
+               ",".join(_fmt_setting(v) for v in g.seeds), _same_or_range([r.parameters for r in g.runs], _fmt_count),
+               _same_or_range([r.steps for r in g.runs], str), _same_or_range([r.tokens for r in g.runs], _fmt_count)]
+        for c in quality:
+            mark = within_noise(stats[0][c], st[c]) if i > 0 else None
+            row.append(_fmt_stat(st[c], digits.get(c, 4), mark))
+        rows.append(row)
+    return cols, rows
+
+
+def noise_legend(summaries: list[RunSummary]) -> str:
+    """The footnote that explains a grouped table."""
+    ref = group_runs(summaries)[0].label
+    return (f"mean ± standard deviation over the seeds of each group (runs that differ only by seed). "
+            f"{NOISE_MARK}: within seed noise, the mean differs from the first row's ({ref}) by less than two "
+            f"standard errors of the difference, 2 sqrt(s1^2/n1 + s2^2/n2); a group with one seed gets no mark.")
 
 
 def to_markdown(columns: list[str], rows: list[list[str]], numeric: set[str] = NUMERIC_COLUMNS) -> str:

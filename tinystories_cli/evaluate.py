@@ -12,6 +12,17 @@ Bits per byte uses the UTF-8 byte count of the text the token file was encoded f
 sidecar's `source_bytes`), so it compares models with different tokenizers. Worked example:
 3 predicted tokens with losses 1, 2, 3 nats from a 4-byte text give mean loss 2 and
 6 / (4 ln 2) = 2.164 bits per byte.
+
+Loss by position (`per_position=True`): position p of a window is the prediction of its token p + 1
+from the p + 1 tokens before it (position 0 sees one token, position T - 1 a full context). The nats
+and the count of predictions at each position are summed over every window, so
+
+    sum(position_nats)                        = total_nats
+    sum(position_nats) / sum(position_tokens) = mean loss
+
+and `position_buckets` groups positions into equal-width ranges for a table. Loss that keeps
+falling with position means the model uses the longer context; a curve that turns up near the end,
+or never falls, is the first thing to look at in a positional-encoding ablation.
 """
 
 from __future__ import annotations
@@ -53,8 +64,13 @@ def evaluate_tokens(
     source_bytes: int | None = None,
     autocast: Callable | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    per_position: bool = False,
 ) -> dict:
-    """Evaluate `model` on all of `tokens`; returns loss, perplexity, bits_per_byte and counts."""
+    """Evaluate `model` on all of `tokens`; returns loss, perplexity, bits_per_byte and counts.
+
+    With `per_position`, also `position_nats` and `position_tokens`: lists of `context_length`
+    floats/ints, the summed loss and the number of predictions at each position in the window.
+    """
     if len(tokens) < 2:
         raise UserError(f"token file holds {len(tokens)} tokens; evaluation needs at least 2", "encode more text")
     model.eval()
@@ -65,6 +81,8 @@ def evaluate_tokens(
     total_nats = 0.0
     predicted = 0
     done = 0
+    pos_nats = torch.zeros(context_length, dtype=torch.float64)
+    pos_count = torch.zeros(context_length, dtype=torch.int64)
 
     def score(starts: list[int], length: int) -> float:
         idx = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(length + 1)[None, :]
@@ -74,6 +92,9 @@ def evaluate_tokens(
             logits = model(x)  # (B, T, V)
         logp = log_softmax(logits.float(), dim=-1)
         nll = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)  # (B, T)
+        if per_position:
+            pos_nats[:length] += nll.double().sum(0).cpu()
+            pos_count[:length] += len(starts)
         return nll.double().sum().item()
 
     for i in range(0, len(full), batch_size):
@@ -101,17 +122,46 @@ def evaluate_tokens(
         "windows": len(windows),
         "context_length": context_length,
     }
+    if per_position:
+        out["position_nats"] = pos_nats.tolist()
+        out["position_tokens"] = pos_count.tolist()
+    return out
+
+
+def position_buckets(position_nats: list[float], position_tokens: list[int], buckets: int = 8) -> list[dict]:
+    """Equal-width ranges of positions (widths differ by at most one when `buckets` does not divide
+    the context), each with its first and last position, predictions, nats and mean loss (None when
+    no prediction fell in it).
+
+    >>> for b in position_buckets([4.0, 2.0, 3.0, 1.0, 1.0], [2, 2, 2, 1, 1], 2):
+    ...     print(b["first"], b["last"], b["tokens"], b["loss"])
+    0 1 4 1.5
+    2 4 4 1.25
+    """
+    n = len(position_nats)
+    if len(position_tokens) != n:
+        raise ValueError(f"position_nats has {n} entries but position_tokens {len(position_tokens)}")
+    if buckets <= 0:
+        raise ValueError(f"the number of position buckets must be positive, got {buckets}")
+    buckets = min(buckets, n)
+    out = []
+    edges = [i * n // buckets for i in range(buckets + 1)] if n else []
+    for lo, hi in zip(edges, edges[1:]):
+        nats, count = sum(position_nats[lo:hi]), sum(position_tokens[lo:hi])
+        out.append({"first": lo, "last": hi - 1, "tokens": count, "nats": nats,
+                    "loss": nats / count if count else None})
     return out
 
 
 def evaluate_run(run: str | os.PathLike | None, data: str | os.PathLike | None = None, *, batch_size: int = 16,
                  context_length: int | None = None, device: str = "auto", latest: bool = False,
-                 on_progress: Callable[[int, int], None] | None = None) -> dict:
+                 on_progress: Callable[[int, int], None] | None = None, per_position: bool = False) -> dict:
     """Evaluate a run's best (or, with `latest`, its newest step) checkpoint on a whole token file.
 
     `run` is a run name, run directory or checkpoint file (None: runs/latest); `data` defaults to the
     run dataset's valid.npy; `context_length` (the window) defaults to, and may not exceed, the model's.
-    Returns `evaluate_tokens`' result plus run, checkpoint, step and data.
+    Returns `evaluate_tokens`' result (with `per_position`, the loss at each position in the window
+    too) plus run, checkpoint, step and data.
     """
     if batch_size <= 0:
         raise UserError(f"batch size must be positive, got {batch_size}")
@@ -137,7 +187,8 @@ def evaluate_run(run: str | os.PathLike | None, data: str | os.PathLike | None =
     check_tokens(data, tokenizer.fingerprint, cfg.vocab_size)
     dev = pick_device(device)
     model = runs.model_from_checkpoint(ckpt, cfg, dev)
-    result = evaluate_tokens(model, tokens, window, batch_size, dev, meta.get("source_bytes"), on_progress=on_progress)
+    result = evaluate_tokens(model, tokens, window, batch_size, dev, meta.get("source_bytes"), on_progress=on_progress,
+                             per_position=per_position)
     result.update(run=str(run_dir), checkpoint=str(ckpt_path), step=ckpt.iteration, data=str(data))
     return result
 

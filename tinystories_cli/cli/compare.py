@@ -26,8 +26,12 @@ def command(
     device: Annotated[str, typer.Option("--device", help="With --data: auto (cuda > mps > cpu), cpu, cuda, mps.")] = "auto",
     markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table (for a results file).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print every run's summary as JSON.")] = False,
+    no_group: Annotated[bool, typer.Option("--no-group", help="One row per run, even for runs that differ only by seed.")] = False,
 ) -> None:
-    """Compare runs: differing settings, steps, tokens, best/final val loss, and eval loss/perplexity/bits-per-byte."""
+    """Compare runs: differing settings, steps, tokens, best/final val loss, and eval loss/perplexity/bits-per-byte.
+
+    Runs that differ only by --seed are one row: mean ± std over the seeds, and ~ where a mean is within seed noise of the first row's.
+    """  # noqa: E501 (one line per paragraph: the help renderer keeps line breaks)
     if markdown and as_json:
         raise UserError("--markdown and --json exclude each other", "pick one")
     if batch_size <= 0:
@@ -43,14 +47,22 @@ def command(
     if as_json:
         console.print_json(json.dumps([s.as_dict() for s in summaries]))
         return
-    cols, rows = compare.compare_table(summaries)
+    grouped = not no_group and compare.has_seed_groups(summaries)
+    cols, rows = compare.compare_table(summaries, group=not no_group)
+    legend = compare.noise_legend(summaries) if grouped else None
     if markdown:
         # Plain print: rich would wrap long lines and interpret [brackets].
         print(compare.to_markdown(cols, rows))
+        if legend:
+            print(f"\n{legend}")
         return
-    t = Table(box=box.SIMPLE_HEAD, caption="best/final val: logged during training on fixed windows; eval loss, "
-              "ppl, bpb (bits per byte): `tslm eval` on the whole file" if any(s.eval for s in summaries) else None,
-              caption_justify="left")
+    captions = []
+    if any(s.eval for s in summaries):
+        captions.append("best/final val: logged during training on fixed windows; eval loss, ppl, bpb (bits per byte): "
+                        "`tslm eval` on the whole file")
+    if legend:
+        captions.append(legend)
+    t = Table(box=box.SIMPLE_HEAD, caption="\n".join(captions) or None, caption_justify="left")
     for c in cols:
         t.add_column(c, justify="right" if c in compare.NUMERIC_COLUMNS else "left", no_wrap=True)
     for row in rows:

@@ -12,8 +12,9 @@ from rich.table import Table
 
 from tinystories_cli.console import console, err_console
 from tinystories_cli.errors import UserError
-from tinystories_cli.evaluate import evaluate_run
-from tinystories_cli.fileio import atomic_write_text, check_output_path
+from tinystories_cli.evaluate import evaluate_run, position_buckets
+from tinystories_cli.fileio import atomic_write_bytes, atomic_write_text, check_output_path
+from tinystories_cli.plot import figure_png, pyplot
 from tinystories_cli.run_readme import write_run_readme
 
 
@@ -24,27 +25,46 @@ def command(
     ctx: Annotated[Optional[int], typer.Option("--ctx", "--context-length", help="Window length (default and maximum: the model's context length).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto (cuda > mps > cpu), cpu, cuda, mps.")] = "auto",
     out: Annotated[Optional[Path], typer.Option("--out", help="Write the JSON here (default: <run>/eval_<data>.json).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --out and --plot if they exist.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON only.")] = False,
     latest: Annotated[bool, typer.Option("--latest", help="Use the latest step checkpoint instead of the best one.")] = False,
+    per_position: Annotated[bool, typer.Option("--per-position", help="Also report the loss by position in the context window (a table of position buckets; position_nats/position_tokens/position_buckets in the JSON).")] = False,
+    buckets: Annotated[int, typer.Option("--buckets", help="Position buckets in the --per-position table.")] = 8,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of the loss at every position here (implies --per-position; needs matplotlib).", show_default=False)] = None,
 ) -> None:
-    """Mean loss, perplexity and bits-per-byte over a whole token file, in non-overlapping windows."""
+    """Mean loss, perplexity and bits-per-byte over a whole token file, in non-overlapping windows.
+
+    With --per-position, also the loss by position in the window: the direct check of what the model does with a longer context (RoPE / NoPE / learned / sinusoidal ablations).
+    """  # noqa: E501 (one line per paragraph: the help renderer keeps line breaks)
     if batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
     if ctx is not None and ctx <= 0:
         raise UserError(f"--ctx must be positive, got {ctx}", "omit it to use the model's context length")
+    if buckets <= 0:
+        raise UserError(f"--buckets must be positive, got {buckets}")
     if out is not None:
         check_output_path(out, force)
+    if plot is not None:
+        per_position = True
+        check_output_path(plot, force)
+        if plot.suffix.lower() != ".png":
+            raise UserError(f"--plot writes a PNG; got {plot}", "name the file *.png")
+        pyplot()  # fail now, not after the evaluation, when matplotlib is missing
     with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=err_console, transient=True, disable=as_json) as progress:
         task = progress.add_task("eval", total=None)
         result = evaluate_run(run, data, batch_size=batch_size, context_length=ctx, device=device, latest=latest,
-                              on_progress=lambda done, n: progress.update(task, completed=done, total=n))
+                              on_progress=lambda done, n: progress.update(task, completed=done, total=n),
+                              per_position=per_position)
+    if per_position:
+        result["position_buckets"] = position_buckets(result["position_nats"], result["position_tokens"], buckets)
     run_dir, ckpt_path, data, window = Path(result["run"]), result["checkpoint"], result["data"], result["context_length"]
     dest = out or run_dir / f"eval_{Path(data).stem}.json"
     atomic_write_text(dest, json.dumps(result, indent=2) + "\n")
     if out is None:
         write_run_readme(run_dir)  # refresh the run's README with the new bits-per-byte
+    if plot is not None:
+        atomic_write_bytes(plot, _position_png(result, f"{run_dir.name} (step {result['step']}) on {Path(data).name}"))
     if as_json:
         console.print_json(json.dumps(result))
         return
@@ -58,4 +78,43 @@ def command(
     t.add_row("tokens predicted", f"{result['predicted_tokens']:,}")
     t.add_row("windows", f"{result['windows']:,} x {window}")
     console.print(t)
+    if per_position:
+        console.print(_position_table(result))
     console.print(f"wrote {dest}")
+    if plot is not None:
+        console.print(f"wrote {plot}")
+
+
+def _position_table(result: dict) -> Table:
+    t = Table(title="loss by position in the window (position p: the prediction after p + 1 tokens)",
+              title_justify="left")
+    for name in ("positions", "predictions", "mean loss", "vs overall"):
+        t.add_column(name, justify="left" if name == "positions" else "right")
+    for b in result["position_buckets"]:
+        loss = b["loss"]
+        t.add_row(f"{b['first']}-{b['last']}" if b["last"] > b["first"] else str(b["first"]), f"{b['tokens']:,}",
+                  "-" if loss is None else f"{loss:.4f}", "-" if loss is None else f"{loss - result['loss']:+.4f}")
+    return t
+
+
+def _position_png(result: dict, title: str) -> bytes:
+    """Mean loss at every position (the line) and per bucket (the steps), with the overall mean."""
+    plt = pyplot()
+    xs = [p for p, n in enumerate(result["position_tokens"]) if n]
+    ys = [result["position_nats"][p] / result["position_tokens"][p] for p in xs]
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    try:
+        ax.plot(xs, ys, linewidth=1.0, alpha=0.6, label="each position")
+        for i, b in enumerate(result["position_buckets"]):
+            if b["loss"] is not None:
+                ax.hlines(b["loss"], b["first"], b["last"], colors="C1", linewidth=2.5,
+                          label="bucket mean" if i == 0 else None)
+        ax.axhline(result["loss"], color="gray", linestyle="--", linewidth=1, label=f"overall {result['loss']:.4f}")
+        ax.set_xlabel("position in the window (tokens of context - 1)")
+        ax.set_ylabel("loss (nats/token)")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="best", fontsize="small")
+        return figure_png(fig)
+    finally:
+        plt.close(fig)

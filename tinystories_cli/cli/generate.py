@@ -11,12 +11,15 @@ import typer
 from rich.text import Text
 
 from tinystories_cli import generate as gen
+from tinystories_cli import sampling_grid
 from tinystories_cli.cli import common
 from tinystories_cli.console import console, err_console
 from tinystories_cli.errors import UserError
+from tinystories_cli.fileio import atomic_write_text, check_output_path
 
 DEFAULT_PROMPT = "Once upon a time"
 SAMPLING = "Sampling"
+GRID = "Sampling grid"
 
 
 def command(
@@ -51,10 +54,22 @@ def command(
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps.")] = "auto",
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the whole context every step "
                                            "(slow; for comparison).")] = False,
+    grid: Annotated[Optional[str], typer.Option(
+        "--grid", help='Compare sampling settings: e.g. "temp=0.5,1.0,1.2 top_p=0.3,0.9,1.0" (keys temp, top_p, '
+        "top_k). Every cell samples the same prompt with the same --num-samples seeds; prints a Markdown table "
+        "with distinct-2/distinct-3 and the repetition rate per cell, then the samples.", rich_help_panel=GRID,
+        show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="With --grid: write the Markdown here instead of printing it.", rich_help_panel=GRID,
+        show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="With --out: overwrite the file if it exists.",
+                                        rich_help_panel=GRID)] = False,
 ) -> None:
     """Generate text from a trained model: temperature, top-k, top-p, KV cache, streaming output.
 
     Streams the completion as it is produced, then prints a summary line (prompt tokens, new tokens, tokens/s, why it stopped) on stderr. When the context fills up, the window slides: the newest half of the context is kept and re-read, and generation continues. A prompt longer than the context keeps its end.
+
+    --grid "temp=0.5,1.0 top_p=0.3,0.9" compares sampling settings on one prompt and one set of seeds (a Markdown table; --out FILE writes it).
     """  # noqa: E501 (one line per paragraph: the help renderer keeps line breaks)
     with common.flag_names({"max_new_tokens": "--max-tokens", "temperature": "--temp", "top_p": "--top-p",
                             "top_k": "--top-k"}):
@@ -65,11 +80,29 @@ def command(
         raise UserError("--run and --checkpoint are exclusive", "pass one of them")
     if stop and no_stop:
         raise UserError("--stop and --no-stop contradict each other", "pass one of them")
+    if grid is None and (out is not None or force):
+        raise UserError("--out and --force go with --grid", 'add --grid "temp=0.5,1.0 top_p=0.9,1.0", or drop them')
+    grid_spec = None
+    if grid is not None:
+        try:
+            grid_spec = sampling_grid.parse_grid(grid)
+        except ValueError as e:
+            raise UserError(f"--grid: {e}", 'write it like --grid "temp=0.5,1.0,1.2 top_p=0.3,0.9,1.0"') from None
+        if prompt_file is not None:
+            raise UserError("--grid samples one prompt; --prompt-file gives several", "pass one PROMPT")
+        if out is not None:
+            check_output_path(out, force)
     prompts = _prompts(prompt, prompt_file)
     if checkpoint is not None and not checkpoint.is_file():
         raise UserError(f"checkpoint file not found: {checkpoint}",
                         "train a model first with `tslm train`, or pass a file from runs/<name>/checkpoints/")
-    model, tokenizer = _load(checkpoint if checkpoint is not None else run, _device(device))
+    model, tokenizer, source = _load(checkpoint if checkpoint is not None else run, _device(device))
+    if grid_spec is not None:
+        _grid(model, tokenizer, prompts[0], grid_spec, source=source, seed=seed, num_samples=num_samples,
+              max_tokens=max_tokens, base={"temperature": temp, "top_p": top_p, "top_k": top_k},
+              stop_at_eot=not no_stop, stop_strings=[] if no_stop else (stop or []), use_cache=not no_cache,
+              out=out, as_json=as_json)
+        return
 
     stream = not as_json and len(prompts) * num_samples == 1
     if stream and prompts[0]:
@@ -153,7 +186,33 @@ def _load(run_or_checkpoint, device: str):
                         "train one first with `tslm train`") from None
     model, tokenizer, cfg = runs.load_trained_model(path, device=device)
     check_tokenizer_matches(cfg, tokenizer, runs.run_dir_of(path))
-    return model, tokenizer
+    return model, tokenizer, path
+
+
+def _grid(model, tokenizer, prompt: str, grid: dict, *, source: Path, seed: int | None, num_samples: int,
+          max_tokens: int, base: dict, stop_at_eot: bool, stop_strings: list[str], use_cache: bool,
+          out: Path | None, as_json: bool) -> None:
+    """--grid: sample every cell, then print (or write) the Markdown comparison."""
+    seed = gen.random_seed() if seed is None else seed
+
+    def on_cell(i: int, n: int, settings: dict) -> None:
+        label = " ".join(f"{sampling_grid.LABELS[k]}={settings[k]:g}" for k in grid)
+        err_console.print(Text(f"[cell {i + 1}/{n}: {label}]", style="dim"))
+
+    cells = sampling_grid.run_grid(model, tokenizer, prompt, grid, seed=seed, num_samples=num_samples,
+                                   max_new_tokens=max_tokens, base=base, stop_at_eot=stop_at_eot,
+                                   stop_strings=stop_strings, use_cache=use_cache, on_cell=on_cell)
+    if as_json:
+        text = json.dumps([c.to_json() for c in cells], ensure_ascii=False, indent=2) + "\n"
+    else:
+        text = sampling_grid.grid_markdown(cells, grid, prompt=prompt, seed=seed, num_samples=num_samples,
+                                           max_new_tokens=max_tokens, source=str(source))
+    if out is None:
+        console.file.write(text)  # plain: rich would wrap lines and read [brackets] as markup
+        console.file.flush()
+        return
+    atomic_write_text(out, text)
+    err_console.print(f"wrote {out}")
 
 
 def check_tokenizer_matches(cfg, tokenizer, run_dir: Path | None = None) -> None:
