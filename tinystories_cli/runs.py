@@ -408,6 +408,19 @@ def clear_run(run_dir: Path) -> None:
     fsync_dir(run_dir)
 
 
+def remove_stale_temps(run_dir: Path) -> int:
+    """Remove the temporary files (`.NAME.*.tmp`) that a killed writer left in a run directory and its
+    checkpoints/. Only the owner of the run (who holds its `RunLock`) may call this: no other process of
+    ours can be writing there. Returns how many were removed."""
+    n = 0
+    for d in (Path(run_dir), Path(run_dir) / CHECKPOINT_DIR):
+        for f in d.glob(".*.tmp") if d.is_dir() else ():
+            if f.is_file() and not f.is_symlink():
+                f.unlink()
+                n += 1
+    return n
+
+
 def abandon_later_checkpoints(run_dir: Path, step: int, best_step: int | None) -> Path | None:
     """Resuming from `step` of a run that went further: move the later step checkpoints (and a best
     checkpoint from after `step`) to checkpoints/abandoned-<UTC time>/, out of the current trajectory.

@@ -244,6 +244,7 @@ def run_summary(run: Run, state: State) -> dict[str, Any]:
 def write_run_dir(run: Run, state: State, summary: dict) -> None:
     """A fresh run: config.json and the tokenizer copy. A resumed one: metrics trimmed to its checkpoint."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
+    runs.remove_stale_temps(run.run_dir)  # what a killed save left: we own the directory now
     if run.fresh:
         runs.clear_run(run.run_dir)
         summary["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
