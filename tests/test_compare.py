@@ -12,7 +12,7 @@ import pytest
 from tinystories_cli import compare, paths, runs
 from tinystories_cli.config import ModelConfig, TrainConfig
 
-from train_fixtures import make_dataset
+from train_fixtures import trained_runs
 
 
 def write_run(root: Path, name: str, model: dict | None = None, train: dict | None = None,
@@ -120,20 +120,8 @@ def test_cli_user_errors(tmp_path, run_cli, monkeypatch, args, expected):
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
     """Two tiny trained runs that differ only in lr (training is the slow part: shared by the module)."""
-    from tinystories_cli.cli import main
-
-    root = tmp_path_factory.mktemp("cmp")
-    make_dataset(root)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(paths, "DATA_ROOT", root / "data")
-        mp.setattr(paths, "RUNS_ROOT", root / "runs")
-        for name, lr in (("lo", "1e-3"), ("hi", "3e-3")):
-            code = main(["train", "--preset", "debug", "--dataset", "tiny", "--ctx", "16", "--d-model", "32",
-                         "--num-layers", "1", "--num-heads", "2", "--max-steps", "4", "--warmup-steps", "1",
-                         "--eval-every", "2", "--lr", lr, "--min-lr", "1e-4", "--device", "cpu", "--run-name", name,
-                         "--quiet", "--peak-tflops", "1"])
-            assert code == 0
-    return root
+    return trained_runs(tmp_path_factory.mktemp("cmp"), {
+        name: ["--lr", lr, "--min-lr", "1e-4"] for name, lr in (("lo", "1e-3"), ("hi", "3e-3"))})
 
 
 def test_data_evaluates_like_tslm_eval(two_runs, run_cli, monkeypatch):

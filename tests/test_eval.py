@@ -16,7 +16,7 @@ from tinystories_cli.config import ModelConfig
 from tinystories_cli.evaluate import evaluate_tokens, position_buckets, window_starts
 from tinystories_cli.model import TransformerLM
 
-from train_fixtures import make_dataset
+from train_fixtures import trained_runs
 
 
 def test_windows_predict_every_token_once():
@@ -48,18 +48,7 @@ def test_bits_per_byte_matches_a_hand_computation():
 @pytest.fixture(scope="module")
 def _trained_dir(tmp_path_factory):
     """One tiny trained run shared by the CLI tests of this module (training is the slow part)."""
-    from tinystories_cli.cli import main
-
-    root = tmp_path_factory.mktemp("evalrun")
-    make_dataset(root)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(paths, "DATA_ROOT", root / "data")
-        mp.setattr(paths, "RUNS_ROOT", root / "runs")
-        code = main(["train", "--preset", "debug", "--dataset", "tiny", "--ctx", "16", "--d-model", "32",
-                     "--num-layers", "1", "--num-heads", "2", "--max-steps", "4", "--warmup-steps", "1",
-                     "--eval-every", "2", "--device", "cpu", "--run-name", "ev", "--quiet", "--peak-tflops", "1"])
-    assert code == 0
-    return root
+    return trained_runs(tmp_path_factory.mktemp("evalrun"), {"ev": []})
 
 
 @pytest.fixture

@@ -10,11 +10,10 @@ import sys
 import time
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tinystories_cli import paths, runs
+from tinystories_cli import paths
 from tinystories_cli import train as T
 from tinystories_cli.checkpoint import read_checkpoint, save_checkpoint
 from tinystories_cli.cli import main
@@ -22,22 +21,18 @@ from tinystories_cli.config import ModelConfig
 from tinystories_cli.errors import UserError
 from tinystories_cli.model import TransformerLM
 
-from train_fixtures import TINY_MODEL, TINY_TRAIN, make_dataset
+from train_fixtures import TINY_MODEL, TINY_TRAIN, make_dataset, workspace_at
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A finished tiny run under runs/t (module-scoped: built once)."""
     root = tmp_path_factory.mktemp("hostile")
-    old = paths.DATA_ROOT, paths.RUNS_ROOT
-    paths.DATA_ROOT, paths.RUNS_ROOT = root / "data", root / "runs"
-    try:
-        make_dataset(root)
+    make_dataset(root)
+    with workspace_at(root):
         run = T.prepare_run("debug", None, TINY_MODEL, {"dataset": "tiny", **TINY_TRAIN},
                             T.TrainOptions(run_name="t", display="quiet", peak_tflops=1.0))
         T.train(run)
-    finally:
-        paths.DATA_ROOT, paths.RUNS_ROOT = old
     return root
 
 

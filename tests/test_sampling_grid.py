@@ -21,7 +21,7 @@ from tinystories_cli.sampling_grid import (
     words,
 )
 
-from train_fixtures import make_dataset
+from train_fixtures import trained_runs
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -135,19 +135,8 @@ def test_grid_cells_every_combination_first_axis_slowest():
 
 @pytest.fixture(scope="module")
 def _grid_run(tmp_path_factory):
-    from tinystories_cli.cli import main
-
-    root = tmp_path_factory.mktemp("gridrun")
-    make_dataset(root)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(paths, "DATA_ROOT", root / "data")
-        mp.setattr(paths, "RUNS_ROOT", root / "runs")
-        code = main(["train", "--preset", "debug", "--dataset", "tiny", "--ctx", "32", "--d-model", "32",
-                     "--num-layers", "1", "--num-heads", "2", "--max-steps", "30", "--warmup-steps", "2",
-                     "--lr", "1e-2", "--eval-every", "30", "--device", "cpu", "--run-name", "g", "--quiet",
-                     "--peak-tflops", "1"])
-    assert code == 0
-    return root
+    return trained_runs(tmp_path_factory.mktemp("gridrun"), {"g": [
+        "--ctx", "32", "--max-steps", "30", "--warmup-steps", "2", "--lr", "1e-2", "--eval-every", "30"]})
 
 
 @pytest.fixture

@@ -159,7 +159,7 @@ def test_nonfinite_loss_stops_with_clear_message(workspace, monkeypatch):
 def test_compiled_loss_equals_eager(dtype):
     # `train --compile` compiles the whole loss (model + cross-entropy, under autocast) as one graph;
     # aot_eager runs the same dynamo capture + AOT autograd as inductor without a C++ compiler.
-    from tinystories_cli.model import TransformerLM, cross_entropy
+    from tinystories_cli.model import TransformerLM
 
     torch._dynamo.reset()
     torch.manual_seed(0)

@@ -5,9 +5,11 @@ Everything is written under tmp_path; nothing depends on ../shared/data.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -60,3 +62,35 @@ def make_dataset(root: Path, vocab_size: int = 300, n_train: int = 400, n_valid:
     for split in texts:
         encode_file(d / f"{split}.txt", d / f"{split}.npy", tok)
     return tok
+
+
+# `tslm train` flags of the tiny model (TINY_MODEL) on data/tiny, for CLI-level fixtures.
+TINY_TRAIN_ARGS = ["--preset", "debug", "--dataset", "tiny", "--ctx", "16", "--d-model", "32", "--num-layers", "1",
+                   "--num-heads", "2", "--max-steps", "4", "--warmup-steps", "1", "--eval-every", "2",
+                   "--device", "cpu", "--quiet", "--peak-tflops", "1"]
+
+
+@contextlib.contextmanager
+def workspace_at(root: Path) -> Iterator[Path]:
+    """tslm's default data/ and runs/ pointed under `root` for the duration (tests only)."""
+    from tinystories_cli import paths
+
+    old = paths.DATA_ROOT, paths.RUNS_ROOT
+    paths.DATA_ROOT, paths.RUNS_ROOT = root / "data", root / "runs"
+    try:
+        yield root
+    finally:
+        paths.DATA_ROOT, paths.RUNS_ROOT = old
+
+
+def trained_runs(root: Path, runs: dict[str, list[str]]) -> Path:
+    """data/tiny under `root`, then `tslm train` once per named run (TINY_TRAIN_ARGS + its own flags, later
+    flags win) into root/runs/NAME; returns `root`. For module-scoped fixtures: training is the slow part."""
+    from tinystories_cli.cli import main
+
+    make_dataset(root)
+    with workspace_at(root):
+        for name, flags in runs.items():
+            code = main(["train", *TINY_TRAIN_ARGS, *flags, "--run-name", name])
+            assert code == 0, f"training {name} failed"
+    return root
