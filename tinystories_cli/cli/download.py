@@ -30,12 +30,13 @@ def command(
     endpoint: Annotated[Optional[str], typer.Option("--endpoint", help="Hugging Face mirror URL or local mirror directory (default: $HF_ENDPOINT, else https://huggingface.co).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="URL mode: the file to write.")] = None,
     sha256: Annotated[Optional[str], typer.Option("--sha256", help="URL mode: expected sha256 (hex) of the downloaded bytes.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Download again even if the file exists.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Download again even if the file exists; the old file is replaced only once the new one is verified.")] = False,
+    max_bytes: Annotated[Optional[int], typer.Option("--max-bytes", min=1, help="Refuse a file (downloaded or unpacked) larger than this many bytes; overrides the registry's cap for .gz sources.")] = None,
     list_datasets: Annotated[bool, typer.Option("--list", help="List the datasets and exit.")] = False,
 ) -> None:
     """Resumable, verified downloads: `tslm download tinystories`, or `tslm download URL --out FILE`.
 
-    Interrupted downloads continue from FILE.part on the next run. A file's sha256 is checked against the registry (or --sha256) when known; otherwise it is printed and recorded in FILE.sha256, so a later run notices a corrupted file. Complete, verified files are skipped.
+    Interrupted downloads continue from FILE.part (its origin in FILE.part.json) on the next run. A file's sha256 is checked against the registry (or --sha256), and against the sha256 Hugging Face publishes for large (LFS) files; otherwise it is printed and recorded in FILE.sha256, so a later run notices a corrupted file. Complete, verified files are skipped.
     """
     if list_datasets:
         for d in dl.DATASETS.values():
@@ -56,22 +57,27 @@ def command(
                             f"registry files go to {{--dir}}/{dataset}/ and use the registry's checksums")
         jobs = dl.plan_dataset(dataset, split, out_dir, endpoint)
     for pf in jobs:
-        _download_one(pf, force)
+        _download_one(pf, force, max_bytes)
 
 
-def _download_one(pf: dl.PlannedFile, force: bool) -> None:
+@contextlib.contextmanager
+def _interrupt_note() -> Iterator[None]:
     try:
-        with _progress_bar(pf.dest.name) as progress:
-            res = dl.download_planned(pf, force=force, progress=progress)
+        yield
     except dl.DownloadInterrupted as e:  # Ctrl-C: the bar is closed, say what was kept
         err_console.print(f"[yellow]interrupted:[/yellow] kept {human_bytes(e.have)} in {e.part}; "
                           "rerun the same command to resume", soft_wrap=True)
         raise typer.Exit(130) from None
+
+
+def _download_one(pf: dl.PlannedFile, force: bool, max_bytes: int | None = None) -> None:
+    with _interrupt_note(), progress_bar(pf.dest.name) as progress:
+        res = dl.download_planned(pf, force=force, progress=progress, max_bytes=max_bytes)
     _report(pf, res)
 
 
 @contextlib.contextmanager
-def _progress_bar(name: str) -> Iterator[dl.Progress]:
+def progress_bar(name: str) -> Iterator[dl.Progress]:
     """A rich bar (bytes, speed, ETA) on stderr, fed by the library's progress callback."""
     bar = Progress(
         TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
@@ -99,6 +105,9 @@ def _progress_bar(name: str) -> Iterator[dl.Progress]:
     finally:
         if task is not None:
             bar.stop()
+
+
+_progress_bar = progress_bar  # the old private name, still imported by cli/quickstart.py
 
 
 def _report(pf: dl.PlannedFile, res: dl.DownloadResult) -> None:
