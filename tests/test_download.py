@@ -38,6 +38,7 @@ class Route:
     headers: dict = dataclasses.field(default_factory=dict)  # extra headers on every answer (e.g. X-Linked-Etag)
     trickle: float = 0.0       # send one byte every `trickle` seconds (at most 200 bytes), like a stalled server
     throttle: float = 0.0      # pause this long after every 8 KB (slow but steady)
+    slow_headers: float = 0.0  # send the status line and headers one byte every `slow_headers` seconds
     if_range: bool = True      # honour If-Range (False: a server that ignores it and answers Range anyway)
 
     def current_etag(self) -> str | None:
@@ -63,6 +64,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Location", route.redirect)
             self.send_header("Content-Length", "0")
             self.end_headers()
+            return
+        if route.slow_headers:
+            try:
+                for b in b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\nX-Padding: " + b"x" * 200:
+                    self.wfile.write(bytes([b]))
+                    self.wfile.flush()
+                    time.sleep(route.slow_headers)
+            except OSError:
+                pass
+            self.close_connection = True
             return
         if route.fail_first > 0:
             route.fail_first -= 1

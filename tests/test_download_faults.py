@@ -50,6 +50,16 @@ def test_disk_full_while_downloading_keeps_a_resumable_part(server, tmp_path, sl
     assert res.sha256 == SHA and res.resumed_from == len(part) and _leftovers(out) == ["f.txt", "f.txt.sha256"]
 
 
+def test_disk_full_before_the_first_byte_leaves_nothing(server, tmp_path, sleeps):
+    server.routes["/f.txt"] = Route(BODY)
+    out = tmp_path / "f.txt"
+    p = _run_with_fsize_limit(100, "download", server.url + "/f.txt", "--out", str(out))  # not even the origin fits
+    assert p.returncode == 2, p.stderr
+    (line,) = _error_lines(p.stderr)
+    assert "disk full" in line and "nothing was kept" in line
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_disk_full_while_unpacking_keeps_the_gz(server, tmp_path, sleeps):
     gz = gzip.compress(BODY, mtime=0)
     assert len(gz) < 30_000 < len(BODY)

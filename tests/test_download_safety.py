@@ -302,6 +302,14 @@ def test_trickling_server_is_a_stall_not_a_hang(server, tmp_path, sleeps):
     assert BODY.startswith(part.read_bytes())  # what arrived is kept for a resume
 
 
+def test_trickled_response_headers_are_a_stall_not_a_hang(server, tmp_path, sleeps):
+    server.routes["/f.txt"] = Route(BODY, slow_headers=0.05)  # every read returns within the socket timeout
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match="no complete response headers within 0.4 s"):
+        dl.download_url(server.url + "/f.txt", tmp_path / "f.txt", idle_timeout=0.4, retries=1)
+    assert time.monotonic() - t0 < 5 and sleeps == [dl.BACKOFF] and list(tmp_path.iterdir()) == []
+
+
 def test_lfs_sha256_published_by_the_server_is_verified(server, tmp_path, sleeps):
     server.routes["/m/resolve/main/w.bin"] = Route(b"", redirect="/cdn/w.bin", headers={
         "X-Linked-Etag": f'"{SHA}"', "X-Linked-Size": str(len(BODY))})

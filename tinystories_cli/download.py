@@ -54,7 +54,9 @@ import http.client
 import json
 import os
 import re
+import socket
 import stat
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -537,8 +539,51 @@ class _RedirectGuard(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-def _open(url: str, have: int, origin: Origin | None, timeout: float):
-    """urlopen with Range/If-Range when resuming; maps failures to _Retry / UserError.
+class _HeaderDeadline:
+    """Shuts the connection down when the response headers have not all arrived within `limit` seconds.
+
+    The socket timeout only bounds the wait for *one* read, so a server sending its status line and
+    headers one byte at a time would otherwise hold `urlopen` forever.
+    """
+
+    def __init__(self, limit: float):
+        self.socks: list[socket.socket] = []
+        self.fired = False
+        self.timer = threading.Timer(limit, self._fire)
+        self.timer.daemon = True
+
+    def _fire(self) -> None:
+        self.fired = True
+        for s in list(self.socks):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def handlers(self) -> list:
+        watch = self
+
+        def watched(base):
+            class Conn(base):
+                def connect(self):
+                    super().connect()
+                    watch.socks.append(self.sock)
+            return Conn
+
+        class HTTP(urllib.request.HTTPHandler):
+            def http_open(self, req):
+                return self.do_open(watched(http.client.HTTPConnection), req)
+
+        class HTTPS(urllib.request.HTTPSHandler):
+            def https_open(self, req):
+                kw = {"context": self._context}
+                if getattr(self, "_check_hostname", None) is not None:  # Python < 3.12
+                    kw["check_hostname"] = self._check_hostname
+                return self.do_open(watched(http.client.HTTPSConnection), req, **kw)
+
+        return [HTTP(), HTTPS()]
+
+
+def _open(url: str, have: int, origin: Origin | None, timeout: float, header_limit: float):
+    """urlopen with Range/If-Range when resuming; maps failures to _Retry / _Stalled / UserError.
 
     Returns (response, published sha256 or None, published size or None).
     """
@@ -550,7 +595,9 @@ def _open(url: str, have: int, origin: Origin | None, timeout: float):
             req.add_header("If-Range", validator)
     is_file = urllib.parse.urlsplit(url).scheme == "file"
     guard = _RedirectGuard()
-    opener = urllib.request.build_opener(guard)
+    deadline = _HeaderDeadline(header_limit)
+    opener = urllib.request.build_opener(guard, *deadline.handlers())
+    deadline.timer.start()
     try:
         resp = opener.open(req, timeout=timeout)
     except urllib.error.HTTPError as e:
@@ -564,14 +611,20 @@ def _open(url: str, have: int, origin: Origin | None, timeout: float):
         else:
             fix = "check the URL (or --endpoint); the file may have moved or need a login" if e.code in (401, 403) else None
             raise UserError(f"{url}: HTTP {e.code} {e.reason}", fix) from None
-    except urllib.error.URLError as e:
-        if is_file and isinstance(e.reason, FileNotFoundError):
-            raise NotFound(url, f"cannot read {url}: {e.reason}", "check the path") from None
-        if is_file or isinstance(e.reason, (FileNotFoundError, PermissionError, IsADirectoryError)):
-            raise UserError(f"cannot read {url}: {e.reason}", "check the path") from None
-        raise _Retry(f"network error: {e.reason}") from None
-    except (OSError, http.client.HTTPException) as e:  # timeouts, resets, bad status lines
-        raise _Retry(f"network error: {type(e).__name__}: {e}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        if deadline.fired:
+            raise _Stalled(f"no complete response headers within {header_limit:g} s") from None
+        reason = getattr(e, "reason", None)
+        if is_file and isinstance(reason, FileNotFoundError):
+            raise NotFound(url, f"cannot read {url}: {reason}", "check the path") from None
+        if isinstance(e, urllib.error.URLError) and (
+                is_file or isinstance(reason, (FileNotFoundError, PermissionError, IsADirectoryError))):
+            raise UserError(f"cannot read {url}: {reason}", "check the path") from None
+        if isinstance(e, urllib.error.URLError):
+            raise _Retry(f"network error: {reason}") from None
+        raise _Retry(f"network error: {type(e).__name__}: {e}") from None  # timeouts, resets, bad status lines
+    finally:
+        deadline.timer.cancel()
     published = linked_size = None
     for h in [*guard.hops, resp.headers]:
         if h is not None:
@@ -596,7 +649,7 @@ def _fetch_once(url: str, part: _Part, timeout: float, idle_timeout: float, chun
     if have and (origin is None or origin.url != url or (origin.size is not None and have > origin.size)):
         part.discard()  # bytes of unknown or foreign origin: never spliced
         have, origin = 0, None
-    resp, published, linked_size = _open(url, have, origin, min(timeout, idle_timeout))
+    resp, published, linked_size = _open(url, have, origin, min(timeout, idle_timeout), idle_timeout)
     with contextlib.closing(resp):
         status = getattr(resp, "status", None) or getattr(resp, "code", None)
         headers = resp.headers
@@ -660,7 +713,7 @@ def _fetch_once(url: str, part: _Part, timeout: float, idle_timeout: float, chun
                         part.write_at(offset + got, chunk)
                     except OSError as e:
                         if _disk_full(e):
-                            raise _DiskFull(e, offset + got) from None
+                            raise _DiskFull(e) from None
                         raise UserError(f"cannot write {part.path}: {e.strerror or e}", "check the directory's permissions") from None
                     got += len(chunk)
                     window_bytes += len(chunk)
@@ -685,13 +738,16 @@ def _fetch_once(url: str, part: _Part, timeout: float, idle_timeout: float, chun
 
 
 class _DiskFull(Exception):
-    def __init__(self, err: OSError, have: int):
-        self.err, self.have = err, have
+    def __init__(self, err: OSError):
+        self.err = err
 
 
 def _disk_full_error(url: str, part: Path, e: OSError, have: int | None = None) -> UserError:
+    if have is None:
+        with contextlib.suppress(OSError):
+            have = os.lstat(part).st_size
     kept = f"kept {have} bytes in {part.name} and its origin in {origin_path(part).name} to resume" if have \
-        else f"nothing kept beyond {part.name} and {origin_path(part).name}"
+        else "nothing was kept"
     return UserError(f"disk full while downloading {url}: {e.strerror or e}; {kept}",
                      "free some disk space and rerun the same command")
 
@@ -712,7 +768,7 @@ def _fetch(url: str, part: _Part, *, retries: int, backoff: float, sleep: Callab
                                 f"rerun the same command to resume from {part.path.name}") from None
             (sleep or SLEEP)(min(backoff * 2 ** (failures - 1), MAX_BACKOFF))
         except _DiskFull as e:
-            raise _disk_full_error(url, part.path, e.err, e.have) from None
+            raise _disk_full_error(url, part.path, e.err, part.size()) from None  # a short write kept some bytes too
         except KeyboardInterrupt:
             raise DownloadInterrupted(part.path, part.size()) from None
 
