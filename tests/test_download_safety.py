@@ -333,3 +333,11 @@ def test_lfs_sha_change_between_runs_discards_the_part(server, tmp_path, sleeps)
     res = dl.download_url(server.url + "/m/w.bin", out)
     assert out.read_bytes() == NEW_BODY and res.verified
     assert [r for _, r in server.log] == ["bytes=1000-", None]
+
+
+def test_size_published_by_the_server_is_checked(server, tmp_path, sleeps):
+    server.routes["/m/resolve/main/w.bin"] = Route(b"", redirect="/cdn/w.bin", headers={"X-Linked-Size": str(len(BODY) + 1)})
+    server.routes["/cdn/w.bin"] = Route(BODY)
+    with pytest.raises(UserError, match=f"announces {len(BODY)} bytes but publishes a size of {len(BODY) + 1}"):
+        dl.download_url(server.url + "/m/resolve/main/w.bin", tmp_path / "w.bin")
+    assert list(tmp_path.iterdir()) == []

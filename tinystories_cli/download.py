@@ -686,7 +686,7 @@ def _fetch_once(url: str, part: _Part, timeout: float, idle_timeout: float, chun
                 raise UserError(f"{url}: the server announces {total} bytes but publishes a size of {linked_size}",
                                 "check --endpoint; the mirror may serve another file")
             origin = Origin(url, _strong_etag(headers), (headers.get("Last-Modified") or None) if headers else None,
-                            total, published)
+                            total if total is not None else linked_size, published)
             if origin.last_modified is not None and len(origin.last_modified) > 1024:
                 origin.last_modified = None
             part.set_origin(origin)  # before the first byte: every byte in a .part has a known origin
