@@ -341,3 +341,12 @@ def test_size_published_by_the_server_is_checked(server, tmp_path, sleeps):
     with pytest.raises(UserError, match=f"announces {len(BODY)} bytes but publishes a size of {len(BODY) + 1}"):
         dl.download_url(server.url + "/m/resolve/main/w.bin", tmp_path / "w.bin")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_odd_files_in_the_way_are_one_line(server, tmp_path, sleeps, capsys):
+    server.routes["/f.txt"] = Route(BODY)
+    out = tmp_path / "f.txt"
+    dl.origin_path(dl.part_path(out)).mkdir()  # a directory where the origin file goes
+    assert main(["download", server.url + "/f.txt", "--out", str(out)]) == 2
+    assert "f.txt.part.json" in _one_error_line(capsys.readouterr().err)
+    assert not out.exists() and not dl.part_path(out).exists()

@@ -889,6 +889,8 @@ def download_url(url: str, out: str | os.PathLike, sha256: str | None = None, *,
             raise _disk_full_error(url, part, e) from None
         if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise UserError(f"cannot write next to {out}: {e.strerror}", "check the directory's permissions") from None
+        if e.filename is not None:  # e.g. a directory where the .part's origin file goes
+            raise UserError(f"cannot write {e.filename}: {e.strerror or e}", "move it away and rerun") from None
         raise
 
 
