@@ -115,5 +115,7 @@ def test_cli_argument_errors(tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     assert main(["download", "hf-model", REPO, "--out", str(tmp_path / "afile"), "--endpoint", str(tmp_path)]) == 2
     assert "not a directory" in capsys.readouterr().err
+    assert main(["download", "hf-model", REPO, "--out", str(tmp_path / "m"), "--dir", str(tmp_path)]) == 2
+    assert "--dir and --out" in capsys.readouterr().err
     assert main(["download", "--list"]) == 0
     assert "hf-model REPO" in capsys.readouterr().out

@@ -27,7 +27,7 @@ def command(
         help=f"One of: {', '.join(dl.DATASETS)}; or `{dl.HF_MODEL} REPO`; or a URL (http(s)://, file://) to fetch into --out.",
         show_default=False)] = None,
     repo: Annotated[Optional[str], typer.Argument(
-        metavar="[REPO]", help=f"With `{dl.HF_MODEL}`: the Hugging Face model repo, e.g. openai-community/gpt2.",
+        metavar="REPO", help=f"With `{dl.HF_MODEL}`: the Hugging Face model repo, e.g. openai-community/gpt2.",
         show_default=False)] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--dir", help="Data root; files land in DIR/<dataset>/ (default: data/, or $TSLM_DATA).")] = None,
     split: Annotated[str, typer.Option("--split", help="train | valid | all.")] = "all",
@@ -53,6 +53,9 @@ def command(
     if dataset == dl.HF_MODEL:
         if repo is None:
             raise UserError(f"`{dl.HF_MODEL}` needs a repo id", f"e.g. tslm download {dl.HF_MODEL} openai-community/gpt2")
+        if out is not None and out_dir is not None:
+            raise UserError("--dir and --out together",
+                            "--out DIR is the model directory; --dir is the data root (files go to DIR/hf/...)")
         if sha256 is not None or split != "all":
             raise UserError(f"--sha256/--split do not apply to `{dl.HF_MODEL}`",
                             "large files are checked against the sha256 the Hub publishes")
