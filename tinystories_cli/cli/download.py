@@ -1,4 +1,5 @@
-"""`tslm download`: a registry dataset into data/<dataset>/, or any URL into --out FILE."""
+"""`tslm download`: a registry dataset into data/<dataset>/, a Hugging Face model repo into
+data/hf/<owner>--<name>/ (`tslm download hf-model REPO`), or any URL into --out FILE."""
 
 from __future__ import annotations
 
@@ -23,26 +24,45 @@ _STAGES = {"download": "downloading", "verify": "verifying", "decompress": "deco
 def command(
     dataset: Annotated[Optional[str], typer.Argument(
         metavar="DATASET|URL",
-        help=f"One of: {', '.join(dl.DATASETS)}. Or a URL (http(s)://, file://) to fetch into --out.",
+        help=f"One of: {', '.join(dl.DATASETS)}; or `{dl.HF_MODEL} REPO`; or a URL (http(s)://, file://) to fetch into --out.",
+        show_default=False)] = None,
+    repo: Annotated[Optional[str], typer.Argument(
+        metavar="REPO", help=f"With `{dl.HF_MODEL}`: the Hugging Face model repo, e.g. openai-community/gpt2.",
         show_default=False)] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--dir", help="Data root; files land in DIR/<dataset>/ (default: data/, or $TSLM_DATA).")] = None,
     split: Annotated[str, typer.Option("--split", help="train | valid | all.")] = "all",
     endpoint: Annotated[Optional[str], typer.Option("--endpoint", help="Hugging Face mirror URL or local mirror directory (default: $HF_ENDPOINT, else https://huggingface.co).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="URL mode: the file to write.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help=f"URL mode: the file to write. `{dl.HF_MODEL}`: the directory (default: DIR/hf/<owner>--<name>/).")] = None,
     sha256: Annotated[Optional[str], typer.Option("--sha256", help="URL mode: expected sha256 (hex) of the downloaded bytes.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Download again even if the file exists.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Download again even if the file exists; the old file is replaced only once the new one is verified.")] = False,
+    max_bytes: Annotated[Optional[int], typer.Option("--max-bytes", min=1, help="Refuse a file (downloaded or unpacked) larger than this many bytes; overrides the registry's cap for .gz sources.")] = None,
     list_datasets: Annotated[bool, typer.Option("--list", help="List the datasets and exit.")] = False,
 ) -> None:
     """Resumable, verified downloads: `tslm download tinystories`, or `tslm download URL --out FILE`.
 
-    Interrupted downloads continue from FILE.part on the next run. A file's sha256 is checked against the registry (or --sha256) when known; otherwise it is printed and recorded in FILE.sha256, so a later run notices a corrupted file. Complete, verified files are skipped.
+    Interrupted downloads continue from FILE.part (its origin in FILE.part.json) on the next run. A file's sha256 is checked against the registry (or --sha256), and against the sha256 Hugging Face publishes for large (LFS) files; otherwise it is printed and recorded in FILE.sha256, so a later run notices a corrupted file. Complete, verified files are skipped. `tslm download hf-model REPO` fetches a model's config.json, model.safetensors and tokenizer files and prints the directory (for `tslm import`).
     """
     if list_datasets:
         for d in dl.DATASETS.values():
             console.print(f"{d.name:<16} {d.description}", soft_wrap=True)
+        console.print(f"{dl.HF_MODEL + ' REPO':<16} a Hugging Face model: config.json, model.safetensors, tokenizer files",
+                      soft_wrap=True)
         return
     if dataset is None:
         raise UserError("missing DATASET or URL", f"e.g. tslm download tinystories; datasets: {', '.join(dl.DATASETS)}")
+    if dataset == dl.HF_MODEL:
+        if repo is None:
+            raise UserError(f"`{dl.HF_MODEL}` needs a repo id", f"e.g. tslm download {dl.HF_MODEL} openai-community/gpt2")
+        if out is not None and out_dir is not None:
+            raise UserError("--dir and --out together",
+                            "--out DIR is the model directory; --dir is the data root (files go to DIR/hf/...)")
+        if sha256 is not None or split != "all":
+            raise UserError(f"--sha256/--split do not apply to `{dl.HF_MODEL}`",
+                            "large files are checked against the sha256 the Hub publishes")
+        _download_hf_model(repo, out_dir, out, endpoint, force, max_bytes)
+        return
+    if repo is not None:
+        raise UserError(f"unexpected extra argument {repo!r}", f"only `{dl.HF_MODEL}` takes a REPO")
     if "://" in dataset:
         if out is None:
             raise UserError("a URL needs --out FILE", f"e.g. tslm download {dataset} --out data/corpus.txt")
@@ -56,22 +76,38 @@ def command(
                             f"registry files go to {{--dir}}/{dataset}/ and use the registry's checksums")
         jobs = dl.plan_dataset(dataset, split, out_dir, endpoint)
     for pf in jobs:
-        _download_one(pf, force)
+        _download_one(pf, force, max_bytes)
 
 
-def _download_one(pf: dl.PlannedFile, force: bool) -> None:
+@contextlib.contextmanager
+def _interrupt_note() -> Iterator[None]:
     try:
-        with _progress_bar(pf.dest.name) as progress:
-            res = dl.download_planned(pf, force=force, progress=progress)
+        yield
     except dl.DownloadInterrupted as e:  # Ctrl-C: the bar is closed, say what was kept
         err_console.print(f"[yellow]interrupted:[/yellow] kept {human_bytes(e.have)} in {e.part}; "
                           "rerun the same command to resume", soft_wrap=True)
         raise typer.Exit(130) from None
+
+
+def _download_one(pf: dl.PlannedFile, force: bool, max_bytes: int | None = None) -> None:
+    with _interrupt_note(), progress_bar(pf.dest.name) as progress:
+        res = dl.download_planned(pf, force=force, progress=progress, max_bytes=max_bytes)
     _report(pf, res)
 
 
+def _download_hf_model(repo: str, root: Path | None, out: Path | None, endpoint: str | None, force: bool,
+                       max_bytes: int | None) -> None:
+    with _interrupt_note():
+        res = dl.download_hf_model(
+            repo, out, root, endpoint, progress_for=lambda pf: progress_bar(pf.dest.name),
+            on_missing=lambda name: print_note(f"  {name}: not in {repo}; skipped (optional)"),
+            on_done=_report, force=force, max_bytes=max_bytes)
+    console.print(f"[green]model files of {repo}[/green] in (for `tslm import`):", soft_wrap=True)
+    console.print(str(res.dir), soft_wrap=True, markup=False)
+
+
 @contextlib.contextmanager
-def _progress_bar(name: str) -> Iterator[dl.Progress]:
+def progress_bar(name: str) -> Iterator[dl.Progress]:
     """A rich bar (bytes, speed, ETA) on stderr, fed by the library's progress callback."""
     bar = Progress(
         TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
@@ -99,6 +135,8 @@ def _progress_bar(name: str) -> Iterator[dl.Progress]:
     finally:
         if task is not None:
             bar.stop()
+
+
 
 
 def _report(pf: dl.PlannedFile, res: dl.DownloadResult) -> None:

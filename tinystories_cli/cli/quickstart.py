@@ -72,13 +72,13 @@ def command(
             console.file.write(chunk)
         console.file.flush()
 
-    from tinystories_cli.cli.download import _progress_bar
+    from tinystories_cli.cli.download import progress_bar
 
     from tinystories_cli.download import DownloadInterrupted
 
     try:
         with _bpe_progress() as bpe_progress, _encode_progress() as encode_progress:
-            result = qs.run_quickstart(opts, notify, download_progress=_progress_bar, bpe_progress=bpe_progress,
+            result = qs.run_quickstart(opts, notify, download_progress=progress_bar, bpe_progress=bpe_progress,
                                        encode_progress=encode_progress, on_story_text=on_story_text)
     except DownloadInterrupted as e:
         err_console.print(f"[yellow]interrupted:[/yellow] kept {human_bytes(e.have)} in {e.part}; rerun the same "
