@@ -3,8 +3,8 @@
 Every file tslm writes goes through `atomic_write`: the bytes land in a temporary file in the
 same directory, are flushed and fsynced, and only then renamed over the destination (a symlink there is
 replaced, never written through), and the directory is fsynced so the rename itself is durable. A crash
-or Ctrl-C at any point leaves either the old file or the new one, never half of one; a full disk is one
-`UserError` and leaves no temporary file behind.
+or Ctrl-C at any point leaves either the old file or the new one, never half of one; a full disk leaves no
+temporary file behind (the OSError names the file; the CLI reports it in one line).
 """
 
 from __future__ import annotations
@@ -48,18 +48,13 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(e, OSError) and e.errno in DISK_FULL:
-            raise disk_full(path) from None
+        if isinstance(e, OSError) and e.errno in DISK_FULL and e.filename is None:
+            e.filename = str(path)  # so the one-line report can name the file
         raise
 
 
-# Out of space, over quota, or over the file-size limit (RLIMIT_FSIZE).
+# Out of space, over quota, or over the file-size limit (RLIMIT_FSIZE): the CLI reports these in one line.
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-
-
-def disk_full(path: str | os.PathLike) -> UserError:
-    return UserError(f"no space left to write {path} (disk full or over a size limit); nothing was changed",
-                     "free some disk space and run the command again")
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:

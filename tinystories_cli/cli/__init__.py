@@ -27,6 +27,7 @@ except ImportError:  # pragma: no cover
 from tinystories_cli import __version__
 from tinystories_cli.console import print_error
 from tinystories_cli.errors import UserError
+from tinystories_cli.fileio import DISK_FULL
 
 # Registered subcommands in --help order, with their one-line summary. A command is listed only once
 # it really works. Modules are imported only when their command runs, so `tslm bpe` or `tslm --help`
@@ -154,8 +155,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    except Exception as e:  # a bug, not a user error: say so and how to see more
+    except Exception as e:  # a full disk, or a bug (not a user error): say so and how to see more
         if debug:
             raise
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            where = f" to write {e.filename}" if e.filename else ""
+            print_error(f"no space left{where} (disk full or over a size limit); files written before are kept "
+                        "(free some disk space and run the command again)")
+            return 2
         print_error(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback and report it)")
         return 1
