@@ -320,3 +320,48 @@ def test_resume_auto_starts_a_run_that_has_no_checkpoint(workspace):
     assert res.step == 1 and (res.run_dir / "config.json").is_file()
     (res.run_dir / "checkpoints" / "step_0000001.safetensors").unlink()  # as if killed before its first save
     assert _run("fresh", resume="auto").step == 8  # started over (no "already holds a run" refusal)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_cli_interrupted_run_saves_and_exits_with_the_signal_code(workspace, run_cli, monkeypatch, sigint_disposition,
+                                                                  sig, code):
+    # A scheduler (Slurm requeue) must see that the run did not finish: 128 + the signal's number.
+    sigint_disposition(signal.default_int_handler)
+    real = T.train
+
+    def train_and_signal(run):
+        return real(run, on_step=lambda step, record: step == 2 and os.kill(os.getpid(), sig))
+
+    monkeypatch.setattr(T, "train", train_and_signal)
+    got, text = _cli(run_cli, "--run-name", f"s{code}")
+    assert got == code, text
+    res = read_checkpoint(runs.latest_checkpoint(paths.RUNS_ROOT / f"s{code}"))
+    assert res.iteration == 3  # saved at the end of the step that noticed the signal
+
+
+def test_no_host_sync_between_log_steps(workspace, monkeypatch):
+    # Every way Python code reads a tensor's value on the host; each would stall a GPU pipeline per step.
+    calls: list[str] = []
+    for name in ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, _name=name, **k):
+            calls.append(_name)
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    per_step: dict[int, list[str]] = {}
+
+    def count(step, record):
+        per_step[step] = list(calls)
+        calls.clear()
+
+    run = T.prepare_run("debug", None, TINY_MODEL,
+                        {"dataset": "tiny", **TINY_TRAIN, "log_every": 4, "eval_every": 100, "save_every": 100,
+                         "grad_accum_steps": 2},
+                        T.TrainOptions(run_name="sync", display="quiet", peak_tflops=1.0))
+    res = T.train(run, on_step=count)
+    assert res.step == 8 and len(res.train_losses) == 8  # every step's loss still reaches the result
+    assert all(v == v for v in res.train_losses.values())
+    assert {s: per_step[s] for s in (2, 3, 5, 6, 7)} == {s: [] for s in (2, 3, 5, 6, 7)}
+    assert per_step[4]  # the log step does read values (the counter works)

@@ -18,6 +18,10 @@ RUN = "Run"
 
 COMMAND_KWARGS = {"no_args_is_help": False}
 
+# An interrupted run exits as a process killed by the signal would (128 + signal number), after saving its
+# checkpoint: a scheduler (Slurm requeue, a shell loop) then knows the run did not finish.
+EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+
 
 def _opt(*names: str, help: str, panel: str = RUN, **kw):
     return typer.Option(*names, help=help, rich_help_panel=panel, show_default=False, **kw)
@@ -69,3 +73,5 @@ def command(
         how = {"finished": "finished", "stop_at": "stopped at --stop-at", "interrupted": "interrupted"}[result.stopped]
         console.print(f"{how} at step {result.step}/{result.max_steps}{best}; run in {result.run_dir} "
                       f"({result.tokens_per_s / 1e3:.1f}K tokens/s)", soft_wrap=True)
+    if result.stopped == "interrupted":
+        raise typer.Exit(EXIT_CODES.get(result.signal or "", 130))

@@ -11,9 +11,13 @@ at a time (`step` counts from 1 to `max_steps`), reading like this:
         for each of grad_accum_steps micro-batches:              # DDP syncs gradients on the last one only
             loss = cross_entropy(model(x), y) / grad_accum_steps; loss.backward()
         grad_norm = clip_grad_norm_(params, grad_clip)            # global norm, before clipping
-    if loss or grad_norm is not finite: stop (or skip up to --skip-nonfinite steps), weights untouched
-    else: optimizer.step()
+    optimizer.step(found_inf=not finite(loss, grad_norm))         # skipped on the device, weights untouched
+    at sync points (log/eval/save steps): losses to the host; a skipped step stops the run (or is
+    counted, up to --skip-nonfinite); a signal stops it after a checkpoint (exit 130/143 from the CLI)
     log -> evaluate (and keep the best weights) -> save -> stop on a signal
+
+No host sync between sync points: losses and norms stay on the device (`StepStats`), the update is
+skipped with a device-side flag, and on CUDA the next step's batches are read ahead (`Feeder`).
 
 Tokens per step = batch_size x grad_accum_steps x world_size x context_length.
 
@@ -70,6 +74,7 @@ class TrainResult:
     val_losses: dict[int, float] = field(default_factory=dict)
     best_val_loss: float | None = None
     stopped: str = "finished"  # finished | stop_at | interrupted
+    signal: str | None = None  # SIGINT or SIGTERM when interrupted
     tokens_per_s: float = 0.0
     elapsed_s: float = 0.0
 
@@ -269,10 +274,16 @@ def flops_per_token(cfg: ModelConfig) -> float:
 
 def fit(run: Run, state: State, display: Display, log: MetricsLog | None, peak: float,
         on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
-    """Steps `state.start_step + 1 .. run.end_step`: lr -> train_step -> guarded update -> log/eval/save."""
+    """Steps `state.start_step + 1 .. run.end_step`: lr -> train_step -> guarded update -> log/eval/save.
+
+    Nothing is read back to the host between sync points (log, eval and save steps, the first and the
+    last step): losses and gradient norms stay on the device until then (`StepStats`), and a bad step
+    is skipped on the device (`guarded_update`)."""
     tc = run.train_cfg
     result = TrainResult(run.run_dir, state.start_step, run.max_steps, best_val_loss=state.best_val)
     meter = Throughput(state.start_step, run.end_step, flops_per_token(run.model_cfg), peak)
+    stats = StepStats()
+    feeder = Feeder(state.sampler, state.device, tc.grad_accum_steps)
     state.model.train()
     if state.rng_state is not None and state.dist.is_main:  # last thing before the loop: nothing else may draw from it
         restore_rng(state.rng_state, state.device)
@@ -281,26 +292,33 @@ def fit(run: Run, state: State, display: Display, log: MetricsLog | None, peak: 
             lr = cosine_lr(step, tc.lr, tc.min_lr, tc.warmup_steps, run.max_steps)
             for group in state.optimizer.param_groups:
                 group["lr"] = lr
-            batches = [state.sampler.next(state.device) for _ in range(tc.grad_accum_steps)]
+            batches = feeder.take()
             loss, grad_norm = first_step(state, batches, display) if step == state.start_step + 1 \
                 else train_step(state, batches)
-            loss_value, norm_value, stop_requested = host_values(state, loss, grad_norm, signals.stop)
-            guarded_update(state, run.options, step, loss_value, norm_value, display)
-            result.train_losses[step], result.step = loss_value, step
+            feeder.prefetch()  # the next step's batches are read while this one runs on the device
+            guarded_update(state, loss, grad_norm)
+            stats.add(step, loss, grad_norm)
             record = meter.record(step, state, state.elapsed_before)
-            if step % tc.log_every == 0 or step == run.end_step or step == state.start_step + 1:
-                record.update(train_loss=loss_value, lr=lr, grad_norm=norm_value, **meter.rates(step))
-                display.log(step, run.end_step, meter.line(loss_value, lr, norm_value, record))
+            result.step = step
+            stop_requested = signals.stop and not state.dist.enabled  # a CPU flag: no sync needed
+            if is_sync_point(step, state.start_step, run.end_step, run.max_steps, tc) or stop_requested:
+                losses, norm = stats.flush(state.dist)
+                result.train_losses.update(losses)
+                check_nonfinite(state, run.options, losses, stats, display)
+                stop_requested = any_rank(state, signals.stop)
+                if step % tc.log_every == 0 or step == run.end_step or step == state.start_step + 1:
+                    record.update(train_loss=losses[step], lr=lr, grad_norm=norm, **meter.rates(step))
+                    display.log(step, run.end_step, meter.line(losses[step], lr, norm, record))
             if step % tc.eval_every == 0 or step == run.max_steps:
                 evaluate_and_keep_best(run, state, step, record, result, display)
             if step % tc.save_every == 0 or stop_requested or step == run.end_step:
-                save_step(run, state, step, record["elapsed_s"])
+                save_step(run, state, step, record["elapsed_s"], feeder)
             if log is not None:
                 log.write(record)
             if on_step is not None:
                 on_step(step, record)
             if stop_requested:
-                result.stopped = "interrupted"
+                result.stopped, result.signal = "interrupted", signals.signame or "SIGINT"
                 display.note(f"{signals.signame or 'signal'}: saved a checkpoint at step {step}; continue with "
                              f"`tslm train --resume --run-name {run.run_dir.name}`")
                 break
@@ -309,6 +327,12 @@ def fit(run: Run, state: State, display: Display, log: MetricsLog | None, peak: 
     result.best_val_loss = state.best_val
     result.elapsed_s, result.tokens_per_s = meter.totals(result.step, state.tokens_per_step)
     return result
+
+
+def is_sync_point(step: int, start_step: int, end_step: int, max_steps: int, tc) -> bool:
+    """Steps where values come to the host: logging, evaluation, saving, the first and the last step."""
+    return (step % tc.log_every == 0 or step % tc.eval_every == 0 or step % tc.save_every == 0
+            or step in (start_step + 1, end_step, max_steps))
 
 
 def train_step(state: State, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -343,30 +367,94 @@ def first_step(state: State, batches, display: Display) -> tuple[torch.Tensor, t
         return train_step(state, batches)
 
 
-def host_values(state: State, loss: torch.Tensor, grad_norm: torch.Tensor, stop: bool) -> tuple[float, float, bool]:
-    """(mean loss over ranks, grad norm, whether any rank got a stop signal): one small all-reduce."""
-    flags = torch.stack([loss.float(), torch.tensor(float(stop), device=state.device)])
-    if state.dist.enabled:
-        torch.distributed.all_reduce(flags)
-        flags[0] /= state.dist.world_size
-    return flags[0].item(), grad_norm.item(), flags[1].item() > 0
+def guarded_update(state: State, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+    """optimizer.step(), skipped on the device when the loss or the gradient norm is not finite.
 
-
-def guarded_update(state: State, opts: TrainOptions, step: int, loss: float, grad_norm: float, display: Display) -> None:
-    """optimizer.step() when loss and gradient are finite; otherwise skip (up to --skip-nonfinite) or stop."""
-    if math.isfinite(loss) and math.isfinite(grad_norm):
-        state.optimizer.step()
-        state.optimizer.zero_grad(set_to_none=True)
-        return
-    state.skipped += 1
+    The gradient norm is global (the same on every rank), so all ranks skip together; the loss joins
+    the check in one process (under DDP/FSDP a rank's NaN loss makes every rank's gradients NaN).
+    The host learns about a skip at the next sync point (`check_nonfinite`)."""
+    bad = ~torch.isfinite(grad_norm)
+    if not state.dist.enabled:
+        bad = bad | ~torch.isfinite(loss)
+    state.optimizer.step(found_inf=bad)
     state.optimizer.zero_grad(set_to_none=True)
-    what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", grad_norm)
-    if state.skipped > opts.skip_nonfinite:
-        raise NonFiniteError(
-            f"non-finite {what} ({value}) at step {step}; last good checkpoint: {state.last_good or 'none yet'}",
-            "lower --lr, keep --grad-clip at 1.0 or lower it, use --dtype float32, or pass "
-            "--skip-nonfinite N to skip up to N bad steps; resume with --resume")
-    display.note(f"warning: non-finite {what} at step {step}: step skipped ({state.skipped}/{opts.skip_nonfinite})")
+
+
+def check_nonfinite(state: State, opts: TrainOptions, losses: dict[int, float], stats: StepStats,
+                    display: Display) -> None:
+    """After a flush: count the steps skipped since the last sync point; stop past --skip-nonfinite."""
+    for step, what, value in stats.bad_steps:
+        state.skipped += 1
+        if state.skipped > opts.skip_nonfinite:
+            raise NonFiniteError(
+                f"non-finite {what} ({value}) at step {step}; last good checkpoint: {state.last_good or 'none yet'}",
+                "lower --lr, keep --grad-clip at 1.0 or lower it, use --dtype float32, or pass "
+                "--skip-nonfinite N to skip up to N bad steps; resume with --resume")
+        display.note(f"warning: non-finite {what} at step {step}: step skipped ({state.skipped}/{opts.skip_nonfinite})")
+
+
+def any_rank(state: State, flag: bool) -> bool:
+    """Whether `flag` is set on any rank (one tiny all-reduce under torchrun)."""
+    if not state.dist.enabled:
+        return flag
+    t = torch.tensor([float(flag)], device=state.device)
+    torch.distributed.all_reduce(t)
+    return t.item() > 0
+
+
+class StepStats:
+    """Each step's loss and gradient norm, kept on the device until the next sync point."""
+
+    def __init__(self):
+        self.steps: list[int] = []
+        self.values: list[torch.Tensor] = []
+        self.bad_steps: list[tuple[int, str, float]] = []
+
+    def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        self.steps.append(step)
+        self.values.append(torch.stack([loss.detach().float(), grad_norm.detach().float().to(loss.device)]))
+
+    def flush(self, dist: Dist) -> tuple[dict[int, float], float]:
+        """({step: loss averaged over ranks}, the last step's gradient norm): one transfer for all pending steps."""
+        both = torch.stack(self.values)  # (n, 2)
+        if dist.enabled:
+            losses = both[:, 0].contiguous()
+            torch.distributed.all_reduce(losses)
+            both = torch.stack([losses / dist.world_size, both[:, 1]], dim=1)
+        rows = both.tolist()
+        out = {s: r[0] for s, r in zip(self.steps, rows)}
+        self.bad_steps = [(s, "loss", r[0]) if not math.isfinite(r[0]) else (s, "gradient norm", r[1])
+                          for s, r in zip(self.steps, rows) if not (math.isfinite(r[0]) and math.isfinite(r[1]))]
+        norm = rows[-1][1]
+        self.steps, self.values = [], []
+        return out, norm
+
+
+class Feeder:
+    """The next step's micro-batches, read ahead on CUDA (pinned memory, non-blocking copies) while the
+    current step runs; elsewhere read when needed. `sampler_state()` is the position of the batches consumed."""
+
+    def __init__(self, sampler: BatchSampler, device: torch.device, micro_batches: int):
+        self.sampler, self.device, self.n = sampler, device, micro_batches
+        self.ahead: list | None = None
+        self.read_ahead = device.type == "cuda"
+
+    def _read(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [self.sampler.next(self.device) for _ in range(self.n)]
+
+    def take(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        batches, self.ahead = (self.ahead if self.ahead is not None else self._read()), None
+        return batches
+
+    def prefetch(self) -> None:
+        if self.read_ahead:
+            self.ahead = self._read()
+
+    def sampler_state(self) -> dict:
+        state = self.sampler.state_dict()
+        if self.ahead is not None:
+            state["draws"] -= self.n
+        return state
 
 
 def evaluate_and_keep_best(run: Run, state: State, step: int, record: dict, result: TrainResult,
@@ -387,13 +475,14 @@ def evaluate_and_keep_best(run: Run, state: State, step: int, record: dict, resu
                             metadata={"model_config": cfg.model_dump(), "val_loss": val, "preset": run.preset})
 
 
-def save_step(run: Run, state: State, step: int, elapsed: float) -> None:
+def save_step(run: Run, state: State, step: int, elapsed: float, feeder: Feeder | None = None) -> None:
     """Rank 0 writes checkpoints/step_N.safetensors atomically, then keeps only the newest `keep_last`."""
     if state.dist.is_main:
         path = run.run_dir / runs.CHECKPOINT_DIR / runs.step_checkpoint_name(step)
         meta = {"model_config": run.model_cfg.model_dump(), "train_config": run.train_cfg.model_dump(),
-                "preset": run.preset, "sampler": state.sampler.state_dict(), "best_val_loss": state.best_val,
-                "skipped_nonfinite": state.skipped, "elapsed_s": elapsed, "max_steps": run.max_steps}
+                "preset": run.preset, "best_val_loss": state.best_val,
+                "skipped_nonfinite": state.skipped, "elapsed_s": elapsed, "max_steps": run.max_steps,
+                "sampler": feeder.sampler_state() if feeder is not None else state.sampler.state_dict()}
         save_checkpoint(state.raw_model, state.optimizer, step, path, metadata=meta,
                         extra_tensors=rng_tensors(state.device))
         for _, old in runs.step_checkpoints(run.run_dir)[:-run.train_cfg.keep_last]:
