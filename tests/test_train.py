@@ -254,7 +254,7 @@ def test_cli_trains_and_refuses_to_clobber_a_run(workspace, run_cli):
     (["--vocab-size", "100"], "smaller than the tokenizer's 300"),
     (["--stop-at", "9"], "--stop-at 9 is outside 1..4"),
     (["--dataset", "nope"], "tokenizer not found"),
-    (["--dtype", "float16"], "bfloat16"),
+    (["--dtype", "float64"], "dtype"),
 ])
 def test_cli_bad_config(workspace, run_cli, args, expected):
     code, text = _cli(run_cli, "--run-name", "bad", *args)
@@ -365,3 +365,57 @@ def test_no_host_sync_between_log_steps(workspace, monkeypatch):
     assert all(v == v for v in res.train_losses.values())
     assert {s: per_step[s] for s in (2, 3, 5, 6, 7)} == {s: [] for s in (2, 3, 5, 6, 7)}
     assert per_step[4]  # the log step does read values (the counter works)
+
+
+def test_auto_dtype_compile_and_matmul_precision_follow_the_device(workspace, monkeypatch):
+    from tinystories_cli import device as D
+
+    cuda, cpu, mps = torch.device("cuda", 0), torch.device("cpu"), torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert [D.choose_dtype("auto", d) for d in (cuda, cpu, mps)] == ["bfloat16", "float32", "float32"]
+    assert D.choose_dtype("float16", cpu) == "float16" and D.choose_dtype("float32", cuda) == "float32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a V100
+    assert D.choose_dtype("auto", cuda) == "float32"
+    assert [D.choose_compile(None, d) for d in (cuda, cpu, mps)] == [True, False, False]
+    assert D.choose_compile(True, cpu) and not D.choose_compile(False, cuda)
+    precision = []
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", precision.append)
+    D.use_fast_fp32_matmul(cpu)
+    assert precision == []  # CPU matmuls stay exact
+    D.use_fast_fp32_matmul(cuda)
+    assert precision == ["high"]  # TF32 for what stays float32 on a GPU
+    res = _run("chosen")
+    cfg = json.loads((res.run_dir / "config.json").read_text())
+    assert cfg["train"]["dtype"] == "auto" and cfg["train"]["compile"] is None
+    assert cfg["chosen"] == {"dtype": "float32", "compile": False, "parallel": "none",
+                             "float32_matmul_precision": "highest", "activation_checkpointing": False}
+
+
+def test_float16_loss_scaling_trains_resumes_exactly_and_survives_an_inf(workspace, monkeypatch):
+    import tinystories_cli.train.loop as L
+
+    fp16 = {"dtype": "float16"}
+    full = _run("fp16", train=fp16)
+    assert all(v == v for v in full.train_losses.values())
+    assert full.train_losses[8] < full.train_losses[1]
+    first = _run("fp16split", train=fp16, stop_at=4)
+    second = _run("fp16split", train=fp16, resume="auto")
+    assert {**first.train_losses, **second.train_losses} == full.train_losses  # scaler state resumed exactly
+    ckpt = read_checkpoint(runs.latest_checkpoint(second.run_dir))
+    assert {"scaler.scale", "scaler.good_steps"} <= ckpt.extra.keys()
+
+    real, calls = L.clip_grad_norm_, {"n": 0}
+
+    def inject(params, max_norm):
+        params = list(params)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            params[0].grad[0, 0] = float("inf")  # as an overflowing float16 backward leaves it
+        return real(params, max_norm)
+
+    monkeypatch.setattr(L, "clip_grad_norm_", inject)
+    res = _run("fp16inf", train=fp16)  # --skip-nonfinite 0, yet the run goes on: the scaler owns this
+    assert res.step == 8 and all(v == v for v in res.train_losses.values())
+    records = {r["step"]: r for r in map(json.loads, (res.run_dir / "metrics.jsonl").read_text().splitlines())}
+    assert records[5]["skipped_steps"] == records[4]["skipped_steps"] + 1
+    assert records[5]["loss_scale"] == records[4]["loss_scale"] / 2

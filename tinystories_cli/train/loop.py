@@ -45,11 +45,11 @@ import torch
 
 from tinystories_cli import __version__, runs
 from tinystories_cli.account import train_flops_per_step
-from tinystories_cli.checkpoint import load_model_state, load_optimizer_state, read_checkpoint, save_checkpoint
+from tinystories_cli.checkpoint import load_model_state, load_optimizer_state, read_checkpoint, save_states, state_tensors
 from tinystories_cli.config import ModelConfig
 from tinystories_cli.data import BatchSampler, fixed_windows
-from tinystories_cli.device import (Dist, autocast_factory, broadcast_str, dist_from_env, init_distributed,
-                                    measure_peak_tflops, pick_device, sync)
+from tinystories_cli.device import (Dist, autocast_factory, broadcast_str, choose_compile, choose_dtype, dist_from_env,
+                                    init_distributed, measure_peak_tflops, pick_device, sync, use_fast_fp32_matmul)
 from tinystories_cli.errors import UserError
 from tinystories_cli.evaluate import fixed_window_loss
 from tinystories_cli.fileio import atomic_write_text
@@ -58,6 +58,8 @@ from tinystories_cli.optim import AdamW, clip_grad_norm_, cosine_lr, make_param_
 from tinystories_cli.run_readme import write_run_readme
 from tinystories_cli.tokens import open_tokens
 from tinystories_cli.train.display import Display, Signals, format_duration, print_header
+from tinystories_cli.train.parallel import (LossScaler, apply_activation_checkpointing, full_state, shard_model,
+                                            shard_optimizer_state, tied_aliases)
 from tinystories_cli.train.prepare import Run, TrainOptions, clear_run_dir, copy_tokenizer
 
 
@@ -103,6 +105,10 @@ class State:
     elapsed_before: float = 0.0
     rng_state: dict[str, torch.Tensor] | None = None
     last_good: Path | None = None
+    dtype: str = "float32"        # what --dtype chose on this device
+    parallel: str = "none"        # none | ddp | fsdp
+    scaler: LossScaler | None = None  # float16 only
+    scaler_skipped: int = 0       # steps the loss scaler skipped (overflowing float16 gradients)
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,7 +145,7 @@ def train(run: Run, on_step: Callable[[int, dict], None] | None = None) -> Train
 
 
 def build_state(run: Run) -> State:
-    """Device and process group, model, optimizer, data and the checkpoint to continue from."""
+    """Device and process group, model (sharded or replicated), optimizer, data and the checkpoint to continue from."""
     cfg, tc = run.model_cfg, run.train_cfg
     dist = dist_from_env()
     device = pick_device(tc.device, dist)
@@ -149,50 +155,66 @@ def build_state(run: Run) -> State:
         # ranks use rank 0's run directory (a timestamped name could differ by a second).
         run.run_dir = Path(broadcast_str(str(run.run_dir), device))
         torch.distributed.barrier()
+    dtype = choose_dtype(tc.dtype, device)
+    use_fast_fp32_matmul(device)
+    parallel = tc.parallel if dist.enabled else "none"
     # Seeding before construction makes the initial weights a function of `seed`.
     torch.manual_seed(tc.seed)
     model = TransformerLM(cfg).to(device)
+    ckpt = read_checkpoint(run.resume_from) if run.resume_from is not None else None
+    if ckpt is not None:
+        load_model_state(ckpt, model)  # before sharding: each rank keeps its slice of the loaded weights
+    if tc.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if parallel == "fsdp":
+        shard_model(model, dtype)
     optimizer = AdamW(make_param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
                       eps=tc.eps, weight_decay=tc.weight_decay)
     train_tokens, _ = open_tokens(run.train_file, "train", tc.dataset, "train")
     valid_tokens, _ = open_tokens(run.valid_file, "valid", tc.dataset, "valid")
     sampler = BatchSampler(train_tokens, tc.batch_size, cfg.context_length, seed=tc.seed,
-                           rank=dist.rank, world_size=dist.world_size)
+                           rank=dist.rank, world_size=dist.world_size, grad_accum=tc.grad_accum_steps)
     # The global count (all ranks together), so a DDP run evaluates the same windows as one process.
     val_starts = fixed_windows(len(valid_tokens), cfg.context_length, tc.eval_batches * tc.batch_size * dist.world_size)
-    autocast, note = autocast_factory(device, tc.dtype)
+    if parallel == "fsdp":  # every rank must run the same number of forwards (each one all-gathers)
+        val_starts = val_starts[:max(dist.world_size, len(val_starts) - len(val_starts) % dist.world_size)]
+    autocast, note = autocast_factory(device, dtype)
     state = State(dist, device, model, model, optimizer, sampler, valid_tokens, val_starts, autocast,
                   loss_fn=make_loss_fn(model, autocast), compiled=False,
                   tokens_per_step=tc.batch_size * tc.grad_accum_steps * dist.world_size * cfg.context_length,
                   grad_clip=tc.grad_clip if tc.grad_clip > 0 else math.inf,
-                  notes=[note] if note else [])
-    if run.resume_from is not None:
-        restore(state, run)
+                  notes=[note] if note else [], dtype=dtype, parallel=parallel,
+                  scaler=LossScaler(device) if dtype == "float16" else None)
+    if ckpt is not None:
+        restore(state, run, ckpt)
     if dist.rank > 0:
         # Same initial weights on every rank (seeded above), but each rank its own dropout stream;
         # rank 0 keeps the single-process stream.
         torch.manual_seed(tc.seed + 7919 * dist.rank + 104729 * state.start_step)
-    if dist.enabled:
+    if parallel == "ddp":
         state.model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
         state.loss_fn = make_loss_fn(state.model, autocast)
-    if tc.compile:
+    if choose_compile(tc.compile, device):
         compile_loss(state)
     return state
 
 
-def restore(state: State, run: Run) -> None:
-    """Continue from `run.resume_from`: weights, optimizer, data position, bookkeeping (RNG: see `fit`)."""
-    ckpt = read_checkpoint(run.resume_from)
-    load_model_state(ckpt, state.raw_model)
+def restore(state: State, run: Run, ckpt) -> None:
+    """Continue from `run.resume_from`: optimizer, data position, bookkeeping (weights: `build_state`; RNG: `fit`)."""
     load_optimizer_state(ckpt, state.optimizer)
+    if state.parallel == "fsdp":
+        shard_optimizer_state(state.optimizer)
     meta = ckpt.metadata
     state.start_step = ckpt.iteration
     state.sampler.load_state_dict(meta["sampler"])
     state.best_val = meta.get("best_val_loss")
     state.skipped = int(meta.get("skipped_nonfinite", 0))
+    state.scaler_skipped = int(meta.get("scaler_skipped", 0))
     state.elapsed_before = float(meta.get("elapsed_s", 0.0))
-    state.rng_state = ckpt.extra
+    if state.scaler is not None:
+        state.scaler.load_state_tensors(ckpt.extra)
+    state.rng_state = {k: v for k, v in ckpt.extra.items() if k.startswith("rng.")}
     state.last_good = run.resume_from
     if state.start_step >= run.end_step:
         raise UserError(f"{run.resume_from} is already at step {state.start_step} (the run ends at {run.end_step})",
@@ -219,7 +241,7 @@ def compile_loss(state: State) -> None:
     if state.device.type == "mps" or not hasattr(torch, "compile"):
         state.notes.append("--compile is not supported here: running eagerly")
         return
-    if state.dist.enabled:
+    if state.parallel != "none":
         state.loss_fn = make_loss_fn(torch.compile(state.model), state.autocast)
     else:
         state.loss_fn = torch.compile(state.loss_fn)
@@ -232,7 +254,10 @@ def run_summary(run: Run, state: State) -> dict[str, Any]:
         "preset": run.preset, "model": run.model_cfg.model_dump(), "train": run.train_cfg.model_dump(),
         "parameters": state.raw_model.num_parameters(), "tokens_per_step": state.tokens_per_step,
         "max_steps": run.max_steps, "planned_tokens": state.tokens_per_step * run.max_steps,
-        "world_size": state.dist.world_size,
+        "world_size": state.dist.world_size, "global_batch": state.tokens_per_step // run.model_cfg.context_length,
+        "chosen": {"dtype": state.dtype, "compile": state.compiled, "parallel": state.parallel,
+                   "float32_matmul_precision": torch.get_float32_matmul_precision(),
+                   "activation_checkpointing": run.train_cfg.activation_checkpointing},
         "tokenizer": {"fingerprint": run.tokenizer_fingerprint, "source": str(run.tokenizer_dir)},
         "data": {"train": str(run.train_file), "valid": str(run.valid_file)},
         "device": str(state.device), "tslm_version": __version__, "torch_version": torch.__version__,
@@ -257,7 +282,9 @@ def peak_tflops(run: Run, device: torch.device) -> tuple[float, str]:
     peak = run.options.peak_tflops
     if peak is not None:
         return peak, f"{peak:g} TFLOP/s"
-    dtype = torch.bfloat16 if run.train_cfg.dtype == "bfloat16" and device.type == "cuda" else torch.float32
+    chosen = choose_dtype(run.train_cfg.dtype, device)
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(chosen, torch.float32) \
+        if device.type == "cuda" else torch.float32
     peak = measure_peak_tflops(device, dtype)
     return peak, f"{peak:.2f} TFLOP/s (measured matmul; set --peak-tflops for the hardware peak)"
 
@@ -307,7 +334,10 @@ def fit(run: Run, state: State, display: Display, log: MetricsLog | None, peak: 
                 check_nonfinite(state, run.options, losses, stats, display)
                 stop_requested = any_rank(state, signals.stop)
                 if step % tc.log_every == 0 or step == run.end_step or step == state.start_step + 1:
-                    record.update(train_loss=losses[step], lr=lr, grad_norm=norm, **meter.rates(step))
+                    record.update(train_loss=losses[step], lr=lr, grad_norm=norm, **meter.rates(step),
+                                  skipped_steps=state.skipped + state.scaler_skipped)
+                    if state.scaler is not None:
+                        record["loss_scale"] = state.scaler.scale.item()
                     display.log(step, run.end_step, meter.line(losses[step], lr, norm, record))
             if step % tc.eval_every == 0 or step == run.max_steps:
                 evaluate_and_keep_best(run, state, step, record, result, display)
@@ -340,12 +370,18 @@ def train_step(state: State, batches: list[tuple[torch.Tensor, torch.Tensor]]) -
     n = len(batches)
     total = torch.zeros((), device=batches[0][0].device)
     for i, (x, y) in enumerate(batches):
-        # DDP: all-reduce gradients only after the last micro-batch.
-        sync = contextlib.nullcontext() if (not state.dist.enabled or i == n - 1) else state.model.no_sync()
+        # DDP and FSDP: reduce gradients only after the last micro-batch.
+        sync = contextlib.nullcontext()
+        if state.parallel == "ddp" and i < n - 1:
+            sync = state.model.no_sync()
+        elif state.parallel == "fsdp":
+            state.raw_model.set_requires_gradient_sync(i == n - 1)
         with sync:
             loss = state.loss_fn(x, y) / n
-            loss.backward()
+            (loss if state.scaler is None else state.scaler.scale_loss(loss)).backward()
         total += loss.detach()
+    if state.scaler is not None:
+        state.scaler.unscale_(state.raw_model.parameters())
     grad_norm = clip_grad_norm_(state.raw_model.parameters(), state.grad_clip)
     return total, grad_norm
 
@@ -378,12 +414,17 @@ def guarded_update(state: State, loss: torch.Tensor, grad_norm: torch.Tensor) ->
         bad = bad | ~torch.isfinite(loss)
     state.optimizer.step(found_inf=bad)
     state.optimizer.zero_grad(set_to_none=True)
+    if state.scaler is not None:
+        state.scaler.update(bad)
 
 
 def check_nonfinite(state: State, opts: TrainOptions, losses: dict[int, float], stats: StepStats,
                     display: Display) -> None:
     """After a flush: count the steps skipped since the last sync point; stop past --skip-nonfinite."""
     for step, what, value in stats.bad_steps:
+        if state.scaler is not None and what == "gradient norm":
+            state.scaler_skipped += 1  # float16 overflow: the scaler lowers its scale, the run goes on
+            continue
         state.skipped += 1
         if state.skipped > opts.skip_nonfinite:
             raise NonFiniteError(
@@ -470,21 +511,34 @@ def evaluate_and_keep_best(run: Run, state: State, step: int, record: dict, resu
     if math.isfinite(val) and (state.best_val is None or val < state.best_val):
         state.best_val = val
         record["best"] = True
+        model_sd, _ = full_state(state.raw_model, None)  # under FSDP every rank takes part in the gather
         if state.dist.is_main:
-            save_checkpoint(state.raw_model, None, step, run.run_dir / runs.CHECKPOINT_DIR / runs.BEST_CHECKPOINT,
-                            metadata={"model_config": cfg.model_dump(), "val_loss": val, "preset": run.preset})
+            save_states(*state_tensors(model_sd, tied_aliases(state.raw_model)), None, None, step,
+                        run.run_dir / runs.CHECKPOINT_DIR / runs.BEST_CHECKPOINT,
+                        metadata={"model_config": cfg.model_dump(), "val_loss": val, "preset": run.preset})
 
 
 def save_step(run: Run, state: State, step: int, elapsed: float, feeder: Feeder | None = None) -> None:
-    """Rank 0 writes checkpoints/step_N.safetensors atomically, then keeps only the newest `keep_last`."""
+    """Rank 0 writes checkpoints/step_N.safetensors atomically, then keeps only the newest `keep_last`.
+
+    The file is the same for 1 process, DDP and FSDP: full tensors with plain names (FSDP gathers them
+    to rank 0's CPU first), so a run continues on any world size and either way of parallelizing."""
+    model_sd, optim_sd = full_state(state.raw_model, state.optimizer)
     if state.dist.is_main:
         path = run.run_dir / runs.CHECKPOINT_DIR / runs.step_checkpoint_name(step)
-        meta = {"model_config": run.model_cfg.model_dump(), "train_config": run.train_cfg.model_dump(),
+        tc = run.train_cfg
+        meta = {"model_config": run.model_cfg.model_dump(), "train_config": tc.model_dump(),
                 "preset": run.preset, "best_val_loss": state.best_val,
-                "skipped_nonfinite": state.skipped, "elapsed_s": elapsed, "max_steps": run.max_steps,
+                "skipped_nonfinite": state.skipped, "scaler_skipped": state.scaler_skipped,
+                "elapsed_s": elapsed, "max_steps": run.max_steps,
+                "world_size": state.dist.world_size, "batch_size": tc.batch_size,
+                "grad_accum_steps": tc.grad_accum_steps,
                 "sampler": feeder.sampler_state() if feeder is not None else state.sampler.state_dict()}
-        save_checkpoint(state.raw_model, state.optimizer, step, path, metadata=meta,
-                        extra_tensors=rng_tensors(state.device))
+        extra = rng_tensors(state.device)
+        if state.scaler is not None:
+            extra.update(state.scaler.state_tensors())
+        save_states(*state_tensors(model_sd, tied_aliases(state.raw_model)), state.optimizer, optim_sd, step, path,
+                    metadata=meta, extra_tensors=extra)
         for _, old in runs.step_checkpoints(run.run_dir)[:-run.train_cfg.keep_last]:
             with contextlib.suppress(FileNotFoundError):
                 old.unlink()

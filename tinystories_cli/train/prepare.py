@@ -148,13 +148,32 @@ def resumed_configs(saved: dict, run_dir: Path, preset: str | None, given_model:
                         "drop them, or start a new run with another --run-name")
     saved_train = TrainConfig.model_validate(saved["train"])
     train_cfg = build_config(TrainConfig, saved_train, file_train, train_overrides, where="train config")
-    neutral = results_neutral(TrainConfig)
+    check_global_batch(saved, saved_train, train_cfg)
+    neutral = results_neutral(TrainConfig) | {"batch_size", "grad_accum_steps"}  # the global batch is what counts
     changed = [k for k in TrainConfig.model_fields
                if getattr(saved_train, k) != getattr(train_cfg, k) and k not in neutral]
     if changed:
         raise UserError(f"train settings {changed} differ from the run being resumed ({run_dir}); resuming "
                         "must not change what a step computes", "drop them, or start a new run")
     return name, model_cfg, train_cfg
+
+
+def check_global_batch(saved: dict, saved_train: TrainConfig, train_cfg: TrainConfig) -> None:
+    """A resumed run keeps its global batch (batch x accumulation x world size); the world size may change."""
+    world = dist_from_env().world_size
+    want = saved_train.batch_size * saved_train.grad_accum_steps * int(saved.get("world_size", 1))
+    got = train_cfg.batch_size * train_cfg.grad_accum_steps * world
+    if got == want:
+        return
+    keep = []
+    if want % (train_cfg.grad_accum_steps * world) == 0:
+        keep.append(f"--batch-size {want // (train_cfg.grad_accum_steps * world)}")
+    if want % (train_cfg.batch_size * world) == 0:
+        keep.append(f"--grad-accum {want // (train_cfg.batch_size * world)}")
+    fix = (f"pass {' or '.join(keep)} to keep it" if keep else
+           f"pick --batch-size and --grad-accum whose product times {world} is {want}")
+    raise UserError(f"the run's global batch is {want} sequences per step; batch {train_cfg.batch_size} x accumulation "
+                    f"{train_cfg.grad_accum_steps} x {world} processes makes {got}", fix)
 
 
 def load_run_tokenizer(tokenizer_dir: Path, dataset: str):
@@ -200,9 +219,6 @@ def plan_steps(model_cfg: ModelConfig, train_cfg: TrainConfig, opts: TrainOption
         end_step = opts.stop_at
     if opts.skip_nonfinite < 0:
         raise UserError(f"--skip-nonfinite must be >= 0, got {opts.skip_nonfinite}")
-    if train_cfg.dtype == "float16":
-        raise UserError("--dtype float16 needs loss scaling, which tslm train does not do",
-                        "use --dtype bfloat16 (same memory, no scaling needed) or float32")
     return max_steps, end_step
 
 
