@@ -103,3 +103,26 @@ def test_fsdp_equals_one_process_and_checkpoints_move_between_world_sizes(worksp
     _run("accum", {"batch_size": 4}, stop_at=5)
     resumed = _run("accum", {"batch_size": 2, "grad_accum_steps": 2}, resume="auto")
     assert all(abs(resumed.train_losses[s] - want[s]) < 1e-5 for s in range(6, 11))
+
+
+def test_activation_checkpointing_gives_the_plain_gradients():
+    import copy
+
+    from tinystories_cli.config import ModelConfig
+    from tinystories_cli.model import TransformerLM, cross_entropy
+    from tinystories_cli.train.parallel import apply_activation_checkpointing
+
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(vocab_size=64, context_length=16, d_model=32, num_layers=2, num_heads=4,
+                                      dropout=0.1))  # dropout: the recompute must replay the same masks
+    twin = copy.deepcopy(model)
+    apply_activation_checkpointing(twin)
+    ids = torch.randint(0, 64, (3, 17))
+    grads = []
+    for m in (model, twin):
+        torch.manual_seed(1)
+        cross_entropy(m(ids[:, :-1]), ids[:, 1:]).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    assert grads[0].keys() == grads[1].keys() and list(model.state_dict()) == list(twin.state_dict())
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=0, atol=1e-6, msg=n)
