@@ -419,3 +419,59 @@ def test_float16_loss_scaling_trains_resumes_exactly_and_survives_an_inf(workspa
     records = {r["step"]: r for r in map(json.loads, (res.run_dir / "metrics.jsonl").read_text().splitlines())}
     assert records[5]["skipped_steps"] == records[4]["skipped_steps"] + 1
     assert records[5]["loss_scale"] == records[4]["loss_scale"] / 2
+
+
+def test_time_budget_plans_the_schedule_from_a_probe_and_keeps_the_deadline(workspace, monkeypatch):
+    import time
+
+    import tinystories_cli.train.loop as L
+    from tinystories_cli.train.loop import plan_time_budget
+
+    # the probe as a shared machine might report it: 200 tokens/s after 0.5 s (deterministic plan)
+    monkeypatch.setattr(L, "measure_throughput", lambda run, max_seconds, max_steps: (200.0, 0.5))
+    train = {"dataset": "tiny", **TINY_TRAIN, "eval_every": 1000, "save_every": 1000}
+    res = T.train(T.prepare_run("debug", None, TINY_MODEL, train,
+                                T.TrainOptions(run_name="budget", display="quiet", peak_tflops=1.0, time_budget=6.0)))
+    cfg = json.loads((res.run_dir / "config.json").read_text())
+    tb = cfg["time_budget"]
+    steps = int((6.0 - 0.5 - 0.18) * 200.0 / 64 / (1 + 2 / (3 * 1000)))
+    assert tb["budget_s"] == 6.0 and tb["planned_steps"] == res.max_steps == cfg["train"]["max_steps"] == steps
+    assert tb["probe_tokens_per_s"] > 0 and 0 < tb["actual_s"] < 6.0 * 1.5 + 2 and tb["steps_done"] == res.step
+    assert "time budget (s)" in (res.run_dir / "README.md").read_text()
+    records = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["lr"] == pytest.approx(3e-4)  # the cosine was planned to end at the planned step
+    # a machine that slows down: the run stops at the deadline, with a checkpoint
+    run = T.prepare_run("debug", None, TINY_MODEL, train,
+                        T.TrainOptions(run_name="late", display="quiet", peak_tflops=1.0, time_budget=6.0))
+    plan_time_budget(run)
+    run.time_plan["deadline"] = time.perf_counter()
+    late = T.train(run)
+    assert late.stopped == "time_budget" and late.step == 1
+    assert [s for s, _ in runs.step_checkpoints(late.run_dir)] == [1]
+    with pytest.raises(UserError, match="resumed run keeps its plan"):
+        T.prepare_run(None, None, None, None, T.TrainOptions(run_name="late", resume="auto", time_budget=60.0))
+    with pytest.raises(UserError, match="cannot read duration"):
+        T.parse_duration("ninety minutes")
+
+
+@pytest.mark.parametrize("model, batch, budget", [
+    ({"context_length": 64, "d_model": 64, "num_layers": 2, "num_heads": 4, "d_ff": 192}, 32, "20MB"),
+    ({"context_length": 128, "d_model": 96, "num_layers": 3, "num_heads": 4, "d_ff": 256}, 16, "40MB"),
+    ({"context_length": 64, "d_model": 64, "num_layers": 2, "num_heads": 4, "d_ff": 192,
+      "vocab_size": 4096}, 24, "30MB"),
+])
+def test_fit_memory_choice_stays_under_the_budget_by_measure(workspace, model, batch, budget):
+    from tinystories_cli import account
+    from tinystories_cli.train.prepare import FIT_MARGIN
+
+    limit = account.parse_memory(budget)
+    run = T.prepare_run("debug", None, model, {"dataset": "tiny", **TINY_TRAIN, "batch_size": batch},
+                        T.TrainOptions(run_name="fit", fit_memory=limit))
+    tc = run.train_cfg
+    assert tc.batch_size * tc.grad_accum_steps == batch and 1 <= tc.batch_size < batch  # global batch kept
+    assert run.notes and f"micro-batch {tc.batch_size} x accumulation {tc.grad_accum_steps}" in run.notes[0]
+    mem = account.training_memory(run.model_cfg, tc.batch_size)
+    measured = account.measure_activation_bytes(run.model_cfg, tc.batch_size)
+    assert mem["total"] - mem["activations"] + measured <= limit * (1 - FIT_MARGIN)
+    bigger = min(b for b in range(tc.batch_size + 1, batch + 1) if batch % b == 0)
+    assert account.training_memory(run.model_cfg, bigger)["total"] > limit * (1 - FIT_MARGIN)  # the largest that fits

@@ -9,6 +9,7 @@
 """
 
 from tinystories_cli.train.loop import NonFiniteError, TrainResult, measure_throughput, train
-from tinystories_cli.train.prepare import Run, TrainOptions, prepare_run
+from tinystories_cli.train.prepare import Run, TrainOptions, parse_duration, prepare_run
 
-__all__ = ["NonFiniteError", "Run", "TrainOptions", "TrainResult", "measure_throughput", "prepare_run", "train"]
+__all__ = ["NonFiniteError", "Run", "TrainOptions", "TrainResult", "measure_throughput", "parse_duration",
+           "prepare_run", "train"]

@@ -75,7 +75,7 @@ class TrainResult:
     train_losses: dict[int, float] = field(default_factory=dict)  # step -> loss of every step
     val_losses: dict[int, float] = field(default_factory=dict)
     best_val_loss: float | None = None
-    stopped: str = "finished"  # finished | stop_at | interrupted
+    stopped: str = "finished"  # finished | stop_at | interrupted | time_budget (its deadline came first)
     signal: str | None = None  # SIGINT or SIGTERM when interrupted
     tokens_per_s: float = 0.0
     elapsed_s: float = 0.0
@@ -121,6 +121,9 @@ def train(run: Run, on_step: Callable[[int, dict], None] | None = None) -> Train
 
     `on_step(step, record)` is called after every step (tests use it to inject faults).
     """
+    started = time.perf_counter()
+    if run.options.time_budget is not None and run.time_plan is None:
+        plan_time_budget(run)
     state = build_state(run)
     summary = run_summary(run, state)
     main = state.dist.is_main
@@ -129,7 +132,7 @@ def train(run: Run, on_step: Callable[[int, dict], None] | None = None) -> Train
     display = Display(run.options.display, state.start_step, run.end_step, enabled=main)
     peak, peak_note = peak_tflops(run, state.device)
     if main:
-        print_header(display, run, summary, peak_note, state.start_step, state.notes)
+        print_header(display, run, summary, peak_note, state.start_step, run.notes + state.notes)
     log = MetricsLog(run, summary) if main else None
     try:
         result = fit(run, state, display, log, peak, on_step)
@@ -137,6 +140,8 @@ def train(run: Run, on_step: Callable[[int, dict], None] | None = None) -> Train
         display.close()
         if log is not None:
             log.close()
+    if main and run.time_plan is not None:
+        record_time_used(run, time.perf_counter() - started, result)
     if main:
         write_run_readme(run.run_dir)  # the run directory describes itself (what, on what, results, how to use it)
     if state.dist.enabled:
@@ -261,6 +266,8 @@ def run_summary(run: Run, state: State) -> dict[str, Any]:
         "tokenizer": {"fingerprint": run.tokenizer_fingerprint, "source": str(run.tokenizer_dir)},
         "data": {"train": str(run.train_file), "valid": str(run.valid_file)},
         "device": str(state.device), "tslm_version": __version__, "torch_version": torch.__version__,
+        **({"time_budget": {k: v for k, v in run.time_plan.items() if k != "deadline"}}
+           if run.time_plan is not None else {}),
     }
 
 
@@ -332,7 +339,8 @@ def fit(run: Run, state: State, display: Display, log: MetricsLog | None, peak: 
                 losses, norm = stats.flush(state.dist)
                 result.train_losses.update(losses)
                 check_nonfinite(state, run.options, losses, stats, display)
-                stop_requested = any_rank(state, signals.stop)
+                out_of_time = run.time_plan is not None and time.perf_counter() > run.time_plan["deadline"]
+                stop_requested = any_rank(state, signals.stop or out_of_time)
                 if step % tc.log_every == 0 or step == run.end_step or step == state.start_step + 1:
                     record.update(train_loss=losses[step], lr=lr, grad_norm=norm, **meter.rates(step),
                                   skipped_steps=state.skipped + state.scaler_skipped)
@@ -347,6 +355,10 @@ def fit(run: Run, state: State, display: Display, log: MetricsLog | None, peak: 
                 log.write(record)
             if on_step is not None:
                 on_step(step, record)
+            if stop_requested and not signals.stop and step < run.end_step:
+                result.stopped = "time_budget"
+                display.note(f"--time-budget spent at step {step}: saved a checkpoint")
+                break
             if stop_requested:
                 result.stopped, result.signal = "interrupted", signals.signame or "SIGINT"
                 display.note(f"{signals.signame or 'signal'}: saved a checkpoint at step {step}; continue with "
@@ -545,6 +557,49 @@ def save_step(run: Run, state: State, step: int, elapsed: float, feeder: Feeder 
         state.last_good = path
     if state.dist.enabled:
         torch.distributed.barrier()
+
+
+def plan_time_budget(run: Run) -> None:
+    """--time-budget: a probe of real training steps measures tokens/s on this hardware, and max_steps is
+    set so that training (plus its evaluations) fills the budget; the cosine ends there. The probe's own
+    time counts against the budget, and `fit` stops at the deadline should the machine slow down."""
+    budget, tc = run.options.time_budget, run.train_cfg
+    deadline = time.perf_counter() + budget
+    tps, spent = measure_throughput(run, max_seconds=min(60.0, max(2.0, 0.02 * budget)), max_steps=20)
+    dist = dist_from_env()
+    if dist.enabled:  # every rank plans the same schedule: the slowest rank's rate
+        t = torch.tensor([tps], dtype=torch.float64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        tps = float(t.item())
+    tokens_per_step = tc.batch_size * tc.grad_accum_steps * dist.world_size * run.model_cfg.context_length
+    # evaluation: eval_batches forward-only batches (a third of a training step's work) every eval_every steps
+    eval_share = tc.eval_batches / (3 * tc.grad_accum_steps * tc.eval_every)
+    usable = budget - spent - 0.03 * budget  # 3%: start-up, checkpoints, the last evaluation
+    steps = int(usable * tps / tokens_per_step / (1 + eval_share))
+    if steps < 1:
+        raise UserError(f"a --time-budget of {format_duration(budget)} leaves no time to train (the probe ran "
+                        f"{tps:,.0f} tokens/s, {spent:.1f} s)", "give a longer --time-budget or a smaller model")
+    update = {"max_steps": steps}
+    if tc.warmup_steps > steps // 2:
+        update["warmup_steps"] = steps // 10
+        run.notes.append(f"warmup shortened to {steps // 10} steps (10% of the planned {steps})")
+    run.train_cfg = tc.model_copy(update=update)
+    run.max_steps = steps
+    run.end_step = min(run.end_step, steps) if run.options.stop_at is not None else steps
+    run.time_plan = {"budget_s": budget, "probe_s": round(spent, 2), "probe_tokens_per_s": round(tps, 1),
+                     "planned_steps": steps, "deadline": deadline}
+    run.notes.append(f"--time-budget {format_duration(budget)}: the probe ran {tps:,.0f} tokens/s ({spent:.1f} s) "
+                     f"-> {steps:,} steps of {tokens_per_step:,} tokens, cosine planned to end there")
+
+
+def record_time_used(run: Run, seconds: float, result: TrainResult) -> None:
+    """The actual wall-clock of a --time-budget run beside its plan, in config.json."""
+    path = run.run_dir / runs.CONFIG_FILE
+    config = json.loads(path.read_text(encoding="utf-8"))
+    plan = {k: v for k, v in run.time_plan.items() if k != "deadline"}
+    config["time_budget"] = {**plan, "actual_s": round(seconds, 2), "steps_done": result.step,
+                             "stopped": result.stopped}
+    atomic_write_text(path, json.dumps(config, indent=2) + "\n")
 
 
 def measure_throughput(run: Run, max_seconds: float, max_steps: int = 10) -> tuple[float, float]:
