@@ -335,12 +335,14 @@ def fit(run: Run, state: State, display: Display, log: MetricsLog | None, peak: 
             record = meter.record(step, state, state.elapsed_before)
             result.step = step
             stop_requested = signals.stop and not state.dist.enabled  # a CPU flag: no sync needed
+            out_of_time = signalled = False
             if is_sync_point(step, state.start_step, run.end_step, run.max_steps, tc) or stop_requested:
                 losses, norm = stats.flush(state.dist)
                 result.train_losses.update(losses)
                 check_nonfinite(state, run.options, losses, stats, display)
-                out_of_time = run.time_plan is not None and time.perf_counter() > run.time_plan["deadline"]
-                stop_requested = any_rank(state, signals.stop or out_of_time)
+                late = run.time_plan is not None and time.perf_counter() > run.time_plan["deadline"]
+                signalled, out_of_time = any_rank(state, signals.stop, late)
+                stop_requested = signalled or out_of_time
                 if step % tc.log_every == 0 or step == run.end_step or step == state.start_step + 1:
                     record.update(train_loss=losses[step], lr=lr, grad_norm=norm, **meter.rates(step),
                                   skipped_steps=state.skipped + state.scaler_skipped)
@@ -355,7 +357,7 @@ def fit(run: Run, state: State, display: Display, log: MetricsLog | None, peak: 
                 log.write(record)
             if on_step is not None:
                 on_step(step, record)
-            if stop_requested and not signals.stop and step < run.end_step:
+            if out_of_time and not signalled and step < run.end_step:
                 result.stopped = "time_budget"
                 display.note(f"--time-budget spent at step {step}: saved a checkpoint")
                 break
@@ -446,13 +448,13 @@ def check_nonfinite(state: State, opts: TrainOptions, losses: dict[int, float], 
         display.note(f"warning: non-finite {what} at step {step}: step skipped ({state.skipped}/{opts.skip_nonfinite})")
 
 
-def any_rank(state: State, flag: bool) -> bool:
-    """Whether `flag` is set on any rank (one tiny all-reduce under torchrun)."""
+def any_rank(state: State, *flags: bool) -> list[bool]:
+    """For each flag, whether it is set on any rank (one tiny all-reduce under torchrun)."""
     if not state.dist.enabled:
-        return flag
-    t = torch.tensor([float(flag)], device=state.device)
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags], device=state.device)
     torch.distributed.all_reduce(t)
-    return t.item() > 0
+    return [v > 0 for v in t.tolist()]
 
 
 class StepStats:
