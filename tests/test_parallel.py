@@ -126,3 +126,36 @@ def test_activation_checkpointing_gives_the_plain_gradients():
     assert grads[0].keys() == grads[1].keys() and list(model.state_dict()) == list(twin.state_dict())
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=0, atol=1e-6, msg=n)
+
+
+def test_sampler_reads_the_same_windows_for_any_split_of_the_global_batch():
+    import numpy as np
+
+    from tinystories_cli.data import BatchSampler
+
+    data = np.arange(5000)
+
+    def step_windows(batch, accum, world, steps=3, state=None):
+        """{step: sorted starts of all ranks' micro-batches} for `steps` optimizer steps."""
+        samplers = [BatchSampler(data, batch, 8, seed=3, rank=r, world_size=world, grad_accum=accum)
+                    for r in range(world)]
+        for s in samplers:
+            if state is not None:
+                s.load_state_dict(state)
+        out = {}
+        for k in range(steps):
+            xs = [s.next("cpu")[0][:, 0] for _ in range(accum) for s in samplers]
+            out[k] = sorted(torch.cat(xs).tolist())
+        return out, samplers[0].state_dict()
+
+    ref, _ = step_windows(8, 1, 1)
+    assert step_windows(4, 1, 2)[0] == ref == step_windows(2, 2, 2)[0] == step_windows(1, 8, 1)[0]
+    # micro-batch i of all ranks together is the same set whatever the world size (exact DDP/FSDP equality)
+    one = BatchSampler(data, 4, 8, seed=3, grad_accum=2)
+    two = [BatchSampler(data, 2, 8, seed=3, rank=r, world_size=2, grad_accum=2) for r in range(2)]
+    for _ in range(4):
+        assert one.next("cpu")[0].tolist() == two[0].next("cpu")[0].tolist() + two[1].next("cpu")[0].tolist()
+    # a state saved with accumulation 1 on 2 ranks continues at the same step with accumulation 4 on 1
+    _, state = step_windows(4, 1, 2, steps=2)
+    later, _ = step_windows(2, 4, 1, steps=1, state=state)
+    assert later[0] == ref[2]
