@@ -26,7 +26,9 @@ Determinism: weights are initialized from `seed`; batch k of the run is a pure f
 the torch RNG state (dropout), so on CPU `N steps + resume N steps` reproduces `2N steps` bit for bit.
 
 Under `torchrun --nproc_per_node N -m tinystories_cli train ...` each rank trains on its own slice
-of the global batch (NCCL on GPUs, gloo on CPUs) and only rank 0 writes files.
+of the global batch (NCCL on GPUs, gloo on CPUs), with the model replicated (`--parallel ddp`) or
+sharded (`--parallel fsdp`, see `train/parallel.py`), and only rank 0 writes files. Checkpoints are the
+same single file either way, so a run resumes on any world size with the same global batch.
 """
 
 from __future__ import annotations
