@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 
@@ -128,3 +129,40 @@ def test_cli_unknown_key_in_config_file(run_cli, tmp_path):
     cfg.write_text("[model]\nwidth = 3\n")
     code, _, err = run_cli("account", "debug", "--config", str(cfg))
     assert code == 2 and "unknown key 'width'" in err
+
+
+def test_fsdp_activation_checkpointing_and_dtype_memory_and_time():
+    cfg = PRESETS["gpt2-xl"].model
+    plain = account.training_memory(cfg, 4)
+    ac = account.training_memory(cfg, 4, activation_checkpointing=True)
+    assert ac["activations"] < plain["activations"] / 3 and ac["parameters"] == plain["parameters"]
+    acts = account.activation_bytes(cfg, 4, activation_checkpointing=True)
+    assert acts["layers"] == acts["checkpointed_inputs"] + acts["recomputed_layer"]
+    fsdp = account.training_memory(cfg, 4, parallel="fsdp", world_size=8, dtype="bfloat16")
+    p = account.parameter_counts(cfg)["total"]
+    assert fsdp["parameters"] == math.ceil(p / 8) * 4 and fsdp["optimizer_state"] == 2 * fsdp["parameters"]
+    assert fsdp["activations"] == plain["activations"]  # each rank runs its whole micro-batch
+    assert fsdp["gather_buffers"] > 0 and fsdp["total"] < plain["total"]
+    budget = account.parse_memory("24GB")
+    setup = {"parallel": "fsdp", "world_size": 8, "activation_checkpointing": True}
+    b = account.max_batch_size(cfg, budget, **setup)
+    assert account.training_memory(cfg, b, **setup)["total"] <= budget < account.training_memory(cfg, b + 1, **setup)["total"]
+    assert account.max_batch_size(cfg, budget) == 0  # replicated, it does not fit a 24 GB card at all
+    # the time estimate uses the peak of the chosen precision, over all devices, plus the recompute
+    fp32 = account.report(cfg, batch_size=4, steps=10, dtype="float32")["time"]
+    bf16 = account.report(cfg, batch_size=4, steps=10, dtype="auto")["time"]
+    assert fp32["peak_tflops"] == 156.0 and bf16["peak_tflops"] == 312.0
+    assert fp32["seconds"] == pytest.approx(2 * bf16["seconds"])
+    eight = account.report(cfg, batch_size=4, steps=10, world_size=8, activation_checkpointing=True)["time"]
+    assert eight["seconds"] == pytest.approx(bf16["seconds"] * 4 / 3) and eight["tokens"] == 8 * bf16["tokens"]
+
+
+def test_cli_account_fsdp_table(run_cli):
+    code, out, _ = run_cli("account", "gpt2-xl", "--parallel", "fsdp", "--world-size", "8", "--memory", "24GB",
+                           "--activation-checkpointing", "--batch-size", "1")
+    text = " ".join(out.split())
+    assert code == 0, out
+    assert "FSDP on 8 processes" in text and "gather buffers" in text and "(sharded)" in text
+    assert "block inputs kept by the checkpoints" in text and "largest batch per process" in text
+    code, out, err = run_cli("account", "debug", "--world-size", "0")
+    assert code == 2 and "--world-size" in out + err

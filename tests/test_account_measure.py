@@ -1,6 +1,8 @@
 """`account.activation_bytes` (the estimate) against what autograd really saves (`measure_activation_bytes`),
 and `account.parameter_counts` against the real model."""
 
+import json
+
 import pytest
 
 from tinystories_cli import account
@@ -45,3 +47,21 @@ def test_cli_account_measure(capsys):
     out = capsys.readouterr().out
     assert rc in (0, None), out
     assert '"activations_measured"' in out
+
+
+@pytest.mark.parametrize("arch", [dict(), dict(norm="layernorm", norm_position="post", ffn="relu", dropout=0.1)])
+def test_activation_checkpointing_estimate_and_measurement_shrink_together(arch):
+    cfg = ModelConfig(**{**SMALL, "num_layers": 4}, **arch)
+    plain = account.measure_activation_bytes(cfg, batch_size=2)
+    checkpointed = account.measure_activation_bytes(cfg, batch_size=2, activation_checkpointing=True)
+    estimated = account.activation_bytes(cfg, batch_size=2, activation_checkpointing=True)["total"]
+    assert checkpointed < plain / 2
+    assert abs(estimated / checkpointed - 1) < 0.10, (estimated, checkpointed)
+
+
+def test_cli_account_measure_with_activation_checkpointing(capsys):
+    rc = main(["account", "debug", "--measure", "--batch-size", "2", "--activation-checkpointing", "--json"])
+    rep = json.loads(capsys.readouterr().out)
+    assert rc in (0, None)
+    m = rep["memory"]
+    assert abs(m["activations"] / m["activations_measured"] - 1) < 0.10

@@ -127,3 +127,31 @@ def test_param_groups_exclude_norms_biases_embeddings():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     (everything,) = make_param_groups(model, 0.1, no_decay_norms_biases_embeddings=False)
     assert len(everything["params"]) == len(list(model.parameters()))
+
+
+def test_adamw_found_inf_skips_on_the_device():
+    # A skipped step leaves parameters, moments and the step count exactly as they were (no host read
+    # of the flag); the next good step equals the step a run without the bad one would take.
+    torch.manual_seed(0)
+    model = TransformerLM(CFG)
+    twin = copy.deepcopy(model)
+    opt, opt_twin = AdamW(model.parameters(), lr=1e-2, weight_decay=0.1), AdamW(twin.parameters(), lr=1e-2,
+                                                                                  weight_decay=0.1)
+    x, y = _batch()
+    _step(model, opt, x, y)
+    _step(twin, opt_twin, x, y)
+    before = [p.detach().clone() for p in model.parameters()]
+    moments = [opt.state[p]["exp_avg_sq"].clone() for p in model.parameters()]
+    opt.zero_grad(set_to_none=True)
+    cross_entropy(model(x), y).backward()
+    next(model.parameters()).grad[0] = float("nan")
+    opt.step(found_inf=torch.tensor(True))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, opt.state[p]["exp_avg_sq"]) for a, p in zip(moments, model.parameters()))
+    assert opt.state[next(model.parameters())]["step"] == 1
+    opt.zero_grad(set_to_none=True)
+    cross_entropy(model(x), y).backward()
+    opt.step(found_inf=torch.tensor(False))
+    _step(twin, opt_twin, x, y)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=0)

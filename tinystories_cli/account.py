@@ -95,7 +95,8 @@ def train_flops_per_step(cfg: ModelConfig, batch_size: int, seq_len: int | None 
 
 # --- memory -----------------------------------------------------------------------------------
 
-def activation_bytes(cfg: ModelConfig, batch_size: int, seq_len: int | None = None, bytes_per_el: int = FP32) -> dict[str, int]:
+def activation_bytes(cfg: ModelConfig, batch_size: int, seq_len: int | None = None, bytes_per_el: int = FP32,
+                     activation_checkpointing: bool = False) -> dict[str, int]:
     """Bytes of activations autograd keeps for backward in this project's `TransformerLM` (one training
     step with cross-entropy), counted tensor by tensor as `tinystories_cli.model` saves them and checked
     against `measure_activation_bytes` (within 10%, tests/test_account_measure.py).
@@ -111,6 +112,11 @@ def activation_bytes(cfg: ModelConfig, batch_size: int, seq_len: int | None = No
     every dropout site adds its keep-mask (embeddings 1, each residual branch 1, attention probabilities
     one more (B, h, T, T)). Then the final norm, the LM-head input and, for the loss, one (B, T, V)
     tensor of exp(logits - max).
+
+    With `activation_checkpointing` each block keeps only its input (B*T*d_model) through the forward, and
+    the backward recomputes one block at a time: the layers then cost `num_layers` inputs plus one
+    layer's activations (a slight overcount: that layer's recompute happens after the loss's tensors
+    are freed).
     """
     B, T = batch_size, seq_len or cfg.context_length
     d, h, dff, V = cfg.d_model, cfg.num_heads, cfg.d_ff, cfg.vocab_size
@@ -141,11 +147,16 @@ def activation_bytes(cfg: ModelConfig, batch_size: int, seq_len: int | None = No
         "lm_head_input": btd,
         "logits": n * V * be + n * FP32 + 2 * n * 8,  # exp(logits - max), row sums, target indices
     }
+    if activation_checkpointing:
+        out["checkpointed_inputs"] = cfg.num_layers * btd
+        out["recomputed_layer"] = per_layer
+        out["layers"] = out["checkpointed_inputs"] + per_layer
     out["total"] = out["embedding"] + out["layers"] + out["final_norm"] + out["lm_head_input"] + out["logits"]
     return out
 
 
-def measure_activation_bytes(cfg: ModelConfig, batch_size: int, seq_len: int | None = None) -> int:
+def measure_activation_bytes(cfg: ModelConfig, batch_size: int, seq_len: int | None = None,
+                             activation_checkpointing: bool = False) -> int:
     """Bytes autograd actually keeps for backward: build `TransformerLM(cfg)` on CPU, run one training
     forward (cross-entropy loss included) and backward, and add up the tensors saved for backward.
 
@@ -154,6 +165,10 @@ def measure_activation_bytes(cfg: ModelConfig, batch_size: int, seq_len: int | N
     freed before the backward (e.g. by ops on detached values) are not counted. With
     `attention_backend="auto"` the reference attention is measured, the path `activation_bytes`
     describes. Meant for small configs: it allocates the real activations.
+
+    With `activation_checkpointing` the blocks run under non-reentrant `torch.utils.checkpoint`, as
+    `tslm train --activation-checkpointing` runs them: what the forward saves outside the blocks, plus
+    the block inputs the checkpoints hold, plus what one block saves when the backward reruns it.
     """
     import weakref
 
@@ -181,37 +196,82 @@ def measure_activation_bytes(cfg: ModelConfig, batch_size: int, seq_len: int | N
         handles.append(weakref.ref(h))
         return h
 
+    def live_bytes() -> dict[int, int]:
+        sizes: dict[int, int] = {}
+        for ref in handles:
+            h = ref()
+            if h is not None and h.t.untyped_storage().data_ptr() not in owned:
+                sizes[h.t.untyped_storage().data_ptr()] = h.t.untyped_storage().nbytes()
+        return sizes
+
     ids = torch.randint(0, cfg.vocab_size, (batch_size, T + 1))
+    block_inputs: dict[int, int] = {}
+    layer_bytes = 0
+    if activation_checkpointing:
+        from torch.utils.checkpoint import checkpoint
+
+        for block in model.layers:
+            def forward(x, *args, _inner=block.forward):
+                block_inputs[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+                return checkpoint(_inner, x, *args, use_reentrant=False)
+
+            block.forward = forward
+        # one block's own saved tensors, as its recompute in the backward keeps them
+        x = torch.randn(batch_size, T, cfg.d_model, requires_grad=True)
+        pos = torch.arange(T) if cfg.pos_emb == "rope" else None
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda h: h.t):
+            y = type(model.layers[0]).forward(model.layers[0], x, pos)
+        layer_bytes = sum(v for k, v in live_bytes().items() if k != x.untyped_storage().data_ptr())
+        del y
+        handles.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda h: h.t):
         loss = cross_entropy(model(ids[:, :-1]), ids[:, 1:])
-    sizes: dict[int, int] = {}
-    for ref in handles:
-        h = ref()
-        if h is None:
-            continue
-        st = h.t.untyped_storage()
-        if st.data_ptr() not in owned:
-            sizes[st.data_ptr()] = st.nbytes()
+    sizes = {**live_bytes(), **block_inputs}
     loss.backward()
-    return sum(sizes.values())
+    return sum(sizes.values()) + layer_bytes
 
 
-def training_memory(cfg: ModelConfig, batch_size: int, seq_len: int | None = None) -> dict[str, int]:
-    """fp32 AdamW training memory: parameters + gradients + two moments + activations."""
-    p = parameter_counts(cfg)["total"]
+PEAK_TFLOPS = {"float32": 156.0, "bfloat16": 312.0, "float16": 312.0}  # A100 dense: TF32 (float32 under
+# `tslm train`, which sets "high" matmul precision on CUDA), bf16, fp16
+
+
+def peak_tflops_for(dtype: str) -> float:
+    """The A100 peak of the precision `tslm train --dtype DTYPE` computes in on a CUDA GPU (auto = bfloat16)."""
+    return PEAK_TFLOPS["bfloat16" if dtype == "auto" else dtype]
+
+
+def training_memory(cfg: ModelConfig, batch_size: int, seq_len: int | None = None, *,
+                    activation_checkpointing: bool = False, parallel: str = "ddp", world_size: int = 1,
+                    dtype: str = "float32") -> dict[str, int]:
+    """AdamW training memory of one process: parameters + gradients + two moments (fp32) + activations.
+
+    With `parallel="fsdp"` parameters, gradients and moments are sharded over `world_size` ranks, while
+    activations stay whole (each rank runs its own micro-batch), and the gathers add buffers: the root unit
+    (embeddings, final norm, LM head) for the forward, two blocks (the one computing and the one prefetched)
+    in the compute dtype, and one block's unsharded gradients in fp32 before their reduce-scatter.
+    """
+    counts = parameter_counts(cfg)
+    p = counts["total"]
+    shard = math.ceil(p / world_size) if parallel == "fsdp" else p
     mem = {
-        "parameters": p * FP32,
-        "gradients": p * FP32,
-        "optimizer_state": 2 * p * FP32,
-        "activations": activation_bytes(cfg, batch_size, seq_len)["total"],
+        "parameters": shard * FP32,
+        "gradients": shard * FP32,
+        "optimizer_state": 2 * shard * FP32,
+        "activations": activation_bytes(cfg, batch_size, seq_len,
+                                         activation_checkpointing=activation_checkpointing)["total"],
     }
+    if parallel == "fsdp":
+        compute_bytes = 2 if dtype in ("auto", "bfloat16", "float16") else FP32
+        block, root = counts["layer"], p - counts["layers"]
+        mem["gather_buffers"] = (root + 2 * block) * compute_bytes + block * FP32
     mem["total"] = sum(mem.values())
     return mem
 
 
-def max_batch_size(cfg: ModelConfig, memory_bytes: int, seq_len: int | None = None) -> int:
-    """Largest batch whose training memory fits `memory_bytes` (0 when not even batch 1 fits)."""
-    fixed = training_memory(cfg, 1, seq_len)
+def max_batch_size(cfg: ModelConfig, memory_bytes: int, seq_len: int | None = None, **setup) -> int:
+    """Largest (micro-)batch per process whose training memory fits `memory_bytes` (0 when not even batch 1
+    fits); `setup` as for `training_memory`."""
+    fixed = training_memory(cfg, 1, seq_len, **setup)
     per_sample = fixed["activations"]
     free = memory_bytes - (fixed["total"] - per_sample)
     return max(0, free // per_sample)
@@ -245,13 +305,22 @@ def report(
     steps: int | None = None,
     tokens: int | None = None,
     memory: int | None = None,
-    peak_tflops: float = 19.5,
+    peak_tflops: float | None = None,
     mfu: float = 0.5,
+    dtype: str = "auto",
+    activation_checkpointing: bool = False,
+    parallel: str = "ddp",
+    world_size: int = 1,
 ) -> dict:
-    """Every figure `tslm account` shows, as one JSON-ready dict."""
+    """Every figure `tslm account` shows, as one JSON-ready dict. Memory is per process; `batch_size` is
+    the micro-batch of one process (FLOPs and time count all `world_size` processes). `peak_tflops`
+    defaults to the A100 peak of `dtype` (`peak_tflops_for`)."""
+    setup = {"activation_checkpointing": activation_checkpointing, "parallel": parallel,
+             "world_size": world_size, "dtype": dtype}
+    peak_tflops = peak_tflops_for(dtype) if peak_tflops is None else peak_tflops
     T = cfg.context_length
     if tokens is not None:
-        steps = math.ceil(tokens / (batch_size * T))
+        steps = math.ceil(tokens / (batch_size * T * world_size))
     step_flops = train_flops_per_step(cfg, batch_size)
     fwd = forward_flops(cfg, T)
     params = parameter_counts(cfg)
@@ -267,20 +336,25 @@ def report(
             "flops_per_step": step_flops,
             "flops_per_token": step_flops / (batch_size * T),
         },
-        "memory": training_memory(cfg, batch_size),
+        "memory": training_memory(cfg, batch_size, **setup),
+        "activations": activation_bytes(cfg, batch_size, activation_checkpointing=activation_checkpointing),
+        "setup": setup,
     }
     if memory is not None:
         out["memory"]["budget"] = memory
-        out["memory"]["max_batch_size"] = max_batch_size(cfg, memory)
+        out["memory"]["max_batch_size"] = max_batch_size(cfg, memory, **setup)
     if steps is not None:
-        total = step_flops * steps
+        total = step_flops * steps * world_size
+        recompute = 4 / 3 if activation_checkpointing else 1.0  # the backward reruns each block's forward
         out["time"] = {
             "steps": steps,
-            "tokens": steps * batch_size * T,
+            "tokens": steps * batch_size * T * world_size,
             "total_flops": total,
             "peak_tflops": peak_tflops,
             "mfu": mfu,
-            "seconds": training_time_seconds(total, peak_tflops, mfu),
+            "devices": world_size,
+            "recompute_factor": recompute,
+            "seconds": training_time_seconds(total, peak_tflops, mfu) / world_size * recompute,
         }
     return out
 

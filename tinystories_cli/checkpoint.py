@@ -97,11 +97,20 @@ def clean_name(name: str) -> str:
 
 def model_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(name -> CPU tensor with tied duplicates removed, alias -> canonical name)."""
+    return state_tensors(unwrap_model(model).state_dict())
+
+
+def state_tensors(state_dict: dict[str, torch.Tensor], tied: dict[str, str] | None = None
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """`model_tensors` of a state dict; `tied` (alias -> canonical) names the shared tensors when they
+    are not recognizable by storage (copies gathered from shards)."""
     tensors: dict[str, torch.Tensor] = {}
-    tied: dict[str, str] = {}
+    tied = dict(tied or {})
     seen: dict[tuple, str] = {}
-    for name, t in unwrap_model(model).state_dict().items():
+    for name, t in state_dict.items():
         name = clean_name(name)
+        if name in tied:
+            continue
         # Same storage, offset, shape and strides = the same tensor (weight tying).
         key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
         if t.numel() and key in seen:
@@ -120,9 +129,9 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split `optimizer.state_dict()` into tensors and a JSON-able structure."""
-    sd = optimizer.state_dict()
+def optimizer_tensors(optimizer: torch.optim.Optimizer, sd: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split `optimizer.state_dict()` (or `sd`, a state dict of that form) into tensors and a JSON-able structure."""
+    sd = optimizer.state_dict() if sd is None else sd
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for idx, state in sd["state"].items():
@@ -147,11 +156,25 @@ def save_checkpoint(
 
     `metadata` must be JSON-able; `extra_tensors` are stored under `extra.<name>`.
     """
-    tensors, tied = model_tensors(model)
-    tensors = {f"model.{k}": v for k, v in tensors.items()}
+    save_states(*model_tensors(model), optimizer, None, iteration, out, metadata, extra_tensors)
+
+
+def save_states(
+    model_tensors: dict[str, torch.Tensor],
+    tied: dict[str, str],
+    optimizer: torch.optim.Optimizer | None,
+    optimizer_state: dict | None,
+    iteration: int,
+    out: str | os.PathLike | IO[bytes],
+    metadata: dict[str, Any] | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """`save_checkpoint` from tensors already gathered (`state_tensors`), e.g. the full state of a sharded
+    model: `optimizer_state` (in `optimizer.state_dict()` form, full tensors) replaces the optimizer's own."""
+    tensors = {f"model.{k}": v for k, v in model_tensors.items()}
     optim_meta = None
     if optimizer is not None:
-        opt_tensors, optim_meta = optimizer_tensors(optimizer)
+        opt_tensors, optim_meta = optimizer_tensors(optimizer, optimizer_state)
         tensors.update(opt_tensors)
     for name, t in (extra_tensors or {}).items():
         tensors[f"extra.{name}"] = t.detach().to("cpu").contiguous()
@@ -328,7 +351,9 @@ def load_optimizer_state(ckpt: Checkpoint, optimizer: torch.optim.Optimizer) -> 
         raise UserError(f"checkpoint {ckpt.source}: optimizer parameter groups do not match this model",
                         "load it with the config it was trained with")
     state: dict[int, dict[str, Any]] = {}
-    for key, t in ckpt.optim.items():
+    # In a fixed order: the file's tensor order can differ between processes, and a sharded optimizer
+    # gathers its state key by key on every rank at once.
+    for key, t in sorted(ckpt.optim.items()):
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = t
     for idx, values in (meta.get("scalars") or {}).items():

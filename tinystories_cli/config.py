@@ -52,7 +52,7 @@ def results_neutral(*models: type[BaseModel]) -> set[str]:
     """Names of the `neutral` settings of the given config classes.
 
     >>> sorted(results_neutral(TrainConfig))[:3]
-    ['compile', 'device', 'eval_batches']
+    ['activation_checkpointing', 'compile', 'device']
     """
     return {name for m in models for name, f in m.model_fields.items()
             if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("neutral")}
@@ -151,9 +151,17 @@ class TrainConfig(StrictModel):
     keep_last: int = setting(2, "Step checkpoints to keep (plus best).", ge=1, neutral=True)
     seed: int = setting(0, "Seed for init and batches.", ge=0, lt=2**62)
     device: str = setting("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps.", neutral=True)
-    dtype: Literal["float32", "bfloat16", "float16"] = setting("float32", "Compute dtype (bfloat16: autocast).")
-    compile: bool = setting(False, "torch.compile the model and loss as one graph (falls back to eager if it fails).",
-                            neutral=True)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
+        "auto", "Compute dtype: auto = bfloat16 autocast on a CUDA GPU with bf16, else float32; float16 = autocast "
+        "with loss scaling.")
+    compile: bool | None = setting(None, "torch.compile the model and loss as one graph (falls back to eager if it "
+                                   "fails); default: on for CUDA, off for CPU and MPS.", neutral=True)
+    parallel: Literal["ddp", "fsdp"] = setting(
+        "ddp", "Under torchrun: ddp (replicate the model) or fsdp (shard weights, gradients and AdamW state).",
+        neutral=True)
+    activation_checkpointing: bool = setting(
+        False, "Recompute each block's activations in the backward instead of keeping them (less memory, ~1/3 "
+        "more compute).", neutral=True)
 
     @model_validator(mode="after")
     def _check_schedule(self) -> "TrainConfig":

@@ -8,10 +8,12 @@ file costs no RAM: a batch reads only its `batch x (context + 1)` ids.
     >>> x.shape, bool((y[:, :-1] == x[:, 1:]).all())
     (torch.Size([2, 4]), True)
 
-Randomness for training is a pure function of (seed, draw number): draw k uses
-`np.random.default_rng([seed, k])`. The sampler's whole state is therefore two integers, which
-makes resuming exact, and every DDP rank draws the same global batch and keeps its own slice, so
-two processes with batch B see exactly the windows of one process with batch 2B.
+Randomness for training is a pure function of (seed, optimizer step): step k's global batch uses
+`np.random.default_rng([seed, k])`. The sampler's whole state is therefore a few integers, which
+makes resuming exact, and every rank draws the same global batch and keeps its own slices, so
+two processes with batch B see exactly the windows of one process with batch 2B. Since a step's
+windows depend only on the global batch, a run may resume on another world size (with the
+per-process batch or accumulation that keeps the global batch) and read the same windows.
 """
 
 from __future__ import annotations
@@ -59,10 +61,12 @@ def get_batch(
 
 
 class BatchSampler:
-    """Deterministic, resumable random windows, sharded over DDP ranks.
+    """Deterministic, resumable random windows, sharded over ranks and micro-batches.
 
-    Each call to `next()` draws `batch_size * world_size` starts from `default_rng([seed, draws])`
-    and returns this rank's contiguous slice.
+    Optimizer step k draws its global batch of `batch_size * grad_accum * world_size` starts from
+    `default_rng([seed, k])`; micro-batch i of rank r is the slice starting at `(i * world_size + r) *
+    batch_size`, so micro-batch i of all ranks together is the same set of windows for any world size.
+    Each call to `next()` returns this rank's next micro-batch.
 
     >>> data = np.arange(1000)
     >>> a = BatchSampler(data, 4, 8, seed=1); _ = a.next("cpu"); state = a.state_dict(); x1, _ = a.next("cpu")
@@ -72,7 +76,7 @@ class BatchSampler:
     """
 
     def __init__(self, dataset: np.ndarray, batch_size: int, context_length: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, grad_accum: int = 1):
         if num_starts(len(dataset), context_length) <= 0:
             raise ValueError(f"dataset of {len(dataset)} tokens is too short for context length {context_length}")
         self.dataset = dataset
@@ -81,24 +85,37 @@ class BatchSampler:
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.draws = 0
+        self.grad_accum = grad_accum
+        self.draws = 0  # micro-batches this rank has taken
+        self._cached: tuple[int, np.ndarray] | None = None
 
     def starts(self) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, self.draws])
+        step, micro = divmod(self.draws, self.grad_accum)
         self.draws += 1
-        n = num_starts(len(self.dataset), self.context_length)
-        everyone = rng.integers(0, n, size=self.batch_size * self.world_size, dtype=np.int64)
-        return everyone[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        if self._cached is None or self._cached[0] != step:
+            rng = np.random.default_rng([self.seed, step])
+            n = num_starts(len(self.dataset), self.context_length)
+            size = self.batch_size * self.grad_accum * self.world_size
+            self._cached = (step, rng.integers(0, n, size=size, dtype=np.int64))
+        first = (micro * self.world_size + self.rank) * self.batch_size
+        return self._cached[1][first:first + self.batch_size]
 
     def next(self, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         return _windows(self.dataset, self.starts(), self.context_length, device)
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "draws": self.draws}
+        return {"seed": self.seed, "draws": self.draws, "grad_accum": self.grad_accum}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from `state`, also when it was saved with another accumulation or world size: the
+        position is kept in optimizer steps (a saved state lies on a step boundary)."""
+        saved_accum = int(state.get("grad_accum", self.grad_accum))
+        steps, rest = divmod(int(state["draws"]), saved_accum)
+        if rest and saved_accum != self.grad_accum:
+            raise ValueError(f"sampler state at micro-batch {rest} of a step cannot change the accumulation")
         self.seed = int(state["seed"])
-        self.draws = int(state["draws"])
+        self.draws = steps * self.grad_accum + rest
+        self._cached = None
 
 
 def fixed_windows(num_tokens: int, context_length: int, count: int) -> np.ndarray:

@@ -109,6 +109,30 @@ def sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+def bf16_supported(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def choose_dtype(requested: str, device: torch.device) -> str:
+    """The compute dtype a run uses: `auto` is bfloat16 autocast on a CUDA GPU with bf16 (nanoGPT's
+    default), float32 elsewhere (CPU and MPS stay exact unless asked); explicit choices stand."""
+    if requested != "auto":
+        return requested
+    return "bfloat16" if bf16_supported(device) else "float32"
+
+
+def choose_compile(requested: bool | None, device: torch.device) -> bool:
+    """torch.compile on CUDA by default (a failure falls back to eager); off on CPU and MPS unless asked."""
+    return device.type == "cuda" if requested is None else requested
+
+
+def use_fast_fp32_matmul(device: torch.device) -> str:
+    """On CUDA, what stays float32 runs its matmuls as TF32 ("high" precision); returns the precision in effect."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    return torch.get_float32_matmul_precision()
+
+
 def autocast_factory(device: torch.device, dtype: str) -> tuple[Callable, str | None]:
     """A context-manager factory for the chosen compute dtype, and a note when it falls back."""
     if dtype == "bfloat16":
@@ -116,6 +140,8 @@ def autocast_factory(device: torch.device, dtype: str) -> tuple[Callable, str | 
             return contextlib.nullcontext, "this GPU has no bfloat16: training in float32"
         if device.type in ("cuda", "cpu", "mps"):
             return (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)), None
+    if dtype == "float16" and device.type in ("cuda", "cpu", "mps"):
+        return (lambda: torch.autocast(device_type=device.type, dtype=torch.float16)), None
     return contextlib.nullcontext, None
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 __all__ = ["AdamW", "cosine_lr", "clip_grad_norm_", "make_param_groups"]
 
@@ -34,7 +35,17 @@ class AdamW(torch.optim.Optimizer):
     `torch.optim.AdamW` uses, so the two agree to rounding).
 
     Implemented with `torch._foreach_*` ops: one kernel per op for all tensors of a param group,
-    not a Python loop over parameters. State per parameter: `step` (int), `exp_avg`, `exp_avg_sq`.
+    not a Python loop over parameters. State per parameter: `step` (a 0-dim float32 tensor on the
+    parameter's device, so the bias corrections need no host sync), `exp_avg`, `exp_avg_sq`.
+
+    `step(found_inf=flag)` skips the update on the device when the 0-dim tensor `flag` is nonzero (a
+    NaN/inf loss or gradient): parameters, moments and step counts stay as they were, and the caller
+    never has to read the flag on the host (as `torch.amp.GradScaler`'s found_inf). Gradients of a
+    skipped step are zeroed in place.
+
+    Sharded parameters (DTensor, e.g. under FSDP2's `fully_shard`) are updated through their local
+    shards: the update is elementwise, so each rank updates its own slice; the moments are DTensors
+    laid out like their parameter.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -48,45 +59,80 @@ class AdamW(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, found_inf: Tensor | None = None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("AdamW does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                params.append(p)
-                grads.append(p.grad)
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-                steps.append(state["step"])
-            if not params:
-                continue
-            if wd != 0:
-                torch._foreach_mul_(params, 1.0 - lr * wd)
-            torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)  # m + (1-b1)(g - m) = b1 m + (1-b1) g
-            torch._foreach_mul_(exp_avg_sqs, beta2)
-            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-            # bias corrections bc1 = 1 - beta1^t, bc2 = 1 - beta2^t folded into the step size; eps is scaled by
-            # sqrt(bc2) so the update equals m_hat / (sqrt(v_hat) + eps) exactly, as in torch.optim.AdamW
-            bc2_sqrt = [math.sqrt(1.0 - beta2**t) for t in steps]
-            denom = torch._foreach_sqrt(exp_avg_sqs)
-            torch._foreach_add_(denom, [eps * s for s in bc2_sqrt])
-            step_sizes = [-lr * s / (1.0 - beta1**t) for s, t in zip(bc2_sqrt, steps)]
-            torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
+            params, grads, exp_avgs, exp_avg_sqs, steps = self._gather(group)
+            if params:
+                self._update(group, params, grads, exp_avgs, exp_avg_sqs, steps, found_inf)
         return loss
+
+    def _gather(self, group: dict) -> tuple[list[Tensor], ...]:
+        """Local tensors of the parameters with a gradient (state created on first use)."""
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("AdamW does not support sparse gradients")
+            state = self.state[p]
+            device = local(p).device
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif not isinstance(state["step"], Tensor) or state["step"].device != device:
+                # a count loaded from a file (an int, or a tensor torch left on the CPU)
+                state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(device)
+            params.append(local(p))
+            grads.append(local(p.grad))
+            exp_avgs.append(local(state["exp_avg"]))
+            exp_avg_sqs.append(local(state["exp_avg_sq"]))
+            steps.append(state["step"])
+        return params, grads, exp_avgs, exp_avg_sqs, steps
+
+    @staticmethod
+    def _update(group: dict, params, grads, exp_avgs, exp_avg_sqs, steps, found_inf: Tensor | None) -> None:
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        if found_inf is None:
+            ok: float | Tensor = 1.0
+            keep1, keep2 = beta1, beta2
+        else:
+            skip = found_inf.to(params[0].device) != 0
+            ok = (~skip).float()
+            for g in grads:  # a skipped step's gradient may hold NaN/inf: it must not reach the moments
+                g.masked_fill_(skip, 0.0)
+            keep1, keep2 = 1.0 - (1.0 - beta1) * ok, 1.0 - (1.0 - beta2) * ok  # 1 on a skipped step
+        torch._foreach_add_(steps, ok)
+        if wd != 0:
+            torch._foreach_mul_(params, 1.0 - lr * wd * ok)
+        torch._foreach_mul_(exp_avgs, keep1)  # m <- beta1 m + (1 - beta1) g
+        torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, keep2)  # v <- beta2 v + (1 - beta2) g^2
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+        # bias corrections bc1 = 1 - beta1^t, bc2 = 1 - beta2^t, computed on the device from the step counts:
+        # theta <- theta - lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)   (torch.optim.AdamW's form)
+        bc1 = torch._foreach_pow(beta1, steps)
+        torch._foreach_sub_(bc1, 1.0)  # beta1^t - 1 = -bc1
+        bc2 = torch._foreach_pow(beta2, steps)
+        torch._foreach_neg_(bc2)
+        torch._foreach_add_(bc2, 1.0)
+        torch._foreach_sqrt_(bc2)
+        step_sizes = torch._foreach_reciprocal(bc1)  # -1 / bc1
+        torch._foreach_mul_(step_sizes, lr * ok)  # -lr / bc1 (0 on a skipped step)
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, bc2)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_div_(denom, step_sizes)  # theta += m / (denom / step): +-inf on a skipped step adds 0
+        torch._foreach_addcdiv_(params, exp_avgs, denom)
+
+
+def local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (a view: in-place updates reach the DTensor), else `t` itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def cosine_lr(it: int, max_lr: float, min_lr: float, warmup_iters: int, cosine_cycle_iters: int) -> float:
@@ -111,17 +157,43 @@ def clip_grad_norm_(parameters: Iterable[nn.Parameter] | Tensor, max_norm: float
     Parameters without a gradient are skipped. Returns the norm before clipping (a 0-dim tensor; no
     host sync happens here, so call `.item()` only when logging). Branch-free like PyTorch's: the
     scale is min(1, max_norm / (norm + eps)).
+
+    Sharded gradients (DTensor with a Shard placement, as FSDP2 leaves them) contribute the squared
+    norms of their local shards, summed over the ranks of their mesh with one all-reduce, so every rank
+    gets the global norm of the whole model; replicated ones count once.
     """
     if isinstance(parameters, Tensor):
         parameters = [parameters]
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
-    norms = torch._foreach_norm(grads, 2.0)
-    total = torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]), 2.0)
+    sharded = [g for g in grads if isinstance(g, DTensor) and any(pl.is_shard() for pl in g.placements)]
+    if not sharded:
+        locals_ = [local(g) for g in grads]
+        norms = torch._foreach_norm(locals_, 2.0)
+        total = torch.linalg.vector_norm(torch.stack([n.to(locals_[0].device) for n in norms]), 2.0)
+    else:
+        total = _sharded_norm(grads, sharded)
     scale = torch.clamp(max_norm / (total + eps), max=1.0)
-    torch._foreach_mul_(grads, scale.to(grads[0].dtype))
+    locals_ = [local(g) for g in grads]
+    torch._foreach_mul_(locals_, scale.to(locals_[0].dtype))
     return total
+
+
+def _sharded_norm(grads: list[Tensor], sharded: list[DTensor]) -> Tensor:
+    """sqrt(sum over ranks of the shards' squared norms + the replicated gradients' squared norms)."""
+    mesh = sharded[0].device_mesh
+    if mesh.ndim != 1 or any(g.device_mesh != mesh for g in sharded):
+        raise ValueError("gradient clipping supports sharded gradients on one 1-D device mesh")
+    ids = {id(g) for g in sharded}
+    device = local(sharded[0]).device
+    parts = torch.stack([n.to(device) for n in torch._foreach_norm([local(g) for g in sharded], 2.0)])
+    sq = parts.pow(2).sum()
+    torch.distributed.all_reduce(sq, group=mesh.get_group())
+    rest = [local(g) for g in grads if id(g) not in ids]
+    if rest:
+        sq = sq + torch.stack([n.to(device) for n in torch._foreach_norm(rest, 2.0)]).pow(2).sum()
+    return sq.sqrt()
 
 
 def make_param_groups(model: nn.Module, weight_decay: float, no_decay_norms_biases_embeddings: bool = True

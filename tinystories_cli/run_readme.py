@@ -194,6 +194,10 @@ def render_run_readme(run_dir: str | os.PathLike) -> str:
     out += ["", "## Training", ""]
     extra = [("tokens per step", config.get("tokens_per_step")), ("steps (schedule)", max_steps),
              ("planned tokens", config.get("planned_tokens")), ("processes", config.get("world_size"))]
+    if isinstance(config.get("time_budget"), dict):  # --time-budget: the plan and the time it took
+        tb = config["time_budget"]
+        extra += [("time budget (s)", tb.get("budget_s")), ("probe tokens/s", tb.get("probe_tokens_per_s")),
+                  ("planned steps", tb.get("planned_steps")), ("actual time (s)", tb.get("actual_s"))]
     out += _table([(k, f"`{_setting(v)}`") for k, v in train.items()]
                   + [(k, f"{v:,}" if isinstance(v, int) else _fmt(v)) for k, v in extra if v is not None])
 

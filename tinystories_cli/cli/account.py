@@ -24,8 +24,12 @@ def command(
     memory: Annotated[Optional[str], typer.Option("--memory", help="Accelerator memory, e.g. 80GB: prints the largest batch that fits.")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Training steps for the time estimate (default: the preset's).")] = None,
     tokens: Annotated[Optional[float], typer.Option("--tokens", help="Training tokens for the time estimate (overrides --steps).")] = None,
-    peak_tflops: Annotated[float, typer.Option("--peak-tflops", help="Peak throughput in TFLOP/s (A100 fp32: 19.5).")] = 19.5,
+    peak_tflops: Annotated[Optional[float], typer.Option("--peak-tflops", help="Peak throughput in TFLOP/s (default: the A100 peak of --dtype: 312 bf16/fp16, 156 TF32 for float32).", show_default=False)] = None,
     mfu: Annotated[float, typer.Option("--mfu", help="Model FLOPs utilization, 0-1.")] = 0.5,
+    dtype: Annotated[str, typer.Option("--dtype", help="Compute dtype of the run: auto (bfloat16 on a GPU) | float32 | bfloat16 | float16.")] = "auto",
+    parallel: Annotated[str, typer.Option("--parallel", help="ddp (each process holds everything) or fsdp (weights, gradients and AdamW state sharded).")] = "ddp",
+    world_size: Annotated[int, typer.Option("--world-size", help="Processes (GPUs) of the run; memory is per process.")] = 1,
+    activation_checkpointing: Annotated[bool, typer.Option("--activation-checkpointing", help="Each block keeps only its input; the backward recomputes the rest.")] = False,
     measure: Annotated[bool, typer.Option("--measure", help="Also measure activation memory with one forward+backward on CPU (small configs).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print all figures as one JSON object.")] = False,
     print_config: common.PrintConfig = False,
@@ -44,17 +48,24 @@ def command(
             raise UserError(f"{name} must be a positive finite number, got {value}")
     if not 0 < mfu <= 1:
         raise UserError(f"--mfu must be in (0, 1], got {mfu}")
-    if not 0 < peak_tflops < 1e9:  # also refuses NaN and inf
+    if peak_tflops is not None and not 0 < peak_tflops < 1e9:  # also refuses NaN and inf
         raise UserError(f"--peak-tflops must be a positive finite number, got {peak_tflops}")
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise UserError(f"unknown --dtype {dtype!r}", "use auto, float32, bfloat16 or float16")
+    if parallel not in ("ddp", "fsdp"):
+        raise UserError(f"unknown --parallel {parallel!r}", "use ddp or fsdp")
+    if world_size < 1:
+        raise UserError(f"--world-size must be positive, got {world_size}")
     mem_bytes = account.parse_memory(memory) if memory is not None else None
     bs = batch_size or train.batch_size
     rep = account.report(
         cfg, batch_size=bs, steps=None if tokens else (steps or train.max_steps),
         tokens=int(tokens) if tokens else None, memory=mem_bytes, peak_tflops=peak_tflops, mfu=mfu,
+        dtype=dtype, activation_checkpointing=activation_checkpointing, parallel=parallel, world_size=world_size,
     )
     rep["preset"] = p.name
     if measure:
-        measured = account.measure_activation_bytes(cfg, bs)
+        measured = account.measure_activation_bytes(cfg, bs, activation_checkpointing=activation_checkpointing)
         rep["memory"]["activations_measured"] = measured
     if as_json:
         console.print_json(json.dumps(rep))
@@ -86,7 +97,7 @@ def _table(title: str) -> Table:
 
 
 def _render(name: str, cfg, rep: dict) -> None:
-    c = cfg
+    c, setup = cfg, rep["setup"]
     console.print(
         f"[bold]{name}[/bold]  vocab={c.vocab_size} ctx={c.context_length} L={c.num_layers} d={c.d_model} "
         f"h={c.num_heads} d_ff={c.d_ff}  {c.norm_position}-{c.norm} {c.pos_emb} {c.ffn} "
@@ -122,26 +133,54 @@ def _render(name: str, cfg, rep: dict) -> None:
     t.add_row("[bold]total[/bold]", f"[bold]{human_count(f['total'])}[/bold]", "100.00%")
     console.print(t)
 
-    tr, m = rep["training"], rep["memory"]
-    t = _table(f"Training (batch {tr['batch_size']} x {tr['seq_len']} = {tr['tokens_per_step']:,} tokens/step, AdamW fp32)")
+    tr, m, setup = rep["training"], rep["memory"], rep["setup"]
+    how = (f"{setup['parallel'].upper()} on {setup['world_size']} processes, memory per process"
+           if setup["world_size"] > 1 or setup["parallel"] == "fsdp" else "one process")
+    if setup["activation_checkpointing"]:
+        how += ", activation checkpointing"
+    t = _table(f"Training (batch {tr['batch_size']} x {tr['seq_len']} = {tr['tokens_per_step']:,} tokens/step per "
+               f"process, AdamW fp32; {how})")
     t.add_row("FLOPs per step (fwd + 2x bwd)", human_count(tr["flops_per_step"]), "")
-    for k in ("parameters", "gradients", "optimizer_state", "activations"):
-        t.add_row(f"memory: {k.replace('_', ' ')}", human_bytes(m[k]), f"{100 * m[k] / m['total']:.1f}%")
+    sharded = " (sharded)" if setup["parallel"] == "fsdp" else ""
+    for k in ("parameters", "gradients", "optimizer_state", "activations", "gather_buffers"):
+        if k in m:
+            t.add_row(f"memory: {k.replace('_', ' ')}{sharded if k in ('parameters', 'gradients', 'optimizer_state') else ''}",
+                      human_bytes(m[k]), f"{100 * m[k] / m['total']:.1f}%")
     t.add_row("[bold]memory: total[/bold]", f"[bold]{human_bytes(m['total'])}[/bold]", "")
     if "activations_measured" in m:
         am = m["activations_measured"]
         t.add_row("activations measured (CPU)", human_bytes(am), f"{100 * (m['activations'] / am - 1):+.1f}% est.")
     if "max_batch_size" in m:
-        t.add_row(f"largest batch in {human_bytes(m['budget'])}", str(m["max_batch_size"]), "")
+        t.add_row(f"largest batch per process in {human_bytes(m['budget'])}", str(m["max_batch_size"]), "")
     console.print(t)
+    _render_activations(rep["activations"], c, tr["batch_size"])
 
     if "time" in rep:
         tm = rep["time"]
         secs = tm["seconds"]
         t = _table(f"Training time ({tm['steps']:,} steps, {human_count(tm['tokens'])} tokens)")
         t.add_row("total FLOPs", human_count(tm["total_flops"]), "")
-        t.add_row(f"at {100 * tm['mfu']:.0f}% MFU of {tm['peak_tflops']:g} TFLOP/s", _duration(secs), f"{secs:,.0f} s")
+        devices = f" x {tm['devices']} devices" if tm["devices"] > 1 else ""
+        t.add_row(f"at {100 * tm['mfu']:.0f}% MFU of {tm['peak_tflops']:g} TFLOP/s{devices} ({setup['dtype']})",
+                  _duration(secs), f"{secs:,.0f} s")
         console.print(t)
+
+
+def _render_activations(a: dict, c, batch: int) -> None:
+    """The activation estimate term by term (what autograd keeps for the backward)."""
+    t = _table(f"Activation memory (batch {batch}, fp32 estimate; --measure checks it)")
+    rows = [("embedding (ids, positions, dropout mask)", a["embedding"])]
+    if "checkpointed_inputs" in a:
+        rows += [(f"block inputs kept by the checkpoints ({c.num_layers} layers)", a["checkpointed_inputs"]),
+                 ("one block recomputed in the backward", a["recomputed_layer"])]
+    else:
+        rows += [("per layer (attention, FFN, norms)", a["per_layer"]), (f"all {c.num_layers} layers", a["layers"])]
+    rows += [("final norm", a["final_norm"]), ("LM head input", a["lm_head_input"]),
+             ("logits and loss (B x T x vocab)", a["logits"])]
+    for label, v in rows:
+        t.add_row(label, human_bytes(v), f"{100 * v / a['total']:.1f}%" if label != "per layer (attention, FFN, norms)" else "")
+    t.add_row("[bold]total[/bold]", f"[bold]{human_bytes(a['total'])}[/bold]", "")
+    console.print(t)
 
 
 def _duration(seconds: float) -> str:

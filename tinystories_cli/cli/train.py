@@ -10,6 +10,7 @@ import typer
 
 from tinystories_cli import train as train_lib
 from tinystories_cli.cli import common
+from tinystories_cli.account import parse_memory
 from tinystories_cli.config import ModelConfig, TrainConfig
 from tinystories_cli.console import console
 from tinystories_cli.errors import UserError
@@ -17,6 +18,10 @@ from tinystories_cli.errors import UserError
 RUN = "Run"
 
 COMMAND_KWARGS = {"no_args_is_help": False}
+
+# An interrupted run exits as a process killed by the signal would (128 + signal number), after saving its
+# checkpoint: a scheduler (Slurm requeue, a shell loop) then knows the run did not finish.
+EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 
 
 def _opt(*names: str, help: str, panel: str = RUN, **kw):
@@ -39,6 +44,8 @@ def command(
     valid_data: Annotated[Optional[Path], _opt("--valid-data", help="Validation token file (default data/<dataset>/valid.npy).")] = None,
     tokenizer: Annotated[Optional[Path], _opt("--tokenizer", help="Tokenizer directory (default data/<dataset>/tokenizer).")] = None,
     wandb: Annotated[bool, _opt("--wandb", help="Also log to Weights & Biases (needs `pip install wandb`).")] = False,
+    fit_memory: Annotated[Optional[str], _opt("--fit-memory", help="Device memory, e.g. 24GB: pick the micro-batch and accumulation that keep the global batch (--batch-size x --grad-accum x processes) within it, from `tslm account`'s estimate with a 10% margin.")] = None,
+    time_budget: Annotated[Optional[str], _opt("--time-budget", help="Wall-clock budget, e.g. 90m or 1.5h: a short probe of real steps sets --max-steps so the cosine ends on time; the run stops at the deadline.")] = None,
     plain: Annotated[bool, _opt("--plain", help="Plain log lines instead of the live display.")] = False,
     quiet: Annotated[bool, _opt("--quiet", "-q", help="No progress output.")] = False,
     print_config: common.PrintConfig = False,
@@ -58,6 +65,8 @@ def command(
         run_name=run_name, run_dir=run_dir, resume=resume_value, force=force, stop_at=stop_at, skip_nonfinite=skip_nonfinite,
         peak_tflops=peak_tflops, wandb=wandb, train_file=train_data, valid_file=valid_data, tokenizer_dir=tokenizer,
         display="quiet" if quiet else ("plain" if plain else "auto"),
+        fit_memory=parse_memory(fit_memory) if fit_memory is not None else None,
+        time_budget=train_lib.parse_duration(time_budget) if time_budget is not None else None,
     )
     if peak_tflops is not None and not 0 < peak_tflops < 1e9:  # also refuses NaN and inf
         raise UserError(f"--peak-tflops must be a positive finite number, got {peak_tflops}")
@@ -69,6 +78,9 @@ def command(
     result = train_lib.train(run)
     if not quiet:
         best = f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
-        how = {"finished": "finished", "stop_at": "stopped at --stop-at", "interrupted": "interrupted"}[result.stopped]
+        how = {"finished": "finished", "stop_at": "stopped at --stop-at", "interrupted": "interrupted",
+               "time_budget": "stopped at the --time-budget deadline"}[result.stopped]
         console.print(f"{how} at step {result.step}/{result.max_steps}{best}; run in {result.run_dir} "
                       f"({result.tokens_per_s / 1e3:.1f}K tokens/s)", soft_wrap=True)
+    if result.stopped == "interrupted":
+        raise typer.Exit(EXIT_CODES.get(result.signal or "", 130))

@@ -4,11 +4,13 @@
     run = train.prepare_run("debug", options=train.TrainOptions(run_name="smoke"))
     result = train.train(run)
 
-`prepare.py` (configs, data, run directory) -> `loop.py` (state, fit, train_step, save) with
-`display.py` (live display, header, signals) beside it.
+`prepare.py` (configs, data, run directory, --fit-memory) -> `loop.py` (state, fit, train_step, save,
+--time-budget) with `display.py` (live display, header, signals) and `parallel.py` (FSDP2, activation
+checkpointing, full state dicts, the float16 loss scaler) beside it.
 """
 
 from tinystories_cli.train.loop import NonFiniteError, TrainResult, measure_throughput, train
-from tinystories_cli.train.prepare import Run, TrainOptions, prepare_run
+from tinystories_cli.train.prepare import Run, TrainOptions, parse_duration, prepare_run
 
-__all__ = ["NonFiniteError", "Run", "TrainOptions", "TrainResult", "measure_throughput", "prepare_run", "train"]
+__all__ = ["NonFiniteError", "Run", "TrainOptions", "TrainResult", "measure_throughput", "parse_duration",
+           "prepare_run", "train"]

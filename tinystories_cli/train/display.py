@@ -101,8 +101,10 @@ def print_header(display: Display, run: Run, summary: dict, peak_note: str, star
         f"{cfg.ffn}, {'tied' if cfg.tie_embeddings else 'untied'}, init {cfg.init}",
         f"train: lr {tc.lr:g} -> {tc.min_lr:g}, warmup {tc.warmup_steps}, wd {tc.weight_decay:g}, betas "
         f"({tc.beta1:g}, {tc.beta2:g}), clip {tc.grad_clip:g}, batch {tc.batch_size} x accum {tc.grad_accum_steps} "
-        f"x {summary['world_size']} proc, seed {tc.seed}, device {summary['device']}, dtype {tc.dtype}"
-        f"{', compile' if tc.compile else ''}",
+        f"x {summary['world_size']} proc, seed {tc.seed}, device {summary['device']}, dtype {summary['chosen']['dtype']}"
+        f"{' (auto)' if tc.dtype == 'auto' else ''}{', compile' if summary['chosen']['compile'] else ''}"
+        f"{', ' + summary['chosen']['parallel'] if summary['chosen']['parallel'] != 'none' else ''}"
+        f"{', activation checkpointing' if tc.activation_checkpointing else ''}",
         f"parameters {human_count(summary['parameters'])} ({summary['parameters']:,})  tokens/step "
         f"{summary['tokens_per_step']:,}  steps {run.max_steps:,}"
         + (f" (stopping at {run.end_step:,})" if run.end_step < run.max_steps else "")

@@ -11,9 +11,13 @@ at a time (`step` counts from 1 to `max_steps`), reading like this:
         for each of grad_accum_steps micro-batches:              # DDP syncs gradients on the last one only
             loss = cross_entropy(model(x), y) / grad_accum_steps; loss.backward()
         grad_norm = clip_grad_norm_(params, grad_clip)            # global norm, before clipping
-    if loss or grad_norm is not finite: stop (or skip up to --skip-nonfinite steps), weights untouched
-    else: optimizer.step()
+    optimizer.step(found_inf=not finite(loss, grad_norm))         # skipped on the device, weights untouched
+    at sync points (log/eval/save steps): losses to the host; a skipped step stops the run (or is
+    counted, up to --skip-nonfinite); a signal stops it after a checkpoint (exit 130/143 from the CLI)
     log -> evaluate (and keep the best weights) -> save -> stop on a signal
+
+No host sync between sync points: losses and norms stay on the device (`StepStats`), the update is
+skipped with a device-side flag, and on CUDA the next step's batches are read ahead (`Feeder`).
 
 Tokens per step = batch_size x grad_accum_steps x world_size x context_length.
 
@@ -22,7 +26,9 @@ Determinism: weights are initialized from `seed`; batch k of the run is a pure f
 the torch RNG state (dropout), so on CPU `N steps + resume N steps` reproduces `2N steps` bit for bit.
 
 Under `torchrun --nproc_per_node N -m tinystories_cli train ...` each rank trains on its own slice
-of the global batch (NCCL on GPUs, gloo on CPUs) and only rank 0 writes files.
+of the global batch (NCCL on GPUs, gloo on CPUs), with the model replicated (`--parallel ddp`) or
+sharded (`--parallel fsdp`, see `train/parallel.py`), and only rank 0 writes files. Checkpoints are the
+same single file either way, so a run resumes on any world size with the same global batch.
 """
 
 from __future__ import annotations
@@ -41,11 +47,12 @@ import torch
 
 from tinystories_cli import __version__, runs
 from tinystories_cli.account import train_flops_per_step
-from tinystories_cli.checkpoint import load_model_state, load_optimizer_state, read_checkpoint, save_checkpoint
+from tinystories_cli.checkpoint import load_model_state, load_optimizer_state, read_checkpoint, save_states, state_tensors
 from tinystories_cli.config import ModelConfig
 from tinystories_cli.data import BatchSampler, fixed_windows
-from tinystories_cli.device import (Dist, autocast_factory, broadcast_str, deterministic_on_cpu, dist_from_env,
-                                    init_distributed, measure_peak_tflops, pick_device, sync)
+from tinystories_cli.device import (Dist, autocast_factory, broadcast_str, choose_compile, choose_dtype,
+                                    deterministic_on_cpu, dist_from_env, init_distributed, measure_peak_tflops,
+                                    pick_device, sync, use_fast_fp32_matmul)
 from tinystories_cli.errors import UserError
 from tinystories_cli.evaluate import fixed_window_loss
 from tinystories_cli.fileio import atomic_write_text
@@ -54,6 +61,8 @@ from tinystories_cli.optim import AdamW, clip_grad_norm_, cosine_lr, make_param_
 from tinystories_cli.run_readme import write_run_readme
 from tinystories_cli.tokens import open_tokens
 from tinystories_cli.train.display import Display, Signals, format_duration, print_header
+from tinystories_cli.train.parallel import (LossScaler, apply_activation_checkpointing, full_state, shard_model,
+                                            shard_optimizer_state, tied_aliases)
 from tinystories_cli.train.prepare import Run, TrainOptions, copy_tokenizer
 
 
@@ -69,7 +78,8 @@ class TrainResult:
     train_losses: dict[int, float] = field(default_factory=dict)  # step -> loss of every step
     val_losses: dict[int, float] = field(default_factory=dict)
     best_val_loss: float | None = None
-    stopped: str = "finished"  # finished | stop_at | interrupted
+    stopped: str = "finished"  # finished | stop_at | interrupted | time_budget (its deadline came first)
+    signal: str | None = None  # SIGINT or SIGTERM when interrupted
     tokens_per_s: float = 0.0
     elapsed_s: float = 0.0
 
@@ -98,6 +108,10 @@ class State:
     elapsed_before: float = 0.0
     rng_state: dict[str, torch.Tensor] | None = None
     last_good: Path | None = None
+    dtype: str = "float32"        # what --dtype chose on this device
+    parallel: str = "none"        # none | ddp | fsdp
+    scaler: LossScaler | None = None  # float16 only
+    scaler_skipped: int = 0       # steps the loss scaler skipped (overflowing float16 gradients)
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,6 +131,9 @@ def train(run: Run, on_step: Callable[[int, dict], None] | None = None) -> Train
 
 def _train_owned(run: Run, on_step: Callable[[int, dict], None] | None) -> TrainResult:
     """`train` while this process owns the run directory (rank 0) or rank 0 does (other ranks)."""
+    started = time.perf_counter()
+    if run.options.time_budget is not None and run.time_plan is None:
+        plan_time_budget(run)
     state = build_state(run)
     summary = run_summary(run, state)
     main = state.dist.is_main
@@ -125,7 +142,7 @@ def _train_owned(run: Run, on_step: Callable[[int, dict], None] | None) -> Train
     display = Display(run.options.display, state.start_step, run.end_step, enabled=main)
     peak, peak_note = peak_tflops(run, state.device)
     if main:
-        print_header(display, run, summary, peak_note, state.start_step, state.notes)
+        print_header(display, run, summary, peak_note, state.start_step, run.notes + state.notes)
     log = MetricsLog(run, summary) if main else None
     try:
         result = fit(run, state, display, log, peak, on_step)
@@ -133,6 +150,8 @@ def _train_owned(run: Run, on_step: Callable[[int, dict], None] | None) -> Train
         display.close()
         if log is not None:
             log.close()
+    if main and run.time_plan is not None:
+        record_time_used(run, time.perf_counter() - started, result)
     if main:
         write_run_readme(run.run_dir)  # the run directory describes itself (what, on what, results, how to use it)
     if state.dist.enabled:
@@ -141,7 +160,7 @@ def _train_owned(run: Run, on_step: Callable[[int, dict], None] | None) -> Train
 
 
 def build_state(run: Run) -> State:
-    """Device and process group, model, optimizer, data and the checkpoint to continue from."""
+    """Device and process group, model (sharded or replicated), optimizer, data and the checkpoint to continue from."""
     cfg, tc = run.model_cfg, run.train_cfg
     dist = dist_from_env()
     device = pick_device(tc.device, dist)
@@ -151,50 +170,66 @@ def build_state(run: Run) -> State:
         # ranks use rank 0's run directory (a timestamped name could differ by a second).
         run.run_dir = Path(broadcast_str(str(run.run_dir), device))
         torch.distributed.barrier()
+    dtype = choose_dtype(tc.dtype, device)
+    use_fast_fp32_matmul(device)
+    parallel = tc.parallel if dist.enabled else "none"
     # Seeding before construction makes the initial weights a function of `seed`.
     torch.manual_seed(tc.seed)
     model = TransformerLM(cfg).to(device)
+    ckpt = read_checkpoint(run.resume_from) if run.resume_from is not None else None
+    if ckpt is not None:
+        load_model_state(ckpt, model)  # before sharding: each rank keeps its slice of the loaded weights
+    if tc.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if parallel == "fsdp":
+        shard_model(model, dtype)
     optimizer = AdamW(make_param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
                       eps=tc.eps, weight_decay=tc.weight_decay)
     train_tokens, _ = open_tokens(run.train_file, "train", tc.dataset, "train")
     valid_tokens, _ = open_tokens(run.valid_file, "valid", tc.dataset, "valid")
     sampler = BatchSampler(train_tokens, tc.batch_size, cfg.context_length, seed=tc.seed,
-                           rank=dist.rank, world_size=dist.world_size)
+                           rank=dist.rank, world_size=dist.world_size, grad_accum=tc.grad_accum_steps)
     # The global count (all ranks together), so a DDP run evaluates the same windows as one process.
     val_starts = fixed_windows(len(valid_tokens), cfg.context_length, tc.eval_batches * tc.batch_size * dist.world_size)
-    autocast, note = autocast_factory(device, tc.dtype)
+    if parallel == "fsdp":  # every rank must run the same number of forwards (each one all-gathers)
+        val_starts = val_starts[:max(dist.world_size, len(val_starts) - len(val_starts) % dist.world_size)]
+    autocast, note = autocast_factory(device, dtype)
     state = State(dist, device, model, model, optimizer, sampler, valid_tokens, val_starts, autocast,
                   loss_fn=make_loss_fn(model, autocast), compiled=False,
                   tokens_per_step=tc.batch_size * tc.grad_accum_steps * dist.world_size * cfg.context_length,
                   grad_clip=tc.grad_clip if tc.grad_clip > 0 else math.inf,
-                  notes=[note] if note else [])
-    if run.resume_from is not None:
-        restore(state, run)
+                  notes=[note] if note else [], dtype=dtype, parallel=parallel,
+                  scaler=LossScaler(device) if dtype == "float16" else None)
+    if ckpt is not None:
+        restore(state, run, ckpt)
     if dist.rank > 0:
         # Same initial weights on every rank (seeded above), but each rank its own dropout stream;
         # rank 0 keeps the single-process stream.
         torch.manual_seed(tc.seed + 7919 * dist.rank + 104729 * state.start_step)
-    if dist.enabled:
+    if parallel == "ddp":
         state.model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
         state.loss_fn = make_loss_fn(state.model, autocast)
-    if tc.compile:
+    if choose_compile(tc.compile, device):
         compile_loss(state)
     return state
 
 
-def restore(state: State, run: Run) -> None:
-    """Continue from `run.resume_from`: weights, optimizer, data position, bookkeeping (RNG: see `fit`)."""
-    ckpt = read_checkpoint(run.resume_from)
-    load_model_state(ckpt, state.raw_model)
+def restore(state: State, run: Run, ckpt) -> None:
+    """Continue from `run.resume_from`: optimizer, data position, bookkeeping (weights: `build_state`; RNG: `fit`)."""
     load_optimizer_state(ckpt, state.optimizer)
+    if state.parallel == "fsdp":
+        shard_optimizer_state(state.optimizer)
     meta = ckpt.metadata
     state.start_step = ckpt.iteration
     state.sampler.load_state_dict(meta["sampler"])
     state.best_val = meta.get("best_val_loss")
     state.skipped = int(meta.get("skipped_nonfinite", 0))
+    state.scaler_skipped = int(meta.get("scaler_skipped", 0))
     state.elapsed_before = float(meta.get("elapsed_s", 0.0))
-    state.rng_state = ckpt.extra
+    if state.scaler is not None:
+        state.scaler.load_state_tensors(ckpt.extra)
+    state.rng_state = {k: v for k, v in ckpt.extra.items() if k.startswith("rng.")}
     state.last_good = run.resume_from
     if state.start_step >= run.end_step:
         raise UserError(f"{run.resume_from} is already at step {state.start_step} (the run ends at {run.end_step})",
@@ -221,7 +256,7 @@ def compile_loss(state: State) -> None:
     if state.device.type == "mps" or not hasattr(torch, "compile"):
         state.notes.append("--compile is not supported here: running eagerly")
         return
-    if state.dist.enabled:
+    if state.parallel != "none":
         state.loss_fn = make_loss_fn(torch.compile(state.model), state.autocast)
     else:
         state.loss_fn = torch.compile(state.loss_fn)
@@ -234,10 +269,15 @@ def run_summary(run: Run, state: State) -> dict[str, Any]:
         "preset": run.preset, "model": run.model_cfg.model_dump(), "train": run.train_cfg.model_dump(),
         "parameters": state.raw_model.num_parameters(), "tokens_per_step": state.tokens_per_step,
         "max_steps": run.max_steps, "planned_tokens": state.tokens_per_step * run.max_steps,
-        "world_size": state.dist.world_size,
+        "world_size": state.dist.world_size, "global_batch": state.tokens_per_step // run.model_cfg.context_length,
+        "chosen": {"dtype": state.dtype, "compile": state.compiled, "parallel": state.parallel,
+                   "float32_matmul_precision": torch.get_float32_matmul_precision(),
+                   "activation_checkpointing": run.train_cfg.activation_checkpointing},
         "tokenizer": {"fingerprint": run.tokenizer_fingerprint, "source": str(run.tokenizer_dir)},
         "data": {"train": str(run.train_file), "valid": str(run.valid_file)},
         "device": str(state.device), "tslm_version": __version__, "torch_version": torch.__version__,
+        **({"time_budget": {k: v for k, v in run.time_plan.items() if k != "deadline"}}
+           if run.time_plan is not None else {}),
     }
 
 
@@ -275,7 +315,9 @@ def peak_tflops(run: Run, device: torch.device) -> tuple[float, str]:
     peak = run.options.peak_tflops
     if peak is not None:
         return peak, f"{peak:g} TFLOP/s"
-    dtype = torch.bfloat16 if run.train_cfg.dtype == "bfloat16" and device.type == "cuda" else torch.float32
+    chosen = choose_dtype(run.train_cfg.dtype, device)
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(chosen, torch.float32) \
+        if device.type == "cuda" else torch.float32
     peak = measure_peak_tflops(device, dtype)
     return peak, f"{peak:.2f} TFLOP/s (measured matmul; set --peak-tflops for the hardware peak)"
 
@@ -292,10 +334,16 @@ def flops_per_token(cfg: ModelConfig) -> float:
 
 def fit(run: Run, state: State, display: Display, log: MetricsLog | None, peak: float,
         on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
-    """Steps `state.start_step + 1 .. run.end_step`: lr -> train_step -> guarded update -> log/eval/save."""
+    """Steps `state.start_step + 1 .. run.end_step`: lr -> train_step -> guarded update -> log/eval/save.
+
+    Nothing is read back to the host between sync points (log, eval and save steps, the first and the
+    last step): losses and gradient norms stay on the device until then (`StepStats`), and a bad step
+    is skipped on the device (`guarded_update`)."""
     tc = run.train_cfg
     result = TrainResult(run.run_dir, state.start_step, run.max_steps, best_val_loss=state.best_val)
     meter = Throughput(state.start_step, run.end_step, flops_per_token(run.model_cfg), peak)
+    stats = StepStats()
+    feeder = Feeder(state.sampler, state.device, tc.grad_accum_steps)
     state.model.train()
     if state.rng_state is not None and state.dist.is_main:  # last thing before the loop: nothing else may draw from it
         restore_rng(state.rng_state, state.device)
@@ -304,26 +352,43 @@ def fit(run: Run, state: State, display: Display, log: MetricsLog | None, peak: 
             lr = cosine_lr(step, tc.lr, tc.min_lr, tc.warmup_steps, run.max_steps)
             for group in state.optimizer.param_groups:
                 group["lr"] = lr
-            batches = [state.sampler.next(state.device) for _ in range(tc.grad_accum_steps)]
+            batches = feeder.take()
             loss, grad_norm = first_step(state, batches, display) if step == state.start_step + 1 \
                 else train_step(state, batches)
-            loss_value, norm_value, stop_requested = host_values(state, loss, grad_norm, signals.stop)
-            guarded_update(state, run.options, step, loss_value, norm_value, display)
-            result.train_losses[step], result.step = loss_value, step
+            feeder.prefetch()  # the next step's batches are read while this one runs on the device
+            guarded_update(state, loss, grad_norm)
+            stats.add(step, loss, grad_norm)
             record = meter.record(step, state, state.elapsed_before)
-            if step % tc.log_every == 0 or step == run.end_step or step == state.start_step + 1:
-                record.update(train_loss=loss_value, lr=lr, grad_norm=norm_value, **meter.rates(step))
-                display.log(step, run.end_step, meter.line(loss_value, lr, norm_value, record))
+            result.step = step
+            stop_requested = signals.stop and not state.dist.enabled  # a CPU flag: no sync needed
+            out_of_time = signalled = False
+            if is_sync_point(step, state.start_step, run.end_step, run.max_steps, tc) or stop_requested:
+                losses, norm = stats.flush(state.dist)
+                result.train_losses.update(losses)
+                check_nonfinite(state, run.options, losses, stats, display)
+                late = run.time_plan is not None and time.perf_counter() > run.time_plan["deadline"]
+                signalled, out_of_time = any_rank(state, signals.stop, late)
+                stop_requested = signalled or out_of_time
+                if step % tc.log_every == 0 or step == run.end_step or step == state.start_step + 1:
+                    record.update(train_loss=losses[step], lr=lr, grad_norm=norm, **meter.rates(step),
+                                  skipped_steps=state.skipped + state.scaler_skipped)
+                    if state.scaler is not None:
+                        record["loss_scale"] = state.scaler.scale.item()
+                    display.log(step, run.end_step, meter.line(losses[step], lr, norm, record))
             if step % tc.eval_every == 0 or step == run.max_steps:
                 evaluate_and_keep_best(run, state, step, record, result, display)
             if step % tc.save_every == 0 or stop_requested or step == run.end_step:
-                save_step(run, state, step, record["elapsed_s"])
+                save_step(run, state, step, record["elapsed_s"], feeder)
             if log is not None:
                 log.write(record)
             if on_step is not None:
                 on_step(step, record)
+            if out_of_time and not signalled and step < run.end_step:
+                result.stopped = "time_budget"
+                display.note(f"--time-budget spent at step {step}: saved a checkpoint")
+                break
             if stop_requested:
-                result.stopped = "interrupted"
+                result.stopped, result.signal = "interrupted", signals.signame or "SIGINT"
                 display.note(f"{signals.signame or 'signal'}: saved a checkpoint at step {step}; continue with "
                              f"`tslm train --resume --run-name {run.run_dir.name}`")
                 break
@@ -334,17 +399,29 @@ def fit(run: Run, state: State, display: Display, log: MetricsLog | None, peak: 
     return result
 
 
+def is_sync_point(step: int, start_step: int, end_step: int, max_steps: int, tc) -> bool:
+    """Steps where values come to the host: logging, evaluation, saving, the first and the last step."""
+    return (step % tc.log_every == 0 or step % tc.eval_every == 0 or step % tc.save_every == 0
+            or step in (start_step + 1, end_step, max_steps))
+
+
 def train_step(state: State, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Micro-steps -> clip: the step's mean loss and the global gradient norm before clipping (0-dim tensors)."""
     n = len(batches)
     total = torch.zeros((), device=batches[0][0].device)
     for i, (x, y) in enumerate(batches):
-        # DDP: all-reduce gradients only after the last micro-batch.
-        sync = contextlib.nullcontext() if (not state.dist.enabled or i == n - 1) else state.model.no_sync()
+        # DDP and FSDP: reduce gradients only after the last micro-batch.
+        sync = contextlib.nullcontext()
+        if state.parallel == "ddp" and i < n - 1:
+            sync = state.model.no_sync()
+        elif state.parallel == "fsdp":
+            state.raw_model.set_requires_gradient_sync(i == n - 1)
         with sync:
             loss = state.loss_fn(x, y) / n
-            loss.backward()
+            (loss if state.scaler is None else state.scaler.scale_loss(loss)).backward()
         total += loss.detach()
+    if state.scaler is not None:
+        state.scaler.unscale_(state.raw_model.parameters())
     grad_norm = clip_grad_norm_(state.raw_model.parameters(), state.grad_clip)
     return total, grad_norm
 
@@ -366,30 +443,99 @@ def first_step(state: State, batches, display: Display) -> tuple[torch.Tensor, t
         return train_step(state, batches)
 
 
-def host_values(state: State, loss: torch.Tensor, grad_norm: torch.Tensor, stop: bool) -> tuple[float, float, bool]:
-    """(mean loss over ranks, grad norm, whether any rank got a stop signal): one small all-reduce."""
-    flags = torch.stack([loss.float(), torch.tensor(float(stop), device=state.device)])
-    if state.dist.enabled:
-        torch.distributed.all_reduce(flags)
-        flags[0] /= state.dist.world_size
-    return flags[0].item(), grad_norm.item(), flags[1].item() > 0
+def guarded_update(state: State, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+    """optimizer.step(), skipped on the device when the loss or the gradient norm is not finite.
 
-
-def guarded_update(state: State, opts: TrainOptions, step: int, loss: float, grad_norm: float, display: Display) -> None:
-    """optimizer.step() when loss and gradient are finite; otherwise skip (up to --skip-nonfinite) or stop."""
-    if math.isfinite(loss) and math.isfinite(grad_norm):
-        state.optimizer.step()
-        state.optimizer.zero_grad(set_to_none=True)
-        return
-    state.skipped += 1
+    The gradient norm is global (the same on every rank), so all ranks skip together; the loss joins
+    the check in one process (under DDP/FSDP a rank's NaN loss makes every rank's gradients NaN).
+    The host learns about a skip at the next sync point (`check_nonfinite`)."""
+    bad = ~torch.isfinite(grad_norm)
+    if not state.dist.enabled:
+        bad = bad | ~torch.isfinite(loss)
+    state.optimizer.step(found_inf=bad)
     state.optimizer.zero_grad(set_to_none=True)
-    what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", grad_norm)
-    if state.skipped > opts.skip_nonfinite:
-        raise NonFiniteError(
-            f"non-finite {what} ({value}) at step {step}; last good checkpoint: {state.last_good or 'none yet'}",
-            "lower --lr, keep --grad-clip at 1.0 or lower it, use --dtype float32, or pass "
-            "--skip-nonfinite N to skip up to N bad steps; resume with --resume")
-    display.note(f"warning: non-finite {what} at step {step}: step skipped ({state.skipped}/{opts.skip_nonfinite})")
+    if state.scaler is not None:
+        state.scaler.update(bad)
+
+
+def check_nonfinite(state: State, opts: TrainOptions, losses: dict[int, float], stats: StepStats,
+                    display: Display) -> None:
+    """After a flush: count the steps skipped since the last sync point; stop past --skip-nonfinite."""
+    for step, what, value in stats.bad_steps:
+        if state.scaler is not None and what == "gradient norm":
+            state.scaler_skipped += 1  # float16 overflow: the scaler lowers its scale, the run goes on
+            continue
+        state.skipped += 1
+        if state.skipped > opts.skip_nonfinite:
+            raise NonFiniteError(
+                f"non-finite {what} ({value}) at step {step}; last good checkpoint: {state.last_good or 'none yet'}",
+                "lower --lr, keep --grad-clip at 1.0 or lower it, use --dtype float32, or pass "
+                "--skip-nonfinite N to skip up to N bad steps; resume with --resume")
+        display.note(f"warning: non-finite {what} at step {step}: step skipped ({state.skipped}/{opts.skip_nonfinite})")
+
+
+def any_rank(state: State, *flags: bool) -> list[bool]:
+    """For each flag, whether it is set on any rank (one tiny all-reduce under torchrun)."""
+    if not state.dist.enabled:
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags], device=state.device)
+    torch.distributed.all_reduce(t)
+    return [v > 0 for v in t.tolist()]
+
+
+class StepStats:
+    """Each step's loss and gradient norm, kept on the device until the next sync point."""
+
+    def __init__(self):
+        self.steps: list[int] = []
+        self.values: list[torch.Tensor] = []
+        self.bad_steps: list[tuple[int, str, float]] = []
+
+    def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        self.steps.append(step)
+        self.values.append(torch.stack([loss.detach().float(), grad_norm.detach().float().to(loss.device)]))
+
+    def flush(self, dist: Dist) -> tuple[dict[int, float], float]:
+        """({step: loss averaged over ranks}, the last step's gradient norm): one transfer for all pending steps."""
+        both = torch.stack(self.values)  # (n, 2)
+        if dist.enabled:
+            losses = both[:, 0].contiguous()
+            torch.distributed.all_reduce(losses)
+            both = torch.stack([losses / dist.world_size, both[:, 1]], dim=1)
+        rows = both.tolist()
+        out = {s: r[0] for s, r in zip(self.steps, rows)}
+        self.bad_steps = [(s, "loss", r[0]) if not math.isfinite(r[0]) else (s, "gradient norm", r[1])
+                          for s, r in zip(self.steps, rows) if not (math.isfinite(r[0]) and math.isfinite(r[1]))]
+        norm = rows[-1][1]
+        self.steps, self.values = [], []
+        return out, norm
+
+
+class Feeder:
+    """The next step's micro-batches, read ahead on CUDA (pinned memory, non-blocking copies) while the
+    current step runs; elsewhere read when needed. `sampler_state()` is the position of the batches consumed."""
+
+    def __init__(self, sampler: BatchSampler, device: torch.device, micro_batches: int):
+        self.sampler, self.device, self.n = sampler, device, micro_batches
+        self.ahead: list | None = None
+        self.read_ahead = device.type == "cuda"
+
+    def _read(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [self.sampler.next(self.device) for _ in range(self.n)]
+
+    def take(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        batches, self.ahead = (self.ahead if self.ahead is not None else self._read()), None
+        return batches
+
+    def prefetch(self) -> None:
+        if self.read_ahead:
+            self.ahead = self._read()
+
+    def sampler_state(self) -> dict:
+        state = self.sampler.state_dict()
+        if self.ahead is not None:
+            state["draws"] -= self.n
+        return state
 
 
 def evaluate_and_keep_best(run: Run, state: State, step: int, record: dict, result: TrainResult,
@@ -405,27 +551,83 @@ def evaluate_and_keep_best(run: Run, state: State, step: int, record: dict, resu
     if math.isfinite(val) and (state.best_val is None or val < state.best_val):
         state.best_val = val
         record["best"] = True
+        model_sd, _ = full_state(state.raw_model, None)  # under FSDP every rank takes part in the gather
         if state.dist.is_main:
-            save_checkpoint(state.raw_model, None, step, run.run_dir / runs.CHECKPOINT_DIR / runs.BEST_CHECKPOINT,
-                            metadata={"model_config": cfg.model_dump(), "val_loss": val, "preset": run.preset})
+            save_states(*state_tensors(model_sd, tied_aliases(state.raw_model)), None, None, step,
+                        run.run_dir / runs.CHECKPOINT_DIR / runs.BEST_CHECKPOINT,
+                        metadata={"model_config": cfg.model_dump(), "val_loss": val, "preset": run.preset})
 
 
-def save_step(run: Run, state: State, step: int, elapsed: float) -> None:
-    """Rank 0 writes checkpoints/step_N.safetensors atomically, then keeps only the newest `keep_last`."""
+def save_step(run: Run, state: State, step: int, elapsed: float, feeder: Feeder | None = None) -> None:
+    """Rank 0 writes checkpoints/step_N.safetensors atomically, then keeps only the newest `keep_last`.
+
+    The file is the same for 1 process, DDP and FSDP: full tensors with plain names (FSDP gathers them
+    to rank 0's CPU first), so a run continues on any world size and either way of parallelizing."""
+    model_sd, optim_sd = full_state(state.raw_model, state.optimizer)
     if state.dist.is_main:
         path = run.run_dir / runs.CHECKPOINT_DIR / runs.step_checkpoint_name(step)
-        meta = {"model_config": run.model_cfg.model_dump(), "train_config": run.train_cfg.model_dump(),
-                "preset": run.preset, "sampler": state.sampler.state_dict(), "best_val_loss": state.best_val,
-                "skipped_nonfinite": state.skipped, "elapsed_s": elapsed, "max_steps": run.max_steps,
-                "tokenizer_fingerprint": run.tokenizer_fingerprint}
-        save_checkpoint(state.raw_model, state.optimizer, step, path, metadata=meta,
-                        extra_tensors=rng_tensors(state.device))
+        tc = run.train_cfg
+        meta = {"model_config": run.model_cfg.model_dump(), "train_config": tc.model_dump(),
+                "preset": run.preset, "best_val_loss": state.best_val,
+                "skipped_nonfinite": state.skipped, "scaler_skipped": state.scaler_skipped,
+                "elapsed_s": elapsed, "max_steps": run.max_steps,
+                "world_size": state.dist.world_size, "batch_size": tc.batch_size,
+                "grad_accum_steps": tc.grad_accum_steps, "tokenizer_fingerprint": run.tokenizer_fingerprint,
+                "sampler": feeder.sampler_state() if feeder is not None else state.sampler.state_dict()}
+        extra = rng_tensors(state.device)
+        if state.scaler is not None:
+            extra.update(state.scaler.state_tensors())
+        save_states(*state_tensors(model_sd, tied_aliases(state.raw_model)), state.optimizer, optim_sd, step, path,
+                    metadata=meta, extra_tensors=extra)
         for _, old in runs.step_checkpoints(run.run_dir)[:-run.train_cfg.keep_last]:
             with contextlib.suppress(FileNotFoundError):
                 old.unlink()
         state.last_good = path
     if state.dist.enabled:
         torch.distributed.barrier()
+
+
+def plan_time_budget(run: Run) -> None:
+    """--time-budget: a probe of real training steps measures tokens/s on this hardware, and max_steps is
+    set so that training (plus its evaluations) fills the budget; the cosine ends there. The probe's own
+    time counts against the budget, and `fit` stops at the deadline should the machine slow down."""
+    budget, tc = run.options.time_budget, run.train_cfg
+    deadline = time.perf_counter() + budget
+    tps, spent = measure_throughput(run, max_seconds=min(60.0, max(2.0, 0.02 * budget)), max_steps=20)
+    dist = dist_from_env()
+    if dist.enabled:  # every rank plans the same schedule: the slowest rank's rate
+        t = torch.tensor([tps], dtype=torch.float64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        tps = float(t.item())
+    tokens_per_step = tc.batch_size * tc.grad_accum_steps * dist.world_size * run.model_cfg.context_length
+    # evaluation: eval_batches forward-only batches (a third of a training step's work) every eval_every steps
+    eval_share = tc.eval_batches / (3 * tc.grad_accum_steps * tc.eval_every)
+    usable = budget - spent - 0.03 * budget  # 3%: start-up, checkpoints, the last evaluation
+    steps = int(usable * tps / tokens_per_step / (1 + eval_share))
+    if steps < 1:
+        raise UserError(f"a --time-budget of {format_duration(budget)} leaves no time to train (the probe ran "
+                        f"{tps:,.0f} tokens/s, {spent:.1f} s)", "give a longer --time-budget or a smaller model")
+    update = {"max_steps": steps}
+    if tc.warmup_steps > steps // 2:
+        update["warmup_steps"] = steps // 10
+        run.notes.append(f"warmup shortened to {steps // 10} steps (10% of the planned {steps})")
+    run.train_cfg = tc.model_copy(update=update)
+    run.max_steps = steps
+    run.end_step = min(run.end_step, steps) if run.options.stop_at is not None else steps
+    run.time_plan = {"budget_s": budget, "probe_s": round(spent, 2), "probe_tokens_per_s": round(tps, 1),
+                     "planned_steps": steps, "deadline": deadline}
+    run.notes.append(f"--time-budget {format_duration(budget)}: the probe ran {tps:,.0f} tokens/s ({spent:.1f} s) "
+                     f"-> {steps:,} steps of {tokens_per_step:,} tokens, cosine planned to end there")
+
+
+def record_time_used(run: Run, seconds: float, result: TrainResult) -> None:
+    """The actual wall-clock of a --time-budget run beside its plan, in config.json."""
+    path = run.run_dir / runs.CONFIG_FILE
+    config = json.loads(path.read_text(encoding="utf-8"))
+    plan = {k: v for k, v in run.time_plan.items() if k != "deadline"}
+    config["time_budget"] = {**plan, "actual_s": round(seconds, 2), "steps_done": result.step,
+                             "stopped": result.stopped}
+    atomic_write_text(path, json.dumps(config, indent=2) + "\n")
 
 
 def measure_throughput(run: Run, max_seconds: float, max_steps: int = 10) -> tuple[float, float]:

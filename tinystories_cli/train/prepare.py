@@ -8,8 +8,9 @@ Every bad input is refused here, before a process group starts or a file is writ
 from __future__ import annotations
 
 import math
+import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tinystories_cli import paths, runs
-from tinystories_cli.account import check_fits_in_memory
+from tinystories_cli.account import check_fits_in_memory, training_memory
 from tinystories_cli.checkpoint import read_checkpoint
 from tinystories_cli.config import ModelConfig, TrainConfig, build_config, load_config_file, resolve_configs, results_neutral
+from tinystories_cli.console import human_bytes
 from tinystories_cli.device import dist_from_env
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import atomic_write_text
@@ -43,6 +45,8 @@ class TrainOptions:
     valid_file: Path | None = None
     tokenizer_dir: Path | None = None
     display: str = "auto"  # auto (rich on a terminal, else plain lines) | rich | plain | quiet
+    fit_memory: int | None = None  # bytes per device: pick micro-batch and accumulation to fit (`fit_to_memory`)
+    time_budget: float | None = None  # seconds of wall-clock: plan max_steps from a probe (`loop.plan_time_budget`)
 
 
 @dataclass
@@ -62,6 +66,24 @@ class Run:
     end_step: int
     fresh: bool
     tokenizer_fingerprint: str | None = None
+    notes: list[str] = field(default_factory=list)  # what was chosen for the user, printed in the header
+    time_plan: dict[str, float] | None = None  # --time-budget: the budget, the probe and the steps it planned
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as 90m, 1.5h, 1h30m, 45s or 5400 (seconds).
+
+    >>> parse_duration("90m"), parse_duration("1h30m"), parse_duration("1.5h"), parse_duration("5400")
+    (5400.0, 5400.0, 5400.0, 5400.0)
+    """
+    parts = re.findall(r"([0-9]*\.?[0-9]+)\s*([hms]?)", text.strip().lower())
+    if not parts or re.sub(r"[0-9.hms\s]", "", text.lower()) or "".join(n + u for n, u in parts) != \
+            re.sub(r"\s", "", text.lower()):
+        raise UserError(f"cannot read duration {text!r}", "use e.g. 90m, 1.5h, 1h30m or 3600s")
+    seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1, "": 1}[u] for n, u in parts)
+    if seconds <= 0:
+        raise UserError(f"duration {text!r} must be positive", "use e.g. 90m, 1.5h, 1h30m or 3600s")
+    return seconds
 
 
 def new_run_name(preset: str) -> str:
@@ -112,11 +134,51 @@ def prepare_run(
     for f, split in ((train_file, "train"), (valid_file, "valid")):
         check_token_file_fits(f, split, train_cfg.dataset, fingerprint, model_cfg)
 
+    notes = []
+    if opts.fit_memory is not None:
+        train_cfg, note = fit_to_memory(model_cfg, train_cfg, opts.fit_memory, dist_from_env().world_size)
+        notes.append(note)
+    if opts.time_budget is not None and resume_from is not None:
+        raise UserError("--time-budget plans the schedule when a run starts; a resumed run keeps its plan",
+                        "drop --time-budget when resuming")
     max_steps, end_step = plan_steps(model_cfg, train_cfg, opts)
     if train_cfg.max_steps != max_steps:
         train_cfg = train_cfg.model_copy(update={"max_steps": max_steps})
     return Run(preset_name, model_cfg, train_cfg, opts, run_dir, tokenizer_dir, train_file, valid_file,
-               resume_from, max_steps, end_step, fresh=resume_from is None, tokenizer_fingerprint=fingerprint)
+               resume_from, max_steps, end_step, fresh=resume_from is None, tokenizer_fingerprint=fingerprint,
+               notes=notes)
+
+
+FIT_MARGIN = 0.10  # of the budget, kept free: allocator fragmentation, CUDA context, kernels' workspaces
+
+
+def fit_to_memory(model_cfg: ModelConfig, train_cfg: TrainConfig, budget: int, world_size: int
+                  ) -> tuple[TrainConfig, str]:
+    """The largest micro-batch (dividing the per-process batch, batch_size x grad_accum_steps) whose estimated
+    training memory (`account.training_memory` for this parallelism, dtype and activation checkpointing) stays
+    under the budget less FIT_MARGIN; the accumulation makes up the rest, so the global batch is unchanged.
+    Returns the updated config and a line saying what was chosen and why."""
+    per_process = train_cfg.batch_size * train_cfg.grad_accum_steps
+    setup = {"activation_checkpointing": train_cfg.activation_checkpointing, "world_size": world_size,
+             "parallel": train_cfg.parallel if world_size > 1 else "ddp", "dtype": train_cfg.dtype}
+    usable = int(budget * (1 - FIT_MARGIN))
+    need = {b: training_memory(model_cfg, b, **setup)["total"]
+            for b in range(per_process, 0, -1) if per_process % b == 0}
+    fits = [b for b, n in need.items() if n <= usable]
+    hb = human_bytes
+    if not fits:
+        raise UserError(f"even a micro-batch of 1 needs about {hb(need[1])}, more than "
+                        f"{hb(usable)} ({100 - 100 * FIT_MARGIN:.0f}% of the budget)",
+                        "use --parallel fsdp on more GPUs, --activation-checkpointing, a shorter --ctx, or a "
+                        "smaller model (see `tslm account --memory`)")
+    b = fits[0]
+    accum = per_process // b
+    bigger = [n for c, n in need.items() if c > b]
+    why = f"; micro-batch {min(c for c in need if c > b)} would need {hb(min(bigger))}" if bigger else ""
+    note = (f"--fit-memory {hb(budget)}: micro-batch {b} x accumulation {accum} x {world_size} "
+            f"process{'es' if world_size > 1 else ''} = global batch {per_process * world_size}; estimated "
+            f"{hb(need[b])} per process, under {hb(usable)} (a {100 * FIT_MARGIN:.0f}% margin kept){why}")
+    return train_cfg.model_copy(update={"batch_size": b, "grad_accum_steps": accum}), note
 
 
 def find_resume(opts: TrainOptions) -> tuple[Path | None, Path | None]:
@@ -155,13 +217,32 @@ def resumed_configs(saved: dict, run_dir: Path, preset: str | None, given_model:
                         "drop them, or start a new run with another --run-name")
     saved_train = TrainConfig.model_validate(saved["train"])
     train_cfg = build_config(TrainConfig, saved_train, file_train, train_overrides, where="train config")
-    neutral = results_neutral(TrainConfig)
+    check_global_batch(saved, saved_train, train_cfg)
+    neutral = results_neutral(TrainConfig) | {"batch_size", "grad_accum_steps"}  # the global batch is what counts
     changed = [k for k in TrainConfig.model_fields
                if getattr(saved_train, k) != getattr(train_cfg, k) and k not in neutral]
     if changed:
         raise UserError(f"train settings {changed} differ from the run being resumed ({run_dir}); resuming "
                         "must not change what a step computes", "drop them, or start a new run")
     return name, model_cfg, train_cfg
+
+
+def check_global_batch(saved: dict, saved_train: TrainConfig, train_cfg: TrainConfig) -> None:
+    """A resumed run keeps its global batch (batch x accumulation x world size); the world size may change."""
+    world = dist_from_env().world_size
+    want = saved_train.batch_size * saved_train.grad_accum_steps * int(saved.get("world_size", 1))
+    got = train_cfg.batch_size * train_cfg.grad_accum_steps * world
+    if got == want:
+        return
+    keep = []
+    if want % (train_cfg.grad_accum_steps * world) == 0:
+        keep.append(f"--batch-size {want // (train_cfg.grad_accum_steps * world)}")
+    if want % (train_cfg.batch_size * world) == 0:
+        keep.append(f"--grad-accum {want // (train_cfg.batch_size * world)}")
+    fix = (f"pass {' or '.join(keep)} to keep it" if keep else
+           f"pick --batch-size and --grad-accum whose product times {world} is {want}")
+    raise UserError(f"the run's global batch is {want} sequences per step; batch {train_cfg.batch_size} x accumulation "
+                    f"{train_cfg.grad_accum_steps} x {world} processes makes {got}", fix)
 
 
 def load_run_tokenizer(tokenizer_dir: Path, dataset: str):
@@ -207,9 +288,6 @@ def plan_steps(model_cfg: ModelConfig, train_cfg: TrainConfig, opts: TrainOption
         end_step = opts.stop_at
     if opts.skip_nonfinite < 0:
         raise UserError(f"--skip-nonfinite must be >= 0, got {opts.skip_nonfinite}")
-    if train_cfg.dtype == "float16":
-        raise UserError("--dtype float16 needs loss scaling, which tslm train does not do",
-                        "use --dtype bfloat16 (same memory, no scaling needed) or float32")
     return max_steps, end_step
 
 
@@ -217,6 +295,7 @@ class SamplerState(BaseModel):
     model_config = ConfigDict(extra="forbid")
     seed: int = Field(ge=0, lt=2**63)
     draws: int = Field(ge=0, lt=2**63)
+    grad_accum: int = Field(1, ge=1, lt=2**31)
 
 
 class RunState(BaseModel):
@@ -232,6 +311,10 @@ class RunState(BaseModel):
     elapsed_s: float = Field(0.0, ge=0)
     max_steps: int = Field(gt=0)
     tokenizer_fingerprint: str | None = None
+    scaler_skipped: int = Field(0, ge=0)
+    world_size: int | None = Field(None, ge=1)
+    batch_size: int | None = Field(None, ge=1)
+    grad_accum_steps: int | None = Field(None, ge=1)
 
 
 def check_resumable(ckpt_path: Path, run_dir: Path, saved: dict) -> None:
