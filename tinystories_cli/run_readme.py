@@ -101,6 +101,27 @@ def _data_lines(config: dict) -> list[str]:
     return lines
 
 
+def _weights_ref(record: dict) -> str:
+    """`path` (sha256 `abcd…`) of the weights a run started from or was imported from."""
+    files = record.get("weights") or []
+    if isinstance(files, dict):
+        files = [files]
+    shas = ", ".join(f"`{str(f.get('sha256', '?'))[:16]}…`" for f in files if isinstance(f, dict))
+    return f"`{record.get('path', '?')}`" + (f" (weights sha256 {shas})" if shas else "")
+
+
+def _origin(config: dict) -> str:
+    """Where the weights came from: from scratch, fine-tuned from a source, or imported."""
+    imported, init = config.get("imported_from"), config.get("init_from")
+    if isinstance(imported, dict):
+        return (f"A {imported.get('architecture', 'Hugging Face')} model imported with `tslm import` from "
+                f"{_weights_ref(imported)}.")
+    if isinstance(init, dict):
+        return (f"A language model fine-tuned with `tslm train --init-from` from {_weights_ref(init)} "
+                "(its weights and model config; a fresh optimizer and schedule).")
+    return "A language model trained from scratch with `tslm`."
+
+
 def render_run_readme(run_dir: str | os.PathLike) -> str:
     """The Markdown README of a run directory (a pure function of the files it reads)."""
     run_dir = Path(run_dir)
@@ -121,13 +142,13 @@ def render_run_readme(run_dir: str | os.PathLike) -> str:
             f"{model.get('norm_position')}-norm {model.get('norm')}, {model.get('pos_emb')} positions, "
             f"{model.get('ffn')} FFN, {'tied' if model.get('tie_embeddings') else 'untied'} embeddings")
     out = [f"# {name}", "",
-           "A language model trained from scratch with `tslm`. "
-           "This file is generated from the run directory; rerun `tslm eval` or training to refresh it.", "",
+           _origin(config) + " This file is generated from the run directory; rerun `tslm eval` or training "
+           "to refresh it.", "",
            f"- **preset**: `{config.get('preset')}`",
            f"- **model**: {arch}",
            f"- **parameters**: {params:,}" if isinstance(params, int) else "- **parameters**: -",
            f"- **training**: {m['steps'] if m['steps'] is not None else 0:,} of {max_steps or '?':,} steps"
-           if isinstance(max_steps, int) else f"- **training**: {m['steps']} steps",
+           if isinstance(max_steps, int) else f"- **training**: {m['steps'] or 'no'} steps in this directory",
            ]
     if m["tokens"] is not None:
         out[-1] += f", {m['tokens']:,} tokens ({config.get('tokens_per_step', '?'):,} per step)" \
