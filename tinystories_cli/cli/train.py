@@ -37,6 +37,7 @@ def command(
     train_data: Annotated[Optional[Path], _opt("--train-data", help="Train token file (default data/<dataset>/train.npy).")] = None,
     valid_data: Annotated[Optional[Path], _opt("--valid-data", help="Validation token file (default data/<dataset>/valid.npy).")] = None,
     tokenizer: Annotated[Optional[Path], _opt("--tokenizer", help="Tokenizer directory (default data/<dataset>/tokenizer).")] = None,
+    init_from: Annotated[Optional[str], _opt("--init-from", help="Fine-tune: model config, weights and tokenizer from a run, a checkpoint or a Hugging Face directory; fresh optimizer and schedule.")] = None,
     wandb: Annotated[bool, _opt("--wandb", help="Also log to Weights & Biases (needs `pip install wandb`).")] = False,
     plain: Annotated[bool, _opt("--plain", help="Plain log lines instead of the live display.")] = False,
     quiet: Annotated[bool, _opt("--quiet", "-q", help="No progress output.")] = False,
@@ -49,12 +50,12 @@ def command(
     if resume_target is not None and not resume:
         raise UserError(f"unexpected argument {resume_target!r}", "to continue a run pass --resume, --resume auto or --resume RUN")
     resume_value = (resume_target or "auto") if resume else None
-    if preset is None and config is None and resume_value is None:
-        raise UserError("no preset given", "pass --preset NAME (see `tslm account --list`), --config FILE, or --resume")
+    if preset is None and config is None and resume_value is None and init_from is None:
+        raise UserError("no preset given", "pass --preset NAME (see `tslm account --list`), --config FILE, --resume or --init-from")
     opts = train_lib.TrainOptions(
         run_name=run_name, resume=resume_value, force=force, stop_at=stop_at, skip_nonfinite=skip_nonfinite,
         peak_tflops=peak_tflops, wandb=wandb, train_file=train_data, valid_file=valid_data, tokenizer_dir=tokenizer,
-        display="quiet" if quiet else ("plain" if plain else "auto"),
+        display="quiet" if quiet else ("plain" if plain else "auto"), init_from=init_from,
     )
     if peak_tflops is not None and peak_tflops <= 0:
         raise UserError(f"--peak-tflops must be positive, got {peak_tflops}")

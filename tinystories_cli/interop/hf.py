@@ -152,32 +152,53 @@ def _read(files: dict[str, Path], names: list[str]) -> dict[str, Tensor]:
     return out
 
 
-def read_hf_model(src: str | Path) -> HFModel:
-    """Our config and state_dict for the Llama or GPT-2 model in `src` (see the module docstring)."""
+@dataclass
+class HFPlan:
+    """A checked Hugging Face model directory, before any tensor is read (see `plan_hf_model`)."""
+
+    src: Path
+    hf: dict
+    cfg: ModelConfig
+    architecture: str
+    kv_heads: int
+    files: dict[str, Path]
+    expected: dict[str, tuple[int, ...]]
+    prefix: str = ""
+
+
+def plan_hf_model(src: str | Path) -> HFPlan:
+    """Config values and every tensor's name, dtype and shape checked; nothing allocated from the file yet."""
     src = Path(src)
     hf = read_hf_config(src)
     cfg, arch, kv = model_config_from_hf(hf)
     files = weight_files(src)
     found = _header(files)
-    notes: list[str] = []
+    optional = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    prefix = ""
     if arch == "LlamaForCausalLM":
-        attn_bias, mlp_bias = hf_bool(hf, "attention_bias", False), hf_bool(hf, "mlp_bias", False)
-        expected = llama.llama_expected_shapes(cfg, kv, attn_bias, mlp_bias)
-        optional = {"lm_head.weight"} if cfg.tie_embeddings else set()
-        check_tensors(found, expected, optional, src)
-        sd = _read(files, list(expected))
+        expected = llama.llama_expected_shapes(cfg, kv, hf_bool(hf, "attention_bias", False), hf_bool(hf, "mlp_bias", False))
+    else:
+        prefix = gpt2.PREFIX if f"{gpt2.PREFIX}wte.weight" in found else ""
+        expected = gpt2.gpt2_expected_shapes(cfg, prefix)
+    check_tensors(found, expected, optional, src)
+    return HFPlan(src, hf, cfg, arch, kv, files, expected, prefix)
+
+
+def read_hf_model(src: str | Path, plan: HFPlan | None = None) -> HFModel:
+    """Our config and state_dict for the Llama or GPT-2 model in `src` (see the module docstring)."""
+    plan = plan or plan_hf_model(src)
+    cfg, kv = plan.cfg, plan.kv_heads
+    sd = _read(plan.files, list(plan.expected))
+    notes: list[str] = []
+    if plan.architecture == "LlamaForCausalLM":
         sd = llama.fill_missing_biases(llama.expand_kv_heads(sd, cfg, kv), cfg)
         if kv != cfg.num_heads:
             notes.append(f"grouped-query attention ({kv} key/value heads for {cfg.num_heads} query heads) "
                          "imported as full multi-head attention (key/value heads repeated)")
         ours = llama.from_llama_state_dict(sd, cfg)
     else:
-        prefix = gpt2.PREFIX if f"{gpt2.PREFIX}wte.weight" in found else ""
-        expected = gpt2.gpt2_expected_shapes(cfg, prefix)
-        optional = {"lm_head.weight"} if cfg.tie_embeddings else set()
-        check_tensors(found, expected, optional, src)
-        ours = gpt2.from_gpt2_state_dict(_read(files, list(expected)), cfg, prefix)
-    return HFModel(cfg, ours, arch, sorted(set(files.values())), notes)
+        ours = gpt2.from_gpt2_state_dict(sd, cfg, plan.prefix)
+    return HFModel(cfg, ours, plan.architecture, sorted(set(plan.files.values())), notes)
 
 
 # ---------------------------------------------------------------- tokenizer

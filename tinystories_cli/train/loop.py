@@ -54,7 +54,7 @@ from tinystories_cli.optim import AdamW, clip_grad_norm_, cosine_lr, make_param_
 from tinystories_cli.run_readme import write_run_readme
 from tinystories_cli.tokens import open_tokens
 from tinystories_cli.train.display import Display, Signals, format_duration, print_header
-from tinystories_cli.train.prepare import Run, TrainOptions, clear_run_dir, copy_tokenizer
+from tinystories_cli.train.prepare import Run, TrainOptions, clear_run_dir, copy_tokenizer, load_init_weights
 
 
 class NonFiniteError(UserError):
@@ -147,6 +147,8 @@ def build_state(run: Run) -> State:
     # Seeding before construction makes the initial weights a function of `seed`.
     torch.manual_seed(tc.seed)
     model = TransformerLM(cfg).to(device)
+    if run.init_from is not None:  # fine-tuning: the source's weights, a fresh optimizer and schedule
+        load_init_weights(model, run.init_from)
     optimizer = AdamW(make_param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
                       eps=tc.eps, weight_decay=tc.weight_decay)
     train_tokens, _ = open_tokens(run.train_file, "train", tc.dataset, "train")
@@ -231,6 +233,7 @@ def run_summary(run: Run, state: State) -> dict[str, Any]:
         "tokenizer": {"fingerprint": run.tokenizer_fingerprint, "source": str(run.tokenizer_dir)},
         "data": {"train": str(run.train_file), "valid": str(run.valid_file)},
         "device": str(state.device), "tslm_version": __version__, "torch_version": torch.__version__,
+        **({"init_from": run.init_from.record()} if run.init_from is not None else {}),
     }
 
 
