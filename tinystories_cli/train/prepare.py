@@ -24,8 +24,8 @@ from typing import Any
 
 from tinystories_cli import paths, runs
 from tinystories_cli.checkpoint import read_checkpoint
-from tinystories_cli.config import (ModelConfig, TrainConfig, build_config, get_preset, load_config_file, resolve_configs,
-                                    results_neutral)
+from tinystories_cli.config import (ModelConfig, Preset, TrainConfig, build_config, get_preset, load_config_file,
+                                    resolve_configs, results_neutral)
 from tinystories_cli.device import dist_from_env
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import atomic_write_text, sha256_file
@@ -111,6 +111,7 @@ def prepare_run(
     file_model, file_train = file_data.get("model") or {}, file_data.get("train") or {}
     run_dir, resume_from = find_resume(opts)
     init: InitSource | None = None  # fine-tuning, only when the run starts fresh
+    named: Preset | None = None  # the preset of a fresh run (it may name its tokenizer)
     if resume_from is not None:
         check_resumable(resume_from, run_dir)
         saved = runs.read_run_config(run_dir)
@@ -125,8 +126,8 @@ def prepare_run(
         run_dir = run_dir or opts.run_dir or runs.runs_root() / (opts.run_name or default_name)
     else:
         p, model_cfg, train_cfg = resolve_configs(preset, config_file, model_overrides, train_overrides)
-        preset_name = p.name
-        tokenizer_dir = opts.tokenizer_dir or paths.tokenizer_dir(train_cfg.dataset)
+        preset_name, named = p.name, p
+        tokenizer_dir = preset_tokenizer_dir(p, train_cfg.dataset, opts.tokenizer_dir)
         run_dir = run_dir or opts.run_dir or runs.runs_root() / (opts.run_name or new_run_name(preset_name))
     if resume_from is None:
         if (run_dir / runs.CONFIG_FILE).exists() or runs.step_checkpoints(run_dir):
@@ -142,6 +143,8 @@ def prepare_run(
                             f"{model_cfg.vocab_size}", "the source directory is inconsistent")
     elif resume_from is None:
         explicit = any((d or {}).get("vocab_size") is not None for d in (file_model, model_overrides))
+        if named is not None and not explicit:
+            check_preset_tokenizer(named, tokenizer_dir, int(tokenizer.vocab_size))
         model_cfg = vocab_from_tokenizer(model_cfg, int(tokenizer.vocab_size), explicit)
     fingerprint = getattr(tokenizer, "fingerprint", None)
     train_file = Path(opts.train_file or paths.tokens_path(train_cfg.dataset, "train"))
@@ -271,6 +274,34 @@ def resumed_configs(saved: dict, run_dir: Path, preset: str | None, given_model:
         raise UserError(f"train settings {changed} differ from the run being resumed ({run_dir}); resuming "
                         "must not change what a step computes", "drop them, or start a new run")
     return name, model_cfg, train_cfg
+
+
+GPT2_TOKENIZER = "gpt2-tokenizer"  # data/gpt2-tokenizer/: GPT-2's vocab.json + merges.txt (`tslm download gpt2-tokenizer`)
+
+
+def preset_tokenizer_dir(preset: Preset, dataset: str, given: Path | None) -> Path:
+    """The tokenizer a fresh run uses: the one given, else the one its preset names (GPT-2's in
+    data/gpt2-tokenizer/), else the dataset's (`tslm bpe` output in data/<dataset>/tokenizer/)."""
+    if given is not None:
+        return Path(given)
+    if preset.tokenizer == "gpt2":
+        d = paths.dataset_dir(GPT2_TOKENIZER)
+        if not d.is_dir():
+            raise UserError(f"preset {preset.name} uses GPT-2's tokenizer (vocab {preset.model.vocab_size}), "
+                            f"which is not in {d}",
+                            f"fetch it with `tslm download gpt2-tokenizer` and encode your text with "
+                            f"`tslm encode FILE --tokenizer {d}`")
+        return d
+    return paths.tokenizer_dir(dataset)
+
+
+def check_preset_tokenizer(preset: Preset, tokenizer_dir: Path, vocab_size: int) -> None:
+    """A preset that names GPT-2's tokenizer trains with it: another vocabulary would build another model."""
+    if preset.tokenizer == "gpt2" and vocab_size != preset.model.vocab_size:
+        raise UserError(f"preset {preset.name} is defined with GPT-2's tokenizer (vocab {preset.model.vocab_size}), "
+                        f"but {tokenizer_dir} has {vocab_size} ids",
+                        f"use --tokenizer {paths.dataset_dir(GPT2_TOKENIZER)} (`tslm download gpt2-tokenizer`) with "
+                        f"token files encoded by it, or pass --vocab-size {vocab_size} to train this shape with yours")
 
 
 def load_run_tokenizer(tokenizer_dir: Path, dataset: str):
