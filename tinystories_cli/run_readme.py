@@ -185,12 +185,17 @@ def render_run_readme(run_dir: str | os.PathLike) -> str:
             f"tslm plot {ref} --metric val_loss --out {shlex.quote(str(run_dir / 'val_loss.png'))}   # loss curve",
             ]
     try:
-        from tinystories_cli.interop.llama import llama_incompatibilities
         from tinystories_cli.config import ModelConfig
+        from tinystories_cli.interop.gpt2 import gpt2_incompatibilities
+        from tinystories_cli.interop.llama import llama_incompatibilities
 
-        bad = llama_incompatibilities(ModelConfig.model_validate(model))
+        cfg = ModelConfig.model_validate(model)
+        bad = llama_incompatibilities(cfg)
+        gpt2_bad = gpt2_incompatibilities(cfg)
+        if bad and not gpt2_bad:
+            bad = []  # exported as GPT2LMHeadModel
     except Exception:
-        bad = ["unknown architecture"]
+        bad = gpt2_bad = ["unknown architecture"]
     export_dir = shlex.quote(f"{name}-hf")
     if not bad:
         out.append(f"tslm export {ref} --format hf --out {export_dir}   # transformers / tokenizers")
@@ -204,7 +209,8 @@ def render_run_readme(run_dir: str | os.PathLike) -> str:
                 f"model = AutoModelForCausalLM.from_pretrained({f'{name}-hf'!r})",
                 f"tokenizer = AutoTokenizer.from_pretrained({f'{name}-hf'!r})", "```"]
     else:
-        out += ["", f"Not exportable to Hugging Face Llama format ({', '.join(bad)}); "
+        out += ["", f"Not exportable to Hugging Face Llama format ({', '.join(bad)}) nor GPT-2 format "
+                f"({', '.join(gpt2_bad)}); "
                 "`--format safetensors` works for every architecture."]
 
     out += ["", "## Model", ""]

@@ -26,10 +26,10 @@ from tinystories_cli.config import ModelConfig
 from tinystories_cli.interop.hfconfig import (MAX_CONTEXT, MAX_LAYERS, MAX_VOCAB, check_architecture, hf_bool,
                                               hf_float, hf_int, refuse_if)
 
-# What GPT2LMHeadModel computes, switch by switch (the ModelConfig value it requires). `ffn` may also be
-# another activation GPT-2's config can name (see ACTIVATIONS).
-GPT2_SWITCHES = {"norm": "layernorm", "norm_position": "pre", "pos_emb": "learned", "layernorm_bias": True,
-                 "bias": True}
+# What GPT2LMHeadModel computes, switch by switch (the ModelConfig value it requires). `ffn` may be any
+# activation GPT-2's config can name (see OUR_ACTIVATION). A model without biases (`bias=False`,
+# `layernorm_bias=False`) maps too: its missing biases are written as zeros, which compute the same.
+GPT2_SWITCHES = {"norm": "layernorm", "norm_position": "pre", "pos_emb": "learned"}
 # transformers' activation_function -> our `ffn` (gelu_new, gelu_fast and gelu_pytorch_tanh are one function).
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
                "gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu"}
@@ -90,6 +90,20 @@ def gpt2_config_dict(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
+def with_zero_biases(state_dict: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    """`state_dict` plus zero biases for every projection and LayerNorm that has none."""
+    sd = dict(state_dict)
+    ref = sd["token_embeddings.weight"]
+    rows = {"attn.q_proj": cfg.d_model, "attn.k_proj": cfg.d_model, "attn.v_proj": cfg.d_model,
+            "attn.output_proj": cfg.d_model, "ffn.w1": cfg.d_ff, "ffn.w2": cfg.d_model, "ln1": cfg.d_model,
+            "ln2": cfg.d_model}
+    for i in range(cfg.num_layers):
+        for name, n in rows.items():
+            sd.setdefault(f"layers.{i}.{name}.bias", ref.new_zeros(n))
+    sd.setdefault("ln_final.bias", ref.new_zeros(cfg.d_model))
+    return sd
+
+
 def gpt2_expected_shapes(cfg: ModelConfig, prefix: str = PREFIX) -> dict[str, tuple[int, ...]]:
     """The tensor shapes a GPT2LMHeadModel model.safetensors holds for this config (lm_head only untied)."""
     d, f = cfg.d_model, cfg.d_ff
@@ -128,8 +142,10 @@ def from_gpt2_state_dict(gpt2_sd: dict[str, Tensor], cfg: ModelConfig, prefix: s
 
 
 def to_gpt2_state_dict(state_dict: dict[str, Tensor], cfg: ModelConfig, prefix: str = PREFIX) -> dict[str, Tensor]:
-    """Inverse of `from_gpt2_state_dict` (a tied LM head is left out: GPT-2 ties it by config)."""
+    """Inverse of `from_gpt2_state_dict` (a tied LM head is left out: GPT-2 ties it by config). Biases a
+    model without them lacks are written as zeros."""
     p = prefix
+    state_dict = with_zero_biases(state_dict, cfg)
     out = {f"{p}wte.weight": state_dict["token_embeddings.weight"],
            f"{p}wpe.weight": state_dict["position_embeddings.weight"],
            f"{p}ln_f.weight": state_dict["ln_final.weight"], f"{p}ln_f.bias": state_dict["ln_final.bias"]}
@@ -146,3 +162,17 @@ def to_gpt2_state_dict(state_dict: dict[str, Tensor], cfg: ModelConfig, prefix: 
             out[f"{h}{t}.weight"] = state_dict[f"{ours}{o}.weight"].t()
             out[f"{h}{t}.bias"] = state_dict[f"{ours}{o}.bias"]
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def hf_config(cfg: ModelConfig, specials: dict[str, int], dtype: str = "float32") -> dict[str, Any]:
+    """config.json for GPT2LMHeadModel: `gpt2_config_dict` plus token ids and dtype."""
+    eot = specials.get("<|endoftext|>")
+    out = dict(gpt2_config_dict(cfg))
+    out.update({"bos_token_id": eot, "eos_token_id": eot, "initializer_range": 0.02, "use_cache": True,
+                "torch_dtype": dtype, "dtype": dtype})  # transformers < 5 reads torch_dtype, >= 5 dtype
+    return out
+
+
+def hf_state_dict(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    """GPT-2-named tensors from our plain state (contiguous, each its own storage)."""
+    return {k: v.contiguous().clone() for k, v in to_gpt2_state_dict(state, cfg).items()}
