@@ -135,7 +135,7 @@ def test_gpt2_import_parity(tmp_path, bpe, run_cli, monkeypatch, tie, activation
 
 def test_export_then_import_is_identity(tmp_path, bpe, monkeypatch):
     """Llama export of a run (with biases, tied) and back: every tensor bit-identical."""
-    from tests.test_export import make_run
+    from test_export import make_run
 
     monkeypatch.setattr(runs.paths, "RUNS_ROOT", tmp_path / "runs")
     tok_dir = tmp_path / "tok"

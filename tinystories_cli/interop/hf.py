@@ -218,7 +218,8 @@ def read_hf_tokenizer(src: str | Path) -> tuple[dict[int, bytes], list[tuple[byt
         what = " (tokenizer.model is sentencepiece, which tslm does not read)" if (src / "tokenizer.model").is_file() else ""
         raise Unsupported(f"no byte-level BPE tokenizer in {src}{what}",
                           "the directory needs tokenizer.json, or vocab.json and merges.txt")
-    missing = [b for b in range(256) if bytes([b]) not in set(vocab.values())]
+    present = set(vocab.values())
+    missing = [b for b in range(256) if bytes([b]) not in present]
     if missing:
         raise Unsupported(f"tokenizer in {src} lacks {len(missing)} of the 256 single bytes: not a byte-level BPE")
     return vocab, merges, specials
