@@ -83,3 +83,98 @@ def test_bad_config_files(tmp_path, content, message):
 def test_unknown_preset_lists_valid_ones():
     with pytest.raises(UserError, match="tinystories-17m"):
         resolve_configs("gpt5", None)
+
+
+# --- presets mean what they say ----------------------------------------------------------------
+
+def _synthetic_tokenizer(d, vocab_size: int):
+    """A valid tokenizer directory with exactly `vocab_size` ids (bytes, filler tokens, <|endoftext|>)."""
+    from tinystories_cli.tokenizer import Tokenizer
+    from tinystories_cli.tokenizer.files import write_vocab_merges
+
+    vocab = {i: bytes([i]) for i in range(256)}
+    vocab.update({i: f"<t{i}>".encode() for i in range(256, vocab_size - 1)})
+    vocab[vocab_size - 1] = b"<|endoftext|>"
+    write_vocab_merges(d, vocab, [])
+    return Tokenizer.from_dir(d)
+
+
+def _dataset_for(root, preset):
+    """data/<dataset>/{train,valid}.npy for `preset`, with the tokenizer it names (GPT-2's in data/gpt2-tokenizer)."""
+    from train_fixtures import write_token_file
+
+    p = PRESETS[preset]
+    tok_dir = root / "data" / ("gpt2-tokenizer" if p.tokenizer == "gpt2" else f"{p.train.dataset}/tokenizer")
+    if not tok_dir.is_dir():
+        tok_dir.mkdir(parents=True)
+        tok = _synthetic_tokenizer(tok_dir, p.model.vocab_size)
+    else:
+        from tinystories_cli.tokenizer import Tokenizer
+        tok = Tokenizer.from_dir(tok_dir)
+    data = root / "data" / p.train.dataset
+    data.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "valid"):
+        write_token_file(data / f"{split}.npy", [1, 2, 3] * p.model.context_length, tok, 100)
+
+
+def _readme_counts() -> dict[str, int]:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| `")]
+    return {r[1].strip(" `"): int(r[2].strip().replace(",", "")) for r in rows
+            if r[1].strip(" `") in PRESETS and r[2].strip().replace(",", "").isdigit()}
+
+
+def test_every_preset_builds_its_documented_parameter_count(tmp_path, monkeypatch, run_cli):
+    """README's count == `tslm account --list` == what `tslm train --print-config` builds, for each preset."""
+    import torch
+
+    from tinystories_cli import account, paths
+    from tinystories_cli.model import TransformerLM
+
+    monkeypatch.setattr(paths, "RUNS_ROOT", tmp_path / "runs")
+    documented = _readme_counts()
+    assert set(documented) == set(PRESETS)
+    from tinystories_cli.console import human_count
+
+    code, listing, _ = run_cli("account", "--list")
+    assert code == 0
+    rows = {line.split()[1]: line for line in listing.splitlines() if line.startswith("│ ") and line.split()[1] in PRESETS}
+    assert set(rows) == set(PRESETS)
+    for name in PRESETS:  # each with its own data/ (BPE presets share data/tinystories/ but not a vocabulary)
+        monkeypatch.setattr(paths, "DATA_ROOT", tmp_path / name / "data")
+        _dataset_for(tmp_path / name, name)
+        code, out, err = run_cli("train", "--preset", name, "--print-config")
+        assert code == 0, (name, err)
+        cfg = ModelConfig.model_validate(json.loads(out)["model"])
+        built = TransformerLM(cfg, device=torch.device("meta")).num_parameters()
+        assert built == documented[name] == account.parameter_counts(PRESETS[name].model)["total"], name
+        assert f" {human_count(built)} " in rows[name], (name, rows[name])
+
+
+def test_gpt2_tokenizer_presets_refuse_another_tokenizer(tmp_path, monkeypatch, run_cli):
+    from tinystories_cli import paths
+
+    monkeypatch.setattr(paths, "DATA_ROOT", tmp_path / "data")
+    monkeypatch.setattr(paths, "RUNS_ROOT", tmp_path / "runs")
+    # the README's `tslm bpe` tokenizer (10K here) in data/tinystories/tokenizer: not what the preset names
+    (tmp_path / "data" / "tinystories" / "tokenizer").mkdir(parents=True)
+    _synthetic_tokenizer(tmp_path / "data" / "tinystories" / "tokenizer", 10_000)
+    code, out, err = run_cli("train", "--preset", "tinystories-33m", "--print-config")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "uses GPT-2's tokenizer (vocab 50257)" in err and "tslm download gpt2-tokenizer" in err
+    code, out, err = run_cli("train", "--preset", "tinystories-33m", "--print-config",
+                             "--tokenizer", str(tmp_path / "data" / "tinystories" / "tokenizer"))
+    assert code == 2 and "has 10000 ids" in err and "--vocab-size 10000" in err
+    # choosing another vocabulary on purpose is allowed
+    from train_fixtures import write_token_file
+    from tinystories_cli.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tmp_path / "data" / "tinystories" / "tokenizer")
+    for split in ("train", "valid"):
+        write_token_file(tmp_path / "data" / "tinystories" / f"{split}.npy", [5] * 600, tok, 10)
+    code, out, err = run_cli("train", "--preset", "tinystories-33m", "--print-config", "--vocab-size", "10000",
+                             "--tokenizer", str(tmp_path / "data" / "tinystories" / "tokenizer"))
+    assert code == 0, err
+    assert json.loads(out)["model"]["vocab_size"] == 10_000

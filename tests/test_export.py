@@ -198,3 +198,35 @@ def test_export_command_does_not_need_hf_libraries(tiny_tokenizer, tmp_path, mon
     run_dir, _, _ = make_run(tmp_path / "runs", "tiny", tok_dir, tok)
     assert main(["export", str(run_dir), "--out", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("ffn,bias,tie", [("gelu_tanh", True, True), ("gelu", False, True), ("relu", True, False)])
+def test_gpt2_shaped_run_exports_as_gpt2(tiny_tokenizer, tmp_path, capsys, ffn, bias, tie):
+    """Pre-norm LayerNorm + learned positions export as GPT2LMHeadModel (zero biases where the model has
+    none); transformers' logits equal ours, and importing the export back gives the same tensors."""
+    transformers = pytest.importorskip("transformers", reason="transformers (the hf extra) is needed to load the export")
+    from tinystories_cli.interop.importer import import_hf
+
+    tok, tok_dir = tiny_tokenizer
+    run_dir, model, cfg = make_run(tmp_path / "runs", "g", tok_dir, tok, norm="layernorm", pos_emb="learned", ffn=ffn,
+                                   bias=bias, tie_embeddings=tie)
+    with torch.no_grad():  # non-zero biases, so a misplaced one would show
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.uniform_(-0.5, 0.5)
+    save_checkpoint(model, None, 10, run_dir / runs.CHECKPOINT_DIR / runs.BEST_CHECKPOINT,
+                    metadata={"model_config": cfg.model_dump()})
+    out = tmp_path / "hf"
+    assert main(["export", str(run_dir), "--format", "hf", "--out", str(out)]) == 0
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["architectures"] == ["GPT2LMHeadModel"] and conf["tie_word_embeddings"] is tie
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor([tok.encode(FIXTURE)[:32], tok.encode(UNSEEN)[:32]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(ids).logits, model(ids), atol=1e-4, rtol=1e-4)
+    back = import_hf(out, tmp_path / "runs" / "back")
+    sd = model.state_dict()
+    got = runs.load_trained_model(back.run_dir)[0].state_dict()
+    for k, v in got.items():
+        assert torch.equal(v, sd[k]) if k in sd else (k.endswith(".bias") and not bias and not v.any()), k
+    assert set(sd) <= set(got)

@@ -11,7 +11,8 @@ from tinystories_cli import account
 from tinystories_cli.config import ModelConfig
 from tinystories_cli.model import (Embedding, FeedForward, KVCache, LayerNorm, Linear, MultiHeadSelfAttention,
                                    RMSNorm, RotaryPositionalEmbedding, SwiGLU, TransformerBlock, TransformerLM,
-                                   cross_entropy, gelu, log_softmax, scaled_dot_product_attention, silu, softmax)
+                                   cross_entropy, gelu, gelu_tanh, log_softmax, scaled_dot_product_attention, silu,
+                                   softmax)
 from tinystories_cli.optim import AdamW
 
 TINY = dict(vocab_size=16, context_length=8, d_model=32, num_layers=1, num_heads=2, d_ff=64)
@@ -91,6 +92,34 @@ def test_activations_match_torch():
     x = torch.linspace(-8, 8, 101)
     torch.testing.assert_close(silu(x), F.silu(x))
     torch.testing.assert_close(gelu(x), F.gelu(x, approximate="none"))
+    torch.testing.assert_close(gelu_tanh(x), F.gelu(x, approximate="tanh"))
+    assert (gelu_tanh(x) - gelu(x)).abs().max() > 1e-4  # a different function from the exact GELU
+
+
+def test_bias_option_matches_torch_and_keeps_default_names():
+    """`bias=True` adds zero-initialized biases to every attention/FFN projection (x W^T + b, as F.linear);
+    without it no bias tensor exists at all, so the default parameter names and shapes are unchanged."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16)
+    lin = Linear(16, 8, bias=True)
+    assert torch.equal(lin.bias, torch.zeros(8))
+    with torch.no_grad():
+        lin.bias.normal_()
+    torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias))
+    assert Linear(16, 8).bias is None and set(Linear(16, 8).state_dict()) == {"weight"}
+    base = tiny()
+    plain, biased = TransformerLM(base), TransformerLM(base.model_copy(update={"bias": True}))
+    extra = set(biased.state_dict()) - set(plain.state_dict())
+    assert set(plain.state_dict()) < set(biased.state_dict())
+    per_layer = {f"attn.{p}_proj.bias" for p in ("q", "k", "v", "output")} | {f"ffn.w{j}.bias" for j in (1, 2, 3)}
+    assert extra == {f"layers.{i}.{n}" for i in range(base.num_layers) for n in per_layer}
+    for name, p in plain.state_dict().items():
+        assert biased.state_dict()[name].shape == p.shape
+    ff = FeedForward(16, 40, "gelu_tanh", bias=True)
+    with torch.no_grad():
+        ff.w1.bias.normal_(), ff.w2.bias.normal_()
+    ref = F.linear(F.gelu(F.linear(x, ff.w1.weight, ff.w1.bias), approximate="tanh"), ff.w2.weight, ff.w2.bias)
+    torch.testing.assert_close(ff(x), ref)
 
 
 def test_ffns_compute_their_formula():

@@ -87,7 +87,9 @@ class ModelConfig(StrictModel):
     norm_eps: float = setting(1e-5, "Epsilon of the norms.", gt=0)
     layernorm_bias: bool = setting(True, "LayerNorm has a bias.")
     pos_emb: Literal["rope", "nope", "sinusoidal", "learned"] = setting("rope", "Position information.")
-    ffn: Literal["swiglu", "silu", "gelu", "relu"] = setting("swiglu", "Feed-forward network.")
+    ffn: Literal["swiglu", "silu", "gelu", "gelu_tanh", "relu"] = setting(
+        "swiglu", "Feed-forward network (gelu_tanh: GELU with the tanh approximation, as GPT-2).")
+    bias: bool = setting(False, "Biases in the attention and FFN projections (GPT-2 has them).")
     tie_embeddings: bool = setting(False, "Share the token embedding with the LM head.",
                                    flags=("--tie-embeddings/--untie-embeddings",))
     dropout: float = setting(0.0, "Dropout on embeddings, attention and FFN outputs.", ge=0.0, lt=1.0)

@@ -1,16 +1,20 @@
-"""Export a trained model: Hugging Face Llama format (`--format hf`) or plain safetensors (`--format safetensors`).
+"""Export a trained model: Hugging Face format (`--format hf`) or plain safetensors (`--format safetensors`).
 
-`--format hf` writes a directory that `transformers` and `tokenizers` load offline:
+`--format hf` writes a directory that `transformers` and `tokenizers` load offline, as
+`LlamaForCausalLM` (pre-norm RMSNorm, RoPE, SwiGLU) or, for a pre-norm LayerNorm model with learned
+positions, as `GPT2LMHeadModel` (`interop.gpt2`: q/k/v fused into c_attn, Conv1D layout, missing biases
+written as zeros):
 
-    config.json              LlamaConfig (from `interop.llama.hf_config`: the mapping plus token ids and dtype)
+    config.json              LlamaConfig / GPT2Config (`interop.llama.hf_config` / `interop.gpt2.hf_config`)
     model.safetensors        weights under Llama names (`interop.llama.to_llama_state_dict`: q/k rows permuted
-                             from our interleaved-pair RoPE to Llama's half-split rotation)
+                             from our interleaved-pair RoPE to Llama's half-split rotation) or GPT-2 names
     generation_config.json   bos/eos/pad ids (the end-of-text token)
     tokenizer.json           a `tokenizers` byte-level BPE: vocab, merges, special tokens as added tokens
     tokenizer_config.json    for `AutoTokenizer` (PreTrainedTokenizerFast, no BOS/EOS added, no space clean-up)
 
-Only the Llama-shaped architecture maps onto `LlamaForCausalLM` (pre-norm RMSNorm, RoPE, SwiGLU, no
-biases; tied or untied); anything else is refused with the switch that cannot be represented.
+Only the Llama-shaped architecture maps onto `LlamaForCausalLM` (pre-norm RMSNorm, RoPE, SwiGLU; tied or
+untied) and only the GPT-2-shaped one (pre-norm LayerNorm, learned positions, a GELU/ReLU/SiLU FFN) onto
+`GPT2LMHeadModel`; anything else is refused with the switches that cannot be represented.
 
 `tokenizer.json` is assembled here as plain JSON, so exporting needs neither `transformers` nor
 `tokenizers` (only loading the result does). Byte strings are written through the GPT-2 byte-to-
@@ -45,7 +49,9 @@ from safetensors.torch import save as st_save
 from tinystories_cli.config import ModelConfig
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import atomic_write_bytes, atomic_write_text
-from tinystories_cli.interop.llama import EOT, check_llama_compatible, hf_config, hf_state_dict, plain_state
+from tinystories_cli.interop import gpt2
+from tinystories_cli.interop.llama import (EOT, NotLlamaCompatible, hf_config, hf_state_dict, llama_incompatibilities,
+                                           plain_state)
 from tinystories_cli.tokenizer.files import encode_token_bytes, write_vocab_merges
 
 FORMATS = ("hf", "safetensors")
@@ -55,6 +61,20 @@ MARKER = ".tslm-export.json"  # written into every export: `--force` replaces on
 
 
 # ---------------------------------------------------------------- checks
+
+
+def hf_architecture(cfg: ModelConfig) -> str:
+    """"llama" or "gpt2": the Hugging Face class this model maps to; refused in one line when neither."""
+    bad = llama_incompatibilities(cfg)
+    if not bad:
+        return "llama"
+    if not gpt2.gpt2_incompatibilities(cfg):
+        return "gpt2"
+    verb = "is" if len(bad) == 1 else "are"
+    raise NotLlamaCompatible(f"{', '.join(bad)} {verb} not representable as LlamaForCausalLM (only pre-norm "
+                             f"RMSNorm/RoPE/SwiGLU models map to Llama), nor {', '.join(gpt2.gpt2_incompatibilities(cfg))} "
+                             "as GPT2LMHeadModel (pre-norm LayerNorm, learned positions)",
+                             "keep this model in tslm's own safetensors format")
 
 
 def check_tokenizer_fits(tokenizer, cfg: ModelConfig) -> None:
@@ -206,16 +226,20 @@ def _write_json(path: Path, data: dict) -> None:
 
 def export_hf(model: torch.nn.Module, tokenizer, cfg: ModelConfig, out: str | os.PathLike, force: bool = False,
               dtype: str = "float32", protect: list[Path] = ()) -> Path:
-    """Write the Hugging Face Llama directory (see the module docstring); returns its path."""
-    check_llama_compatible(cfg)
+    """Write the Hugging Face Llama or GPT-2 directory (see the module docstring); returns its path."""
+    arch = hf_architecture(cfg)
     check_tokenizer_fits(tokenizer, cfg)
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}", f"choose one of: {', '.join(DTYPES)}")
     out = check_out_dir(out, force, protect)
     specials = special_token_ids(tokenizer)
-    tensors = hf_state_dict(model, cfg, DTYPES[dtype])
+    if arch == "llama":
+        tensors, config = hf_state_dict(model, cfg, DTYPES[dtype]), hf_config(cfg, specials, dtype)
+    else:
+        tensors = gpt2.hf_state_dict(plain_state(model, DTYPES[dtype]), cfg)
+        config = gpt2.hf_config(cfg, specials, dtype)
     with atomic_dir(out) as d:
-        _write_json(d / "config.json", hf_config(cfg, specials, dtype))
+        _write_json(d / "config.json", config)
         atomic_write_bytes(d / "model.safetensors", st_save(tensors, metadata={"format": "pt"}))
         _write_json(d / "generation_config.json", generation_config(specials))
         _write_json(d / "tokenizer.json", tokenizer_json(tokenizer.vocab, tokenizer.merges, specials))
@@ -266,7 +290,7 @@ def export_run(run: str | os.PathLike | None, fmt: str, out: str | os.PathLike, 
         except Exception:
             early = None
         if early is not None:
-            check_llama_compatible(early)
+            hf_architecture(early)
     model, tokenizer, cfg = runs.load_trained_model(path, "cpu")
     writer = export_hf if fmt == "hf" else export_safetensors
     return writer(model, tokenizer, cfg, out, force, dtype, protect=[run_dir]), cfg

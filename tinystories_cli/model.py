@@ -9,12 +9,12 @@ every op is written out.
 
 Every ablation of the seeds is one `ModelConfig` switch: `norm` (rmsnorm | layernorm | none),
 `norm_position` (pre | post), `pos_emb` (rope | nope | sinusoidal | learned), `ffn`
-(swiglu | silu | gelu | relu), `tie_embeddings`, `dropout`, `init` (cs336 | gpt2).
+(swiglu | silu | gelu | gelu_tanh | relu), `tie_embeddings`, `dropout`, `init` (cs336 | gpt2). `bias`
+adds biases to the attention and FFN projections (GPT-2 has them); without it (the default) no bias
+tensor exists, so default parameter names and shapes are unchanged.
 
     >>> import torch
     >>> from tinystories_cli.config import ModelConfig
-from tinystories_cli.interop.llama import (from_llama_state_dict, llama_config_dict, permute_for_llama,
-                                           to_llama_state_dict, unpermute_from_llama)
     >>> model = TransformerLM(ModelConfig(vocab_size=64, context_length=16, d_model=32, num_layers=1, num_heads=2))
     >>> model(torch.randint(0, 64, (2, 10))).shape
     torch.Size([2, 10, 64])
@@ -56,7 +56,7 @@ from tinystories_cli.interop.llama import (from_llama_state_dict, llama_config_d
 
 __all__ = [
     "Linear", "Embedding", "RMSNorm", "LayerNorm", "SwiGLU", "FeedForward", "RotaryPositionalEmbedding",
-    "softmax", "log_softmax", "silu", "gelu", "relu", "cross_entropy", "dropout", "scaled_dot_product_attention",
+    "softmax", "log_softmax", "silu", "gelu", "gelu_tanh", "relu", "cross_entropy", "dropout", "scaled_dot_product_attention",
     "KVCache", "MultiHeadSelfAttention", "TransformerBlock", "TransformerLM", "sinusoidal_table",
     "permute_for_llama", "unpermute_from_llama", "to_llama_state_dict", "from_llama_state_dict", "llama_config_dict",
 ]
@@ -92,11 +92,17 @@ def gelu(x: Tensor) -> Tensor:
     return 0.5 * x * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
 
 
+def gelu_tanh(x: Tensor) -> Tensor:
+    """GELU with the tanh approximation of Phi (GPT-2's "gelu_new"):
+    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
 def relu(x: Tensor) -> Tensor:
     return torch.clamp_min(x, 0.0)
 
 
-ACTIVATIONS = {"silu": silu, "gelu": gelu, "relu": relu}
+ACTIVATIONS = {"silu": silu, "gelu": gelu, "gelu_tanh": gelu_tanh, "relu": relu}
 
 
 def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
@@ -160,22 +166,34 @@ def _trunc_normal_(w: Tensor, std: float) -> Tensor:
 
 
 class Linear(nn.Module):
-    """y = x W^T without bias; W is (out_features, in_features), init N(0, 2/(in+out)) cut at 3 std."""
+    """y = x W^T (+ b with `bias=True`); W is (out_features, in_features), init N(0, 2/(in+out)) cut at 3 std.
 
-    def __init__(self, in_features: int, out_features: int, device=None, dtype=None):
+    Without `bias` (the default) there is no `bias` tensor at all (`self.bias` is None), so the
+    state_dict holds `weight` only; with it, `bias` (out_features,) starts at zero.
+    """
+
+    def __init__(self, in_features: int, out_features: int, device=None, dtype=None, *, bias: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         _trunc_normal_(self.weight, math.sqrt(2.0 / (self.in_features + self.out_features)))
+        if self.bias is not None:
+            with torch.no_grad():
+                self.bias.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
-        return x @ self.weight.t()
+        y = x @ self.weight.t()
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"in_features={self.in_features}, out_features={self.out_features}" + (", bias" if self.bias is not None else "")
 
 
 class Embedding(nn.Module):
@@ -255,29 +273,30 @@ class SwiGLU(nn.Module):
     `fused_kernels=True` swaps the from-scratch `silu` for PyTorch's fused one (same numbers, faster eager).
     """
 
-    def __init__(self, d_model: int, d_ff: int, device=None, dtype=None, *, fused_kernels: bool = False):
+    def __init__(self, d_model: int, d_ff: int, device=None, dtype=None, *, fused_kernels: bool = False,
+                 bias: bool = False):
         super().__init__()
         self.silu = _fast_silu if fused_kernels else silu
-        self.w1 = Linear(d_model, d_ff, device=device, dtype=dtype)
-        self.w2 = Linear(d_ff, d_model, device=device, dtype=dtype)
-        self.w3 = Linear(d_model, d_ff, device=device, dtype=dtype)
+        self.w1 = Linear(d_model, d_ff, device=device, dtype=dtype, bias=bias)
+        self.w2 = Linear(d_ff, d_model, device=device, dtype=dtype, bias=bias)
+        self.w3 = Linear(d_model, d_ff, device=device, dtype=dtype, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(self.silu(self.w1(x)) * self.w3(x))
 
 
 class FeedForward(nn.Module):
-    """Non-gated FFN: w2(act(w1 x)) with act one of silu, gelu (exact), relu."""
+    """Non-gated FFN: w2(act(w1 x)) with act one of silu, gelu (exact), gelu_tanh (tanh approximation), relu."""
 
     def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", device=None, dtype=None, *,
-                 fused_kernels: bool = False):
+                 fused_kernels: bool = False, bias: bool = False):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
         self.activation = activation
         self.act = _fast_silu if (fused_kernels and activation == "silu") else ACTIVATIONS[activation]
-        self.w1 = Linear(d_model, d_ff, device=device, dtype=dtype)
-        self.w2 = Linear(d_ff, d_model, device=device, dtype=dtype)
+        self.w1 = Linear(d_model, d_ff, device=device, dtype=dtype, bias=bias)
+        self.w2 = Linear(d_ff, d_model, device=device, dtype=dtype, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(self.act(self.w1(x)))
@@ -286,10 +305,11 @@ class FeedForward(nn.Module):
         return f"activation={self.activation}"
 
 
-def make_ffn(kind: str, d_model: int, d_ff: int, device=None, dtype=None, fused_kernels: bool = False) -> nn.Module:
+def make_ffn(kind: str, d_model: int, d_ff: int, device=None, dtype=None, fused_kernels: bool = False,
+             bias: bool = False) -> nn.Module:
     if kind == "swiglu":
-        return SwiGLU(d_model, d_ff, device=device, dtype=dtype, fused_kernels=fused_kernels)
-    return FeedForward(d_model, d_ff, kind, device=device, dtype=dtype, fused_kernels=fused_kernels)
+        return SwiGLU(d_model, d_ff, device=device, dtype=dtype, fused_kernels=fused_kernels, bias=bias)
+    return FeedForward(d_model, d_ff, kind, device=device, dtype=dtype, fused_kernels=fused_kernels, bias=bias)
 
 
 class RotaryPositionalEmbedding(nn.Module):
@@ -362,7 +382,8 @@ def _sdpa_available() -> bool:
 class MultiHeadSelfAttention(nn.Module):
     """Causal multi-head self-attention with optional RoPE on q and k.
 
-    `.q_proj`, `.k_proj`, `.v_proj`, `.output_proj` are Linear(d_model, d_model). RoPE is applied
+    `.q_proj`, `.k_proj`, `.v_proj`, `.output_proj` are Linear(d_model, d_model) (with biases when
+    `bias`). RoPE is applied
     when `theta` is given (then `max_seq_len` sizes its table). `forward(x, token_positions=None)`;
     positions default to 0..T-1 (offset by `start_pos`).
     `attention_backend`: "reference" (from scratch), "sdpa" (PyTorch's fused kernel) or "auto"
@@ -370,7 +391,8 @@ class MultiHeadSelfAttention(nn.Module):
     """
 
     def __init__(self, d_model: int, num_heads: int, max_seq_len: int | None = None, theta: float | None = None,
-                 *, attention_backend: str = "auto", dropout: float = 0.0, device=None, dtype=None):
+                 *, attention_backend: str = "auto", dropout: float = 0.0, bias: bool = False, device=None,
+                 dtype=None):
         super().__init__()
         if d_model % num_heads:
             raise ValueError(f"d_model {d_model} not divisible by num_heads {num_heads}")
@@ -381,10 +403,10 @@ class MultiHeadSelfAttention(nn.Module):
                              "(torch >= 2.0); use attention_backend 'reference'")
         self.d_model, self.num_heads, self.head_dim = d_model, num_heads, d_model // num_heads
         self.attention_backend, self.dropout = attention_backend, dropout
-        self.q_proj = Linear(d_model, d_model, device=device, dtype=dtype)
-        self.k_proj = Linear(d_model, d_model, device=device, dtype=dtype)
-        self.v_proj = Linear(d_model, d_model, device=device, dtype=dtype)
-        self.output_proj = Linear(d_model, d_model, device=device, dtype=dtype)
+        self.q_proj = Linear(d_model, d_model, device=device, dtype=dtype, bias=bias)
+        self.k_proj = Linear(d_model, d_model, device=device, dtype=dtype, bias=bias)
+        self.v_proj = Linear(d_model, d_model, device=device, dtype=dtype, bias=bias)
+        self.output_proj = Linear(d_model, d_model, device=device, dtype=dtype, bias=bias)
         self.rope = None
         if theta is not None:
             if max_seq_len is None:
@@ -451,18 +473,18 @@ class TransformerBlock(nn.Module):
     def __init__(self, d_model: int, num_heads: int, d_ff: int, max_seq_len: int | None = None,
                  theta: float | None = None, *, norm: str = "rmsnorm", norm_position: str = "pre",
                  norm_eps: float = 1e-5, layernorm_bias: bool = True, ffn: str = "swiglu", dropout: float = 0.0,
-                 attention_backend: str = "auto", device=None, dtype=None):
+                 attention_backend: str = "auto", bias: bool = False, device=None, dtype=None):
         super().__init__()
         if norm_position not in ("pre", "post"):
             raise ValueError(f"unknown norm_position {norm_position!r}")
         self.norm_position, self.dropout = norm_position, dropout
         self.ln1 = make_norm(norm, d_model, norm_eps, layernorm_bias, device=device, dtype=dtype)
         self.attn = MultiHeadSelfAttention(d_model, num_heads, max_seq_len, theta, attention_backend=attention_backend,
-                                           dropout=dropout, device=device, dtype=dtype)
+                                           dropout=dropout, bias=bias, device=device, dtype=dtype)
         self.ln2 = make_norm(norm, d_model, norm_eps, layernorm_bias, device=device, dtype=dtype)
         # the from-scratch "reference" backend keeps every op from scratch; the others may use fused kernels
         self.ffn = make_ffn(ffn, d_model, d_ff, device=device, dtype=dtype,
-                            fused_kernels=attention_backend != "reference")
+                            fused_kernels=attention_backend != "reference", bias=bias)
 
     def forward(self, x: Tensor, token_positions: Tensor | None = None, start_pos: int = 0,
                 attn_mask: Tensor | None = None) -> Tensor:
@@ -515,7 +537,7 @@ class TransformerLM(nn.Module):
             TransformerBlock(cfg.d_model, cfg.num_heads, cfg.d_ff, cfg.context_length, theta, norm=cfg.norm,
                              norm_position=cfg.norm_position, norm_eps=cfg.norm_eps,
                              layernorm_bias=cfg.layernorm_bias, ffn=cfg.ffn, dropout=cfg.dropout,
-                             attention_backend=cfg.attention_backend, **dd)
+                             attention_backend=cfg.attention_backend, bias=cfg.bias, **dd)
             for _ in range(cfg.num_layers)
         )
         self.ln_final = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.layernorm_bias, **dd)

@@ -101,6 +101,27 @@ def _data_lines(config: dict) -> list[str]:
     return lines
 
 
+def _weights_ref(record: dict) -> str:
+    """`path` (sha256 `abcd…`) of the weights a run started from or was imported from."""
+    files = record.get("weights") or []
+    if isinstance(files, dict):
+        files = [files]
+    shas = ", ".join(f"`{str(f.get('sha256', '?'))[:16]}…`" for f in files if isinstance(f, dict))
+    return f"`{record.get('path', '?')}`" + (f" (weights sha256 {shas})" if shas else "")
+
+
+def _origin(config: dict) -> str:
+    """Where the weights came from: from scratch, fine-tuned from a source, or imported."""
+    imported, init = config.get("imported_from"), config.get("init_from")
+    if isinstance(imported, dict):
+        return (f"A {imported.get('architecture', 'Hugging Face')} model imported with `tslm import` from "
+                f"{_weights_ref(imported)}.")
+    if isinstance(init, dict):
+        return (f"A language model fine-tuned with `tslm train --init-from` from {_weights_ref(init)} "
+                "(its weights and model config; a fresh optimizer and schedule).")
+    return "A language model trained from scratch with `tslm`."
+
+
 def render_run_readme(run_dir: str | os.PathLike) -> str:
     """The Markdown README of a run directory (a pure function of the files it reads)."""
     run_dir = Path(run_dir)
@@ -121,13 +142,13 @@ def render_run_readme(run_dir: str | os.PathLike) -> str:
             f"{model.get('norm_position')}-norm {model.get('norm')}, {model.get('pos_emb')} positions, "
             f"{model.get('ffn')} FFN, {'tied' if model.get('tie_embeddings') else 'untied'} embeddings")
     out = [f"# {name}", "",
-           "A language model trained from scratch with `tslm`. "
-           "This file is generated from the run directory; rerun `tslm eval` or training to refresh it.", "",
+           _origin(config) + " This file is generated from the run directory; rerun `tslm eval` or training "
+           "to refresh it.", "",
            f"- **preset**: `{config.get('preset')}`",
            f"- **model**: {arch}",
            f"- **parameters**: {params:,}" if isinstance(params, int) else "- **parameters**: -",
            f"- **training**: {m['steps'] if m['steps'] is not None else 0:,} of {max_steps or '?':,} steps"
-           if isinstance(max_steps, int) else f"- **training**: {m['steps']} steps",
+           if isinstance(max_steps, int) else f"- **training**: {m['steps'] or 'no'} steps in this directory",
            ]
     if m["tokens"] is not None:
         out[-1] += f", {m['tokens']:,} tokens ({config.get('tokens_per_step', '?'):,} per step)" \
@@ -164,12 +185,17 @@ def render_run_readme(run_dir: str | os.PathLike) -> str:
             f"tslm plot {ref} --metric val_loss --out {shlex.quote(str(run_dir / 'val_loss.png'))}   # loss curve",
             ]
     try:
-        from tinystories_cli.interop.llama import llama_incompatibilities
         from tinystories_cli.config import ModelConfig
+        from tinystories_cli.interop.gpt2 import gpt2_incompatibilities
+        from tinystories_cli.interop.llama import llama_incompatibilities
 
-        bad = llama_incompatibilities(ModelConfig.model_validate(model))
+        cfg = ModelConfig.model_validate(model)
+        bad = llama_incompatibilities(cfg)
+        gpt2_bad = gpt2_incompatibilities(cfg)
+        if bad and not gpt2_bad:
+            bad = []  # exported as GPT2LMHeadModel
     except Exception:
-        bad = ["unknown architecture"]
+        bad = gpt2_bad = ["unknown architecture"]
     export_dir = shlex.quote(f"{name}-hf")
     if not bad:
         out.append(f"tslm export {ref} --format hf --out {export_dir}   # transformers / tokenizers")
@@ -183,7 +209,8 @@ def render_run_readme(run_dir: str | os.PathLike) -> str:
                 f"model = AutoModelForCausalLM.from_pretrained({f'{name}-hf'!r})",
                 f"tokenizer = AutoTokenizer.from_pretrained({f'{name}-hf'!r})", "```"]
     else:
-        out += ["", f"Not exportable to Hugging Face Llama format ({', '.join(bad)}); "
+        out += ["", f"Not exportable to Hugging Face Llama format ({', '.join(bad)}) nor GPT-2 format "
+                f"({', '.join(gpt2_bad)}); "
                 "`--format safetensors` works for every architecture."]
 
     out += ["", "## Model", ""]

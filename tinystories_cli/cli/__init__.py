@@ -45,12 +45,15 @@ COMMANDS: dict[str, str] = {
     "compare": "Compare runs in one table: differing settings, val loss, perplexity, bits-per-byte.",
     "stats": "Documents, bytes, tokens and a document-length histogram of a text file.",
     "export": "Export a run to Hugging Face format (LlamaForCausalLM + tokenizer) or plain safetensors.",
+    "import": "Import a Hugging Face Llama or GPT-2 directory as a run (eval, generate, export, fine-tune it).",
 }
+# Commands whose module name differs from the command (`import` is a Python keyword).
+MODULES: dict[str, str] = {"import": "import_"}
 
 
 def _load_command(name: str) -> TyperCommand:
     """Build the click command for `name` by importing its module (only now)."""
-    module = importlib.import_module(f"tinystories_cli.cli.{name}")
+    module = importlib.import_module(f"tinystories_cli.cli.{MODULES.get(name, name)}")
     sub = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     sub.command(name, **getattr(module, "COMMAND_KWARGS", {}))(module.command)
     command = typer.main.get_command(sub)

@@ -15,7 +15,7 @@ from tinystories_cli.interop.llama import NotLlamaCompatible
 
 def command(
     run: Annotated[Optional[str], typer.Argument(help="Run name, run directory or checkpoint file (default: runs/latest).", show_default=False)] = None,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="hf (transformers LlamaForCausalLM + tokenizer.json) | safetensors (tslm's own format).")] = "hf",
+    fmt: Annotated[str, typer.Option("--format", "-f", help="hf (transformers LlamaForCausalLM or GPT2LMHeadModel + tokenizer.json) | safetensors (tslm's own format).")] = "hf",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory (created; replaced only with --force).", show_default=False)] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Weight dtype: float32 | bfloat16 | float16.")] = "float32",
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it holds an earlier export.")] = False,

@@ -43,6 +43,7 @@ def command(
     train_data: Annotated[Optional[Path], _opt("--train-data", help="Train token file (default data/<dataset>/train.npy).")] = None,
     valid_data: Annotated[Optional[Path], _opt("--valid-data", help="Validation token file (default data/<dataset>/valid.npy).")] = None,
     tokenizer: Annotated[Optional[Path], _opt("--tokenizer", help="Tokenizer directory (default data/<dataset>/tokenizer).")] = None,
+    init_from: Annotated[Optional[str], _opt("--init-from", help="Fine-tune: model config, weights and tokenizer from a run, a checkpoint or a Hugging Face directory; fresh optimizer and schedule.")] = None,
     wandb: Annotated[bool, _opt("--wandb", help="Also log to Weights & Biases (needs `pip install wandb`).")] = False,
     fit_memory: Annotated[Optional[str], _opt("--fit-memory", help="Device memory, e.g. 24GB: pick the micro-batch and accumulation that keep the global batch (--batch-size x --grad-accum x processes) within it, from `tslm account`'s estimate with a 10% margin.")] = None,
     time_budget: Annotated[Optional[str], _opt("--time-budget", help="Wall-clock budget, e.g. 90m or 1.5h: a short probe of real steps sets --max-steps so the cosine ends on time; the run stops at the deadline.")] = None,
@@ -57,8 +58,8 @@ def command(
     if resume_target is not None and not resume:
         raise UserError(f"unexpected argument {resume_target!r}", "to continue a run pass --resume, --resume auto or --resume RUN")
     resume_value = (resume_target or "auto") if resume else None
-    if preset is None and config is None and resume_value is None:
-        raise UserError("no preset given", "pass --preset NAME (see `tslm account --list`), --config FILE, or --resume")
+    if preset is None and config is None and resume_value is None and init_from is None:
+        raise UserError("no preset given", "pass --preset NAME (see `tslm account --list`), --config FILE, --resume or --init-from")
     if run_name is not None and run_dir is not None:
         raise UserError("--run-name and --run-dir are exclusive", "pass one of them")
     opts = train_lib.TrainOptions(
@@ -67,6 +68,7 @@ def command(
         display="quiet" if quiet else ("plain" if plain else "auto"),
         fit_memory=parse_memory(fit_memory) if fit_memory is not None else None,
         time_budget=train_lib.parse_duration(time_budget) if time_budget is not None else None,
+        init_from=init_from,
     )
     if peak_tflops is not None and not 0 < peak_tflops < 1e9:  # also refuses NaN and inf
         raise UserError(f"--peak-tflops must be a positive finite number, got {peak_tflops}")

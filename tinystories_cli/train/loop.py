@@ -63,7 +63,7 @@ from tinystories_cli.tokens import open_tokens
 from tinystories_cli.train.display import Display, Signals, format_duration, print_header
 from tinystories_cli.train.parallel import (LossScaler, apply_activation_checkpointing, full_state, shard_model,
                                             shard_optimizer_state, tied_aliases)
-from tinystories_cli.train.prepare import Run, TrainOptions, copy_tokenizer
+from tinystories_cli.train.prepare import Run, TrainOptions, copy_tokenizer, load_init_weights
 
 
 class NonFiniteError(UserError):
@@ -179,6 +179,8 @@ def build_state(run: Run) -> State:
     ckpt = read_checkpoint(run.resume_from) if run.resume_from is not None else None
     if ckpt is not None:
         load_model_state(ckpt, model)  # before sharding: each rank keeps its slice of the loaded weights
+    elif run.init_from is not None:  # fine-tuning: the source's weights, a fresh optimizer and schedule
+        load_init_weights(model, run.init_from)
     if tc.activation_checkpointing:
         apply_activation_checkpointing(model)
     if parallel == "fsdp":
@@ -278,6 +280,7 @@ def run_summary(run: Run, state: State) -> dict[str, Any]:
         "device": str(state.device), "tslm_version": __version__, "torch_version": torch.__version__,
         **({"time_budget": {k: v for k, v in run.time_plan.items() if k != "deadline"}}
            if run.time_plan is not None else {}),
+        **({"init_from": run.init_from.record()} if run.init_from is not None else {}),
     }
 
 

@@ -3,6 +3,13 @@
     run = prepare_run("debug", options=TrainOptions(run_name="smoke"))   # everything checked, nothing written
 
 Every bad input is refused here, before a process group starts or a file is written.
+
+Fine-tuning (`TrainOptions.init_from`: a run, a checkpoint file or a Hugging Face directory, see
+`resolve_init_source`): the model config and weights come from the source, the optimizer and schedule
+start fresh. Model settings that contradict the source are refused (dropout and a shorter context may
+change); the tokenizer is the source's; train settings default to the source run's (else the preset's
+or the defaults), with two schedule defaults made for short runs: warmup at most a tenth of the steps,
+and the final learning rate keeps the source's lr/min_lr ratio.
 """
 
 from __future__ import annotations
@@ -21,11 +28,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tinystories_cli import paths, runs
 from tinystories_cli.account import check_fits_in_memory, training_memory
 from tinystories_cli.checkpoint import read_checkpoint
-from tinystories_cli.config import ModelConfig, TrainConfig, build_config, load_config_file, resolve_configs, results_neutral
+from tinystories_cli.config import (ModelConfig, Preset, TrainConfig, build_config, get_preset, load_config_file,
+                                    resolve_configs, results_neutral)
 from tinystories_cli.console import human_bytes
 from tinystories_cli.device import dist_from_env
 from tinystories_cli.errors import UserError
-from tinystories_cli.fileio import atomic_write_text
+from tinystories_cli.fileio import atomic_write_text, sha256_file
+from tinystories_cli.interop.hf import is_hf_dir, plan_hf_model, read_hf_model
+from tinystories_cli.interop.importer import load_weights, tokenizer_from_hf, write_tokenizer
 from tinystories_cli.tokens import check_tokens, open_tokens
 
 
@@ -47,6 +57,27 @@ class TrainOptions:
     display: str = "auto"  # auto (rich on a terminal, else plain lines) | rich | plain | quiet
     fit_memory: int | None = None  # bytes per device: pick micro-batch and accumulation to fit (`fit_to_memory`)
     time_budget: float | None = None  # seconds of wall-clock: plan max_steps from a probe (`loop.plan_time_budget`)
+    init_from: str | None = None  # fine-tune: a run name / run dir / checkpoint file / Hugging Face directory
+
+
+@dataclass
+class InitSource:
+    """Where a fine-tuning run takes its model config, weights and tokenizer from."""
+
+    spec: str                 # as given
+    path: Path                # the run directory, checkpoint file or Hugging Face directory
+    kind: str                 # "run" | "checkpoint" | "huggingface"
+    weights: list[Path]       # the file(s) the weights are read from
+    sha256: list[str]
+    model_cfg: ModelConfig
+    tokenizer_dir: Path       # a tslm tokenizer directory, or the Hugging Face directory itself
+    preset: str | None = None
+    train: dict | None = None  # the source run's train config, when it has one
+
+    def record(self) -> dict[str, Any]:
+        """What config.json keeps under "init_from"."""
+        return {"path": str(self.path.resolve()), "kind": self.kind,
+                "weights": [{"file": str(f.resolve()), "sha256": h} for f, h in zip(self.weights, self.sha256)]}
 
 
 @dataclass
@@ -66,6 +97,7 @@ class Run:
     end_step: int
     fresh: bool
     tokenizer_fingerprint: str | None = None
+    init_from: InitSource | None = None
     notes: list[str] = field(default_factory=list)  # what was chosen for the user, printed in the header
     time_plan: dict[str, float] | None = None  # --time-budget: the budget, the probe and the steps it planned
 
@@ -105,17 +137,26 @@ def prepare_run(
     file_data = load_config_file(config_file) if config_file else {}
     file_model, file_train = file_data.get("model") or {}, file_data.get("train") or {}
     run_dir, resume_from = find_resume(opts)
+    init: InitSource | None = None  # fine-tuning, only when the run starts fresh
+    named: Preset | None = None  # the preset of a fresh run (it may name its tokenizer)
     if resume_from is not None:
         saved = runs.read_run_config(run_dir)
         preset_name, model_cfg, train_cfg = resumed_configs(saved, run_dir, preset, {**file_model, **(model_overrides or {})},
                                                             file_train, train_overrides)
         check_resumable(resume_from, run_dir, saved)
         tokenizer_dir = runs.tokenizer_dir_of(run_dir)
+    elif opts.init_from is not None:
+        init = resolve_init_source(opts.init_from)
+        preset_name, model_cfg, train_cfg = init_configs(init, preset, file_data, model_overrides, train_overrides, opts)
+        tokenizer_dir = init.tokenizer_dir
+        default_name = new_run_name(f"{init.path.resolve().name.removesuffix('.safetensors')}-finetune")
+        run_dir = run_dir or opts.run_dir or runs.runs_root() / (opts.run_name or default_name)
     else:
         p, model_cfg, train_cfg = resolve_configs(preset, config_file, model_overrides, train_overrides)
-        preset_name = p.name
-        tokenizer_dir = opts.tokenizer_dir or paths.tokenizer_dir(train_cfg.dataset)
+        preset_name, named = p.name, p
+        tokenizer_dir = preset_tokenizer_dir(p, train_cfg.dataset, opts.tokenizer_dir)
         run_dir = run_dir or opts.run_dir or runs.runs_root() / (opts.run_name or new_run_name(preset_name))
+    if resume_from is None:
         runs.check_no_foreign(run_dir)
         if (run_dir / runs.CONFIG_FILE).exists() or runs.step_checkpoints(run_dir):
             # --resume auto on a run that never reached its first checkpoint starts it over.
@@ -125,8 +166,14 @@ def prepare_run(
 
     check_fits_in_memory(model_cfg, "this model")  # it is built in host memory first, whatever the device
     tokenizer = load_run_tokenizer(tokenizer_dir, train_cfg.dataset)
-    if resume_from is None:
+    if init is not None:
+        if tokenizer.vocab_size > model_cfg.vocab_size:
+            raise UserError(f"the tokenizer of {init.path} has {tokenizer.vocab_size} ids but its model only "
+                            f"{model_cfg.vocab_size}", "the source directory is inconsistent")
+    elif resume_from is None:
         explicit = any((d or {}).get("vocab_size") is not None for d in (file_model, model_overrides))
+        if named is not None and not explicit:
+            check_preset_tokenizer(named, tokenizer_dir, int(tokenizer.vocab_size))
         model_cfg = vocab_from_tokenizer(model_cfg, int(tokenizer.vocab_size), explicit)
     fingerprint = getattr(tokenizer, "fingerprint", None)
     train_file = Path(opts.train_file or paths.tokens_path(train_cfg.dataset, "train"))
@@ -146,7 +193,7 @@ def prepare_run(
         train_cfg = train_cfg.model_copy(update={"max_steps": max_steps})
     return Run(preset_name, model_cfg, train_cfg, opts, run_dir, tokenizer_dir, train_file, valid_file,
                resume_from, max_steps, end_step, fresh=resume_from is None, tokenizer_fingerprint=fingerprint,
-               notes=notes)
+               notes=notes, init_from=init)
 
 
 FIT_MARGIN = 0.10  # of the budget, kept free: allocator fragmentation, CUDA context, kernels' workspaces
@@ -179,6 +226,77 @@ def fit_to_memory(model_cfg: ModelConfig, train_cfg: TrainConfig, budget: int, w
             f"process{'es' if world_size > 1 else ''} = global batch {per_process * world_size}; estimated "
             f"{hb(need[b])} per process, under {hb(usable)} (a {100 * FIT_MARGIN:.0f}% margin kept){why}")
     return train_cfg.model_copy(update={"batch_size": b, "grad_accum_steps": accum}), note
+
+
+# Model settings that may differ from an --init-from source: they do not change the weights' meaning.
+INIT_FREE = {"dropout", "attention_backend", "init"}
+
+
+def resolve_init_source(spec: str) -> InitSource:
+    """A run (its best checkpoint, else its latest), a checkpoint file, or a Hugging Face directory; every
+    check that needs no tensor data runs here (a Hugging Face directory's config and tensor shapes)."""
+    path = runs.resolve_run(spec)
+    if path.is_dir() and is_hf_dir(path):
+        plan = plan_hf_model(path)
+        files = sorted(set(plan.files.values()))
+        return InitSource(spec, path, "huggingface", files, [sha256_file(f) for f in files], plan.cfg, path)
+    if path.is_dir() and not (path / runs.CONFIG_FILE).is_file():
+        raise UserError(f"{path} is neither a tslm run, a checkpoint nor a Hugging Face model directory",
+                        "pass a run name or directory, a .safetensors checkpoint, or a directory with config.json "
+                        "and model.safetensors")
+    run_dir = runs.run_dir_of(path)
+    weights = runs.checkpoint_for(path)
+    cfg = runs.model_config_of(read_checkpoint(weights), run_dir)
+    try:
+        saved = runs.read_run_config(run_dir)
+    except UserError:
+        saved = {}
+    train = saved.get("train") if isinstance(saved.get("train"), dict) else None
+    return InitSource(spec, path, "checkpoint" if path.is_file() else "run", [weights], [sha256_file(weights)], cfg,
+                      runs.tokenizer_dir_of(run_dir), preset=saved.get("preset"), train=train)
+
+
+def init_configs(init: InitSource, preset: str | None, file_data: dict, model_overrides: dict | None,
+                 train_overrides: dict | None, opts: TrainOptions) -> tuple[str, ModelConfig, TrainConfig]:
+    """(preset name, model config, train config) of a run fine-tuned from `init` (see the module docstring)."""
+    if opts.tokenizer_dir is not None:
+        raise UserError("--tokenizer cannot be combined with --init-from: the tokenizer comes from the source",
+                        f"drop --tokenizer; encode your text with the source's tokenizer ({init.tokenizer_dir})")
+    src = init.model_cfg
+    given = {k: v for d in (file_data.get("model"), model_overrides) for k, v in (d or {}).items() if v is not None}
+    bad = [f"{k}={v} (source: {getattr(src, k)})" for k, v in given.items()
+           if k in ModelConfig.model_fields and k not in INIT_FREE | {"context_length"} and getattr(src, k) != v]
+    if bad:
+        raise UserError(f"model settings contradict --init-from {init.spec}: {', '.join(bad)}",
+                        "drop them: the architecture comes from the source")
+    ctx = given.get("context_length", src.context_length)
+    if ctx > src.context_length:
+        raise UserError(f"context length {ctx} exceeds the {src.context_length} of --init-from {init.spec}",
+                        f"use --ctx {src.context_length} or less")
+    model_cfg = build_config(ModelConfig, src, {k: v for k, v in given.items() if k in INIT_FREE | {"context_length"}},
+                             where="model config")
+    preset_train = get_preset(preset).train if preset else None
+    base = preset_train or (TrainConfig.model_validate(init.train) if init.train else TrainConfig())
+    train_given = {**(file_data.get("train") or {}), **{k: v for k, v in (train_overrides or {}).items() if v is not None}}
+    schedule: dict[str, Any] = {}
+    lr = train_given.get("lr", base.lr)
+    if "min_lr" not in train_given:
+        schedule["min_lr"] = lr * base.min_lr / base.lr  # the source's decay ratio at the new peak
+    if "warmup_steps" not in train_given:
+        ms = train_given.get("max_steps", base.max_steps)
+        schedule["warmup_steps"] = min(base.warmup_steps, ms // 10)
+    train_cfg = build_config(TrainConfig, base, schedule, train_given, where="train config")
+    name = preset or init.preset or ("imported" if init.kind == "huggingface" else "finetune")
+    return name, model_cfg, train_cfg
+
+
+def load_init_weights(model, init: InitSource) -> None:
+    """Copy the source's weights into a freshly built `model` (its config is the source's)."""
+    if init.kind == "huggingface":
+        sd = read_hf_model(init.path).state_dict
+    else:
+        sd = read_checkpoint(init.weights[0]).model_state_dict()
+    load_weights(model, sd, str(init.path))
 
 
 def find_resume(opts: TrainOptions) -> tuple[Path | None, Path | None]:
@@ -245,10 +363,40 @@ def check_global_batch(saved: dict, saved_train: TrainConfig, train_cfg: TrainCo
                     f"{train_cfg.grad_accum_steps} x {world} processes makes {got}", fix)
 
 
+GPT2_TOKENIZER = "gpt2-tokenizer"  # data/gpt2-tokenizer/: GPT-2's vocab.json + merges.txt (`tslm download gpt2-tokenizer`)
+
+
+def preset_tokenizer_dir(preset: Preset, dataset: str, given: Path | None) -> Path:
+    """The tokenizer a fresh run uses: the one given, else the one its preset names (GPT-2's in
+    data/gpt2-tokenizer/), else the dataset's (`tslm bpe` output in data/<dataset>/tokenizer/)."""
+    if given is not None:
+        return Path(given)
+    if preset.tokenizer == "gpt2":
+        d = paths.dataset_dir(GPT2_TOKENIZER)
+        if not d.is_dir():
+            raise UserError(f"preset {preset.name} uses GPT-2's tokenizer (vocab {preset.model.vocab_size}), "
+                            f"which is not in {d}",
+                            f"fetch it with `tslm download gpt2-tokenizer` and encode your text with "
+                            f"`tslm encode FILE --tokenizer {d}`")
+        return d
+    return paths.tokenizer_dir(dataset)
+
+
+def check_preset_tokenizer(preset: Preset, tokenizer_dir: Path, vocab_size: int) -> None:
+    """A preset that names GPT-2's tokenizer trains with it: another vocabulary would build another model."""
+    if preset.tokenizer == "gpt2" and vocab_size != preset.model.vocab_size:
+        raise UserError(f"preset {preset.name} is defined with GPT-2's tokenizer (vocab {preset.model.vocab_size}), "
+                        f"but {tokenizer_dir} has {vocab_size} ids",
+                        f"use --tokenizer {paths.dataset_dir(GPT2_TOKENIZER)} (`tslm download gpt2-tokenizer`) with "
+                        f"token files encoded by it, or pass --vocab-size {vocab_size} to train this shape with yours")
+
+
 def load_run_tokenizer(tokenizer_dir: Path, dataset: str):
     if not tokenizer_dir.is_dir():
         raise UserError(f"tokenizer not found: {tokenizer_dir}",
                         f"train one with `tslm bpe {paths.text_path(dataset, 'train')}`, or pass --tokenizer")
+    if is_hf_dir(tokenizer_dir):  # fine-tuning a Hugging Face directory: its tokenizer.json / vocab.json
+        return tokenizer_from_hf(tokenizer_dir)
     return runs.load_tokenizer(tokenizer_dir)
 
 
@@ -363,6 +511,9 @@ def _differences(cls, a: Any, b: Any) -> list[str]:
 
 def copy_tokenizer(src: Path, dst: Path) -> None:
     if src.resolve() == dst.resolve():
+        return
+    if is_hf_dir(src):  # a Hugging Face directory: its tokenizer, written in our format
+        write_tokenizer(tokenizer_from_hf(src), dst, str(src))
         return
     dst.mkdir(parents=True, exist_ok=True)
     for f in sorted(src.iterdir()):
