@@ -25,6 +25,7 @@ import os
 import re
 
 from tinystories_cli.config import ModelConfig
+from tinystories_cli.console import human_bytes, human_count
 from tinystories_cli.errors import UserError
 
 FP32 = 4
@@ -172,7 +173,7 @@ def measure_activation_bytes(cfg: ModelConfig, batch_size: int, seq_len: int | N
     """
     import weakref
 
-    import torch
+    import torch  # only for --measure: `tslm account` itself needs no torch
 
     from tinystories_cli.model import TransformerLM, cross_entropy
 
@@ -373,8 +374,6 @@ def check_fits_in_memory(cfg: ModelConfig, what: str, bytes_per_param: int = FP3
     Traceback (most recent call last):
     tinystories_cli.errors.UserError: a crafted model has 413.026B parameters: its weights alone need 1.50 TiB, more than this machine's 16.00 GiB (use a smaller model, or a machine with more memory)
     """
-    from tinystories_cli.console import human_bytes, human_count
-
     n = parameter_counts(cfg)["total"]
     have = host_memory_bytes() if available is None else available
     if n * bytes_per_param > have:

@@ -48,6 +48,7 @@ from typing import Any
 from tinystories_cli import runs
 from tinystories_cli.account import parameter_counts
 from tinystories_cli.config import ModelConfig, TrainConfig, results_neutral
+from tinystories_cli.console import human_count
 from tinystories_cli.errors import UserError
 from tinystories_cli.evaluate import evaluate_run
 
@@ -162,8 +163,6 @@ def _fmt_float(v: Any, digits: int) -> str:
 
 
 def _fmt_count(v: Any) -> str:
-    from tinystories_cli.console import human_count
-
     return "-" if v is None else human_count(v)
 
 

@@ -46,6 +46,7 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import save as st_save
 
+from tinystories_cli import runs
 from tinystories_cli.config import ModelConfig
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import atomic_write_bytes, atomic_write_text
@@ -275,8 +276,6 @@ def export_safetensors(model: torch.nn.Module, tokenizer, cfg: ModelConfig, out:
 def export_run(run: str | os.PathLike | None, fmt: str, out: str | os.PathLike, force: bool = False,
                dtype: str = "float32") -> tuple[Path, ModelConfig]:
     """Export a run (name, directory, or checkpoint file; None = runs/latest). Returns (out, model config)."""
-    from tinystories_cli import runs
-
     if fmt not in FORMATS:
         raise UserError(f"unknown --format {fmt!r}", f"choose one of: {', '.join(FORMATS)}")
     path = runs.resolve_run(run)

@@ -53,6 +53,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from tinystories_cli.account import host_memory_bytes
+from tinystories_cli.console import human_bytes
 from tinystories_cli.errors import UserError
 
 # Float tolerance for "mass reaches p": a token is outside the nucleus when the tokens before it
@@ -160,9 +162,6 @@ def check_batch_fits(cfg, rows: int, available: int | None = None) -> None:
     Traceback (most recent call last):
     ValueError: num_samples x prompts = 1000000000 rows need 3887.46 TiB for the KV cache and logits, more than this machine's 16.00 GiB
     """
-    from tinystories_cli.account import host_memory_bytes
-    from tinystories_cli.console import human_bytes
-
     need = rows * 4 * (cfg.num_layers * 2 * cfg.context_length * cfg.d_model + 2 * cfg.vocab_size)
     have = host_memory_bytes() if available is None else available
     if need > have:

@@ -20,7 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from tinystories_cli import paths, runs
+from tinystories_cli.account import parameter_counts
+from tinystories_cli.config import ModelConfig
 from tinystories_cli.errors import UserError
+from tinystories_cli.interop.gpt2 import gpt2_incompatibilities
+from tinystories_cli.interop.llama import llama_incompatibilities
 from tinystories_cli.fileio import atomic_write_text
 
 README_FILE = "README.md"
@@ -63,9 +67,6 @@ def _table(rows: list[tuple[str, str]], head: tuple[str, str] = ("setting", "val
 
 
 def _param_rows(model: dict) -> list[tuple[str, str]]:
-    from tinystories_cli.account import parameter_counts
-    from tinystories_cli.config import ModelConfig
-
     try:
         counts = parameter_counts(ModelConfig.model_validate(model))
     except Exception:  # an unreadable model section: the README still gets written, without this table
@@ -185,10 +186,6 @@ def render_run_readme(run_dir: str | os.PathLike) -> str:
             f"tslm plot {ref} --metric val_loss --out {shlex.quote(str(run_dir / 'val_loss.png'))}   # loss curve",
             ]
     try:
-        from tinystories_cli.config import ModelConfig
-        from tinystories_cli.interop.gpt2 import gpt2_incompatibilities
-        from tinystories_cli.interop.llama import llama_incompatibilities
-
         cfg = ModelConfig.model_validate(model)
         bad = llama_incompatibilities(cfg)
         gpt2_bad = gpt2_incompatibilities(cfg)

@@ -299,6 +299,6 @@ def render_histogram_png(values: list[int], unit: str, title: str | None = None,
 
 def load_tokenizer(directory: str | os.PathLike) -> Encoder:
     """The project's tokenizer from a directory written by `tslm bpe` (or a run's tokenizer/)."""
-    from tinystories_cli.runs import load_tokenizer as load
+    from tinystories_cli.runs import load_tokenizer as load  # here: runs brings torch, which `tslm stats` needs only now
 
     return load(Path(directory))
