@@ -17,7 +17,7 @@ Worked example (whitespace pre-tokenization, Sennrich et al.):
 
 Pre-tokenization, which dominates the run time, is spread over worker processes, each streaming
 its own byte range of the file in blocks. Every cut (between chunks, and between the blocks a
-worker decodes) is placed where it provably cannot change the result (see `_Cutter`), so the
+worker decodes) is placed where it provably cannot change the result (see `chunking.Cutter`), so the
 counts equal those of tokenizing the whole file at once.
 
 The merge loop updates pair counts only in the pre-tokens that contain the merged pair (an index
@@ -45,12 +45,8 @@ import regex
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import atomic_write_text, sha256_file
 from tinystories_cli.tokenizer.files import FORMAT_VERSION, write_vocab_merges
-from tinystories_cli.tokenizer.pretokenize import (
-    GPT2_PATTERN,
-    GPT2_SPLIT_PATTERN,
-    find_chunk_boundaries,
-    special_pattern,
-)
+from tinystories_cli.tokenizer.chunking import Cutter, chunk_boundaries, mp_context
+from tinystories_cli.tokenizer.pretokenize import GPT2_PATTERN, GPT2_SPLIT_PATTERN, special_pattern
 
 # progress(phase, done, total): phase "pretokenize" counts bytes, phase "merge" counts merges.
 ProgressFn = Callable[[str, int, int], None]
@@ -111,124 +107,6 @@ def default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
-
-
-# ----------------------------------------------------------------------------------------------
-# safe cut points
-
-
-class _Cutter:
-    """Finds byte offsets where the text may be cut without changing its pre-tokens.
-
-    A cut at offset p is safe when no occurrence of a special token spans p, and either
-      (S) a special token starts at p: the text is split there anyway; or
-      (N) p is a newline followed by a printable ASCII character that does not start a special
-          token. A newline is never part of a letter/number/punctuation pre-token, and the GPT-2
-          pattern ends a whitespace run just before its last character when a non-space follows,
-          so the pre-tokens are `... | <run minus last> | "\\n" | next ...` whether or not the
-          text is cut at p.
-    (Cutting *after* a newline is not safe: in "a\\n \\nb" the whole text gives "\\n " + "\\n".)
-    Both rules look at most max(len(special) + 1, 2) bytes ahead of p.
-    """
-
-    def __init__(self, special_tokens: Sequence[str]):
-        self.specials = [t.encode("utf-8") for t in special_tokens]
-        self.lookahead = max([2] + [len(t) + 1 for t in self.specials])
-
-    def _spanned(self, buf: bytes, p: int) -> bool:
-        """Does an occurrence of a special token start before p and end after it?"""
-        for t in self.specials:
-            n = len(t)
-            if n > 1:
-                i = buf.find(t, max(0, p - n + 1), p + n - 1)
-                if 0 <= i < p:
-                    return True
-        return False
-
-    def is_safe(self, buf: bytes, p: int) -> bool:
-        if p <= 0 or p + self.lookahead > len(buf) or self._spanned(buf, p):
-            return False
-        if any(buf.startswith(t, p) for t in self.specials):
-            return True
-        # (N); the character after the newline must also not start a special token, or the
-        # whitespace run would end its piece and stay whole ("  \\n<|endoftext|>").
-        return buf[p] == 0x0A and 0x21 <= buf[p + 1] <= 0x7E and not any(buf.startswith(t, p + 1) for t in self.specials)
-
-    def _hi(self, buf: bytes) -> int:
-        return len(buf) - self.lookahead  # largest p with full look-ahead
-
-    def last_cut(self, buf: bytes, lo: int = 0) -> int:
-        """The largest safe cut p with lo < p <= len(buf) - lookahead, or 0 if there is none."""
-        hi = self._hi(buf)
-        while hi > lo:
-            cands = [buf.rfind(b"\n", lo + 1, hi + 1)]
-            cands += [buf.rfind(t, lo + 1, hi + len(t)) for t in self.specials]
-            p = max(cands)
-            if p <= lo:
-                return 0
-            if self.is_safe(buf, p):
-                return p
-            hi = p - 1
-        return 0
-
-    def first_cut(self, buf: bytes, lo: int) -> int:
-        """The smallest safe cut p >= lo with full look-ahead, or -1 if there is none."""
-        hi = self._hi(buf)
-        while lo <= hi:
-            cands = [buf.find(b"\n", lo, hi + 1)]
-            cands += [buf.find(t, lo, hi + len(t)) for t in self.specials]
-            cands = [c for c in cands if c >= 0]
-            if not cands:
-                return -1
-            p = min(cands)
-            if self.is_safe(buf, p):
-                return p
-            lo = p + 1
-        return -1
-
-
-def chunk_boundaries(path: str | Path, num_chunks: int, special_tokens: Sequence[str]) -> list[int]:
-    """Byte offsets [0, ..., size] splitting the file into at most `num_chunks` safely cut chunks.
-
-    The rough positions come from `find_chunk_boundaries` (right before the first special token,
-    or at a newline when the file has none); each is then moved forward to the next safe cut.
-    """
-    cutter = _Cutter(special_tokens)
-    with open(path, "rb") as f:
-        split = special_tokens[0].encode("utf-8") if special_tokens else None
-        rough = find_chunk_boundaries(f, num_chunks, split)
-        if split is not None and len(rough) - 1 < num_chunks:
-            # Too few special tokens to cut at; newlines also make safe cuts.
-            newline = find_chunk_boundaries(f, num_chunks, None)
-            if len(newline) > len(rough):
-                rough = newline
-        size = rough[-1]
-        bounds = [0]
-        for b in rough[1:-1]:
-            b = max(b, bounds[-1] + 1)
-            if b >= size:
-                break
-            cut = _next_safe_cut(f, b, size, cutter)
-            if cut >= size:
-                break
-            if cut > bounds[-1]:
-                bounds.append(cut)
-        bounds.append(size)
-    return bounds if size > 0 else [0]
-
-
-def _next_safe_cut(f, pos: int, size: int, cutter: _Cutter, window: int = 1 << 16) -> int:
-    """The first safe cut at or after `pos` (reading a growing window), or `size`."""
-    start = max(0, pos - cutter.lookahead)  # bytes before pos, to see a special token spanning it
-    while True:
-        f.seek(start)
-        buf = f.read(pos - start + window)
-        p = cutter.first_cut(buf, pos - start)
-        if p >= 0:
-            return start + p
-        if start + len(buf) >= size:
-            return size
-        window *= 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,7 +246,7 @@ def count_chunk(path: str, start: int, end: int, special_tokens: Sequence[str], 
     Reads `block_size` bytes at a time and decodes only up to the last safe cut of the buffer,
     so memory is bounded by the block size (plus the distinct pre-tokens), not the chunk size.
     """
-    cutter = _Cutter(special_tokens)
+    cutter = Cutter(special_tokens)
     counter = PretokenCounter(special_tokens)
     with open(path, "rb") as f:
         f.seek(start)
@@ -415,13 +293,6 @@ def _count_chunk_task(args) -> _ChunkResult:
     return count_chunk(path, start, end, special_tokens, errors, report=report)
 
 
-def _mp_context():
-    # fork starts workers in milliseconds and shares the imported modules; spawn is the fallback
-    # where fork does not exist (Windows) or is not the platform's choice.
-    methods = mp.get_all_start_methods()
-    return mp.get_context("fork" if "fork" in methods else None)
-
-
 def count_pretokens(input_path: str | Path, special_tokens: Sequence[str] = (), *, workers: int | None = None,
                     errors: str = "strict", progress: ProgressFn | None = None) -> dict[bytes, int]:
     """Pre-token counts of a UTF-8 text file: `{pre-token bytes: count}`, special tokens excluded.
@@ -451,7 +322,7 @@ def count_pretokens(input_path: str | Path, special_tokens: Sequence[str] = (), 
 
         results = [count_chunk(*t, report=report) for t in tasks]
     else:
-        ctx = _mp_context()
+        ctx = mp_context()
         counter = ctx.Value("q", 0)
         with ctx.Pool(len(tasks), initializer=_init_worker, initargs=(counter,)) as pool:
             pending = pool.map_async(_count_chunk_task, tasks)

@@ -13,7 +13,7 @@ file made by another tokenizer (`check_token_file`).
 
 Memory stays bounded: the text is read in blocks, encoded with the tokenizer's streaming encoder,
 and packed ids are written as they come. With `workers > 1` the file is cut into chunks at places
-where cutting cannot change the encoding (see `split_points`); the parent process encodes chunks from
+where cutting cannot change the encoding (see `chunking.split_points`); the parent process encodes chunks from
 the front straight into the output while worker processes encode chunks from the back into temporary
 part files, which the parent appends in order, so the output is byte-identical to single-process
 encoding.
@@ -25,9 +25,7 @@ import concurrent.futures as cf
 import hashlib
 import io
 import json
-import multiprocessing
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -41,6 +39,7 @@ from tinystories_cli import __version__
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import atomic_write, atomic_write_text, check_input_file, check_output_path, read_json, sha256_file
 from tinystories_cli.paths import sidecar_path
+from tinystories_cli.tokenizer.chunking import encode_cuts_safe, mp_context, split_points  # noqa: F401  (split_points: re-exported)
 from tinystories_cli.tokenizer.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -50,13 +49,6 @@ MIN_PARALLEL_BYTES = 1 << 20  # below this, worker start-up costs more than it s
 
 # progress(bytes_done, tokens_done), both cumulative
 Progress = Callable[[int, int], None]
-
-# A safe place to cut a file for parallel encoding: after a printable, non-space ASCII character
-# and before a space or newline. Encoding-wise this is the "non-space | space" cut of
-# `Tokenizer._safe_cut`; byte-wise both sides are ASCII, so it never splits a UTF-8 character; and
-# as long as no special token contains a space or newline, no special token spans it.
-_SPLIT = re.compile(rb"[\x21-\x7e][ \n]")
-
 
 # --------------------------------------------------------------------------- the .npy container
 
@@ -137,38 +129,7 @@ def _decode(data: bytes, errors: str, path: Path, offset: int) -> str:
 
 def parallel_safe(tokenizer: Tokenizer) -> bool:
     """Whether `split_points` cuts are safe for this tokenizer (no special token holds a space or newline)."""
-    return not any(" " in s or "\n" in s for s in tokenizer.special_tokens)
-
-
-def split_points(path: Path, num_chunks: int, probe: int = 1 << 16) -> list[int]:
-    """Byte offsets [0, ..., size] cutting the file into at most `num_chunks` chunks at safe places.
-
-    Each inner cut starts at an even guess and moves forward to the next `_SPLIT` match; guesses
-    that find none (or land on the same place) are dropped, so there may be fewer chunks.
-    """
-    size = path.stat().st_size
-    points = [0]
-    with open(path, "rb") as f:
-        for k in range(1, max(1, num_chunks)):
-            pos = max(size * k // num_chunks, points[-1])
-            f.seek(pos)
-            last = b""
-            while True:
-                block = f.read(probe)
-                if not block:
-                    pos = size
-                    break
-                buf = last + block
-                m = _SPLIT.search(buf)
-                if m is not None:
-                    pos = pos - len(last) + m.start() + 1
-                    break
-                last = buf[-1:]
-                pos += len(block)
-            if points[-1] < pos < size:
-                points.append(pos)
-    points.append(size)
-    return points
+    return encode_cuts_safe(tokenizer.special_tokens)
 
 
 # --------------------------------------------------------------------------- encoding
@@ -205,13 +166,6 @@ def _worker(path: str, start: int, end: int, part: str, errors: str) -> tuple[in
     assert _WORKER_TOKENIZER is not None
     with open(part, "wb") as out:
         return _encode_range(_WORKER_TOKENIZER, Path(path), start, end, out, errors)
-
-
-def _mp_context():
-    # fork shares the already-built tokenizer with the workers at no cost; elsewhere (macOS,
-    # Windows) spawn sends it to each worker once.
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
 def encode_file(
@@ -323,7 +277,7 @@ def _encode_parallel(tokenizer, src: Path, points: list[int], f, tmp_parent: Pat
         parts = {i: os.path.join(tmpdir, f"{i:06d}.bin") for i in range(1, n_chunks)}
         results: dict[int, tuple[int, int]] = {}
         done_bytes = done_tokens = 0
-        with cf.ProcessPoolExecutor(workers - 1, mp_context=_mp_context(), initializer=_worker_init, initargs=(tokenizer,)) as pool:
+        with cf.ProcessPoolExecutor(workers - 1, mp_context=mp_context(), initializer=_worker_init, initargs=(tokenizer,)) as pool:
             futures = {i: pool.submit(_worker, str(src), points[i], points[i + 1], parts[i], errors)
                        for i in reversed(range(1, n_chunks))}
             hasher.start()  # after the workers exist: hashing overlaps with encoding

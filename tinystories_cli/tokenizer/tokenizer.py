@@ -38,6 +38,7 @@ import regex
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import read_json
 from tinystories_cli.tokenizer.files import read_vocab_merges
+from tinystories_cli.tokenizer.chunking import SAFE_CUT
 from tinystories_cli.tokenizer.pretokenize import GPT2_PATTERN
 
 EOT = "<|endoftext|>"
@@ -49,17 +50,6 @@ T = TypeVar("T")
 # Possessive runs (++, Python 3.11+) never backtrack; nothing follows them inside their alternative,
 # so they match exactly what greedy runs match, about 10% faster.
 ASCII_PATTERN = re.compile(r"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]++| ?[0-9]++| ?[^\sA-Za-z0-9]++|\s+(?!\S)|\s+""", re.ASCII)
-
-# Where a text can be cut so that encoding the two halves separately gives the same ids as encoding
-# the whole (used by `encode_iterable`). Searched backwards (?r) for the last such place. The cut
-# goes between the two characters matched:
-#   non-space | space:   no pre-token crosses a space preceded by a non-space (" ?" only prefixes
-#                        a pre-token, and whitespace runs start after the non-space); and every
-#                        decision about the pre-tokens before the cut is the same whether a space
-#                        or the end of the text follows.
-#   letter | non-letter, non-space: the letter run ends there either way, and a contraction such
-#                        as 'll cannot be completed by a non-letter.
-_SAFE_CUT = regex.compile(r"(?r)\S\s|\p{L}[^\s\p{L}]")
 
 # On a word-cache miss, the new words of up to this much text are cached in one batch (`_encode_packed`).
 _BATCH_CHARS = 1 << 18
@@ -269,7 +259,7 @@ class Tokenizer:
         """Packed ids of `" ".join(words)` from the word caches; KeyError when a word is not cached
         yet, None when the cuts at the spaces are not safe.
 
-        If every space follows a non-space, cutting before each space is safe (see `_SAFE_CUT`):
+        If every space follows a non-space, cutting before each space is safe (see `SAFE_CUT`):
         the text is `head + " " + w1 + ... + " " + last`, and its ids are those of head, " " + w1,
         ..., " " + last. The middle words are looked up in `_word_cache`, where a word that ends in
         whitespace (or is empty, from "  ") is cached as None: it cannot come before a space. The
@@ -333,7 +323,7 @@ class Tokenizer:
 
         Special tokens: a match starting at least `max_special_len` characters before the end is
         final (no continuation can change it), so the end of the last such match is a cut; a
-        plain-text cut (see `_SAFE_CUT`) must lie before any match that is not yet final.
+        plain-text cut (see `SAFE_CUT`) must lie before any match that is not yet final.
         """
         n = len(buf)
         limit = n
@@ -346,7 +336,7 @@ class Tokenizer:
                 if m.start() >= limit:
                     break
                 cut = m.end()
-        m = _SAFE_CUT.search(buf, cut, limit)
+        m = SAFE_CUT.search(buf, cut, limit)
         if m is not None:
             cut = max(cut, m.start() + 1)
         return cut
