@@ -36,14 +36,20 @@ def command(
         "--workers", "-j", help="Worker processes (default: all cores).", show_default=False)] = None,
     errors: Annotated[str, typer.Option("--errors", help="Invalid UTF-8: strict (fail, naming the byte offset) | replace (U+FFFD).")] = "strict",
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing token files.")] = False,
+    backend: Annotated[str, typer.Option(
+        "--backend", help="auto (tiktoken when installed and it gives the same ids, else python) | python "
+                          "(the from-scratch encoder) | tiktoken. Every backend writes the same ids.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON (no progress bar).")] = False,
 ) -> None:
     """Encode text into .npy token files (uint16/uint32) with a JSON sidecar, in parallel."""
+    from tinystories_cli.tokenizer.backends import BACKENDS, resolve_backend
     from tinystories_cli.tokenizer.encode import encode_file
     from tinystories_cli.tokenizer.tokenizer import Tokenizer
 
     if errors not in ("strict", "replace"):
         raise UserError(f"--errors must be strict or replace, got {errors!r}")
+    if backend not in BACKENDS:
+        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if workers is not None and workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
     workers = workers or _cpu_count()
@@ -52,14 +58,19 @@ def command(
         check_output_path(dst, force)
         check_output_path(paths.sidecar_path(dst), force)
     tok = Tokenizer.from_dir(tok_dir)
+    try:
+        backend = resolve_backend(tok, backend)
+    except ValueError as e:
+        raise UserError(f"--backend {backend}: {e}") from None
 
     results = []
     for src, dst in jobs:
         t0 = time.perf_counter()
         if as_json:
-            meta = encode_file(src, dst, tok, workers=workers, errors=errors, force=force, tokenizer_dir=tok_dir)
+            meta = encode_file(src, dst, tok, workers=workers, errors=errors, force=force, tokenizer_dir=tok_dir,
+                               backend=backend)
         else:
-            meta = _with_progress(src, dst, tok, workers, errors, force, tok_dir, encode_file)
+            meta = _with_progress(src, dst, tok, workers, errors, force, tok_dir, backend, encode_file)
         meta["output"] = str(dst)
         meta["wall_seconds"] = time.perf_counter() - t0
         results.append(meta)
@@ -121,7 +132,7 @@ def _check_tokenizer(tok_dir: Path, bpe_command: str, given: bool) -> None:
         raise UserError(f"no tokenizer in {tok_dir} (vocab.json and merges.txt)", fix)
 
 
-def _with_progress(src, dst, tok, workers, errors, force, tok_dir, encode_file) -> dict:
+def _with_progress(src, dst, tok, workers, errors, force, tok_dir, backend, encode_file) -> dict:
     size = Path(src).stat().st_size
     columns = [
         TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
@@ -141,7 +152,8 @@ def _with_progress(src, dst, tok, workers, errors, force, tok_dir, encode_file) 
                 last[0] = now
                 bar.refresh()
 
-        meta = encode_file(src, dst, tok, workers=workers, errors=errors, force=force, progress=progress, tokenizer_dir=tok_dir)
+        meta = encode_file(src, dst, tok, workers=workers, errors=errors, force=force, progress=progress, tokenizer_dir=tok_dir,
+                           backend=backend)
         bar.refresh()
     return meta
 
@@ -156,5 +168,5 @@ def _report(results: list[dict], tok_dir: Path, as_json: bool) -> None:
         console.print(
             f"[bold]{r['output']}[/bold]: {r['num_tokens']:,} tokens ({r['dtype']}) from {human_bytes(r['source_bytes'])}, "
             f"{ratio}; {r['source_bytes'] / secs / 1e6:.1f} MB/s, {human_count(round(r['num_tokens'] / secs))} tokens/s "
-            f"on {r['workers']} worker{'s' if r['workers'] != 1 else ''}", soft_wrap=True)
+            f"on {r['workers']} worker{'s' if r['workers'] != 1 else ''} ({r['backend']} backend)", soft_wrap=True)
     print_note(f"tokenizer: {tok_dir} (fingerprint {results[0]['fingerprint'][:12]})")

@@ -39,6 +39,7 @@ from tinystories_cli import __version__
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import atomic_write, atomic_write_text, check_input_file, check_output_path, read_json, sha256_file
 from tinystories_cli.paths import sidecar_path
+from tinystories_cli.tokenizer.backends import PackedEncoder
 from tinystories_cli.tokenizer.chunking import encode_cuts_safe, mp_context, split_points  # noqa: F401  (split_points: re-exported)
 from tinystories_cli.tokenizer.tokenizer import Tokenizer
 
@@ -135,37 +136,37 @@ def parallel_safe(tokenizer: Tokenizer) -> bool:
 # --------------------------------------------------------------------------- encoding
 
 
-def _encode_range(tokenizer: Tokenizer, path: Path, start: int, end: int, out, errors: str,
+def _encode_range(encoder: PackedEncoder, path: Path, start: int, end: int, out, errors: str,
                   on_block: Callable[[bytes], None] | None = None,
                   on_batch: Callable[[int], None] | None = None) -> tuple[int, int]:
     """Encode bytes [start, end) of `path`, writing packed ids to `out`; returns (num_tokens, max_id)."""
-    itemsize = tokenizer.dtype.itemsize
+    dtype = encoder.tokenizer.dtype
     n, max_id = 0, -1
-    for packed in tokenizer.encode_packed_batches(iter_text(path, start, end, errors, on_block=on_block)):
+    for packed in encoder.packed_batches(iter_text(path, start, end, errors, on_block=on_block)):
         if not packed:
             continue
         out.write(packed)
-        k = len(packed) // itemsize
+        k = len(packed) // dtype.itemsize
         n += k
-        max_id = max(max_id, int(np.frombuffer(packed, dtype=tokenizer.dtype).max()))
+        max_id = max(max_id, int(np.frombuffer(packed, dtype=dtype).max()))
         if on_batch is not None:
             on_batch(k)
     return n, max_id
 
 
-_WORKER_TOKENIZER: Tokenizer | None = None
+_WORKER_ENCODER: PackedEncoder | None = None
 
 
-def _worker_init(tokenizer: Tokenizer) -> None:
-    global _WORKER_TOKENIZER
-    _WORKER_TOKENIZER = tokenizer
+def _worker_init(encoder: PackedEncoder) -> None:
+    global _WORKER_ENCODER
+    _WORKER_ENCODER = encoder
 
 
 def _worker(path: str, start: int, end: int, part: str, errors: str) -> tuple[int, int]:
     """Encode one chunk into the part file `part` (runs in a worker process)."""
-    assert _WORKER_TOKENIZER is not None
+    assert _WORKER_ENCODER is not None
     with open(part, "wb") as out:
-        return _encode_range(_WORKER_TOKENIZER, Path(path), start, end, out, errors)
+        return _encode_range(_WORKER_ENCODER, Path(path), start, end, out, errors)
 
 
 def encode_file(
@@ -179,12 +180,16 @@ def encode_file(
     progress: Progress | None = None,
     tokenizer_dir: str | os.PathLike | None = None,
     chunks_per_worker: int = 8,
+    backend: str = "auto",
 ) -> dict:
     """Encode the UTF-8 text file `src` into the token file `out` (.npy) and its JSON sidecar.
 
     Returns the sidecar dict. `workers > 1` encodes chunks in parallel processes (same output).
+    `backend` is "auto" (tiktoken when installed and it gives the same ids, else the from-scratch
+    encoder), "python" or "tiktoken" (see `backends`); every backend writes the same file.
     Refuses to overwrite `out` or its sidecar unless `force`.
     """
+    encoder = PackedEncoder(tokenizer, backend)  # ValueError for an unknown or unusable backend
     if errors not in ("strict", "replace"):
         raise UserError(f"--errors must be strict or replace, got {errors!r}")
     src = check_input_file(src, "text file", "check the path, or run `tslm download` first")
@@ -206,10 +211,10 @@ def encode_file(
         f.write(npy_header(tokenizer.dtype, 0))  # placeholder; rewritten once the count is known
         if len(points) <= 2:
             used = 1
-            num_tokens, max_id, digest = _encode_serial(tokenizer, src, size, f, errors, progress)
+            num_tokens, max_id, digest = _encode_serial(encoder, src, size, f, errors, progress)
         else:
             used = min(workers, len(points) - 1)
-            num_tokens, max_id, digest = _encode_parallel(tokenizer, src, points, f, out.parent, errors, used, progress)
+            num_tokens, max_id, digest = _encode_parallel(encoder, src, points, f, out.parent, errors, used, progress)
         f.seek(0)
         f.write(npy_header(tokenizer.dtype, num_tokens))
         f.seek(0, os.SEEK_END)
@@ -230,6 +235,7 @@ def encode_file(
         "errors": errors,
         "bytes_per_token": size / num_tokens if num_tokens else None,
         "workers": used,
+        "backend": encoder.backend,
         "chunks": len(points) - 1,
         "seconds": round(seconds, 3),
         "tslm_version": __version__,
@@ -238,7 +244,7 @@ def encode_file(
     return meta
 
 
-def _encode_serial(tokenizer, src: Path, size: int, f, errors: str, progress: Progress | None) -> tuple[int, int, str]:
+def _encode_serial(encoder: PackedEncoder, src: Path, size: int, f, errors: str, progress: Progress | None) -> tuple[int, int, str]:
     h = hashlib.sha256()
     done = {"bytes": 0, "tokens": 0}
 
@@ -251,13 +257,13 @@ def _encode_serial(tokenizer, src: Path, size: int, f, errors: str, progress: Pr
         if progress is not None:
             progress(done["bytes"], done["tokens"])
 
-    n, max_id = _encode_range(tokenizer, src, 0, size, f, errors, on_block=on_block, on_batch=on_batch)
+    n, max_id = _encode_range(encoder, src, 0, size, f, errors, on_block=on_block, on_batch=on_batch)
     if progress is not None:
         progress(size, n)
     return n, max_id, h.hexdigest()
 
 
-def _encode_parallel(tokenizer, src: Path, points: list[int], f, tmp_parent: Path, errors: str, workers: int,
+def _encode_parallel(encoder: PackedEncoder, src: Path, points: list[int], f, tmp_parent: Path, errors: str, workers: int,
                      progress: Progress | None) -> tuple[int, int, str]:
     tmpdir = tempfile.mkdtemp(prefix=".encode-parts.", dir=tmp_parent)  # same disk as the output
     digest: dict[str, str] = {}
@@ -265,7 +271,7 @@ def _encode_parallel(tokenizer, src: Path, points: list[int], f, tmp_parent: Pat
         digest["sha"] = sha256_file(src)
         # the sidecar needs the fingerprint: computing it here, while the cores encode, keeps it
         # out of the serial tail (the chunk claiming rebalances the parent's share around it)
-        _ = tokenizer.fingerprint
+        _ = encoder.tokenizer.fingerprint
 
     hasher = threading.Thread(target=hash_source, daemon=True)
     try:
@@ -277,7 +283,7 @@ def _encode_parallel(tokenizer, src: Path, points: list[int], f, tmp_parent: Pat
         parts = {i: os.path.join(tmpdir, f"{i:06d}.bin") for i in range(1, n_chunks)}
         results: dict[int, tuple[int, int]] = {}
         done_bytes = done_tokens = 0
-        with cf.ProcessPoolExecutor(workers - 1, mp_context=mp_context(), initializer=_worker_init, initargs=(tokenizer,)) as pool:
+        with cf.ProcessPoolExecutor(workers - 1, mp_context=mp_context(), initializer=_worker_init, initargs=(encoder,)) as pool:
             futures = {i: pool.submit(_worker, str(src), points[i], points[i + 1], parts[i], errors)
                        for i in reversed(range(1, n_chunks))}
             hasher.start()  # after the workers exist: hashing overlaps with encoding
@@ -285,7 +291,7 @@ def _encode_parallel(tokenizer, src: Path, points: list[int], f, tmp_parent: Pat
                 own = 0
                 while own < n_chunks and (own == 0 or futures[own].cancel()):
                     a, b = points[own], points[own + 1]
-                    results[a] = _encode_range(tokenizer, src, a, b, f, errors)
+                    results[a] = _encode_range(encoder, src, a, b, f, errors)
                     own += 1
                     done_bytes += b - a
                     done_tokens += results[a][0]

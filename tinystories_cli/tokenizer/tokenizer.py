@@ -194,6 +194,17 @@ class Tokenizer:
             self._fingerprint = hashlib.sha256("\n".join(lines).encode("ascii")).hexdigest()
         return self._fingerprint
 
+    @property
+    def special_token_ids(self) -> dict[str, int]:
+        """{special token: its id}, in the order the special tokens were given."""
+        return dict(self._special_id)
+
+    @property
+    def merges_in_training_order(self) -> bool:
+        """Whether every merge that makes a token ranks before every merge that uses it (as `tslm bpe`
+        and GPT-2 write them); then merge ranks order merges exactly as training did."""
+        return self._heap_ok
+
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, special_tokens={self.special_tokens})"
 
@@ -298,6 +309,13 @@ class Tokenizer:
         return self._stream(iterable, self.encode_packed, buffer_chars or self.stream_chars)
 
     def _stream(self, iterable: Iterable[str], encode: Callable[[str], T], buffer_chars: int) -> Iterator[T]:
+        return map(encode, self.safe_pieces(iterable, buffer_chars))
+
+    def safe_pieces(self, iterable: Iterable[str], buffer_chars: int | None = None) -> Iterator[str]:
+        """The text of `iterable` re-cut into pieces of about `buffer_chars` characters (or more, when no
+        cut is found) at places where cutting cannot change the ids (see `_safe_cut`): encoding each
+        piece and concatenating the ids equals encoding the whole text."""
+        buffer_chars = buffer_chars or self.stream_chars
         pending: list[str] = []
         size = 0
         for chunk in iterable:
@@ -310,12 +328,12 @@ class Tokenizer:
             buf = "".join(pending)
             cut = self._safe_cut(buf)
             if cut > 0:
-                yield encode(buf[:cut])
+                yield buf[:cut]
                 buf = buf[cut:]
             pending, size = [buf], len(buf)
         buf = "".join(pending)
         if buf:
-            yield encode(buf)
+            yield buf
 
     def _safe_cut(self, buf: str) -> int:
         """The largest i found (0 if none) such that, for every continuation `rest`,
@@ -418,6 +436,20 @@ class Tokenizer:
     def _encode_pieces(self, text: str) -> bytes:
         """Packed ids of a text holding no special tokens, pre-token by pre-token (no word cache)."""
         return b"".join(self._piece_values(text))
+
+    def bpe_bytes(self, data: bytes) -> tuple[int, ...]:
+        """Ids of `data` taken as one pre-token: its bytes merged in rank order (no pattern, no specials).
+
+        >>> Tokenizer({i: bytes([i]) for i in range(256)} | {256: b"ab"}, [(b"a", b"b")]).bpe_bytes(b"abc")
+        (256, 99)
+        """
+        ids = list(map(self._byte_id.__getitem__, data))
+        if None in ids:
+            missing = next(b for b in data if self._byte_id[b] is None)
+            raise UserError(f"cannot encode byte 0x{missing:02x}: the vocab has no token for it", "use a byte-level vocab (all 256 bytes)")
+        if not self._heap_ok:
+            return tuple(self._bpe_merge_all(ids))
+        return tuple(self._bpe_heap(ids)) if len(ids) > _LONG_PIECE else self._bpe_ordered(ids)
 
     def _bpe(self, piece: str) -> tuple[int, ...]:
         """Apply merges in rank order to the bytes of one pre-token."""
