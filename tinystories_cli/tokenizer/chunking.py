@@ -13,7 +13,8 @@ This is the one home of every "safe cut" rule the tokenizer package relies on:
 - `find_chunk_boundaries`: the rough, CS336-style cutter (at a split token or after a newline)
   that `chunk_boundaries` refines.
 
-and of `mp_context`, the one multiprocessing context the package's worker pools use.
+and of the worker processes: `mp_context` (the one multiprocessing context), `WorkerPool` (workers that
+never outlive the call) and `signals_raise` (SIGINT/SIGTERM become `Interrupted`, so cleanup runs).
 
 >>> SAFE_CUT.search("ab cd").start() + 1   # the last safe cut: between "b" and " "
 2
@@ -23,17 +24,21 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import re
+import signal
+import threading
 from pathlib import Path
-from typing import BinaryIO, Sequence
+from typing import BinaryIO, Iterator, Sequence
 
 import regex
 
 __all__ = [
     "SAFE_CUT", "ENCODE_CUT", "Cutter", "mp_context", "find_chunk_boundaries", "chunk_boundaries",
-    "next_safe_cut", "split_points", "encode_cuts_safe", "byte_ranges",
+    "next_safe_cut", "split_points", "encode_cuts_safe", "byte_ranges", "Interrupted", "signals_raise",
+    "WorkerPool",
 ]
 
 # ------------------------------------------------------------------------------ in-memory text
@@ -257,6 +262,90 @@ def next_safe_cut(f: BinaryIO, pos: int, size: int, cutter: Cutter, window: int 
 
 
 # ------------------------------------------------------------------------------ worker processes
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived inside `signals_raise`; `exit_code` is 128 + the signal number.
+
+    A BaseException, so `except Exception` does not swallow it while the cleanup (`finally`,
+    `atomic_write`'s removal of its temporary file, `WorkerPool.__exit__`) runs on the way out.
+    """
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+@contextlib.contextmanager
+def signals_raise() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGINT raise `Interrupted` in the main thread.
+
+    An inherited SIG_IGN for SIGINT is respected (background jobs are started that way on purpose).
+    Outside the main thread signals cannot be handled, and this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {}
+
+    def handle(signum, frame):
+        raise Interrupted(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if sig == signal.SIGINT and signal.getsignal(sig) is signal.SIG_IGN:
+            continue
+        old[sig] = signal.signal(sig, handle)
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _pool_init(initializer, initargs) -> None:
+    # A worker leaves stopping to its parent: SIGINT (a Ctrl-C reaches the whole process group) is
+    # ignored, SIGTERM (what `WorkerPool` sends) ends it at once, silently. The parent created the
+    # worker with both blocked, so none could arrive before this point.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    if initializer is not None:
+        initializer(*initargs)
+
+
+class WorkerPool:
+    """A `multiprocessing.Pool` of `processes` workers from `mp_context`, for the package's parallel work.
+
+    Used as a context manager: leaving the block normally closes and joins the pool; leaving it by
+    an exception (including `Interrupted`) terminates the workers at once and waits for them, so no
+    worker outlives the call and the caller's cleanup can remove the files workers were writing.
+    """
+
+    def __init__(self, processes: int, initializer=None, initargs: tuple = ()):
+        ctx = mp_context()
+        blocked = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+        if blocked:
+            previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            self.pool = ctx.Pool(processes, initializer=_pool_init, initargs=(initializer, initargs))
+        finally:
+            if blocked:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    def __enter__(self):
+        return self.pool
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.pool.close()
+        else:
+            self.pool.terminate()
+        self.pool.join()
 
 
 def mp_context():

@@ -11,17 +11,17 @@ records what training and evaluation need to trust it:
 `source_bytes` is what bits-per-byte divides by; `fingerprint` lets `train`/`eval` refuse a token
 file made by another tokenizer (`check_token_file`).
 
-Memory stays bounded: the text is read in blocks, encoded with the tokenizer's streaming encoder,
-and packed ids are written as they come. With `workers > 1` the file is cut into chunks at places
-where cutting cannot change the encoding (see `chunking.split_points`); the parent process encodes chunks from
-the front straight into the output while worker processes encode chunks from the back into temporary
-part files, which the parent appends in order, so the output is byte-identical to single-process
-encoding.
+Memory stays bounded: the text is read in blocks, encoded (by the backend, see `backends`), and
+packed ids are written as they come. With `workers > 1` the file is cut into chunks at places where
+cutting cannot change the encoding (`chunking.split_points`); worker processes each read their own
+byte ranges and encode them into part files beside the output, and the parent appends the parts in
+file order with `os.copy_file_range`, so the output is byte-identical to single-process encoding.
+Workers send back two integers per chunk, never ids.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
+import errno
 import hashlib
 import io
 import json
@@ -40,7 +40,7 @@ from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import atomic_write, atomic_write_text, check_input_file, check_output_path, read_json, sha256_file
 from tinystories_cli.paths import sidecar_path
 from tinystories_cli.tokenizer.backends import PackedEncoder
-from tinystories_cli.tokenizer.chunking import encode_cuts_safe, mp_context, split_points  # noqa: F401  (split_points: re-exported)
+from tinystories_cli.tokenizer.chunking import WorkerPool, encode_cuts_safe, split_points  # noqa: F401  (split_points: re-exported)
 from tinystories_cli.tokenizer.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -162,11 +162,31 @@ def _worker_init(encoder: PackedEncoder) -> None:
     _WORKER_ENCODER = encoder
 
 
-def _worker(path: str, start: int, end: int, part: str, errors: str) -> tuple[int, int]:
-    """Encode one chunk into the part file `part` (runs in a worker process)."""
+def _worker(task: tuple[str, int, int, str, str]) -> tuple[int, int]:
+    """Encode one chunk into its part file (runs in a worker process); returns (num_tokens, max_id)."""
+    path, start, end, part, errors = task
     assert _WORKER_ENCODER is not None
     with open(part, "wb") as out:
         return _encode_range(_WORKER_ENCODER, Path(path), start, end, out, errors)
+
+
+def append_file(dst, src_path: str | os.PathLike) -> None:
+    """Append the file at `src_path` to the open file `dst`, in the kernel (copy_file_range) where possible."""
+    dst.flush()
+    dst.seek(0, os.SEEK_END)
+    with open(src_path, "rb", buffering=0) as s:  # unbuffered: its offset is the kernel's
+        left = os.fstat(s.fileno()).st_size
+        try:
+            while left > 0:
+                k = os.copy_file_range(s.fileno(), dst.fileno(), left)
+                if k == 0:
+                    break
+                left -= k
+        except (AttributeError, OSError) as e:  # no copy_file_range here (old kernel, other OS, other FS)
+            if isinstance(e, OSError) and e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+        dst.seek(0, os.SEEK_END)  # resynchronize the buffered file with the kernel's offset
+        shutil.copyfileobj(s, dst, 1 << 22)  # whatever copy_file_range did not copy
 
 
 def encode_file(
@@ -265,55 +285,35 @@ def _encode_serial(encoder: PackedEncoder, src: Path, size: int, f, errors: str,
 
 def _encode_parallel(encoder: PackedEncoder, src: Path, points: list[int], f, tmp_parent: Path, errors: str, workers: int,
                      progress: Progress | None) -> tuple[int, int, str]:
+    """`workers` processes encode the chunks [points[i], points[i+1]) into part files, in file order;
+    the parent appends each finished part to `f` in order (in the kernel) and deletes it, and hashes
+    the source meanwhile. Workers return two integers per chunk, never ids; the parent encodes nothing
+    (so no cache is warmed twice). With fork, what the encoder prepared (tiktoken's tables) is shared.
+    """
     tmpdir = tempfile.mkdtemp(prefix=".encode-parts.", dir=tmp_parent)  # same disk as the output
     digest: dict[str, str] = {}
+
     def hash_source() -> None:
         digest["sha"] = sha256_file(src)
-        # the sidecar needs the fingerprint: computing it here, while the cores encode, keeps it
-        # out of the serial tail (the chunk claiming rebalances the parent's share around it)
-        _ = encoder.tokenizer.fingerprint
+        _ = encoder.tokenizer.fingerprint  # the sidecar needs it: computed while the workers encode
 
-    hasher = threading.Thread(target=hash_source, daemon=True)
     try:
-        # Work is shared from both ends: the workers take chunks from the last one backwards, the
-        # parent from the first one forwards, straight into the output (no copy), claiming each
-        # chunk by cancelling its still-pending future, until it meets a chunk a worker has taken.
-        # So every core works from the start, and a slow core simply ends up with fewer chunks.
-        n_chunks = len(points) - 1
-        parts = {i: os.path.join(tmpdir, f"{i:06d}.bin") for i in range(1, n_chunks)}
-        results: dict[int, tuple[int, int]] = {}
-        done_bytes = done_tokens = 0
-        with cf.ProcessPoolExecutor(workers - 1, mp_context=mp_context(), initializer=_worker_init, initargs=(encoder,)) as pool:
-            futures = {i: pool.submit(_worker, str(src), points[i], points[i + 1], parts[i], errors)
-                       for i in reversed(range(1, n_chunks))}
-            hasher.start()  # after the workers exist: hashing overlaps with encoding
-            try:
-                own = 0
-                while own < n_chunks and (own == 0 or futures[own].cancel()):
-                    a, b = points[own], points[own + 1]
-                    results[a] = _encode_range(encoder, src, a, b, f, errors)
-                    own += 1
-                    done_bytes += b - a
-                    done_tokens += results[a][0]
-                    if progress is not None:
-                        progress(done_bytes, done_tokens)
-                taken = {futures[i]: i for i in range(own, n_chunks)}
-                for fut in cf.as_completed(taken):
-                    a, b = points[taken[fut]], points[taken[fut] + 1]
-                    results[a] = fut.result()
-                    done_bytes += b - a
-                    done_tokens += results[a][0]
-                    if progress is not None:
-                        progress(done_bytes, done_tokens)
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-        hasher.join()
-        num_tokens = sum(k for k, _ in results.values())
-        max_id = max(m for _, m in results.values())
-        for i in range(own, n_chunks):  # the workers' chunks follow the parent's, in file order
-            with open(parts[i], "rb") as p:
-                shutil.copyfileobj(p, f, 1 << 22)
+        encoder.prepare()
+        tasks = [(str(src), a, b, os.path.join(tmpdir, f"{i:06d}.bin"), errors)
+                 for i, (a, b) in enumerate(zip(points[:-1], points[1:]))]
+        num_tokens, max_id, done_bytes = 0, -1, 0
+        with WorkerPool(workers, _worker_init, (encoder,)) as pool:
+            hasher = threading.Thread(target=hash_source, daemon=True)
+            hasher.start()  # after the workers exist (fork), overlapping with encoding
+            for (path, a, b, part, _), (n, m) in zip(tasks, pool.imap(_worker, tasks)):
+                append_file(f, part)
+                os.unlink(part)
+                num_tokens += n
+                max_id = max(max_id, m)
+                done_bytes += b - a
+                if progress is not None:
+                    progress(done_bytes, num_tokens)
+            hasher.join()
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return num_tokens, max_id, digest["sha"]
