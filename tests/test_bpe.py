@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -321,3 +322,78 @@ def test_cli_errors_replace_opts_in(run_cli, tmp_path):
     assert code == 0
     vocab, merges = read_vocab_merges(tmp_path / "t" / "vocab.json", tmp_path / "t" / "merges.txt")
     assert (b"\xef\xbf", b"\xbd") in merges  # U+FFFD was counted (10 times) and merged
+
+
+# ----------------------------------------------------------------------------------------------
+# the output directory is replaced as a whole
+
+
+def _save_worker(out: str, seed: int, rounds: int) -> None:
+    """Save `rounds` different tokenizers into `out` (runs in its own process)."""
+    import random as _random
+
+    rng = _random.Random(seed)
+    for _ in range(rounds):
+        merges = [(b"a", b"b")] + [(b"ab", bytes([c])) for c in rng.sample(range(97, 123), 8)]
+        vocab = bpe.build_vocab(["<|endoftext|>"], merges)
+        fp = bpe.training_fingerprint(len(vocab), ["<|endoftext|>"], f"{seed:064x}")
+        bpe.save_tokenizer(out, vocab, merges, fp)
+
+
+def _consistent(out: Path) -> bool:
+    """Read the three files through one directory handle: the config's hashes must match the files."""
+    import hashlib
+
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        def read(name: str) -> bytes:
+            f = os.open(name, os.O_RDONLY, dir_fd=fd)
+            with os.fdopen(f, "rb") as fh:
+                return fh.read()
+
+        cfg = json.loads(read(bpe.CONFIG_NAME))
+        return all(hashlib.sha256(read(n)).hexdigest() == h for n, h in cfg["files"].items())
+    finally:
+        os.close(fd)
+
+
+def test_save_replaces_the_whole_directory_and_leaves_no_temp(tmp_path):
+    out = tmp_path / "tok"
+    _save_worker(str(out), 1, 1)
+    first = (out / "merges.txt").read_text()
+    _save_worker(str(out), 2, 1)
+    assert (out / "merges.txt").read_text() != first and _consistent(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(bpe.TOKENIZER_FILES)
+
+
+def test_concurrent_saves_never_interleave(tmp_path):
+    import multiprocessing
+
+    out = tmp_path / "tok"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_save_worker, args=(str(out), seed, 25)) for seed in (1, 2)]
+    for p in procs:
+        p.start()
+    checks = 0
+    while any(p.is_alive() for p in procs):
+        if (out / bpe.CONFIG_NAME).exists():
+            try:
+                assert _consistent(out)
+                checks += 1
+            except FileNotFoundError:  # the directory we hold was just replaced and is being removed
+                pass
+    for p in procs:
+        p.join()
+        assert p.exitcode == 0
+    assert checks > 0 and _consistent(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]
+
+
+def test_directory_with_other_files_is_refused(tmp_path, run_cli, corpus):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    code, _, err = run_cli("bpe", str(corpus), "--vocab-size", "300", "--out", str(out), "--force")
+    assert code == 2 and "notes.txt" in err and "another --out" in err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

@@ -7,17 +7,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import time
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import Annotated, Iterator, List, Optional
 
 import typer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from tinystories_cli import paths
-from tinystories_cli.console import console, err_console, human_bytes, human_count, print_note
+from tinystories_cli.console import console, err_console, human_bytes, human_count, print_error, print_note
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import check_output_path
 
@@ -43,6 +45,7 @@ def command(
 ) -> None:
     """Encode text into .npy token files (uint16/uint32) with a JSON sidecar, in parallel."""
     from tinystories_cli.tokenizer.backends import BACKENDS, resolve_backend
+    from tinystories_cli.tokenizer.chunking import signals_raise
     from tinystories_cli.tokenizer.encode import encode_file
     from tinystories_cli.tokenizer.tokenizer import Tokenizer
 
@@ -64,17 +67,44 @@ def command(
         raise UserError(f"--backend {backend}: {e}") from None
 
     results = []
-    for src, dst in jobs:
-        t0 = time.perf_counter()
-        if as_json:
-            meta = encode_file(src, dst, tok, workers=workers, errors=errors, force=force, tokenizer_dir=tok_dir,
-                               backend=backend)
-        else:
-            meta = _with_progress(src, dst, tok, workers, errors, force, tok_dir, backend, encode_file)
-        meta["output"] = str(dst)
-        meta["wall_seconds"] = time.perf_counter() - t0
-        results.append(meta)
+    # SIGINT/SIGTERM: the workers are ended and every temporary file removed on the way out
+    with signals_raise(), stopped_cleanly(), disk_full_is_user_error():
+        for src, dst in jobs:
+            t0 = time.perf_counter()
+            if as_json:
+                meta = encode_file(src, dst, tok, workers=workers, errors=errors, force=force, tokenizer_dir=tok_dir,
+                                   backend=backend)
+            else:
+                meta = _with_progress(src, dst, tok, workers, errors, force, tok_dir, backend, encode_file)
+            meta["output"] = str(dst)
+            meta["wall_seconds"] = time.perf_counter() - t0
+            results.append(meta)
     _report(results, tok_dir, as_json)
+
+
+@contextlib.contextmanager
+def stopped_cleanly() -> Iterator[None]:
+    """`Interrupted` (SIGINT/SIGTERM, after the cleanup ran) -> one line and exit 128 + the signal number."""
+    from tinystories_cli.tokenizer.chunking import Interrupted
+
+    try:
+        yield
+    except Interrupted as e:
+        print_error(f"{e}: stopped; the partial output and temporary files were removed")
+        raise typer.Exit(e.exit_code) from None
+
+
+@contextlib.contextmanager
+def disk_full_is_user_error() -> Iterator[None]:
+    """A full disk (or quota) while writing is one line and exit 2, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        raise UserError(f"no space left on the device{where}; the partial output was removed",
+                        "free some space, or write elsewhere with --out") from None
 
 
 def _cpu_count() -> int:

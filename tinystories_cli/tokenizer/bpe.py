@@ -27,12 +27,14 @@ costs time proportional to the words it touches, not to the number of distinct p
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import heapq
 import itertools
 import json
-import multiprocessing as mp
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -45,7 +47,7 @@ import regex
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import atomic_write_text, sha256_file
 from tinystories_cli.tokenizer.files import FORMAT_VERSION, write_vocab_merges
-from tinystories_cli.tokenizer.chunking import Cutter, chunk_boundaries, mp_context
+from tinystories_cli.tokenizer.chunking import Cutter, WorkerPool, chunk_boundaries, mp_context
 from tinystories_cli.tokenizer.pretokenize import GPT2_PATTERN, GPT2_SPLIT_PATTERN, special_pattern
 
 # progress(phase, done, total): phase "pretokenize" counts bytes, phase "merge" counts merges.
@@ -322,9 +324,8 @@ def count_pretokens(input_path: str | Path, special_tokens: Sequence[str] = (), 
 
         results = [count_chunk(*t, report=report) for t in tasks]
     else:
-        ctx = mp_context()
-        counter = ctx.Value("q", 0)
-        with ctx.Pool(len(tasks), initializer=_init_worker, initargs=(counter,)) as pool:
+        counter = mp_context().Value("q", 0)
+        with WorkerPool(len(tasks), _init_worker, (counter,)) as pool:
             pending = pool.map_async(_count_chunk_task, tasks)
             while not pending.ready():
                 pending.wait(0.1)
@@ -557,7 +558,10 @@ def check_output_dir(out_dir: str | Path, fingerprint: dict, force: bool = False
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output path exists and is not a directory: {out}", "pass a directory with --out")
-    if not out.is_dir() or force:
+    if not out.is_dir():
+        return out
+    _check_only_tokenizer_files(out)
+    if force:
         return out
     present = [n for n in TOKENIZER_FILES if (out / n).exists()]
     if not present:
@@ -576,18 +580,26 @@ def save_tokenizer(out_dir: str | Path, vocab: dict[int, bytes], merges: list[tu
                    fingerprint: dict, extra: dict | None = None) -> Path:
     """Write vocab.json, merges.txt and tokenizer_config.json so that no half tokenizer is ever visible.
 
-    A new directory is filled under a temporary name and renamed into place. In an existing
-    directory the config is removed first and written last: a directory is a complete tokenizer
-    exactly when tokenizer_config.json exists, and the config records the sha256 of the other
-    two files so a reader can tell they belong together.
+    The three files are written into a temporary directory beside `out_dir`, which then replaces
+    `out_dir` in one step (renamed into place, or atomically exchanged with an existing directory,
+    whose old files are then removed). So two runs writing the same directory at once leave one
+    complete tokenizer, never vocab.json from one and merges.txt from the other. The config records
+    the sha256 of the other two files. A directory holding anything besides tokenizer files is
+    refused (`check_output_dir`): replacing it would delete files this command did not write.
+    On any error (a full disk included) the temporary directory is removed.
     """
     out = Path(out_dir)
+    _check_only_tokenizer_files(out)
     specials = fingerprint.get("special_tokens", [])
     inverse = {tok: i for i, tok in vocab.items()}
     longest = max(vocab.values(), key=len, default=b"")
-
-    def fill(d: Path) -> None:
-        write_vocab_merges(d, vocab, merges)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the renamed dir should look like mkdir's
+        write_vocab_merges(tmp, vocab, merges)
         cfg = {
             "format": CONFIG_FORMAT,
             **fingerprint,
@@ -595,24 +607,75 @@ def save_tokenizer(out_dir: str | Path, vocab: dict[int, bytes], merges: list[tu
             "num_merges": len(merges),
             "special_token_ids": {t: inverse[t.encode("utf-8")] for t in specials},
             "longest_token_bytes": len(longest),
-            "files": {n: sha256_file(d / n) for n in ("vocab.json", "merges.txt")},
+            "files": {n: sha256_file(tmp / n) for n in ("vocab.json", "merges.txt")},
             **(extra or {}),
         }
-        atomic_write_text(d / CONFIG_NAME, json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
-
-    if out.is_dir():
-        (out / CONFIG_NAME).unlink(missing_ok=True)  # mark incomplete until the config lands again
-        fill(out)
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the renamed dir should look like mkdir's
-        fill(tmp)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_text(tmp / CONFIG_NAME, json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+        _fsync_dir(tmp)
+        if not _rename_new(tmp, out):
+            _check_only_tokenizer_files(out)
+            if not exchange_dirs(tmp, out):  # no atomic exchange here: move the old one aside first
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", suffix=".tmp", dir=out.parent))
+                os.rename(out, old / out.name)
+                os.rename(tmp, out)
+                tmp = old
+        _fsync_dir(out.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the temporary dir, or after an exchange the old tokenizer
     return out
+
+
+def _rename_new(src: Path, dst: Path) -> bool:
+    """Rename `src` to `dst` when `dst` does not exist; False when it does (a directory, perhaps just made)."""
+    try:
+        os.rename(src, dst)  # fails on an existing non-empty directory; replaces an empty one
+        return True
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            return False
+        raise
+
+
+_RENAME_EXCHANGE = 2  # from linux/fs.h
+
+
+def exchange_dirs(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # old kernel, or a file system without it
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _check_only_tokenizer_files(out: Path) -> None:
+    if not out.is_dir():
+        return
+    others = sorted(p.name for p in out.iterdir() if p.name not in TOKENIZER_FILES)
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise UserError(f"{out} holds files that are not a tokenizer's ({shown}); tslm bpe replaces the whole directory",
+                        "choose another --out, or move those files")
