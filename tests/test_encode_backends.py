@@ -197,3 +197,18 @@ def test_cli_backend_choices(run_cli, tmp_path, steal_dir):
     assert meta["backend"] == "python"
     tok = Tokenizer.from_dir(steal_dir)
     assert np.load(tmp_path / "t.npy").tolist() == tok.encode(src.read_text())
+
+
+def test_parallel_auto_falls_back_when_the_full_check_fails(tmp_path, monkeypatch):
+    """In parallel, auto starts tiktoken on the quick conditions; when the full check (run beside the
+    workers) refuses the tokenizer, the file is encoded again by the reference encoder."""
+    monkeypatch.setattr(enc, "MIN_PARALLEL_BYTES", 0)
+    base = {i: bytes([i]) for i in range(256)}
+    steal = Tokenizer(base | {256: b"an", 257: b" a", 258: b" an"}, [(b"a", b"n"), (b" ", b"a"), (b" a", b"n")], [EOT])
+    assert backends.tiktoken_unfit(Tokenizer(steal.vocab, steal.merges, [EOT]), quick=True) is None
+    src = tmp_path / "t.txt"
+    src.write_text(("a man and an ant ran. " * 50 + EOT + "\n") * 100, encoding="utf-8")
+    meta = enc.encode_file(src, tmp_path / "t.npy", steal, workers=2, chunks_per_worker=3)
+    assert meta["backend"] == "python" and meta["chunks"] > 2
+    assert np.load(tmp_path / "t.npy").tolist() == steal.encode(src.read_text(encoding="utf-8"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json", "t.npy", "t.txt"]

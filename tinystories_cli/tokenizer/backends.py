@@ -40,19 +40,24 @@ def tiktoken_installed() -> bool:
 _UNFIT: "weakref.WeakKeyDictionary[Tokenizer, tuple[str, str | None]]" = weakref.WeakKeyDictionary()
 
 
-def tiktoken_unfit(tokenizer: Tokenizer) -> str | None:
+def tiktoken_unfit(tokenizer: Tokenizer, quick: bool = False) -> str | None:
     """Why tiktoken would not give this tokenizer's ids, or None when it qualifies (see the module doc).
 
-    Remembered per tokenizer (the check encodes every merged token: about 0.3 s for GPT-2's 50K).
+    Remembered per tokenizer. `quick` skips the one costly condition (every merged token encoding to
+    itself: about 0.3 s for GPT-2's 50K merges) unless its answer is already known; `encode_file`
+    uses that to start encoding while the full check runs beside it.
     """
     key = tokenizer.fingerprint
     known = _UNFIT.get(tokenizer)
-    if known is None or known[0] != key:
-        known = _UNFIT[tokenizer] = (key, _unfit(tokenizer))
-    return known[1]
+    if known is not None and known[0] == key:
+        return known[1]
+    reason = _unfit(tokenizer, quick)
+    if not quick or reason is not None:
+        _UNFIT[tokenizer] = (key, reason)
+    return reason
 
 
-def _unfit(tokenizer: Tokenizer) -> str | None:
+def _unfit(tokenizer: Tokenizer, quick: bool = False) -> str | None:
     if not tokenizer.merges_in_training_order:
         return "its merges are not in training order"
     specials = tokenizer.special_token_ids
@@ -78,6 +83,8 @@ def _unfit(tokenizer: Tokenizer) -> str | None:
         return "the ids of merged tokens do not grow with merge rank"
     if len(token_id) != 256 + len(made):
         return "its vocab holds tokens that no merge makes"
+    if quick:
+        return None
     # Every merged token must encode to itself. Otherwise some state [x, y] with x + y = T and (x, y) not
     # T's merge is reachable, and tiktoken (which merges any pair whose bytes are a token) would take it.
     # Conversely, with the conditions above, a state where the two differ would leave such an [x, y]
@@ -93,9 +100,10 @@ def _unfit(tokenizer: Tokenizer) -> str | None:
     return None
 
 
-def resolve_backend(tokenizer: Tokenizer, backend: str = "auto") -> str:
+def resolve_backend(tokenizer: Tokenizer, backend: str = "auto", quick: bool = False) -> str:
     """"python" or "tiktoken" for `backend` ("auto", "python" or "tiktoken"); ValueError when
-    tiktoken is asked for but is not installed or would not give the same ids."""
+    tiktoken is asked for but is not installed or would not give the same ids. With `quick`, "auto"
+    may answer "tiktoken" before the costly condition is checked (see `tiktoken_unfit`)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
     if backend == "python":
@@ -104,7 +112,7 @@ def resolve_backend(tokenizer: Tokenizer, backend: str = "auto") -> str:
         if backend == "tiktoken":
             raise ValueError('the tiktoken backend needs tiktoken: pip install "tslm[fast]" (or use backend auto/python)')
         return "python"
-    reason = tiktoken_unfit(tokenizer)
+    reason = tiktoken_unfit(tokenizer, quick=quick and backend == "auto")
     if reason is None:
         return "tiktoken"
     if backend == "tiktoken":
@@ -128,10 +136,14 @@ class PackedEncoder:
     Picklable, and builds tiktoken's encoding lazily, so each worker process builds its own.
     """
 
-    def __init__(self, tokenizer: Tokenizer, backend: str = "auto"):
+    def __init__(self, tokenizer: Tokenizer, backend: str = "auto", defer_check: bool = False):
         self.tokenizer = tokenizer
-        self.backend = resolve_backend(tokenizer, backend)
+        self.backend = resolve_backend(tokenizer, backend, quick=defer_check)
         self._tiktoken = None
+
+    def verify(self) -> bool:
+        """Whether the chosen backend gives the reference ids (the full check; after `defer_check`)."""
+        return self.backend == "python" or tiktoken_unfit(self.tokenizer) is None
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_tiktoken": None}

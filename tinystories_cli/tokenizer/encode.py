@@ -209,7 +209,6 @@ def encode_file(
     encoder), "python" or "tiktoken" (see `backends`); every backend writes the same file.
     Refuses to overwrite `out` or its sidecar unless `force`.
     """
-    encoder = PackedEncoder(tokenizer, backend)  # ValueError for an unknown or unusable backend
     if errors not in ("strict", "replace"):
         raise UserError(f"--errors must be strict or replace, got {errors!r}")
     src = check_input_file(src, "text file", "check the path, or run `tslm download` first")
@@ -226,6 +225,9 @@ def encode_file(
     points = [0, size]
     if workers > 1 and size >= MIN_PARALLEL_BYTES and parallel_safe(tokenizer):
         points = split_points(src, workers * max(1, chunks_per_worker))
+    # ValueError for an unknown or unusable backend. In parallel, "auto" starts with tiktoken on the
+    # quick conditions while the parent runs the costly one beside the workers (see `backends`).
+    encoder = PackedEncoder(tokenizer, backend, defer_check=len(points) > 2)
     t0 = time.perf_counter()
     with atomic_write(out, "wb") as f:
         f.write(npy_header(tokenizer.dtype, 0))  # placeholder; rewritten once the count is known
@@ -234,7 +236,12 @@ def encode_file(
             num_tokens, max_id, digest = _encode_serial(encoder, src, size, f, errors, progress)
         else:
             used = min(workers, len(points) - 1)
-            num_tokens, max_id, digest = _encode_parallel(encoder, src, points, f, out.parent, errors, used, progress)
+            num_tokens, max_id, digest, ok = _encode_parallel(encoder, src, points, f, out.parent, errors, used, progress)
+            if not ok:  # tiktoken would not give our ids after all: start over with the reference encoder
+                encoder = PackedEncoder(tokenizer, "python")
+                f.seek(HEADER_BYTES)
+                f.truncate()
+                num_tokens, max_id, digest, ok = _encode_parallel(encoder, src, points, f, out.parent, errors, used, progress)
         f.seek(0)
         f.write(npy_header(tokenizer.dtype, num_tokens))
         f.seek(0, os.SEEK_END)
@@ -284,18 +291,21 @@ def _encode_serial(encoder: PackedEncoder, src: Path, size: int, f, errors: str,
 
 
 def _encode_parallel(encoder: PackedEncoder, src: Path, points: list[int], f, tmp_parent: Path, errors: str, workers: int,
-                     progress: Progress | None) -> tuple[int, int, str]:
+                     progress: Progress | None) -> tuple[int, int, str, bool]:
     """`workers` processes encode the chunks [points[i], points[i+1]) into part files, in file order;
     the parent appends each finished part to `f` in order (in the kernel) and deletes it, and hashes
     the source meanwhile. Workers return two integers per chunk, never ids; the parent encodes nothing
     (so no cache is warmed twice). With fork, what the encoder prepared (tiktoken's tables) is shared.
+    The last value returned is `encoder.verify()`, also run beside the workers.
     """
     tmpdir = tempfile.mkdtemp(prefix=".encode-parts.", dir=tmp_parent)  # same disk as the output
     digest: dict[str, str] = {}
+    verdict = {"ok": True}
 
     def hash_source() -> None:
         digest["sha"] = sha256_file(src)
         _ = encoder.tokenizer.fingerprint  # the sidecar needs it: computed while the workers encode
+        verdict["ok"] = encoder.verify()
 
     try:
         encoder.prepare()
@@ -316,7 +326,7 @@ def _encode_parallel(encoder: PackedEncoder, src: Path, points: list[int], f, tm
             hasher.join()
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    return num_tokens, max_id, digest["sha"]
+    return num_tokens, max_id, digest["sha"], verdict["ok"]
 
 
 # --------------------------------------------------------------------------- reading token files
