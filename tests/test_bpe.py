@@ -94,6 +94,28 @@ def test_merge_loop_matches_naive_on_repetitive_words(counts, num_merges):
     assert bpe.bpe_merges(counts, num_merges) == naive_merges(counts, num_merges)
 
 
+def test_merge_loop_memory_follows_distinct_pretokens_not_counts():
+    """Scaling every count by 10**6 (a corpus a million times larger, same distinct pre-tokens)
+    gives the same merges in the same memory."""
+    import random
+    import tracemalloc
+
+    rng = random.Random(0)
+    counts = {bytes(rng.choice(b"abcdefgh ") for _ in range(rng.randint(2, 12))): rng.randint(1, 50) for _ in range(3000)}
+
+    def peak(c):
+        tracemalloc.start()
+        merges = bpe.bpe_merges(c, 300)
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return merges, top
+
+    small, p_small = peak(counts)
+    big, p_big = peak({w: n * 10**6 for w, n in counts.items()})
+    assert small == big == naive_merges(counts, 300)
+    assert p_big < 1.2 * p_small
+
+
 # ---------------------------------------------------------------------------------------------
 # pre-tokenization: chunking and streaming never change the counts
 

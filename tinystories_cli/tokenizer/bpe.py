@@ -23,9 +23,10 @@ counts equal those of tokenizing the whole file at once.
 Each chunk's counts travel back as three flat arrays and are folded into one total as soon as
 the chunk is done, so the parent never holds every worker's counts at once.
 
-The merge loop updates pair counts only in the pre-tokens that contain the merged pair (an index
-pair -> word ids), and finds the best pair with a heap with lazy invalidation, so each merge
-costs time proportional to the words it touches, not to the number of distinct pairs.
+The merge loop works on flat numpy arrays of the distinct pre-tokens (memory proportional to
+their bytes, not to the corpus): each merge finds its occurrences through a per-token slot index,
+rewrites them and counts the pairs it destroys and creates with whole-array operations, and finds
+the best pair with a heap with lazy invalidation, producing exactly the naive algorithm's merges.
 """
 
 from __future__ import annotations
@@ -420,98 +421,147 @@ def _desc_key(token: bytes) -> str:
 
 
 def bpe_merges(word_counts: Mapping[bytes, int], num_merges: int, *,
-               progress: ProgressFn | None = None) -> list[tuple[bytes, bytes]]:
+               progress: ProgressFn | None = None, consume: bool = False) -> list[tuple[bytes, bytes]]:
     """Learn up to `num_merges` merges from pre-token counts; the core of `train_bpe`.
 
     Any pre-tokenization works (the tests feed whitespace-split words). Stops early when no
     pair is left. Token ids here are internal: 0..255 are the bytes, 256.. the merges.
+    `consume=True` empties the `word_counts` dict once it is copied into arrays (saves its memory).
+
+    The distinct pre-tokens are laid end to end in flat arrays, one slot per byte plus a separator
+    after each word: `sym` (token id, -1 separator, -2 merged away), `nxt`/`prv` (a linked list over
+    the live slots) and `weight` (the word's count). Memory is about 24 bytes per byte of the
+    distinct pre-tokens, whatever the corpus size. For each token id, `where[id]` holds the slots
+    that (may) hold it. A merge of (a, b) scans the shorter of `where[a]` and `where[b]`, keeps the
+    true occurrences, and updates everything with whole-array numpy operations: the pairs the
+    merge destroys and creates around each occurrence are counted with one `np.unique`, so the
+    Python-level work per merge is proportional to the distinct pairs touched, not to occurrences.
+    Pair counts are exact, and the best pair comes from a lazily invalidated heap, so the merges
+    are exactly the naive algorithm's.
     """
     tokens: list[bytes] = [bytes([i]) for i in range(256)]  # id -> bytes
     keys: list[str] = [_desc_key(t) for t in tokens]  # id -> tie-break key
-    words: list[list[int]] = []  # distinct pre-tokens as token ids
-    counts: list[int] = []  # their frequencies
-    for w, c in word_counts.items():
-        if len(w) >= 2 and c > 0:  # one-byte pre-tokens hold no pair
-            words.append(list(w))
-            counts.append(c)
-
-    pair_counts: dict[tuple[int, int], int] = defaultdict(int)
-    where: dict[tuple[int, int], set[int]] = defaultdict(set)  # pair -> ids of words that (may) contain it
-    for wi, ids in enumerate(words):
-        c = counts[wi]
-        for pair in zip(ids, ids[1:]):
-            pair_counts[pair] += c
-            where[pair].add(wi)
-
-    # Heap entries (-count, tie key, a, b). Lazy invalidation: an entry may overstate its pair's
-    # count (counts only shrink without a new push); such entries are re-pushed or dropped when
-    # popped. Invariant: every live pair has an entry with count >= its true count.
-    heap = [(-c, keys[a] + keys[b], a, b) for (a, b), c in pair_counts.items()]
-    heapq.heapify(heap)
-    heappush, heappop = heapq.heappush, heapq.heappop
-
+    words = [w for w, c in word_counts.items() if len(w) >= 2 and c > 0]  # one-byte pre-tokens hold no pair
     merges: list[tuple[bytes, bytes]] = []
     if progress is not None:
         progress("merge", 0, num_merges)
+    if not words or num_merges <= 0:
+        return merges
+    counts = np.fromiter((word_counts[w] for w in words), dtype=np.int64, count=len(words))
+    if consume and isinstance(word_counts, dict):
+        word_counts.clear()
+    lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+    slots = lengths + 1  # each word, then a separator; slot 0 is a separator too
+    total = int(slots.sum()) + 1
+    sym = np.full(total, -1, dtype=np.int32)
+    byte_slots = np.arange(1, int(lengths.sum()) + 1, dtype=np.int64) + np.repeat(np.arange(len(words), dtype=np.int64), lengths)
+    sym[byte_slots] = np.frombuffer(b"".join(words), dtype=np.uint8)
+    del words, byte_slots
+    weight = np.concatenate([np.zeros(1, dtype=np.int64), np.repeat(counts, slots)])
+    del counts, lengths, slots
+    nxt = np.arange(1, total + 1, dtype=np.int32)
+    nxt[-1] = total - 1  # the last slot is a separator; never followed
+    prv = np.arange(-1, total - 1, dtype=np.int32)
+    prv[0] = 0
+
+    # initial pair counts
+    left = np.flatnonzero((sym[:-1] >= 0) & (sym[1:] >= 0))
+    pair_keys = (sym[left].astype(np.int64) << 32) | sym[left + 1]
+    uniq, inv = np.unique(pair_keys, return_inverse=True)
+    sums = np.bincount(inv, weights=weight[left]).astype(np.int64)
+    pair_counts: dict[int, int] = dict(zip(uniq.tolist(), sums.tolist()))
+    del left, pair_keys, uniq, inv, sums
+    heap = [(-c, keys[k >> 32] + keys[k & 0xFFFFFFFF], k) for k, c in pair_counts.items()]
+    heapq.heapify(heap)
+    heappush, heappop = heapq.heappush, heapq.heappop
+
+    live = np.flatnonzero(sym >= 0)
+    order = np.argsort(sym[live], kind="stable")
+    live = live[order].astype(np.int32)
+    bounds = np.searchsorted(sym[live], np.arange(257))
+    where: list[np.ndarray] = [live[bounds[i]:bounds[i + 1]] for i in range(256)]
+    del live, order, bounds
+
     while len(merges) < num_merges and heap:
-        neg, key, a, b = heappop(heap)
-        current = pair_counts.get((a, b), 0)
+        neg, _, key = heappop(heap)
+        current = pair_counts.get(key, 0)
         if current != -neg:
             if 0 < current < -neg:
-                heappush(heap, (-current, key, a, b))
+                heappush(heap, (-current, keys[key >> 32] + keys[key & 0xFFFFFFFF], key))
             continue
+        a, b = key >> 32, key & 0xFFFFFFFF
         new_id = len(tokens)
         tokens.append(tokens[a] + tokens[b])
         keys.append(_desc_key(tokens[new_id]))
         merges.append((tokens[a], tokens[b]))
+        del pair_counts[key]  # every occurrence is merged now
 
-        # Only the neighbours of each merged occurrence change: in x a b y -> x N y the pairs
-        # (x, a), (a, b), (b, y) lose the word's count and (x, N), (N, y) gain it. Runs such as
-        # a b a b -> N N or a a a -> N a are handled by tracking where the last merge ended.
-        delta: dict[tuple[int, int], int] = defaultdict(int)
-        for wi in where.pop((a, b), ()):
-            ids = words[wi]
-            n = len(ids)
-            c = counts[wi]
-            out: list[int] = []
-            i, prev_end = 0, -1  # prev_end: index just past the last merged occurrence
-            while i < n:
-                t = ids[i]
-                if t == a and i + 1 < n and ids[i + 1] == b:
-                    if out:
-                        left = out[-1]
-                        if prev_end != i:  # left is an old token; (left, a) disappears
-                            delta[(left, a)] -= c
-                        delta[(left, new_id)] += c
-                        where[(left, new_id)].add(wi)
-                    if i + 2 < n:
-                        delta[(b, ids[i + 2])] -= c
-                    out.append(new_id)
-                    i += 2
-                    prev_end = i
-                else:
-                    if prev_end == i and out:  # right after a merge: (N, t) appears
-                        delta[(new_id, t)] += c
-                        where[(new_id, t)].add(wi)
-                    out.append(t)
-                    i += 1
-            words[wi] = out  # a stale index entry (pair already gone) just copies the word
-        for pair, d in delta.items():
+        # the occurrences: left slots s with sym[s] == a and sym[nxt[s]] == b, in slot order
+        wa, wb = where[a], where[b]
+        if len(wa) <= len(wb):
+            wa = wa[sym[wa] == a]
+            where[a] = wa
+            s = wa[sym[nxt[wa]] == b]
+        else:
+            wb = wb[sym[wb] == b]
+            where[b] = wb
+            s = prv[wb[sym[prv[wb]] == a]]
+            s.sort()
+        if a == b and len(s) > 1:
+            s = _non_overlapping(s, nxt)
+        r = nxt[s]
+        # pairs destroyed: at the slot before each occurrence, and at its right half (not (a, b) itself)
+        before = prv[s]
+        old = np.unique(np.concatenate([before, r]))
+        old = old[(sym[old] >= 0) & (sym[nxt[old]] >= 0)]
+        old_keys = (sym[old].astype(np.int64) << 32) | sym[nxt[old]]
+        keep = old_keys != key
+        old, old_keys = old[keep], old_keys[keep]
+        # merge: s takes the new id, r leaves the list
+        rr = nxt[r]
+        sym[s] = new_id
+        sym[r] = -2
+        nxt[s] = rr
+        prv[rr] = s
+        # pairs created: at the slot before each occurrence, and at the occurrence itself
+        new = np.unique(np.concatenate([prv[s], s]))
+        new = new[(sym[new] >= 0) & (sym[nxt[new]] >= 0)]
+        new_keys = (sym[new].astype(np.int64) << 32) | sym[nxt[new]]
+        all_keys = np.concatenate([old_keys, new_keys])
+        all_w = np.concatenate([-weight[old], weight[new]])
+        uk, inv = np.unique(all_keys, return_inverse=True)
+        delta = np.bincount(inv, weights=all_w).astype(np.int64)
+        for k, d in zip(uk.tolist(), delta.tolist()):
             if d == 0:
                 continue
-            n = pair_counts[pair] + d
+            n = pair_counts.get(k, 0) + d
             if n > 0:
-                pair_counts[pair] = n
+                pair_counts[k] = n
                 if d > 0:
-                    heappush(heap, (-n, keys[pair[0]] + keys[pair[1]], pair[0], pair[1]))
+                    heappush(heap, (-n, keys[k >> 32] + keys[k & 0xFFFFFFFF], k))
             else:
-                del pair_counts[pair]
-        del pair_counts[(a, b)]  # every occurrence was merged
+                pair_counts.pop(k, None)
+        where.append(s)
         if progress is not None and (len(merges) % 100 == 0 or len(merges) == num_merges):
             progress("merge", len(merges), num_merges)
     if progress is not None:
         progress("merge", len(merges), num_merges)
     return merges
+
+
+def _non_overlapping(s: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+    """For a pair (a, a): of sorted occurrences where one starts right where the previous one ends
+    (runs such as a a a), keep the leftmost and every other one, as merging left to right does."""
+    follows = np.zeros(len(s), dtype=bool)
+    follows[1:] = nxt[s[:-1]] == s[1:]  # s[i] is the right half of s[i-1]'s occurrence
+    if not follows.any():
+        return s
+    keep = np.ones(len(s), dtype=bool)
+    run = 0
+    for i, f in enumerate(follows.tolist()):
+        run = run + 1 if f else 0
+        keep[i] = run % 2 == 0
+    return s[keep]
 
 
 def build_vocab(special_tokens: Sequence[str], merges: Sequence[tuple[bytes, bytes]]) -> dict[int, bytes]:
@@ -552,7 +602,7 @@ def train_bpe_file(input_path: str | Path, vocab_size: int, special_tokens: Sequ
     word_counts = count_pretokens(path, special_tokens, workers=workers, errors=errors, progress=progress)
     t1 = time.perf_counter()
     num_pretokens, num_distinct = sum(word_counts.values()), len(word_counts)
-    merges = bpe_merges(word_counts, num_merges, progress=progress)
+    merges = bpe_merges(word_counts, num_merges, progress=progress, consume=True)
     t2 = time.perf_counter()
     return TrainResult(
         vocab=build_vocab(special_tokens, merges), merges=merges,
