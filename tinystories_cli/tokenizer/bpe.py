@@ -510,28 +510,40 @@ def bpe_merges(word_counts: Mapping[bytes, int], num_merges: int, *,
         if a == b and len(s) > 1:
             s = _non_overlapping(s, nxt)
         r = nxt[s]
-        # pairs destroyed: at the slot before each occurrence, and at its right half (not (a, b) itself)
-        before = prv[s]
-        old = np.unique(np.concatenate([before, r]))
-        old = old[(sym[old] >= 0) & (sym[nxt[old]] >= 0)]
-        old_keys = (sym[old].astype(np.int64) << 32) | sym[nxt[old]]
-        keep = old_keys != key
-        old, old_keys = old[keep], old_keys[keep]
-        # merge: s takes the new id, r leaves the list
-        rr = nxt[r]
+        before, rr, w = prv[s], nxt[r], weight[s]  # every slot of a word carries the word's count
+        # In runs such as a b a b -> N N, the slot before an occurrence is the right half of the one
+        # before it: its pair is destroyed (and N N created) once, not twice.
+        lone = np.ones(len(s), dtype=bool)
+        if len(s) > 1:
+            lone[1:] = before[1:] != r[:-1]
+        x, y = sym[before], sym[rr]
+        # pairs destroyed: (x, a) before each occurrence, (b, y) after it; created: (x, N), (N, y)
+        has_x, has_y = lone & (x >= 0), y >= 0
         sym[s] = new_id
         sym[r] = -2
         nxt[s] = rr
         prv[rr] = s
-        # pairs created: at the slot before each occurrence, and at the occurrence itself
-        new = np.unique(np.concatenate([prv[s], s]))
-        new = new[(sym[new] >= 0) & (sym[nxt[new]] >= 0)]
-        new_keys = (sym[new].astype(np.int64) << 32) | sym[nxt[new]]
+        x_new, y_new = sym[prv[s]], sym[rr]
+        has_x_new = x_new >= 0
+        has_y_new = y_new >= 0  # in a run, (N, N) is the next occurrence's (x_new, N): counted there
+        has_y_new[:-1] &= lone[1:]
+        # an (a, a) after a run's last occurrence ("a a a") is an occurrence of the merged pair, whose
+        # count is already gone: it is not destroyed again (but (N, a) is still created)
+        has_y_old = has_y & (y != a) if a == b else has_y
+        old_keys = np.concatenate([(x[has_x].astype(np.int64) << 32) | a, (b << 32) | y[has_y_old].astype(np.int64)])
+        new_keys = np.concatenate([(x_new[has_x_new].astype(np.int64) << 32) | new_id,
+                                   (new_id << 32) | y_new[has_y_new].astype(np.int64)])
         all_keys = np.concatenate([old_keys, new_keys])
-        all_w = np.concatenate([-weight[old], weight[new]])
-        uk, inv = np.unique(all_keys, return_inverse=True)
-        delta = np.bincount(inv, weights=all_w).astype(np.int64)
-        for k, d in zip(uk.tolist(), delta.tolist()):
+        all_w = np.concatenate([-w[has_x], -w[has_y_old], w[has_x_new], w[has_y_new]])
+        if len(all_keys) > _VECTOR_SUM:
+            uk, inv = np.unique(all_keys, return_inverse=True)
+            delta = dict(zip(uk.tolist(), np.bincount(inv, weights=all_w).astype(np.int64).tolist()))
+        else:  # few: a dict is cheaper than sorting
+            delta = {}
+            get = delta.get
+            for k, d in zip(all_keys.tolist(), all_w.tolist()):
+                delta[k] = get(k, 0) + d
+        for k, d in delta.items():
             if d == 0:
                 continue
             n = pair_counts.get(k, 0) + d
@@ -547,6 +559,9 @@ def bpe_merges(word_counts: Mapping[bytes, int], num_merges: int, *,
     if progress is not None:
         progress("merge", len(merges), num_merges)
     return merges
+
+
+_VECTOR_SUM = 2048  # above this many pair changes in one merge, sum them with numpy
 
 
 def _non_overlapping(s: np.ndarray, nxt: np.ndarray) -> np.ndarray:
