@@ -430,12 +430,12 @@ def bpe_merges(word_counts: Mapping[bytes, int], num_merges: int, *,
 
     The distinct pre-tokens are laid end to end in flat arrays, one slot per byte plus a separator
     after each word: `sym` (token id, -1 separator, -2 merged away), `nxt`/`prv` (a linked list over
-    the live slots) and `weight` (the word's count). Memory is about 24 bytes per byte of the
-    distinct pre-tokens, whatever the corpus size. For each token id, `where[id]` holds the slots
-    that (may) hold it. A merge of (a, b) scans the shorter of `where[a]` and `where[b]`, keeps the
-    true occurrences, and updates everything with whole-array numpy operations: the pairs the
-    merge destroys and creates around each occurrence are counted with one `np.unique`, so the
-    Python-level work per merge is proportional to the distinct pairs touched, not to occurrences.
+    the live slots) and `weight` (the word's count, int32 when counts allow). For each token id,
+    `where[id]` holds the slots that (may) hold it. That is about 20 bytes per byte of the distinct
+    pre-tokens, plus the pair counts and the heap, whatever the corpus size. A merge of (a, b) scans
+    the shorter of `where[a]` and `where[b]`, keeps the true occurrences, and rewrites them with
+    whole-array numpy operations; the pairs it destroys and creates around each occurrence are
+    summed per pair (a dict, or np.unique for big merges) before the pair counts are touched.
     Pair counts are exact, and the best pair comes from a lazily invalidated heap, so the merges
     are exactly the naive algorithm's.
     """
@@ -457,7 +457,8 @@ def bpe_merges(word_counts: Mapping[bytes, int], num_merges: int, *,
     byte_slots = np.arange(1, int(lengths.sum()) + 1, dtype=np.int64) + np.repeat(np.arange(len(words), dtype=np.int64), lengths)
     sym[byte_slots] = np.frombuffer(b"".join(words), dtype=np.uint8)
     del words, byte_slots
-    weight = np.concatenate([np.zeros(1, dtype=np.int64), np.repeat(counts, slots)])
+    wtype = np.int32 if int(counts.max()) < 2**31 else np.int64  # half the memory when counts allow
+    weight = np.concatenate([np.zeros(1, dtype=wtype), np.repeat(counts.astype(wtype), slots)])
     del counts, lengths, slots
     nxt = np.arange(1, total + 1, dtype=np.int32)
     nxt[-1] = total - 1  # the last slot is a separator; never followed
