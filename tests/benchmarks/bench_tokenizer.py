@@ -104,6 +104,8 @@ class Rows:
                  "wall_s_every_repeat": [round(w, 4) for w in walls]}
             if name in self.cpu:
                 r["cpu_s_median"] = round(statistics.median(self.cpu[name]), 4)
+                # cores the row actually got: on a shared machine, 2 workers may get only one core's worth
+                r["cores_used_median"] = round(statistics.median(c / w for c, w in zip(self.cpu[name], walls)), 2)
                 r["MB_per_cpu_s_median"] = round(nbytes / statistics.median(self.cpu[name]) / 1e6, 3)
             out[name] = r
         return out
