@@ -419,3 +419,13 @@ def test_directory_with_other_files_is_refused(tmp_path, run_cli, corpus):
     code, _, err = run_cli("bpe", str(corpus), "--vocab-size", "300", "--out", str(out), "--force")
     assert code == 2 and "notes.txt" in err and "another --out" in err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_save_without_atomic_exchange_moves_the_old_one_aside(tmp_path, monkeypatch):
+    """Where renameat2 is missing, the old directory is moved aside, the new one renamed in, the old removed."""
+    monkeypatch.setattr(bpe, "exchange_dirs", lambda a, b: False)
+    out = tmp_path / "tok"
+    _save_worker(str(out), 1, 1)
+    _save_worker(str(out), 2, 1)
+    assert _consistent(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]

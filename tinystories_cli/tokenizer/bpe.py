@@ -737,7 +737,12 @@ def save_tokenizer(out_dir: str | Path, vocab: dict[int, bytes], merges: list[tu
             if not exchange_dirs(tmp, out):  # no atomic exchange here: move the old one aside first
                 old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", suffix=".tmp", dir=out.parent))
                 os.rename(out, old / out.name)
-                os.rename(tmp, out)
+                try:
+                    os.rename(tmp, out)
+                except BaseException:
+                    os.rename(old / out.name, out)  # put the old tokenizer back
+                    old.rmdir()
+                    raise
                 tmp = old
         _fsync_dir(out.parent)
     finally:
