@@ -116,6 +116,28 @@ class Rows:
         return {"paired_median": round(statistics.median(ratios), 3), "every_round": [round(r, 3) for r in ratios]}
 
 
+def _burn(n: int) -> int:
+    s = 0
+    for i in range(n):
+        s += i
+    return s
+
+
+def cores_available(procs: int = 2, n: int = 10_000_000) -> float:
+    """Cores a trivial CPU-bound job of `procs` processes gets right now (CPU / wall): a control for
+    the scaling rows on a shared machine, where other jobs may hold a core."""
+    import multiprocessing
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    with multiprocessing.get_context("fork").Pool(procs) as pool:
+        pool.map(_burn, [n] * procs)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return round((after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / wall, 2)
+
+
 def big_rows(big: Path, base: Tokenizer, tt, tmp: Path, ncores: int, repeats: int) -> dict:
     """The >= 40 MB scaling rows: encode_file on 1 and 2 workers with each backend vs tiktoken encode_batch."""
     nbytes = big.stat().st_size
@@ -125,7 +147,9 @@ def big_rows(big: Path, base: Tokenizer, tt, tmp: Path, ncores: int, repeats: in
     del text
     rows = Rows()
     metas = {}
+    control = []
     for _ in range(repeats):
+        control.append(cores_available())
         for backend in ("python", "tiktoken"):
             for w in (1, 2):
                 tok = Tokenizer(base.vocab, base.merges, [EOT])  # fresh: cold caches, nothing memoized
@@ -141,6 +165,7 @@ def big_rows(big: Path, base: Tokenizer, tt, tmp: Path, ncores: int, repeats: in
     return {
         "file": str(big), "bytes": nbytes, "tokens": metas["big_python_w1"]["num_tokens"], "cores": ncores,
         "chunks": metas["big_python_w2"]["chunks"], "all_outputs_identical": same,
+        "control_cores_a_2_process_burner_got_each_round": control,
         "rows": rows.summary(nbytes),
         "ratios": {
             "python_w2_vs_python_w1 (target >= 1.7)": rows.paired("big_python_w2", "big_python_w1"),
