@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -91,6 +92,28 @@ def test_tie_break_prefers_greater_pair_including_prefixes():
 def test_merge_loop_matches_naive_on_repetitive_words(counts, num_merges):
     # A 4-letter alphabet makes runs like "aaaa" and "abab" (overlapping pairs) common.
     assert bpe.bpe_merges(counts, num_merges) == naive_merges(counts, num_merges)
+
+
+def test_merge_loop_memory_follows_distinct_pretokens_not_counts():
+    """Scaling every count by 10**6 (a corpus a million times larger, same distinct pre-tokens)
+    gives the same merges in the same memory."""
+    import random
+    import tracemalloc
+
+    rng = random.Random(0)
+    counts = {bytes(rng.choice(b"abcdefgh ") for _ in range(rng.randint(2, 12))): rng.randint(1, 50) for _ in range(3000)}
+
+    def peak(c):
+        tracemalloc.start()
+        merges = bpe.bpe_merges(c, 300)
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return merges, top
+
+    small, p_small = peak(counts)
+    big, p_big = peak({w: n * 10**6 for w, n in counts.items()})
+    assert small == big == naive_merges(counts, 300)
+    assert p_big < 1.2 * p_small
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,3 +344,88 @@ def test_cli_errors_replace_opts_in(run_cli, tmp_path):
     assert code == 0
     vocab, merges = read_vocab_merges(tmp_path / "t" / "vocab.json", tmp_path / "t" / "merges.txt")
     assert (b"\xef\xbf", b"\xbd") in merges  # U+FFFD was counted (10 times) and merged
+
+
+# ----------------------------------------------------------------------------------------------
+# the output directory is replaced as a whole
+
+
+def _save_worker(out: str, seed: int, rounds: int) -> None:
+    """Save `rounds` different tokenizers into `out` (runs in its own process)."""
+    import random as _random
+
+    rng = _random.Random(seed)
+    for _ in range(rounds):
+        merges = [(b"a", b"b")] + [(b"ab", bytes([c])) for c in rng.sample(range(97, 123), 8)]
+        vocab = bpe.build_vocab(["<|endoftext|>"], merges)
+        fp = bpe.training_fingerprint(len(vocab), ["<|endoftext|>"], f"{seed:064x}")
+        bpe.save_tokenizer(out, vocab, merges, fp)
+
+
+def _consistent(out: Path) -> bool:
+    """Read the three files through one directory handle: the config's hashes must match the files."""
+    import hashlib
+
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        def read(name: str) -> bytes:
+            f = os.open(name, os.O_RDONLY, dir_fd=fd)
+            with os.fdopen(f, "rb") as fh:
+                return fh.read()
+
+        cfg = json.loads(read(bpe.CONFIG_NAME))
+        return all(hashlib.sha256(read(n)).hexdigest() == h for n, h in cfg["files"].items())
+    finally:
+        os.close(fd)
+
+
+def test_save_replaces_the_whole_directory_and_leaves_no_temp(tmp_path):
+    out = tmp_path / "tok"
+    _save_worker(str(out), 1, 1)
+    first = (out / "merges.txt").read_text()
+    _save_worker(str(out), 2, 1)
+    assert (out / "merges.txt").read_text() != first and _consistent(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(bpe.TOKENIZER_FILES)
+
+
+def test_concurrent_saves_never_interleave(tmp_path):
+    import multiprocessing
+
+    out = tmp_path / "tok"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_save_worker, args=(str(out), seed, 25)) for seed in (1, 2)]
+    for p in procs:
+        p.start()
+    checks = 0
+    while any(p.is_alive() for p in procs):
+        if (out / bpe.CONFIG_NAME).exists():
+            try:
+                assert _consistent(out)
+                checks += 1
+            except FileNotFoundError:  # the directory we hold was just replaced and is being removed
+                pass
+    for p in procs:
+        p.join()
+        assert p.exitcode == 0
+    assert checks > 0 and _consistent(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]
+
+
+def test_directory_with_other_files_is_refused(tmp_path, run_cli, corpus):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    code, _, err = run_cli("bpe", str(corpus), "--vocab-size", "300", "--out", str(out), "--force")
+    assert code == 2 and "notes.txt" in err and "another --out" in err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_save_without_atomic_exchange_moves_the_old_one_aside(tmp_path, monkeypatch):
+    """Where renameat2 is missing, the old directory is moved aside, the new one renamed in, the old removed."""
+    monkeypatch.setattr(bpe, "exchange_dirs", lambda a, b: False)
+    out = tmp_path / "tok"
+    _save_worker(str(out), 1, 1)
+    _save_worker(str(out), 2, 1)
+    assert _consistent(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]

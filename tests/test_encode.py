@@ -84,10 +84,11 @@ def test_parallel_equals_serial_byte_for_byte(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # part files cleaned up
 
 
-@pytest.mark.parametrize("slow", ["parent", "worker"])
-def test_parallel_work_sharing_is_exact_whoever_is_slow(tmp_path, monkeypatch, slow):
-    # The parent claims chunks from the front while the worker takes them from the back; make one
-    # side slow so the meeting point moves to either end: the file must not change.
+@pytest.mark.parametrize("slow", ["even", "odd"])
+def test_parallel_output_in_file_order_whoever_finishes_first(tmp_path, monkeypatch, slow):
+    # Make every other chunk slow so that workers finish out of order: the file must not change,
+    # and the parent itself encodes nothing (it would warm a cache the workers already warm).
+    import multiprocessing
     import os
     import time
 
@@ -97,17 +98,50 @@ def test_parallel_work_sharing_is_exact_whoever_is_slow(tmp_path, monkeypatch, s
     _write_text(src, 300)
     enc.encode_file(src, tmp_path / "serial.npy", tok, workers=1)
     parent, encode_range = os.getpid(), enc._encode_range
+    points = enc.split_points(src, 12)
+    in_parent = []
 
-    def paced(*args, **kwargs):
-        if (os.getpid() == parent) == (slow == "parent"):
+    def paced(encoder, path, start, end, *args, **kwargs):
+        if os.getpid() == parent:
+            in_parent.append(start)
+        elif points.index(start) % 2 == (slow == "odd"):
             time.sleep(0.05)
-        return encode_range(*args, **kwargs)
+        return encode_range(encoder, path, start, end, *args, **kwargs)
 
     monkeypatch.setattr(enc, "_encode_range", paced)
     meta = enc.encode_file(src, tmp_path / "par.npy", tok, workers=2, chunks_per_worker=6)
-    assert meta["chunks"] > 6
+    assert meta["chunks"] == len(points) - 1 > 6 and meta["workers"] == 2
+    assert in_parent == []
     assert (tmp_path / "serial.npy").read_bytes() == (tmp_path / "par.npy").read_bytes()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert multiprocessing.active_children() == []
+
+
+def test_parallel_worker_error_leaves_nothing(tmp_path, monkeypatch):
+    import multiprocessing
+
+    monkeypatch.setattr(enc, "MIN_PARALLEL_BYTES", 0)
+    tok = _toy_tokenizer()
+    src = tmp_path / "bad.txt"
+    good = _write_text(tmp_path / "g.txt", 200).encode()
+    src.write_bytes(good + b"abc\xff" + good)
+    (tmp_path / "g.txt").unlink()
+    with pytest.raises(UserError, match=f"byte offset {len(good) + 3}"):
+        enc.encode_file(src, tmp_path / "bad.npy", tok, workers=2, chunks_per_worker=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.txt"]
+    assert multiprocessing.active_children() == []
+
+
+def test_append_file_falls_back_without_copy_file_range(tmp_path, monkeypatch):
+    part = tmp_path / "part"
+    part.write_bytes(b"x" * 100_000)
+    with open(tmp_path / "out", "wb") as f:
+        f.write(b"head")
+        enc.append_file(f, part)
+        monkeypatch.delattr(enc.os, "copy_file_range", raising=False)
+        enc.append_file(f, part)
+        f.write(b"tail")
+    assert (tmp_path / "out").read_bytes() == b"head" + b"x" * 200_000 + b"tail"
 
 
 def test_split_points_are_safe_cuts(tmp_path):
@@ -210,9 +244,9 @@ def test_gpt2_parallel_file_matches_tiktoken(tmp_path, monkeypatch):
     ref = tiktoken.Encoding(name="gpt2-local", pat_str=GPT2_SPLIT_PATTERN,
                             mergeable_ranks={b: i for i, b in tok.vocab.items() if i != 50256}, special_tokens={EOT: 50256})
     src = SHARED_DATA / "tinystories_valid.txt"
-    meta = enc.encode_file(src, tmp_path / "valid.npy", tok, workers=2)
+    meta = enc.encode_file(src, tmp_path / "valid.npy", tok, workers=2, backend="python")  # the from-scratch path
     ids = np.load(tmp_path / "valid.npy", mmap_mode="r")
-    assert meta["chunks"] > 2
+    assert meta["chunks"] > 2 and meta["backend"] == "python"
     assert ids.tolist() == ref.encode(src.read_text(encoding="utf-8"), allowed_special="all")
 
 

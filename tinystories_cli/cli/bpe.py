@@ -25,7 +25,9 @@ from tinystories_cli.config import get_preset
 from tinystories_cli.console import console, err_console, human_bytes
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import check_input_file, sha256_file
+from tinystories_cli.cli.encode import disk_full_is_user_error, stopped_cleanly
 from tinystories_cli.tokenizer import bpe
+from tinystories_cli.tokenizer.chunking import signals_raise
 
 DEFAULT_PRESET = "tinystories-17m"  # its dataset and vocab size are the defaults
 DEFAULT_SPECIAL = "<|endoftext|>"
@@ -98,35 +100,11 @@ def command(
     bpe.check_output_dir(out_dir, fingerprint, force)
     t_hash = time.perf_counter() - t0
 
-    # --- train, with progress bars on stderr
+    # --- train, with progress bars on stderr; SIGINT/SIGTERM end the workers and remove temporary files
     size = input_path.stat().st_size
     show = not as_json and err_console.is_terminal
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(), console=err_console, disable=not show, transient=False,
-    ) as bar:
-        tasks: dict[str, int] = {}
-        started: dict[str, float] = {}
-
-        def progress(phase: str, done: int, total: int) -> None:
-            if phase not in tasks:
-                label = "pre-tokenize" if phase == "pretokenize" else "merge"
-                tasks[phase] = bar.add_task(label, total=max(total, 1), rate="")
-                started[phase] = time.perf_counter()
-            dt = time.perf_counter() - started[phase]
-            if dt < 0.2:  # too early for a meaningful rate
-                rate = ""
-            else:
-                rate = f"{human_bytes(done / dt)}/s" if phase == "pretokenize" else f"{done / dt:,.0f} merges/s"
-            bar.update(tasks[phase], completed=done, rate=rate)
-
-        result = bpe.train_bpe_file(input_path, vocab_size, specials, workers=workers, errors=errors, progress=progress)
-
-    # --- write atomically
-    t0 = time.perf_counter()
-    extra = {"source": {"path": str(input_path), "bytes": size}, "trained_with": "tslm bpe"}
-    bpe.save_tokenizer(out_dir, result.vocab, result.merges, fingerprint, extra)
-    t_write = time.perf_counter() - t0
+    with signals_raise(), stopped_cleanly(), disk_full_is_user_error():
+        result, t_write = _train_and_save(input_path, out_dir, vocab_size, specials, workers, errors, fingerprint, size, show)
 
     learned = [t for i, t in result.vocab.items() if i >= len(specials)]  # the special tokens are not learned
     longest = max(learned, key=len)
@@ -161,3 +139,33 @@ def _render(s: dict) -> None:
     t.add_row("peak memory (RSS)", human_bytes(s["peak_rss_bytes"]))
     t.add_row("longest token", f"{s['longest_token']!r} ({s['longest_token_bytes']} bytes)")
     console.print(t)
+
+
+def _train_and_save(input_path, out_dir, vocab_size, specials, workers, errors, fingerprint, size, show):
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(), console=err_console, disable=not show, transient=False,
+    ) as bar:
+        tasks: dict[str, int] = {}
+        started: dict[str, float] = {}
+
+        def progress(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                label = "pre-tokenize" if phase == "pretokenize" else "merge"
+                tasks[phase] = bar.add_task(label, total=max(total, 1), rate="")
+                started[phase] = time.perf_counter()
+            dt = time.perf_counter() - started[phase]
+            if dt < 0.2:  # too early for a meaningful rate
+                rate = ""
+            else:
+                rate = f"{human_bytes(done / dt)}/s" if phase == "pretokenize" else f"{done / dt:,.0f} merges/s"
+            bar.update(tasks[phase], completed=done, rate=rate)
+
+        result = bpe.train_bpe_file(input_path, vocab_size, specials, workers=workers, errors=errors, progress=progress)
+
+    # --- write atomically
+    t0 = time.perf_counter()
+    extra = {"source": {"path": str(input_path), "bytes": size}, "trained_with": "tslm bpe"}
+    bpe.save_tokenizer(out_dir, result.vocab, result.merges, fingerprint, extra)
+    t_write = time.perf_counter() - t0
+    return result, t_write

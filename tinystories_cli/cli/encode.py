@@ -7,17 +7,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import time
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import Annotated, Iterator, List, Optional
 
 import typer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from tinystories_cli import paths
-from tinystories_cli.console import console, err_console, human_bytes, human_count, print_note
+from tinystories_cli.console import console, err_console, human_bytes, human_count, print_error, print_note
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import check_output_path
 
@@ -36,14 +38,21 @@ def command(
         "--workers", "-j", help="Worker processes (default: all cores).", show_default=False)] = None,
     errors: Annotated[str, typer.Option("--errors", help="Invalid UTF-8: strict (fail, naming the byte offset) | replace (U+FFFD).")] = "strict",
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing token files.")] = False,
+    backend: Annotated[str, typer.Option(
+        "--backend", help="auto (tiktoken when installed and it gives the same ids, else python) | python "
+                          "(the from-scratch encoder) | tiktoken. Every backend writes the same ids.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON (no progress bar).")] = False,
 ) -> None:
     """Encode text into .npy token files (uint16/uint32) with a JSON sidecar, in parallel."""
+    from tinystories_cli.tokenizer.backends import BACKENDS, resolve_backend
+    from tinystories_cli.tokenizer.chunking import signals_raise
     from tinystories_cli.tokenizer.encode import encode_file
     from tinystories_cli.tokenizer.tokenizer import Tokenizer
 
     if errors not in ("strict", "replace"):
         raise UserError(f"--errors must be strict or replace, got {errors!r}")
+    if backend not in BACKENDS:
+        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if workers is not None and workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
     workers = workers or _cpu_count()
@@ -52,18 +61,50 @@ def command(
         check_output_path(dst, force)
         check_output_path(paths.sidecar_path(dst), force)
     tok = Tokenizer.from_dir(tok_dir)
+    try:
+        backend = resolve_backend(tok, backend)
+    except ValueError as e:
+        raise UserError(f"--backend {backend}: {e}") from None
 
     results = []
-    for src, dst in jobs:
-        t0 = time.perf_counter()
-        if as_json:
-            meta = encode_file(src, dst, tok, workers=workers, errors=errors, force=force, tokenizer_dir=tok_dir)
-        else:
-            meta = _with_progress(src, dst, tok, workers, errors, force, tok_dir, encode_file)
-        meta["output"] = str(dst)
-        meta["wall_seconds"] = time.perf_counter() - t0
-        results.append(meta)
+    # SIGINT/SIGTERM: the workers are ended and every temporary file removed on the way out
+    with signals_raise(), stopped_cleanly(), disk_full_is_user_error():
+        for src, dst in jobs:
+            t0 = time.perf_counter()
+            if as_json:
+                meta = encode_file(src, dst, tok, workers=workers, errors=errors, force=force, tokenizer_dir=tok_dir,
+                                   backend=backend)
+            else:
+                meta = _with_progress(src, dst, tok, workers, errors, force, tok_dir, backend, encode_file)
+            meta["output"] = str(dst)
+            meta["wall_seconds"] = time.perf_counter() - t0
+            results.append(meta)
     _report(results, tok_dir, as_json)
+
+
+@contextlib.contextmanager
+def stopped_cleanly() -> Iterator[None]:
+    """`Interrupted` (SIGINT/SIGTERM, after the cleanup ran) -> one line and exit 128 + the signal number."""
+    from tinystories_cli.tokenizer.chunking import Interrupted
+
+    try:
+        yield
+    except Interrupted as e:
+        print_error(f"{e}: stopped; the partial output and temporary files were removed")
+        raise typer.Exit(e.exit_code) from None
+
+
+@contextlib.contextmanager
+def disk_full_is_user_error() -> Iterator[None]:
+    """A full disk (or quota) while writing is one line and exit 2, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        raise UserError(f"no space left on the device{where}; the partial output was removed",
+                        "free some space, or write elsewhere with --out") from None
 
 
 def _cpu_count() -> int:
@@ -121,7 +162,7 @@ def _check_tokenizer(tok_dir: Path, bpe_command: str, given: bool) -> None:
         raise UserError(f"no tokenizer in {tok_dir} (vocab.json and merges.txt)", fix)
 
 
-def _with_progress(src, dst, tok, workers, errors, force, tok_dir, encode_file) -> dict:
+def _with_progress(src, dst, tok, workers, errors, force, tok_dir, backend, encode_file) -> dict:
     size = Path(src).stat().st_size
     columns = [
         TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
@@ -141,7 +182,8 @@ def _with_progress(src, dst, tok, workers, errors, force, tok_dir, encode_file) 
                 last[0] = now
                 bar.refresh()
 
-        meta = encode_file(src, dst, tok, workers=workers, errors=errors, force=force, progress=progress, tokenizer_dir=tok_dir)
+        meta = encode_file(src, dst, tok, workers=workers, errors=errors, force=force, progress=progress, tokenizer_dir=tok_dir,
+                           backend=backend)
         bar.refresh()
     return meta
 
@@ -156,5 +198,5 @@ def _report(results: list[dict], tok_dir: Path, as_json: bool) -> None:
         console.print(
             f"[bold]{r['output']}[/bold]: {r['num_tokens']:,} tokens ({r['dtype']}) from {human_bytes(r['source_bytes'])}, "
             f"{ratio}; {r['source_bytes'] / secs / 1e6:.1f} MB/s, {human_count(round(r['num_tokens'] / secs))} tokens/s "
-            f"on {r['workers']} worker{'s' if r['workers'] != 1 else ''}", soft_wrap=True)
+            f"on {r['workers']} worker{'s' if r['workers'] != 1 else ''} ({r['backend']} backend)", soft_wrap=True)
     print_note(f"tokenizer: {tok_dir} (fingerprint {results[0]['fingerprint'][:12]})")

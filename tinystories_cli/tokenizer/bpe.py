@@ -17,22 +17,29 @@ Worked example (whitespace pre-tokenization, Sennrich et al.):
 
 Pre-tokenization, which dominates the run time, is spread over worker processes, each streaming
 its own byte range of the file in blocks. Every cut (between chunks, and between the blocks a
-worker decodes) is placed where it provably cannot change the result (see `_Cutter`), so the
+worker decodes) is placed where it provably cannot change the result (see `chunking.Cutter`), so the
 counts equal those of tokenizing the whole file at once.
 
-The merge loop updates pair counts only in the pre-tokens that contain the merged pair (an index
-pair -> word ids), and finds the best pair with a heap with lazy invalidation, so each merge
-costs time proportional to the words it touches, not to the number of distinct pairs.
+Each chunk's counts travel back as three flat arrays and are folded into one total as soon as
+the chunk is done, so the parent never holds every worker's counts at once.
+
+The merge loop works on flat numpy arrays of the distinct pre-tokens (memory proportional to
+their bytes, not to the corpus): each merge finds its occurrences through a per-token slot index,
+rewrites them and counts the pairs it destroys and creates with whole-array operations, and finds
+the best pair with a heap with lazy invalidation, producing exactly the naive algorithm's merges.
 """
 
 from __future__ import annotations
 
+import ctypes
+import multiprocessing as mp
+import errno
 import heapq
 import itertools
 import json
-import multiprocessing as mp
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -40,22 +47,20 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import regex
 
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import atomic_write_text, sha256_file
 from tinystories_cli.tokenizer.files import FORMAT_VERSION, write_vocab_merges
-from tinystories_cli.tokenizer.pretokenize import (
-    GPT2_PATTERN,
-    GPT2_SPLIT_PATTERN,
-    find_chunk_boundaries,
-    special_pattern,
-)
+from tinystories_cli.tokenizer.chunking import Cutter, WorkerPool, chunk_boundaries, mp_context
+from tinystories_cli.tokenizer.pretokenize import GPT2_PATTERN, GPT2_SPLIT_PATTERN, special_pattern
 
 # progress(phase, done, total): phase "pretokenize" counts bytes, phase "merge" counts merges.
 ProgressFn = Callable[[str, int, int], None]
 
 BLOCK_SIZE = 1 << 20  # bytes a worker decodes and splits at once (bounds its memory)
+CHUNK_BYTES = 256 << 20  # most bytes one pre-token counting task reads
 ERRORS = ("strict", "replace")
 
 
@@ -111,124 +116,6 @@ def default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
-
-
-# ----------------------------------------------------------------------------------------------
-# safe cut points
-
-
-class _Cutter:
-    """Finds byte offsets where the text may be cut without changing its pre-tokens.
-
-    A cut at offset p is safe when no occurrence of a special token spans p, and either
-      (S) a special token starts at p: the text is split there anyway; or
-      (N) p is a newline followed by a printable ASCII character that does not start a special
-          token. A newline is never part of a letter/number/punctuation pre-token, and the GPT-2
-          pattern ends a whitespace run just before its last character when a non-space follows,
-          so the pre-tokens are `... | <run minus last> | "\\n" | next ...` whether or not the
-          text is cut at p.
-    (Cutting *after* a newline is not safe: in "a\\n \\nb" the whole text gives "\\n " + "\\n".)
-    Both rules look at most max(len(special) + 1, 2) bytes ahead of p.
-    """
-
-    def __init__(self, special_tokens: Sequence[str]):
-        self.specials = [t.encode("utf-8") for t in special_tokens]
-        self.lookahead = max([2] + [len(t) + 1 for t in self.specials])
-
-    def _spanned(self, buf: bytes, p: int) -> bool:
-        """Does an occurrence of a special token start before p and end after it?"""
-        for t in self.specials:
-            n = len(t)
-            if n > 1:
-                i = buf.find(t, max(0, p - n + 1), p + n - 1)
-                if 0 <= i < p:
-                    return True
-        return False
-
-    def is_safe(self, buf: bytes, p: int) -> bool:
-        if p <= 0 or p + self.lookahead > len(buf) or self._spanned(buf, p):
-            return False
-        if any(buf.startswith(t, p) for t in self.specials):
-            return True
-        # (N); the character after the newline must also not start a special token, or the
-        # whitespace run would end its piece and stay whole ("  \\n<|endoftext|>").
-        return buf[p] == 0x0A and 0x21 <= buf[p + 1] <= 0x7E and not any(buf.startswith(t, p + 1) for t in self.specials)
-
-    def _hi(self, buf: bytes) -> int:
-        return len(buf) - self.lookahead  # largest p with full look-ahead
-
-    def last_cut(self, buf: bytes, lo: int = 0) -> int:
-        """The largest safe cut p with lo < p <= len(buf) - lookahead, or 0 if there is none."""
-        hi = self._hi(buf)
-        while hi > lo:
-            cands = [buf.rfind(b"\n", lo + 1, hi + 1)]
-            cands += [buf.rfind(t, lo + 1, hi + len(t)) for t in self.specials]
-            p = max(cands)
-            if p <= lo:
-                return 0
-            if self.is_safe(buf, p):
-                return p
-            hi = p - 1
-        return 0
-
-    def first_cut(self, buf: bytes, lo: int) -> int:
-        """The smallest safe cut p >= lo with full look-ahead, or -1 if there is none."""
-        hi = self._hi(buf)
-        while lo <= hi:
-            cands = [buf.find(b"\n", lo, hi + 1)]
-            cands += [buf.find(t, lo, hi + len(t)) for t in self.specials]
-            cands = [c for c in cands if c >= 0]
-            if not cands:
-                return -1
-            p = min(cands)
-            if self.is_safe(buf, p):
-                return p
-            lo = p + 1
-        return -1
-
-
-def chunk_boundaries(path: str | Path, num_chunks: int, special_tokens: Sequence[str]) -> list[int]:
-    """Byte offsets [0, ..., size] splitting the file into at most `num_chunks` safely cut chunks.
-
-    The rough positions come from `find_chunk_boundaries` (right before the first special token,
-    or at a newline when the file has none); each is then moved forward to the next safe cut.
-    """
-    cutter = _Cutter(special_tokens)
-    with open(path, "rb") as f:
-        split = special_tokens[0].encode("utf-8") if special_tokens else None
-        rough = find_chunk_boundaries(f, num_chunks, split)
-        if split is not None and len(rough) - 1 < num_chunks:
-            # Too few special tokens to cut at; newlines also make safe cuts.
-            newline = find_chunk_boundaries(f, num_chunks, None)
-            if len(newline) > len(rough):
-                rough = newline
-        size = rough[-1]
-        bounds = [0]
-        for b in rough[1:-1]:
-            b = max(b, bounds[-1] + 1)
-            if b >= size:
-                break
-            cut = _next_safe_cut(f, b, size, cutter)
-            if cut >= size:
-                break
-            if cut > bounds[-1]:
-                bounds.append(cut)
-        bounds.append(size)
-    return bounds if size > 0 else [0]
-
-
-def _next_safe_cut(f, pos: int, size: int, cutter: _Cutter, window: int = 1 << 16) -> int:
-    """The first safe cut at or after `pos` (reading a growing window), or `size`."""
-    start = max(0, pos - cutter.lookahead)  # bytes before pos, to see a special token spanning it
-    while True:
-        f.seek(start)
-        buf = f.read(pos - start + window)
-        p = cutter.first_cut(buf, pos - start)
-        if p >= 0:
-            return start + p
-        if start + len(buf) >= size:
-            return size
-        window *= 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,7 +255,7 @@ def count_chunk(path: str, start: int, end: int, special_tokens: Sequence[str], 
     Reads `block_size` bytes at a time and decodes only up to the last safe cut of the buffer,
     so memory is bounded by the block size (plus the distinct pre-tokens), not the chunk size.
     """
-    cutter = _Cutter(special_tokens)
+    cutter = Cutter(special_tokens)
     counter = PretokenCounter(special_tokens)
     with open(path, "rb") as f:
         f.seek(start)
@@ -405,21 +292,44 @@ def count_chunk(path: str, start: int, end: int, special_tokens: Sequence[str], 
     return _ChunkResult(counter.result())
 
 
-def _count_chunk_task(args) -> _ChunkResult:
+@dataclass
+class _PackedCounts:
+    """A chunk's counts as three flat arrays (about 20 bytes per distinct pre-token, against about 150
+    for a dict entry): the UTF-8 pre-tokens end to end, their byte lengths, and their counts."""
+
+    blob: bytes
+    lengths: np.ndarray
+    counts: np.ndarray
+    bad_offset: int | None = None
+    bad_reason: str = ""
+
+    @classmethod
+    def pack(cls, r: _ChunkResult) -> "_PackedCounts":
+        toks = [t.encode("utf-8") for t in r.counts]
+        return cls(b"".join(toks), np.fromiter(map(len, toks), dtype=np.int64, count=len(toks)),
+                   np.fromiter(r.counts.values(), dtype=np.int64, count=len(toks)), r.bad_offset, r.bad_reason)
+
+    def fold_into(self, total: dict[bytes, int]) -> None:
+        """Add these counts to `total`."""
+        ends = np.cumsum(self.lengths)
+        blob = self.blob
+        toks = map(blob.__getitem__, map(slice, (ends - self.lengths).tolist(), ends.tolist()))
+        if not total:
+            total.update(zip(toks, self.counts.tolist()))
+            return
+        get = total.get
+        for tok, c in zip(toks, self.counts.tolist()):
+            total[tok] = get(tok, 0) + c
+
+
+def _count_chunk_task(args) -> _PackedCounts:
     path, start, end, special_tokens, errors = args
 
     def report(n: int) -> None:
         with _progress_counter.get_lock():
             _progress_counter.value += n
 
-    return count_chunk(path, start, end, special_tokens, errors, report=report)
-
-
-def _mp_context():
-    # fork starts workers in milliseconds and shares the imported modules; spawn is the fallback
-    # where fork does not exist (Windows) or is not the platform's choice.
-    methods = mp.get_all_start_methods()
-    return mp.get_context("fork" if "fork" in methods else None)
+    return _PackedCounts.pack(count_chunk(path, start, end, special_tokens, errors, report=report))
 
 
 def count_pretokens(input_path: str | Path, special_tokens: Sequence[str] = (), *, workers: int | None = None,
@@ -436,11 +346,22 @@ def count_pretokens(input_path: str | Path, special_tokens: Sequence[str] = (), 
     path = Path(input_path)
     size = path.stat().st_size
     workers = resolve_workers(workers, size)
-    bounds = chunk_boundaries(path, workers, special_tokens) if workers > 1 else [0, size]
+    # chunks of at most CHUNK_BYTES (each worker's counts start afresh per chunk), at least one per worker
+    n_chunks = max(workers, -(-size // CHUNK_BYTES)) if workers > 1 else 1
+    bounds = chunk_boundaries(path, n_chunks, special_tokens) if n_chunks > 1 else [0, size]
     tasks = [(str(path), s, e, special_tokens, errors) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
     if progress is not None:
         progress("pretokenize", 0, size)
-    if len(tasks) <= 1:
+    total: dict[bytes, int] = {}
+    bad: list[tuple[int, str]] = []
+
+    def fold(r: _PackedCounts) -> None:
+        if r.bad_offset is not None:
+            bad.append((r.bad_offset, r.bad_reason))
+        else:
+            r.fold_into(total)
+
+    if workers == 1 or len(tasks) <= 1:
         done = 0
 
         def report(n: int) -> None:
@@ -449,30 +370,35 @@ def count_pretokens(input_path: str | Path, special_tokens: Sequence[str] = (), 
             if progress is not None:
                 progress("pretokenize", done, size)
 
-        results = [count_chunk(*t, report=report) for t in tasks]
+        for t in tasks:
+            fold(_PackedCounts.pack(count_chunk(*t, report=report)))
     else:
-        ctx = _mp_context()
-        counter = ctx.Value("q", 0)
-        with ctx.Pool(len(tasks), initializer=_init_worker, initargs=(counter,)) as pool:
-            pending = pool.map_async(_count_chunk_task, tasks)
-            while not pending.ready():
-                pending.wait(0.1)
+        # Each chunk's counts are folded into the total as soon as that chunk is done, then dropped:
+        # the parent never holds every worker's counts at once, only the total and compact arrays.
+        counter = mp_context().Value("q", 0)
+        with WorkerPool(min(workers, len(tasks)), _init_worker, (counter,)) as pool:
+            it = pool.imap_unordered(_count_chunk_task, tasks)
+            left = len(tasks)
+            while left:
+                try:
+                    r = it.next(timeout=0.1)
+                except mp.TimeoutError:
+                    pass
+                else:
+                    fold(r)
+                    del r
+                    left -= 1
                 if progress is not None:
                     progress("pretokenize", counter.value, size)
-            results = pending.get()
     if progress is not None:
         progress("pretokenize", size, size)
-    bad = [r for r in results if r.bad_offset is not None]
     if bad:
-        first = min(bad, key=lambda r: r.bad_offset)
+        offset, reason = min(bad)
         raise UserError(
-            f"{path} is not valid UTF-8: {first.bad_reason} at byte offset {first.bad_offset}",
+            f"{path} is not valid UTF-8: {reason} at byte offset {offset}",
             "fix the file, or pass --errors replace to replace invalid bytes with U+FFFD",
         )
-    total: Counter[str] = Counter()
-    for r in results:
-        total.update(r.counts)
-    return {tok.encode("utf-8"): n for tok, n in total.items()}
+    return total
 
 
 # ----------------------------------------------------------------------------------------------
@@ -495,98 +421,163 @@ def _desc_key(token: bytes) -> str:
 
 
 def bpe_merges(word_counts: Mapping[bytes, int], num_merges: int, *,
-               progress: ProgressFn | None = None) -> list[tuple[bytes, bytes]]:
+               progress: ProgressFn | None = None, consume: bool = False) -> list[tuple[bytes, bytes]]:
     """Learn up to `num_merges` merges from pre-token counts; the core of `train_bpe`.
 
     Any pre-tokenization works (the tests feed whitespace-split words). Stops early when no
     pair is left. Token ids here are internal: 0..255 are the bytes, 256.. the merges.
+    `consume=True` empties the `word_counts` dict once it is copied into arrays (saves its memory).
+
+    The distinct pre-tokens are laid end to end in flat arrays, one slot per byte plus a separator
+    after each word: `sym` (token id, -1 separator, -2 merged away), `nxt`/`prv` (a linked list over
+    the live slots) and `weight` (the word's count, int32 when counts allow). For each token id,
+    `where[id]` holds the slots that (may) hold it. That is about 20 bytes per byte of the distinct
+    pre-tokens, plus the pair counts and the heap, whatever the corpus size. A merge of (a, b) scans
+    the shorter of `where[a]` and `where[b]`, keeps the true occurrences, and rewrites them with
+    whole-array numpy operations; the pairs it destroys and creates around each occurrence are
+    summed per pair (a dict, or np.unique for big merges) before the pair counts are touched.
+    Pair counts are exact, and the best pair comes from a lazily invalidated heap, so the merges
+    are exactly the naive algorithm's.
     """
     tokens: list[bytes] = [bytes([i]) for i in range(256)]  # id -> bytes
     keys: list[str] = [_desc_key(t) for t in tokens]  # id -> tie-break key
-    words: list[list[int]] = []  # distinct pre-tokens as token ids
-    counts: list[int] = []  # their frequencies
-    for w, c in word_counts.items():
-        if len(w) >= 2 and c > 0:  # one-byte pre-tokens hold no pair
-            words.append(list(w))
-            counts.append(c)
-
-    pair_counts: dict[tuple[int, int], int] = defaultdict(int)
-    where: dict[tuple[int, int], set[int]] = defaultdict(set)  # pair -> ids of words that (may) contain it
-    for wi, ids in enumerate(words):
-        c = counts[wi]
-        for pair in zip(ids, ids[1:]):
-            pair_counts[pair] += c
-            where[pair].add(wi)
-
-    # Heap entries (-count, tie key, a, b). Lazy invalidation: an entry may overstate its pair's
-    # count (counts only shrink without a new push); such entries are re-pushed or dropped when
-    # popped. Invariant: every live pair has an entry with count >= its true count.
-    heap = [(-c, keys[a] + keys[b], a, b) for (a, b), c in pair_counts.items()]
-    heapq.heapify(heap)
-    heappush, heappop = heapq.heappush, heapq.heappop
-
+    words = [w for w, c in word_counts.items() if len(w) >= 2 and c > 0]  # one-byte pre-tokens hold no pair
     merges: list[tuple[bytes, bytes]] = []
     if progress is not None:
         progress("merge", 0, num_merges)
+    if not words or num_merges <= 0:
+        return merges
+    counts = np.fromiter((word_counts[w] for w in words), dtype=np.int64, count=len(words))
+    if consume and isinstance(word_counts, dict):
+        word_counts.clear()
+    lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+    slots = lengths + 1  # each word, then a separator; slot 0 is a separator too
+    total = int(slots.sum()) + 1
+    sym = np.full(total, -1, dtype=np.int32)
+    byte_slots = np.arange(1, int(lengths.sum()) + 1, dtype=np.int64) + np.repeat(np.arange(len(words), dtype=np.int64), lengths)
+    sym[byte_slots] = np.frombuffer(b"".join(words), dtype=np.uint8)
+    del words, byte_slots
+    wtype = np.int32 if int(counts.max()) < 2**31 else np.int64  # half the memory when counts allow
+    weight = np.concatenate([np.zeros(1, dtype=wtype), np.repeat(counts.astype(wtype), slots)])
+    del counts, lengths, slots
+    nxt = np.arange(1, total + 1, dtype=np.int32)
+    nxt[-1] = total - 1  # the last slot is a separator; never followed
+    prv = np.arange(-1, total - 1, dtype=np.int32)
+    prv[0] = 0
+
+    # initial pair counts
+    left = np.flatnonzero((sym[:-1] >= 0) & (sym[1:] >= 0))
+    pair_keys = (sym[left].astype(np.int64) << 32) | sym[left + 1]
+    uniq, inv = np.unique(pair_keys, return_inverse=True)
+    sums = np.bincount(inv, weights=weight[left]).astype(np.int64)
+    pair_counts: dict[int, int] = dict(zip(uniq.tolist(), sums.tolist()))
+    del left, pair_keys, uniq, inv, sums
+    heap = [(-c, keys[k >> 32] + keys[k & 0xFFFFFFFF], k) for k, c in pair_counts.items()]
+    heapq.heapify(heap)
+    heappush, heappop = heapq.heappush, heapq.heappop
+
+    live = np.flatnonzero(sym >= 0)
+    order = np.argsort(sym[live], kind="stable")
+    live = live[order].astype(np.int32)
+    bounds = np.searchsorted(sym[live], np.arange(257))
+    where: list[np.ndarray] = [live[bounds[i]:bounds[i + 1]] for i in range(256)]
+    del live, order, bounds
+
     while len(merges) < num_merges and heap:
-        neg, key, a, b = heappop(heap)
-        current = pair_counts.get((a, b), 0)
+        neg, _, key = heappop(heap)
+        current = pair_counts.get(key, 0)
         if current != -neg:
             if 0 < current < -neg:
-                heappush(heap, (-current, key, a, b))
+                heappush(heap, (-current, keys[key >> 32] + keys[key & 0xFFFFFFFF], key))
             continue
+        a, b = key >> 32, key & 0xFFFFFFFF
         new_id = len(tokens)
         tokens.append(tokens[a] + tokens[b])
         keys.append(_desc_key(tokens[new_id]))
         merges.append((tokens[a], tokens[b]))
+        del pair_counts[key]  # every occurrence is merged now
 
-        # Only the neighbours of each merged occurrence change: in x a b y -> x N y the pairs
-        # (x, a), (a, b), (b, y) lose the word's count and (x, N), (N, y) gain it. Runs such as
-        # a b a b -> N N or a a a -> N a are handled by tracking where the last merge ended.
-        delta: dict[tuple[int, int], int] = defaultdict(int)
-        for wi in where.pop((a, b), ()):
-            ids = words[wi]
-            n = len(ids)
-            c = counts[wi]
-            out: list[int] = []
-            i, prev_end = 0, -1  # prev_end: index just past the last merged occurrence
-            while i < n:
-                t = ids[i]
-                if t == a and i + 1 < n and ids[i + 1] == b:
-                    if out:
-                        left = out[-1]
-                        if prev_end != i:  # left is an old token; (left, a) disappears
-                            delta[(left, a)] -= c
-                        delta[(left, new_id)] += c
-                        where[(left, new_id)].add(wi)
-                    if i + 2 < n:
-                        delta[(b, ids[i + 2])] -= c
-                    out.append(new_id)
-                    i += 2
-                    prev_end = i
-                else:
-                    if prev_end == i and out:  # right after a merge: (N, t) appears
-                        delta[(new_id, t)] += c
-                        where[(new_id, t)].add(wi)
-                    out.append(t)
-                    i += 1
-            words[wi] = out  # a stale index entry (pair already gone) just copies the word
-        for pair, d in delta.items():
+        # the occurrences: left slots s with sym[s] == a and sym[nxt[s]] == b, in slot order
+        wa, wb = where[a], where[b]
+        if len(wa) <= len(wb):
+            wa = wa[sym[wa] == a]
+            where[a] = wa
+            s = wa[sym[nxt[wa]] == b]
+        else:
+            wb = wb[sym[wb] == b]
+            where[b] = wb
+            s = prv[wb[sym[prv[wb]] == a]]
+            s.sort()
+        if a == b and len(s) > 1:
+            s = _non_overlapping(s, nxt)
+        r = nxt[s]
+        before, rr, w = prv[s], nxt[r], weight[s]  # every slot of a word carries the word's count
+        # In runs such as a b a b -> N N, the slot before an occurrence is the right half of the one
+        # before it: its pair is destroyed (and N N created) once, not twice.
+        lone = np.ones(len(s), dtype=bool)
+        if len(s) > 1:
+            lone[1:] = before[1:] != r[:-1]
+        x, y = sym[before], sym[rr]
+        # pairs destroyed: (x, a) before each occurrence, (b, y) after it; created: (x, N), (N, y)
+        has_x, has_y = lone & (x >= 0), y >= 0
+        sym[s] = new_id
+        sym[r] = -2
+        nxt[s] = rr
+        prv[rr] = s
+        x_new, y_new = sym[prv[s]], sym[rr]
+        has_x_new = x_new >= 0
+        has_y_new = y_new >= 0  # in a run, (N, N) is the next occurrence's (x_new, N): counted there
+        has_y_new[:-1] &= lone[1:]
+        # an (a, a) after a run's last occurrence ("a a a") is an occurrence of the merged pair, whose
+        # count is already gone: it is not destroyed again (but (N, a) is still created)
+        has_y_old = has_y & (y != a) if a == b else has_y
+        old_keys = np.concatenate([(x[has_x].astype(np.int64) << 32) | a, (b << 32) | y[has_y_old].astype(np.int64)])
+        new_keys = np.concatenate([(x_new[has_x_new].astype(np.int64) << 32) | new_id,
+                                   (new_id << 32) | y_new[has_y_new].astype(np.int64)])
+        all_keys = np.concatenate([old_keys, new_keys])
+        all_w = np.concatenate([-w[has_x], -w[has_y_old], w[has_x_new], w[has_y_new]])
+        if len(all_keys) > _VECTOR_SUM:
+            uk, inv = np.unique(all_keys, return_inverse=True)
+            delta = dict(zip(uk.tolist(), np.bincount(inv, weights=all_w).astype(np.int64).tolist()))
+        else:  # few: a dict is cheaper than sorting
+            delta = {}
+            get = delta.get
+            for k, d in zip(all_keys.tolist(), all_w.tolist()):
+                delta[k] = get(k, 0) + d
+        for k, d in delta.items():
             if d == 0:
                 continue
-            n = pair_counts[pair] + d
+            n = pair_counts.get(k, 0) + d
             if n > 0:
-                pair_counts[pair] = n
+                pair_counts[k] = n
                 if d > 0:
-                    heappush(heap, (-n, keys[pair[0]] + keys[pair[1]], pair[0], pair[1]))
+                    heappush(heap, (-n, keys[k >> 32] + keys[k & 0xFFFFFFFF], k))
             else:
-                del pair_counts[pair]
-        del pair_counts[(a, b)]  # every occurrence was merged
+                pair_counts.pop(k, None)
+        where.append(s)
         if progress is not None and (len(merges) % 100 == 0 or len(merges) == num_merges):
             progress("merge", len(merges), num_merges)
     if progress is not None:
         progress("merge", len(merges), num_merges)
     return merges
+
+
+_VECTOR_SUM = 2048  # above this many pair changes in one merge, sum them with numpy
+
+
+def _non_overlapping(s: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+    """For a pair (a, a): of sorted occurrences where one starts right where the previous one ends
+    (runs such as a a a), keep the leftmost and every other one, as merging left to right does."""
+    follows = np.zeros(len(s), dtype=bool)
+    follows[1:] = nxt[s[:-1]] == s[1:]  # s[i] is the right half of s[i-1]'s occurrence
+    if not follows.any():
+        return s
+    keep = np.ones(len(s), dtype=bool)
+    run = 0
+    for i, f in enumerate(follows.tolist()):
+        run = run + 1 if f else 0
+        keep[i] = run % 2 == 0
+    return s[keep]
 
 
 def build_vocab(special_tokens: Sequence[str], merges: Sequence[tuple[bytes, bytes]]) -> dict[int, bytes]:
@@ -626,11 +617,12 @@ def train_bpe_file(input_path: str | Path, vocab_size: int, special_tokens: Sequ
     t0 = time.perf_counter()
     word_counts = count_pretokens(path, special_tokens, workers=workers, errors=errors, progress=progress)
     t1 = time.perf_counter()
-    merges = bpe_merges(word_counts, num_merges, progress=progress)
+    num_pretokens, num_distinct = sum(word_counts.values()), len(word_counts)
+    merges = bpe_merges(word_counts, num_merges, progress=progress, consume=True)
     t2 = time.perf_counter()
     return TrainResult(
         vocab=build_vocab(special_tokens, merges), merges=merges,
-        num_pretokens=sum(word_counts.values()), num_distinct=len(word_counts), workers=workers,
+        num_pretokens=num_pretokens, num_distinct=num_distinct, workers=workers,
         seconds={"pretokenize": t1 - t0, "merge": t2 - t1},
     )
 
@@ -686,7 +678,10 @@ def check_output_dir(out_dir: str | Path, fingerprint: dict, force: bool = False
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output path exists and is not a directory: {out}", "pass a directory with --out")
-    if not out.is_dir() or force:
+    if not out.is_dir():
+        return out
+    _check_only_tokenizer_files(out)
+    if force:
         return out
     present = [n for n in TOKENIZER_FILES if (out / n).exists()]
     if not present:
@@ -705,18 +700,26 @@ def save_tokenizer(out_dir: str | Path, vocab: dict[int, bytes], merges: list[tu
                    fingerprint: dict, extra: dict | None = None) -> Path:
     """Write vocab.json, merges.txt and tokenizer_config.json so that no half tokenizer is ever visible.
 
-    A new directory is filled under a temporary name and renamed into place. In an existing
-    directory the config is removed first and written last: a directory is a complete tokenizer
-    exactly when tokenizer_config.json exists, and the config records the sha256 of the other
-    two files so a reader can tell they belong together.
+    The three files are written into a temporary directory beside `out_dir`, which then replaces
+    `out_dir` in one step (renamed into place, or atomically exchanged with an existing directory,
+    whose old files are then removed). So two runs writing the same directory at once leave one
+    complete tokenizer, never vocab.json from one and merges.txt from the other. The config records
+    the sha256 of the other two files. A directory holding anything besides tokenizer files is
+    refused (`check_output_dir`): replacing it would delete files this command did not write.
+    On any error (a full disk included) the temporary directory is removed.
     """
     out = Path(out_dir)
+    _check_only_tokenizer_files(out)
     specials = fingerprint.get("special_tokens", [])
     inverse = {tok: i for i, tok in vocab.items()}
     longest = max(vocab.values(), key=len, default=b"")
-
-    def fill(d: Path) -> None:
-        write_vocab_merges(d, vocab, merges)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the renamed dir should look like mkdir's
+        write_vocab_merges(tmp, vocab, merges)
         cfg = {
             "format": CONFIG_FORMAT,
             **fingerprint,
@@ -724,24 +727,80 @@ def save_tokenizer(out_dir: str | Path, vocab: dict[int, bytes], merges: list[tu
             "num_merges": len(merges),
             "special_token_ids": {t: inverse[t.encode("utf-8")] for t in specials},
             "longest_token_bytes": len(longest),
-            "files": {n: sha256_file(d / n) for n in ("vocab.json", "merges.txt")},
+            "files": {n: sha256_file(tmp / n) for n in ("vocab.json", "merges.txt")},
             **(extra or {}),
         }
-        atomic_write_text(d / CONFIG_NAME, json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
-
-    if out.is_dir():
-        (out / CONFIG_NAME).unlink(missing_ok=True)  # mark incomplete until the config lands again
-        fill(out)
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the renamed dir should look like mkdir's
-        fill(tmp)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_text(tmp / CONFIG_NAME, json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+        _fsync_dir(tmp)
+        if not _rename_new(tmp, out):
+            _check_only_tokenizer_files(out)
+            if not exchange_dirs(tmp, out):  # no atomic exchange here: move the old one aside first
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", suffix=".tmp", dir=out.parent))
+                os.rename(out, old / out.name)
+                try:
+                    os.rename(tmp, out)
+                except BaseException:
+                    os.rename(old / out.name, out)  # put the old tokenizer back
+                    old.rmdir()
+                    raise
+                tmp = old
+        _fsync_dir(out.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the temporary dir, or after an exchange the old tokenizer
     return out
+
+
+def _rename_new(src: Path, dst: Path) -> bool:
+    """Rename `src` to `dst` when `dst` does not exist; False when it does (a directory, perhaps just made)."""
+    try:
+        os.rename(src, dst)  # fails on an existing non-empty directory; replaces an empty one
+        return True
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            return False
+        raise
+
+
+_RENAME_EXCHANGE = 2  # from linux/fs.h
+
+
+def exchange_dirs(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # old kernel, or a file system without it
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _check_only_tokenizer_files(out: Path) -> None:
+    if not out.is_dir():
+        return
+    others = sorted(p.name for p in out.iterdir() if p.name not in TOKENIZER_FILES)
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise UserError(f"{out} holds files that are not a tokenizer's ({shown}); tslm bpe replaces the whole directory",
+                        "choose another --out, or move those files")

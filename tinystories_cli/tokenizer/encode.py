@@ -11,23 +11,21 @@ records what training and evaluation need to trust it:
 `source_bytes` is what bits-per-byte divides by; `fingerprint` lets `train`/`eval` refuse a token
 file made by another tokenizer (`check_token_file`).
 
-Memory stays bounded: the text is read in blocks, encoded with the tokenizer's streaming encoder,
-and packed ids are written as they come. With `workers > 1` the file is cut into chunks at places
-where cutting cannot change the encoding (see `split_points`); the parent process encodes chunks from
-the front straight into the output while worker processes encode chunks from the back into temporary
-part files, which the parent appends in order, so the output is byte-identical to single-process
-encoding.
+Memory stays bounded: the text is read in blocks, encoded (by the backend, see `backends`), and
+packed ids are written as they come. With `workers > 1` the file is cut into chunks at places where
+cutting cannot change the encoding (`chunking.split_points`); worker processes each read their own
+byte ranges and encode them into part files beside the output, and the parent appends the parts in
+file order with `os.copy_file_range`, so the output is byte-identical to single-process encoding.
+Workers send back two integers per chunk, never ids.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
+import errno
 import hashlib
 import io
 import json
-import multiprocessing
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -41,6 +39,8 @@ from tinystories_cli import __version__
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import atomic_write, atomic_write_text, check_input_file, check_output_path, read_json, sha256_file
 from tinystories_cli.paths import sidecar_path
+from tinystories_cli.tokenizer.backends import PackedEncoder
+from tinystories_cli.tokenizer.chunking import WorkerPool, encode_cuts_safe, split_points  # noqa: F401  (split_points: re-exported)
 from tinystories_cli.tokenizer.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -50,13 +50,6 @@ MIN_PARALLEL_BYTES = 1 << 20  # below this, worker start-up costs more than it s
 
 # progress(bytes_done, tokens_done), both cumulative
 Progress = Callable[[int, int], None]
-
-# A safe place to cut a file for parallel encoding: after a printable, non-space ASCII character
-# and before a space or newline. Encoding-wise this is the "non-space | space" cut of
-# `Tokenizer._safe_cut`; byte-wise both sides are ASCII, so it never splits a UTF-8 character; and
-# as long as no special token contains a space or newline, no special token spans it.
-_SPLIT = re.compile(rb"[\x21-\x7e][ \n]")
-
 
 # --------------------------------------------------------------------------- the .npy container
 
@@ -137,81 +130,63 @@ def _decode(data: bytes, errors: str, path: Path, offset: int) -> str:
 
 def parallel_safe(tokenizer: Tokenizer) -> bool:
     """Whether `split_points` cuts are safe for this tokenizer (no special token holds a space or newline)."""
-    return not any(" " in s or "\n" in s for s in tokenizer.special_tokens)
-
-
-def split_points(path: Path, num_chunks: int, probe: int = 1 << 16) -> list[int]:
-    """Byte offsets [0, ..., size] cutting the file into at most `num_chunks` chunks at safe places.
-
-    Each inner cut starts at an even guess and moves forward to the next `_SPLIT` match; guesses
-    that find none (or land on the same place) are dropped, so there may be fewer chunks.
-    """
-    size = path.stat().st_size
-    points = [0]
-    with open(path, "rb") as f:
-        for k in range(1, max(1, num_chunks)):
-            pos = max(size * k // num_chunks, points[-1])
-            f.seek(pos)
-            last = b""
-            while True:
-                block = f.read(probe)
-                if not block:
-                    pos = size
-                    break
-                buf = last + block
-                m = _SPLIT.search(buf)
-                if m is not None:
-                    pos = pos - len(last) + m.start() + 1
-                    break
-                last = buf[-1:]
-                pos += len(block)
-            if points[-1] < pos < size:
-                points.append(pos)
-    points.append(size)
-    return points
+    return encode_cuts_safe(tokenizer.special_tokens)
 
 
 # --------------------------------------------------------------------------- encoding
 
 
-def _encode_range(tokenizer: Tokenizer, path: Path, start: int, end: int, out, errors: str,
+def _encode_range(encoder: PackedEncoder, path: Path, start: int, end: int, out, errors: str,
                   on_block: Callable[[bytes], None] | None = None,
                   on_batch: Callable[[int], None] | None = None) -> tuple[int, int]:
     """Encode bytes [start, end) of `path`, writing packed ids to `out`; returns (num_tokens, max_id)."""
-    itemsize = tokenizer.dtype.itemsize
+    dtype = encoder.tokenizer.dtype
     n, max_id = 0, -1
-    for packed in tokenizer.encode_packed_batches(iter_text(path, start, end, errors, on_block=on_block)):
+    for packed in encoder.packed_batches(iter_text(path, start, end, errors, on_block=on_block)):
         if not packed:
             continue
         out.write(packed)
-        k = len(packed) // itemsize
+        k = len(packed) // dtype.itemsize
         n += k
-        max_id = max(max_id, int(np.frombuffer(packed, dtype=tokenizer.dtype).max()))
+        max_id = max(max_id, int(np.frombuffer(packed, dtype=dtype).max()))
         if on_batch is not None:
             on_batch(k)
     return n, max_id
 
 
-_WORKER_TOKENIZER: Tokenizer | None = None
+_WORKER_ENCODER: PackedEncoder | None = None
 
 
-def _worker_init(tokenizer: Tokenizer) -> None:
-    global _WORKER_TOKENIZER
-    _WORKER_TOKENIZER = tokenizer
+def _worker_init(encoder: PackedEncoder) -> None:
+    global _WORKER_ENCODER
+    _WORKER_ENCODER = encoder
 
 
-def _worker(path: str, start: int, end: int, part: str, errors: str) -> tuple[int, int]:
-    """Encode one chunk into the part file `part` (runs in a worker process)."""
-    assert _WORKER_TOKENIZER is not None
+def _worker(task: tuple[str, int, int, str, str]) -> tuple[int, int]:
+    """Encode one chunk into its part file (runs in a worker process); returns (num_tokens, max_id)."""
+    path, start, end, part, errors = task
+    assert _WORKER_ENCODER is not None
     with open(part, "wb") as out:
-        return _encode_range(_WORKER_TOKENIZER, Path(path), start, end, out, errors)
+        return _encode_range(_WORKER_ENCODER, Path(path), start, end, out, errors)
 
 
-def _mp_context():
-    # fork shares the already-built tokenizer with the workers at no cost; elsewhere (macOS,
-    # Windows) spawn sends it to each worker once.
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+def append_file(dst, src_path: str | os.PathLike) -> None:
+    """Append the file at `src_path` to the open file `dst`, in the kernel (copy_file_range) where possible."""
+    dst.flush()
+    dst.seek(0, os.SEEK_END)
+    with open(src_path, "rb", buffering=0) as s:  # unbuffered: its offset is the kernel's
+        left = os.fstat(s.fileno()).st_size
+        try:
+            while left > 0:
+                k = os.copy_file_range(s.fileno(), dst.fileno(), left)
+                if k == 0:
+                    break
+                left -= k
+        except (AttributeError, OSError) as e:  # no copy_file_range here (old kernel, other OS, other FS)
+            if isinstance(e, OSError) and e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+        dst.seek(0, os.SEEK_END)  # resynchronize the buffered file with the kernel's offset
+        shutil.copyfileobj(s, dst, 1 << 22)  # whatever copy_file_range did not copy
 
 
 def encode_file(
@@ -225,10 +200,13 @@ def encode_file(
     progress: Progress | None = None,
     tokenizer_dir: str | os.PathLike | None = None,
     chunks_per_worker: int = 8,
+    backend: str = "auto",
 ) -> dict:
     """Encode the UTF-8 text file `src` into the token file `out` (.npy) and its JSON sidecar.
 
     Returns the sidecar dict. `workers > 1` encodes chunks in parallel processes (same output).
+    `backend` is "auto" (tiktoken when installed and it gives the same ids, else the from-scratch
+    encoder), "python" or "tiktoken" (see `backends`); every backend writes the same file.
     Refuses to overwrite `out` or its sidecar unless `force`.
     """
     if errors not in ("strict", "replace"):
@@ -247,15 +225,23 @@ def encode_file(
     points = [0, size]
     if workers > 1 and size >= MIN_PARALLEL_BYTES and parallel_safe(tokenizer):
         points = split_points(src, workers * max(1, chunks_per_worker))
+    # ValueError for an unknown or unusable backend. In parallel, "auto" starts with tiktoken on the
+    # quick conditions while the parent runs the costly one beside the workers (see `backends`).
+    encoder = PackedEncoder(tokenizer, backend, defer_check=len(points) > 2)
     t0 = time.perf_counter()
     with atomic_write(out, "wb") as f:
         f.write(npy_header(tokenizer.dtype, 0))  # placeholder; rewritten once the count is known
         if len(points) <= 2:
             used = 1
-            num_tokens, max_id, digest = _encode_serial(tokenizer, src, size, f, errors, progress)
+            num_tokens, max_id, digest = _encode_serial(encoder, src, size, f, errors, progress)
         else:
             used = min(workers, len(points) - 1)
-            num_tokens, max_id, digest = _encode_parallel(tokenizer, src, points, f, out.parent, errors, used, progress)
+            num_tokens, max_id, digest, ok = _encode_parallel(encoder, src, points, f, out.parent, errors, used, progress)
+            if not ok:  # tiktoken would not give our ids after all: start over with the reference encoder
+                encoder = PackedEncoder(tokenizer, "python")
+                f.seek(HEADER_BYTES)
+                f.truncate()
+                num_tokens, max_id, digest, ok = _encode_parallel(encoder, src, points, f, out.parent, errors, used, progress)
         f.seek(0)
         f.write(npy_header(tokenizer.dtype, num_tokens))
         f.seek(0, os.SEEK_END)
@@ -276,6 +262,7 @@ def encode_file(
         "errors": errors,
         "bytes_per_token": size / num_tokens if num_tokens else None,
         "workers": used,
+        "backend": encoder.backend,
         "chunks": len(points) - 1,
         "seconds": round(seconds, 3),
         "tslm_version": __version__,
@@ -284,7 +271,7 @@ def encode_file(
     return meta
 
 
-def _encode_serial(tokenizer, src: Path, size: int, f, errors: str, progress: Progress | None) -> tuple[int, int, str]:
+def _encode_serial(encoder: PackedEncoder, src: Path, size: int, f, errors: str, progress: Progress | None) -> tuple[int, int, str]:
     h = hashlib.sha256()
     done = {"bytes": 0, "tokens": 0}
 
@@ -297,66 +284,49 @@ def _encode_serial(tokenizer, src: Path, size: int, f, errors: str, progress: Pr
         if progress is not None:
             progress(done["bytes"], done["tokens"])
 
-    n, max_id = _encode_range(tokenizer, src, 0, size, f, errors, on_block=on_block, on_batch=on_batch)
+    n, max_id = _encode_range(encoder, src, 0, size, f, errors, on_block=on_block, on_batch=on_batch)
     if progress is not None:
         progress(size, n)
     return n, max_id, h.hexdigest()
 
 
-def _encode_parallel(tokenizer, src: Path, points: list[int], f, tmp_parent: Path, errors: str, workers: int,
-                     progress: Progress | None) -> tuple[int, int, str]:
+def _encode_parallel(encoder: PackedEncoder, src: Path, points: list[int], f, tmp_parent: Path, errors: str, workers: int,
+                     progress: Progress | None) -> tuple[int, int, str, bool]:
+    """`workers` processes encode the chunks [points[i], points[i+1]) into part files, in file order;
+    the parent appends each finished part to `f` in order (in the kernel) and deletes it, and hashes
+    the source meanwhile. Workers return two integers per chunk, never ids; the parent encodes nothing
+    (so no cache is warmed twice). With fork, what the encoder prepared (tiktoken's tables) is shared.
+    The last value returned is `encoder.verify()`, also run beside the workers.
+    """
     tmpdir = tempfile.mkdtemp(prefix=".encode-parts.", dir=tmp_parent)  # same disk as the output
     digest: dict[str, str] = {}
+    verdict = {"ok": True}
+
     def hash_source() -> None:
         digest["sha"] = sha256_file(src)
-        # the sidecar needs the fingerprint: computing it here, while the cores encode, keeps it
-        # out of the serial tail (the chunk claiming rebalances the parent's share around it)
-        _ = tokenizer.fingerprint
+        _ = encoder.tokenizer.fingerprint  # the sidecar needs it: computed while the workers encode
+        verdict["ok"] = encoder.verify()
 
-    hasher = threading.Thread(target=hash_source, daemon=True)
     try:
-        # Work is shared from both ends: the workers take chunks from the last one backwards, the
-        # parent from the first one forwards, straight into the output (no copy), claiming each
-        # chunk by cancelling its still-pending future, until it meets a chunk a worker has taken.
-        # So every core works from the start, and a slow core simply ends up with fewer chunks.
-        n_chunks = len(points) - 1
-        parts = {i: os.path.join(tmpdir, f"{i:06d}.bin") for i in range(1, n_chunks)}
-        results: dict[int, tuple[int, int]] = {}
-        done_bytes = done_tokens = 0
-        with cf.ProcessPoolExecutor(workers - 1, mp_context=_mp_context(), initializer=_worker_init, initargs=(tokenizer,)) as pool:
-            futures = {i: pool.submit(_worker, str(src), points[i], points[i + 1], parts[i], errors)
-                       for i in reversed(range(1, n_chunks))}
-            hasher.start()  # after the workers exist: hashing overlaps with encoding
-            try:
-                own = 0
-                while own < n_chunks and (own == 0 or futures[own].cancel()):
-                    a, b = points[own], points[own + 1]
-                    results[a] = _encode_range(tokenizer, src, a, b, f, errors)
-                    own += 1
-                    done_bytes += b - a
-                    done_tokens += results[a][0]
-                    if progress is not None:
-                        progress(done_bytes, done_tokens)
-                taken = {futures[i]: i for i in range(own, n_chunks)}
-                for fut in cf.as_completed(taken):
-                    a, b = points[taken[fut]], points[taken[fut] + 1]
-                    results[a] = fut.result()
-                    done_bytes += b - a
-                    done_tokens += results[a][0]
-                    if progress is not None:
-                        progress(done_bytes, done_tokens)
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-        hasher.join()
-        num_tokens = sum(k for k, _ in results.values())
-        max_id = max(m for _, m in results.values())
-        for i in range(own, n_chunks):  # the workers' chunks follow the parent's, in file order
-            with open(parts[i], "rb") as p:
-                shutil.copyfileobj(p, f, 1 << 22)
+        encoder.prepare()
+        tasks = [(str(src), a, b, os.path.join(tmpdir, f"{i:06d}.bin"), errors)
+                 for i, (a, b) in enumerate(zip(points[:-1], points[1:]))]
+        num_tokens, max_id, done_bytes = 0, -1, 0
+        with WorkerPool(workers, _worker_init, (encoder,)) as pool:
+            hasher = threading.Thread(target=hash_source, daemon=True)
+            hasher.start()  # after the workers exist (fork), overlapping with encoding
+            for (path, a, b, part, _), (n, m) in zip(tasks, pool.imap(_worker, tasks)):
+                append_file(f, part)
+                os.unlink(part)
+                num_tokens += n
+                max_id = max(max_id, m)
+                done_bytes += b - a
+                if progress is not None:
+                    progress(done_bytes, num_tokens)
+            hasher.join()
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    return num_tokens, max_id, digest["sha"]
+    return num_tokens, max_id, digest["sha"], verdict["ok"]
 
 
 # --------------------------------------------------------------------------- reading token files

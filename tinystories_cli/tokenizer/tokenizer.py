@@ -38,6 +38,7 @@ import regex
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import read_json
 from tinystories_cli.tokenizer.files import read_vocab_merges
+from tinystories_cli.tokenizer.chunking import SAFE_CUT
 from tinystories_cli.tokenizer.pretokenize import GPT2_PATTERN
 
 EOT = "<|endoftext|>"
@@ -49,17 +50,6 @@ T = TypeVar("T")
 # Possessive runs (++, Python 3.11+) never backtrack; nothing follows them inside their alternative,
 # so they match exactly what greedy runs match, about 10% faster.
 ASCII_PATTERN = re.compile(r"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]++| ?[0-9]++| ?[^\sA-Za-z0-9]++|\s+(?!\S)|\s+""", re.ASCII)
-
-# Where a text can be cut so that encoding the two halves separately gives the same ids as encoding
-# the whole (used by `encode_iterable`). Searched backwards (?r) for the last such place. The cut
-# goes between the two characters matched:
-#   non-space | space:   no pre-token crosses a space preceded by a non-space (" ?" only prefixes
-#                        a pre-token, and whitespace runs start after the non-space); and every
-#                        decision about the pre-tokens before the cut is the same whether a space
-#                        or the end of the text follows.
-#   letter | non-letter, non-space: the letter run ends there either way, and a contraction such
-#                        as 'll cannot be completed by a non-letter.
-_SAFE_CUT = regex.compile(r"(?r)\S\s|\p{L}[^\s\p{L}]")
 
 # On a word-cache miss, the new words of up to this much text are cached in one batch (`_encode_packed`).
 _BATCH_CHARS = 1 << 18
@@ -204,6 +194,17 @@ class Tokenizer:
             self._fingerprint = hashlib.sha256("\n".join(lines).encode("ascii")).hexdigest()
         return self._fingerprint
 
+    @property
+    def special_token_ids(self) -> dict[str, int]:
+        """{special token: its id}, in the order the special tokens were given."""
+        return dict(self._special_id)
+
+    @property
+    def merges_in_training_order(self) -> bool:
+        """Whether every merge that makes a token ranks before every merge that uses it (as `tslm bpe`
+        and GPT-2 write them); then merge ranks order merges exactly as training did."""
+        return self._heap_ok
+
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, special_tokens={self.special_tokens})"
 
@@ -269,7 +270,7 @@ class Tokenizer:
         """Packed ids of `" ".join(words)` from the word caches; KeyError when a word is not cached
         yet, None when the cuts at the spaces are not safe.
 
-        If every space follows a non-space, cutting before each space is safe (see `_SAFE_CUT`):
+        If every space follows a non-space, cutting before each space is safe (see `SAFE_CUT`):
         the text is `head + " " + w1 + ... + " " + last`, and its ids are those of head, " " + w1,
         ..., " " + last. The middle words are looked up in `_word_cache`, where a word that ends in
         whitespace (or is empty, from "  ") is cached as None: it cannot come before a space. The
@@ -308,6 +309,13 @@ class Tokenizer:
         return self._stream(iterable, self.encode_packed, buffer_chars or self.stream_chars)
 
     def _stream(self, iterable: Iterable[str], encode: Callable[[str], T], buffer_chars: int) -> Iterator[T]:
+        return map(encode, self.safe_pieces(iterable, buffer_chars))
+
+    def safe_pieces(self, iterable: Iterable[str], buffer_chars: int | None = None) -> Iterator[str]:
+        """The text of `iterable` re-cut into pieces of about `buffer_chars` characters (or more, when no
+        cut is found) at places where cutting cannot change the ids (see `_safe_cut`): encoding each
+        piece and concatenating the ids equals encoding the whole text."""
+        buffer_chars = buffer_chars or self.stream_chars
         pending: list[str] = []
         size = 0
         for chunk in iterable:
@@ -320,12 +328,12 @@ class Tokenizer:
             buf = "".join(pending)
             cut = self._safe_cut(buf)
             if cut > 0:
-                yield encode(buf[:cut])
+                yield buf[:cut]
                 buf = buf[cut:]
             pending, size = [buf], len(buf)
         buf = "".join(pending)
         if buf:
-            yield encode(buf)
+            yield buf
 
     def _safe_cut(self, buf: str) -> int:
         """The largest i found (0 if none) such that, for every continuation `rest`,
@@ -333,7 +341,7 @@ class Tokenizer:
 
         Special tokens: a match starting at least `max_special_len` characters before the end is
         final (no continuation can change it), so the end of the last such match is a cut; a
-        plain-text cut (see `_SAFE_CUT`) must lie before any match that is not yet final.
+        plain-text cut (see `SAFE_CUT`) must lie before any match that is not yet final.
         """
         n = len(buf)
         limit = n
@@ -346,7 +354,7 @@ class Tokenizer:
                 if m.start() >= limit:
                     break
                 cut = m.end()
-        m = _SAFE_CUT.search(buf, cut, limit)
+        m = SAFE_CUT.search(buf, cut, limit)
         if m is not None:
             cut = max(cut, m.start() + 1)
         return cut
@@ -428,6 +436,20 @@ class Tokenizer:
     def _encode_pieces(self, text: str) -> bytes:
         """Packed ids of a text holding no special tokens, pre-token by pre-token (no word cache)."""
         return b"".join(self._piece_values(text))
+
+    def bpe_bytes(self, data: bytes) -> tuple[int, ...]:
+        """Ids of `data` taken as one pre-token: its bytes merged in rank order (no pattern, no specials).
+
+        >>> Tokenizer({i: bytes([i]) for i in range(256)} | {256: b"ab"}, [(b"a", b"b")]).bpe_bytes(b"abc")
+        (256, 99)
+        """
+        ids = list(map(self._byte_id.__getitem__, data))
+        if None in ids:
+            missing = next(b for b in data if self._byte_id[b] is None)
+            raise UserError(f"cannot encode byte 0x{missing:02x}: the vocab has no token for it", "use a byte-level vocab (all 256 bytes)")
+        if not self._heap_ok:
+            return tuple(self._bpe_merge_all(ids))
+        return tuple(self._bpe_heap(ids)) if len(ids) > _LONG_PIECE else self._bpe_ordered(ids)
 
     def _bpe(self, piece: str) -> tuple[int, ...]:
         """Apply merges in rank order to the bytes of one pre-token."""
