@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tinystories_cli.tokens import check_token_file, load_token_file
 from tinystories_cli.errors import UserError
 from tinystories_cli.tokenizer import encode as enc
 from tinystories_cli.tokenizer.files import write_vocab_merges
@@ -65,7 +66,7 @@ def test_encode_file_serial_matches_encode_and_sidecar(tmp_path):
     assert side["source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
     assert side["fingerprint"] == tok.fingerprint and side["vocab_size"] == tok.vocab_size
     assert side["special_tokens"] == [EOT] and side["dtype"] == "uint16"
-    loaded, m = enc.load_token_file(tmp_path / "a.npy")
+    loaded, m = load_token_file(tmp_path / "a.npy")
     assert np.array_equal(loaded, ids) and m["num_tokens"] == len(ids)
 
 
@@ -211,25 +212,25 @@ def test_load_and_check_token_file_errors(tmp_path):
     _write_text(src, 3)
     out = tmp_path / "a.npy"
     with pytest.raises(UserError, match="tslm encode"):
-        enc.load_token_file(out)
+        load_token_file(out)
     enc.encode_file(src, out, tok)
-    ids, meta = enc.check_token_file(out, tok.fingerprint, tok.vocab_size)
+    ids, meta = check_token_file(out, tok.fingerprint, tok.vocab_size)
     assert len(ids) == meta["num_tokens"]
     with pytest.raises(UserError, match="different tokenizer.*tslm encode"):
-        enc.check_token_file(out, _toy_tokenizer(specials=()).fingerprint, tok.vocab_size)
+        check_token_file(out, _toy_tokenizer(specials=()).fingerprint, tok.vocab_size)
     with pytest.raises(UserError, match=f"holds id {meta['max_id']}"):
-        enc.check_token_file(out, tok.fingerprint, meta["max_id"])
+        check_token_file(out, tok.fingerprint, meta["max_id"])
     side = tmp_path / "a.json"
     bad = dict(meta, num_tokens=meta["num_tokens"] + 1)
     side.write_text(json.dumps(bad))
     with pytest.raises(UserError, match="does not match its sidecar"):
-        enc.load_token_file(out)
+        load_token_file(out)
     side.write_text("{oops")
     with pytest.raises(UserError, match="malformed token sidecar"):
-        enc.load_token_file(out)
+        load_token_file(out)
     side.unlink()
     with pytest.raises(UserError, match="no sidecar"):
-        enc.load_token_file(out)
+        load_token_file(out)
 
 
 @pytest.mark.shared_data

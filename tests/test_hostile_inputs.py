@@ -173,3 +173,73 @@ def test_non_utf8_prompt_on_stdin(at):
                           input=b"\xff\xfe bad", capture_output=True, timeout=120)
     err = proc.stderr.decode()
     assert proc.returncode == 2 and "not UTF-8" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"source_bytes": -5}, "source_bytes: Input should be greater than 0"),
+    ({"num_tokens": "7"}, "num_tokens: Input should be a valid integer"),
+    ({"max_id": True}, "max_id: Input should be a valid integer"),
+    ({"dtype": "float32"}, "dtype: Input should be 'uint16' or 'uint32'"),
+    ({"vocab_size": 2**40}, "vocab_size: Input should be less than or equal to"),
+])
+def test_crafted_token_sidecars_are_refused(at, capsys, change, match):
+    valid = at / "data" / "tiny" / "valid.npy"
+    side = valid.with_suffix(".json")
+    saved = side.read_text()
+    try:
+        side.write_text(json.dumps({**json.loads(saved), **change}))
+        _one_line_error(capsys, ["eval", "t", "--data", str(valid)], match)
+    finally:
+        side.write_text(saved)
+
+
+def test_an_npz_renamed_npy_is_one_line(at, tmp_path, capsys):
+    import numpy as np
+
+    valid = at / "data" / "tiny" / "valid.npy"
+    fake = tmp_path / "valid.npy"
+    with open(fake, "wb") as f:
+        np.savez(f, ids=np.load(valid))
+    fake.with_suffix(".json").write_text(valid.with_suffix(".json").read_text())
+    _one_line_error(capsys, ["eval", "t", "--data", str(fake)], "not a single .npy array")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(["format_version", "dtype", "num_tokens", "max_id", "vocab_size", "fingerprint",
+                            "source_bytes"]),
+       value=st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(), st.text(max_size=8),
+                       st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2)))
+def test_fuzzed_token_sidecars_load_or_raise_user_errors(at, key, value):
+    from tinystories_cli.tokens import load_token_file
+
+    valid = at / "data" / "tiny" / "valid.npy"
+    side = valid.with_suffix(".json")
+    saved = side.read_text()
+    try:
+        side.write_text(json.dumps({**json.loads(saved), key: value}))
+        try:
+            load_token_file(valid)
+        except UserError:
+            pass
+    finally:
+        side.write_text(saved)
+
+
+def test_a_tokenizer_directory_with_mixed_files_is_refused(at, capsys):
+    tok = at / "runs" / "t" / "tokenizer"
+    merges = tok / "merges.txt"
+    saved = merges.read_bytes()
+    try:
+        merges.write_bytes(b"\n".join(saved.splitlines()[:-1]) + b"\n")  # one merge short: another tokenizer's file
+        _one_line_error(capsys, ["generate", "hi", "--run", "t", "--max-tokens", "2"], "is inconsistent: merges.txt")
+    finally:
+        merges.write_bytes(saved)
+
+
+def test_a_vocab_with_an_id_past_the_cap_is_refused(tmp_path):
+    from tinystories_cli.tokenizer.files import MAX_ID, read_vocab_merges
+
+    (tmp_path / "vocab.json").write_text(json.dumps({"a": 0, "b": MAX_ID}))
+    (tmp_path / "merges.txt").write_text("")
+    with pytest.raises(UserError, match="exceeds the largest id"):
+        read_vocab_merges(tmp_path / "vocab.json", tmp_path / "merges.txt")

@@ -1,18 +1,107 @@
-"""Token files (`.npy` of ids + a `.json` sidecar) as training and evaluation read them.
+"""Token files: a standard `.npy` of ids plus a `<name>.json` sidecar, as `tslm encode` writes them and
+training and evaluation read them.
 
-`tslm encode` writes them (see `tokenizer/encode.py`); this module opens them for reading and checks
-that they fit a model: made by the expected tokenizer, every id inside the vocabulary.
+    {"format_version": 1, "dtype": "uint16", "num_tokens": 1257839, "max_id": 4095, "vocab_size": 4096,
+     "fingerprint": "...", "source_bytes": 5150533, ...}
+
+Everything read from a sidecar is validated (`TokenSidecar`) and checked against the `.npy` header
+before the ids are memory-mapped; the ids themselves are scanned for out-of-range values before
+training uses them (`check_tokens`).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from tinystories_cli import paths
 from tinystories_cli.errors import UserError
-from tinystories_cli.tokenizer.encode import check_token_file, load_token_file
+from tinystories_cli.fileio import read_json
+from tinystories_cli.paths import sidecar_path
+
+FORMAT_VERSION = 1
+
+
+class TokenSidecar(BaseModel):
+    """The fields of a token file's sidecar that reading it relies on (others are informative)."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    format_version: Literal[1]
+    dtype: Literal["uint16", "uint32"]
+    num_tokens: StrictInt = Field(ge=0, lt=2**48)
+    max_id: StrictInt = Field(ge=0, lt=2**32)
+    vocab_size: StrictInt = Field(gt=0, le=2**32)
+    fingerprint: StrictStr = Field(min_length=1, max_length=256)
+    source_bytes: StrictInt | None = Field(None, gt=0, lt=2**63)
+
+
+def _text_guess(path: Path) -> str:
+    """The text file a token file was probably made from (for fix hints)."""
+    return str(path.with_suffix(".txt"))
+
+
+def load_token_file(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
+    """Memory-map a token file and read its sidecar, checking that the two agree.
+
+    Returns (ids, sidecar) where `ids` is a read-only 1-D memmap. Ids are not scanned here; the
+    sidecar's `max_id` (checked by `check_token_file`) covers them.
+    """
+    path = Path(path)
+    fix = f"re-create it with `tslm encode` (e.g. `tslm encode {_text_guess(path)} --out {path} --force`)"
+    if not path.is_file():
+        raise UserError(f"token file not found: {path}", f"create it with `tslm encode` (e.g. `tslm encode {_text_guess(path)}`)")
+    side = sidecar_path(path)
+    if not side.is_file():
+        raise UserError(f"token file {path} has no sidecar {side}", fix)
+    meta = read_json(side, "token sidecar", fix)
+    if not isinstance(meta, dict):
+        raise UserError(f"malformed token sidecar {side}: expected a JSON object", fix)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"token sidecar {side} has format version {meta.get('format_version')!r}, expected {FORMAT_VERSION}", fix)
+    try:
+        TokenSidecar.model_validate(meta)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise UserError(f"malformed token sidecar {side}: {'.'.join(map(str, err['loc']))}: {err['msg']}", fix) from None
+    try:
+        ids = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise UserError(f"malformed token file {path}: {e}", fix) from None
+    if not isinstance(ids, np.ndarray):  # an .npz archive (or anything np.load opens as several arrays)
+        getattr(ids, "close", lambda: None)()
+        raise UserError(f"token file {path} is not a single .npy array (an .npz archive renamed?)", fix)
+    if ids.ndim != 1 or ids.dtype != np.dtype(meta["dtype"]) or len(ids) != meta["num_tokens"]:
+        raise UserError(
+            f"token file {path} ({ids.dtype}, shape {ids.shape}) does not match its sidecar "
+            f"({meta['dtype']}, {meta['num_tokens']} tokens)", fix)
+    if meta["num_tokens"] and not 0 <= meta["max_id"] < meta["vocab_size"]:
+        raise UserError(f"malformed token sidecar {side}: max_id {meta['max_id']} outside the vocab of {meta['vocab_size']}", fix)
+    return ids, meta
+
+
+def check_token_file(path: str | os.PathLike, tokenizer_fingerprint: str | None, vocab_size: int) -> tuple[np.ndarray, dict]:
+    """`load_token_file`, then refuse a file from another tokenizer or with ids >= `vocab_size`.
+
+    Pass `tokenizer_fingerprint=None` to skip the tokenizer check (e.g. a run without a tokenizer).
+    """
+    ids, meta = load_token_file(path)
+    guess = _text_guess(Path(path))
+    if tokenizer_fingerprint is not None and meta["fingerprint"] != tokenizer_fingerprint:
+        raise UserError(
+            f"token file {path} was made by a different tokenizer (fingerprint {meta['fingerprint'][:12]} "
+            f"!= {tokenizer_fingerprint[:12]})",
+            f"re-encode it with this run's tokenizer: `tslm encode {guess} --tokenizer DIR --out {path} --force`",
+        )
+    if meta["num_tokens"] and meta["max_id"] >= vocab_size:
+        raise UserError(
+            f"token file {path} holds id {meta['max_id']}, but the model's vocab has only {vocab_size} ids",
+            f"use --vocab-size {meta['vocab_size']} (the tokenizer's), or re-encode with a smaller tokenizer",
+        )
+    return ids, meta
 
 
 def open_tokens(path: Path, what: str, dataset: str, split: str) -> tuple[np.ndarray, dict]:

@@ -9,7 +9,7 @@ records what training and evaluation need to trust it:
      "source": "data/tinystories/train.txt", "source_bytes": 5150533, "source_sha256": "...", ...}
 
 `source_bytes` is what bits-per-byte divides by; `fingerprint` lets `train`/`eval` refuse a token
-file made by another tokenizer (`check_token_file`).
+file made by another tokenizer (`tokens.check_token_file`).
 
 Memory stays bounded: the text is read in blocks, encoded (by the backend, see `backends`), and
 packed ids are written as they come. With `workers > 1` the file is cut into chunks at places where
@@ -37,13 +37,13 @@ import numpy as np
 
 from tinystories_cli import __version__
 from tinystories_cli.errors import UserError
-from tinystories_cli.fileio import atomic_write, atomic_write_text, check_input_file, check_output_path, read_json, sha256_file
+from tinystories_cli.fileio import atomic_write, atomic_write_text, check_input_file, check_output_path, sha256_file
 from tinystories_cli.paths import sidecar_path
+from tinystories_cli.tokens import FORMAT_VERSION  # the sidecar format, read by tokens.load_token_file
 from tinystories_cli.tokenizer.backends import PackedEncoder
 from tinystories_cli.tokenizer.chunking import WorkerPool, encode_cuts_safe, split_points  # noqa: F401  (split_points: re-exported)
 from tinystories_cli.tokenizer.tokenizer import Tokenizer
 
-FORMAT_VERSION = 1
 HEADER_BYTES = 128  # a .npy v1.0 header for shape (n,) is 128 bytes for every n below 10**20
 BLOCK_BYTES = 1 << 20  # bytes read per block
 MIN_PARALLEL_BYTES = 1 << 20  # below this, worker start-up costs more than it saves
@@ -332,64 +332,8 @@ def _encode_parallel(encoder: PackedEncoder, src: Path, points: list[int], f, tm
 # --------------------------------------------------------------------------- reading token files
 
 
-def load_token_file(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
-    """Memory-map a token file and read its sidecar, checking that the two agree.
-
-    Returns (ids, sidecar) where `ids` is a read-only 1-D memmap. Ids are not scanned here; the
-    sidecar's `max_id` (checked by `check_token_file`) covers them.
-    """
-    path = Path(path)
-    fix = f"re-create it with `tslm encode` (e.g. `tslm encode {_text_guess(path)} --out {path} --force`)"
-    if not path.is_file():
-        raise UserError(f"token file not found: {path}", f"create it with `tslm encode` (e.g. `tslm encode {_text_guess(path)}`)")
-    side = sidecar_path(path)
-    if not side.is_file():
-        raise UserError(f"token file {path} has no sidecar {side}", fix)
-    meta = read_json(side, "token sidecar", fix)
-    if not isinstance(meta, dict):
-        raise UserError(f"malformed token sidecar {side}: expected a JSON object", fix)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"token sidecar {side} has format version {meta.get('format_version')!r}, expected {FORMAT_VERSION}", fix)
-    for key, kind in (("dtype", str), ("num_tokens", int), ("vocab_size", int), ("fingerprint", str), ("max_id", int)):
-        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
-            raise UserError(f"malformed token sidecar {side}: {key!r} missing or not a {kind.__name__}", fix)
-    if meta["dtype"] not in ("uint16", "uint32"):
-        raise UserError(f"malformed token sidecar {side}: dtype {meta['dtype']!r} is not uint16 or uint32", fix)
-    try:
-        ids = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise UserError(f"malformed token file {path}: {e}", fix) from None
-    if ids.ndim != 1 or ids.dtype != np.dtype(meta["dtype"]) or len(ids) != meta["num_tokens"]:
-        raise UserError(
-            f"token file {path} ({ids.dtype}, shape {ids.shape}) does not match its sidecar "
-            f"({meta['dtype']}, {meta['num_tokens']} tokens)", fix)
-    if meta["num_tokens"] and not 0 <= meta["max_id"] < meta["vocab_size"]:
-        raise UserError(f"malformed token sidecar {side}: max_id {meta['max_id']} outside the vocab of {meta['vocab_size']}", fix)
-    return ids, meta
 
 
-def check_token_file(path: str | os.PathLike, tokenizer_fingerprint: str | None, vocab_size: int) -> tuple[np.ndarray, dict]:
-    """`load_token_file`, then refuse a file from another tokenizer or with ids >= `vocab_size`.
-
-    Pass `tokenizer_fingerprint=None` to skip the tokenizer check (e.g. a run without a tokenizer).
-    """
-    ids, meta = load_token_file(path)
-    guess = _text_guess(Path(path))
-    if tokenizer_fingerprint is not None and meta["fingerprint"] != tokenizer_fingerprint:
-        raise UserError(
-            f"token file {path} was made by a different tokenizer (fingerprint {meta['fingerprint'][:12]} "
-            f"!= {tokenizer_fingerprint[:12]})",
-            f"re-encode it with this run's tokenizer: `tslm encode {guess} --tokenizer DIR --out {path} --force`",
-        )
-    if meta["num_tokens"] and meta["max_id"] >= vocab_size:
-        raise UserError(
-            f"token file {path} holds id {meta['max_id']}, but the model's vocab has only {vocab_size} ids",
-            f"use --vocab-size {meta['vocab_size']} (the tokenizer's), or re-encode with a smaller tokenizer",
-        )
-    return ids, meta
 
 
-def _text_guess(path: Path) -> str:
-    """The text file a token file was probably made from (for fix hints)."""
-    return str(path.with_suffix(".txt"))
 

@@ -20,6 +20,7 @@ from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import atomic_write_text, read_json
 
 FORMAT_VERSION = 1
+MAX_ID = 2**24  # the largest vocabulary a model may have (config.ModelConfig.vocab_size)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -80,6 +81,9 @@ def read_vocab_merges(vocab_path: str | Path, merges_path: str | Path) -> tuple[
             vocab[i] = decode_token_string(s)
         except ValueError as e:
             raise UserError(f"malformed vocab file {vocab_path}: token {s!r}: {e}") from None
+    if vocab and max(vocab) >= MAX_ID:
+        raise UserError(f"malformed vocab file {vocab_path}: id {max(vocab)} exceeds the largest id tslm supports "
+                        f"({MAX_ID - 1})")
     if vocab and max(vocab) >= len(vocab) + 1_000_000:
         raise UserError(f"malformed vocab file {vocab_path}: ids are implausibly sparse (max id {max(vocab)})")
     known = set(vocab.values())

@@ -36,7 +36,7 @@ import numpy as np
 import regex
 
 from tinystories_cli.errors import UserError
-from tinystories_cli.fileio import read_json
+from tinystories_cli.fileio import read_json, sha256_file
 from tinystories_cli.tokenizer.files import read_vocab_merges
 from tinystories_cli.tokenizer.chunking import SAFE_CUT
 from tinystories_cli.tokenizer.pretokenize import GPT2_PATTERN
@@ -160,6 +160,7 @@ class Tokenizer:
         d = Path(directory)
         if not d.is_dir():
             raise UserError(f"tokenizer directory not found: {d}", "run `tslm bpe` to train one, or pass --tokenizer DIR")
+        check_recorded_hashes(d)
         vocab, merges = read_vocab_merges(d / "vocab.json", d / "merges.txt")
         if special_tokens is None:
             special_tokens = _config_special_tokens(d / "tokenizer_config.json")
@@ -634,6 +635,27 @@ def _hashable_int(x) -> bool:
     except TypeError:
         return False
     return True
+
+
+def check_recorded_hashes(directory: Path) -> None:
+    """A tokenizer_config.json that records the sha256 of vocab.json and merges.txt (as `tslm bpe` writes
+    it) must match them: otherwise the files come from different tokenizers or one is damaged. A
+    directory without a config (GPT-2's downloaded files) has nothing recorded to check."""
+    path = directory / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    cfg = read_json(path, "tokenizer config", "re-create the tokenizer with `tslm bpe`")
+    files = cfg.get("files") if isinstance(cfg, dict) else None
+    if files is None:
+        return
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise UserError(f"malformed tokenizer config {path}: \"files\" must map file names to sha256 strings")
+    for name in ("vocab.json", "merges.txt"):
+        want = files.get(name)
+        if want is not None and (directory / name).is_file() and sha256_file(directory / name) != want:
+            raise UserError(f"tokenizer directory {directory} is inconsistent: {name} is not the file its "
+                            "tokenizer_config.json was written with (mixed or damaged files)",
+                            "re-create the tokenizer with `tslm bpe`, or copy the whole directory again")
 
 
 def _config_special_tokens(path: Path) -> list[str] | None:
