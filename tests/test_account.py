@@ -166,3 +166,14 @@ def test_cli_account_fsdp_table(run_cli):
     assert "block inputs kept by the checkpoints" in text and "largest batch per process" in text
     code, out, err = run_cli("account", "debug", "--world-size", "0")
     assert code == 2 and "--world-size" in out + err
+
+
+@pytest.mark.parametrize("ffn, tie, bias, norm", [("swiglu", False, True, "rmsnorm"), ("gelu_tanh", True, True, "layernorm"),
+                                                   ("relu", False, False, "layernorm"), ("silu", True, True, "none")])
+def test_parameter_counts_equal_the_built_model(ffn, tie, bias, norm):
+    """`parameter_counts` counts what TransformerLM builds, biases included (imported GPT-2 models have them)."""
+    from tinystories_cli.model import TransformerLM
+
+    cfg = ModelConfig(vocab_size=97, context_length=16, d_model=32, num_layers=2, num_heads=4, ffn=ffn,
+                      tie_embeddings=tie, bias=bias, norm=norm, pos_emb="learned")
+    assert account.parameter_counts(cfg)["total"] == TransformerLM(cfg).num_parameters()

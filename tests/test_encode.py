@@ -323,3 +323,21 @@ def test_cli_non_utf8_input(dataset, run_cli, tmp_path):
     assert code == 0, err
     code, _, err = run_cli("encode", str(bad), "--errors", "ignore", "--force")
     assert code == 2 and "strict or replace" in err
+
+
+def test_tokenizer_gpt2_names_the_downloaded_gpt2_files(tmp_path, monkeypatch, run_cli, shared_data):
+    from tinystories_cli import paths
+
+    monkeypatch.setattr(paths, "DATA_ROOT", tmp_path / "data")
+    text = tmp_path / "s.txt"
+    text.write_bytes((shared_data / "tinystories_valid.txt").read_bytes()[:4000])
+    code, _, err = run_cli("encode", str(text), "--tokenizer", "gpt2")
+    assert code == 2 and "tslm download gpt2-tokenizer" in err
+    d = tmp_path / "data" / "gpt2-tokenizer"
+    d.mkdir(parents=True)
+    (d / "vocab.json").write_bytes((shared_data / "gpt2_vocab.json").read_bytes())
+    (d / "merges.txt").write_bytes((shared_data / "gpt2_merges.txt").read_bytes())
+    code, _, err = run_cli("encode", str(text), "--tokenizer", "gpt2")
+    assert code == 0, err
+    meta = json.loads(text.with_suffix(".json").read_text())
+    assert meta["vocab_size"] == 50257

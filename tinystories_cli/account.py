@@ -47,8 +47,8 @@ def ffn_matrices(cfg: ModelConfig) -> int:
 def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     """Parameters by component. `total` equals `sum(p.numel() for p in TransformerLM(cfg).parameters())`."""
     d, V = cfg.d_model, cfg.vocab_size
-    attention = 4 * d * d  # W_Q, W_K, W_V, W_O (no biases)
-    ffn = ffn_matrices(cfg) * d * cfg.d_ff
+    attention = 4 * d * d + (4 * d if cfg.bias else 0)  # W_Q, W_K, W_V, W_O (+ their biases with `bias`)
+    ffn = ffn_matrices(cfg) * d * cfg.d_ff + ((ffn_matrices(cfg) - 1) * cfg.d_ff + d if cfg.bias else 0)
     norms = 2 * _norm_params(cfg)
     layer = attention + ffn + norms
     counts = {

@@ -30,7 +30,7 @@ def command(
         help="A dataset name (encodes data/<dataset>/{train,valid}.txt) or text files (default: tinystories).",
         show_default=False)] = None,
     tokenizer: Annotated[Optional[Path], typer.Option(
-        "--tokenizer", "-t", help="Tokenizer directory from `tslm bpe` (default: data/<dataset>/tokenizer/).",
+        "--tokenizer", "-t", help="Tokenizer directory from `tslm bpe` (default: data/<dataset>/tokenizer/), or `gpt2` for GPT-2's (`tslm download gpt2-tokenizer`).",
         show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option(
         "--out", "-o", help="Output .npy (only with one input file; default: the input with .npy).", show_default=False)] = None,
@@ -114,8 +114,16 @@ def _cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+GPT2 = "gpt2"  # `--tokenizer gpt2` names GPT-2's tokenizer, in data/gpt2-tokenizer/ (`tslm download gpt2-tokenizer`)
+
+
 def _plan(inputs: list[str], tokenizer: Path | None, out: Path | None) -> tuple[list[tuple[Path, Path]], Path]:
     """(source, output) pairs and the tokenizer directory for the given arguments."""
+    if tokenizer is not None and str(tokenizer) == GPT2 and not tokenizer.exists():
+        tokenizer = paths.dataset_dir(paths.GPT2_TOKENIZER)  # `--tokenizer gpt2`: GPT-2's downloaded files
+        if not (tokenizer / "vocab.json").is_file():
+            raise UserError(f"--tokenizer gpt2: GPT-2's tokenizer is not in {tokenizer}",
+                            "fetch it with `tslm download gpt2-tokenizer`")
     if len(inputs) <= 1 and (not inputs or _is_dataset_name(inputs[0])):
         dataset = inputs[0] if inputs else paths.DEFAULT_DATASET
         if out is not None:

@@ -363,7 +363,7 @@ def check_global_batch(saved: dict, saved_train: TrainConfig, train_cfg: TrainCo
                     f"{train_cfg.grad_accum_steps} x {world} processes makes {got}", fix)
 
 
-GPT2_TOKENIZER = "gpt2-tokenizer"  # data/gpt2-tokenizer/: GPT-2's vocab.json + merges.txt (`tslm download gpt2-tokenizer`)
+GPT2_TOKENIZER = paths.GPT2_TOKENIZER
 
 
 def preset_tokenizer_dir(preset: Preset, dataset: str, given: Path | None) -> Path:
