@@ -68,7 +68,7 @@ from typing import Callable, Iterator, Literal, Optional
 
 from tinystories_cli import __version__, paths
 from tinystories_cli.errors import UserError
-from tinystories_cli.fileio import atomic_write, atomic_write_text, sha256_file
+from tinystories_cli.fileio import atomic_write, atomic_write_text, fsync_dir, sha256_file
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 CHUNK_SIZE = 1 << 20
@@ -246,12 +246,6 @@ def record_path(dest: str | os.PathLike) -> Path:
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_small_json(path: Path, limit: int = 1 << 16):
@@ -927,7 +921,7 @@ def _download_part(url: str, out: Path, part: _Part, sha256: str | None, size: i
     if gunzip:
         cap, cap_source = (max_bytes, "--max-bytes") if max_bytes is not None else (max_unpacked, "the registry's limit")
         out_sha = _gunzip(part, out, progress, chunk_size, cap, cap_source)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
         _write_record(out, sha256=out_sha, **record)
         part.remove()  # last: until the record exists, the .part marks the download as unfinished
     else:
@@ -935,7 +929,7 @@ def _download_part(url: str, out: Path, part: _Part, sha256: str | None, size: i
         _write_record(out, sha256=out_sha, st=os.fstat(part.fd), **record)
         os.replace(part.path, out)  # same directory: atomic; replaces a directory entry, never follows a link
         origin_path(part.path).unlink(missing_ok=True)
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     return DownloadResult(out, out_sha, out.stat().st_size, source_sha, "downloaded", verified, resumed_from)
 
 

@@ -51,7 +51,7 @@ import numpy as np
 import regex
 
 from tinystories_cli.errors import UserError
-from tinystories_cli.fileio import atomic_write_text, sha256_file
+from tinystories_cli.fileio import atomic_write_text, fsync_dir, sha256_file
 from tinystories_cli.tokenizer.files import FORMAT_VERSION, write_vocab_merges
 from tinystories_cli.tokenizer.chunking import Cutter, WorkerPool, chunk_boundaries, mp_context
 from tinystories_cli.tokenizer.pretokenize import GPT2_PATTERN, GPT2_SPLIT_PATTERN, special_pattern
@@ -731,7 +731,7 @@ def save_tokenizer(out_dir: str | Path, vocab: dict[int, bytes], merges: list[tu
             **(extra or {}),
         }
         atomic_write_text(tmp / CONFIG_NAME, json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if not _rename_new(tmp, out):
             _check_only_tokenizer_files(out)
             if not exchange_dirs(tmp, out):  # no atomic exchange here: move the old one aside first
@@ -744,7 +744,7 @@ def save_tokenizer(out_dir: str | Path, vocab: dict[int, bytes], merges: list[tu
                     old.rmdir()
                     raise
                 tmp = old
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # the temporary dir, or after an exchange the old tokenizer
     return out
@@ -783,17 +783,6 @@ def exchange_dirs(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _check_only_tokenizer_files(out: Path) -> None:
