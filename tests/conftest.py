@@ -18,6 +18,22 @@ def shared_data() -> Path:
 
 
 @pytest.fixture
+def tiny_workspace(tmp_path, monkeypatch):
+    """tmp_path with data/tiny (tokenizer + token files) and runs/, wired into tslm's path defaults, one
+    intra-op thread; returns (tmp_path, the tokenizer)."""
+    import torch
+
+    from tinystories_cli import paths
+    from train_fixtures import make_dataset
+
+    tok = make_dataset(tmp_path)
+    monkeypatch.setattr(paths, "DATA_ROOT", tmp_path / "data")
+    monkeypatch.setattr(paths, "RUNS_ROOT", tmp_path / "runs")
+    torch.set_num_threads(1)
+    return tmp_path, tok
+
+
+@pytest.fixture
 def run_cli(capsys):
     """Call `tslm` in-process; returns (exit code, stdout, stderr)."""
     from tinystories_cli.cli import main

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tinystories_cli import paths, runs
+from tinystories_cli import runs
 from tinystories_cli import train as T
 from tinystories_cli.checkpoint import read_checkpoint
 from tinystories_cli.evaluate import evaluate_tokens
@@ -27,11 +27,8 @@ DISTINCT = ("Pip the penguin found a shiny blue stone by the icy sea. He carried
 
 
 @pytest.fixture
-def workspace(tmp_path, monkeypatch):
-    tok = make_dataset(tmp_path)
-    monkeypatch.setattr(paths, "DATA_ROOT", tmp_path / "data")
-    monkeypatch.setattr(paths, "RUNS_ROOT", tmp_path / "runs")
-    torch.set_num_threads(1)
+def workspace(tiny_workspace):
+    tmp_path, tok = tiny_workspace
     base = T.train(T.prepare_run("debug", None, TINY_MODEL, {"dataset": "tiny", **TINY_TRAIN},
                                  T.TrainOptions(run_name="base", display="quiet", peak_tflops=1.0)))
     ids = tok.encode(DISTINCT)

@@ -18,18 +18,14 @@ from tinystories_cli import paths, runs
 from tinystories_cli import train as T
 from tinystories_cli.checkpoint import read_checkpoint
 
-from train_fixtures import TINY_MODEL, TINY_TRAIN, make_dataset
+from train_fixtures import TINY_MODEL, TINY_TRAIN
 
 STEPS = {"max_steps": 10, "eval_every": 5, "save_every": 5, "log_every": 5}
 
 
 @pytest.fixture
-def workspace(tmp_path, monkeypatch):
-    make_dataset(tmp_path)
-    monkeypatch.setattr(paths, "DATA_ROOT", tmp_path / "data")
-    monkeypatch.setattr(paths, "RUNS_ROOT", tmp_path / "runs")
-    torch.set_num_threads(1)
-    return tmp_path
+def workspace(tiny_workspace):
+    return tiny_workspace[0]
 
 
 def _run(name, train=None, **opts):

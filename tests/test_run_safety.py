@@ -10,24 +10,19 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from tinystories_cli import paths, runs
+from tinystories_cli import runs
 from tinystories_cli import train as T
 from tinystories_cli.checkpoint import read_checkpoint, save_checkpoint
 from tinystories_cli.cli import main
 from tinystories_cli.errors import UserError
 
-from train_fixtures import TINY_MODEL, TINY_TRAIN, make_dataset
+from train_fixtures import TINY_MODEL, TINY_TRAIN
 
 
 @pytest.fixture
-def workspace(tmp_path, monkeypatch):
-    make_dataset(tmp_path)
-    monkeypatch.setattr(paths, "DATA_ROOT", tmp_path / "data")
-    monkeypatch.setattr(paths, "RUNS_ROOT", tmp_path / "runs")
-    torch.set_num_threads(1)
-    return tmp_path
+def workspace(tiny_workspace):
+    return tiny_workspace[0]
 
 
 def _run(name, train=None, **opts):

@@ -19,17 +19,12 @@ from tinystories_cli.device import autocast_factory
 from tinystories_cli.errors import UserError
 from tinystories_cli.train.loop import make_loss_fn
 
-from train_fixtures import TINY_MODEL, TINY_TRAIN, make_dataset, write_token_file
+from train_fixtures import TINY_MODEL, TINY_TRAIN, write_token_file
 
 
 @pytest.fixture
-def workspace(tmp_path, monkeypatch):
-    """A tmp dir with data/tiny (tokenizer + token files) and runs/, wired into tslm's path defaults."""
-    tok = make_dataset(tmp_path)
-    monkeypatch.setattr(paths, "DATA_ROOT", tmp_path / "data")
-    monkeypatch.setattr(paths, "RUNS_ROOT", tmp_path / "runs")
-    torch.set_num_threads(1)
-    return tmp_path, tok
+def workspace(tiny_workspace):
+    return tiny_workspace
 
 
 def _run(name, model=None, train=None, **opts):
