@@ -281,6 +281,7 @@ def run_summary(run: Run, state: State) -> dict[str, Any]:
         **({"time_budget": {k: v for k, v in run.time_plan.items() if k != "deadline"}}
            if run.time_plan is not None else {}),
         **({"init_from": run.init_from.record()} if run.init_from is not None else {}),
+        **({"auto_size": run.auto_size} if run.auto_size is not None else {}),
     }
 
 
