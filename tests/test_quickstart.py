@@ -149,3 +149,19 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path, run_cli):
     (tmp_path / "bin.txt").write_bytes(b"ok<|endoftext|>\xff\xfe<|endoftext|>")
     code, _, err = run_cli("quickstart", "--text", str(tmp_path / "bin.txt"), "--dir", str(tmp_path))
     assert code == 2 and "UTF-8" in err
+
+
+def test_quickstart_auto_size_is_the_default_on_a_cpu(tmp_path: Path, story_text: Path, run_cli):
+    from tinystories_cli.train import autosize
+
+    work = tmp_path / "work"
+    code, out, err = run_cli("quickstart", "--text", str(story_text), "--minutes", "0.1", "--dir", str(work),
+                             "--vocab-size", "300", "--device", "cpu", "--plain", "--max-tokens", "20")
+    assert code == 0, err
+    cfg = json.loads((work / "runs" / "quickstart" / "config.json").read_text(encoding="utf-8"))
+    auto = cfg["auto_size"]
+    # a 6-second budget is far below the first threshold: the smallest row of the rule
+    assert auto["d_model"] == autosize.RULES[0].d_model == cfg["model"]["d_model"]
+    assert cfg["train"]["lr"] == autosize.RULES[0].lr and cfg["train"]["batch_size"] == autosize.BATCH_SIZE
+    assert "auto size: d_model" in out and "model: auto size" in out
+    assert f"--d-model {auto['d_model']}" in out               # the "longer run" command rebuilds the same model
