@@ -53,6 +53,7 @@ from tinystories_cli.device import pick_device
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import atomic_write_bytes, atomic_write_text, check_input_file, sha256_file
 from tinystories_cli.generate import generate_samples
+from tinystories_cli.sampling_grid import run_grid
 from tinystories_cli.tokenizer import bpe
 from tinystories_cli.tokenizer.bpe import default_workers
 from tinystories_cli.tokenizer.encode import encode_file
@@ -77,6 +78,15 @@ NUM_EVALS = 5                     # validation (and checkpoint) points in the ru
 DEFAULT_PROMPT = "Once upon a time"
 STORY_FILE = "story.txt"
 SOURCE_RECORD = "source.json"     # written last by the split stage: marks data/quickstart/*.txt complete
+# The story's sampling settings: every cell of this grid samples GRID_SAMPLES continuations of the prompt
+# (same seeds in every cell), and `pick_sampling` takes the most conservative cell that does not loop.
+STORY_GRID = {"temperature": [0.5, 0.7, 0.9, 1.0], "top_p": [0.9, 1.0]}
+GRID_SAMPLES = 3
+GRID_TOKENS = 120
+# Limits from real text: over the first 120 words of 400 TinyStories validation stories, 90% have a 4-gram
+# repetition rate <= 0.017, and 90% of 3-story pools have distinct-2 >= 0.847.
+MAX_REPETITION = 0.02
+MIN_DISTINCT_2 = 0.8
 
 Notify = Callable[[str, str], None]  # notify(stage, message)
 # download_progress(file name) -> context manager yielding a `download.Progress` callback (a progress bar)
@@ -103,8 +113,8 @@ class QuickstartOptions:
     endpoint: str | None = None       # download mirror (see `tslm download --endpoint`)
     prompt: str = DEFAULT_PROMPT
     max_new_tokens: int = 200
-    temperature: float = 0.8
-    top_p: float = 0.95
+    temperature: float | None = None  # None (with top_p None): chosen by `pick_sampling` from STORY_GRID
+    top_p: float | None = None
     seed: int = 0
     display: str = "auto"             # passed to the training loop: auto | rich | plain | quiet
 
@@ -144,6 +154,7 @@ class QuickstartResult:
     seconds: dict[str, float] = field(default_factory=dict)   # stage -> wall-clock seconds
     plan: StepPlan | None = None
     auto_size: dict | None = None     # what the size rule chose (None: the fixed preset)
+    sampling: dict = field(default_factory=lambda: {"temperature": 0.8, "top_p": 0.95})  # the story's
 
 
 # ----------------------------------------------------------------------------------------------
@@ -551,18 +562,60 @@ def _train(run):
 # ----------------------------------------------------------------------------------------------
 
 
-def tell_story(run_dir: Path, opts: QuickstartOptions, on_text: Callable[[str], None] | None = None) -> tuple[str, Path]:
-    """Sample one story from the run's best checkpoint; returns (text incl. the prompt, checkpoint used)."""
+def pick_sampling(cells) -> tuple[dict, str]:
+    """The sampling settings of the story: the most conservative cell (lowest temperature, then lowest
+    top-p) whose samples read like real text by two counts, repetition rate <= MAX_REPETITION (no
+    loops) and distinct-2 >= MIN_DISTINCT_2 (varied wording); when none passes both, the cell with the
+    lowest repetition rate (then the highest distinct-2). Lower temperature means likelier text, so
+    the coolest cell that still passes is taken; the hottest cell would always win on the counts alone.
+    Returns (settings, why).
+
+    >>> from types import SimpleNamespace as C
+    >>> cells = [C(settings={"temperature": 0.5, "top_p": 1.0}, repetition=0.30, distinct_2=0.40),
+    ...          C(settings={"temperature": 0.7, "top_p": 1.0}, repetition=0.01, distinct_2=0.85),
+    ...          C(settings={"temperature": 1.0, "top_p": 1.0}, repetition=0.00, distinct_2=0.95)]
+    >>> pick_sampling(cells)[0]
+    {'temperature': 0.7, 'top_p': 1.0}
+    >>> pick_sampling(cells[:1])[0]
+    {'temperature': 0.5, 'top_p': 1.0}
+    """
+    def figures(c) -> tuple[float, float]:
+        return (1.0 if c.repetition is None else c.repetition), (0.0 if c.distinct_2 is None else c.distinct_2)
+
+    ordered = sorted(cells, key=lambda c: (c.settings.get("temperature", 1.0), c.settings.get("top_p", 1.0)))
+    for c in ordered:
+        rep, d2 = figures(c)
+        if rep <= MAX_REPETITION and d2 >= MIN_DISTINCT_2:
+            return dict(c.settings), (f"the coolest of {len(cells)} settings with repetition {rep:.3f} <= "
+                                      f"{MAX_REPETITION} and distinct-2 {d2:.2f} >= {MIN_DISTINCT_2}")
+    best = min(ordered, key=lambda c: (figures(c)[0], -figures(c)[1]))
+    rep, d2 = figures(best)
+    return dict(best.settings), (f"no setting of {len(cells)} passed both limits; the least repetitive "
+                                 f"(repetition {rep:.3f}, distinct-2 {d2:.2f})")
+
+
+def tell_story(run_dir: Path, opts: QuickstartOptions, on_text: Callable[[str], None] | None = None,
+               notify: Notify | None = None) -> tuple[str, Path, dict]:
+    """Sample one story from the run's best checkpoint; returns (text incl. the prompt, checkpoint used,
+    sampling settings). Without opts.temperature/top_p the settings come from `pick_sampling` over STORY_GRID."""
 
     device = pick_device(opts.device)
     ckpt = runs.checkpoint_for(run_dir)
     model, tokenizer, _ = runs.load_trained_model(run_dir, device=str(device))
+    settings = {"temperature": 0.8 if opts.temperature is None else opts.temperature,
+                "top_p": 0.95 if opts.top_p is None else opts.top_p}
+    if opts.temperature is None and opts.top_p is None:
+        cells = run_grid(model, tokenizer, opts.prompt, STORY_GRID, seed=opts.seed + 1, num_samples=GRID_SAMPLES,
+                         max_new_tokens=min(GRID_TOKENS, opts.max_new_tokens))
+        settings, why = pick_sampling(cells)
+        if notify:
+            notify("story", f"temperature {settings['temperature']:g}, top-p {settings['top_p']:g}: {why}")
     if on_text:
         on_text(opts.prompt)
     (sample,) = generate_samples(model, tokenizer, [opts.prompt], max_new_tokens=opts.max_new_tokens,
-                                 temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed,
+                                 temperature=settings["temperature"], top_p=settings["top_p"], seed=opts.seed,
                                  on_text=(lambda _k, chunk: on_text(chunk)) if on_text else None)
-    return opts.prompt + sample.text, ckpt
+    return opts.prompt + sample.text, ckpt, settings
 
 
 # ----------------------------------------------------------------------------------------------
@@ -617,7 +670,7 @@ def run_quickstart(opts: QuickstartOptions, notify: Notify | None = None, *, dow
     outcome = timed("train", train_model, opts, run_dir, tok_dir, train_npy, valid_npy, notify)
     stages["train"] = outcome.status
     story_file = run_dir / STORY_FILE
-    story, ckpt = timed("story", tell_story, run_dir, opts, on_story_text)
+    story, ckpt, sampling = timed("story", tell_story, run_dir, opts, on_story_text, notify)
     atomic_write_text(story_file, story.rstrip() + "\n")
     stages["story"] = "done"
     return QuickstartResult(
@@ -626,7 +679,7 @@ def run_quickstart(opts: QuickstartOptions, notify: Notify | None = None, *, dow
         valid_tokens=valid_npy, run_dir=run_dir, checkpoint=ckpt, story_file=story_file, story=story,
         preset=outcome.preset, device=outcome.device, steps=outcome.step, max_steps=outcome.max_steps,
         best_val_loss=outcome.best_val_loss, tokens_per_s=outcome.tokens_per_s, stages=stages, seconds=seconds,
-        plan=outcome.plan, auto_size=outcome.auto_size,
+        plan=outcome.plan, auto_size=outcome.auto_size, sampling=sampling,
     )
 
 
@@ -661,7 +714,8 @@ def next_commands(r: QuickstartResult) -> list[tuple[str, str]]:
     """(what, command) pairs to continue from a finished quickstart, with explicit paths."""
     cd = "" if r.workdir.resolve() == Path.cwd().resolve() else f"cd {r.workdir} && "
     return [
-        ("another story", f'tslm generate "{DEFAULT_PROMPT}" --run {r.run_dir} --temp 0.8 --top-p 0.95'),
+        ("another story", f'tslm generate "{DEFAULT_PROMPT}" --run {r.run_dir} --temp {r.sampling["temperature"]:g} '
+                          f'--top-p {r.sampling["top_p"]:g}'),
         ("loss and perplexity on the held-out text", f"tslm eval {r.run_dir} --data {r.valid_tokens}"),
         ("plot the loss curves", f"tslm plot {r.run_dir} --ascii"),
         ("a longer run on the same data",
