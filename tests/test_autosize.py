@@ -128,3 +128,26 @@ def test_cli_auto_size_trains_and_records_the_choice(tiny_workspace, run_cli):
 def test_cli_auto_size_without_a_budget_is_a_one_line_error(tiny_workspace, run_cli):
     code, out, err = run_cli("train", "--auto-size", "--dataset", "tiny")
     assert code == 2 and "needs a budget" in err and "Traceback" not in err
+
+
+def test_size_sweep_example_end_to_end(tmp_path):
+    """examples/size_sweep.py at a toy budget: data, probes, one run per width, one JSON line each, rerun skips."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from train_fixtures import story_text
+
+    text = tmp_path / "stories.txt"
+    text.write_text("<|endoftext|>".join(story_text(1, s) for s in range(300)), encoding="utf-8")
+    script = Path(__file__).resolve().parents[1] / "examples" / "size_sweep.py"
+    cmd = [sys.executable, str(script), "--text", str(text), "--workdir", str(tmp_path / "w"), "--vocab-size", "300",
+           "--budgets", "2e4", "--widths", "64", "--lrs", "3e-3", "--probe-seconds", "0.1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [json.loads(x) for x in (tmp_path / "w" / "sweep.jsonl").read_text().splitlines()]
+    assert [x["name"] for x in lines] == ["b20000-d64-lr0.003-cosine"]
+    assert lines[0]["steps"] == A.WARMUP_STEPS + 1 and 0 < lines[0]["val_loss"] < 10
+    assert set(json.loads((tmp_path / "w" / "speeds.json").read_text())) == {"64", "128"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and len((tmp_path / "w" / "sweep.jsonl").read_text().splitlines()) == 1
