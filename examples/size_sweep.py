@@ -112,6 +112,9 @@ def main() -> None:
                     t = time.perf_counter()
                     result = tl.train(run)
                     wall = time.perf_counter() - t
+                    if result.stopped != "finished":  # a signal: the run is incomplete, not a data point
+                        raise SystemExit(f"{name} stopped at step {result.step}/{steps} ({result.stopped}); "
+                                         "rerun the same command to redo it")
                     ev = evaluate_run(run_dir, files[1])
                     rec = {"name": name, "budget_ref_tokens": budget, "d_model": w, "num_layers": shape.num_layers,
                            "num_heads": shape.num_heads, "lr": lr, "schedule": schedule, "steps": steps,
