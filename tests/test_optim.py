@@ -155,3 +155,33 @@ def test_adamw_found_inf_skips_on_the_device():
     _step(twin, opt_twin, x, y)
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=0)
+
+
+def test_wsd_lr_warmup_stable_decay():
+    from tinystories_cli.optim import wsd_lr
+
+    max_lr, min_lr, w, total = 1.0, 0.1, 10, 100
+    lrs = [wsd_lr(it, max_lr, min_lr, w, total, 0.2) for it in range(0, 150)]
+    assert lrs[:w + 1] == pytest.approx([cosine_lr(it, max_lr, min_lr, w, total) for it in range(w + 1)])  # same warmup
+    assert all(v == max_lr for v in lrs[w:81])               # stable up to the decay (the last 20 steps)
+    assert lrs[90] == pytest.approx((max_lr + min_lr) / 2)   # linear decay ...
+    assert lrs[100] == pytest.approx(min_lr)                 # ... ending exactly at the last step
+    assert all(a >= b for a, b in zip(lrs[w:], lrs[w + 1:]))
+    assert all(v == min_lr for v in lrs[101:])
+    assert wsd_lr(total, max_lr, min_lr, w, total, 0.0) == max_lr  # no decay at all
+    assert wsd_lr(w + 1, max_lr, min_lr, w, total, 1.0) < max_lr  # all decay after the warmup
+    with pytest.raises(ValueError):
+        wsd_lr(5, max_lr, min_lr, w, total, 1.5)
+
+
+def test_the_loop_follows_the_chosen_schedule():
+    from tinystories_cli.config import TrainConfig
+    from tinystories_cli.optim import wsd_lr
+    from tinystories_cli.train.loop import scheduled_lr
+
+    cos = TrainConfig(max_steps=50, warmup_steps=5, lr=1e-3, min_lr=1e-4)
+    wsd = cos.model_copy(update={"schedule": "wsd", "decay_fraction": 0.3})
+    for step in (1, 5, 20, 35, 40, 50):
+        assert scheduled_lr(cos, step, 50) == cosine_lr(step, 1e-3, 1e-4, 5, 50)
+        assert scheduled_lr(wsd, step, 50) == wsd_lr(step, 1e-3, 1e-4, 5, 50, 0.3)
+    assert scheduled_lr(wsd, 30, 50) == 1e-3 > scheduled_lr(cos, 30, 50)

@@ -149,3 +149,42 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path, run_cli):
     (tmp_path / "bin.txt").write_bytes(b"ok<|endoftext|>\xff\xfe<|endoftext|>")
     code, _, err = run_cli("quickstart", "--text", str(tmp_path / "bin.txt"), "--dir", str(tmp_path))
     assert code == 2 and "UTF-8" in err
+
+
+def test_quickstart_auto_size_is_the_default_on_a_cpu(tmp_path: Path, story_text: Path, run_cli):
+    from tinystories_cli.train import autosize
+
+    work = tmp_path / "work"
+    code, out, err = run_cli("quickstart", "--text", str(story_text), "--minutes", "0.1", "--dir", str(work),
+                             "--vocab-size", "300", "--device", "cpu", "--plain", "--max-tokens", "20")
+    assert code == 0, err
+    cfg = json.loads((work / "runs" / "quickstart" / "config.json").read_text(encoding="utf-8"))
+    auto = cfg["auto_size"]
+    # a 6-second budget is far below the first threshold: the smallest row of the rule
+    assert auto["d_model"] == autosize.RULES[0].d_model == cfg["model"]["d_model"]
+    assert cfg["train"]["lr"] == autosize.RULES[0].lr and cfg["train"]["batch_size"] == autosize.BATCH_SIZE
+    assert "auto size: d_model" in out and "model: auto size" in out
+    assert f"--d-model {auto['d_model']}" in out               # the "longer run" command rebuilds the same model
+    # the story's sampling settings were picked from the grid, said, and repeated in "another story"
+    line = next(x for x in out.splitlines() if x.startswith("story temperature"))
+    temp, top_p = line.split()[2].rstrip(","), line.split()[4].rstrip(":")
+    assert float(temp) in qs.STORY_GRID["temperature"] and float(top_p) in qs.STORY_GRID["top_p"]
+    assert f"--temp {temp} --top-p {top_p}" in out
+
+
+def test_pick_sampling_takes_the_coolest_cell_that_reads_like_text():
+    from types import SimpleNamespace as Cell
+
+    def cell(t, p, rep, d2):
+        return Cell(settings={"temperature": t, "top_p": p}, repetition=rep, distinct_2=d2)
+
+    looping, ok_cool, ok_hot = cell(0.5, 0.9, 0.25, 0.5), cell(0.7, 1.0, 0.0, 0.9), cell(1.0, 1.0, 0.0, 0.97)
+    assert qs.pick_sampling([ok_hot, looping, ok_cool])[0] == ok_cool.settings      # order of the grid is irrelevant
+    assert qs.pick_sampling([ok_hot, looping])[0] == ok_hot.settings
+    # too few distinct bigrams fails as well as looping
+    dull = cell(0.5, 0.9, 0.0, qs.MIN_DISTINCT_2 - 0.01)
+    assert qs.pick_sampling([dull, ok_hot])[0] == ok_hot.settings
+    # nothing passes: the least repetitive, ties broken by distinct-2; samples too short to count lose
+    a, b, short = cell(0.5, 0.9, 0.2, 0.5), cell(0.7, 0.9, 0.1, 0.4), cell(0.9, 0.9, None, None)
+    settings, why = qs.pick_sampling([a, b, short])
+    assert settings == b.settings and "no setting" in why

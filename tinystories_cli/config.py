@@ -141,6 +141,10 @@ class TrainConfig(StrictModel):
     lr: float = setting(8e-4, "Peak learning rate.", gt=0)
     min_lr: float = setting(8e-5, "Learning rate at the end of the cosine.", ge=0)
     warmup_steps: int = setting(2000, "Linear warmup steps.", ge=0)
+    schedule: Literal["cosine", "wsd"] = setting(
+        "cosine", "Learning-rate schedule after the warmup: cosine (decay to min_lr at the last step) or wsd "
+        "(warmup-stable-decay: constant, then a linear decay to min_lr over the last --decay-fraction of the steps).")
+    decay_fraction: float = setting(0.2, "wsd: share of the steps spent decaying at the end.", ge=0, le=1)
     weight_decay: float = setting(1e-4, "AdamW weight decay (matrices only).", ge=0)
     beta1: float = setting(0.9, "AdamW beta1.", ge=0, lt=1)
     beta2: float = setting(0.999, "AdamW beta2.", ge=0, lt=1)

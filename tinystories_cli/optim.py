@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-__all__ = ["AdamW", "cosine_lr", "clip_grad_norm_", "make_param_groups"]
+__all__ = ["AdamW", "cosine_lr", "wsd_lr", "clip_grad_norm_", "make_param_groups"]
 
 
 class AdamW(torch.optim.Optimizer):
@@ -149,6 +149,29 @@ def cosine_lr(it: int, max_lr: float, min_lr: float, warmup_iters: int, cosine_c
         return max_lr
     progress = (it - warmup_iters) / (cosine_cycle_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def wsd_lr(it: int, max_lr: float, min_lr: float, warmup_iters: int, total_iters: int,
+           decay_fraction: float = 0.2) -> float:
+    """Warmup-stable-decay: linear warmup to `max_lr`, flat at `max_lr`, then a linear decay to `min_lr`
+    over the last `decay_fraction` of `total_iters` (ending exactly there), then flat at `min_lr`.
+
+    it < warmup: it / warmup * max_lr;  warmup <= it <= d: max_lr, with d = total - round(fraction x total);
+    d < it <= total: min + (total - it) / (total - d) (max - min);  it > total: min_lr.
+
+    >>> [round(wsd_lr(it, 1.0, 0.1, 10, 100, 0.2), 3) for it in (0, 5, 10, 50, 80, 90, 100, 200)]
+    [0.0, 0.5, 1.0, 1.0, 1.0, 0.55, 0.1, 0.1]
+    """
+    if not 0.0 <= decay_fraction <= 1.0:
+        raise ValueError(f"decay_fraction must be in [0, 1], got {decay_fraction}")
+    if it < warmup_iters:
+        return it / warmup_iters * max_lr
+    if it > total_iters:
+        return min_lr
+    decay_start = max(warmup_iters, total_iters - round(decay_fraction * total_iters))
+    if it <= decay_start:  # with decay_fraction 0 the rate stays at max_lr up to total_iters
+        return max_lr
+    return min_lr + (total_iters - it) / (total_iters - decay_start) * (max_lr - min_lr)
 
 
 def clip_grad_norm_(parameters: Iterable[nn.Parameter] | Tensor, max_norm: float, eps: float = 1e-6) -> Tensor:

@@ -53,10 +53,12 @@ from tinystories_cli.device import pick_device
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import atomic_write_bytes, atomic_write_text, check_input_file, sha256_file
 from tinystories_cli.generate import generate_samples
+from tinystories_cli.sampling_grid import run_grid
 from tinystories_cli.tokenizer import bpe
 from tinystories_cli.tokenizer.bpe import default_workers
 from tinystories_cli.tokenizer.encode import encode_file
 from tinystories_cli.tokens import check_tokens
+from tinystories_cli.train import autosize
 
 DATASET = "quickstart"            # data/quickstart/: never collides with a real `tslm download` dataset
 RUN_NAME = "quickstart"           # runs/quickstart/
@@ -76,6 +78,15 @@ NUM_EVALS = 5                     # validation (and checkpoint) points in the ru
 DEFAULT_PROMPT = "Once upon a time"
 STORY_FILE = "story.txt"
 SOURCE_RECORD = "source.json"     # written last by the split stage: marks data/quickstart/*.txt complete
+# The story's sampling settings: every cell of this grid samples GRID_SAMPLES continuations of the prompt
+# (same seeds in every cell), and `pick_sampling` takes the most conservative cell that does not loop.
+STORY_GRID = {"temperature": [0.5, 0.7, 0.9, 1.0], "top_p": [0.9, 1.0]}
+GRID_SAMPLES = 3
+GRID_TOKENS = 120
+# Limits from real text: over the first 120 words of 400 TinyStories validation stories, 90% have a 4-gram
+# repetition rate <= 0.017, and 90% of 3-story pools have distinct-2 >= 0.847.
+MAX_REPETITION = 0.02
+MIN_DISTINCT_2 = 0.8
 
 Notify = Callable[[str, str], None]  # notify(stage, message)
 # download_progress(file name) -> context manager yielding a `download.Progress` callback (a progress bar)
@@ -102,8 +113,8 @@ class QuickstartOptions:
     endpoint: str | None = None       # download mirror (see `tslm download --endpoint`)
     prompt: str = DEFAULT_PROMPT
     max_new_tokens: int = 200
-    temperature: float = 0.8
-    top_p: float = 0.95
+    temperature: float | None = None  # None (with top_p None): chosen by `pick_sampling` from STORY_GRID
+    top_p: float | None = None
     seed: int = 0
     display: str = "auto"             # passed to the training loop: auto | rich | plain | quiet
 
@@ -117,6 +128,7 @@ class StepPlan:
     seconds: float                    # estimated wall-clock time of the run
     eval_every: int
     warmup_steps: int
+    tokens_per_step: int = 0
 
 
 @dataclass
@@ -141,6 +153,8 @@ class QuickstartResult:
     stages: dict[str, str] = field(default_factory=dict)      # stage -> "done" | "skipped" | "resumed"
     seconds: dict[str, float] = field(default_factory=dict)   # stage -> wall-clock seconds
     plan: StepPlan | None = None
+    auto_size: dict | None = None     # what the size rule chose (None: the fixed preset)
+    sampling: dict = field(default_factory=lambda: {"temperature": 0.8, "top_p": 0.95})  # the story's
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,6 +443,7 @@ class TrainOutcome:
     best_val_loss: float | None = None
     tokens_per_s: float = 0.0
     plan: StepPlan | None = None
+    auto_size: dict | None = None     # what the size rule chose (None: a fixed preset)
 
 
 def train_model(opts: QuickstartOptions, run_dir: Path, tokenizer_dir: Path, train_file: Path, valid_file: Path,
@@ -446,7 +461,8 @@ def train_model(opts: QuickstartOptions, run_dir: Path, tokenizer_dir: Path, tra
         max_steps = int(saved.get("max_steps") or saved.get("train", {}).get("max_steps", 0))
         if last_step >= max_steps > 0:
             best = runs.summarize_run_metrics(run_dir)["best_val_loss"]
-            return TrainOutcome("skipped", saved.get("preset", "?"), str(device), last_step, max_steps, best)
+            return TrainOutcome("skipped", saved.get("preset", "?"), str(device), last_step, max_steps, best,
+                                auto_size=saved.get("auto_size") if isinstance(saved.get("auto_size"), dict) else None)
     base_opts = dict(run_dir=run_dir, train_file=train_file, valid_file=valid_file, tokenizer_dir=tokenizer_dir,
                      display=opts.display)
     if saved is not None and last_step > 0:
@@ -454,46 +470,83 @@ def train_model(opts: QuickstartOptions, run_dir: Path, tokenizer_dir: Path, tra
         run = tl.prepare_run(None, None, None, {"device": opts.device},
                              tl.TrainOptions(resume="auto", **base_opts))
         result = _train(run)
+        auto_size = saved.get("auto_size") if isinstance(saved.get("auto_size"), dict) else None
         return TrainOutcome("resumed", run.preset, str(device), result.step, result.max_steps, result.best_val_loss,
-                            result.tokens_per_s)
+                            result.tokens_per_s, auto_size=auto_size)
 
+    auto = opts.preset is None and device.type != "cuda"  # the size rule was measured on a CPU
     preset = opts.preset or (GPU_PRESET if device.type == "cuda" else CPU_PRESET)
     n_train, n_valid = count_tokens(train_file), count_tokens(valid_file)
 
     p = get_preset(preset)
-    ctx = fit_context(p.model.context_length, min(n_train, n_valid))
-    if ctx != p.model.context_length:
-        notify("train", f"context length {ctx} instead of {p.model.context_length}: the text is short")
-    model_over = {"context_length": ctx} if ctx != p.model.context_length else {}
+    base_model = autosize.shape_for(autosize.REFERENCE_WIDTH).model_overrides() if auto else {}
+    full_ctx = base_model.get("context_length", p.model.context_length)
+    ctx = fit_context(full_ctx, min(n_train, n_valid))
+    if ctx != full_ctx:
+        notify("train", f"context length {ctx} instead of {full_ctx}: the text is short")
+    model_over = {**base_model, "context_length": ctx} if ctx != full_ctx or auto else {}
     train_over: dict = {"dataset": DATASET, "device": opts.device}
+    if auto:
+        train_over.update(batch_size=autosize.BATCH_SIZE, grad_accum_steps=1)
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             train_over["dtype"] = "bfloat16"
-    # First resolve the configs (this also checks the tokenizer and token files), then time a few
-    # real steps of that model, then fix the schedule's length from what is left of the budget.
-    probe_run = tl.prepare_run(preset, None, model_over, {**train_over, "max_steps": max(p.train.warmup_steps, 1)},
-                               tl.TrainOptions(force=True, **base_opts))
-    mc, tc = probe_run.model_cfg, probe_run.train_cfg
     budget = opts.minutes * 60.0
     probe_s = min(20.0, max(0.5, 0.05 * budget))
-    notify("train", f"measuring the speed of {preset} on {device} (a {probe_s:.2g} s probe)")
-    tps, spent = tl.measure_throughput(probe_run, probe_s)
-    tokens_per_step = tc.batch_size * tc.grad_accum_steps * mc.context_length
-    eval_batches = eval_batches_for(budget - spent, tps, mc.context_length, tc.batch_size, tc.eval_batches)
-    eval_windows = min(eval_batches * tc.batch_size, max(1, n_valid - mc.context_length))
-    plan = plan_steps(budget - spent, tps, tokens_per_step, n_train, eval_windows * mc.context_length)
+    # First resolve the configs (this also checks the tokenizer and token files), then time a few
+    # real steps of that model, then fix the schedule's length from what is left of the budget.
+    # With the auto size the probed model is the rule's reference model; when the rule picks another
+    # size, that one is probed too (shorter) and planned from its own speed.
+    what = f"the reference model (d_model {autosize.REFERENCE_WIDTH})" if auto else preset
+    notify("train", f"measuring the speed of {what} on {device} (a {probe_s:.2g} s probe)")
+    plan, tps, eval_batches, spent = _probe_and_plan(preset, model_over, train_over, base_opts, budget, probe_s,
+                                                     n_train, n_valid)
+    choice = None
+    if auto:
+        ref_tokens = plan.steps * autosize.TOKENS_PER_STEP
+        choice = autosize.choose(ref_tokens, f"{plan.steps} steps of the reference model = ")
+        notify("train", f"auto size: d_model {choice.shape.d_model}, {choice.shape.num_layers} layers, "
+                        f"{choice.shape.num_heads} heads, lr {choice.lr:g} ({choice.why})")
+        model_over = {**choice.model_overrides(), "context_length": ctx}
+        train_over.update({k: v for k, v in choice.train_overrides().items() if k != "warmup_steps"})
+        if choice.shape.d_model != autosize.REFERENCE_WIDTH:
+            plan, tps, eval_batches, more = _probe_and_plan(preset, model_over, train_over, base_opts,
+                                                            budget - spent, probe_s / 2, n_train, n_valid)
+            spent += more
+    tokens_per_step = plan.tokens_per_step
     why = {"time": f"fits in the {opts.minutes:g}-minute budget",
            "data": f"{MAX_EPOCHS:g} passes over the {n_train:,} training tokens; more would only memorize them",
            "minimum": "the budget is smaller than the minimum run"}[plan.limited_by]
     notify("train", f"{tps:,.0f} tokens/s -> {plan.steps:,} steps of {tokens_per_step:,} tokens, about "
                     f"{plan.seconds / 60:.1f} min ({why})")
-    train_over.update(max_steps=plan.steps, warmup_steps=plan.warmup_steps, eval_every=plan.eval_every,
+    warmup = min(plan.warmup_steps, autosize.WARMUP_STEPS) if auto else plan.warmup_steps
+    train_over.update(max_steps=plan.steps, warmup_steps=warmup, eval_every=plan.eval_every,
                       eval_batches=eval_batches,
                       save_every=plan.eval_every, log_every=max(1, min(10, plan.steps // 20)))
     run = tl.prepare_run(preset, None, model_over, train_over, tl.TrainOptions(force=True, **base_opts))
+    if choice is not None:
+        run.auto_size = {**choice.record(), "tokens": plan.steps * tokens_per_step,
+                         "warmup_steps": run.train_cfg.warmup_steps}
     result = _train(run)
     return TrainOutcome("done", run.preset, str(device), result.step, result.max_steps, result.best_val_loss,
-                        result.tokens_per_s, plan)
+                        result.tokens_per_s, plan, run.auto_size)
+
+
+def _probe_and_plan(preset: str, model_over: dict, train_over: dict, base_opts: dict, budget: float, probe_s: float,
+                    n_train: int, n_valid: int) -> tuple[StepPlan, float, int, float]:
+    """Time `probe_s` of real steps of the model, then plan the steps that fit in what is left of `budget`.
+    Returns (plan, tokens/s, eval batches, seconds spent)."""
+    p = get_preset(preset)
+    probe_run = tl.prepare_run(preset, None, model_over, {**train_over, "max_steps": max(p.train.warmup_steps, 1)},
+                               tl.TrainOptions(force=True, **base_opts))
+    mc, tc = probe_run.model_cfg, probe_run.train_cfg
+    tps, spent = tl.measure_throughput(probe_run, probe_s)
+    tokens_per_step = tc.batch_size * tc.grad_accum_steps * mc.context_length
+    eval_batches = eval_batches_for(budget - spent, tps, mc.context_length, tc.batch_size, tc.eval_batches)
+    eval_windows = min(eval_batches * tc.batch_size, max(1, n_valid - mc.context_length))
+    plan = plan_steps(budget - spent, tps, tokens_per_step, n_train, eval_windows * mc.context_length)
+    plan.tokens_per_step = tokens_per_step
+    return plan, tps, eval_batches, spent
 
 
 def _train(run):
@@ -509,18 +562,60 @@ def _train(run):
 # ----------------------------------------------------------------------------------------------
 
 
-def tell_story(run_dir: Path, opts: QuickstartOptions, on_text: Callable[[str], None] | None = None) -> tuple[str, Path]:
-    """Sample one story from the run's best checkpoint; returns (text incl. the prompt, checkpoint used)."""
+def pick_sampling(cells) -> tuple[dict, str]:
+    """The sampling settings of the story: the most conservative cell (lowest temperature, then lowest
+    top-p) whose samples read like real text by two counts, repetition rate <= MAX_REPETITION (no
+    loops) and distinct-2 >= MIN_DISTINCT_2 (varied wording); when none passes both, the cell with the
+    lowest repetition rate (then the highest distinct-2). Lower temperature means likelier text, so
+    the coolest cell that still passes is taken; the hottest cell would always win on the counts alone.
+    Returns (settings, why).
+
+    >>> from types import SimpleNamespace as C
+    >>> cells = [C(settings={"temperature": 0.5, "top_p": 1.0}, repetition=0.30, distinct_2=0.40),
+    ...          C(settings={"temperature": 0.7, "top_p": 1.0}, repetition=0.01, distinct_2=0.85),
+    ...          C(settings={"temperature": 1.0, "top_p": 1.0}, repetition=0.00, distinct_2=0.95)]
+    >>> pick_sampling(cells)[0]
+    {'temperature': 0.7, 'top_p': 1.0}
+    >>> pick_sampling(cells[:1])[0]
+    {'temperature': 0.5, 'top_p': 1.0}
+    """
+    def figures(c) -> tuple[float, float]:
+        return (1.0 if c.repetition is None else c.repetition), (0.0 if c.distinct_2 is None else c.distinct_2)
+
+    ordered = sorted(cells, key=lambda c: (c.settings.get("temperature", 1.0), c.settings.get("top_p", 1.0)))
+    for c in ordered:
+        rep, d2 = figures(c)
+        if rep <= MAX_REPETITION and d2 >= MIN_DISTINCT_2:
+            return dict(c.settings), (f"the coolest of {len(cells)} settings with repetition {rep:.3f} <= "
+                                      f"{MAX_REPETITION} and distinct-2 {d2:.2f} >= {MIN_DISTINCT_2}")
+    best = min(ordered, key=lambda c: (figures(c)[0], -figures(c)[1]))
+    rep, d2 = figures(best)
+    return dict(best.settings), (f"no setting of {len(cells)} passed both limits; the least repetitive "
+                                 f"(repetition {rep:.3f}, distinct-2 {d2:.2f})")
+
+
+def tell_story(run_dir: Path, opts: QuickstartOptions, on_text: Callable[[str], None] | None = None,
+               notify: Notify | None = None) -> tuple[str, Path, dict]:
+    """Sample one story from the run's best checkpoint; returns (text incl. the prompt, checkpoint used,
+    sampling settings). Without opts.temperature/top_p the settings come from `pick_sampling` over STORY_GRID."""
 
     device = pick_device(opts.device)
     ckpt = runs.checkpoint_for(run_dir)
     model, tokenizer, _ = runs.load_trained_model(run_dir, device=str(device))
+    settings = {"temperature": 0.8 if opts.temperature is None else opts.temperature,
+                "top_p": 0.95 if opts.top_p is None else opts.top_p}
+    if opts.temperature is None and opts.top_p is None:
+        cells = run_grid(model, tokenizer, opts.prompt, STORY_GRID, seed=opts.seed + 1, num_samples=GRID_SAMPLES,
+                         max_new_tokens=min(GRID_TOKENS, opts.max_new_tokens))
+        settings, why = pick_sampling(cells)
+        if notify:
+            notify("story", f"temperature {settings['temperature']:g}, top-p {settings['top_p']:g}: {why}")
     if on_text:
         on_text(opts.prompt)
     (sample,) = generate_samples(model, tokenizer, [opts.prompt], max_new_tokens=opts.max_new_tokens,
-                                 temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed,
+                                 temperature=settings["temperature"], top_p=settings["top_p"], seed=opts.seed,
                                  on_text=(lambda _k, chunk: on_text(chunk)) if on_text else None)
-    return opts.prompt + sample.text, ckpt
+    return opts.prompt + sample.text, ckpt, settings
 
 
 # ----------------------------------------------------------------------------------------------
@@ -575,7 +670,7 @@ def run_quickstart(opts: QuickstartOptions, notify: Notify | None = None, *, dow
     outcome = timed("train", train_model, opts, run_dir, tok_dir, train_npy, valid_npy, notify)
     stages["train"] = outcome.status
     story_file = run_dir / STORY_FILE
-    story, ckpt = timed("story", tell_story, run_dir, opts, on_story_text)
+    story, ckpt, sampling = timed("story", tell_story, run_dir, opts, on_story_text, notify)
     atomic_write_text(story_file, story.rstrip() + "\n")
     stages["story"] = "done"
     return QuickstartResult(
@@ -584,7 +679,7 @@ def run_quickstart(opts: QuickstartOptions, notify: Notify | None = None, *, dow
         valid_tokens=valid_npy, run_dir=run_dir, checkpoint=ckpt, story_file=story_file, story=story,
         preset=outcome.preset, device=outcome.device, steps=outcome.step, max_steps=outcome.max_steps,
         best_val_loss=outcome.best_val_loss, tokens_per_s=outcome.tokens_per_s, stages=stages, seconds=seconds,
-        plan=outcome.plan,
+        plan=outcome.plan, auto_size=outcome.auto_size, sampling=sampling,
     )
 
 
@@ -594,16 +689,38 @@ def _preset_vocab(preset: str) -> int:
     return p.model.vocab_size if p is not None and p.tokenizer == "bpe" else 4096
 
 
+def model_label(r: QuickstartResult) -> str:
+    """How the summary names the model: the preset, or the auto size's shape."""
+    a = r.auto_size
+    if not a:
+        return r.preset
+    return f"auto size (d_model {a.get('d_model')}, {a.get('num_layers')} layers, lr {a.get('lr'):g})"
+
+
+def size_flags(auto: dict | None) -> str:
+    """The `tslm train` flags that rebuild an auto-sized model (empty for a fixed preset).
+
+    >>> size_flags({"d_model": 128, "num_layers": 4, "num_heads": 4, "lr": 0.003})
+    ' --d-model 128 --num-layers 4 --num-heads 4 --lr 0.003 --min-lr 0.0003 --batch-size 16'
+    """
+    if not auto:
+        return ""
+    lr = float(auto["lr"])
+    return (f" --d-model {auto['d_model']} --num-layers {auto['num_layers']} --num-heads {auto['num_heads']} "
+            f"--lr {lr:g} --min-lr {lr * autosize.MIN_LR_RATIO:g} --batch-size {autosize.BATCH_SIZE}")
+
+
 def next_commands(r: QuickstartResult) -> list[tuple[str, str]]:
     """(what, command) pairs to continue from a finished quickstart, with explicit paths."""
     cd = "" if r.workdir.resolve() == Path.cwd().resolve() else f"cd {r.workdir} && "
     return [
-        ("another story", f'tslm generate "{DEFAULT_PROMPT}" --run {r.run_dir} --temp 0.8 --top-p 0.95'),
+        ("another story", f'tslm generate "{DEFAULT_PROMPT}" --run {r.run_dir} --temp {r.sampling["temperature"]:g} '
+                          f'--top-p {r.sampling["top_p"]:g}'),
         ("loss and perplexity on the held-out text", f"tslm eval {r.run_dir} --data {r.valid_tokens}"),
         ("plot the loss curves", f"tslm plot {r.run_dir} --ascii"),
         ("a longer run on the same data",
-         f"{cd}tslm train --preset {r.preset} --dataset {DATASET} --max-steps {max(2 * r.max_steps, 1000)} "
-         f"--run-name {DATASET}-long"),
+         f"{cd}tslm train --preset {r.preset}{size_flags(r.auto_size)} --dataset {DATASET} "
+         f"--max-steps {max(2 * r.max_steps, 1000)} --run-name {DATASET}-long"),
         ("the full TinyStories (2.2 GB; the tokenizer alone takes a while)",
          f"{cd}tslm download tinystories && tslm bpe --vocab-size {_preset_vocab(r.preset)} && tslm encode && "
          f"tslm train --preset {r.preset}"),

@@ -224,6 +224,12 @@ def render_run_readme(run_dir: str | os.PathLike) -> str:
                   ("planned steps", tb.get("planned_steps")), ("actual time (s)", tb.get("actual_s"))]
     out += _table([(k, f"`{_setting(v)}`") for k, v in train.items()]
                   + [(k, f"{v:,}" if isinstance(v, int) else _fmt(v)) for k, v in extra if v is not None])
+    auto = config.get("auto_size")
+    if isinstance(auto, dict):  # --auto-size: what the rule chose and why
+        out += ["", f"Sized by `--auto-size`: d_model {_fmt(auto.get('d_model'))}, {_fmt(auto.get('num_layers'))} "
+                    f"layers, {_fmt(auto.get('num_heads'))} heads, lr {_setting(auto.get('lr'))}; "
+                    f"{auto.get('why', '')}."
+                + (f" Given explicitly (kept): {', '.join(map(str, auto['explicit']))}." if auto.get("explicit") else "")]
 
     out += ["", "## Data", ""]
     data_lines = _data_lines(config)

@@ -32,7 +32,8 @@ def command(
     device: Annotated[str, typer.Option("--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps.")] = "auto",
     force: Annotated[bool, typer.Option("--force", help="Redo every stage (a complete download is kept).")] = False,
     preset: Annotated[Optional[str], typer.Option(
-        "--preset", help=f"Model preset (default: {qs.CPU_PRESET}; {qs.GPU_PRESET} on a CUDA GPU).",
+        "--preset", help=f"A fixed model preset instead of the auto size (default on a CPU: the size and learning rate that "
+                         f"the measured rule picks for --minutes, see README; on a CUDA GPU: {qs.GPU_PRESET}).",
         rich_help_panel=ADVANCED, show_default=False)] = None,
     prompt: Annotated[str, typer.Option("--prompt", help="Start of the story.", rich_help_panel=ADVANCED)] = qs.DEFAULT_PROMPT,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Length limit of the story in tokens.",
@@ -150,7 +151,7 @@ def _render(r: qs.QuickstartResult, total_s: float) -> None:
         console.print(line, soft_wrap=True)
     best = f", best validation loss {r.best_val_loss:.3f}" if r.best_val_loss is not None else ""
     speed = f" at {r.tokens_per_s / 1e3:.1f}K tokens/s" if r.tokens_per_s else ""
-    console.print(f"model: {r.preset} on {r.device}, {r.steps:,}/{r.max_steps:,} steps{speed}{best}; "
+    console.print(f"model: {qs.model_label(r)} on {r.device}, {r.steps:,}/{r.max_steps:,} steps{speed}{best}; "
                   f"total {total_s / 60:.1f} min", soft_wrap=True)
     console.print("\n[bold]next[/bold]")
     for what_, cmd in qs.next_commands(r):

@@ -14,6 +14,7 @@ from tinystories_cli.account import parse_memory
 from tinystories_cli.config import ModelConfig, TrainConfig
 from tinystories_cli.console import console
 from tinystories_cli.errors import UserError
+from tinystories_cli.train import autosize
 
 RUN = "Run"
 
@@ -47,6 +48,7 @@ def command(
     wandb: Annotated[bool, _opt("--wandb", help="Also log to Weights & Biases (needs `pip install wandb`).")] = False,
     fit_memory: Annotated[Optional[str], _opt("--fit-memory", help="Device memory, e.g. 24GB: pick the micro-batch and accumulation that keep the global batch (--batch-size x --grad-accum x processes) within it, from `tslm account`'s estimate with a 10% margin.")] = None,
     time_budget: Annotated[Optional[str], _opt("--time-budget", help="Wall-clock budget, e.g. 90m or 1.5h: a short probe of real steps sets --max-steps so the cosine ends on time; the run stops at the deadline.")] = None,
+    auto_size: Annotated[bool, _opt("--auto-size", help=f"Pick d_model, layers, heads, lr, batch and warmup for the budget (--time-budget, --train-tokens or --max-steps) from the rule measured on a CPU (README: Auto size); flags given explicitly win. Base preset: --preset, else {autosize.BASE_PRESET}.")] = False,
     plain: Annotated[bool, _opt("--plain", help="Plain log lines instead of the live display.")] = False,
     quiet: Annotated[bool, _opt("--quiet", "-q", help="No progress output.")] = False,
     print_config: common.PrintConfig = False,
@@ -58,7 +60,7 @@ def command(
     if resume_target is not None and not resume:
         raise UserError(f"unexpected argument {resume_target!r}", "to continue a run pass --resume, --resume auto or --resume RUN")
     resume_value = (resume_target or "auto") if resume else None
-    if preset is None and config is None and resume_value is None and init_from is None:
+    if preset is None and config is None and resume_value is None and init_from is None and not auto_size:
         raise UserError("no preset given", "pass --preset NAME (see `tslm account --list`), --config FILE, --resume or --init-from")
     if run_name is not None and run_dir is not None:
         raise UserError("--run-name and --run-dir are exclusive", "pass one of them")
@@ -72,10 +74,15 @@ def command(
     )
     if peak_tflops is not None and not 0 < peak_tflops < 1e9:  # also refuses NaN and inf
         raise UserError(f"--peak-tflops must be a positive finite number, got {peak_tflops}")
-    run = train_lib.prepare_run(preset, config, model_over, train_over, opts)
+    if auto_size:
+        run = autosize.prepare_auto_run(preset, config, model_over, train_over, opts,
+                                        notify=None if quiet else (lambda m: console.print(m, soft_wrap=True)))
+    else:
+        run = train_lib.prepare_run(preset, config, model_over, train_over, opts)
     if print_config:
         console.print_json(json.dumps({"preset": run.preset, "model": run.model_cfg.model_dump(),
-                                       "train": run.train_cfg.model_dump(), "run_dir": str(run.run_dir)}))
+                                       "train": run.train_cfg.model_dump(), "run_dir": str(run.run_dir),
+                                       **({"auto_size": run.auto_size} if run.auto_size else {})}))
         return
     result = train_lib.train(run)
     if not quiet:

@@ -6,7 +6,7 @@
 `train` builds the state (`build_state`), writes the run directory, then `fit` runs one optimizer step
 at a time (`step` counts from 1 to `max_steps`), reading like this:
 
-    lr = cosine_lr(step, lr, min_lr, warmup_steps, max_steps)    # the schedule ends exactly at max_steps
+    lr = scheduled_lr(step)       # cosine_lr or wsd_lr (--schedule): it ends exactly at max_steps
     loss, grad_norm = train_step(batches)                        # micro-steps -> clip
         for each of grad_accum_steps micro-batches:              # DDP syncs gradients on the last one only
             loss = cross_entropy(model(x), y) / grad_accum_steps; loss.backward()
@@ -57,7 +57,7 @@ from tinystories_cli.errors import UserError
 from tinystories_cli.evaluate import fixed_window_loss
 from tinystories_cli.fileio import atomic_write_text
 from tinystories_cli.model import TransformerLM, cross_entropy
-from tinystories_cli.optim import AdamW, clip_grad_norm_, cosine_lr, make_param_groups
+from tinystories_cli.optim import AdamW, clip_grad_norm_, cosine_lr, make_param_groups, wsd_lr
 from tinystories_cli.run_readme import write_run_readme
 from tinystories_cli.tokens import open_tokens
 from tinystories_cli.train.display import Display, Signals, format_duration, print_header
@@ -281,6 +281,7 @@ def run_summary(run: Run, state: State) -> dict[str, Any]:
         **({"time_budget": {k: v for k, v in run.time_plan.items() if k != "deadline"}}
            if run.time_plan is not None else {}),
         **({"init_from": run.init_from.record()} if run.init_from is not None else {}),
+        **({"auto_size": run.auto_size} if run.auto_size is not None else {}),
     }
 
 
@@ -352,7 +353,7 @@ def fit(run: Run, state: State, display: Display, log: MetricsLog | None, peak: 
         restore_rng(state.rng_state, state.device)
     with Signals() as signals:
         for step in range(state.start_step + 1, run.end_step + 1):
-            lr = cosine_lr(step, tc.lr, tc.min_lr, tc.warmup_steps, run.max_steps)
+            lr = scheduled_lr(tc, step, run.max_steps)
             for group in state.optimizer.param_groups:
                 group["lr"] = lr
             batches = feeder.take()
@@ -400,6 +401,13 @@ def fit(run: Run, state: State, display: Display, log: MetricsLog | None, peak: 
     result.best_val_loss = state.best_val
     result.elapsed_s, result.tokens_per_s = meter.totals(result.step, state.tokens_per_step)
     return result
+
+
+def scheduled_lr(tc, step: int, max_steps: int) -> float:
+    """The learning rate of `step` under the run's schedule (cosine or warmup-stable-decay)."""
+    if tc.schedule == "wsd":
+        return wsd_lr(step, tc.lr, tc.min_lr, tc.warmup_steps, max_steps, tc.decay_fraction)
+    return cosine_lr(step, tc.lr, tc.min_lr, tc.warmup_steps, max_steps)
 
 
 def is_sync_point(step: int, start_step: int, end_step: int, max_steps: int, tc) -> bool:

@@ -100,6 +100,7 @@ class Run:
     init_from: InitSource | None = None
     notes: list[str] = field(default_factory=list)  # what was chosen for the user, printed in the header
     time_plan: dict[str, float] | None = None  # --time-budget: the budget, the probe and the steps it planned
+    auto_size: dict | None = None  # --auto-size: what the rule chose and why (`autosize.prepare_auto_run`)
 
 
 def parse_duration(text: str) -> float:

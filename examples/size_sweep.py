@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""Which model size and learning rate learn the most from a short CPU budget? The sweep behind
+`tslm train --auto-size` (tinystories_cli/train/autosize.py).
+
+    python examples/size_sweep.py --text ../shared/data/tinystories_train.txt --workdir /tmp/size_sweep \
+        --budgets 0.5e6,1.5e6 --widths 64,128,192,256 --lrs 3e-3 [--lr-widths 128 --extra-lrs 1e-3,6e-3]
+
+Budgets are counted in REFERENCE TOKENS: the tokens the reference model (d_model 128, 4 layers,
+batch 16 x 256, the model `autosize` probes) processes in the same wall-clock time. A probe at
+the start times every width back to back, so each candidate gets its fair share:
+
+    tokens of width w = budget x (tokens/s of w) / (tokens/s of the reference)
+
+This keeps the sweep independent of how loaded the machine is (only the wall-clock of the sweep
+changes): "2 minutes of this machine" is probe tokens/s x 120 reference tokens.
+
+Data: quickstart's 95/5 split of --text and its 2048-id tokenizer (built under WORKDIR/data by the
+same library functions `tslm quickstart` uses). Every run: 4 layers (2 for d_model 64), heads of
+width 32, batch 16 x 256, warmup 20 steps, cosine to lr/10 (or --schedule wsd); the score is the
+loss of the best checkpoint over the whole held-out file (what `tslm eval` reports).
+
+Prints one JSON line per run and appends it to WORKDIR/sweep.jsonl (a rerun skips finished runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from tinystories_cli import quickstart as qs
+from tinystories_cli import train as tl
+from tinystories_cli.evaluate import evaluate_run
+from tinystories_cli.train import autosize
+
+
+def prepare(text: Path, workdir: Path, vocab_size: int) -> tuple[Path, Path, Path]:
+    data = workdir / "data" / "quickstart"
+    data.mkdir(parents=True, exist_ok=True)
+    qs.split_text(text, data / "train.txt", data / "valid.txt")
+    qs.train_tokenizer(data / "train.txt", data / "tokenizer", vocab_size)
+    for split in ("train", "valid"):
+        qs.encode_text(data / f"{split}.txt", data / f"{split}.npy", data / "tokenizer")
+    return data / "train.npy", data / "valid.npy", data / "tokenizer"
+
+
+def run_options(run_dir: Path, files: tuple[Path, Path, Path]) -> tl.TrainOptions:
+    train_file, valid_file, tok = files
+    return tl.TrainOptions(run_dir=run_dir, train_file=train_file, valid_file=valid_file, tokenizer_dir=tok,
+                           display="quiet", force=True)
+
+
+def probe(width: int, files, workdir: Path, seconds: float) -> float:
+    shape = autosize.shape_for(width)
+    run = tl.prepare_run(autosize.BASE_PRESET, None, shape.model_overrides(),
+                         {"dataset": "quickstart", "max_steps": 100, "warmup_steps": 1, "batch_size": autosize.BATCH_SIZE},
+                         run_options(workdir / "runs" / "probe", files))
+    tps, _ = tl.measure_throughput(run, seconds, max_steps=50)
+    return tps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--text", type=Path, required=True)
+    ap.add_argument("--workdir", type=Path, default=Path("size_sweep"))
+    ap.add_argument("--vocab-size", type=int, default=2048)
+    ap.add_argument("--budgets", default="0.5e6,1.5e6", help="reference-token budgets, comma-separated")
+    ap.add_argument("--widths", default="64,128,192,256")
+    ap.add_argument("--lrs", default="3e-3", help="learning rates tried at every width")
+    ap.add_argument("--lr-widths", default="", help="widths that also try --extra-lrs")
+    ap.add_argument("--extra-lrs", default="1e-3,6e-3")
+    ap.add_argument("--schedule", default="cosine", help="cosine, wsd, or both")
+    ap.add_argument("--probe-seconds", type=float, default=8.0)
+    args = ap.parse_args()
+
+    files = prepare(args.text, args.workdir, args.vocab_size)
+    widths = [int(w) for w in args.widths.split(",")]
+    speeds_file = args.workdir / "speeds.json"
+    speeds = json.loads(speeds_file.read_text()) if speeds_file.is_file() else {}
+    for w in sorted(set(widths) | {autosize.REFERENCE_WIDTH}):
+        if str(w) not in speeds:
+            speeds[str(w)] = probe(w, files, args.workdir, args.probe_seconds)
+            speeds_file.write_text(json.dumps(speeds, indent=1))
+    ref = speeds[str(autosize.REFERENCE_WIDTH)]
+    print(json.dumps({"probe_tokens_per_s": speeds}), flush=True)
+
+    out = args.workdir / "sweep.jsonl"
+    done = {json.loads(line)["name"] for line in out.read_text().splitlines()} if out.is_file() else set()
+    lr_widths = {int(w) for w in args.lr_widths.split(",") if w}
+    schedules = ["cosine", "wsd"] if args.schedule == "both" else [args.schedule]
+    for budget in (float(b) for b in args.budgets.split(",")):
+        for w in widths:
+            lrs = [float(x) for x in args.lrs.split(",")]
+            if w in lr_widths:
+                lrs += [float(x) for x in args.extra_lrs.split(",")]
+            for lr in lrs:
+                for schedule in schedules:
+                    name = f"b{budget:g}-d{w}-lr{lr:g}-{schedule}"
+                    if name in done:
+                        continue
+                    shape = autosize.shape_for(w)
+                    tokens = int(budget * speeds[str(w)] / ref)
+                    steps = max(autosize.WARMUP_STEPS + 1, tokens // autosize.TOKENS_PER_STEP)
+                    train_over = {"dataset": "quickstart", "max_steps": steps, "lr": lr, "min_lr": lr / 10,
+                                  "warmup_steps": autosize.WARMUP_STEPS, "batch_size": autosize.BATCH_SIZE,
+                                  "schedule": schedule, "eval_every": max(1, steps // 4), "eval_batches": 4,
+                                  "save_every": max(1, steps // 4), "log_every": 50}
+                    run_dir = args.workdir / "runs" / name
+                    run = tl.prepare_run(autosize.BASE_PRESET, None, shape.model_overrides(), train_over,
+                                         run_options(run_dir, files))
+                    t = time.perf_counter()
+                    result = tl.train(run)
+                    wall = time.perf_counter() - t
+                    if result.stopped != "finished":  # a signal: the run is incomplete, not a data point
+                        raise SystemExit(f"{name} stopped at step {result.step}/{steps} ({result.stopped}); "
+                                         "rerun the same command to redo it")
+                    ev = evaluate_run(run_dir, files[1])
+                    rec = {"name": name, "budget_ref_tokens": budget, "d_model": w, "num_layers": shape.num_layers,
+                           "num_heads": shape.num_heads, "lr": lr, "schedule": schedule, "steps": steps,
+                           "tokens": steps * autosize.TOKENS_PER_STEP, "val_loss": round(ev["loss"], 4),
+                           "bits_per_byte": ev.get("bits_per_byte"), "wall_s": round(wall, 1),
+                           "train_tokens_per_s": round(result.tokens_per_s, 1)}
+                    print(json.dumps(rec), flush=True)
+                    with open(out, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""`--auto-size`: the model size and learning rate for a training budget, from a measured rule.
+
+The budget is counted in REFERENCE TOKENS: the tokens the reference model (d_model 128, 4 layers,
+batch 16 x 256) would train on in the budget. A time budget becomes reference tokens through a
+short probe of that model (`tokens/s x seconds`); that is the only machine-dependent step, so the
+rule itself was measured at fixed token budgets (examples/size_sweep.py) whatever the load was.
+A budget given in the chosen model's own tokens (--train-tokens, --max-steps) is converted with the
+measured relative speed of each width (`Rule.speed`).
+
+The rule (RULES, from the sweep recorded in tests/benchmarks/RESULTS.md): the widest model whose
+threshold the budget reaches, with its best learning rate:
+
+    >>> [(r.d_model, f"{r.min_ref_tokens:.3g}", r.lr) for r in RULES]
+    [(64, '0', 0.006), (128, '1.2e+06', 0.006)]
+    >>> c = choose(ref_tokens=1.5e6)
+    >>> c.shape, c.lr
+    (Shape(d_model=128, num_layers=4, num_heads=4), 0.006)
+
+Everything else is the same for every size: batch 16 x 256 tokens, warmup 20 steps (at most a tenth
+of the steps), then warmup-stable-decay to lr/10 over the last 20% (`SCHEDULE`: it beat cosine at the
+sweep point where both were run).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+from tinystories_cli.config import default_d_ff, load_config_file
+from tinystories_cli.errors import UserError
+from tinystories_cli.train.loop import measure_throughput
+from tinystories_cli.train.prepare import Run, TrainOptions, prepare_run
+
+BASE_PRESET = "tinystories-cpu"   # everything the rule does not choose comes from this preset
+REFERENCE_WIDTH = 128             # the model the probe times (4 layers, d_model 128)
+BATCH_SIZE = 16
+CONTEXT_LENGTH = 256
+TOKENS_PER_STEP = BATCH_SIZE * CONTEXT_LENGTH
+WARMUP_STEPS = 20
+HEAD_WIDTH = 32
+# WSD (decay over the last 20%) beat cosine at the one sweep point measured: d_model 128, lr 6e-3, 1.5M
+# reference tokens, 2.872 vs 2.923 held-out loss (one seed each; RESULTS.md, "Size for the budget").
+SCHEDULE = "wsd"
+MIN_LR_RATIO = 0.1
+
+
+@dataclass(frozen=True)
+class Shape:
+    d_model: int
+    num_layers: int
+    num_heads: int
+
+    def model_overrides(self) -> dict:
+        return {"d_model": self.d_model, "num_layers": self.num_layers, "num_heads": self.num_heads,
+                "d_ff": default_d_ff(self.d_model, "swiglu"), "context_length": CONTEXT_LENGTH}
+
+
+def shape_for(d_model: int) -> Shape:
+    """The sweep's shape of a width: heads of 32 dims, 4 layers (2 for the smallest width).
+
+    >>> shape_for(128), shape_for(64).num_layers
+    (Shape(d_model=128, num_layers=4, num_heads=4), 2)
+    """
+    return Shape(d_model, 2 if d_model <= 64 else 4, max(1, d_model // HEAD_WIDTH))
+
+
+@dataclass(frozen=True)
+class Rule:
+    min_ref_tokens: float   # the smallest budget (reference tokens) at which this width wins
+    d_model: int
+    lr: float               # its best peak learning rate in the sweep
+    speed: float            # its training tokens/s relative to the reference model (the sweep's probe)
+
+
+# From examples/size_sweep.py (every run in tests/benchmarks/RESULTS.md, "Size for the budget"): at 0.5M
+# reference tokens d_model 64 (2 layers) beat 128 (3.389 vs 3.596, both at lr 6e-3, their best of those
+# tried), at 1.5M d_model 128 beat 64 (2.923 at lr 6e-3 vs 3.089 at 3e-3), and 192 and 256 lost by
+# 0.4-0.5 at both. The threshold is where the d128 - d64 difference crosses zero, interpolated in log
+# budget from the lr 3e-3 pairs (+0.175 at 0.5M, -0.043 at 1.5M): 1.2M. Budgets above 1.5M were not
+# measured: d_model 128 is kept there. `speed`: the sweep's probe (d64 34.3K, d128 14.2K tokens/s).
+RULES: tuple[Rule, ...] = (
+    Rule(0.0, 64, 6e-3, 2.41),
+    Rule(1.2e6, 128, 6e-3, 1.0),
+)
+
+
+@dataclass
+class Choice:
+    """What --auto-size picked, and why (recorded in config.json under "auto_size")."""
+
+    shape: Shape
+    lr: float
+    ref_tokens: float         # the budget in reference tokens
+    tokens: int               # the chosen model's own tokens in that budget
+    why: str
+
+    def model_overrides(self) -> dict:
+        return self.shape.model_overrides()
+
+    def train_overrides(self, steps: int | None = None) -> dict:
+        """lr, min_lr, batch, warmup and schedule; with `steps`, max_steps too (the warmup is then capped
+        at a tenth of them)."""
+        out = {"lr": self.lr, "min_lr": self.lr * MIN_LR_RATIO, "batch_size": BATCH_SIZE, "grad_accum_steps": 1,
+               "warmup_steps": WARMUP_STEPS, "schedule": SCHEDULE}
+        if steps is not None:
+            out.update(max_steps=steps, warmup_steps=min(WARMUP_STEPS, max(1, steps // 10)))
+        return out
+
+    def record(self) -> dict:
+        return {"d_model": self.shape.d_model, "num_layers": self.shape.num_layers, "num_heads": self.shape.num_heads,
+                "lr": self.lr, "batch_size": BATCH_SIZE, "warmup_steps": WARMUP_STEPS, "schedule": SCHEDULE,
+                "reference_tokens": round(self.ref_tokens), "tokens": self.tokens, "why": self.why}
+
+
+def rule_for(ref_tokens: float) -> Rule:
+    """The row of RULES for a budget of `ref_tokens` reference tokens.
+
+    >>> rule_for(1e5).d_model, rule_for(1.2e6).d_model, rule_for(1e9).d_model
+    (64, 128, 128)
+    """
+    if not (ref_tokens >= 0 and math.isfinite(ref_tokens)):
+        raise ValueError(f"the token budget must be a finite number >= 0, got {ref_tokens}")
+    return [r for r in RULES if r.min_ref_tokens <= ref_tokens][-1]
+
+
+def choose(ref_tokens: float, source: str = "") -> Choice:
+    """The choice for a budget of `ref_tokens` reference tokens; `source` says where the budget came from."""
+    r = rule_for(ref_tokens)
+    nxt = [x for x in RULES if x.min_ref_tokens > ref_tokens]
+    upper = f", below the {nxt[0].min_ref_tokens / 1e6:g}M where d_model {nxt[0].d_model} wins" if nxt else ""
+    why = (f"{source}{ref_tokens / 1e6:.2f}M reference tokens (d_model {REFERENCE_WIDTH} equivalent): "
+           f"at least the {r.min_ref_tokens / 1e6:g}M where d_model {r.d_model} wins{upper}")
+    return Choice(shape_for(r.d_model), r.lr, ref_tokens, int(ref_tokens * r.speed), why)
+
+
+def choose_for_seconds(seconds: float, reference_tokens_per_s: float) -> Choice:
+    """A wall-clock budget at the probed speed of the reference model.
+
+    >>> choose_for_seconds(240, 6_100).shape.d_model       # the issue's 4 minutes at 6.1K tokens/s: 1.46M
+    128
+    >>> choose_for_seconds(240, 3_000).shape.d_model       # a busier machine: 0.72M
+    64
+    """
+    if not (seconds > 0 and reference_tokens_per_s > 0):
+        raise UserError(f"cannot size a model for {seconds:g} s at {reference_tokens_per_s:g} tokens/s",
+                        "give a positive time budget")
+    return choose(seconds * reference_tokens_per_s,
+                  f"{seconds / 60:.3g} min x {reference_tokens_per_s:,.0f} reference tokens/s = ")
+
+
+def choose_for_tokens(tokens: float) -> Choice:
+    """A budget in the chosen model's own tokens: the widest width whose threshold is reached once its
+    tokens are converted to reference tokens (a slower model's token costs more time).
+
+    >>> choose_for_tokens(1.64e6).shape.d_model, choose_for_tokens(1e6).shape.d_model
+    (128, 64)
+    """
+    if not (tokens > 0 and math.isfinite(tokens)):
+        raise ValueError(f"the token budget must be a positive finite number, got {tokens}")
+    fits = [r for r in RULES if tokens / r.speed >= r.min_ref_tokens]
+    r = fits[-1]
+    c = choose(tokens / r.speed, f"{tokens / 1e6:.2f}M tokens of d_model {r.d_model} = ")
+    c.shape, c.lr, c.tokens = shape_for(r.d_model), r.lr, int(tokens)
+    return c
+
+
+def rule_table() -> list[tuple[str, str, str, str]]:
+    """(budget range, shape, lr, relative speed) rows of RULES, as the README shows them."""
+    rows = []
+    for i, r in enumerate(RULES):
+        hi = RULES[i + 1].min_ref_tokens if i + 1 < len(RULES) else None
+        span = f"{r.min_ref_tokens / 1e6:g}M - {hi / 1e6:g}M" if hi else f">= {r.min_ref_tokens / 1e6:g}M"
+        s = shape_for(r.d_model)
+        rows.append((span, f"d_model {s.d_model}, {s.num_layers} layers, {s.num_heads} heads", f"{r.lr:g}",
+                     f"{r.speed:.2f}"))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# A run sized by the rule (`tslm train --auto-size`)
+# ----------------------------------------------------------------------------------------------
+
+
+def probe_reference(preset: str, train_over: dict, opts: TrainOptions, seconds: float) -> tuple[float, float]:
+    """(tokens/s, seconds spent) of the reference model on this machine, on the run's data."""
+    keep = {k: train_over[k] for k in ("dataset", "device", "dtype", "compile") if train_over.get(k) is not None}
+    probe_opts = replace(opts, force=True, resume=None, time_budget=None, stop_at=None, fit_memory=None)
+    run = prepare_run(preset, None, shape_for(REFERENCE_WIDTH).model_overrides(),
+                      {**keep, "batch_size": BATCH_SIZE, "grad_accum_steps": 1, "max_steps": 100, "warmup_steps": 1},
+                      probe_opts)
+    return measure_throughput(run, seconds, max_steps=30)
+
+
+def prepare_auto_run(preset: str | None, config_file: str | Path | None, model_overrides: dict | None,
+                     train_overrides: dict | None, options: TrainOptions,
+                     notify: Callable[[str], None] | None = None) -> Run:
+    """`prepare_run` with the size, learning rate, batch and warmup chosen by the rule for the budget
+    (options.time_budget, else train_tokens, else max_steps, as given); settings given explicitly (flags
+    or the config file) win over the choice. The choice is in `run.auto_size` and `run.notes`."""
+    if options.resume is not None or options.init_from is not None:
+        raise UserError("auto-size picks the model when a run starts from scratch",
+                        "drop --auto-size when resuming or fine-tuning")
+    preset = preset or BASE_PRESET
+    file_data = load_config_file(config_file) if config_file else {}
+    given_model = {k: v for d in (file_data.get("model"), model_overrides) for k, v in (d or {}).items() if v is not None}
+    given_train = {k: v for d in (file_data.get("train"), train_overrides) for k, v in (d or {}).items() if v is not None}
+    if options.time_budget is not None:
+        budget = options.time_budget
+        probe_s = min(20.0, max(2.0, 0.03 * budget))
+        if notify:
+            notify(f"auto-size: timing the reference model (d_model {REFERENCE_WIDTH}) for {probe_s:.0f} s")
+        tps, spent = probe_reference(preset, given_train, options, probe_s)
+        if budget - spent <= 0:
+            raise UserError(f"the time budget ({budget:g} s) was spent by the probe", "give a longer time budget")
+        choice = choose_for_seconds(budget - spent, tps)
+        options = replace(options, time_budget=budget - spent)
+    elif given_train.get("train_tokens") is not None:
+        choice = choose_for_tokens(float(given_train["train_tokens"]))
+    elif given_train.get("max_steps") is not None:
+        per_step = (given_train.get("batch_size", BATCH_SIZE) * given_train.get("grad_accum_steps", 1)
+                    * given_model.get("context_length", CONTEXT_LENGTH))
+        choice = choose_for_tokens(float(given_train["max_steps"] * per_step))
+    else:
+        raise UserError("auto-size needs a budget to size the model for",
+                        "pass --time-budget, --train-tokens or --max-steps")
+    steps = None if options.time_budget is not None else math.ceil(choice.tokens / TOKENS_PER_STEP)
+    chosen_model = {k: v for k, v in choice.model_overrides().items() if k not in given_model}
+    if "d_model" in given_model:  # a width given explicitly keeps the rule's proportions, not its numbers
+        d = int(given_model["d_model"])
+        if "d_ff" in chosen_model:
+            chosen_model["d_ff"] = default_d_ff(d, str(given_model.get("ffn", "swiglu")))
+        if "num_heads" in chosen_model:
+            chosen_model["num_heads"] = shape_for(d).num_heads if d % shape_for(d).num_heads == 0 else 1
+    chosen_train = {k: v for k, v in choice.train_overrides(steps).items()
+                    if k not in given_train and not (k == "max_steps" and "train_tokens" in given_train)}
+    run = prepare_run(preset, config_file, {**chosen_model, **(model_overrides or {})},
+                      {**chosen_train, **(train_overrides or {})}, options)
+    kept = sorted(k for k in (*choice.model_overrides(), *choice.train_overrides(steps))
+                  if k in given_model or k in given_train)
+    mc, tc = run.model_cfg, run.train_cfg
+    actual = {"d_model": mc.d_model, "num_layers": mc.num_layers, "num_heads": mc.num_heads, "lr": tc.lr,
+              "batch_size": tc.batch_size, "warmup_steps": tc.warmup_steps, "schedule": tc.schedule}
+    run.auto_size = {**choice.record(), **actual, **({"explicit": kept} if kept else {})}
+    run.notes.append(f"--auto-size: d_model {mc.d_model}, {mc.num_layers} layers, {mc.num_heads} heads, lr {tc.lr:g}, "
+                     f"batch {tc.batch_size}, warmup {tc.warmup_steps}, {tc.schedule} schedule; {choice.why}"
+                     + (f" (given explicitly: {', '.join(kept)})" if kept else ""))
+    return run
