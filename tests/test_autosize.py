@@ -147,7 +147,10 @@ def test_size_sweep_example_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     lines = [json.loads(x) for x in (tmp_path / "w" / "sweep.jsonl").read_text().splitlines()]
     assert [x["name"] for x in lines] == ["b20000-d64-lr0.003-cosine"]
-    assert lines[0]["steps"] == A.WARMUP_STEPS + 1 and 0 < lines[0]["val_loss"] < 10
-    assert set(json.loads((tmp_path / "w" / "speeds.json").read_text())) == {"64", "128"}
+    speeds = json.loads((tmp_path / "w" / "speeds.json").read_text())
+    assert set(speeds) == {"64", "128"}
+    # The width's share of the budget comes from the measured probe speeds (which vary with the machine).
+    expected = max(A.WARMUP_STEPS + 1, int(2e4 * speeds["64"] / speeds["128"]) // A.TOKENS_PER_STEP)
+    assert lines[0]["steps"] == expected and 0 < lines[0]["val_loss"] < 10
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and len((tmp_path / "w" / "sweep.jsonl").read_text().splitlines()) == 1
