@@ -26,20 +26,12 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from tinystories_cli import train as T
 from tinystories_cli.config import PRESETS
-from tinystories_cli.tokenizer.encode import FORMAT_VERSION
 
-
-def write_tokens(path: Path, n: int, vocab: int, seed: int) -> None:
-    ids = np.random.default_rng(seed).integers(0, vocab, size=n, dtype=np.uint16)
-    np.save(path, ids)
-    meta = {"format_version": FORMAT_VERSION, "dtype": "uint16", "num_tokens": n, "max_id": int(ids.max()),
-            "vocab_size": vocab, "fingerprint": "bench", "source_bytes": 4 * n}
-    path.with_suffix(".json").write_text(json.dumps(meta))
+from bench_train import write_tokens  # this folder is on sys.path when the script runs
 
 
 def step_seconds(preset: str, steps: int, root: Path, tag: str, batch: int, parallel: str) -> float:

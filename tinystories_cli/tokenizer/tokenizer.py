@@ -454,14 +454,7 @@ class Tokenizer:
 
     def _bpe(self, piece: str) -> tuple[int, ...]:
         """Apply merges in rank order to the bytes of one pre-token."""
-        data = piece.encode("utf-8")
-        ids = list(map(self._byte_id.__getitem__, data))
-        if None in ids:
-            missing = next(b for b in data if self._byte_id[b] is None)
-            raise UserError(f"cannot encode byte 0x{missing:02x}: the vocab has no token for it", "use a byte-level vocab (all 256 bytes)")
-        if not self._heap_ok:
-            return tuple(self._bpe_merge_all(ids))
-        return tuple(self._bpe_heap(ids)) if len(ids) > _LONG_PIECE else self._bpe_ordered(ids)
+        return self.bpe_bytes(piece.encode("utf-8"))
 
     def _bpe_merge_all(self, ids: list[int]) -> list[int]:
         """GPT-2's loop, the reference: find the lowest-rank pair present, merge every occurrence
