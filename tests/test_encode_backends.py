@@ -212,3 +212,23 @@ def test_parallel_auto_falls_back_when_the_full_check_fails(tmp_path, monkeypatc
     assert meta["backend"] == "python" and meta["chunks"] > 2
     assert np.load(tmp_path / "t.npy").tolist() == steal.encode(src.read_text(encoding="utf-8"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json", "t.npy", "t.txt"]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_deferred_check_decides_for_explicit_tiktoken_too(tmp_path, monkeypatch, workers):
+    """In parallel, backend="tiktoken" also starts on the quick conditions (the costly one runs beside
+    the workers; in one process it runs first); when the full check refuses, nothing is written and
+    the error names why. A qualifying tokenizer gets tiktoken's output, equal to the reference's."""
+    monkeypatch.setattr(enc, "MIN_PARALLEL_BYTES", 0)
+    base = {i: bytes([i]) for i in range(256)}
+    merges = [(b"a", b"n"), (b" ", b"a"), (b" a", b"n")]
+    steal = Tokenizer(base | {256: b"an", 257: b" a", 258: b" an"}, merges, [EOT])
+    src = tmp_path / "t.txt"
+    src.write_text(("a man and an ant ran. " * 50 + EOT + "\n") * 100, encoding="utf-8")
+    with pytest.raises(ValueError, match="does not encode to itself"):
+        enc.encode_file(src, tmp_path / "t.npy", steal, workers=workers, chunks_per_worker=3, backend="tiktoken")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]
+    fine = Tokenizer(base | {256: b"an", 257: b" an"}, [(b"a", b"n"), (b" ", b"an")], [EOT])
+    meta = enc.encode_file(src, tmp_path / "t.npy", fine, workers=workers, chunks_per_worker=3, backend="tiktoken")
+    assert meta["backend"] == "tiktoken" and (meta["chunks"] > 2) == (workers > 1)
+    assert np.load(tmp_path / "t.npy").tolist() == fine.encode(src.read_text(encoding="utf-8"))

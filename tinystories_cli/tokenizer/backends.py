@@ -45,7 +45,7 @@ def tiktoken_unfit(tokenizer: Tokenizer, quick: bool = False) -> str | None:
 
     Remembered per tokenizer. `quick` skips the one costly condition (every merged token encoding to
     itself: about 0.3 s for GPT-2's 50K merges) unless its answer is already known; `encode_file`
-    uses that to start encoding while the full check runs beside it.
+    uses that to start encoding while the full check runs beside it (`PackedEncoder.verify`).
     """
     key = tokenizer.fingerprint
     known = _UNFIT.get(tokenizer)
@@ -100,10 +100,16 @@ def _unfit(tokenizer: Tokenizer, quick: bool = False) -> str | None:
     return None
 
 
+def refused(reason: str) -> ValueError:
+    """The error for backend "tiktoken" on a tokenizer it would not reproduce."""
+    return ValueError(f"tiktoken would not reproduce this tokenizer's ids: {reason} (use backend auto/python)")
+
+
 def resolve_backend(tokenizer: Tokenizer, backend: str = "auto", quick: bool = False) -> str:
     """"python" or "tiktoken" for `backend` ("auto", "python" or "tiktoken"); ValueError when
-    tiktoken is asked for but is not installed or would not give the same ids. With `quick`, "auto"
-    may answer "tiktoken" before the costly condition is checked (see `tiktoken_unfit`)."""
+    tiktoken is asked for but is not installed or would not give the same ids. With `quick`, the
+    answer may be "tiktoken" before the costly condition is checked (see `tiktoken_unfit`): the
+    caller then runs `PackedEncoder.verify` before trusting the ids."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
     if backend == "python":
@@ -112,11 +118,11 @@ def resolve_backend(tokenizer: Tokenizer, backend: str = "auto", quick: bool = F
         if backend == "tiktoken":
             raise ValueError('the tiktoken backend needs tiktoken: pip install "tslm[fast]" (or use backend auto/python)')
         return "python"
-    reason = tiktoken_unfit(tokenizer, quick=quick and backend == "auto")
+    reason = tiktoken_unfit(tokenizer, quick=quick)
     if reason is None:
         return "tiktoken"
     if backend == "tiktoken":
-        raise ValueError(f"tiktoken would not reproduce this tokenizer's ids: {reason} (use backend auto/python)")
+        raise refused(reason)
     return "python"
 
 
@@ -141,9 +147,10 @@ class PackedEncoder:
         self.backend = resolve_backend(tokenizer, backend, quick=defer_check)
         self._tiktoken = None
 
-    def verify(self) -> bool:
-        """Whether the chosen backend gives the reference ids (the full check; after `defer_check`)."""
-        return self.backend == "python" or tiktoken_unfit(self.tokenizer) is None
+    def verify(self) -> str | None:
+        """Why the chosen backend would not give the reference ids, or None (the full check, owed
+        after `defer_check`; instant when already known)."""
+        return None if self.backend == "python" else tiktoken_unfit(self.tokenizer)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_tiktoken": None}

@@ -40,7 +40,7 @@ from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import atomic_write, atomic_write_text, check_input_file, check_output_path, sha256_file
 from tinystories_cli.paths import sidecar_path
 from tinystories_cli.tokens import FORMAT_VERSION  # the sidecar format, read by tokens.load_token_file
-from tinystories_cli.tokenizer.backends import PackedEncoder
+from tinystories_cli.tokenizer.backends import PackedEncoder, refused
 from tinystories_cli.tokenizer.chunking import WorkerPool, encode_cuts_safe, split_points  # noqa: F401  (split_points: re-exported)
 from tinystories_cli.tokenizer.tokenizer import Tokenizer
 
@@ -225,23 +225,22 @@ def encode_file(
     points = [0, size]
     if workers > 1 and size >= MIN_PARALLEL_BYTES and parallel_safe(tokenizer):
         points = split_points(src, workers * max(1, chunks_per_worker))
-    # ValueError for an unknown or unusable backend. In parallel, "auto" starts with tiktoken on the
-    # quick conditions while the parent runs the costly one beside the workers (see `backends`).
-    encoder = PackedEncoder(tokenizer, backend, defer_check=len(points) > 2)
+    used = 1 if len(points) <= 2 else min(workers, len(points) - 1)
+    # ValueError for an unknown or unusable backend. In parallel, tiktoken starts on the quick conditions
+    # while the parent runs the costly one beside the workers (`backends.tiktoken_unfit`); its verdict
+    # decides at the end. (In one process a thread would not help: the GIL hand-offs cost more.)
+    encoder = PackedEncoder(tokenizer, backend, defer_check=used > 1)
     t0 = time.perf_counter()
     with atomic_write(out, "wb") as f:
         f.write(npy_header(tokenizer.dtype, 0))  # placeholder; rewritten once the count is known
-        if len(points) <= 2:
-            used = 1
-            num_tokens, max_id, digest = _encode_serial(encoder, src, size, f, errors, progress)
-        else:
-            used = min(workers, len(points) - 1)
-            num_tokens, max_id, digest, ok = _encode_parallel(encoder, src, points, f, out.parent, errors, used, progress)
-            if not ok:  # tiktoken would not give our ids after all: start over with the reference encoder
-                encoder = PackedEncoder(tokenizer, "python")
-                f.seek(HEADER_BYTES)
-                f.truncate()
-                num_tokens, max_id, digest, ok = _encode_parallel(encoder, src, points, f, out.parent, errors, used, progress)
+        num_tokens, max_id, digest, unfit = _encode(encoder, src, points, f, out.parent, errors, used, progress)
+        if unfit is not None:  # tiktoken would not give our ids after all
+            if backend == "tiktoken":
+                raise refused(unfit)
+            encoder = PackedEncoder(tokenizer, "python")  # start over with the reference encoder
+            f.seek(HEADER_BYTES)
+            f.truncate()
+            num_tokens, max_id, digest, unfit = _encode(encoder, src, points, f, out.parent, errors, used, progress)
         f.seek(0)
         f.write(npy_header(tokenizer.dtype, num_tokens))
         f.seek(0, os.SEEK_END)
@@ -271,7 +270,17 @@ def encode_file(
     return meta
 
 
-def _encode_serial(encoder: PackedEncoder, src: Path, size: int, f, errors: str, progress: Progress | None) -> tuple[int, int, str]:
+def _encode(encoder: PackedEncoder, src: Path, points: list[int], f, tmp_parent: Path, errors: str, workers: int,
+            progress: Progress | None) -> tuple[int, int, str, str | None]:
+    """(num_tokens, max_id, sha256 of the source, `encoder.verify()`) after writing the ids of `src` to `f`."""
+    if len(points) <= 2:
+        return _encode_serial(encoder, src, points[-1], f, errors, progress)
+    return _encode_parallel(encoder, src, points, f, tmp_parent, errors, workers, progress)
+
+
+def _encode_serial(encoder: PackedEncoder, src: Path, size: int, f, errors: str,
+                   progress: Progress | None) -> tuple[int, int, str, str | None]:
+    """One process: read, hash and encode in blocks."""
     h = hashlib.sha256()
     done = {"bytes": 0, "tokens": 0}
 
@@ -287,11 +296,11 @@ def _encode_serial(encoder: PackedEncoder, src: Path, size: int, f, errors: str,
     n, max_id = _encode_range(encoder, src, 0, size, f, errors, on_block=on_block, on_batch=on_batch)
     if progress is not None:
         progress(size, n)
-    return n, max_id, h.hexdigest()
+    return n, max_id, h.hexdigest(), encoder.verify()
 
 
 def _encode_parallel(encoder: PackedEncoder, src: Path, points: list[int], f, tmp_parent: Path, errors: str, workers: int,
-                     progress: Progress | None) -> tuple[int, int, str, bool]:
+                     progress: Progress | None) -> tuple[int, int, str, str | None]:
     """`workers` processes encode the chunks [points[i], points[i+1]) into part files, in file order;
     the parent appends each finished part to `f` in order (in the kernel) and deletes it, and hashes
     the source meanwhile. Workers return two integers per chunk, never ids; the parent encodes nothing
@@ -300,12 +309,12 @@ def _encode_parallel(encoder: PackedEncoder, src: Path, points: list[int], f, tm
     """
     tmpdir = tempfile.mkdtemp(prefix=".encode-parts.", dir=tmp_parent)  # same disk as the output
     digest: dict[str, str] = {}
-    verdict = {"ok": True}
+    verdict: dict[str, str | None] = {"unfit": "the full check did not finish"}
 
     def hash_source() -> None:
         digest["sha"] = sha256_file(src)
         _ = encoder.tokenizer.fingerprint  # the sidecar needs it: computed while the workers encode
-        verdict["ok"] = encoder.verify()
+        verdict["unfit"] = encoder.verify()
 
     try:
         encoder.prepare()
@@ -326,7 +335,7 @@ def _encode_parallel(encoder: PackedEncoder, src: Path, points: list[int], f, tm
             hasher.join()
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    return num_tokens, max_id, digest["sha"], verdict["ok"]
+    return num_tokens, max_id, digest["sha"], verdict["unfit"]
 
 
 # --------------------------------------------------------------------------- reading token files
