@@ -4,6 +4,7 @@
 
     python examples/size_sweep.py --text ../shared/data/tinystories_train.txt --workdir /tmp/size_sweep \
         --budgets 0.5e6,1.5e6 --widths 64,128,192,256 --lrs 3e-3 [--lr-widths 128 --extra-lrs 1e-3,6e-3]
+        [--layers 4,6] [--batch-sizes 16,32] [--warmups 20,100] [--schedule wsd] [--vocab-size 4096]
 
 Budgets are counted in REFERENCE TOKENS: the tokens the reference model (d_model 128, 4 layers,
 batch 16 x 256, the model `autosize` probes) processes in the same wall-clock time. A probe at
@@ -14,10 +15,12 @@ the start times every width back to back, so each candidate gets its fair share:
 This keeps the sweep independent of how loaded the machine is (only the wall-clock of the sweep
 changes): "2 minutes of this machine" is probe tokens/s x 120 reference tokens.
 
-Data: quickstart's 95/5 split of --text and its 2048-id tokenizer (built under WORKDIR/data by the
-same library functions `tslm quickstart` uses). Every run: 4 layers (2 for d_model 64), heads of
-width 32, batch 16 x 256, warmup 20 steps, cosine to lr/10 (or --schedule wsd); the score is the
-loss of the best checkpoint over the whole held-out file (what `tslm eval` reports).
+Data: quickstart's 95/5 split of --text and its 2048-id tokenizer (or --vocab-size; built under
+WORKDIR/data by the same library functions `tslm quickstart` uses). Every run: 4 layers (2 for
+d_model 64) unless --layers, heads of width 32, batch 16 x 256 unless --batch-sizes, warmup 20
+steps unless --warmups, cosine to lr/10 (or --schedule wsd); the score is the loss of the best
+checkpoint over the whole held-out file (what `tslm eval` reports). Each shape and batch size is
+probed on its own (a deeper model or a bigger batch runs at another speed).
 
 Prints one JSON line per run and appends it to WORKDIR/sweep.jsonl (a rerun skips finished runs).
 """
@@ -51,10 +54,23 @@ def run_options(run_dir: Path, files: tuple[Path, Path, Path]) -> tl.TrainOption
                            display="quiet", force=True)
 
 
-def probe(width: int, files, workdir: Path, seconds: float) -> float:
+def shape_of(width: int, layers: int | None) -> autosize.Shape:
+    """The rule's shape of `width`, with `layers` layers when given."""
     shape = autosize.shape_for(width)
+    return shape if layers is None else autosize.Shape(width, layers, shape.num_heads)
+
+
+def variant(width: int, layers: int | None, batch: int) -> str:
+    """The key of a probed speed: the width alone for the rule's shape and batch (as the first sweep
+    recorded them), else e.g. "128x6b32"."""
+    if layers in (None, autosize.shape_for(width).num_layers) and batch == autosize.BATCH_SIZE:
+        return str(width)
+    return f"{width}x{layers or autosize.shape_for(width).num_layers}b{batch}"
+
+
+def probe(shape: autosize.Shape, batch: int, files, workdir: Path, seconds: float) -> float:
     run = tl.prepare_run(autosize.BASE_PRESET, None, shape.model_overrides(),
-                         {"dataset": "quickstart", "max_steps": 100, "warmup_steps": 1, "batch_size": autosize.BATCH_SIZE},
+                         {"dataset": "quickstart", "max_steps": 100, "warmup_steps": 1, "batch_size": batch},
                          run_options(workdir / "runs" / "probe", files))
     tps, _ = tl.measure_throughput(run, seconds, max_steps=50)
     return tps
@@ -71,16 +87,23 @@ def main() -> None:
     ap.add_argument("--lr-widths", default="", help="widths that also try --extra-lrs")
     ap.add_argument("--extra-lrs", default="1e-3,6e-3")
     ap.add_argument("--schedule", default="cosine", help="cosine, wsd, or both")
+    ap.add_argument("--layers", default="", help="depths tried at every width (default: the rule's depth)")
+    ap.add_argument("--batch-sizes", default=str(autosize.BATCH_SIZE), help="batch sizes (sequences of 256 tokens)")
+    ap.add_argument("--warmups", default=str(autosize.WARMUP_STEPS), help="warmup steps")
     ap.add_argument("--probe-seconds", type=float, default=8.0)
     args = ap.parse_args()
 
     files = prepare(args.text, args.workdir, args.vocab_size)
     widths = [int(w) for w in args.widths.split(",")]
+    depths = [int(x) for x in args.layers.split(",")] if args.layers else [None]
+    batches = [int(x) for x in args.batch_sizes.split(",")]
+    warmups = [int(x) for x in args.warmups.split(",")]
     speeds_file = args.workdir / "speeds.json"
     speeds = json.loads(speeds_file.read_text()) if speeds_file.is_file() else {}
-    for w in sorted(set(widths) | {autosize.REFERENCE_WIDTH}):
-        if str(w) not in speeds:
-            speeds[str(w)] = probe(w, files, args.workdir, args.probe_seconds)
+    wanted = {(autosize.REFERENCE_WIDTH, None, autosize.BATCH_SIZE)} | {(w, d, b) for w in widths for d in depths for b in batches}
+    for w, d, b in sorted(wanted, key=lambda k: (k[0], k[1] or 0, k[2])):
+        if variant(w, d, b) not in speeds:
+            speeds[variant(w, d, b)] = probe(shape_of(w, d), b, files, args.workdir, args.probe_seconds)
             speeds_file.write_text(json.dumps(speeds, indent=1))
     ref = speeds[str(autosize.REFERENCE_WIDTH)]
     print(json.dumps({"probe_tokens_per_s": speeds}), flush=True)
@@ -94,36 +117,41 @@ def main() -> None:
             lrs = [float(x) for x in args.lrs.split(",")]
             if w in lr_widths:
                 lrs += [float(x) for x in args.extra_lrs.split(",")]
-            for lr in lrs:
-                for schedule in schedules:
-                    name = f"b{budget:g}-d{w}-lr{lr:g}-{schedule}"
-                    if name in done:
-                        continue
-                    shape = autosize.shape_for(w)
-                    tokens = int(budget * speeds[str(w)] / ref)
-                    steps = max(autosize.WARMUP_STEPS + 1, tokens // autosize.TOKENS_PER_STEP)
-                    train_over = {"dataset": "quickstart", "max_steps": steps, "lr": lr, "min_lr": lr / 10,
-                                  "warmup_steps": autosize.WARMUP_STEPS, "batch_size": autosize.BATCH_SIZE,
-                                  "schedule": schedule, "eval_every": max(1, steps // 4), "eval_batches": 4,
-                                  "save_every": max(1, steps // 4), "log_every": 50}
-                    run_dir = args.workdir / "runs" / name
-                    run = tl.prepare_run(autosize.BASE_PRESET, None, shape.model_overrides(), train_over,
-                                         run_options(run_dir, files))
-                    t = time.perf_counter()
-                    result = tl.train(run)
-                    wall = time.perf_counter() - t
-                    if result.stopped != "finished":  # a signal: the run is incomplete, not a data point
-                        raise SystemExit(f"{name} stopped at step {result.step}/{steps} ({result.stopped}); "
-                                         "rerun the same command to redo it")
-                    ev = evaluate_run(run_dir, files[1])
-                    rec = {"name": name, "budget_ref_tokens": budget, "d_model": w, "num_layers": shape.num_layers,
-                           "num_heads": shape.num_heads, "lr": lr, "schedule": schedule, "steps": steps,
-                           "tokens": steps * autosize.TOKENS_PER_STEP, "val_loss": round(ev["loss"], 4),
-                           "bits_per_byte": ev.get("bits_per_byte"), "wall_s": round(wall, 1),
-                           "train_tokens_per_s": round(result.tokens_per_s, 1)}
-                    print(json.dumps(rec), flush=True)
-                    with open(out, "a") as f:
-                        f.write(json.dumps(rec) + "\n")
+            for d, batch, warmup, lr, schedule in ((d, b, u, lr, s) for d in depths for b in batches
+                                                   for u in warmups for lr in lrs for s in schedules):
+                shape = shape_of(w, d)
+                extra = (f"-L{shape.num_layers}" if d is not None else "") + \
+                    (f"-B{batch}" if batch != autosize.BATCH_SIZE else "") + \
+                    (f"-wu{warmup}" if warmup != autosize.WARMUP_STEPS else "")
+                name = f"b{budget:g}-d{w}{extra}-lr{lr:g}-{schedule}"
+                if name in done:
+                    continue
+                tokens_per_step = batch * autosize.CONTEXT_LENGTH
+                tokens = int(budget * speeds[variant(w, d, batch)] / ref)
+                steps = max(warmup + 1, tokens // tokens_per_step)
+                train_over = {"dataset": "quickstart", "max_steps": steps, "lr": lr, "min_lr": lr / 10,
+                              "warmup_steps": warmup, "batch_size": batch,
+                              "schedule": schedule, "eval_every": max(1, steps // 4), "eval_batches": 4,
+                              "save_every": max(1, steps // 4), "log_every": 50}
+                run_dir = args.workdir / "runs" / name
+                run = tl.prepare_run(autosize.BASE_PRESET, None, shape.model_overrides(), train_over,
+                                     run_options(run_dir, files))
+                t = time.perf_counter()
+                result = tl.train(run)
+                wall = time.perf_counter() - t
+                if result.stopped != "finished":  # a signal: the run is incomplete, not a data point
+                    raise SystemExit(f"{name} stopped at step {result.step}/{steps} ({result.stopped}); "
+                                     "rerun the same command to redo it")
+                ev = evaluate_run(run_dir, files[1])
+                rec = {"name": name, "budget_ref_tokens": budget, "d_model": w, "num_layers": shape.num_layers,
+                       "num_heads": shape.num_heads, "lr": lr, "schedule": schedule, "batch_size": batch,
+                       "warmup_steps": warmup, "vocab_size": args.vocab_size, "steps": steps,
+                       "tokens": steps * tokens_per_step, "val_loss": round(ev["loss"], 4),
+                       "bits_per_byte": ev.get("bits_per_byte"), "wall_s": round(wall, 1),
+                       "train_tokens_per_s": round(result.tokens_per_s, 1)}
+                print(json.dumps(rec), flush=True)
+                with open(out, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
 
 
 if __name__ == "__main__":

@@ -154,3 +154,13 @@ def test_size_sweep_example_end_to_end(tmp_path):
     assert lines[0]["steps"] == expected and 0 < lines[0]["val_loss"] < 10
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and len((tmp_path / "w" / "sweep.jsonl").read_text().splitlines()) == 1
+    # Depth, batch size and warmup: each shape/batch probed on its own, named in the run.
+    r = subprocess.run(cmd + ["--layers", "3", "--batch-sizes", "8", "--warmups", "5"], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    last = json.loads((tmp_path / "w" / "sweep.jsonl").read_text().splitlines()[-1])
+    speeds = json.loads((tmp_path / "w" / "speeds.json").read_text())
+    assert set(speeds) == {"64", "128", "64x3b8"}
+    assert last["name"] == "b20000-d64-L3-B8-wu5-lr0.003-cosine"
+    assert (last["num_layers"], last["batch_size"], last["warmup_steps"]) == (3, 8, 5)
+    assert last["steps"] == max(6, int(2e4 * speeds["64x3b8"] / speeds["128"]) // (8 * A.CONTEXT_LENGTH))
