@@ -67,6 +67,8 @@ def test_quickstart_end_to_end_then_rerun_skips(tmp_path: Path, story_text: Path
     # the run: config, checkpoints, a non-empty story
     config = json.loads((run / "config.json").read_text())
     assert config["preset"] == "debug" and config["train"]["dataset"] == "quickstart"
+    # --minutes is a deadline the loop keeps (its schedule shortens if the machine slows down)
+    assert config["time_budget"]["budget_s"] == pytest.approx(6.0) and config["time_budget"]["actual_s"] > 0
     assert list((run / "checkpoints").glob("step_*.safetensors"))
     story = (run / "story.txt").read_text(encoding="utf-8")
     assert story.startswith("Once upon a time") and len(story.strip()) > len("Once upon a time")

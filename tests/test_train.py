@@ -485,6 +485,32 @@ def test_time_budget_plans_the_schedule_from_a_probe_and_keeps_the_deadline(work
         T.parse_duration("ninety minutes")
 
 
+def test_a_run_that_slows_down_shortens_its_schedule_to_end_by_the_deadline(workspace):
+    """The probe saw a fast machine, then every step got 30 ms slower: instead of being cut off at full
+    learning rate, the run shortens its schedule (WSD here) so that it decays, evaluates and saves its
+    last step before the deadline; config.json holds the new length, so a resume agrees with it."""
+    import time
+
+    train = {"dataset": "tiny", **TINY_TRAIN, "max_steps": 400, "schedule": "wsd", "eval_every": 25,
+             "save_every": 50, "log_every": 5}
+    run = T.prepare_run("debug", None, TINY_MODEL, train,
+                        T.TrainOptions(run_name="slow", display="quiet", peak_tflops=1.0))
+    start = time.perf_counter()
+    run.time_plan = T.time_plan(4.0, start + 4.0, 0.0, 1e6, 400)
+    res = T.train(run, on_step=lambda step, record: time.sleep(0.03))  # 400 steps would take 12 s
+    took = time.perf_counter() - start
+    assert res.stopped == "finished" and 20 < res.step == res.max_steps < 400, (res.stopped, res.step)
+    assert took < 4.0 + 1.0
+    cfg = json.loads((res.run_dir / "config.json").read_text())
+    assert cfg["max_steps"] == cfg["train"]["max_steps"] == res.step
+    assert cfg["time_budget"]["shortened"][-1]["to"] == res.step and cfg["time_budget"]["planned_steps"] == 400
+    records = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == res.step and records[-1]["lr"] == pytest.approx(3e-4)  # decayed to the end
+    assert "val_loss" in records[-1] and [s for s, _ in runs.step_checkpoints(res.run_dir)][-1] == res.step
+    again = T.prepare_run(None, None, None, None, T.TrainOptions(run_name="slow", resume="auto"))
+    assert again.max_steps == again.end_step == again.train_cfg.max_steps == res.step
+
+
 @pytest.mark.parametrize("model, batch, budget", [
     ({"context_length": 64, "d_model": 64, "num_layers": 2, "num_heads": 4, "d_ff": 192}, 32, "20MB"),
     ({"context_length": 128, "d_model": 96, "num_layers": 3, "num_heads": 4, "d_ff": 256}, 16, "40MB"),

@@ -136,10 +136,10 @@ class TrainConfig(StrictModel):
     dataset: str = setting("tinystories", "Dataset under data/ (token files and tokenizer).")
     batch_size: int = setting(64, "Sequences per micro-batch per process.", gt=0)
     grad_accum_steps: int = setting(1, "Micro-batches per optimizer step.", flags=("--grad-accum",), gt=0)
-    max_steps: int = setting(20_000, "Optimizer steps (the cosine schedule ends here).", gt=0)
+    max_steps: int = setting(20_000, "Optimizer steps (the learning-rate schedule ends here).", gt=0)
     train_tokens: int | None = setting(None, "Token budget; sets --max-steps.", gt=0, cli_type=float)
     lr: float = setting(8e-4, "Peak learning rate.", gt=0)
-    min_lr: float = setting(8e-5, "Learning rate at the end of the cosine.", ge=0)
+    min_lr: float = setting(8e-5, "Learning rate at the end of the schedule.", ge=0)
     warmup_steps: int = setting(2000, "Linear warmup steps.", ge=0)
     schedule: Literal["cosine", "wsd"] = setting(
         "cosine", "Learning-rate schedule after the warmup: cosine (decay to min_lr at the last step) or wsd "

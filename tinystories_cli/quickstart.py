@@ -9,7 +9,8 @@ The pipeline is the one a user would type by hand, run with defaults sized for t
     3. tokenizer  byte-level BPE (default 2048 ids) on the first 4 MB of train.txt
                   -> data/quickstart/tokenizer/
     4. encode     data/quickstart/train.npy + valid.npy (token ids, with .json sidecars)
-    5. train      runs/quickstart/: preset tinystories-cpu (tinystories-17m on a GPU), for about
+    5. train      runs/quickstart/: on a CPU the model the size rule picks for the budget
+                  (`train.autosize`; --preset forces one; tinystories-17m on a GPU), for at most
                   --minutes of wall-clock time (see `plan_steps`)
     6. story      a sample from the trained model, printed and saved in runs/quickstart/story.txt
 
@@ -26,6 +27,9 @@ chosen model on the chosen device, and `plan_steps` turns the remaining budget i
     ...                   train_tokens=5_000_000, eval_tokens=81_920)
     >>> plan.steps, plan.limited_by
     (640, 'time')
+
+The budget is also a deadline the training loop keeps (`train.time_plan`): should the machine slow
+down after the probe, the schedule is shortened so that it still decays and ends in time.
 
 This module does not print: the CLI passes `notify(stage, message)` and progress callbacks.
 """
@@ -492,6 +496,7 @@ def train_model(opts: QuickstartOptions, run_dir: Path, tokenizer_dir: Path, tra
         if torch.cuda.is_bf16_supported():
             train_over["dtype"] = "bfloat16"
     budget = opts.minutes * 60.0
+    deadline = time.perf_counter() + budget  # training ends by then, whatever the machine does meanwhile
     probe_s = min(20.0, max(0.5, 0.05 * budget))
     # First resolve the configs (this also checks the tokenizer and token files), then time a few
     # real steps of that model, then fix the schedule's length from what is left of the budget.
@@ -524,6 +529,7 @@ def train_model(opts: QuickstartOptions, run_dir: Path, tokenizer_dir: Path, tra
                       eval_batches=eval_batches,
                       save_every=plan.eval_every, log_every=max(1, min(10, plan.steps // 20)))
     run = tl.prepare_run(preset, None, model_over, train_over, tl.TrainOptions(force=True, **base_opts))
+    run.time_plan = tl.time_plan(budget, deadline, spent, tps, plan.steps)
     if choice is not None:
         run.auto_size = {**choice.record(), "tokens": plan.steps * tokens_per_step,
                          "warmup_steps": run.train_cfg.warmup_steps}

@@ -9,8 +9,8 @@
 checkpointing, full state dicts, the float16 loss scaler) beside it.
 """
 
-from tinystories_cli.train.loop import NonFiniteError, TrainResult, measure_throughput, train
+from tinystories_cli.train.loop import NonFiniteError, TrainResult, measure_throughput, time_plan, train
 from tinystories_cli.train.prepare import Run, TrainOptions, parse_duration, prepare_run
 
 __all__ = ["NonFiniteError", "Run", "TrainOptions", "TrainResult", "measure_throughput", "parse_duration",
-           "prepare_run", "train"]
+           "prepare_run", "time_plan", "train"]

@@ -48,6 +48,11 @@ class Display:
         elif self.mode == "plain":
             print(f"step {step}/{end} | {text}", flush=True)
 
+    def retotal(self, end_step: int) -> None:
+        """The run now ends at `end_step` (its schedule was shortened)."""
+        if self.mode == "rich":
+            self.progress.update(self.task, total=end_step)
+
     def note(self, text: str) -> None:
         if self.mode == "rich":
             self.progress.console.print(text, soft_wrap=True, markup=False)

@@ -13,7 +13,8 @@ at a time (`step` counts from 1 to `max_steps`), reading like this:
         grad_norm = clip_grad_norm_(params, grad_clip)            # global norm, before clipping
     optimizer.step(found_inf=not finite(loss, grad_norm))         # skipped on the device, weights untouched
     at sync points (log/eval/save steps): losses to the host; a skipped step stops the run (or is
-    counted, up to --skip-nonfinite); a signal stops it after a checkpoint (exit 130/143 from the CLI)
+    counted, up to --skip-nonfinite); a signal stops it after a checkpoint (exit 130/143 from the CLI);
+    a run with a deadline whose steps turned slower shortens its schedule to end in time
     log -> evaluate (and keep the best weights) -> save -> stop on a signal
 
 No host sync between sync points: losses and norms stay on the device (`StepStats`), the update is
@@ -348,6 +349,7 @@ def fit(run: Run, state: State, display: Display, log: MetricsLog | None, peak: 
     meter = Throughput(state.start_step, run.end_step, flops_per_token(run.model_cfg), peak)
     stats = StepStats()
     feeder = Feeder(state.sampler, state.device, tc.grad_accum_steps)
+    pace = Pace()
     state.model.train()
     if state.rng_state is not None and state.dist.is_main:  # last thing before the loop: nothing else may draw from it
         restore_rng(state.rng_state, state.device)
@@ -373,6 +375,8 @@ def fit(run: Run, state: State, display: Display, log: MetricsLog | None, peak: 
                 late = run.time_plan is not None and time.perf_counter() > run.time_plan["deadline"]
                 signalled, out_of_time = any_rank(state, signals.stop, late)
                 stop_requested = signalled or out_of_time
+                if run.time_plan is not None and not stop_requested:
+                    fit_to_deadline(run, state, step, pace, meter, display)
                 if step % tc.log_every == 0 or step == run.end_step or step == state.start_step + 1:
                     record.update(train_loss=losses[step], lr=lr, grad_norm=norm, **meter.rates(step),
                                   skipped_steps=state.skipped + state.scaler_skipped)
@@ -380,7 +384,9 @@ def fit(run: Run, state: State, display: Display, log: MetricsLog | None, peak: 
                         record["loss_scale"] = state.scaler.scale.item()
                     display.log(step, run.end_step, meter.line(losses[step], lr, norm, record))
             if step % tc.eval_every == 0 or step == run.max_steps:
+                t_eval = time.perf_counter()
                 evaluate_and_keep_best(run, state, step, record, result, display)
+                pace.evaluated(time.perf_counter() - t_eval)
             if step % tc.save_every == 0 or stop_requested or step == run.end_step:
                 save_step(run, state, step, record["elapsed_s"], feeder)
             if log is not None:
@@ -396,8 +402,12 @@ def fit(run: Run, state: State, display: Display, log: MetricsLog | None, peak: 
                 display.note(f"{signals.signame or 'signal'}: saved a checkpoint at step {step}; continue with "
                              f"`tslm train --resume --run-name {run.run_dir.name}`")
                 break
+            if step >= run.end_step:  # the schedule was shortened to meet the deadline (`fit_to_deadline`)
+                break
+            pace.stepped(step == state.start_step + 1)
     if result.stopped == "finished" and run.end_step < run.max_steps:
         result.stopped = "stop_at"
+    result.max_steps = run.max_steps  # shorter than planned when `fit_to_deadline` moved it
     result.best_val_loss = state.best_val
     result.elapsed_s, result.tokens_per_s = meter.totals(result.step, state.tokens_per_step)
     return result
@@ -600,8 +610,9 @@ def save_step(run: Run, state: State, step: int, elapsed: float, feeder: Feeder 
 
 def plan_time_budget(run: Run) -> None:
     """--time-budget: a probe of real training steps measures tokens/s on this hardware, and max_steps is
-    set so that training (plus its evaluations) fills the budget; the cosine ends there. The probe's own
-    time counts against the budget, and `fit` stops at the deadline should the machine slow down."""
+    set so that training (plus its evaluations) fills the budget; the schedule ends there. The probe's
+    own time counts against the budget. Should the machine slow down, `fit` shortens the schedule
+    (`fit_to_deadline`) and, as a last resort, stops at the deadline with a checkpoint."""
     budget, tc = run.options.time_budget, run.train_cfg
     deadline = time.perf_counter() + budget
     tps, spent = measure_throughput(run, max_seconds=min(60.0, max(2.0, 0.02 * budget)), max_steps=20)
@@ -625,10 +636,98 @@ def plan_time_budget(run: Run) -> None:
     run.train_cfg = tc.model_copy(update=update)
     run.max_steps = steps
     run.end_step = min(run.end_step, steps) if run.options.stop_at is not None else steps
-    run.time_plan = {"budget_s": budget, "probe_s": round(spent, 2), "probe_tokens_per_s": round(tps, 1),
-                     "planned_steps": steps, "deadline": deadline}
+    run.time_plan = time_plan(budget, deadline, spent, tps, steps)
     run.notes.append(f"--time-budget {format_duration(budget)}: the probe ran {tps:,.0f} tokens/s ({spent:.1f} s) "
                      f"-> {steps:,} steps of {tokens_per_step:,} tokens, cosine planned to end there")
+
+
+def time_plan(budget_s: float, deadline: float, probe_s: float, tokens_per_s: float, steps: int) -> dict:
+    """`Run.time_plan`: what a run with a deadline (a `time.perf_counter()` value) planned, which `fit`
+    keeps to (`fit_to_deadline`) and config.json records (all but the deadline)."""
+    return {"budget_s": budget_s, "probe_s": round(probe_s, 2), "probe_tokens_per_s": round(tokens_per_s, 1),
+            "planned_steps": steps, "deadline": deadline}
+
+
+class Pace:
+    """Seconds per training step and per evaluation, measured as the run goes (for `fit_to_deadline`).
+    Counting starts after the first step (allocations, compiling)."""
+
+    def __init__(self):
+        self.t0: float | None = None
+        self.steps = 0
+        self.eval_s = 0.0
+        self.evals = 0
+
+    def stepped(self, first: bool) -> None:
+        if first:
+            self.t0, self.steps, self.eval_s, self.evals = time.perf_counter(), 0, 0.0, 0
+        elif self.t0 is not None:
+            self.steps += 1
+
+    def evaluated(self, seconds: float) -> None:
+        if self.t0 is not None:
+            self.eval_s += seconds
+            self.evals += 1
+
+    def seconds_per_step(self, now: float) -> float | None:
+        """Training seconds per step so far (evaluations excluded), None before MIN_PACE_STEPS steps."""
+        if self.t0 is None or self.steps < MIN_PACE_STEPS:
+            return None
+        return max(now - self.t0 - self.eval_s, 1e-9) / self.steps
+
+
+MIN_PACE_STEPS = 5      # steps timed before the pace is trusted
+REPLAN_SLACK = 0.02     # the schedule is shortened only when it would overrun by more than this share
+
+
+def steps_that_fit(seconds: float, step_s: float, eval_s: float, eval_every: int) -> int:
+    """Training steps that fit in `seconds` with an evaluation every `eval_every` steps and one at the end.
+
+    >>> steps_that_fit(100.0, 1.0, 5.0, 10)     # 60 steps + 6 evaluations + the last one: 95 s
+    63
+    >>> steps_that_fit(3.0, 1.0, 5.0, 10)
+    0
+    """
+    return max(0, int((seconds - eval_s) / (step_s + eval_s / eval_every)))
+
+
+def fit_to_deadline(run: Run, state: State, step: int, pace: Pace, meter: "Throughput", display: Display) -> None:
+    """A run with a deadline (--time-budget, quickstart's --minutes) whose steps have become slower than
+    planned (another job took the cores, thermal throttling) shortens its schedule, so that the
+    learning rate still decays to its end (the last step evaluates and saves) before the deadline
+    rather than being cut off at full rate. Only ever shortens. The new length goes to config.json at
+    once, so a resumed run keeps it. Under torchrun, all ranks take the smallest length any proposes."""
+    tc = run.train_cfg
+    now = time.perf_counter()
+    step_s = pace.seconds_per_step(now)
+    target = run.max_steps
+    if step_s is not None:
+        eval_s = pace.eval_s / pace.evals if pace.evals else step_s * tc.eval_batches / (3 * tc.grad_accum_steps)
+        finish_s = 1.0 + 0.01 * run.time_plan["budget_s"]  # the last save and the run's README
+        fits = step + steps_that_fit(run.time_plan["deadline"] - now - finish_s, step_s, eval_s, tc.eval_every)
+        if fits < run.max_steps * (1 - REPLAN_SLACK):
+            target = max(fits, step + 1, min(tc.warmup_steps + 1, run.max_steps))
+    if state.dist.enabled:
+        t = torch.tensor([target], dtype=torch.float64, device=state.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        target = int(t.item())
+    if target >= run.max_steps:
+        return
+    old = run.max_steps
+    run.max_steps = target
+    run.end_step = min(run.end_step, target)
+    run.train_cfg = tc.model_copy(update={"max_steps": target, "train_tokens": None})
+    run.time_plan.setdefault("shortened", []).append({"at_step": step, "from": old, "to": target})
+    meter.end_step = run.end_step
+    display.retotal(run.end_step)
+    display.note(f"steps are slower than the probe measured ({step_s:.3g} s each): the schedule now ends at step "
+                 f"{target:,} instead of {old:,}, to finish before the deadline")
+    if state.dist.is_main:
+        path = run.run_dir / runs.CONFIG_FILE
+        config = json.loads(path.read_text(encoding="utf-8"))
+        config.update(max_steps=target, planned_tokens=state.tokens_per_step * target)
+        config["train"] = run.train_cfg.model_dump()
+        atomic_write_text(path, json.dumps(config, indent=2) + "\n")
 
 
 def record_time_used(run: Run, seconds: float, result: TrainResult) -> None:
