@@ -44,10 +44,12 @@ def one_run(kind: str, text: Path, workdir: Path, minutes: float, vocab_size: in
     r = qs.run_quickstart(opts, lambda stage, msg: print(f"[{kind}] {stage}: {msg}", flush=True))
     wall = time.perf_counter() - t
     ev = evaluate_run(r.run_dir, r.valid_tokens)
+    plan = json.loads((r.run_dir / "config.json").read_text(encoding="utf-8")).get("time_budget")
     return {"loss": round(ev["loss"], 4), "bits_per_byte": round(ev["bits_per_byte"], 4),
             "tokens_per_s": round(r.tokens_per_s, 1), "steps": r.steps, "train_s": round(r.seconds.get("train", 0), 1),
             "wall_s": round(wall, 1), "model": qs.model_label(r), "auto_size": r.auto_size,
-            "sampling": r.sampling, "story": r.story, "eval_tokens": ev["tokens"]}
+            "sampling": r.sampling, "story": r.story, "eval_tokens": ev["tokens"],
+            "time_plan": plan}  # the deadline's plan, the actual time, and any shortening of the schedule
 
 
 def main() -> None:
