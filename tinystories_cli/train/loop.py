@@ -669,14 +669,16 @@ class Pace:
             self.eval_s += seconds
             self.evals += 1
 
-    def seconds_per_step(self, now: float) -> float | None:
-        """Training seconds per step so far (evaluations excluded), None before MIN_PACE_STEPS steps."""
-        if self.t0 is None or self.steps < MIN_PACE_STEPS:
+    def seconds_per_step(self, now: float, planned_steps: int) -> float | None:
+        """Training seconds per step so far (evaluations excluded); None until PACE_SHARE of the
+        planned steps (at least MIN_PACE_STEPS) are timed: the first steps run slower than the rest."""
+        if self.t0 is None or self.steps < max(MIN_PACE_STEPS, PACE_SHARE * planned_steps):
             return None
         return max(now - self.t0 - self.eval_s, 1e-9) / self.steps
 
 
-MIN_PACE_STEPS = 5      # steps timed before the pace is trusted
+MIN_PACE_STEPS = 5      # steps timed before the pace is trusted ...
+PACE_SHARE = 0.05       # ... and this share of the planned steps
 REPLAN_SLACK = 0.02     # the schedule is shortened only when it would overrun by more than this share
 
 
@@ -699,7 +701,7 @@ def fit_to_deadline(run: Run, state: State, step: int, pace: Pace, meter: "Throu
     once, so a resumed run keeps it. Under torchrun, all ranks take the smallest length any proposes."""
     tc = run.train_cfg
     now = time.perf_counter()
-    step_s = pace.seconds_per_step(now)
+    step_s = pace.seconds_per_step(now, run.time_plan["planned_steps"])
     target = run.max_steps
     if step_s is not None:
         eval_s = pace.eval_s / pace.evals if pace.evals else step_s * tc.eval_batches / (3 * tc.grad_accum_steps)
