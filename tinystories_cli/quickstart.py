@@ -503,7 +503,7 @@ def train_model(opts: QuickstartOptions, run_dir: Path, tokenizer_dir: Path, tra
     # With the auto size the probed model is the rule's reference model; when the rule picks another
     # size, that one is probed too (shorter) and planned from its own speed.
     what = f"the reference model (d_model {autosize.REFERENCE_WIDTH})" if auto else preset
-    notify("train", f"measuring the speed of {what} on {device} (a {probe_s:.2g} s probe)")
+    notify("train", f"measuring the speed of {what} on {device} (a probe of up to {probe_s:.2g} s)")
     plan, tps, eval_batches, spent = _probe_and_plan(preset, model_over, train_over, base_opts, budget, probe_s,
                                                      n_train, n_valid)
     choice = None
@@ -706,14 +706,15 @@ def model_label(r: QuickstartResult) -> str:
 def size_flags(auto: dict | None) -> str:
     """The `tslm train` flags that rebuild an auto-sized model (empty for a fixed preset).
 
-    >>> size_flags({"d_model": 128, "num_layers": 4, "num_heads": 4, "lr": 0.003})
-    ' --d-model 128 --num-layers 4 --num-heads 4 --lr 0.003 --min-lr 0.0003 --batch-size 16'
+    >>> size_flags({"d_model": 128, "num_layers": 4, "num_heads": 4, "lr": 0.003, "schedule": "wsd"})
+    ' --d-model 128 --num-layers 4 --num-heads 4 --lr 0.003 --min-lr 0.0003 --batch-size 16 --schedule wsd'
     """
     if not auto:
         return ""
     lr = float(auto["lr"])
     return (f" --d-model {auto['d_model']} --num-layers {auto['num_layers']} --num-heads {auto['num_heads']} "
-            f"--lr {lr:g} --min-lr {lr * autosize.MIN_LR_RATIO:g} --batch-size {autosize.BATCH_SIZE}")
+            f"--lr {lr:g} --min-lr {lr * autosize.MIN_LR_RATIO:g} --batch-size {autosize.BATCH_SIZE}"
+            + (f" --schedule {auto['schedule']}" if auto.get("schedule") else ""))
 
 
 def next_commands(r: QuickstartResult) -> list[tuple[str, str]]:
