@@ -11,7 +11,7 @@ The rule (RULES, from the sweep recorded in tests/benchmarks/RESULTS.md): the wi
 threshold the budget reaches, with its best learning rate:
 
     >>> [(r.d_model, f"{r.min_ref_tokens:.3g}", r.lr) for r in RULES]
-    [(64, '0', 0.006), (128, '1.3e+06', 0.006)]
+    [(64, '0', 0.006), (128, '1.3e+06', 0.006), (192, '8.3e+06', 0.006)]
     >>> c = choose(ref_tokens=1.5e6)
     >>> c.shape, c.lr
     (Shape(d_model=128, num_layers=4, num_heads=4), 0.006)
@@ -75,15 +75,19 @@ class Rule:
     speed: float            # its training tokens/s relative to the reference model (the sweep's probe)
 
 
-# From examples/size_sweep.py (every run in tests/benchmarks/RESULTS.md, "Size for the budget"), both
+# From examples/size_sweep.py (every run in tests/benchmarks/RESULTS.md, "Size for the budget"), the
 # widths at lr 6e-3 (their best of those tried): at 0.5M reference tokens d_model 64 (2 layers) beat 128,
 # 3.389 vs 3.596; at 1.5M d_model 128 beat 64, 2.923 vs 2.952; 192 and 256 (lr 3e-3) lost by 0.4-0.5 at
-# both. The threshold is where the d128 - d64 difference (+0.207, -0.029) crosses zero, interpolated in
-# log budget: 1.3M. Budgets above 1.5M were not measured: d_model 128 is kept there. `speed`: the sweep's
-# probe (d64 34.3K, d128 14.2K tokens/s).
+# both. Second sweep (WSD): at 3.5M d_model 128 beat 192, 2.503 vs 2.623 (and 6 layers 2.576, batch 32
+# 2.582); at 8.5M 192 edged out 128, 2.282 vs 2.286. Each threshold is where the difference of the two
+# widths crosses zero, interpolated in log budget: 1.3M (d128 - d64: +0.207, -0.029) and 8.3M (d192 -
+# d128: +0.120, -0.004; one seed each, so above 8.3M the two are close, and 192 pulls ahead only as
+# the budget grows). `speed`: the sweeps' probes (d64 34.3K, d128 14.2K tokens/s; d192 10.1K, d128
+# 15.0K tokens/s).
 RULES: tuple[Rule, ...] = (
     Rule(0.0, 64, 6e-3, 2.41),
     Rule(1.3e6, 128, 6e-3, 1.0),
+    Rule(8.3e6, 192, 6e-3, 0.67),
 )
 
 
@@ -118,8 +122,8 @@ class Choice:
 def rule_for(ref_tokens: float) -> Rule:
     """The row of RULES for a budget of `ref_tokens` reference tokens.
 
-    >>> rule_for(1e5).d_model, rule_for(1.3e6).d_model, rule_for(1e9).d_model
-    (64, 128, 128)
+    >>> rule_for(1e5).d_model, rule_for(1.3e6).d_model, rule_for(5e6).d_model, rule_for(1e9).d_model
+    (64, 128, 128, 192)
     """
     if not (ref_tokens >= 0 and math.isfinite(ref_tokens)):
         raise ValueError(f"the token budget must be a finite number >= 0, got {ref_tokens}")
