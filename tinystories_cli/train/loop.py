@@ -622,8 +622,7 @@ def plan_time_budget(run: Run) -> None:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
         tps = float(t.item())
     tokens_per_step = tc.batch_size * tc.grad_accum_steps * dist.world_size * run.model_cfg.context_length
-    # evaluation: eval_batches forward-only batches (a third of a training step's work) every eval_every steps
-    eval_share = tc.eval_batches / (3 * tc.grad_accum_steps * tc.eval_every)
+    eval_share = eval_cost_in_steps(tc) / tc.eval_every
     usable = budget - spent - 0.03 * budget  # 3%: start-up, checkpoints, the last evaluation
     steps = int(usable * tps / tokens_per_step / (1 + eval_share))
     if steps < 1:
@@ -639,6 +638,20 @@ def plan_time_budget(run: Run) -> None:
     run.time_plan = time_plan(budget, deadline, spent, tps, steps)
     run.notes.append(f"--time-budget {format_duration(budget)}: the probe ran {tps:,.0f} tokens/s ({spent:.1f} s) "
                      f"-> {steps:,} steps of {tokens_per_step:,} tokens, cosine planned to end there")
+
+
+def eval_cost_in_steps(tc) -> float:
+    """One evaluation in training steps: eval_batches forward-only batches, each a third of the work of
+    one of a step's grad_accum_steps micro-batches (an estimate, for planning)."""
+    return tc.eval_batches / (3 * tc.grad_accum_steps)
+
+
+def update_run_config(run: Run, **changes) -> None:
+    """Rewrite the run's config.json (atomically) with `changes` applied at its top level."""
+    path = run.run_dir / runs.CONFIG_FILE
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config.update(changes)
+    atomic_write_text(path, json.dumps(config, indent=2) + "\n")
 
 
 def time_plan(budget_s: float, deadline: float, probe_s: float, tokens_per_s: float, steps: int) -> dict:
@@ -704,7 +717,7 @@ def fit_to_deadline(run: Run, state: State, step: int, pace: Pace, meter: "Throu
     step_s = pace.seconds_per_step(now, run.time_plan["planned_steps"])
     target = run.max_steps
     if step_s is not None:
-        eval_s = pace.eval_s / pace.evals if pace.evals else step_s * tc.eval_batches / (3 * tc.grad_accum_steps)
+        eval_s = pace.eval_s / pace.evals if pace.evals else step_s * eval_cost_in_steps(tc)
         finish_s = 1.0 + 0.01 * run.time_plan["budget_s"]  # the last save and the run's README
         fits = step + steps_that_fit(run.time_plan["deadline"] - now - finish_s, step_s, eval_s, tc.eval_every)
         if fits < run.max_steps * (1 - REPLAN_SLACK):
@@ -722,24 +735,18 @@ def fit_to_deadline(run: Run, state: State, step: int, pace: Pace, meter: "Throu
     run.time_plan.setdefault("shortened", []).append({"at_step": step, "from": old, "to": target})
     meter.end_step = run.end_step
     display.retotal(run.end_step)
-    display.note(f"steps are slower than the probe measured ({step_s:.3g} s each): the schedule now ends at step "
-                 f"{target:,} instead of {old:,}, to finish before the deadline")
+    display.note(f"steps are slower than the probe measured: the schedule now ends at step {target:,} instead of "
+                 f"{old:,}, to finish before the deadline")
     if state.dist.is_main:
-        path = run.run_dir / runs.CONFIG_FILE
-        config = json.loads(path.read_text(encoding="utf-8"))
-        config.update(max_steps=target, planned_tokens=state.tokens_per_step * target)
-        config["train"] = run.train_cfg.model_dump()
-        atomic_write_text(path, json.dumps(config, indent=2) + "\n")
+        update_run_config(run, max_steps=target, planned_tokens=state.tokens_per_step * target,
+                          train=run.train_cfg.model_dump())
 
 
 def record_time_used(run: Run, seconds: float, result: TrainResult) -> None:
     """The actual wall-clock of a --time-budget run beside its plan, in config.json."""
-    path = run.run_dir / runs.CONFIG_FILE
-    config = json.loads(path.read_text(encoding="utf-8"))
     plan = {k: v for k, v in run.time_plan.items() if k != "deadline"}
-    config["time_budget"] = {**plan, "actual_s": round(seconds, 2), "steps_done": result.step,
-                             "stopped": result.stopped}
-    atomic_write_text(path, json.dumps(config, indent=2) + "\n")
+    update_run_config(run, time_budget={**plan, "actual_s": round(seconds, 2), "steps_done": result.step,
+                                        "stopped": result.stopped})
 
 
 def measure_throughput(run: Run, max_seconds: float, max_steps: int = 10) -> tuple[float, float]:
