@@ -485,6 +485,20 @@ def test_time_budget_plans_the_schedule_from_a_probe_and_keeps_the_deadline(work
         T.parse_duration("ninety minutes")
 
 
+def test_a_deadline_that_passes_at_the_last_step_is_a_finished_run(workspace):
+    """Reaching the deadline on the run's last step ends it normally: not "interrupted" (which made
+    quickstart exit 130 on a busy machine) and not "time_budget"."""
+    import time
+
+    train = {"dataset": "tiny", **TINY_TRAIN, "max_steps": 1, "warmup_steps": 1}
+    run = T.prepare_run("debug", None, TINY_MODEL, train,
+                        T.TrainOptions(run_name="just-in-time", display="quiet", peak_tflops=1.0))
+    run.time_plan = T.time_plan(1.0, time.perf_counter() - 1.0, 0.0, 1e3, 1)
+    res = T.train(run)
+    assert res.stopped == "finished" and res.step == 1 and res.signal is None
+    assert [s for s, _ in runs.step_checkpoints(res.run_dir)] == [1]
+
+
 def test_a_run_that_slows_down_shortens_its_schedule_to_end_by_the_deadline(workspace):
     """The probe saw a fast machine, then every step got 30 ms slower: instead of being cut off at full
     learning rate, the run shortens its schedule (WSD here) so that it decays, evaluates and saves its

@@ -397,7 +397,7 @@ def fit(run: Run, state: State, display: Display, log: MetricsLog | None, peak: 
                 result.stopped = "time_budget"
                 display.note(f"--time-budget spent at step {step}: saved a checkpoint")
                 break
-            if stop_requested:
+            if signalled:  # (a deadline that passes at the last step is just the end)
                 result.stopped, result.signal = "interrupted", signals.signame or "SIGINT"
                 display.note(f"{signals.signame or 'signal'}: saved a checkpoint at step {step}; continue with "
                              f"`tslm train --resume --run-name {run.run_dir.name}`")
