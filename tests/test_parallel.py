@@ -1,5 +1,6 @@
 """Training on 2 processes (gloo, CPU): FSDP equals one process with the doubled batch, with and without
-activation checkpointing, and checkpoints move between world sizes and between DDP, FSDP and 1 process.
+activation checkpointing, checkpoints move between world sizes and between DDP, FSDP and 1 process, and
+a deadline's change of schedule length is the same on every rank.
 
 Multi-process runs cost seconds each on a shared 2-core machine, so one spawn does all the 2-rank work
 and the assertions are gathered in one test."""
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -60,10 +62,24 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
         out["ddp_split"] = _run("ddp_split", {**half, "parallel": "ddp"}, stop_at=5).train_losses
         # saved by one process (the parent, before spawning): continued on 2 ranks with the batch halved
         out["from_one"] = _run("from_one", {**half, "parallel": "fsdp"}, resume="auto").train_losses
+        _deadline_run(rank, Path(root))
         if rank == 0:
             (Path(root) / "parallel.json").write_text(json.dumps(out))
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _deadline_run(rank: int, root: Path) -> None:
+    """A DDP run with a deadline whose ranks propose different new lengths (caps 40 and 30 for a
+    20-step WSD schedule with time to spare): all ranks must take the same one, the smallest."""
+    run = T.prepare_run("debug", None, dict(TINY_MODEL),
+                        {"dataset": "tiny", **TINY_TRAIN, **STEPS, "max_steps": 20, "batch_size": 2,
+                         "parallel": "ddp", "schedule": "wsd"},
+                        T.TrainOptions(run_name="ddp_deadline", display="quiet", peak_tflops=1.0))
+    run.time_plan = T.time_plan(600.0, time.perf_counter() + 600.0, 0.0, 1e3, 20, max_steps_cap=30 if rank else 40)
+    res = T.train(run)
+    (root / f"deadline{rank}.json").write_text(json.dumps({"step": res.step, "max_steps": res.max_steps,
+                                                           "replanned": run.time_plan.get("replanned")}))
 
 
 def test_fsdp_equals_one_process_and_checkpoints_move_between_world_sizes(workspace):
@@ -99,6 +115,11 @@ def test_fsdp_equals_one_process_and_checkpoints_move_between_world_sizes(worksp
     _run("accum", {"batch_size": 4}, stop_at=5)
     resumed = _run("accum", {"batch_size": 2, "grad_accum_steps": 2}, resume="auto")
     assert all(abs(resumed.train_losses[s] - want[s]) < 1e-5 for s in range(6, 11))
+    # a deadline's new schedule length is agreed by all ranks (the smallest proposed)
+    ranks = [json.loads((tmp / f"deadline{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] and ranks[0]["step"] == ranks[0]["max_steps"] == 30, ranks
+    assert ranks[0]["replanned"][0]["from"] == 20
+    assert json.loads((tmp / "runs" / "ddp_deadline" / "config.json").read_text())["max_steps"] == 30
 
 
 def test_activation_checkpointing_gives_the_plain_gradients():

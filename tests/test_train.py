@@ -517,12 +517,60 @@ def test_a_run_that_slows_down_shortens_its_schedule_to_end_by_the_deadline(work
     assert took < 4.0 + 1.0
     cfg = json.loads((res.run_dir / "config.json").read_text())
     assert cfg["max_steps"] == cfg["train"]["max_steps"] == res.step
-    assert cfg["time_budget"]["shortened"][-1]["to"] == res.step and cfg["time_budget"]["planned_steps"] == 400
+    assert cfg["time_budget"]["replanned"][-1]["to"] == res.step and cfg["time_budget"]["planned_steps"] == 400
+    assert all(r["to"] < r["from"] for r in cfg["time_budget"]["replanned"])
     records = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == res.step and records[-1]["lr"] == pytest.approx(3e-4)  # decayed to the end
     assert "val_loss" in records[-1] and [s for s, _ in runs.step_checkpoints(res.run_dir)][-1] == res.step
     again = T.prepare_run(None, None, None, None, T.TrainOptions(run_name="slow", resume="auto"))
     assert again.max_steps == again.end_step == again.train_cfg.max_steps == res.step
+
+
+def test_a_run_faster_than_its_probe_lengthens_a_flat_wsd_schedule_up_to_its_cap(workspace):
+    """The probe under-read the machine: 60 steps were planned for a deadline that leaves time for many
+    more. A WSD run still in its flat phase lengthens its schedule to the cap (quickstart's passes over
+    the data); every step before the change kept the rate it had, and the run still decays to its end.
+    A cosine run keeps its 60 steps (lengthening would change the rate of steps already taken)."""
+    import time
+
+    train = {"dataset": "tiny", **TINY_TRAIN, "max_steps": 60, "schedule": "wsd", "eval_every": 20,
+             "save_every": 20, "log_every": 5}
+    run = T.prepare_run("debug", None, TINY_MODEL, train,
+                        T.TrainOptions(run_name="fast", display="quiet", peak_tflops=1.0))
+    run.time_plan = T.time_plan(600.0, time.perf_counter() + 600.0, 0.0, 1e3, 60, max_steps_cap=150)
+    res = T.train(run)
+    assert res.stopped == "finished" and res.step == res.max_steps == 150, (res.stopped, res.step)
+    cfg = json.loads((res.run_dir / "config.json").read_text())
+    assert cfg["max_steps"] == cfg["train"]["max_steps"] == 150
+    changes = cfg["time_budget"]["replanned"]
+    assert changes[0]["from"] == 60 and changes[-1]["to"] == 150 and cfg["time_budget"]["max_steps_cap"] == 150
+    assert changes[0]["at_step"] < 60 - 12  # before the 60-step schedule's decay began (its last 20%)
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (res.run_dir / "metrics.jsonl").read_text().splitlines())
+           if "lr" in r}
+    assert all(lr == pytest.approx(3e-3) for s, lr in lrs.items() if 2 <= s <= 120)  # flat through the old end
+    assert lrs[150] == pytest.approx(3e-4) and lrs[135] < 3e-3  # the decay moved to the new end
+    assert [s for s, _ in runs.step_checkpoints(res.run_dir)][-1] == 150
+    again = T.prepare_run(None, None, None, None, T.TrainOptions(run_name="fast", resume="auto"))
+    assert again.max_steps == again.end_step == 150
+
+    cosine = T.prepare_run("debug", None, TINY_MODEL, {**train, "schedule": "cosine"},
+                           T.TrainOptions(run_name="fast-cosine", display="quiet", peak_tflops=1.0))
+    cosine.time_plan = T.time_plan(600.0, time.perf_counter() + 600.0, 0.0, 1e3, 60, max_steps_cap=150)
+    res = T.train(cosine)
+    assert res.step == res.max_steps == 60 and "replanned" not in cosine.time_plan
+
+
+def test_a_schedule_already_decaying_is_not_lengthened(workspace):
+    """Only the flat phase may grow: a WSD run whose decay began before its pace was known keeps its length."""
+    import time
+
+    train = {"dataset": "tiny", **TINY_TRAIN, "max_steps": 60, "schedule": "wsd", "decay_fraction": 0.9,
+             "eval_every": 20, "save_every": 20, "log_every": 5}
+    run = T.prepare_run("debug", None, TINY_MODEL, train,
+                        T.TrainOptions(run_name="decaying", display="quiet", peak_tflops=1.0))
+    run.time_plan = T.time_plan(600.0, time.perf_counter() + 600.0, 0.0, 1e3, 60, max_steps_cap=150)
+    res = T.train(run)  # the decay starts at step 6, before the pace is trusted (5% of 60, at least 5 steps)
+    assert res.step == res.max_steps == 60 and "replanned" not in run.time_plan
 
 
 @pytest.mark.parametrize("model, batch, budget", [

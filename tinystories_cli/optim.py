@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-__all__ = ["AdamW", "cosine_lr", "wsd_lr", "clip_grad_norm_", "make_param_groups"]
+__all__ = ["AdamW", "cosine_lr", "wsd_lr", "wsd_decay_start", "clip_grad_norm_", "make_param_groups"]
 
 
 class AdamW(torch.optim.Optimizer):
@@ -162,16 +162,27 @@ def wsd_lr(it: int, max_lr: float, min_lr: float, warmup_iters: int, total_iters
     >>> [round(wsd_lr(it, 1.0, 0.1, 10, 100, 0.2), 3) for it in (0, 5, 10, 50, 80, 90, 100, 200)]
     [0.0, 0.5, 1.0, 1.0, 1.0, 0.55, 0.1, 0.1]
     """
-    if not 0.0 <= decay_fraction <= 1.0:
-        raise ValueError(f"decay_fraction must be in [0, 1], got {decay_fraction}")
+    decay_start = wsd_decay_start(warmup_iters, total_iters, decay_fraction)
     if it < warmup_iters:
         return it / warmup_iters * max_lr
     if it > total_iters:
         return min_lr
-    decay_start = max(warmup_iters, total_iters - round(decay_fraction * total_iters))
     if it <= decay_start:  # with decay_fraction 0 the rate stays at max_lr up to total_iters
         return max_lr
     return min_lr + (total_iters - it) / (total_iters - decay_start) * (max_lr - min_lr)
+
+
+def wsd_decay_start(warmup_iters: int, total_iters: int, decay_fraction: float = 0.2) -> int:
+    """The last step of `wsd_lr`'s flat phase: the decay runs from here to `total_iters`. It never moves
+    earlier when `total_iters` grows, so a run still before it can lengthen its schedule without changing
+    the rate of any step already taken.
+
+    >>> wsd_decay_start(10, 100, 0.2), wsd_decay_start(10, 101, 0.2), wsd_decay_start(10, 12, 0.5)
+    (80, 81, 10)
+    """
+    if not 0.0 <= decay_fraction <= 1.0:
+        raise ValueError(f"decay_fraction must be in [0, 1], got {decay_fraction}")
+    return max(warmup_iters, total_iters - round(decay_fraction * total_iters))
 
 
 def clip_grad_norm_(parameters: Iterable[nn.Parameter] | Tensor, max_norm: float, eps: float = 1e-6) -> Tensor:

@@ -29,7 +29,9 @@ chosen model on the chosen device, and `plan_steps` turns the remaining budget i
     (640, 'time')
 
 The budget is also a deadline the training loop keeps (`train.time_plan`): should the machine slow
-down after the probe, the schedule is shortened so that it still decays and ends in time.
+down after the probe, the schedule is shortened so that it still decays and ends in time; should the
+probe have under-read the machine, the auto size's WSD schedule is lengthened while still flat (up to
+MAX_EPOCHS passes over the data).
 
 This module does not print: the CLI passes `notify(stage, message)` and progress callbacks.
 """
@@ -137,6 +139,7 @@ class StepPlan:
     eval_every: int
     warmup_steps: int
     tokens_per_step: int = 0
+    data_steps: int = 0               # the steps MAX_EPOCHS passes over the data take (a lengthened run's cap)
 
 
 @dataclass
@@ -394,7 +397,7 @@ def plan_steps(budget_s: float, tokens_per_s: float, tokens_per_step: int, train
     eval_every = max(1, math.ceil(steps / num_evals))
     warmup = min(max(1, steps // 20), 100, steps)
     seconds = steps * step_s + min(num_evals, steps) * eval_each + overhead_s
-    return StepPlan(steps, why, seconds, eval_every, warmup)
+    return StepPlan(steps, why, seconds, eval_every, warmup, data_steps=max(by_data, steps))
 
 
 def eval_batches_for(budget_s: float, tokens_per_s: float, context_length: int, batch_size: int, max_batches: int,
@@ -533,7 +536,7 @@ def train_model(opts: QuickstartOptions, run_dir: Path, tokenizer_dir: Path, tra
                       eval_batches=eval_batches,
                       save_every=plan.eval_every, log_every=max(1, min(10, plan.steps // 20)))
     run = tl.prepare_run(preset, None, model_over, train_over, tl.TrainOptions(force=True, **base_opts))
-    run.time_plan = tl.time_plan(budget, deadline, spent, tps, plan.steps)
+    run.time_plan = tl.time_plan(budget, deadline, spent, tps, plan.steps, max_steps_cap=plan.data_steps)
     if choice is not None:
         run.auto_size = {**choice.record(), "tokens": plan.steps * tokens_per_step,
                          "warmup_steps": run.train_cfg.warmup_steps}

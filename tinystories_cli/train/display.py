@@ -49,7 +49,7 @@ class Display:
             print(f"step {step}/{end} | {text}", flush=True)
 
     def retotal(self, end_step: int) -> None:
-        """The run now ends at `end_step` (its schedule was shortened)."""
+        """The run now ends at `end_step` (its schedule was shortened or lengthened)."""
         if self.mode == "rich":
             self.progress.update(self.task, total=end_step)
 

@@ -58,7 +58,7 @@ from tinystories_cli.errors import UserError
 from tinystories_cli.evaluate import fixed_window_loss
 from tinystories_cli.fileio import atomic_write_text
 from tinystories_cli.model import TransformerLM, cross_entropy
-from tinystories_cli.optim import AdamW, clip_grad_norm_, cosine_lr, make_param_groups, wsd_lr
+from tinystories_cli.optim import AdamW, clip_grad_norm_, cosine_lr, make_param_groups, wsd_decay_start, wsd_lr
 from tinystories_cli.run_readme import write_run_readme
 from tinystories_cli.tokens import open_tokens
 from tinystories_cli.train.display import Display, Signals, format_duration, print_header
@@ -353,8 +353,10 @@ def fit(run: Run, state: State, display: Display, log: MetricsLog | None, peak: 
     state.model.train()
     if state.rng_state is not None and state.dist.is_main:  # last thing before the loop: nothing else may draw from it
         restore_rng(state.rng_state, state.device)
+    step = state.start_step
     with Signals() as signals:
-        for step in range(state.start_step + 1, run.end_step + 1):
+        while step < run.end_step:  # `fit_to_deadline` may move run.end_step
+            step += 1
             lr = scheduled_lr(tc, step, run.max_steps)
             for group in state.optimizer.param_groups:
                 group["lr"] = lr
@@ -402,12 +404,10 @@ def fit(run: Run, state: State, display: Display, log: MetricsLog | None, peak: 
                 display.note(f"{signals.signame or 'signal'}: saved a checkpoint at step {step}; continue with "
                              f"`tslm train --resume --run-name {run.run_dir.name}`")
                 break
-            if step >= run.end_step:  # the schedule was shortened to meet the deadline (`fit_to_deadline`)
-                break
             pace.stepped(step == state.start_step + 1)
     if result.stopped == "finished" and run.end_step < run.max_steps:
         result.stopped = "stop_at"
-    result.max_steps = run.max_steps  # shorter than planned when `fit_to_deadline` moved it
+    result.max_steps = run.max_steps  # not the planned length when `fit_to_deadline` moved it
     result.best_val_loss = state.best_val
     result.elapsed_s, result.tokens_per_s = meter.totals(result.step, state.tokens_per_step)
     return result
@@ -637,7 +637,7 @@ def plan_time_budget(run: Run) -> None:
     run.end_step = min(run.end_step, steps) if run.options.stop_at is not None else steps
     run.time_plan = time_plan(budget, deadline, spent, tps, steps)
     run.notes.append(f"--time-budget {format_duration(budget)}: the probe ran {tps:,.0f} tokens/s ({spent:.1f} s) "
-                     f"-> {steps:,} steps of {tokens_per_step:,} tokens, cosine planned to end there")
+                     f"-> {steps:,} steps of {tokens_per_step:,} tokens, the {tc.schedule} schedule planned to end there")
 
 
 def eval_cost_in_steps(tc) -> float:
@@ -654,11 +654,14 @@ def update_run_config(run: Run, **changes) -> None:
     atomic_write_text(path, json.dumps(config, indent=2) + "\n")
 
 
-def time_plan(budget_s: float, deadline: float, probe_s: float, tokens_per_s: float, steps: int) -> dict:
+def time_plan(budget_s: float, deadline: float, probe_s: float, tokens_per_s: float, steps: int,
+              max_steps_cap: int | None = None) -> dict:
     """`Run.time_plan`: what a run with a deadline (a `time.perf_counter()` value) planned, which `fit`
-    keeps to (`fit_to_deadline`) and config.json records (all but the deadline)."""
-    return {"budget_s": budget_s, "probe_s": round(probe_s, 2), "probe_tokens_per_s": round(tokens_per_s, 1),
+    keeps to (`fit_to_deadline`) and config.json records (all but the deadline). `max_steps_cap`: the
+    most steps a lengthened schedule may have (quickstart: its passes over the data); None, no cap."""
+    plan = {"budget_s": budget_s, "probe_s": round(probe_s, 2), "probe_tokens_per_s": round(tokens_per_s, 1),
             "planned_steps": steps, "deadline": deadline}
+    return plan if max_steps_cap is None else {**plan, "max_steps_cap": int(max_steps_cap)}
 
 
 class Pace:
@@ -692,7 +695,8 @@ class Pace:
 
 MIN_PACE_STEPS = 5      # steps timed before the pace is trusted ...
 PACE_SHARE = 0.05       # ... and this share of the planned steps
-REPLAN_SLACK = 0.02     # the schedule is shortened only when it would overrun by more than this share
+REPLAN_SLACK = 0.02     # the schedule moves only when it would overrun, or leave unused, more than this share
+LENGTHEN_MARGIN = 0.03  # a lengthened schedule is planned this share short of the deadline (a later slowdown)
 
 
 def steps_that_fit(seconds: float, step_s: float, eval_s: float, eval_every: int) -> int:
@@ -707,11 +711,16 @@ def steps_that_fit(seconds: float, step_s: float, eval_s: float, eval_every: int
 
 
 def fit_to_deadline(run: Run, state: State, step: int, pace: Pace, meter: "Throughput", display: Display) -> None:
-    """A run with a deadline (--time-budget, quickstart's --minutes) whose steps have become slower than
-    planned (another job took the cores, thermal throttling) shortens its schedule, so that the
-    learning rate still decays to its end (the last step evaluates and saves) before the deadline
-    rather than being cut off at full rate. Only ever shortens. The new length goes to config.json at
-    once, so a resumed run keeps it. Under torchrun, all ranks take the smallest length any proposes."""
+    """Keep a run with a deadline (--time-budget, quickstart's --minutes) to it when its steps turn out
+    slower or faster than the probe measured.
+
+    Slower (another job took the cores, thermal throttling): the schedule is shortened, so that the
+    learning rate still decays to its end (the last step evaluates and saves) before the deadline rather
+    than being cut off at full rate. Faster (the probe under-read the machine): a WSD schedule still in
+    its flat phase is lengthened to fill the time, up to `time_plan["max_steps_cap"]`; no step already
+    taken had another rate (`wsd_decay_start` only moves later). A cosine schedule is never lengthened.
+    The new length goes to config.json at once, so a resumed run keeps it; `time_budget.replanned`
+    lists each change. Under torchrun, all ranks take the smallest length any proposes."""
     tc = run.train_cfg
     now = time.perf_counter()
     step_s = pace.seconds_per_step(now, run.time_plan["planned_steps"])
@@ -722,24 +731,38 @@ def fit_to_deadline(run: Run, state: State, step: int, pace: Pace, meter: "Throu
         fits = step + steps_that_fit(run.time_plan["deadline"] - now - finish_s, step_s, eval_s, tc.eval_every)
         if fits < run.max_steps * (1 - REPLAN_SLACK):
             target = max(fits, step + 1, min(tc.warmup_steps + 1, run.max_steps))
+        elif can_lengthen(run, step):
+            longer = int(step + (fits - step) * (1 - LENGTHEN_MARGIN))
+            cap = run.time_plan.get("max_steps_cap")
+            longer = longer if cap is None else min(longer, cap)
+            if longer > run.max_steps * (1 + REPLAN_SLACK):
+                target = longer
     if state.dist.enabled:
         t = torch.tensor([target], dtype=torch.float64, device=state.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
         target = int(t.item())
-    if target >= run.max_steps:
+    if target == run.max_steps:
         return
     old = run.max_steps
+    run.end_step = target if run.end_step == old else min(run.end_step, target)  # (a --stop-at before the end)
     run.max_steps = target
-    run.end_step = min(run.end_step, target)
     run.train_cfg = tc.model_copy(update={"max_steps": target, "train_tokens": None})
-    run.time_plan.setdefault("shortened", []).append({"at_step": step, "from": old, "to": target})
+    run.time_plan.setdefault("replanned", []).append({"at_step": step, "from": old, "to": target})
     meter.end_step = run.end_step
     display.retotal(run.end_step)
-    display.note(f"steps are slower than the probe measured: the schedule now ends at step {target:,} instead of "
-                 f"{old:,}, to finish before the deadline")
+    display.note(f"steps are {'slower' if target < old else 'faster'} than the probe measured: the schedule now "
+                 f"ends at step {target:,} instead of {old:,}, to "
+                 + ("finish before the deadline" if target < old else "use the time budget"))
     if state.dist.is_main:
         update_run_config(run, max_steps=target, planned_tokens=state.tokens_per_step * target,
                           train=run.train_cfg.model_dump())
+
+
+def can_lengthen(run: Run, step: int) -> bool:
+    """A WSD schedule whose next step is still in its flat phase, with no --stop-at before its end."""
+    tc = run.train_cfg
+    return (tc.schedule == "wsd" and run.end_step == run.max_steps
+            and step < wsd_decay_start(tc.warmup_steps, run.max_steps, tc.decay_fraction))
 
 
 def record_time_used(run: Run, seconds: float, result: TrainResult) -> None:
