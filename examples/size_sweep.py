@@ -5,6 +5,7 @@
     python examples/size_sweep.py --text ../shared/data/tinystories_train.txt --workdir /tmp/size_sweep \
         --budgets 0.5e6,1.5e6 --widths 64,128,192,256 --lrs 3e-3 [--lr-widths 128 --extra-lrs 1e-3,6e-3]
         [--layers 4,6] [--batch-sizes 16,32] [--warmups 20,100] [--schedule wsd] [--vocab-size 4096]
+        [--set beta2=0.95 --set decay_fraction=0.4]
 
 Budgets are counted in REFERENCE TOKENS: the tokens the reference model (d_model 128, 4 layers,
 batch 16 x 256, the model `autosize` probes) processes in the same wall-clock time. A probe at
@@ -18,7 +19,9 @@ changes): "2 minutes of this machine" is probe tokens/s x 120 reference tokens.
 Data: quickstart's 95/5 split of --text and its 2048-id tokenizer (or --vocab-size; built under
 WORKDIR/data by the same library functions `tslm quickstart` uses). Every run: 4 layers (2 for
 d_model 64) unless --layers, heads of width 32, batch 16 x 256 unless --batch-sizes, warmup 20
-steps unless --warmups, cosine to lr/10 (or --schedule wsd); the score is the loss of the best
+steps unless --warmups, cosine to lr/10 (or --schedule wsd), any other training setting as the base
+preset has it unless --set NAME=VALUE (a TrainConfig field, e.g. beta2=0.95: it joins the run's name,
+and min_lr_ratio=R sets min_lr to R x lr); the score is the loss of the best
 checkpoint over the whole held-out file (what `tslm eval` reports). Each shape and batch size is
 probed on its own (a deeper model or a bigger batch runs at another speed).
 
@@ -76,6 +79,19 @@ def probe(shape: autosize.Shape, batch: int, files, workdir: Path, seconds: floa
     return tps
 
 
+def parse_setting(text: str) -> tuple[str, float | int | str]:
+    """"beta2=0.95" -> ("beta2", 0.95): numbers as numbers, anything else as text."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise SystemExit(f"--set wants NAME=VALUE, got {text!r}")
+    for kind in (int, float):
+        try:
+            return name, kind(value)
+        except ValueError:
+            pass
+    return name, value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--text", type=Path, required=True)
@@ -91,6 +107,8 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default=str(autosize.BATCH_SIZE), help="batch sizes (sequences of 256 tokens)")
     ap.add_argument("--warmups", default=str(autosize.WARMUP_STEPS), help="warmup steps")
     ap.add_argument("--probe-seconds", type=float, default=8.0)
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="a training setting for every run of this invocation (repeatable)")
     args = ap.parse_args()
 
     files = prepare(args.text, args.workdir, args.vocab_size)
@@ -98,6 +116,7 @@ def main() -> None:
     depths = [int(x) for x in args.layers.split(",")] if args.layers else [None]
     batches = [int(x) for x in args.batch_sizes.split(",")]
     warmups = [int(x) for x in args.warmups.split(",")]
+    settings = dict(parse_setting(x) for x in args.set)
     speeds_file = args.workdir / "speeds.json"
     speeds = json.loads(speeds_file.read_text()) if speeds_file.is_file() else {}
     wanted = {(autosize.REFERENCE_WIDTH, None, autosize.BATCH_SIZE)} | {(w, d, b) for w in widths for d in depths for b in batches}
@@ -122,14 +141,17 @@ def main() -> None:
                 shape = shape_of(w, d)
                 extra = (f"-L{shape.num_layers}" if d is not None else "") + \
                     (f"-B{batch}" if batch != autosize.BATCH_SIZE else "") + \
-                    (f"-wu{warmup}" if warmup != autosize.WARMUP_STEPS else "")
+                    (f"-wu{warmup}" if warmup != autosize.WARMUP_STEPS else "") + \
+                    "".join(f"-{k}{v:g}" if isinstance(v, float) else f"-{k}{v}" for k, v in settings.items())
                 name = f"b{budget:g}-d{w}{extra}-lr{lr:g}-{schedule}"
                 if name in done:
                     continue
                 tokens_per_step = batch * autosize.CONTEXT_LENGTH
                 tokens = int(budget * speeds[variant(w, d, batch)] / ref)
                 steps = max(warmup + 1, tokens // tokens_per_step)
-                train_over = {"dataset": "quickstart", "max_steps": steps, "lr": lr, "min_lr": lr / 10,
+                given = {k: v for k, v in settings.items() if k != "min_lr_ratio"}
+                train_over = {"dataset": "quickstart", "max_steps": steps, "lr": lr,
+                              "min_lr": lr * settings.get("min_lr_ratio", 0.1), **given,
                               "warmup_steps": warmup, "batch_size": batch,
                               "schedule": schedule, "eval_every": max(1, steps // 4), "eval_batches": 4,
                               "save_every": max(1, steps // 4), "log_every": 50}
@@ -145,7 +167,8 @@ def main() -> None:
                 ev = evaluate_run(run_dir, files[1])
                 rec = {"name": name, "budget_ref_tokens": budget, "d_model": w, "num_layers": shape.num_layers,
                        "num_heads": shape.num_heads, "lr": lr, "schedule": schedule, "batch_size": batch,
-                       "warmup_steps": warmup, "vocab_size": args.vocab_size, "steps": steps,
+                       "warmup_steps": warmup, **({"settings": settings} if settings else {}),
+                       "vocab_size": args.vocab_size, "steps": steps,
                        "tokens": steps * tokens_per_step, "val_loss": round(ev["loss"], 4),
                        "bits_per_byte": ev.get("bits_per_byte"), "wall_s": round(wall, 1),
                        "train_tokens_per_s": round(result.tokens_per_s, 1)}

@@ -164,3 +164,14 @@ def test_size_sweep_example_end_to_end(tmp_path):
     assert last["name"] == "b20000-d64-L3-B8-wu5-lr0.003-cosine"
     assert (last["num_layers"], last["batch_size"], last["warmup_steps"]) == (3, 8, 5)
     assert last["steps"] == max(6, int(2e4 * speeds["64x3b8"] / speeds["128"]) // (8 * A.CONTEXT_LENGTH))
+    # Any other training setting with --set: in the run's config, its name and its record.
+    r = subprocess.run(cmd + ["--set", "beta2=0.95", "--set", "min_lr_ratio=0"], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    last = json.loads((tmp_path / "w" / "sweep.jsonl").read_text().splitlines()[-1])
+    assert last["name"] == "b20000-d64-beta20.95-min_lr_ratio0-lr0.003-cosine"
+    assert last["settings"] == {"beta2": 0.95, "min_lr_ratio": 0}
+    train = json.loads((tmp_path / "w" / "runs" / last["name"] / "config.json").read_text())["train"]
+    assert (train["beta2"], train["min_lr"]) == (0.95, 0.0)
+    r = subprocess.run(cmd + ["--set", "beta2"], capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "NAME=VALUE" in r.stderr
