@@ -49,7 +49,7 @@ def one_run(kind: str, text: Path, workdir: Path, minutes: float, vocab_size: in
             "tokens_per_s": round(r.tokens_per_s, 1), "steps": r.steps, "train_s": round(r.seconds.get("train", 0), 1),
             "wall_s": round(wall, 1), "model": qs.model_label(r), "auto_size": r.auto_size,
             "sampling": r.sampling, "story": r.story, "eval_tokens": ev["tokens"],
-            "time_plan": plan}  # the deadline's plan, the actual time, and any shortening of the schedule
+            "time_plan": plan}  # the deadline's plan, the actual time, and any change of the schedule's length
 
 
 def main() -> None:
