@@ -69,9 +69,9 @@ def test_quickstart_end_to_end_then_rerun_skips(tmp_path: Path, story_text: Path
     assert config["preset"] == "debug" and config["train"]["dataset"] == "quickstart"
     # --minutes is a deadline the loop keeps (its schedule shortens if the machine slows down)
     assert config["time_budget"]["budget_s"] == pytest.approx(6.0) and config["time_budget"]["actual_s"] > 0
-    # ... and a WSD schedule may grow into unused time, up to 6 passes over the training tokens
+    # ... and a WSD schedule may grow into unused time, up to MAX_EPOCHS passes over the training tokens
     cap = config["time_budget"]["max_steps_cap"]
-    assert config["max_steps"] <= cap == max(int(6 * len(np.load(data / "train.npy", mmap_mode="r"))
+    assert config["max_steps"] <= cap == max(int(qs.MAX_EPOCHS * len(np.load(data / "train.npy", mmap_mode="r"))
                                                  // config["tokens_per_step"]), config["time_budget"]["planned_steps"])
     assert list((run / "checkpoints").glob("step_*.safetensors"))
     story = (run / "story.txt").read_text(encoding="utf-8")
