@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -46,6 +47,31 @@ def test_a_token_budget_counts_the_chosen_models_own_tokens():
     assert c.tokens == 123_456
     assert c.train_overrides(30)["warmup_steps"] == 3          # at most a tenth of the steps
     assert c.train_overrides()["min_lr"] == pytest.approx(c.lr * A.MIN_LR_RATIO)
+
+
+def test_each_row_brings_its_batch_and_decay():
+    for r in A.RULES:
+        c = A.choose(max(r.min_ref_tokens, 1e4) * 1.01)
+        assert (c.shape.d_model, c.batch_size, c.warmup_steps, c.decay_fraction, c.speed) == \
+            (r.d_model, r.batch_size, r.warmup_steps, r.decay_fraction, r.speed)
+        over, rec = c.train_overrides(), c.record()
+        keys = ("batch_size", "warmup_steps", "decay_fraction")
+        assert [over[k] for k in keys] == [rec[k] for k in keys] == [r.batch_size, r.warmup_steps, r.decay_fraction]
+        assert c.train_overrides(r.warmup_steps * 5)["warmup_steps"] == max(1, r.warmup_steps // 2)  # a tenth at most
+
+
+def test_a_step_budget_counts_steps_of_each_rows_own_batch(monkeypatch):
+    for r in A.RULES:
+        steps = math.ceil(max(r.min_ref_tokens, 1e4) * r.speed / (r.batch_size * A.CONTEXT_LENGTH)) + 1
+        c = A.choose_for_steps(steps)
+        assert c.shape.d_model == r.d_model and c.tokens == steps * r.batch_size * A.CONTEXT_LENGTH
+    # a smaller batch needs proportionally more steps to reach the same threshold
+    row = A.Rule(0.0, 64, 1e-3, 1.0, batch_size=4)
+    big = A.Rule(1e6, 128, 1e-3, 1.0, batch_size=8)
+    monkeypatch.setattr(A, "RULES", (row, big))
+    assert A.choose_for_steps(488).shape.d_model == 64 and A.choose_for_steps(489).shape.d_model == 128  # 1M tokens
+    with pytest.raises(ValueError):
+        A.choose_for_steps(0)
 
 
 def test_shapes_are_valid_models():

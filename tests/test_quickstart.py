@@ -178,6 +178,36 @@ def test_quickstart_auto_size_is_the_default_on_a_cpu(tmp_path: Path, story_text
     assert f"--temp {temp} --top-p {top_p}" in out
 
 
+def test_quickstart_auto_size_with_another_batch_replans_without_a_second_probe(tmp_path: Path, story_text: Path,
+                                                                                run_cli, monkeypatch):
+    """A row of the rule with the reference width but another batch (and decay) is planned from the
+    reference probe at the row's measured speed; the run trains with that batch and decay."""
+    from tinystories_cli.train import autosize
+
+    row = autosize.Rule(0.0, autosize.REFERENCE_WIDTH, 4e-3, 1.5, batch_size=4, warmup_steps=3, decay_fraction=0.4)
+    monkeypatch.setattr(autosize, "RULES", (row,))
+    probes = []
+    real_probe = qs.tl.measure_throughput
+
+    def probe(run, seconds, max_steps=None):
+        tps, spent = real_probe(run, seconds) if max_steps is None else real_probe(run, seconds, max_steps)
+        probes.append((run.model_cfg.d_model, run.train_cfg.batch_size, tps))
+        return tps, spent
+
+    monkeypatch.setattr(qs.tl, "measure_throughput", probe)
+    work = tmp_path / "work"
+    code, out, err = run_cli("quickstart", "--text", str(story_text), "--minutes", "0.1", "--dir", str(work),
+                             "--vocab-size", "300", "--device", "cpu", "--plain", "--max-tokens", "10")
+    assert code == 0, err
+    assert [p[:2] for p in probes] == [(autosize.REFERENCE_WIDTH, autosize.BATCH_SIZE)]  # the reference model only
+    cfg = json.loads((work / "runs" / "quickstart" / "config.json").read_text(encoding="utf-8"))
+    assert (cfg["train"]["batch_size"], cfg["train"]["decay_fraction"], cfg["train"]["lr"]) == (4, 0.4, 4e-3)
+    assert cfg["train"]["warmup_steps"] == min(3, max(1, cfg["time_budget"]["planned_steps"] // 10))
+    assert (cfg["auto_size"]["batch_size"], cfg["auto_size"]["decay_fraction"]) == (4, 0.4)
+    assert cfg["time_budget"]["probe_tokens_per_s"] == pytest.approx(probes[0][2] * 1.5, abs=0.1)  # at the row's speed
+    assert "--batch-size 4 --schedule wsd --decay-fraction 0.4" in out          # the "longer run" command
+
+
 def test_pick_sampling_takes_the_coolest_cell_that_reads_like_text():
     from types import SimpleNamespace as Cell
 

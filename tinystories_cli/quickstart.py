@@ -518,20 +518,24 @@ def train_model(opts: QuickstartOptions, run_dir: Path, tokenizer_dir: Path, tra
         ref_tokens = plan.steps * autosize.TOKENS_PER_STEP
         choice = autosize.choose(ref_tokens, f"{plan.steps} steps of the reference model = ")
         notify("train", f"auto size: d_model {choice.shape.d_model}, {choice.shape.num_layers} layers, "
-                        f"{choice.shape.num_heads} heads, lr {choice.lr:g} ({choice.why})")
+                        f"{choice.shape.num_heads} heads, lr {choice.lr:g}, batch {choice.batch_size} ({choice.why})")
         model_over = {**choice.model_overrides(), "context_length": ctx}
         train_over.update({k: v for k, v in choice.train_overrides().items() if k != "warmup_steps"})
-        if choice.shape.d_model != autosize.REFERENCE_WIDTH:
+        if choice.shape.d_model != autosize.REFERENCE_WIDTH:  # another model: time it too
             plan, tps, eval_batches, more = _probe_and_plan(preset, model_over, train_over, base_opts,
                                                             budget - spent, probe_s / 2, n_train, n_valid)
             spent += more
+        elif choice.batch_size != autosize.BATCH_SIZE:  # the same model in other batches: its sweep speed
+            tps *= choice.speed
+            plan, eval_batches = _plan(budget - spent, tps, ctx, choice.batch_size, p.train.eval_batches, n_train,
+                                       n_valid)
     tokens_per_step = plan.tokens_per_step
     why = {"time": f"fits in the {opts.minutes:g}-minute budget",
            "data": f"{MAX_EPOCHS:g} passes over the {n_train:,} training tokens; more would only memorize them",
            "minimum": "the budget is smaller than the minimum run"}[plan.limited_by]
     notify("train", f"{tps:,.0f} tokens/s -> {plan.steps:,} steps of {tokens_per_step:,} tokens, about "
                     f"{plan.seconds / 60:.1f} min ({why})")
-    warmup = min(plan.warmup_steps, autosize.WARMUP_STEPS) if auto else plan.warmup_steps
+    warmup = choice.train_overrides(plan.steps)["warmup_steps"] if choice is not None else plan.warmup_steps
     train_over.update(max_steps=plan.steps, warmup_steps=warmup, eval_every=plan.eval_every,
                       eval_batches=eval_batches,
                       save_every=plan.eval_every, log_every=max(1, min(10, plan.steps // 20)))
@@ -554,12 +558,20 @@ def _probe_and_plan(preset: str, model_over: dict, train_over: dict, base_opts: 
                                tl.TrainOptions(force=True, **base_opts))
     mc, tc = probe_run.model_cfg, probe_run.train_cfg
     tps, spent = tl.measure_throughput(probe_run, probe_s)
-    tokens_per_step = tc.batch_size * tc.grad_accum_steps * mc.context_length
-    eval_batches = eval_batches_for(budget - spent, tps, mc.context_length, tc.batch_size, tc.eval_batches)
-    eval_windows = min(eval_batches * tc.batch_size, max(1, n_valid - mc.context_length))
-    plan = plan_steps(budget - spent, tps, tokens_per_step, n_train, eval_windows * mc.context_length)
-    plan.tokens_per_step = tokens_per_step
+    plan, eval_batches = _plan(budget - spent, tps, mc.context_length, tc.batch_size * tc.grad_accum_steps,
+                               tc.eval_batches, n_train, n_valid)
     return plan, tps, eval_batches, spent
+
+
+def _plan(budget: float, tps: float, context_length: int, batch_size: int, max_eval_batches: int,
+          n_train: int, n_valid: int) -> tuple[StepPlan, int]:
+    """The steps of `batch_size` sequences that fit in `budget` seconds at `tps`, and the validation
+    batches per evaluation."""
+    eval_batches = eval_batches_for(budget, tps, context_length, batch_size, max_eval_batches)
+    eval_windows = min(eval_batches * batch_size, max(1, n_valid - context_length))
+    plan = plan_steps(budget, tps, batch_size * context_length, n_train, eval_windows * context_length)
+    plan.tokens_per_step = batch_size * context_length
+    return plan, eval_batches
 
 
 def _train(run):
@@ -713,15 +725,17 @@ def model_label(r: QuickstartResult) -> str:
 def size_flags(auto: dict | None) -> str:
     """The `tslm train` flags that rebuild an auto-sized model (empty for a fixed preset).
 
-    >>> size_flags({"d_model": 128, "num_layers": 4, "num_heads": 4, "lr": 0.003, "schedule": "wsd"})
-    ' --d-model 128 --num-layers 4 --num-heads 4 --lr 0.003 --min-lr 0.0003 --batch-size 16 --schedule wsd'
+    >>> size_flags({"d_model": 128, "num_layers": 4, "num_heads": 4, "lr": 0.004, "batch_size": 8, "schedule": "wsd",
+    ...             "decay_fraction": 0.4})
+    ' --d-model 128 --num-layers 4 --num-heads 4 --lr 0.004 --min-lr 0.0004 --batch-size 8 --schedule wsd --decay-fraction 0.4'
     """
     if not auto:
         return ""
     lr = float(auto["lr"])
     return (f" --d-model {auto['d_model']} --num-layers {auto['num_layers']} --num-heads {auto['num_heads']} "
-            f"--lr {lr:g} --min-lr {lr * autosize.MIN_LR_RATIO:g} --batch-size {autosize.BATCH_SIZE}"
-            + (f" --schedule {auto['schedule']}" if auto.get("schedule") else ""))
+            f"--lr {lr:g} --min-lr {lr * autosize.MIN_LR_RATIO:g} --batch-size {auto.get('batch_size', autosize.BATCH_SIZE)}"
+            + (f" --schedule {auto['schedule']}" if auto.get("schedule") else "")
+            + (f" --decay-fraction {auto['decay_fraction']:g}" if auto.get("decay_fraction") is not None else ""))
 
 
 def next_commands(r: QuickstartResult) -> list[tuple[str, str]]:

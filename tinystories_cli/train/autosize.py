@@ -16,9 +16,10 @@ threshold the budget reaches, with its best learning rate:
     >>> c.shape, c.lr
     (Shape(d_model=128, num_layers=4, num_heads=4), 0.006)
 
-Everything else is the same for every size: batch 16 x 256 tokens, warmup 20 steps (at most a tenth
-of the steps), then warmup-stable-decay to lr/10 over the last 20% (`SCHEDULE`: it beat cosine at all three
-sweep points where both were run).
+A row may also carry its own batch (sequences of 256 tokens), warmup (at most a tenth of the steps) and
+decay length; unless it does, they are batch 16, warmup 20 steps, and warmup-stable-decay to lr/10 over
+the last 20% (`SCHEDULE`: it beat cosine at all three sweep points where both were run). A row's `speed`
+is its tokens/s at its batch relative to the reference model's.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ HEAD_WIDTH = 32
 # d_model 128, lr 6e-3, 3.5M reference tokens: 2.503 vs 2.543; 1.5M: 2.872 vs 2.923; d_model 64, lr 6e-3,
 # 0.5M: 3.273 vs 3.389 held-out loss (one seed each; RESULTS.md, "Size for the budget").
 SCHEDULE = "wsd"
+DECAY_FRACTION = 0.2
 MIN_LR_RATIO = 0.1
 
 
@@ -72,7 +74,10 @@ class Rule:
     min_ref_tokens: float   # the smallest budget (reference tokens) at which this width wins
     d_model: int
     lr: float               # its best peak learning rate in the sweep
-    speed: float            # its training tokens/s relative to the reference model (the sweep's probe)
+    speed: float            # its training tokens/s (at its batch) relative to the reference model (the sweep's probes)
+    batch_size: int = BATCH_SIZE           # sequences of CONTEXT_LENGTH tokens per step
+    warmup_steps: int = WARMUP_STEPS       # at most a tenth of the run's steps
+    decay_fraction: float = DECAY_FRACTION  # the WSD decay's share of the steps
 
 
 # From examples/size_sweep.py (every run in tests/benchmarks/RESULTS.md, "Size for the budget"), the
@@ -100,6 +105,10 @@ class Choice:
     ref_tokens: float         # the budget in reference tokens
     tokens: int               # the chosen model's own tokens in that budget
     why: str
+    batch_size: int = BATCH_SIZE
+    warmup_steps: int = WARMUP_STEPS
+    decay_fraction: float = DECAY_FRACTION
+    speed: float = 1.0        # the chosen model's tokens/s relative to the reference model (Rule.speed)
 
     def model_overrides(self) -> dict:
         return self.shape.model_overrides()
@@ -107,15 +116,16 @@ class Choice:
     def train_overrides(self, steps: int | None = None) -> dict:
         """lr, min_lr, batch, warmup and schedule; with `steps`, max_steps too (the warmup is then capped
         at a tenth of them)."""
-        out = {"lr": self.lr, "min_lr": self.lr * MIN_LR_RATIO, "batch_size": BATCH_SIZE, "grad_accum_steps": 1,
-               "warmup_steps": WARMUP_STEPS, "schedule": SCHEDULE}
+        out = {"lr": self.lr, "min_lr": self.lr * MIN_LR_RATIO, "batch_size": self.batch_size, "grad_accum_steps": 1,
+               "warmup_steps": self.warmup_steps, "schedule": SCHEDULE, "decay_fraction": self.decay_fraction}
         if steps is not None:
-            out.update(max_steps=steps, warmup_steps=min(WARMUP_STEPS, max(1, steps // 10)))
+            out.update(max_steps=steps, warmup_steps=min(self.warmup_steps, max(1, steps // 10)))
         return out
 
     def record(self) -> dict:
         return {"d_model": self.shape.d_model, "num_layers": self.shape.num_layers, "num_heads": self.shape.num_heads,
-                "lr": self.lr, "batch_size": BATCH_SIZE, "warmup_steps": WARMUP_STEPS, "schedule": SCHEDULE,
+                "lr": self.lr, "batch_size": self.batch_size, "warmup_steps": self.warmup_steps, "schedule": SCHEDULE,
+                "decay_fraction": self.decay_fraction,
                 "reference_tokens": round(self.ref_tokens), "tokens": self.tokens, "why": self.why}
 
 
@@ -137,7 +147,12 @@ def choose(ref_tokens: float, source: str = "") -> Choice:
     upper = f", below the {nxt[0].min_ref_tokens / 1e6:g}M where d_model {nxt[0].d_model} wins" if nxt else ""
     why = (f"{source}{ref_tokens / 1e6:.2f}M reference tokens (d_model {REFERENCE_WIDTH} equivalent): "
            f"at least the {r.min_ref_tokens / 1e6:g}M where d_model {r.d_model} wins{upper}")
-    return Choice(shape_for(r.d_model), r.lr, ref_tokens, int(ref_tokens * r.speed), why)
+    return _choice(r, ref_tokens, int(ref_tokens * r.speed), why)
+
+
+def _choice(r: Rule, ref_tokens: float, tokens: int, why: str) -> Choice:
+    return Choice(shape_for(r.d_model), r.lr, ref_tokens, tokens, why, r.batch_size, r.warmup_steps, r.decay_fraction,
+                  r.speed)
 
 
 def choose_for_seconds(seconds: float, reference_tokens_per_s: float) -> Choice:
@@ -164,11 +179,24 @@ def choose_for_tokens(tokens: float) -> Choice:
     """
     if not (tokens > 0 and math.isfinite(tokens)):
         raise ValueError(f"the token budget must be a positive finite number, got {tokens}")
-    fits = [r for r in RULES if tokens / r.speed >= r.min_ref_tokens]
-    r = fits[-1]
+    r = [r for r in RULES if tokens / r.speed >= r.min_ref_tokens][-1]
     c = choose(tokens / r.speed, f"{tokens / 1e6:.2f}M tokens of d_model {r.d_model} = ")
-    c.shape, c.lr, c.tokens = shape_for(r.d_model), r.lr, int(tokens)
-    return c
+    return _choice(r, c.ref_tokens, int(tokens), c.why)
+
+
+def choose_for_steps(steps: int, context_length: int = CONTEXT_LENGTH) -> Choice:
+    """A budget in optimizer steps of each width's own batch: the widest width whose threshold its
+    steps reach (so a width that takes smaller batches needs more steps for the same budget).
+
+    >>> [choose_for_steps(n).shape.d_model for n in (200, 400, 3000)]
+    [64, 128, 192]
+    """
+    if steps <= 0:
+        raise ValueError(f"the step budget must be positive, got {steps}")
+    r = [r for r in RULES if steps * r.batch_size * context_length / r.speed >= r.min_ref_tokens][-1]
+    tokens = steps * r.batch_size * context_length
+    c = choose(tokens / r.speed, f"{steps} steps of d_model {r.d_model} x {r.batch_size} sequences = ")
+    return _choice(r, c.ref_tokens, tokens, c.why)
 
 
 def rule_table() -> list[tuple[str, str, str, str]]:
@@ -223,14 +251,17 @@ def prepare_auto_run(preset: str | None, config_file: str | Path | None, model_o
         options = replace(options, time_budget=budget - spent)
     elif given_train.get("train_tokens") is not None:
         choice = choose_for_tokens(float(given_train["train_tokens"]))
+    elif given_train.get("max_steps") is not None and given_train.get("batch_size") is None:
+        choice = choose_for_steps(int(given_train["max_steps"]) * given_train.get("grad_accum_steps", 1),
+                                  given_model.get("context_length", CONTEXT_LENGTH))
     elif given_train.get("max_steps") is not None:
-        per_step = (given_train.get("batch_size", BATCH_SIZE) * given_train.get("grad_accum_steps", 1)
+        per_step = (given_train["batch_size"] * given_train.get("grad_accum_steps", 1)
                     * given_model.get("context_length", CONTEXT_LENGTH))
         choice = choose_for_tokens(float(given_train["max_steps"] * per_step))
     else:
         raise UserError("auto-size needs a budget to size the model for",
                         "pass --time-budget, --train-tokens or --max-steps")
-    steps = None if options.time_budget is not None else math.ceil(choice.tokens / TOKENS_PER_STEP)
+    steps = None if options.time_budget is not None else math.ceil(choice.tokens / (choice.batch_size * CONTEXT_LENGTH))
     chosen_model = {k: v for k, v in choice.model_overrides().items() if k not in given_model}
     if "d_model" in given_model:  # a width given explicitly keeps the rule's proportions, not its numbers
         d = int(given_model["d_model"])
@@ -246,9 +277,12 @@ def prepare_auto_run(preset: str | None, config_file: str | Path | None, model_o
                   if k in given_model or k in given_train)
     mc, tc = run.model_cfg, run.train_cfg
     actual = {"d_model": mc.d_model, "num_layers": mc.num_layers, "num_heads": mc.num_heads, "lr": tc.lr,
-              "batch_size": tc.batch_size, "warmup_steps": tc.warmup_steps, "schedule": tc.schedule}
+              "batch_size": tc.batch_size, "warmup_steps": tc.warmup_steps, "schedule": tc.schedule,
+              "decay_fraction": tc.decay_fraction}
     run.auto_size = {**choice.record(), **actual, **({"explicit": kept} if kept else {})}
     run.notes.append(f"--auto-size: d_model {mc.d_model}, {mc.num_layers} layers, {mc.num_heads} heads, lr {tc.lr:g}, "
-                     f"batch {tc.batch_size}, warmup {tc.warmup_steps}, {tc.schedule} schedule; {choice.why}"
+                     f"batch {tc.batch_size}, warmup {tc.warmup_steps}, {tc.schedule} schedule"
+                     + (f" (decay over the last {tc.decay_fraction:.0%})" if tc.schedule == "wsd" else "")
+                     + f"; {choice.why}"
                      + (f" (given explicitly: {', '.join(kept)})" if kept else ""))
     return run
