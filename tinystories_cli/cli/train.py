@@ -48,7 +48,7 @@ def command(
     wandb: Annotated[bool, _opt("--wandb", help="Also log to Weights & Biases (needs `pip install wandb`).")] = False,
     fit_memory: Annotated[Optional[str], _opt("--fit-memory", help="Device memory, e.g. 24GB: pick the micro-batch and accumulation that keep the global batch (--batch-size x --grad-accum x processes) within it, from `tslm account`'s estimate with a 10% margin.")] = None,
     time_budget: Annotated[Optional[str], _opt("--time-budget", help="Wall-clock budget, e.g. 90m or 1.5h: a short probe of real steps sets --max-steps so the schedule ends on time; if steps get slower, the schedule is shortened to still end by the deadline (if faster, a wsd schedule still flat is lengthened).")] = None,
-    auto_size: Annotated[bool, _opt("--auto-size", help=f"Pick d_model, layers, heads, lr, batch and warmup for the budget (--time-budget, --train-tokens or --max-steps) from the rule measured on a CPU (README: Auto size); flags given explicitly win. Base preset: --preset, else {autosize.BASE_PRESET}.")] = False,
+    auto_size: Annotated[bool, _opt("--auto-size", help=f"Pick d_model, layers, heads, lr, batch, warmup and decay for the budget (--time-budget, --train-tokens or --max-steps) from the rule measured on a CPU (README: Auto size); flags given explicitly win. Base preset: --preset, else {autosize.BASE_PRESET}.")] = False,
     plain: Annotated[bool, _opt("--plain", help="Plain log lines instead of the live display.")] = False,
     quiet: Annotated[bool, _opt("--quiet", "-q", help="No progress output.")] = False,
     print_config: common.PrintConfig = False,
