@@ -186,22 +186,29 @@ def choose_for_tokens(tokens: float) -> Choice:
     if not (tokens > 0 and math.isfinite(tokens)):
         raise ValueError(f"the token budget must be a positive finite number, got {tokens}")
     r = [r for r in RULES if tokens / r.speed >= r.min_ref_tokens][-1]
-    c = choose(tokens / r.speed, f"{tokens / 1e6:.2f}M tokens of d_model {r.d_model} = ")
-    return _choice(r, c.ref_tokens, int(tokens), c.why)
+    return _own_tokens(r, int(tokens), f"{tokens / 1e6:.2f}M tokens of d_model {r.d_model} = ")
 
 
-def choose_for_steps(steps: int, context_length: int = CONTEXT_LENGTH) -> Choice:
-    """A budget in optimizer steps of each width's own batch: the widest width whose threshold its
-    steps reach (so a width that takes smaller batches needs more steps for the same budget).
+def choose_for_steps(steps: int, context_length: int = CONTEXT_LENGTH, batch_size: int | None = None) -> Choice:
+    """A budget in optimizer steps: of `batch_size` sequences when given (a token budget), else of each
+    width's own batch, the widest width whose threshold its steps reach (so a width that takes smaller
+    batches needs more steps for the same budget).
 
     >>> [choose_for_steps(n).shape.d_model for n in (200, 700, 3000)]
     [64, 128, 192]
     """
     if steps <= 0:
         raise ValueError(f"the step budget must be positive, got {steps}")
+    if batch_size is not None:
+        return choose_for_tokens(float(steps * batch_size * context_length))
     r = [r for r in RULES if steps * r.batch_size * context_length / r.speed >= r.min_ref_tokens][-1]
-    tokens = steps * r.batch_size * context_length
-    c = choose(tokens / r.speed, f"{steps} steps of d_model {r.d_model} x {r.batch_size} sequences = ")
+    return _own_tokens(r, steps * r.batch_size * context_length,
+                       f"{steps} steps of d_model {r.d_model} x {r.batch_size} sequences = ")
+
+
+def _own_tokens(r: Rule, tokens: int, source: str) -> Choice:
+    """Row `r`'s choice for `tokens` of its own (the budget in reference tokens at its speed)."""
+    c = choose(tokens / r.speed, source)
     return _choice(r, c.ref_tokens, tokens, c.why)
 
 
@@ -257,13 +264,9 @@ def prepare_auto_run(preset: str | None, config_file: str | Path | None, model_o
         options = replace(options, time_budget=budget - spent)
     elif given_train.get("train_tokens") is not None:
         choice = choose_for_tokens(float(given_train["train_tokens"]))
-    elif given_train.get("max_steps") is not None and given_train.get("batch_size") is None:
-        choice = choose_for_steps(int(given_train["max_steps"]) * given_train.get("grad_accum_steps", 1),
-                                  given_model.get("context_length", CONTEXT_LENGTH))
     elif given_train.get("max_steps") is not None:
-        per_step = (given_train["batch_size"] * given_train.get("grad_accum_steps", 1)
-                    * given_model.get("context_length", CONTEXT_LENGTH))
-        choice = choose_for_tokens(float(given_train["max_steps"] * per_step))
+        choice = choose_for_steps(int(given_train["max_steps"]) * given_train.get("grad_accum_steps", 1),
+                                  given_model.get("context_length", CONTEXT_LENGTH), given_train.get("batch_size"))
     else:
         raise UserError("auto-size needs a budget to size the model for",
                         "pass --time-budget, --train-tokens or --max-steps")
