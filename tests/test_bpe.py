@@ -32,31 +32,7 @@ def naive_pretokens(text: str, special_tokens: list[str]) -> Counter:
     return Counter(m.encode("utf-8") for piece in pieces for m in PATTERN.findall(piece))
 
 
-def naive_merges(word_counts: dict[bytes, int], num_merges: int) -> list[tuple[bytes, bytes]]:
-    words = {tuple(bytes([b]) for b in w): c for w, c in word_counts.items()}
-    merges = []
-    for _ in range(num_merges):
-        pairs: Counter = Counter()
-        for w, c in words.items():
-            for p in zip(w, w[1:]):
-                pairs[p] += c
-        if not pairs:
-            break
-        best = max(pairs, key=lambda p: (pairs[p], p))
-        merges.append(best)
-        new_words: Counter = Counter()
-        for w, c in words.items():
-            out, i = [], 0
-            while i < len(w):
-                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
-                    out.append(w[i] + w[i + 1])
-                    i += 2
-                else:
-                    out.append(w[i])
-                    i += 1
-            new_words[tuple(out)] += c
-        words = new_words
-    return merges
+naive_merges = bpe.naive_bpe_merges  # the readable reference, kept in the package
 
 
 def naive_train(text: str, vocab_size: int, special_tokens: list[str]):
@@ -429,3 +405,10 @@ def test_save_without_atomic_exchange_moves_the_old_one_aside(tmp_path, monkeypa
     _save_worker(str(out), 2, 1)
     assert _consistent(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]
+
+
+def test_bpe_doctests():
+    """The worked examples in the merge loop's docstrings (MergeState, PairCounts, the naive reference)."""
+    import doctest
+
+    assert doctest.testmod(bpe).failed == 0

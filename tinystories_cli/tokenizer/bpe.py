@@ -428,16 +428,13 @@ def bpe_merges(word_counts: Mapping[bytes, int], num_merges: int, *,
     pair is left. Token ids here are internal: 0..255 are the bytes, 256.. the merges.
     `consume=True` empties the `word_counts` dict once it is copied into arrays (saves its memory).
 
-    The distinct pre-tokens are laid end to end in flat arrays, one slot per byte plus a separator
-    after each word: `sym` (token id, -1 separator, -2 merged away), `nxt`/`prv` (a linked list over
-    the live slots) and `weight` (the word's count, int32 when counts allow). For each token id,
-    `where[id]` holds the slots that (may) hold it. That is about 20 bytes per byte of the distinct
-    pre-tokens, plus the pair counts and the heap, whatever the corpus size. A merge of (a, b) scans
-    the shorter of `where[a]` and `where[b]`, keeps the true occurrences, and rewrites them with
-    whole-array numpy operations; the pairs it destroys and creates around each occurrence are
-    summed per pair (a dict, or np.unique for big merges) before the pair counts are touched.
-    Pair counts are exact, and the best pair comes from a lazily invalidated heap, so the merges
-    are exactly the naive algorithm's.
+    The loop is the naive algorithm's (`naive_bpe_merges`): take the most frequent pair (ties to the
+    greater pair of byte strings), merge every occurrence, repeat. What makes it fast lives in two
+    helpers: `MergeState` finds and rewrites the occurrences and reports how each merge changes the
+    pair counts, and `PairCounts` keeps the exact counts with a lazily invalidated heap of the best.
+
+    >>> bpe_merges({b"aaab": 2, b"ab": 1}, 2)  # (a, a) twice in each "aaab": 4 against (a, b)'s 3
+    [(b'a', b'a'), (b'a', b'b')]
     """
     tokens: list[bytes] = [bytes([i]) for i in range(256)]  # id -> bytes
     keys: list[str] = [_desc_key(t) for t in tokens]  # id -> tie-break key
@@ -450,54 +447,180 @@ def bpe_merges(word_counts: Mapping[bytes, int], num_merges: int, *,
     counts = np.fromiter((word_counts[w] for w in words), dtype=np.int64, count=len(words))
     if consume and isinstance(word_counts, dict):
         word_counts.clear()
-    lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
-    slots = lengths + 1  # each word, then a separator; slot 0 is a separator too
-    total = int(slots.sum()) + 1
-    sym = np.full(total, -1, dtype=np.int32)
-    byte_slots = np.arange(1, int(lengths.sum()) + 1, dtype=np.int64) + np.repeat(np.arange(len(words), dtype=np.int64), lengths)
-    sym[byte_slots] = np.frombuffer(b"".join(words), dtype=np.uint8)
-    del words, byte_slots
-    wtype = np.int32 if int(counts.max()) < 2**31 else np.int64  # half the memory when counts allow
-    weight = np.concatenate([np.zeros(1, dtype=wtype), np.repeat(counts.astype(wtype), slots)])
-    del counts, lengths, slots
-    nxt = np.arange(1, total + 1, dtype=np.int32)
-    nxt[-1] = total - 1  # the last slot is a separator; never followed
-    prv = np.arange(-1, total - 1, dtype=np.int32)
-    prv[0] = 0
+    state, initial = MergeState.build(words, counts)
+    del words, counts
+    pairs = PairCounts(initial, keys)
 
-    # initial pair counts
-    left = np.flatnonzero((sym[:-1] >= 0) & (sym[1:] >= 0))
-    pair_keys = (sym[left].astype(np.int64) << 32) | sym[left + 1]
-    uniq, inv = np.unique(pair_keys, return_inverse=True)
-    sums = np.bincount(inv, weights=weight[left]).astype(np.int64)
-    pair_counts: dict[int, int] = dict(zip(uniq.tolist(), sums.tolist()))
-    del left, pair_keys, uniq, inv, sums
-    heap = [(-c, keys[k >> 32] + keys[k & 0xFFFFFFFF], k) for k, c in pair_counts.items()]
-    heapq.heapify(heap)
-    heappush, heappop = heapq.heappush, heapq.heappop
-
-    live = np.flatnonzero(sym >= 0)
-    order = np.argsort(sym[live], kind="stable")
-    live = live[order].astype(np.int32)
-    bounds = np.searchsorted(sym[live], np.arange(257))
-    where: list[np.ndarray] = [live[bounds[i]:bounds[i + 1]] for i in range(256)]
-    del live, order, bounds
-
-    while len(merges) < num_merges and heap:
-        neg, _, key = heappop(heap)
-        current = pair_counts.get(key, 0)
-        if current != -neg:
-            if 0 < current < -neg:
-                heappush(heap, (-current, keys[key >> 32] + keys[key & 0xFFFFFFFF], key))
-            continue
+    while len(merges) < num_merges and (key := pairs.pop_best()) is not None:
         a, b = key >> 32, key & 0xFFFFFFFF
         new_id = len(tokens)
         tokens.append(tokens[a] + tokens[b])
         keys.append(_desc_key(tokens[new_id]))
         merges.append((tokens[a], tokens[b]))
-        del pair_counts[key]  # every occurrence is merged now
+        pairs.update(state.merge(a, b, new_id))
+        if progress is not None and (len(merges) % 100 == 0 or len(merges) == num_merges):
+            progress("merge", len(merges), num_merges)
+    if progress is not None:
+        progress("merge", len(merges), num_merges)
+    return merges
 
-        # the occurrences: left slots s with sym[s] == a and sym[nxt[s]] == b, in slot order
+
+def naive_bpe_merges(word_counts: Mapping[bytes, int], num_merges: int) -> list[tuple[bytes, bytes]]:
+    """The readable reference `bpe_merges` must equal: recount every pair, merge the best, repeat.
+
+    Quadratic, for tests and for reading. Ties go to the greater pair of byte strings.
+
+    >>> naive_bpe_merges({b"low": 5, b"lower": 2, b"widest": 3, b"newest": 6}, 3)
+    [(b's', b't'), (b'e', b'st'), (b'o', b'w')]
+    """
+    words = {tuple(bytes([c]) for c in w): n for w, n in word_counts.items() if n > 0}
+    merges: list[tuple[bytes, bytes]] = []
+    for _ in range(num_merges):
+        pair_counts: Counter = Counter()
+        for word, n in words.items():
+            for pair in zip(word, word[1:]):
+                pair_counts[pair] += n
+        if not pair_counts:
+            break
+        best = max(pair_counts, key=lambda pair: (pair_counts[pair], pair))
+        merges.append(best)
+        merged = best[0] + best[1]
+        new_words: dict[tuple[bytes, ...], int] = {}
+        for word, n in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            new_words[tuple(out)] = new_words.get(tuple(out), 0) + n
+        words = new_words
+    return merges
+
+
+class PairCounts:
+    """Exact counts of adjacent token pairs, and a heap that finds the most frequent one.
+
+    A pair is an int64 key `a << 32 | b`. Ties go to the greater pair of byte strings: the heap orders
+    entries by (-count, tie-break key of a + tie-break key of b), with `keys[id]` from `_desc_key`. The
+    heap is invalidated lazily: an entry whose count has changed is skipped, or pushed back with the
+    lower count, when it reaches the top.
+
+    >>> keys = [_desc_key(bytes([i])) for i in range(256)]
+    >>> ab, ba = (97 << 32) | 98, (98 << 32) | 97
+    >>> pc = PairCounts({ab: 3, ba: 3}, keys)
+    >>> pc.pop_best() == ba  # a tie goes to the greater pair (b'b', b'a')
+    True
+    >>> pc.update({ab: -2}); pc.counts[ab]
+    1
+    """
+
+    def __init__(self, counts: dict[int, int], keys: list[str]):
+        self.counts = counts
+        self.keys = keys  # shared with the caller, which appends each new token's key
+        self.heap = [(-c, self._tie(k), k) for k, c in counts.items()]
+        heapq.heapify(self.heap)
+
+    def _tie(self, k: int) -> str:
+        return self.keys[k >> 32] + self.keys[k & 0xFFFFFFFF]
+
+    def pop_best(self) -> int | None:
+        """Remove and return the most frequent pair (its occurrences are about to be merged), or None."""
+        heap, counts = self.heap, self.counts
+        while heap:
+            neg, _, key = heapq.heappop(heap)
+            current = counts.get(key, 0)
+            if current == -neg:
+                del counts[key]
+                return key
+            if 0 < current < -neg:  # stale: it fell since it was pushed
+                heapq.heappush(heap, (-current, self._tie(key), key))
+        return None
+
+    def update(self, delta: dict[int, int]) -> None:
+        """Add `delta[key]` to each pair's count; a pair that reaches 0 is forgotten."""
+        counts, heap = self.counts, self.heap
+        for k, d in delta.items():
+            if d == 0:
+                continue
+            n = counts.get(k, 0) + d
+            if n > 0:
+                counts[k] = n
+                if d > 0:  # a lower count is found lazily; a higher one needs a new entry
+                    heapq.heappush(heap, (-n, self._tie(k), k))
+            else:
+                counts.pop(k, None)
+
+
+class MergeState:
+    """The distinct pre-tokens laid end to end in flat arrays, rewritten in place by each merge.
+
+    One slot per byte plus a separator after each word (slot 0 is a separator too): `sym` (token id,
+    -1 separator, -2 merged away), `nxt`/`prv` (a linked list over the live slots) and `weight` (the
+    word's count in every slot of the word, int32 when counts allow). For each token id, `where[id]`
+    holds the slots that (may) hold it. That is about 20 bytes per byte of the distinct pre-tokens,
+    whatever the corpus size.
+
+    >>> state, pairs = MergeState.build([b"abab"], np.array([2]))
+    >>> sorted((k >> 32, k & 0xFFFFFFFF, n) for k, n in pairs.items())  # (a, b) x2, (b, a) x1, weighted
+    [(97, 98, 4), (98, 97, 2)]
+    >>> delta = state.merge(97, 98, 256)  # a b a b -> N N: (b, a) destroyed, (N, N) created
+    >>> sorted((k >> 32, k & 0xFFFFFFFF, n) for k, n in delta.items() if n)
+    [(98, 97, -2), (256, 256, 2)]
+    """
+
+    def __init__(self, words: list[bytes], counts: np.ndarray):
+        lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+        slots = lengths + 1  # each word, then a separator
+        total = int(slots.sum()) + 1
+        sym = np.full(total, -1, dtype=np.int32)
+        byte_slots = (np.arange(1, int(lengths.sum()) + 1, dtype=np.int64)
+                      + np.repeat(np.arange(len(words), dtype=np.int64), lengths))
+        sym[byte_slots] = np.frombuffer(b"".join(words), dtype=np.uint8)
+        del byte_slots
+        wtype = np.int32 if int(counts.max()) < 2**31 else np.int64  # half the memory when counts allow
+        self.weight = np.concatenate([np.zeros(1, dtype=wtype), np.repeat(counts.astype(wtype), slots)])
+        del lengths, slots
+        self.sym = sym
+        self.nxt = np.arange(1, total + 1, dtype=np.int32)
+        self.nxt[-1] = total - 1  # the last slot is a separator; never followed
+        self.prv = np.arange(-1, total - 1, dtype=np.int32)
+        self.prv[0] = 0
+        self.where: list[np.ndarray] = []
+
+    @classmethod
+    def build(cls, words: list[bytes], counts: np.ndarray) -> tuple["MergeState", dict[int, int]]:
+        """The state for `words` (distinct, each of 2+ bytes) weighted by `counts`, and its pair counts.
+
+        The pair counts are taken before the per-token index is built, so their temporaries are freed
+        before the index's are allocated (peak memory)."""
+        state = cls(words, counts)
+        pairs = state._count_pairs()
+        state._index_bytes()
+        return state, pairs
+
+    def _count_pairs(self) -> dict[int, int]:
+        sym = self.sym
+        left = np.flatnonzero((sym[:-1] >= 0) & (sym[1:] >= 0))
+        pair_keys = (sym[left].astype(np.int64) << 32) | sym[left + 1]
+        uniq, inv = np.unique(pair_keys, return_inverse=True)
+        sums = np.bincount(inv, weights=self.weight[left]).astype(np.int64)
+        return dict(zip(uniq.tolist(), sums.tolist()))
+
+    def _index_bytes(self) -> None:
+        sym = self.sym
+        live = np.flatnonzero(sym >= 0)
+        live = live[np.argsort(sym[live], kind="stable")].astype(np.int32)
+        bounds = np.searchsorted(sym[live], np.arange(257))
+        self.where = [live[bounds[i]:bounds[i + 1]] for i in range(256)]
+
+    def occurrences(self, a: int, b: int) -> np.ndarray:
+        """The left slots s with sym[s] == a and sym[nxt[s]] == b, in slot order, non-overlapping.
+
+        Scans the shorter of `where[a]` and `where[b]` and prunes it of slots merged away since."""
+        sym, nxt, prv, where = self.sym, self.nxt, self.prv, self.where
         wa, wb = where[a], where[b]
         if len(wa) <= len(wb):
             wa = wa[sym[wa] == a]
@@ -510,8 +633,16 @@ def bpe_merges(word_counts: Mapping[bytes, int], num_merges: int, *,
             s.sort()
         if a == b and len(s) > 1:
             s = _non_overlapping(s, nxt)
+        return s
+
+    def merge(self, a: int, b: int, new_id: int) -> dict[int, int]:
+        """Rewrite every occurrence of (a, b) as `new_id`; return the change of each pair's count.
+
+        The pair (a, b) itself is not in the result: all of its occurrences are gone."""
+        sym, nxt, prv = self.sym, self.nxt, self.prv
+        s = self.occurrences(a, b)
         r = nxt[s]
-        before, rr, w = prv[s], nxt[r], weight[s]  # every slot of a word carries the word's count
+        before, rr, w = prv[s], nxt[r], self.weight[s]  # every slot of a word carries the word's count
         # In runs such as a b a b -> N N, the slot before an occurrence is the right half of the one
         # before it: its pair is destroyed (and N N created) once, not twice.
         lone = np.ones(len(s), dtype=bool)
@@ -534,32 +665,25 @@ def bpe_merges(word_counts: Mapping[bytes, int], num_merges: int, *,
         old_keys = np.concatenate([(x[has_x].astype(np.int64) << 32) | a, (b << 32) | y[has_y_old].astype(np.int64)])
         new_keys = np.concatenate([(x_new[has_x_new].astype(np.int64) << 32) | new_id,
                                    (new_id << 32) | y_new[has_y_new].astype(np.int64)])
-        all_keys = np.concatenate([old_keys, new_keys])
-        all_w = np.concatenate([-w[has_x], -w[has_y_old], w[has_x_new], w[has_y_new]])
-        if len(all_keys) > _VECTOR_SUM:
-            uk, inv = np.unique(all_keys, return_inverse=True)
-            delta = dict(zip(uk.tolist(), np.bincount(inv, weights=all_w).astype(np.int64).tolist()))
-        else:  # few: a dict is cheaper than sorting
-            delta = {}
-            get = delta.get
-            for k, d in zip(all_keys.tolist(), all_w.tolist()):
-                delta[k] = get(k, 0) + d
-        for k, d in delta.items():
-            if d == 0:
-                continue
-            n = pair_counts.get(k, 0) + d
-            if n > 0:
-                pair_counts[k] = n
-                if d > 0:
-                    heappush(heap, (-n, keys[k >> 32] + keys[k & 0xFFFFFFFF], k))
-            else:
-                pair_counts.pop(k, None)
-        where.append(s)
-        if progress is not None and (len(merges) % 100 == 0 or len(merges) == num_merges):
-            progress("merge", len(merges), num_merges)
-    if progress is not None:
-        progress("merge", len(merges), num_merges)
-    return merges
+        self.where.append(s)
+        return _sum_by_key(np.concatenate([old_keys, new_keys]),
+                           np.concatenate([-w[has_x], -w[has_y_old], w[has_x_new], w[has_y_new]]))
+
+
+def _sum_by_key(keys: np.ndarray, weights: np.ndarray) -> dict[int, int]:
+    """{key: sum of its weights}: numpy for many entries, a dict loop (cheaper than sorting) for few.
+
+    >>> _sum_by_key(np.array([5, 7, 5]), np.array([1, 2, -3]))
+    {5: -2, 7: 2}
+    """
+    if len(keys) > _VECTOR_SUM:
+        uk, inv = np.unique(keys, return_inverse=True)
+        return dict(zip(uk.tolist(), np.bincount(inv, weights=weights).astype(np.int64).tolist()))
+    delta: dict[int, int] = {}
+    get = delta.get
+    for k, d in zip(keys.tolist(), weights.tolist()):
+        delta[k] = get(k, 0) + d
+    return delta
 
 
 _VECTOR_SUM = 2048  # above this many pair changes in one merge, sum them with numpy
