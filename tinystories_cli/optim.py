@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-__all__ = ["AdamW", "cosine_lr", "wsd_lr", "wsd_decay_start", "clip_grad_norm_", "make_param_groups"]
+__all__ = ["AdamW", "Muon", "newton_schulz", "muon_param_split", "cosine_lr", "wsd_lr", "wsd_decay_start",
+           "clip_grad_norm_", "make_param_groups"]
 
 
 class AdamW(torch.optim.Optimizer):
@@ -128,6 +129,158 @@ class AdamW(torch.optim.Optimizer):
         torch._foreach_add_(denom, eps)
         torch._foreach_div_(denom, step_sizes)  # theta += m / (denom / step): +-inf on a skipped step adds 0
         torch._foreach_addcdiv_(params, exp_avgs, denom)
+
+
+# Quintic Newton-Schulz coefficients (Keller Jordan's Muon, as in torch.optim.Muon): chosen for the steepest
+# slope at zero, so 5 steps push every singular value into roughly [0.7, 1.2] rather than exactly to 1.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(g: Tensor, steps: int = 5, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+                  eps: float = 1e-7) -> Tensor:
+    """An approximately orthogonal matrix with the singular vectors of the 2-D matrix `g` (U V^T of its SVD).
+
+    Works in bfloat16 on the wide orientation (rows <= columns, so the Gram matrix is the small one):
+    X <- g / ||g||_F (every singular value now <= 1), then `steps` times, with A = X X^T,
+    X <- a X + (b A + c A A) X, which maps each singular value s to a s + b s^3 + c s^5.
+
+    >>> import torch
+    >>> q = newton_schulz(torch.randn(16, 64, generator=torch.Generator().manual_seed(0))).float()
+    >>> s = torch.linalg.svdvals(q)
+    >>> bool(s.min() > 0.5 and s.max() < 1.3)
+    True
+    """
+    if g.ndim != 2:
+        raise ValueError(f"newton_schulz needs a 2-D matrix, got shape {tuple(g.shape)}")
+    a, b, c = coefficients
+    tall = g.size(0) > g.size(1)
+    x = g.bfloat16()
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A A
+        x = torch.addmm(x, poly, x, beta=a)  # a X + (b A + c A A) X
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Jordan et al. 2024): momentum SGD whose update of each 2-D matrix is orthogonalized.
+
+    Per matrix W (shape A x B) with gradient g:
+        m <- momentum m + (1 - momentum) g
+        u <- (1 - momentum) g + momentum m   (Nesterov; plain momentum: u <- m)
+        W <- W (1 - lr weight_decay) - lr scale(A, B) newton_schulz(u)
+
+    `lr_scale` is the shape-dependent learning-rate scale: "original" sqrt(max(1, A / B)) (the default,
+    as torch.optim.Muon's), "match_rms_adamw" 0.2 sqrt(max(A, B)) (updates with the RMS of AdamW's, so
+    AdamW's learning rate and weight decay carry over), or None (1). State per matrix: one momentum
+    buffer (`momentum_buffer`), the memory of the parameter.
+
+    Only for the hidden 2-D weight matrices: embeddings, the LM head, norms and biases belong with AdamW
+    (`muon_param_split`). Needs whole matrices: FSDP-sharded parameters are refused.
+
+    `step(found_inf=flag)` skips the update on the device when the 0-dim tensor `flag` is nonzero, as
+    `AdamW.step` does: parameters and momentum stay as they were, the gradients are zeroed in place.
+    """
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+                 weight_decay: float = 0.0, ns_steps: int = 5, lr_scale: str | None = "original",
+                 eps: float = 1e-7):
+        if lr < 0:
+            raise ValueError(f"invalid learning rate {lr}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if weight_decay < 0 or eps < 0:
+            raise ValueError(f"invalid weight_decay {weight_decay} or eps {eps}")
+        if not 1 <= ns_steps < 100:
+            raise ValueError(f"ns_steps must be in [1, 100), got {ns_steps}")
+        if lr_scale not in ("original", "match_rms_adamw", None):
+            raise ValueError(f"lr_scale must be 'original', 'match_rms_adamw' or None, got {lr_scale!r}")
+        super().__init__(params, {"lr": lr, "momentum": momentum, "nesterov": nesterov,
+                                  "weight_decay": weight_decay, "ns_steps": ns_steps, "lr_scale": lr_scale,
+                                  "eps": eps})
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim != 2:
+                    raise ValueError(f"Muon updates 2-D matrices only, got a parameter of shape {tuple(p.shape)}")
+                if isinstance(p, DTensor):
+                    raise ValueError("Muon needs whole matrices: FSDP-sharded parameters are not supported")
+
+    @staticmethod
+    def lr_multiplier(shape: torch.Size | tuple[int, ...], lr_scale: str | None) -> float:
+        """The shape-dependent scale of the learning rate for an A x B matrix.
+
+        >>> Muon.lr_multiplier((1024, 256), "original"), Muon.lr_multiplier((256, 1024), "original")
+        (2.0, 1.0)
+        >>> round(Muon.lr_multiplier((256, 1024), "match_rms_adamw"), 3)
+        6.4
+        """
+        rows, cols = shape[0], shape[1]
+        if lr_scale == "original":
+            return math.sqrt(max(1.0, rows / cols))
+        if lr_scale == "match_rms_adamw":
+            return 0.2 * math.sqrt(max(rows, cols))
+        return 1.0
+
+    @torch.no_grad()
+    def step(self, closure=None, found_inf: Tensor | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                if found_inf is None:
+                    ok: float | Tensor = 1.0
+                    buf.lerp_(g, 1.0 - mom)
+                else:
+                    skip = found_inf.to(p.device) != 0
+                    ok = (~skip).to(p.dtype)
+                    g.masked_fill_(skip, 0.0)
+                    buf.lerp_(g, (1.0 - mom) * ok)  # unchanged on a skipped step
+                u = g.lerp(buf, mom) if group["nesterov"] else buf
+                u = newton_schulz(u, group["ns_steps"], eps=group["eps"])
+                if wd != 0:
+                    p.mul_(1.0 - lr * wd * ok)
+                step = -lr * self.lr_multiplier(p.shape, group["lr_scale"])
+                p.add_(u if found_inf is None else u * ok, alpha=step)
+        return loss
+
+
+def muon_param_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(Muon's parameters, AdamW's): the 2-D weight matrices of the hidden layers go to Muon; embedding
+    tables, the LM head (tied or not), norms and biases stay on AdamW, as the NanoGPT speedrun does.
+
+    >>> from tinystories_cli.config import ModelConfig
+    >>> from tinystories_cli.model import TransformerLM
+    >>> m = TransformerLM(ModelConfig(vocab_size=64, context_length=8, d_model=16, num_layers=1, num_heads=2))
+    >>> hidden, rest = muon_param_split(m)
+    >>> len(hidden), sorted({tuple(p.shape) for p in rest})
+    (7, [(16,), (64, 16)])
+    """
+    hidden, rest = [], []
+    owner = {}
+    for mod in model.modules():
+        for p in mod.parameters(recurse=False):
+            owner.setdefault(id(p), mod)
+    head = getattr(model, "lm_head", None)
+    head_params = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+    for p in model.parameters():  # deduplicated: a tied matrix appears once
+        if not p.requires_grad:
+            continue
+        is_embedding = type(owner[id(p)]).__name__ == "Embedding"
+        (hidden if p.ndim == 2 and not is_embedding and id(p) not in head_params else rest).append(p)
+    return hidden, rest
 
 
 def local(t: Tensor) -> Tensor:
