@@ -127,23 +127,40 @@ def render_run_readme(run_dir: str | os.PathLike) -> str:
     """The Markdown README of a run directory (a pure function of the files it reads)."""
     run_dir = Path(run_dir)
     config = runs.read_run_config(run_dir)
-    model, train = config.get("model") or {}, config.get("train") or {}
-    name = run_dir.name
-    ref = _run_ref(run_dir)
     try:
         m = runs.summarize_run_metrics(run_dir)
     except UserError:  # a damaged metrics file must not stop the README (nor the training that writes it)
         m = runs.summarize_metrics([])
     ev = runs.read_eval_result(run_dir)
-    max_steps = config.get("max_steps") or train.get("max_steps")
-    params = config.get("parameters")
+    ref = _run_ref(run_dir)
+    out = [f"# {run_dir.name}", ""] + _summary(config, m)
+    out += ["", "## Results", ""] + _results(m, ev, ref)
+    out += ["", "## Use it", ""] + _use_it(run_dir, ref, config, m)
+    out += ["", "## Model", ""] + _model_section(config.get("model") or {})
+    out += ["", "## Training", ""] + _training_section(config)
+    out += ["", "## Data", ""] + (_data_lines(config) or ["Not recorded in config.json."])
+    out += ["", "## Files", ""] + _files_section(run_dir)
+    return "\n".join(out) + "\n"
 
+
+def _max_steps(config: dict) -> Any:
+    return config.get("max_steps") or (config.get("train") or {}).get("max_steps")
+
+
+def _unfinished(m: dict, config: dict) -> bool:
+    max_steps = _max_steps(config)
+    return m["steps"] is not None and isinstance(max_steps, int) and m["steps"] < max_steps
+
+
+def _summary(config: dict, m: dict) -> list[str]:
+    """Where the run came from, its shape, size, progress and the software that made it."""
+    model = config.get("model") or {}
+    max_steps, params = _max_steps(config), config.get("parameters")
     arch = (f"{model.get('num_layers')} layers x d_model {model.get('d_model')}, {model.get('num_heads')} heads, "
             f"d_ff {model.get('d_ff')}, context {model.get('context_length')}, vocab {model.get('vocab_size')}; "
             f"{model.get('norm_position')}-norm {model.get('norm')}, {model.get('pos_emb')} positions, "
             f"{model.get('ffn')} FFN, {'tied' if model.get('tie_embeddings') else 'untied'} embeddings")
-    out = [f"# {name}", "",
-           _origin(config) + " This file is generated from the run directory; rerun `tslm eval` or training "
+    out = [_origin(config) + " This file is generated from the run directory; rerun `tslm eval` or training "
            "to refresh it.", "",
            f"- **preset**: `{config.get('preset')}`",
            f"- **model**: {arch}",
@@ -154,14 +171,17 @@ def render_run_readme(run_dir: str | os.PathLike) -> str:
     if m["tokens"] is not None:
         out[-1] += f", {m['tokens']:,} tokens ({config.get('tokens_per_step', '?'):,} per step)" \
             if isinstance(config.get("tokens_per_step"), int) else f", {m['tokens']:,} tokens"
-    if m["steps"] is not None and isinstance(max_steps, int) and m["steps"] < max_steps:
+    if _unfinished(m, config):
         out[-1] += " (not finished: resume it with the command below)"
     created = config.get("created")
     out.append(f"- **made with**: tslm {config.get('tslm_version', '?')}, torch {config.get('torch_version', '?')}, "
                f"device `{config.get('device', '?')}` x {config.get('world_size', 1)}"
                + (f", started {created}" if created else ""))
+    return out
 
-    out += ["", "## Results", ""]
+
+def _results(m: dict, ev: dict | None, ref: str) -> list[str]:
+    """The validation losses logged in training and the last `tslm eval` result."""
     rows = []
     if m["best_val_loss"] is not None:
         rows.append((f"best validation loss (step {m['best_val_step']}, fixed windows)", _fmt(m["best_val_loss"])))
@@ -173,31 +193,35 @@ def render_run_readme(run_dir: str | os.PathLike) -> str:
         rows += [(f"`tslm eval` loss{where}{step} (nats/token)", _fmt(ev.get("loss"))),
                  ("`tslm eval` perplexity", _fmt(ev.get("perplexity"), 3)),
                  ("`tslm eval` bits per byte", _fmt(ev.get("bits_per_byte")))]
-    if rows:
-        out += _table(rows, ("metric", "value"))
-    else:
-        out.append("No validation loss logged yet.")
+    out = _table(rows, ("metric", "value")) if rows else ["No validation loss logged yet."]
     if ev is None:
         out += ["", f"Loss over the whole validation file, perplexity and bits per byte: `tslm eval {ref}`."]
+    return out
 
-    out += ["", "## Use it", "", "```bash",
-            f"tslm generate \"Once upon a time\" --run {ref} --temp 0.8 --top-p 0.95   # a story",
-            f"tslm eval {ref}                                   # loss, perplexity, bits per byte",
-            f"tslm plot {ref} --metric val_loss --out {shlex.quote(str(run_dir / 'val_loss.png'))}   # loss curve",
-            ]
+
+def _export_blockers(model: dict) -> tuple[list[str], list[str]]:
+    """(why not Llama, why not GPT-2); the Llama list is empty when GPT-2 export works instead."""
     try:
         cfg = ModelConfig.model_validate(model)
-        bad = llama_incompatibilities(cfg)
-        gpt2_bad = gpt2_incompatibilities(cfg)
-        if bad and not gpt2_bad:
-            bad = []  # exported as GPT2LMHeadModel
+        bad, gpt2_bad = llama_incompatibilities(cfg), gpt2_incompatibilities(cfg)
     except Exception:
-        bad = gpt2_bad = ["unknown architecture"]
-    export_dir = shlex.quote(f"{name}-hf")
+        return ["unknown architecture"], ["unknown architecture"]
+    return ([] if bad and not gpt2_bad else bad), gpt2_bad
+
+
+def _use_it(run_dir: Path, ref: str, config: dict, m: dict) -> list[str]:
+    """The commands that use the run: generate, eval, plot, export, resume."""
+    name, max_steps = run_dir.name, _max_steps(config)
+    bad, gpt2_bad = _export_blockers(config.get("model") or {})
+    out = ["```bash",
+           f"tslm generate \"Once upon a time\" --run {ref} --temp 0.8 --top-p 0.95   # a story",
+           f"tslm eval {ref}                                   # loss, perplexity, bits per byte",
+           f"tslm plot {ref} --metric val_loss --out {shlex.quote(str(run_dir / 'val_loss.png'))}   # loss curve",
+           ]
     if not bad:
-        out.append(f"tslm export {ref} --format hf --out {export_dir}   # transformers / tokenizers")
+        out.append(f"tslm export {ref} --format hf --out {shlex.quote(f'{name}-hf')}   # transformers / tokenizers")
     out.append(f"tslm export {ref} --format safetensors --out {shlex.quote(name + '-safetensors')}   # plain weights")
-    if m["steps"] is not None and isinstance(max_steps, int) and m["steps"] < max_steps:
+    if _unfinished(m, config):
         out.append(f"tslm train --resume {ref}                           # continue to step {max_steps:,}")
     out.append("```")
     if not bad:
@@ -209,33 +233,40 @@ def render_run_readme(run_dir: str | os.PathLike) -> str:
         out += ["", f"Not exportable to Hugging Face Llama format ({', '.join(bad)}) nor GPT-2 format "
                 f"({', '.join(gpt2_bad)}); "
                 "`--format safetensors` works for every architecture."]
+    return out
 
-    out += ["", "## Model", ""]
-    out += _table([(k, f"`{_setting(v)}`") for k, v in model.items()])
+
+def _model_section(model: dict) -> list[str]:
+    """Every model setting, then the parameters by component."""
+    out = _table([(k, f"`{_setting(v)}`") for k, v in model.items()])
     prow = _param_rows(model)
     if prow:
         out += ["", "Parameters by component:", ""] + _table(prow, ("component", "parameters"))
-    out += ["", "## Training", ""]
-    extra = [("tokens per step", config.get("tokens_per_step")), ("steps (schedule)", max_steps),
+    return out
+
+
+def _training_section(config: dict) -> list[str]:
+    """Every training setting, the token budget, a --time-budget plan and an --auto-size choice."""
+    train = config.get("train") or {}
+    extra = [("tokens per step", config.get("tokens_per_step")), ("steps (schedule)", _max_steps(config)),
              ("planned tokens", config.get("planned_tokens")), ("processes", config.get("world_size"))]
     if isinstance(config.get("time_budget"), dict):  # --time-budget: the plan and the time it took
         tb = config["time_budget"]
         extra += [("time budget (s)", tb.get("budget_s")), ("probe tokens/s", tb.get("probe_tokens_per_s")),
                   ("planned steps", tb.get("planned_steps")), ("actual time (s)", tb.get("actual_s"))]
-    out += _table([(k, f"`{_setting(v)}`") for k, v in train.items()]
-                  + [(k, f"{v:,}" if isinstance(v, int) else _fmt(v)) for k, v in extra if v is not None])
+    out = _table([(k, f"`{_setting(v)}`") for k, v in train.items()]
+                 + [(k, f"{v:,}" if isinstance(v, int) else _fmt(v)) for k, v in extra if v is not None])
     auto = config.get("auto_size")
     if isinstance(auto, dict):  # --auto-size: what the rule chose and why
         out += ["", f"Sized by `--auto-size`: d_model {_fmt(auto.get('d_model'))}, {_fmt(auto.get('num_layers'))} "
                     f"layers, {_fmt(auto.get('num_heads'))} heads, lr {_setting(auto.get('lr'))}; "
                     f"{auto.get('why', '')}."
                 + (f" Given explicitly (kept): {', '.join(map(str, auto['explicit']))}." if auto.get("explicit") else "")]
+    return out
 
-    out += ["", "## Data", ""]
-    data_lines = _data_lines(config)
-    out += data_lines or ["Not recorded in config.json."]
 
-    out += ["", "## Files", ""]
+def _files_section(run_dir: Path) -> list[str]:
+    """What each file of the run directory holds."""
     files = [(runs.CONFIG_FILE, "resolved preset + model + train config, parameter count, token budget")]
     if (run_dir / runs.TOKENIZER_DIR).is_dir():
         names = ", ".join(sorted(f.name for f in (run_dir / runs.TOKENIZER_DIR).iterdir() if f.is_file()))
@@ -250,8 +281,7 @@ def render_run_readme(run_dir: str | os.PathLike) -> str:
                       "(what generate, eval and export load)"))
     for p in sorted(run_dir.glob("eval_*.json")):
         files.append((p.name, "`tslm eval` result"))
-    out += [f"- `{f}`: {what}" for f, what in files]
-    return "\n".join(out) + "\n"
+    return [f"- `{f}`: {what}" for f, what in files]
 
 
 def write_run_readme(run_dir: str | os.PathLike) -> Path:
