@@ -437,3 +437,11 @@ def test_encode_iterable_is_lazy_and_memory_bounded(toy, tmp_path):
             tracemalloc.stop()
     assert list(last) == want[-1:]
     assert peak < size / 10, f"peak {peak} bytes while streaming a {size}-byte file"
+
+
+def test_tokenizer_module_doctests():
+    import doctest
+
+    from tinystories_cli.tokenizer import tokenizer as module
+
+    assert doctest.testmod(module).failed == 0

@@ -64,6 +64,24 @@ _NO_MERGE = (float("inf"), -1, -1, -1)
 _NO_RANK = 1 << 62
 
 
+def _exact_copies(vocab: dict[int, bytes], merges) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
+    """Own copies of a vocab and merges with exact types (int ids, bytes tokens, 2-tuples of bytes).
+
+    The type checks run in C, so the usual case (already exact) costs one copy.
+
+    >>> _exact_copies({1: bytearray(b"a")}, [[b"a", b"b"]])
+    ({1: b'a'}, [(b'a', b'b')])
+    """
+    if set(map(type, vocab)) <= {int} and set(map(type, vocab.values())) <= {bytes}:
+        vocab = dict(vocab)
+    else:
+        vocab = {int(i): bytes(b) for i, b in vocab.items()}
+    merges = list(merges)
+    exact = (set(map(type, merges)) <= {tuple} and set(map(len, merges)) <= {2}
+             and set(map(type, chain.from_iterable(merges))) <= {bytes})
+    return vocab, merges if exact else [(bytes(a), bytes(b)) for a, b in merges]
+
+
 class Tokenizer:
     """Byte-level BPE tokenizer: `encode`, `decode`, `encode_iterable`.
 
@@ -80,19 +98,27 @@ class Tokenizer:
         special_tokens: list[str] | None = None,
         cache_size: int = 1 << 18,
     ):
-        # Own copies with exact types (the type checks run in C, so the usual case costs little).
-        if set(map(type, vocab)) <= {int} and set(map(type, vocab.values())) <= {bytes}:
-            self.vocab: dict[int, bytes] = dict(vocab)
-        else:
-            self.vocab = {int(i): bytes(b) for i, b in vocab.items()}
-        merges = list(merges)
-        if set(map(type, merges)) <= {tuple} and set(map(len, merges)) <= {2} and set(map(type, chain.from_iterable(merges))) <= {bytes}:
-            self.merges: list[tuple[bytes, bytes]] = merges
-        else:
-            self.merges = [(bytes(a), bytes(b)) for a, b in merges]
+        self.vocab, self.merges = _exact_copies(vocab, merges)
         self.special_tokens: list[str] = list(dict.fromkeys(special_tokens or []))  # dedupe, keep order
         # bytes -> id; on duplicate bytes the lowest id wins (assigned last)
         self._token_id: dict[bytes, int] = {b: i for i, b in sorted(self.vocab.items(), reverse=True)}
+        self._add_special_tokens()
+        self._index_merges()
+        self._vocab_size = max(self.vocab, default=-1) + 1
+        self._dtype = token_dtype(self._vocab_size)
+        # Bounded memo tables, values packed as little-endian `dtype` bytes (what a token file holds):
+        # pre-token -> ids, and word -> ids of " " + word (see `_words_value`). Packed values let a
+        # whole text be one `bytes.join` and one `numpy.frombuffer`, with no Python int per token
+        # until `encode` makes its list.
+        self._cache = _Cache(cache_size)
+        self._word_cache = _Cache(cache_size)
+        self._end_cache = _Cache(cache_size)
+        self._special_packed = {s: np.array([i], dtype=self.dtype).tobytes() for s, i in self._special_id.items()}
+        self._fingerprint: str | None = None
+
+    def _add_special_tokens(self) -> None:
+        """Give each special token an id (its bytes' id if the vocab has them, else the next free one) and
+        build the pattern that splits text on them."""
         next_id = max(self.vocab, default=-1) + 1
         self._special_id: dict[str, int] = {}
         for s in self.special_tokens:
@@ -110,7 +136,9 @@ class Tokenizer:
         self._special_split = regex.compile("(" + "|".join(regex.escape(s) for s in ordered) + ")") if ordered else None
         self._max_special_len = max((len(s) for s in ordered), default=0)
 
-        # The initial id of every byte, and merges keyed on id pairs: (left, right) -> (rank, merged id, left, right).
+    def _index_merges(self) -> None:
+        """The initial id of every byte, and the merges keyed on id pairs:
+        (left, right) -> (rank, merged id, left, right)."""
         self._byte_id: list[int | None] = [self._token_id.get(bytes([b])) for b in range(256)]
         get = self._token_id.get
         left = list(map(get, [a for a, _ in self.merges]))
@@ -130,17 +158,6 @@ class Tokenizer:
         self._rank: dict[tuple[int, int], int] = dict(zip(zip(reversed(left), reversed(right)), reversed(ranks)))
         self._made: list[int] = made
         self._heap_ok = _merges_ordered(left, right, made, max(self.vocab, default=0) + 1)
-        self._vocab_size = max(self.vocab, default=-1) + 1
-        self._dtype = token_dtype(self._vocab_size)
-        # Bounded memo tables, values packed as little-endian `dtype` bytes (what a token file holds):
-        # pre-token -> ids, and word -> ids of " " + word (see `_words_value`). Packed values let a
-        # whole text be one `bytes.join` and one `numpy.frombuffer`, with no Python int per token
-        # until `encode` makes its list.
-        self._cache = _Cache(cache_size)
-        self._word_cache = _Cache(cache_size)
-        self._end_cache = _Cache(cache_size)
-        self._special_packed = {s: np.array([i], dtype=self.dtype).tobytes() for s, i in self._special_id.items()}
-        self._fingerprint: str | None = None
 
     # ------------------------------------------------------------------ construction
 
