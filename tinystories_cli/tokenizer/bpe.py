@@ -362,34 +362,9 @@ def count_pretokens(input_path: str | Path, special_tokens: Sequence[str] = (), 
             r.fold_into(total)
 
     if workers == 1 or len(tasks) <= 1:
-        done = 0
-
-        def report(n: int) -> None:
-            nonlocal done
-            done += n
-            if progress is not None:
-                progress("pretokenize", done, size)
-
-        for t in tasks:
-            fold(_PackedCounts.pack(count_chunk(*t, report=report)))
+        _count_serially(tasks, fold, size, progress)
     else:
-        # Each chunk's counts are folded into the total as soon as that chunk is done, then dropped:
-        # the parent never holds every worker's counts at once, only the total and compact arrays.
-        counter = mp_context().Value("q", 0)
-        with WorkerPool(min(workers, len(tasks)), _init_worker, (counter,)) as pool:
-            it = pool.imap_unordered(_count_chunk_task, tasks)
-            left = len(tasks)
-            while left:
-                try:
-                    r = it.next(timeout=0.1)
-                except mp.TimeoutError:
-                    pass
-                else:
-                    fold(r)
-                    del r
-                    left -= 1
-                if progress is not None:
-                    progress("pretokenize", counter.value, size)
+        _count_in_workers(tasks, min(workers, len(tasks)), fold, size, progress)
     if progress is not None:
         progress("pretokenize", size, size)
     if bad:
@@ -399,6 +374,43 @@ def count_pretokens(input_path: str | Path, special_tokens: Sequence[str] = (), 
             "fix the file, or pass --errors replace to replace invalid bytes with U+FFFD",
         )
     return total
+
+
+def _count_serially(tasks: list[tuple], fold: Callable[[_PackedCounts], None], size: int,
+                    progress: ProgressFn | None) -> None:
+    """Count the chunks one after another in this process, reporting bytes as they are read."""
+    done = 0
+
+    def report(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress("pretokenize", done, size)
+
+    for t in tasks:
+        fold(_PackedCounts.pack(count_chunk(*t, report=report)))
+
+
+def _count_in_workers(tasks: list[tuple], workers: int, fold: Callable[[_PackedCounts], None], size: int,
+                      progress: ProgressFn | None) -> None:
+    """Count the chunks in `workers` processes. Each chunk's counts are folded into the total as soon as
+    that chunk is done, then dropped: the parent never holds every worker's counts at once, only the
+    total and compact arrays. The workers add the bytes they read to one shared counter (progress)."""
+    counter = mp_context().Value("q", 0)
+    with WorkerPool(workers, _init_worker, (counter,)) as pool:
+        it = pool.imap_unordered(_count_chunk_task, tasks)
+        left = len(tasks)
+        while left:
+            try:
+                r = it.next(timeout=0.1)
+            except mp.TimeoutError:
+                pass
+            else:
+                fold(r)
+                del r
+                left -= 1
+            if progress is not None:
+                progress("pretokenize", counter.value, size)
 
 
 # ----------------------------------------------------------------------------------------------
