@@ -45,9 +45,3 @@ def split_special(text: str, special_tokens: Sequence[str]) -> Iterator[tuple[st
         pos = m.end()
     if pos < len(text):
         yield text[pos:], False
-
-
-def iter_pretokens(text: str) -> Iterator[str]:
-    """GPT-2 pre-tokens of a text that holds no special tokens."""
-    for m in GPT2_PATTERN.finditer(text):
-        yield m.group()
