@@ -71,6 +71,7 @@ FP32_STEP1_RTOL = 1e-5   # step 1: same weights, same batch; only the kernels' s
 FP32_RTOL = 1e-4         # any of the 30 steps (AdamW carries the step-1 differences forward)
 BF16_RTOL = 3e-2         # bf16 autocast against fp32, any of the 30 steps
 BF16_MEAN_RTOL = 1e-2    # ... and on average over the 30 steps
+GREEDY_TIE = 1e-4        # greedy ids may differ only where the CPU's two best logits are this close (a true tie)
 CS336_TARGET = 1.45      # held-out loss CS336's assignment 1 asks of TinyStories
 CS336_TOKENS = 327_680_000  # its token budget: 20,000 steps x 64 x 256, the tinystories-17m preset's schedule
 
@@ -85,9 +86,9 @@ PEAK_BF16_TFLOPS = [
 
 # H100 budgets (seconds) and dry-run budgets; a check over its budget says so ("over_budget") but is not failed.
 BUDGETS = {
-    "env": (5, 3), "data": (30, 4), "correct_fp32_cuda_vs_cpu": (25, 3), "correct_bf16_vs_fp32": (12, 2),
+    "env": (5, 3), "data": (30, 4), "correct_fp32_cuda_vs_cpu": (25, 5), "correct_bf16_vs_fp32": (12, 2),
     "correct_greedy_generate": (8, 2), "speed_defaults": (90, 4), "memory_estimate": (30, 3),
-    "fit_memory": (15, 2), "fp16_loss_scaler": (15, 2), "distributed_fsdp": (50, 12), "time_budget_run": (145, 7),
+    "fit_memory": (15, 2), "fp16_loss_scaler": (15, 2), "distributed_fsdp": (50, 16), "time_budget_run": (145, 7),
 }
 DEFAULT_DEADLINE = {False: 450.0, True: 120.0}  # the whole script: 7.5 min on the GPU
 
@@ -107,7 +108,9 @@ class CheckTimeout(Exception):
 
 class Report:
     def __init__(self, out: Path):
-        self.stdout = sys.stdout
+        # a duplicate of the real stdout: while a check runs, file descriptors 1 and 2 point at its log (`to_log`)
+        sys.stdout.flush()
+        self.stdout = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8", buffering=1)
         self.fh = open(out / "results.jsonl", "a", encoding="utf-8")
 
     def emit(self, obj: dict) -> None:
@@ -117,6 +120,29 @@ class Report:
             f.flush()
         with contextlib.suppress(OSError):
             os.fsync(self.fh.fileno())
+
+
+@contextlib.contextmanager
+def to_log(path: Path):
+    """Everything written while a check runs, by Python or C++ (torch, NCCL, compile workers, child processes),
+    goes to its log: stdout keeps only the JSON lines."""
+    with open(path, "a", encoding="utf-8") as fh:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = os.dup(1), os.dup(2)
+        os.dup2(fh.fileno(), 1)
+        os.dup2(fh.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+                yield fh
+        finally:
+            fh.flush()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
 
 
 def _json_default(o: Any):
@@ -185,7 +211,7 @@ class Ctx:
         from tinystories_cli import train as T
 
         opts.setdefault("peak_tflops", 1.0)  # MFU in the run's own log is not what we measure; skips a probe
-        options = T.TrainOptions(run_dir=self.runs_dir / name, force=True, display="quiet", **opts)
+        options = T.TrainOptions(run_dir=self.runs_dir / name, force=True, display="plain", **opts)  # into the log
         return T.prepare_run("tinystories-17m", None, dict(model or {}), {**self.train_defaults(), **(train or {})},
                              options)
 
@@ -427,8 +453,10 @@ def check_greedy(ctx: Ctx) -> dict:
             with torch.inference_mode():
                 logits = cpu_model(torch.tensor([prompt + ids_cpu[:i]]))[0, -1]
             top = torch.topk(logits, 2).values
-            out.update(first_mismatch=i, cpu_top2_margin=_r(float(top[0] - top[1]), 3))
-    out["ok"] = out["equal"] and len(ids_cpu) == n
+            margin = float(top[0] - top[1])
+            out.update(first_mismatch=i, cpu_top2_margin=_r(margin, 3), tie_at_mismatch=margin <= GREEDY_TIE)
+    out["tolerance"] = f"equal ids, or a tie (CPU top-2 logits within {GREEDY_TIE}) at the first difference"
+    out["ok"] = len(ids_cpu) == n and (out["equal"] or out["tie_at_mismatch"])
     if ctx.dry:
         out["skipped_parts"] = {"cuda_side": "dry run: both sides on the CPU"}
     return out
@@ -459,7 +487,7 @@ def check_speed(ctx: Ctx) -> dict:
     out: dict[str, Any] = {"preset": "tinystories-17m", "shape": {k: getattr(cfg, k) for k in (
         "vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff")},
         "batch": tc.batch_size, "tokens_per_step": state.tokens_per_step}
-    display = Display("quiet", 0, 1, enabled=False)
+    display = Display("plain", 0, 1, enabled=True)  # a compile failure's note goes to the log
     t = time.perf_counter()
     one_step(state, first=True, display=display)
     sync(ctx)
@@ -876,7 +904,7 @@ def run_check(ctx: Ctx, name: str, fn: Callable[[Ctx], dict], budget: float) -> 
         signal.alarm(limit)
     log = ctx.logs / f"{name}.log"
     try:
-        with open(log, "a", encoding="utf-8") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+        with to_log(log) as fh:
             try:
                 result = fn(ctx)
                 rec.update(result)
