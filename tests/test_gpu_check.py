@@ -59,20 +59,26 @@ def test_dry_run_passes_every_check_and_names_what_it_skips(tmp_path):
 
 
 def test_a_failing_check_is_reported_and_the_rest_still_run(tmp_path):
-    """--only with a check whose prerequisite is missing: it fails with its error, the script continues, and the
-    summary is not ok (exit 1). Past the global deadline a check is skipped with the reason."""
+    """A failing check prints its error and the next ones still run; the summary is not ok (exit 1). Here the
+    data is missing (not a dry run: no fallback text), so --only adds the data check, which fails, and the
+    checks that need it fail with their own error. Past the global deadline a check is skipped with the reason."""
     out = tmp_path / "gpu"
-    p = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), "--only",
-                        "env,correct_greedy_generate,fit_memory"], capture_output=True, text=True, timeout=120)
-    lines = {r["check"]: r for r in map(json.loads, p.stdout.splitlines())}
+    p = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--only", "fit_memory,fp16_loss_scaler",
+                        "--data", str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=120)
+    lines = [json.loads(x) for x in p.stdout.splitlines()]
+    by_name = {r["check"]: r for r in lines}
     assert p.returncode == 1
-    assert lines["env"]["ok"] is True
-    for name in ("correct_greedy_generate", "fit_memory"):
-        assert lines[name]["ok"] is False and "no encoded data" in lines[name]["error"]
-    assert lines["summary"]["failed"] == ["correct_greedy_generate", "fit_memory"]
-    p = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), "--only", "env,data",
+    assert [r["check"] for r in lines] == ["plan", "data", "fit_memory", "fp16_loss_scaler", "summary"]
+    assert by_name["plan"]["added"].startswith("data")
+    assert by_name["data"]["ok"] is False and "shared data not found" in by_name["data"]["error"]
+    for name in ("fit_memory", "fp16_loss_scaler"):
+        assert by_name[name]["ok"] is False and "no encoded data" in by_name[name]["error"]
+        assert (out / "logs" / f"{name}.log").read_text().strip()  # the traceback is in the check's log
+    assert by_name["summary"]["failed"] == ["data", "fit_memory", "fp16_loss_scaler"]
+    assert by_name["summary"]["ok"] is False
+    p = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), "--only", "env",
                         "--deadline", "0"], capture_output=True, text=True, timeout=120)
-    lines = {r["check"]: r for r in map(json.loads, p.stdout.splitlines())}
+    by_name = {r["check"]: r for r in map(json.loads, p.stdout.splitlines())}
     assert p.returncode == 1
-    assert lines["env"]["ok"] is None and "global deadline" in lines["env"]["skipped"]
-    assert lines["summary"]["ok"] is False
+    assert by_name["env"]["ok"] is None and "global deadline" in by_name["env"]["skipped"]
+    assert by_name["summary"]["ok"] is False

@@ -30,8 +30,8 @@ Each check runs in its own try/except: a failure prints {"check": ..., "ok": fal
 next one runs. A check reports "seconds" and its "budget_s"; past the global --deadline the remaining checks
 are skipped with the reason. Every line is flushed as it is written and appended to OUT/results.jsonl, and
 each check's own output (training logs, warnings, tracebacks) goes to OUT/logs/CHECK.log, so a timeout
-loses nothing already measured. --only reruns some checks (their prerequisites, such as data, are reused
-from OUT/work when present).
+loses nothing already measured. --only reruns some checks (the encoded data is reused from OUT/work, or the
+data check is added when there is none).
 
 --dry-run runs the same checks on the CPU with a tiny model and short budgets, in fp32 where CUDA-only
 features do not apply; what it cannot do (a CUDA side to compare, NCCL, a CUDA memory peak, an enforced memory
@@ -867,6 +867,8 @@ def check_time_budget(ctx: Ctx) -> dict:
                               f"{CS336_TARGET} is CS336's result on the full TinyStories set, not measured here",
         "power_law_fit": fit, "confidence_in_fit": conf,
     }
+    if speed:  # the same tokens at the speed check's rate (no evaluations, one compile, timed steps only)
+        out["projection"]["time_at_speed_check_s"] = _r(CS336_TOKENS / speed["tokens_per_s"])
     if fit and fit["tokens_to_target"] and tps > 0:
         out["projection"]["fit_time_to_target_s"] = _r(fit["tokens_to_target"] / tps)
     out["ok"] = res.step > 0 and bool(curve) and all(math.isfinite(v) for _, v in curve) and \
@@ -938,7 +940,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--deadline", type=float, default=None,
                    help="seconds for the whole script; later checks are skipped (default 450, dry run 120)")
     p.add_argument("--train-budget", type=float, default=120.0, help="seconds of the time-budgeted run (default 120)")
-    p.add_argument("--only", default=None, help="comma-separated checks to run (others are skipped; data is reused)")
+    p.add_argument("--only", default=None, help="comma-separated checks to run (data is added when OUT has none)")
     return p.parse_args(argv)
 
 
@@ -960,6 +962,10 @@ def main(argv: list[str] | None = None) -> int:
         report.emit({"check": "env", "ok": False, "error": f"{type(e).__name__}: {e}"})
         report.emit({"check": "summary", "ok": False, "failed": ["env"], "seconds": _r(time.perf_counter() - t0)})
         return 1
+    added = None
+    if only and "data" not in only and only - {"env"} and not (ctx.data_dir / "tinystories" / "train.npy").exists():
+        only.add("data")  # a rerun on a fresh machine: the checks need the encoded data first
+        added = "data (no encoded data in OUT/work yet)"
     if ctx.dry:
         torch.set_num_threads(1)  # a shared CI machine; the figures of a dry run mean nothing anyway
     col = 1 if ctx.dry else 0
@@ -967,7 +973,7 @@ def main(argv: list[str] | None = None) -> int:
     report.emit({"check": "plan", "dry_run": ctx.dry, "device": ctx.dev, "out": str(ctx.out),
                  "budgets_s": budgets, "total_budget_s": sum(budgets.values()),
                  "deadline_s": _r(ctx.deadline - ctx.started), "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                 "only": sorted(only) if only else None})
+                 "only": sorted(only) if only else None, **({"added": added} if added else {})})
     results = []
     for name, fn in CHECKS:
         if only is not None and name not in only:
