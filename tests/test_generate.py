@@ -486,6 +486,7 @@ def test_cli_json_matches_the_library(run_cli, runs_root):
     ids = list(generate_tokens(model, list(b"Hi there"), max_new_tokens=12, temperature=0, stop_ids=[256]))
     assert obj["text"] == expect and obj["new_tokens"] == len(ids)
     assert obj["stop_reason"] == (MAX_TOKENS if len(ids) == 12 else EOT)
+    assert obj["ids"] == list(b"Hi there") + ids  # the prompt's ids, then the generated ones
 
 
 def test_cli_streams_text_then_a_summary_line(run_cli, runs_root):

@@ -20,7 +20,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tinystories_cli.errors import UserError
 
@@ -125,6 +125,24 @@ class ModelConfig(StrictModel):
         return self.d_model // self.num_heads
 
 
+LOGGERS = ("tensorboard", "wandb")  # what `--log` may name (train/loggers.py)
+
+
+def parse_log(value: Any) -> str:
+    """The `log` setting normalized: a comma-separated string (or a list) of logger names -> "a,b" ("" = none).
+
+    >>> parse_log("wandb, tensorboard"), parse_log(["tensorboard"]), parse_log("none")
+    ('tensorboard,wandb', 'tensorboard', '')
+    """
+    items = value if isinstance(value, (list, tuple)) else str(value or "").split(",")
+    names = {str(x).strip().lower() for x in items} - {"", "none"}
+    bad = sorted(names - set(LOGGERS))
+    if bad:
+        raise ValueError(f"unknown logger {', '.join(map(repr, bad))}: choose from {', '.join(LOGGERS)} "
+                         "(comma-separated)")
+    return ",".join(n for n in LOGGERS if n in names)
+
+
 def divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
@@ -168,6 +186,13 @@ class TrainConfig(StrictModel):
     activation_checkpointing: bool = setting(
         False, "Recompute each block's activations in the backward instead of keeping them (less memory, ~1/3 "
         "more compute).", neutral=True)
+    log: str = setting("", "Also log to: tensorboard, wandb (comma-separated; needs the track extra). metrics.jsonl "
+                       "is always written.", neutral=True)
+
+    @field_validator("log", mode="before")
+    @classmethod
+    def _parse_log(cls, value: Any) -> str:
+        return parse_log(value)
 
     @model_validator(mode="after")
     def _check_schedule(self) -> "TrainConfig":

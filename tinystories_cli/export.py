@@ -25,6 +25,10 @@ unicode alphabet, which is what the ByteLevel pre-tokenizer produces:
     >>> tj["model"]["merges"], tj["model"]["vocab"]["Ġt"], tj["added_tokens"][0]["id"]
     (['Ġ t'], 256, 257)
 
+`--format gguf` writes ONE file for llama.cpp's `llama` architecture (`interop.llamacpp`: tensor names,
+hyperparameters, the tokenizer as llama.cpp's gpt2 byte-level BPE), with the `gguf` package (the gguf
+extra), in f32, f16 or q8_0 (matrices whose rows are not whole q8_0 blocks, and the norms, stay f16/f32).
+
 `--format safetensors` is the run's own format for any architecture: `model.safetensors` with our
 tensor names (a tied LM head stored once), `config.json` with the full ModelConfig, and the
 tokenizer files (`tokenizer/vocab.json`, `merges.txt`, `tokenizer_config.json`).
@@ -49,13 +53,15 @@ from safetensors.torch import save as st_save
 from tinystories_cli import runs
 from tinystories_cli.config import ModelConfig
 from tinystories_cli.errors import UserError
-from tinystories_cli.fileio import atomic_write_bytes, atomic_write_text
+from tinystories_cli.fileio import atomic_write_bytes, atomic_write_text, fsync_dir
 from tinystories_cli.interop import gpt2
+from tinystories_cli.interop.llamacpp import check_gguf_compatible
 from tinystories_cli.interop.llama import (EOT, NotLlamaCompatible, hf_config, hf_state_dict, llama_incompatibilities,
                                            plain_state)
 from tinystories_cli.tokenizer.files import encode_token_bytes, write_vocab_merges
 
-FORMATS = ("hf", "safetensors")
+FORMATS = ("hf", "safetensors", "gguf")
+GGUF_TYPES = ("f32", "f16", "q8_0")  # --format gguf: the weight types (norms stay f32)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HF_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 MARKER = ".tslm-export.json"  # written into every export: `--force` replaces only a directory holding it
@@ -273,6 +279,116 @@ def export_safetensors(model: torch.nn.Module, tokenizer, cfg: ModelConfig, out:
     return out
 
 
+GGUF_HINT = 'pip install -e ".[gguf]" (or pip install "tslm[gguf]")'
+GGUF_MAGIC = b"GGUF"
+
+
+def gguf_type(dtype: str) -> str:
+    """f32 | f16 | q8_0 (float32 and float16 are accepted as f32 and f16)."""
+    t = {"float32": "f32", "float16": "f16"}.get(dtype, dtype)
+    if t not in GGUF_TYPES:
+        raise UserError(f"unknown GGUF type {dtype!r}", f"choose one of: {', '.join(GGUF_TYPES)}")
+    return t
+
+
+def import_gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise UserError("writing GGUF needs the gguf package, which is not installed",
+                        f"install the gguf extra: {GGUF_HINT}") from None
+    return gguf
+
+
+def check_out_file(out: str | os.PathLike, force: bool, protect: list[Path] = ()) -> Path:
+    """A single-file output: refuse an existing one without `force`; with it, replace only an earlier GGUF file."""
+    out = Path(out)
+    for p in protect:
+        if out.resolve() == Path(p).resolve() or Path(p).resolve() in out.resolve().parents:
+            raise UserError(f"--out {out} lies inside the run directory {p}", "choose another --out")
+    if out.is_symlink() or (out.exists() and not out.is_file()):
+        raise UserError(f"{out} exists and is not a GGUF file that tslm export wrote", "choose another --out")
+    if out.exists():
+        if not force:
+            raise UserError(f"output already exists: {out}", "pass --force to overwrite it, or choose another --out")
+        with open(out, "rb") as f:
+            if f.read(4) != GGUF_MAGIC:
+                raise UserError(f"{out} is not a GGUF file; --force replaces only an earlier export",
+                                "choose another --out")
+    return out
+
+
+def export_gguf(model: torch.nn.Module, tokenizer, cfg: ModelConfig, out: str | os.PathLike, force: bool = False,
+                dtype: str = "f32", protect: list[Path] = ()) -> Path:
+    """Write one GGUF file for llama.cpp (see the module docstring and `interop.llamacpp`); returns its path."""
+    import numpy as np
+
+    from tinystories_cli.interop import llamacpp
+
+    llamacpp.check_gguf_compatible(cfg)
+    check_tokenizer_fits(tokenizer, cfg)
+    dtype = gguf_type(dtype)
+    gguf = import_gguf()
+    out = check_out_file(out, force, protect)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Q = gguf.GGMLQuantizationType
+    tensors = llamacpp.gguf_tensors(plain_state(model, torch.float32), cfg)
+    specials = special_token_ids(tokenizer)
+    tokens, types, merges = llamacpp.gguf_vocab(tokenizer, cfg.vocab_size, specials)
+    eot = specials.get(EOT)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        w = gguf.GGUFWriter(tmp, llamacpp.ARCH)
+        w.add_name(out.stem)
+        w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        hp = llamacpp.gguf_hparams(cfg)
+        w.add_context_length(hp["context_length"])
+        w.add_embedding_length(hp["embedding_length"])
+        w.add_feed_forward_length(hp["feed_forward_length"])
+        w.add_block_count(hp["block_count"])
+        w.add_head_count(hp["attention.head_count"])
+        w.add_head_count_kv(hp["attention.head_count_kv"])
+        w.add_layer_norm_rms_eps(hp["attention.layer_norm_rms_epsilon"])
+        w.add_rope_freq_base(hp["rope.freq_base"])
+        w.add_rope_dimension_count(hp["rope.dimension_count"])
+        w.add_vocab_size(hp["vocab_size"])
+        w.add_tokenizer_model(llamacpp.TOKENIZER_MODEL)
+        w.add_tokenizer_pre(llamacpp.TOKENIZER_PRE)
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        if eot is not None:
+            w.add_bos_token_id(eot)
+            w.add_eos_token_id(eot)
+        w.add_add_bos_token(False)  # trained on raw ids: nothing is prepended
+        w.add_add_eos_token(False)
+        for name, t in tensors.items():
+            a = t.detach().to(torch.float32).contiguous().numpy()
+            if a.ndim == 1 or dtype == "f32":
+                w.add_tensor(name, a)
+            elif dtype == "q8_0" and a.shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0] == 0:
+                w.add_tensor(name, gguf.quants.quantize(a, Q.Q8_0), raw_dtype=Q.Q8_0)
+            else:
+                w.add_tensor(name, a.astype(np.float16))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return out
+
+
 def export_run(run: str | os.PathLike | None, fmt: str, out: str | os.PathLike, force: bool = False,
                dtype: str = "float32") -> tuple[Path, ModelConfig]:
     """Export a run (name, directory, or checkpoint file; None = runs/latest). Returns (out, model config)."""
@@ -282,14 +398,17 @@ def export_run(run: str | os.PathLike | None, fmt: str, out: str | os.PathLike, 
     run_dir = runs.run_dir_of(path)
     # Fail fast, before loading any weights: the output path, then the architecture (when the run's
     # config.json is readable; the checkpoint's own config is checked again after loading).
-    check_out_dir(out, force, [run_dir])
-    if fmt == "hf":
+    (check_out_file if fmt == "gguf" else check_out_dir)(out, force, [run_dir])
+    if fmt == "gguf":
+        gguf_type(dtype)
+        import_gguf()
+    if fmt in ("hf", "gguf"):
         try:
             early = ModelConfig.model_validate(runs.read_run_config(run_dir)["model"])
         except Exception:
             early = None
         if early is not None:
-            hf_architecture(early)
+            hf_architecture(early) if fmt == "hf" else check_gguf_compatible(early)
     model, tokenizer, cfg = runs.load_trained_model(path, "cpu")
-    writer = export_hf if fmt == "hf" else export_safetensors
+    writer = {"hf": export_hf, "safetensors": export_safetensors, "gguf": export_gguf}[fmt]
     return writer(model, tokenizer, cfg, out, force, dtype, protect=[run_dir]), cfg

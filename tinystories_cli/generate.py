@@ -513,10 +513,12 @@ class Sample:
     prompt_dropped: int = 0  # prompt tokens cut because the prompt was longer than the context
     context_shifts: int = 0  # times the window slid because the context filled up
     token_ids: list[int] = field(default_factory=list, repr=False)
+    prompt_ids: list[int] = field(default_factory=list, repr=False)  # the prompt as the model read it
 
     def to_json(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k != "token_ids"}
+        d = {k: v for k, v in self.__dict__.items() if k not in ("token_ids", "prompt_ids")}
         d["tokens_per_s"] = round(self.tokens_per_s, 2)
+        d["ids"] = list(self.prompt_ids) + list(self.token_ids)  # prompt ids, then the generated ones
         return d
 
 
@@ -594,6 +596,7 @@ def generate_samples(
             prompt_tokens=len(dec.prompts[r]), new_tokens=n_new,
             tokens_per_s=n_new / secs if secs > 0 else 0.0, stop_reason=dec.stop_reasons[r] or MAX_TOKENS,
             prompt_dropped=dec.prompt_dropped[r], context_shifts=dec.context_shifts, token_ids=s.ids,
+            prompt_ids=list(dec.prompts[r]),
         )
     return results  # type: ignore[return-value]
 

@@ -59,7 +59,11 @@ STORY_FILE = "story.txt"             # written by tslm quickstart
 LOCK_FILE = ".tslm.lock"
 ABANDONED_PREFIX = "abandoned-"      # checkpoints/abandoned-<time>/: a branch left by resuming earlier
 # What a run writes at its top level (plus eval_*.json); `clear_run` removes only these.
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, README_FILE, STORY_FILE, LOCK_FILE)
+TENSORBOARD_DIR = "tensorboard"      # --log tensorboard: event files (events.out.tfevents.*)
+WANDB_DIR = "wandb"                  # --log wandb: W&B's own files (kept by --force: unsynced offline runs)
+WANDB_ID_FILE = "wandb-run-id"       # --log wandb: the W&B run id a resumed run continues
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, README_FILE, STORY_FILE, LOCK_FILE, WANDB_ID_FILE)
+TB_EVENTS_PREFIX = "events.out.tfevents."
 _STEP_RE = re.compile(r"^step_(\d+)\.safetensors$")
 
 
@@ -371,6 +375,11 @@ def foreign_entries(run_dir: Path) -> list[str]:
             out += [f"{name}/{f.name}" for f in entry.iterdir() if f.is_symlink() or not f.is_file()]
         elif name == CHECKPOINT_DIR and entry.is_dir():
             out += [f"{name}/{f.name}" for f in entry.iterdir() if not _ours_in_checkpoints(f)]
+        elif name == TENSORBOARD_DIR and entry.is_dir():
+            out += [f"{name}/{f.name}" for f in entry.iterdir()
+                    if f.is_symlink() or not f.is_file() or not f.name.startswith(TB_EVENTS_PREFIX)]
+        elif name == WANDB_DIR and entry.is_dir():
+            pass  # W&B's own tree (offline runs, logs); never deleted by tslm
         else:
             out.append(name)
     return sorted(out)
@@ -400,6 +409,11 @@ def clear_run(run_dir: Path) -> None:
         for f in tok.iterdir():
             f.unlink()
         tok.rmdir()
+    tb = run_dir / TENSORBOARD_DIR
+    if tb.is_dir():  # the earlier run's event files: the new run must not inherit its steps
+        for f in tb.glob(f"{TB_EVENTS_PREFIX}*"):
+            f.unlink()
+        tb.rmdir()
     ckpts = run_dir / CHECKPOINT_DIR
     if ckpts.is_dir():
         for f in ckpts.iterdir():

@@ -50,7 +50,7 @@ def command(
     no_stop: Annotated[bool, typer.Option("--no-stop", help="Do not stop at <|endoftext|>: always generate "
                                           "--max-tokens tokens.", rich_help_panel=SAMPLING)] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per sample (JSON lines) "
-                                          "instead of streaming text.")] = False,
+                                          "instead of streaming text; `ids`: the prompt's and the generated token ids).")] = False,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps.")] = "auto",
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the whole context every step "
                                            "(slow; for comparison).")] = False,

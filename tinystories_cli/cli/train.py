@@ -45,7 +45,7 @@ def command(
     valid_data: Annotated[Optional[Path], _opt("--valid-data", help="Validation token file (default data/<dataset>/valid.npy).")] = None,
     tokenizer: Annotated[Optional[Path], _opt("--tokenizer", help="Tokenizer directory (default data/<dataset>/tokenizer).")] = None,
     init_from: Annotated[Optional[str], _opt("--init-from", help="Fine-tune: model config, weights and tokenizer from a run, a checkpoint or a Hugging Face directory; fresh optimizer and schedule.")] = None,
-    wandb: Annotated[bool, _opt("--wandb", help="Also log to Weights & Biases (needs `pip install wandb`).")] = False,
+    wandb: Annotated[bool, _opt("--wandb", help="Same as --log wandb (kept for older scripts).", hidden=True)] = False,
     fit_memory: Annotated[Optional[str], _opt("--fit-memory", help="Device memory, e.g. 24GB: pick the micro-batch and accumulation that keep the global batch (--batch-size x --grad-accum x processes) within it, from `tslm account`'s estimate with a 10% margin.")] = None,
     time_budget: Annotated[Optional[str], _opt("--time-budget", help="Wall-clock budget, e.g. 90m or 1.5h: a short probe of real steps sets --max-steps so the schedule ends on time; if steps get slower, the schedule is shortened to still end by the deadline (if faster, a wsd schedule still flat is lengthened).")] = None,
     auto_size: Annotated[bool, _opt("--auto-size", help=f"Pick d_model, layers, heads, lr, batch, warmup and decay for the budget (--time-budget, --train-tokens or --max-steps) from the rule measured on a CPU (README: Auto size); flags given explicitly win. Base preset: --preset, else {autosize.BASE_PRESET}.")] = False,
@@ -55,6 +55,8 @@ def command(
     settings: dict | None = None,
 ) -> None:
     """Train a model: `tslm train --preset debug` (after `tslm bpe` and `tslm encode`)."""
+    if wandb:  # the older spelling of --log wandb
+        settings = {**settings, "log": ",".join(x for x in (settings.get("log"), "wandb") if x)}
     model_over = common.given(settings, ModelConfig.model_fields)
     train_over = common.given(settings, TrainConfig.model_fields)
     if resume_target is not None and not resume:
@@ -66,7 +68,7 @@ def command(
         raise UserError("--run-name and --run-dir are exclusive", "pass one of them")
     opts = train_lib.TrainOptions(
         run_name=run_name, run_dir=run_dir, resume=resume_value, force=force, stop_at=stop_at, skip_nonfinite=skip_nonfinite,
-        peak_tflops=peak_tflops, wandb=wandb, train_file=train_data, valid_file=valid_data, tokenizer_dir=tokenizer,
+        peak_tflops=peak_tflops, train_file=train_data, valid_file=valid_data, tokenizer_dir=tokenizer,
         display="quiet" if quiet else ("plain" if plain else "auto"),
         fit_memory=parse_memory(fit_memory) if fit_memory is not None else None,
         time_budget=train_lib.parse_duration(time_budget) if time_budget is not None else None,

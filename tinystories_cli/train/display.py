@@ -4,6 +4,7 @@ otherwise), its header, and the SIGINT/SIGTERM handling that turns a signal into
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -58,6 +59,13 @@ class Display:
             self.progress.console.print(text, soft_wrap=True, markup=False)
         elif self.mode == "plain":
             print(text, flush=True)
+
+    def warn(self, text: str) -> None:
+        """A warning: shown like a note, and on stderr even when the display is quiet."""
+        if self.mode == "quiet":
+            print(text, file=sys.stderr, flush=True)
+        else:
+            self.note(text)
 
     def close(self) -> None:
         if self.progress is not None:

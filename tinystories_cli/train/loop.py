@@ -61,6 +61,7 @@ from tinystories_cli.model import TransformerLM, cross_entropy
 from tinystories_cli.optim import AdamW, clip_grad_norm_, cosine_lr, make_param_groups, wsd_decay_start, wsd_lr
 from tinystories_cli.run_readme import write_run_readme
 from tinystories_cli.tokens import open_tokens
+from tinystories_cli.train import loggers
 from tinystories_cli.train.display import Display, Signals, format_duration, print_header
 from tinystories_cli.train.parallel import (LossScaler, apply_activation_checkpointing, full_state, shard_model,
                                             shard_optimizer_state, tied_aliases)
@@ -144,7 +145,7 @@ def _train_owned(run: Run, on_step: Callable[[int, dict], None] | None) -> Train
     peak, peak_note = peak_tflops(run, state.device)
     if main:
         print_header(display, run, summary, peak_note, state.start_step, run.notes + state.notes)
-    log = MetricsLog(run, summary) if main else None
+    log = MetricsLog(run, summary, state.start_step, warn=display.warn) if main else None
     try:
         result = fit(run, state, display, log, peak, on_step)
     finally:
@@ -796,7 +797,7 @@ def measure_throughput(run: Run, max_seconds: float, max_steps: int = 10) -> tup
 
 
 # --------------------------------------------------------------------------------------------
-# Bookkeeping: throughput, metrics.jsonl (+ wandb), RNG state
+# Bookkeeping: throughput, metrics.jsonl (+ TensorBoard, W&B), RNG state
 # --------------------------------------------------------------------------------------------
 
 
@@ -835,34 +836,24 @@ class Throughput:
 
 
 class MetricsLog:
-    """Rank 0's metrics.jsonl (one JSON object per logged, evaluated or saved step) and optional wandb."""
+    """Rank 0's metrics.jsonl (one JSON object per logged, evaluated or saved step), and the same records to
+    the run's loggers (`--log tensorboard,wandb`, see `train/loggers.py`; a failing logger never stops the run)."""
 
-    def __init__(self, run: Run, summary: dict):
+    def __init__(self, run: Run, summary: dict, start_step: int = 0, warn: Callable[[str], None] | None = None):
         self.fh = open(run.run_dir / runs.METRICS_FILE, "a", encoding="utf-8")
-        self.wandb = init_wandb(run.options, run, summary)
+        self.loggers = loggers.open_loggers(loggers.names_of(run.train_cfg.log), run.run_dir, config=summary,
+                                            start_step=start_step, **({"warn": warn} if warn else {}))
 
     def write(self, record: dict) -> None:
         if len(record) <= 3:  # step, tokens, elapsed_s only: nothing was logged at this step
             return
         self.fh.write(json.dumps(record) + "\n")
         self.fh.flush()
-        if self.wandb is not None:
-            self.wandb.log(record, step=record["step"])
+        self.loggers.log_metrics(record["step"], record)
 
     def close(self) -> None:
         self.fh.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def init_wandb(opts: TrainOptions, run: Run, summary: dict):
-    if not opts.wandb:
-        return None
-    try:
-        import wandb  # optional: only with --wandb
-    except ImportError:
-        raise UserError("--wandb needs the wandb package", "pip install wandb, or drop --wandb") from None
-    return wandb.init(project="tslm", name=run.run_dir.name, config=summary, resume="allow")
+        self.loggers.close()
 
 
 def rng_tensors(device: torch.device) -> dict[str, torch.Tensor]:

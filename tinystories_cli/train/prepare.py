@@ -37,6 +37,7 @@ from tinystories_cli.fileio import atomic_write_text, sha256_file
 from tinystories_cli.interop.hf import is_hf_dir, plan_hf_model, read_hf_model
 from tinystories_cli.interop.importer import load_weights, tokenizer_from_hf, write_tokenizer
 from tinystories_cli.tokens import check_tokens, open_tokens
+from tinystories_cli.train.loggers import check_available as check_loggers_available
 
 
 @dataclass
@@ -50,7 +51,6 @@ class TrainOptions:
     stop_at: int | None = None
     skip_nonfinite: int = 0
     peak_tflops: float | None = None
-    wandb: bool = False
     train_file: Path | None = None
     valid_file: Path | None = None
     tokenizer_dir: Path | None = None
@@ -189,6 +189,7 @@ def prepare_run(
     if opts.time_budget is not None and resume_from is not None:
         raise UserError("--time-budget plans the schedule when a run starts; a resumed run keeps its plan",
                         "drop --time-budget when resuming")
+    check_loggers_available(train_cfg.log)
     max_steps, end_step = plan_steps(model_cfg, train_cfg, opts)
     if train_cfg.max_steps != max_steps:
         train_cfg = train_cfg.model_copy(update={"max_steps": max_steps})
