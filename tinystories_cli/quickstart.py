@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from tinystories_cli import download as dl
-from tinystories_cli import paths, runs
+from tinystories_cli import paths, runs, sample
 from tinystories_cli import train as tl
 from tinystories_cli.config import PRESETS, get_preset
 from tinystories_cli.device import pick_device
@@ -70,6 +70,7 @@ DATASET = "quickstart"            # data/quickstart/: never collides with a real
 RUN_NAME = "quickstart"           # runs/quickstart/
 SOURCE_DATASET = "tinystories"    # what is downloaded without --text ...
 SOURCE_SPLIT = "valid"            # ... only its 22 MB validation file
+SAMPLE_DATASET = "tinystories-sample"  # data/tinystories-sample/: the bundled sample, used when offline
 EOT = "<|endoftext|>"
 VALID_FRACTION = 0.05             # documents held out for validation
 MAX_TEXT_BYTES = 64 << 20         # a larger --text is cut (at a document boundary) to this much
@@ -672,10 +673,18 @@ def run_quickstart(opts: QuickstartOptions, notify: Notify | None = None, *, dow
         seconds[name] = time.perf_counter() - t
         return out
 
-    source, status = timed("text", fetch_source, opts, data_root, download_progress)
+    try:
+        source, status = timed("text", fetch_source, opts, data_root, download_progress)
+    except dl.Unreachable as e:  # no network: the sample that ships with the package instead
+        source, status = timed("text", sample.extract_sample,
+                               paths.dataset_dir(SAMPLE_DATASET, data_root) / sample.FILE_NAME)
+        status = "bundled"
+        notify("text", f"cannot reach {e.host} ({e.what.partition(': ')[2]}): learning from the TinyStories sample "
+                       f"bundled with tslm ({source}, {source.stat().st_size:,} bytes); --text FILE uses your own text")
     stages["text"] = status
-    how = {"given": "using", "downloaded": "downloaded", "skipped": "already downloaded:"}.get(status, status)
-    notify("text", f"{how} {source} ({source.stat().st_size:,} bytes)")
+    if status != "bundled":
+        how = {"given": "using", "downloaded": "downloaded", "skipped": "already downloaded:"}.get(status, status)
+        notify("text", f"{how} {source} ({source.stat().st_size:,} bytes)")
     ds.mkdir(parents=True, exist_ok=True)
     stages["split"], rec = timed("split", split_text, source, train_txt, valid_txt, force=opts.force)
     notify("split", f"{'kept' if stages['split'] == 'skipped' else 'wrote'} {train_txt} ({rec.get('train_bytes', 0):,} bytes) "
