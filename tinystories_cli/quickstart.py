@@ -505,15 +505,18 @@ def train_model(opts: QuickstartOptions, run_dir: Path, tokenizer_dir: Path, tra
             train_over["dtype"] = "bfloat16"
     budget = opts.minutes * 60.0
     deadline = time.perf_counter() + budget  # training ends by then, whatever the machine does meanwhile
-    probe_s = min(20.0, max(0.5, 0.05 * budget))
+    # Building the model, a warm-up step and one timed step take about 2 s on a CPU whatever the budget:
+    # the probe is never announced as shorter than that.
+    probe_s = min(20.0, max(2.0, 0.05 * budget))
     # First resolve the configs (this also checks the tokenizer and token files), then time a few
     # real steps of that model, then fix the schedule's length from what is left of the budget.
     # With the auto size the probed model is the rule's reference model; when the rule picks another
     # size, that one is probed too (shorter) and planned from its own speed.
     what = f"the reference model (d_model {autosize.REFERENCE_WIDTH})" if auto else preset
-    notify("train", f"measuring the speed of {what} on {device} (a probe of up to {probe_s:.2g} s)")
-    plan, tps, eval_batches, spent = _probe_and_plan(preset, model_over, train_over, base_opts, budget, probe_s,
-                                                     n_train, n_valid)
+    notify("train", f"measuring the speed of {what} on {device} (a probe of about {probe_s:.2g} s)")
+    # The announced probe time covers both probes: the auto size keeps a third of it for its second one.
+    plan, tps, eval_batches, spent = _probe_and_plan(preset, model_over, train_over, base_opts, budget,
+                                                     probe_s * (2 / 3 if auto else 1.0), n_train, n_valid)
     choice = None
     if auto:
         ref_tokens = plan.steps * autosize.TOKENS_PER_STEP
@@ -524,7 +527,7 @@ def train_model(opts: QuickstartOptions, run_dir: Path, tokenizer_dir: Path, tra
         train_over.update({k: v for k, v in choice.train_overrides().items() if k != "warmup_steps"})
         if choice.shape.d_model != autosize.REFERENCE_WIDTH:  # another model: time it too
             plan, tps, eval_batches, more = _probe_and_plan(preset, model_over, train_over, base_opts,
-                                                            budget - spent, probe_s / 2, n_train, n_valid)
+                                                            budget - spent, max(probe_s - spent, 0.0), n_train, n_valid)
             spent += more
         elif choice.batch_size != autosize.BATCH_SIZE:  # the same model in other batches: its sweep speed
             tps *= choice.speed
@@ -554,11 +557,13 @@ def _probe_and_plan(preset: str, model_over: dict, train_over: dict, base_opts: 
                     n_train: int, n_valid: int) -> tuple[StepPlan, float, int, float]:
     """Time `probe_s` of real steps of the model, then plan the steps that fit in what is left of `budget`.
     Returns (plan, tokens/s, eval batches, seconds spent)."""
+    t0 = time.perf_counter()
     p = get_preset(preset)
     probe_run = tl.prepare_run(preset, None, model_over, {**train_over, "max_steps": max(p.train.warmup_steps, 1)},
                                tl.TrainOptions(force=True, **base_opts))
     mc, tc = probe_run.model_cfg, probe_run.train_cfg
-    tps, spent = tl.measure_throughput(probe_run, probe_s)
+    tps, _ = tl.measure_throughput(probe_run, max(probe_s - (time.perf_counter() - t0), 0.0))
+    spent = time.perf_counter() - t0
     plan, eval_batches = _plan(budget - spent, tps, mc.context_length, tc.batch_size * tc.grad_accum_steps,
                                tc.eval_batches, n_train, n_valid)
     return plan, tps, eval_batches, spent
