@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from tinystories_cli import export
+from tinystories_cli import export, runs
 from tinystories_cli.console import console, human_bytes, print_note
 from tinystories_cli.errors import UserError
 from tinystories_cli.interop.llama import NotLlamaCompatible
@@ -31,6 +31,7 @@ def command(
         path, cfg = export.export_run(run, fmt, out, force, dtype)
     except NotLlamaCompatible as e:
         raise UserError(e.what, "export with --format safetensors (tslm's own format) instead") from None
+    print_note(runs.describe_source(run))
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     console.print(f"wrote {path} ({fmt}, {human_bytes(size)}): " + ", ".join(sorted(
         str(f.relative_to(path)) for f in path.rglob("*") if f.is_file())), markup=False, highlight=False)

@@ -13,7 +13,7 @@ from rich.text import Text
 from tinystories_cli import generate as gen
 from tinystories_cli import sampling_grid
 from tinystories_cli.cli import common
-from tinystories_cli.console import console, err_console
+from tinystories_cli.console import console, err_console, print_note
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import atomic_write_text, check_output_path
 
@@ -186,6 +186,7 @@ def _load(run_or_checkpoint, device: str):
                         "train one first with `tslm train`") from None
     model, tokenizer, cfg = runs.load_trained_model(path, device=device)
     check_tokenizer_matches(cfg, tokenizer, runs.run_dir_of(path))
+    print_note(runs.describe_source(run_or_checkpoint))  # which model this is (runs/latest may be a surprise)
     return model, tokenizer, path
 
 

@@ -163,7 +163,8 @@ def _render(r: qs.QuickstartResult, total_s: float) -> None:
         if how:
             line.append(f"  {how}", style="dim")
         console.print(line, soft_wrap=True)
-    best = f", best validation loss {r.best_val_loss:.3f}" if r.best_val_loss is not None else ""
+    best = (f", best validation loss {r.best_val_loss:.3f} (sampled estimate; `tslm eval` gives the whole-file loss)"
+            if r.best_val_loss is not None else "")
     speed = f" at {r.tokens_per_s / 1e3:.1f}K tokens/s" if r.tokens_per_s else ""
     console.print(f"model: {qs.model_label(r)} on {r.device}, {r.steps:,}/{r.max_steps:,} steps{speed}{best}; "
                   f"total {total_s / 60:.1f} min", soft_wrap=True)
