@@ -139,3 +139,13 @@ def test_a_refusal_while_resuming_is_retried_and_keeps_the_part(tmp_path: Path):
         dl.download_url(url, out, retries=1, sleep=sleeps.append)
     assert sleeps == [1.0] and "resume from f.txt.part" in str(e.value)
     assert part.read_bytes() == b"first half"
+
+
+def test_readme_documents_offline_use_and_trains_on_no_held_out_file():
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    assert "Offline, or your own text" in readme
+    training = [ln for ln in readme.splitlines() if "tinystories_valid.txt" in ln and ("--text" in ln or "train" in ln.split("#")[0])]
+    for f in (root / "examples").iterdir():
+        training += [ln for ln in f.read_text(encoding="utf-8").splitlines() if "tinystories_valid.txt" in ln]
+    assert not training, training
