@@ -66,7 +66,18 @@ def test_quickstart_in_a_terminal_keeps_the_story_on_screen(tmp_path: Path):
     assert not [line for line in bar_lines if "tokenizer:" in line or line.lstrip().startswith("encode ")], bar_lines
     assert len([line for line in bar_lines if line.startswith("step ")]) <= 1, bar_lines
     assert len(bar_lines) <= 1, bar_lines
+    assert "sampled estimate" in screen_text   # which of the two losses this is (`tslm eval` gives the other)
     # nothing the pipeline printed was overwritten: every stage line is there once
     for stage in ("split", "tokenizer", "encode"):
         said = [ln for ln in lines if ln.startswith((f"{stage} wrote ", f"{stage} trained ", f"{stage} kept "))]
         assert len(said) == 1, [ln for ln in lines if stage in ln]
+
+    # A rerun skips every stage and tells the story again: every word of it stays on the screen.
+    code, raw = run_in_pty(argv, rows=ROWS, cols=COLS, env=_pty_env(tmp_path), cwd=tmp_path, timeout=900)
+    assert code == 0, raw.decode("utf-8", "replace")[-3000:]
+    again = Screen(ROWS, COLS)
+    again.feed(raw.decode("utf-8", "replace"))
+    story = " ".join(story_file.read_text(encoding="utf-8").split())
+    text = " ".join(" ".join(again.logical_lines()).split())
+    assert story in text, (story, again.screen_lines())
+    assert not [line for line in again.text_lines() if BAR in line], again.text_lines()
