@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The seeds' architecture ablations, one tslm run each, then loss curves and a results table.
 #
-#   bash examples/ablations.sh --budget tiny --text ../shared/data/tinystories_valid.txt   # CPU, ~1 min
+#   bash examples/ablations.sh --budget tiny --text ../shared/data/tinystories_train.txt   # CPU, ~1 min
 #   bash examples/ablations.sh --budget small                                              # CPU, under an hour
 #   bash examples/ablations.sh --budget full -- --dtype bfloat16                           # GPU, the seeds' size
-#   bash examples/ablations.sh --budget tiny --seeds 3 --text ../shared/data/tinystories_valid.txt   # 3 random seeds each
+#   bash examples/ablations.sh --budget tiny --seeds 3 --text ../shared/data/tinystories_train.txt   # 3 random seeds each
 #
 # Every run is the tinystories-17m baseline (pre-norm RMSNorm, RoPE, SwiGLU, untied embeddings,
 # lr 8e-4) with one switch changed:

@@ -2,7 +2,7 @@
 # Batch-size sweep at a fixed token budget: every run sees the same number of training tokens, so a
 # larger batch takes proportionally fewer (and less noisy) steps. Then loss curves and a results table.
 #
-#   bash examples/batch_size_sweep.sh --budget tiny --text ../shared/data/tinystories_valid.txt   # CPU, ~30 s
+#   bash examples/batch_size_sweep.sh --budget tiny --text ../shared/data/tinystories_train.txt   # CPU, ~30 s
 #   bash examples/batch_size_sweep.sh --budget small --batch-sizes "8 16 32"                      # CPU
 #   bash examples/batch_size_sweep.sh --budget full -- --dtype bfloat16                           # GPU
 #

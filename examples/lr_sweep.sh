@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Learning-rate sweep of the tinystories-17m baseline, then loss curves and a results table.
 #
-#   bash examples/lr_sweep.sh --budget tiny --text ../shared/data/tinystories_valid.txt   # CPU, ~30 s
+#   bash examples/lr_sweep.sh --budget tiny --text ../shared/data/tinystories_train.txt   # CPU, ~30 s
 #   bash examples/lr_sweep.sh --budget small --lrs "3e-4 1e-3 3e-3"                       # CPU
 #   bash examples/lr_sweep.sh --budget full -- --dtype bfloat16                           # GPU, the seeds' size
 #

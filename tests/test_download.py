@@ -272,15 +272,16 @@ def test_404_is_not_retried(server, tmp_path, sleeps):
     assert len(server.log) == 1 and sleeps == [] and list(tmp_path.iterdir()) == []
 
 
-def test_connection_refused_is_retried(tmp_path, sleeps):
-    # A port nobody listens on: bind one, note it, close it.
+def test_connection_refused_before_any_byte_is_one_immediate_error(tmp_path, sleeps):
+    # A port nobody listens on: bind one, note it, close it. Nothing started, so no retry storm (issue 28);
+    # test_offline.py checks that a refusal while resuming a .part is still retried.
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.raises(UserError, match="failed after 2 attempts"):
+    with pytest.raises(dl.Unreachable, match="connection refused"):
         dl.download_url(f"http://127.0.0.1:{port}/f.txt", tmp_path / "f.txt", retries=1)
-    assert sleeps == [1.0]
+    assert sleeps == [] and list(tmp_path.iterdir()) == []
 
 
 def test_gzip_source_is_verified_then_decompressed(server, tmp_path, sleeps):

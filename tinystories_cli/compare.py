@@ -119,6 +119,12 @@ def summarize_run(run: str | os.PathLike) -> RunSummary:
     s.max_steps = config.get("max_steps") or (config.get("train") or {}).get("max_steps")
     for k, v in runs.summarize_run_metrics(run_dir).items():
         setattr(s, k, v)
+    # Metrics are logged every few steps: the newest checkpoint may be further on (a stopped run).
+    ckpts = runs.step_checkpoints(run_dir)
+    if ckpts and (s.steps is None or ckpts[-1][0] > s.steps):
+        if s.tokens and s.steps:
+            s.tokens = round(s.tokens / s.steps * ckpts[-1][0])
+        s.steps = ckpts[-1][0]
     if not (run_dir / runs.METRICS_FILE).is_file():
         s.notes.append(f"{run_dir.name}: no {runs.METRICS_FILE} yet")
     s.eval = runs.read_eval_result(run_dir)
@@ -138,7 +144,8 @@ def differing_settings(summaries: list[RunSummary]) -> list[str]:
     for k in keys:
         if k.split(".")[-1] in BOOKKEEPING:
             continue
-        values = [s.settings.get(k, missing) for s in summaries]
+        # As displayed: 0.0006 and 0.0006000000000000001 (an lr times a ratio) are the same setting.
+        values = [_fmt_setting(v) if (v := s.settings.get(k, missing)) is not missing else missing for s in summaries]
         if any(v != values[0] for v in values[1:]):
             out.append(k)
     return out

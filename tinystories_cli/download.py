@@ -476,6 +476,35 @@ class _Stalled(_Retry):
     """Too few bytes in an idle window: retried, but never counted as progress (a trickle must end)."""
 
 
+class _NoRoute(_Retry):
+    """The host cannot be reached at all: its name does not resolve, or the connection is refused or has
+    no route. Retried only while resuming (a blip in the middle of a download); a download that has not
+    started fails at once with `Unreachable`."""
+
+
+OFFLINE_FIX = ("no network? `tslm quickstart --text FILE` learns from your own text; `tslm download` takes a "
+               "plain path or a file:// URL with --out FILE; a mirror is set with --endpoint URL (or HF_ENDPOINT)")
+
+
+class Unreachable(UserError):
+    """The download could not start: the host's name does not resolve or it refused the connection."""
+
+    def __init__(self, url: str, why: str):
+        self.url, self.host = url, urllib.parse.urlsplit(url).netloc or url
+        super().__init__(f"cannot reach {self.host}: {why}", OFFLINE_FIX)
+
+
+def _no_route_reason(reason) -> str | None:
+    """A short reason when `reason` (a URLError's) says the host cannot be reached at all, else None."""
+    if isinstance(reason, socket.gaierror):
+        return "its name does not resolve" + (f" ({reason.strerror})" if reason.strerror else "")
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(reason, OSError) and reason.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+        return reason.strerror or "no route to the host"
+    return None
+
+
 class NotFound(UserError):
     """HTTP 404 (or a missing file:// path): the file is not there."""
 
@@ -615,6 +644,9 @@ def _open(url: str, have: int, origin: Origin | None, timeout: float, header_lim
                 is_file or isinstance(reason, (FileNotFoundError, PermissionError, IsADirectoryError))):
             raise UserError(f"cannot read {url}: {reason}", "check the path") from None
         if isinstance(e, urllib.error.URLError):
+            no_route = _no_route_reason(reason)
+            if no_route is not None:
+                raise _NoRoute(no_route) from None
             raise _Retry(f"network error: {reason}") from None
         raise _Retry(f"network error: {type(e).__name__}: {e}") from None  # timeouts, resets, bad status lines
     finally:
@@ -756,10 +788,13 @@ def _fetch(url: str, part: _Part, *, retries: int, backoff: float, sleep: Callab
             return _fetch_once(url, part, timeout, idle_timeout, chunk_size, max_bytes, progress)
         except _Retry as e:
             now = part.size()
+            if isinstance(e, _NoRoute) and now == 0:
+                raise Unreachable(url, str(e)) from None  # nothing started: no point in a retry storm
             failures = 1 if now > before and not isinstance(e, _Stalled) else failures + 1
             if failures > retries:
-                raise UserError(f"download of {url} failed after {retries + 1} attempts: {e}",
-                                f"rerun the same command to resume from {part.path.name}") from None
+                fix = (f"rerun the same command to resume from {part.path.name}" if now
+                       else "check the network or --endpoint, then rerun")
+                raise UserError(f"download of {url} failed after {retries + 1} attempts: {e}", fix) from None
             (sleep or SLEEP)(min(backoff * 2 ** (failures - 1), MAX_BACKOFF))
         except _DiskFull as e:
             raise _disk_full_error(url, part.path, e.err, part.size()) from None  # a short write kept some bytes too

@@ -184,7 +184,7 @@ def evaluate_run(run: str | os.PathLike | None, data: str | os.PathLike | None =
         pass  # a bare checkpoint directory without config.json: the default dataset
     data = Path(data) if data is not None else paths.tokens_path(dataset, "valid")
     tokens, meta = open_tokens(data, "evaluation", dataset, "valid")
-    check_tokens(data, tokenizer.fingerprint, cfg.vocab_size)
+    check_tokens(data, tokenizer.fingerprint, cfg.vocab_size, tokenizer_dir=runs.tokenizer_dir_of(run_dir))
     dev = pick_device(device)
     model = runs.model_from_checkpoint(ckpt, cfg, dev)
     result = evaluate_tokens(model, tokens, window, batch_size, dev, meta.get("source_bytes"), on_progress=on_progress,

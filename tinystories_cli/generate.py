@@ -463,12 +463,18 @@ class TextStream:
         return self._release(final=False)
 
     def close(self) -> str:
-        """End of the row: flush what is left (a dangling partial character becomes U+FFFD)."""
+        """End of the row: flush what is left. A character the row stopped in the middle of (its last
+        bytes never came) is held back, not shown as U+FFFD.
+
+        >>> s = TextStream(lambda ids: bytes(ids).decode("utf-8", "replace"), token_bytes=lambda i: bytes([i]))
+        >>> [s.push(b) for b in "hi é".encode()[:-1]], s.close(), s.text
+        (['h', 'i', ' ', ''], '', 'hi ')
+        """
         if not self.stopped:
             if self._token_bytes is not None:
-                self.text += self._utf8.decode(b"", final=True)
+                self._utf8.reset()  # drop an incomplete trailing sequence
             else:
-                self.text = self._decoded(final=True)
+                self.text = self._decoded(final=False)
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:

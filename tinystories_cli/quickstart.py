@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from tinystories_cli import download as dl
-from tinystories_cli import paths, runs
+from tinystories_cli import paths, runs, sample
 from tinystories_cli import train as tl
 from tinystories_cli.config import PRESETS, get_preset
 from tinystories_cli.device import pick_device
@@ -70,6 +70,7 @@ DATASET = "quickstart"            # data/quickstart/: never collides with a real
 RUN_NAME = "quickstart"           # runs/quickstart/
 SOURCE_DATASET = "tinystories"    # what is downloaded without --text ...
 SOURCE_SPLIT = "valid"            # ... only its 22 MB validation file
+SAMPLE_DATASET = "tinystories-sample"  # data/tinystories-sample/: the bundled sample, used when offline
 EOT = "<|endoftext|>"
 VALID_FRACTION = 0.05             # documents held out for validation
 MAX_TEXT_BYTES = 64 << 20         # a larger --text is cut (at a document boundary) to this much
@@ -504,15 +505,18 @@ def train_model(opts: QuickstartOptions, run_dir: Path, tokenizer_dir: Path, tra
             train_over["dtype"] = "bfloat16"
     budget = opts.minutes * 60.0
     deadline = time.perf_counter() + budget  # training ends by then, whatever the machine does meanwhile
-    probe_s = min(20.0, max(0.5, 0.05 * budget))
+    # Building the model, a warm-up step and one timed step take about 2 s on a CPU whatever the budget:
+    # the probe is never announced as shorter than that.
+    probe_s = min(20.0, max(2.0, 0.05 * budget))
     # First resolve the configs (this also checks the tokenizer and token files), then time a few
     # real steps of that model, then fix the schedule's length from what is left of the budget.
     # With the auto size the probed model is the rule's reference model; when the rule picks another
     # size, that one is probed too (shorter) and planned from its own speed.
     what = f"the reference model (d_model {autosize.REFERENCE_WIDTH})" if auto else preset
-    notify("train", f"measuring the speed of {what} on {device} (a probe of up to {probe_s:.2g} s)")
-    plan, tps, eval_batches, spent = _probe_and_plan(preset, model_over, train_over, base_opts, budget, probe_s,
-                                                     n_train, n_valid)
+    notify("train", f"measuring the speed of {what} on {device} (a probe of about {probe_s:.2g} s)")
+    # The announced probe time covers both probes: the auto size keeps a third of it for its second one.
+    plan, tps, eval_batches, spent = _probe_and_plan(preset, model_over, train_over, base_opts, budget,
+                                                     probe_s * (2 / 3 if auto else 1.0), n_train, n_valid)
     choice = None
     if auto:
         ref_tokens = plan.steps * autosize.TOKENS_PER_STEP
@@ -523,7 +527,7 @@ def train_model(opts: QuickstartOptions, run_dir: Path, tokenizer_dir: Path, tra
         train_over.update({k: v for k, v in choice.train_overrides().items() if k != "warmup_steps"})
         if choice.shape.d_model != autosize.REFERENCE_WIDTH:  # another model: time it too
             plan, tps, eval_batches, more = _probe_and_plan(preset, model_over, train_over, base_opts,
-                                                            budget - spent, probe_s / 2, n_train, n_valid)
+                                                            budget - spent, max(probe_s - spent, 0.0), n_train, n_valid)
             spent += more
         elif choice.batch_size != autosize.BATCH_SIZE:  # the same model in other batches: its sweep speed
             tps *= choice.speed
@@ -553,11 +557,13 @@ def _probe_and_plan(preset: str, model_over: dict, train_over: dict, base_opts: 
                     n_train: int, n_valid: int) -> tuple[StepPlan, float, int, float]:
     """Time `probe_s` of real steps of the model, then plan the steps that fit in what is left of `budget`.
     Returns (plan, tokens/s, eval batches, seconds spent)."""
+    t0 = time.perf_counter()
     p = get_preset(preset)
     probe_run = tl.prepare_run(preset, None, model_over, {**train_over, "max_steps": max(p.train.warmup_steps, 1)},
                                tl.TrainOptions(force=True, **base_opts))
     mc, tc = probe_run.model_cfg, probe_run.train_cfg
-    tps, spent = tl.measure_throughput(probe_run, probe_s)
+    tps, _ = tl.measure_throughput(probe_run, max(probe_s - (time.perf_counter() - t0), 0.0))
+    spent = time.perf_counter() - t0
     plan, eval_batches = _plan(budget - spent, tps, mc.context_length, tc.batch_size * tc.grad_accum_steps,
                                tc.eval_batches, n_train, n_valid)
     return plan, tps, eval_batches, spent
@@ -672,10 +678,18 @@ def run_quickstart(opts: QuickstartOptions, notify: Notify | None = None, *, dow
         seconds[name] = time.perf_counter() - t
         return out
 
-    source, status = timed("text", fetch_source, opts, data_root, download_progress)
+    try:
+        source, status = timed("text", fetch_source, opts, data_root, download_progress)
+    except dl.Unreachable as e:  # no network: the sample that ships with the package instead
+        source, status = timed("text", sample.extract_sample,
+                               paths.dataset_dir(SAMPLE_DATASET, data_root) / sample.FILE_NAME)
+        status = "bundled"
+        notify("text", f"cannot reach {e.host} ({e.what.partition(': ')[2]}): learning from the TinyStories sample "
+                       f"bundled with tslm ({source}, {source.stat().st_size:,} bytes); --text FILE uses your own text")
     stages["text"] = status
-    how = {"given": "using", "downloaded": "downloaded", "skipped": "already downloaded:"}.get(status, status)
-    notify("text", f"{how} {source} ({source.stat().st_size:,} bytes)")
+    if status != "bundled":
+        how = {"given": "using", "downloaded": "downloaded", "skipped": "already downloaded:"}.get(status, status)
+        notify("text", f"{how} {source} ({source.stat().st_size:,} bytes)")
     ds.mkdir(parents=True, exist_ok=True)
     stages["split"], rec = timed("split", split_text, source, train_txt, valid_txt, force=opts.force)
     notify("split", f"{'kept' if stages['split'] == 'skipped' else 'wrote'} {train_txt} ({rec.get('train_bytes', 0):,} bytes) "

@@ -141,6 +141,15 @@ def checkpoint_for(path: Path, prefer_best: bool = True) -> Path:
     return ckpt
 
 
+def describe_source(run: str | os.PathLike | None, prefer_best: bool = True) -> str:
+    """One line naming what `run` (a name, a path or None) loads: the checkpoint file and its run, and that
+    runs/latest stood in when no run was given."""
+    target = resolve_run(run)
+    ckpt = checkpoint_for(target, prefer_best)
+    via = f" ({runs_root() / LATEST_LINK}: no run given)" if run is None else ""
+    return f"using {ckpt} of run {run_dir_of(target).resolve() if run is None else run_dir_of(target)}{via}"
+
+
 def read_run_config(run_dir: Path) -> dict[str, Any]:
     f = Path(run_dir) / CONFIG_FILE
     if not f.is_file():

@@ -83,18 +83,19 @@ def load_token_file(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
     return ids, meta
 
 
-def check_token_file(path: str | os.PathLike, tokenizer_fingerprint: str | None, vocab_size: int) -> tuple[np.ndarray, dict]:
+def check_token_file(path: str | os.PathLike, tokenizer_fingerprint: str | None, vocab_size: int,
+                     tokenizer_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, dict]:
     """`load_token_file`, then refuse a file from another tokenizer or with ids >= `vocab_size`.
 
     Pass `tokenizer_fingerprint=None` to skip the tokenizer check (e.g. a run without a tokenizer).
+    `tokenizer_dir` (where the expected tokenizer is) makes the fix hint a command that runs as printed.
     """
     ids, meta = load_token_file(path)
-    guess = _text_guess(Path(path))
     if tokenizer_fingerprint is not None and meta["fingerprint"] != tokenizer_fingerprint:
         raise UserError(
             f"token file {path} was made by a different tokenizer (fingerprint {meta['fingerprint'][:12]} "
             f"!= {tokenizer_fingerprint[:12]})",
-            f"re-encode it with this run's tokenizer: `tslm encode {guess} --tokenizer DIR --out {path} --force`",
+            reencode_hint(Path(path), tokenizer_dir),
         )
     if meta["num_tokens"] and meta["max_id"] >= vocab_size:
         raise UserError(
@@ -102,6 +103,21 @@ def check_token_file(path: str | os.PathLike, tokenizer_fingerprint: str | None,
             f"use --vocab-size {meta['vocab_size']} (the tokenizer's), or re-encode with a smaller tokenizer",
         )
     return ids, meta
+
+
+def reencode_hint(path: Path, tokenizer_dir: str | os.PathLike | None) -> str:
+    """How to get `path`'s text encoded by another tokenizer: into a NEW file beside it (the existing token
+    file may be the user's and stays as it is).
+
+    >>> reencode_hint(Path("data/ts/valid.npy"), Path("runs/gpt2/tokenizer"))
+    'encode the text with the right tokenizer into a new file and pass that one: `tslm encode data/ts/valid.txt --tokenizer runs/gpt2/tokenizer --out data/ts/valid.gpt2.npy`'
+    """
+    if tokenizer_dir is None:
+        return f"encode {_text_guess(path)} with the model's tokenizer (tslm encode --tokenizer) into a new file"
+    tag = Path(tokenizer_dir).parent.name or "other"
+    new = path.with_name(f"{path.stem}.{tag}.npy")
+    return (f"encode the text with the right tokenizer into a new file and pass that one: "
+            f"`tslm encode {_text_guess(path)} --tokenizer {tokenizer_dir} --out {new}`")
 
 
 def open_tokens(path: Path, what: str, dataset: str, split: str) -> tuple[np.ndarray, dict]:
@@ -113,11 +129,12 @@ def open_tokens(path: Path, what: str, dataset: str, split: str) -> tuple[np.nda
     return load_token_file(path)
 
 
-def check_tokens(path: Path, tokenizer_fingerprint: str | None, vocab_size: int, chunk: int = 1 << 24) -> None:
+def check_tokens(path: Path, tokenizer_fingerprint: str | None, vocab_size: int, chunk: int = 1 << 24,
+                 tokenizer_dir: str | os.PathLike | None = None) -> None:
     """Token file made by this tokenizer and every id < vocab_size. The sidecar's max_id is checked
     first (cheap); then the ids themselves are scanned in chunks, since a damaged or hand-made file
     could disagree with its sidecar and an out-of-range id would crash the embedding lookup."""
-    ids, _ = check_token_file(path, tokenizer_fingerprint, vocab_size)
+    ids, _ = check_token_file(path, tokenizer_fingerprint, vocab_size, tokenizer_dir)
     for i in range(0, len(ids), chunk):
         top = int(ids[i:i + chunk].max())
         if top >= vocab_size:

@@ -58,7 +58,43 @@ def _load_command(name: str) -> TyperCommand:
     sub.command(name, **getattr(module, "COMMAND_KWARGS", {}))(module.command)
     command = typer.main.get_command(sub)
     command.name = name
+    return _plain_labels(command)
+
+
+def _plain_labels(command):
+    """`_plain_type_label` on every parameter of `command`, its --help included."""
+    for param in command.params:
+        _plain_type_label(param)
+    help_option = command.get_help_option
+
+    def plain_help_option(ctx):
+        opt = help_option(ctx)
+        if opt is not None and not getattr(opt, "_tslm_plain", False):
+            _plain_type_label(opt)
+            opt._tslm_plain = True
+        return opt
+
+    command.get_help_option = plain_help_option
     return command
+
+
+_PLAIN_TYPES = {"bool": None, "str": "TEXT", "int": "INTEGER", "float": "FLOAT", "path": "PATH", "file": "FILE",
+                "directory": "DIR", "list[str]": "TEXT..."}
+
+
+def _plain_type_label(param) -> None:
+    """--help's type column: nothing for a flag, plain words (TEXT, INTEGER, FLOAT, PATH) for a value, instead
+    of typer's `<bool>` / `<str>` annotation labels. Set on this parameter only (the class stays as it is)."""
+    original = param.display_type_rich
+
+    def plain(ctx=None):
+        label = original(ctx)
+        if not isinstance(label, str) or not (label.startswith("<") and label.endswith(">")):
+            return label
+        inner = label[1:-1]
+        return _PLAIN_TYPES.get(inner, inner.upper())
+
+    param.display_type_rich = plain
 
 
 class LazyGroup(TyperGroup):
@@ -127,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if debug and "--debug" in argv and argv.index("--debug") > 0:
         argv.remove("--debug")  # accept --debug anywhere, not only before the subcommand
         argv.insert(0, "--debug")
-    command = typer.main.get_command(app)
+    command = _plain_labels(typer.main.get_command(app))
     try:
         rv = command.main(args=argv, prog_name="tslm", standalone_mode=False)
         return rv if isinstance(rv, int) else 0

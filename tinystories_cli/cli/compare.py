@@ -67,9 +67,21 @@ def command(
         t.add_column(c, justify="right" if c in compare.NUMERIC_COLUMNS else "left", no_wrap=True)
     for row in rows:
         t.add_row(*row)
-    # Never squeeze numbers into ellipses: a table wider than the terminal is printed at its full width.
-    natural = Measurement.get(console, console.options.update(width=100_000), t).maximum
+    # Never squeeze numbers into ellipses. A table wider than the terminal is turned on its side (one column
+    # per run), which fits a few runs with many differing settings; failing that it is printed at full width.
+    def natural(table: Table) -> int:
+        return Measurement.get(console, console.options.update(width=100_000), table).maximum
+
     out = console
-    if natural > console.width:
-        out = Console(width=natural, highlight=False, force_terminal=console.is_terminal)
+    if natural(t) > console.width:
+        side = Table(box=box.SIMPLE_HEAD, caption=t.caption, caption_justify="left")
+        side.add_column("", no_wrap=True)
+        for row in rows:
+            side.add_column(row[0], justify="right", no_wrap=True)
+        for i, c in enumerate(cols[1:], start=1):
+            side.add_row(c, *(row[i] for row in rows))
+        if natural(side) <= console.width:
+            t = side
+        else:
+            out = Console(width=natural(t), highlight=False, force_terminal=console.is_terminal)
     out.print(t)

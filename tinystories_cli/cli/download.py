@@ -4,6 +4,7 @@ data/hf/<owner>--<name>/ (`tslm download hf-model REPO`), or any URL into --out 
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Annotated, Iterator, Optional
 
@@ -24,7 +25,7 @@ _STAGES = {"download": "downloading", "verify": "verifying", "decompress": "deco
 def command(
     dataset: Annotated[Optional[str], typer.Argument(
         metavar="DATASET|URL",
-        help=f"One of: {', '.join(dl.DATASETS)}; or `{dl.HF_MODEL} REPO`; or a URL (http(s)://, file://) to fetch into --out.",
+        help=f"One of: {', '.join(dl.DATASETS)}; or `{dl.HF_MODEL} REPO`; or a URL (http(s)://, file://) or a local file path to fetch into --out.",
         show_default=False)] = None,
     repo: Annotated[Optional[str], typer.Argument(
         metavar="REPO", help=f"With `{dl.HF_MODEL}`: the Hugging Face model repo, e.g. openai-community/gpt2.",
@@ -63,6 +64,8 @@ def command(
         return
     if repo is not None:
         raise UserError(f"unexpected extra argument {repo!r}", f"only `{dl.HF_MODEL}` takes a REPO")
+    if "://" not in dataset and dataset not in dl.DATASETS and _looks_like_path(dataset, out):
+        dataset = Path(dataset).expanduser().resolve().as_uri()  # a plain local path: the same as its file:// URL
     if "://" in dataset:
         if out is None:
             raise UserError("a URL needs --out FILE", f"e.g. tslm download {dataset} --out data/corpus.txt")
@@ -73,10 +76,16 @@ def command(
     else:
         if out is not None or sha256 is not None:
             raise UserError("--out/--sha256 apply to URL downloads",
-                            f"registry files go to {{--dir}}/{dataset}/ and use the registry's checksums")
+                            f"registry files go to DIR/{dataset}/ (DIR: --dir, default data/) and use the "
+                            "registry's checksums; a URL or a local file takes --out FILE")
         jobs = dl.plan_dataset(dataset, split, out_dir, endpoint)
     for pf in jobs:
         _download_one(pf, force, max_bytes)
+
+
+def _looks_like_path(arg: str, out: Path | None) -> bool:
+    """A DATASET argument that names a local file: it exists, or it is written like a path and --out is given."""
+    return os.path.lexists(arg) or (out is not None and (os.sep in arg or arg.startswith(("~", "."))))
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from tinystories_cli.console import console, err_console
 from tinystories_cli.errors import UserError
@@ -68,10 +69,13 @@ def command(
     if as_json:
         console.print_json(json.dumps(result))
         return
-    t = Table(title=f"{ckpt_path} (step {result['step']}) on {data}", title_justify="left")
+    # What was loaded, on one line the terminal wraps (a table title broke file names mid-word).
+    console.print(Text(f"using {ckpt_path} (step {result['step']}) of run {run_dir}, on {data}", style="dim"),
+                  soft_wrap=True)
+    t = Table()
     t.add_column("metric")
     t.add_column("value", justify="right")
-    t.add_row("mean loss (nats/token)", f"{result['loss']:.4f}")
+    t.add_row("whole-file loss (nats/token)", f"{result['loss']:.4f}")
     t.add_row("perplexity", f"{result['perplexity']:.3f}")
     bpb = result["bits_per_byte"]
     t.add_row("bits per byte", f"{bpb:.4f}" if bpb is not None else "n/a (no source_bytes in the sidecar)")

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from tinystories_cli import export
+from tinystories_cli import export, runs
 from tinystories_cli.console import console, human_bytes, print_note
 from tinystories_cli.errors import UserError
 from tinystories_cli.interop.llama import NotLlamaCompatible
@@ -33,6 +33,7 @@ def command(
         path, cfg = export.export_run(run, fmt, out, force, dtype)
     except NotLlamaCompatible as e:
         raise UserError(e.what, "export with --format safetensors (tslm's own format) instead") from None
+    print_note(runs.describe_source(run))
     if fmt == "gguf":
         console.print(f"wrote {path} (gguf {dtype}, {human_bytes(path.stat().st_size)})", markup=False, highlight=False)
         print_note(f"run it with llama.cpp: llama-cli -m {path} -p \"Once upon a time\" -n 128 --temp 0")

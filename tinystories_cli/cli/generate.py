@@ -13,7 +13,7 @@ from rich.text import Text
 from tinystories_cli import generate as gen
 from tinystories_cli import sampling_grid
 from tinystories_cli.cli import common
-from tinystories_cli.console import console, err_console
+from tinystories_cli.console import console, err_console, print_note
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import atomic_write_text, check_output_path
 
@@ -97,11 +97,16 @@ def command(
         raise UserError(f"checkpoint file not found: {checkpoint}",
                         "train a model first with `tslm train`, or pass a file from runs/<name>/checkpoints/")
     model, tokenizer, source = _load(checkpoint if checkpoint is not None else run, _device(device))
+    # Which model wrote the text (runs/latest may be a surprise): one dim line once it is done, so that an
+    # error in the arguments stays the only line.
+    from tinystories_cli import runs
+    used = runs.describe_source(checkpoint if checkpoint is not None else run)
     if grid_spec is not None:
         _grid(model, tokenizer, prompts[0], grid_spec, source=source, seed=seed, num_samples=num_samples,
               max_tokens=max_tokens, base={"temperature": temp, "top_p": top_p, "top_k": top_k},
               stop_at_eot=not no_stop, stop_strings=[] if no_stop else (stop or []), use_cache=not no_cache,
               out=out, as_json=as_json)
+        print_note(used)
         return
 
     stream = not as_json and len(prompts) * num_samples == 1
@@ -132,6 +137,7 @@ def command(
         console.file.flush()
         _summary(s, with_seed=stream)
     console.file.flush()
+    print_note(used)
 
 
 def _prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:

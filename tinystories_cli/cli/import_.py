@@ -7,9 +7,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from tinystories_cli import runs
+from tinystories_cli import paths, runs
 from tinystories_cli.console import console, print_note
 from tinystories_cli.errors import UserError
+
+FINE_TUNE_TEXT_MAX = 64 << 20  # a larger train.txt takes a long time to encode: not suggested
 
 
 def command(
@@ -28,6 +30,32 @@ def command(
                   f"context {cfg.context_length}) into {result.run_dir}", markup=False, highlight=False, soft_wrap=True)
     for note in result.notes:
         print_note(note)
-    ref = result.run_dir
-    print_note(f"next: tslm generate \"Once upon a time\" --run {ref}   |   tslm eval {ref}   |   "
-               f"tslm train --init-from {ref} --train-data my.npy --valid-data my_valid.npy --lr 1e-4 --max-steps 300")
+    console.print("\n[bold]next[/bold]")
+    for what, cmd in next_commands(result.run_dir):
+        console.print(f"  [dim]# {what}[/dim]", soft_wrap=True)
+        console.print(f"  {cmd}", soft_wrap=True, markup=False, highlight=False)
+
+
+def next_commands(run_dir: Path) -> list[tuple[str, str]]:
+    """(what, command) pairs that work as printed on an imported run: its own tokenizer encodes the text
+    (the data/ token files were made by another tokenizer), into new files inside the run directory."""
+    tok = runs.tokenizer_dir_of(run_dir)
+    out = [("a story", f'tslm generate "Once upon a time" --run {run_dir}')]
+    for dataset in ("tinystories", "quickstart"):
+        valid_txt, train_txt = paths.text_path(dataset, "valid"), paths.text_path(dataset, "train")
+        if not valid_txt.is_file():
+            continue
+        valid_npy = run_dir / f"{dataset}-valid.npy"
+        out.append((f"loss on {valid_txt} (encoded with this model's tokenizer)",
+                    f"tslm encode {valid_txt} --tokenizer {tok} --out {valid_npy} && tslm eval {run_dir} --data {valid_npy}"))
+        if train_txt.is_file() and train_txt.stat().st_size <= FINE_TUNE_TEXT_MAX:
+            train_npy = run_dir / f"{dataset}-train.npy"
+            out.append((f"fine-tune on {train_txt}",
+                        f"tslm encode {train_txt} --tokenizer {tok} --out {train_npy} && tslm train --init-from {run_dir} "
+                        f"--train-data {train_npy} --valid-data {valid_npy} --lr 1e-4 --max-steps 300 "
+                        f"--run-name {run_dir.name}-tuned"))
+        break
+    else:
+        out.append(("evaluate or fine-tune: encode a text with this model's tokenizer first",
+                    f"tslm encode --help   # then: tslm encode TEXT --tokenizer {tok} --out FILE.npy"))
+    return out

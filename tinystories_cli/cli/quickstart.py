@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
@@ -56,7 +55,14 @@ def command(
     console.rule("[bold]tslm quickstart", align="left")
     story_started = {"yes": False}
 
+    bars = (_StageBar(_bpe_label), _StageBar(_encode_label))
+
+    def close_bars() -> None:
+        for b in bars:
+            b.close()
+
     def notify(stage: str, message: str) -> None:
+        close_bars()  # a line from the pipeline means the stage that drew a bar is over
         if stage == "train" and not notify.train_started:  # type: ignore[attr-defined]
             console.rule("[bold]train", align="left")
             notify.train_started = True  # type: ignore[attr-defined]
@@ -66,6 +72,7 @@ def command(
 
     def on_story_text(chunk: str) -> None:
         if not story_started["yes"]:
+            close_bars()
             console.rule("[bold]a story from your model", align="left")
             console.print(Text(chunk, style="bold"), end="", soft_wrap=True)
             story_started["yes"] = True
@@ -78,9 +85,11 @@ def command(
     from tinystories_cli.download import DownloadInterrupted
 
     try:
-        with _bpe_progress() as bpe_progress, _encode_progress() as encode_progress:
-            result = qs.run_quickstart(opts, notify, download_progress=progress_bar, bpe_progress=bpe_progress,
-                                       encode_progress=encode_progress, on_story_text=on_story_text)
+        try:
+            result = qs.run_quickstart(opts, notify, download_progress=progress_bar, bpe_progress=bars[0],
+                                       encode_progress=bars[1], on_story_text=on_story_text)
+        finally:
+            close_bars()
     except DownloadInterrupted as e:
         err_console.print(f"[yellow]interrupted:[/yellow] kept {human_bytes(e.have)} in {e.part}; rerun the same "
                           "command to resume", soft_wrap=True)
@@ -92,37 +101,42 @@ def command(
     _render(result, time.perf_counter() - t0)
 
 
-@contextlib.contextmanager
-def _bpe_progress() -> Iterator:
-    """Progress bars for BPE training (pre-tokenize bytes, merges), shown only on a terminal."""
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
-                   console=err_console, disable=not err_console.is_terminal, transient=True)
-    tasks: dict[str, int] = {}
+class _StageBar:
+    """Progress bars of one stage (tokenizer, encode) on stderr, shown only on a terminal.
 
-    def progress(phase: str, done: int, total: int) -> None:
-        if phase not in tasks:
-            label = "tokenizer: pre-tokenize" if phase == "pretokenize" else "tokenizer: merge"
-            tasks[phase] = bar.add_task(label, total=max(total, 1))
-        bar.update(tasks[phase], completed=done)
+    The bar starts at the first progress callback and `close()` ends it when the stage ends (the
+    next `notify` line, the story, an error): it is transient, so nothing of it stays on the screen,
+    and no live display redraws over what is printed later (the training log, the streamed story)."""
 
-    with bar:
-        yield progress
+    def __init__(self, label):
+        self._label = label
+        self._bar: Progress | None = None
+        self._tasks: dict[str, int] = {}
+
+    def __call__(self, key: str, done: int, total: int, *_rest) -> None:
+        if self._bar is None:
+            if not err_console.is_terminal:
+                return
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                                 TimeElapsedColumn(), console=err_console, transient=True)
+            self._bar.start()
+        if key not in self._tasks:
+            self._tasks[key] = self._bar.add_task(self._label(key), total=max(total, 1))
+        self._bar.update(self._tasks[key], completed=done)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+            self._tasks.clear()
 
 
-@contextlib.contextmanager
-def _encode_progress() -> Iterator:
-    """One bar per encoded file (bytes), shown only on a terminal."""
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
-                   console=err_console, disable=not err_console.is_terminal, transient=True)
-    tasks: dict[str, int] = {}
+def _bpe_label(phase: str) -> str:
+    return "tokenizer: pre-tokenize" if phase == "pretokenize" else "tokenizer: merge"
 
-    def progress(name: str, done: int, total: int, _tokens: int) -> None:
-        if name not in tasks:
-            tasks[name] = bar.add_task(f"encode {name}", total=max(total, 1))
-        bar.update(tasks[name], completed=done)
 
-    with bar:
-        yield progress
+def _encode_label(name: str) -> str:
+    return f"encode {name}"
 
 
 def _render(r: qs.QuickstartResult, total_s: float) -> None:
@@ -130,7 +144,7 @@ def _render(r: qs.QuickstartResult, total_s: float) -> None:
     st, sec = r.stages, r.seconds
 
     def note(stage: str) -> str:
-        s = {"skipped": "already there", "given": "--text", "downloaded": "downloaded", "done": "new",
+        s = {"skipped": "already there", "given": "--text", "downloaded": "downloaded", "bundled": "bundled sample, offline", "done": "new",
              "resumed": "resumed"}.get(st.get(stage, ""), st.get(stage, ""))
         return f"({s}, {sec[stage]:.1f} s)" if stage in sec else ""
 
@@ -149,7 +163,8 @@ def _render(r: qs.QuickstartResult, total_s: float) -> None:
         if how:
             line.append(f"  {how}", style="dim")
         console.print(line, soft_wrap=True)
-    best = f", best validation loss {r.best_val_loss:.3f}" if r.best_val_loss is not None else ""
+    best = (f", best validation loss {r.best_val_loss:.3f} (sampled estimate; `tslm eval` gives the whole-file loss)"
+            if r.best_val_loss is not None else "")
     speed = f" at {r.tokens_per_s / 1e3:.1f}K tokens/s" if r.tokens_per_s else ""
     console.print(f"model: {qs.model_label(r)} on {r.device}, {r.steps:,}/{r.max_steps:,} steps{speed}{best}; "
                   f"total {total_s / 60:.1f} min", soft_wrap=True)

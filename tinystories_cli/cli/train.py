@@ -6,15 +6,18 @@ import json
 from pathlib import Path
 from typing import Annotated, Optional
 
+import torch
 import typer
 
 from tinystories_cli import train as train_lib
 from tinystories_cli.cli import common
 from tinystories_cli.account import parse_memory
 from tinystories_cli.config import ModelConfig, TrainConfig
-from tinystories_cli.console import console
+from tinystories_cli.console import console, err_console
 from tinystories_cli.errors import UserError
 from tinystories_cli.train import autosize
+
+CPU_PRESET = "tinystories-cpu"
 
 RUN = "Run"
 
@@ -81,6 +84,10 @@ def command(
                                         notify=None if quiet else (lambda m: console.print(m, soft_wrap=True)))
     else:
         run = train_lib.prepare_run(preset, config, model_over, train_over, opts)
+    if not quiet and not run.auto_size:
+        warning = cpu_time_warning(run)
+        if warning:
+            err_console.print(f"[yellow]note:[/yellow] {warning}", soft_wrap=True, highlight=False)
     if print_config:
         console.print_json(json.dumps({"preset": run.preset, "model": run.model_cfg.model_dump(),
                                        "train": run.train_cfg.model_dump(), "run_dir": str(run.run_dir),
@@ -88,10 +95,35 @@ def command(
         return
     result = train_lib.train(run)
     if not quiet:
-        best = f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
+        best = (f", best val loss {result.best_val_loss:.4f} (sampled estimate; `tslm eval` gives the whole-file loss)"
+                if result.best_val_loss is not None else "")
         how = {"finished": "finished", "stop_at": "stopped at --stop-at", "interrupted": "interrupted",
                "time_budget": "stopped at the --time-budget deadline"}[result.stopped]
         console.print(f"{how} at step {result.step}/{result.max_steps}{best}; run in {result.run_dir} "
                       f"({result.tokens_per_s / 1e3:.1f}K tokens/s)", soft_wrap=True)
     if result.stopped == "interrupted":
         raise typer.Exit(EXIT_CODES.get(result.signal or "", 130))
+
+
+CPU_MFU = 0.35           # the share of the measured matmul speed a CPU training step reaches (RESULTS.md: 30-40%)
+CPU_WARN_SECONDS = 3600  # a CPU run estimated longer than this is told about the CPU preset before it starts
+
+
+def cpu_time_warning(run) -> str | None:
+    """On a CPU, a run whose estimated time is over an hour (a GPU-sized preset such as tinystories-17m):
+    the estimate and what fits a CPU, said before the first step. None otherwise."""
+    from tinystories_cli.device import measure_peak_tflops, pick_device
+    from tinystories_cli.train.display import format_duration
+    from tinystories_cli.train.loop import flops_per_token
+
+    if pick_device(run.train_cfg.device).type != "cpu":
+        return None
+    tc = run.train_cfg
+    tokens = run.end_step * tc.batch_size * tc.grad_accum_steps * run.model_cfg.context_length
+    peak = run.options.peak_tflops or measure_peak_tflops(torch.device("cpu"))
+    seconds = flops_per_token(run.model_cfg) * tokens / (peak * 1e12 * CPU_MFU)
+    if seconds < CPU_WARN_SECONDS:
+        return None
+    return (f"{run.preset} is sized for a GPU: on this CPU ({peak:.2g} TFLOP/s measured) its {run.end_step:,} steps "
+            f"take about {format_duration(seconds)}. On a CPU use --preset {CPU_PRESET}, or --auto-size with "
+            f"--time-budget (e.g. --auto-size --time-budget 30m) to size the model for the time you have")

@@ -150,9 +150,11 @@ def choose(ref_tokens: float, source: str = "") -> Choice:
     """The choice for a budget of `ref_tokens` reference tokens; `source` says where the budget came from."""
     r = rule_for(ref_tokens)
     nxt = [x for x in RULES if x.min_ref_tokens > ref_tokens]
-    upper = f", below the {nxt[0].min_ref_tokens / 1e6:g}M where d_model {nxt[0].d_model} wins" if nxt else ""
+    bounds = ([f"at least the {r.min_ref_tokens / 1e6:g}M where d_model {r.d_model} wins"] if r.min_ref_tokens > 0
+              else [])  # the smallest row has no lower bound ("at least the 0M" said nothing)
+    bounds += [f"below the {nxt[0].min_ref_tokens / 1e6:g}M where d_model {nxt[0].d_model} wins"] if nxt else []
     why = (f"{source}{ref_tokens / 1e6:.2f}M reference tokens (d_model {REFERENCE_WIDTH} equivalent): "
-           f"at least the {r.min_ref_tokens / 1e6:g}M where d_model {r.d_model} wins{upper}")
+           + (", ".join(bounds) or f"d_model {r.d_model} for every budget"))
     return _choice(r, ref_tokens, int(ref_tokens * r.speed), why)
 
 

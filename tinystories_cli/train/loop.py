@@ -751,12 +751,30 @@ def fit_to_deadline(run: Run, state: State, step: int, pace: Pace, meter: "Throu
     run.time_plan.setdefault("replanned", []).append({"at_step": step, "from": old, "to": target})
     meter.end_step = run.end_step
     display.retotal(run.end_step)
-    display.note(f"steps are {'slower' if target < old else 'faster'} than the probe measured: the schedule now "
-                 f"ends at step {target:,} instead of {old:,}, to "
-                 + ("finish before the deadline" if target < old else "use the time budget"))
+    # Said only when the length moved materially since it was last said (small corrections are frequent on a
+    # busy machine; every one is still in config.json's time_budget.replanned).
+    noted = run.time_plan.get("noted_steps", run.time_plan["planned_steps"])
+    if replan_is_material(noted, target):
+        run.time_plan["noted_steps"] = target
+        display.note(f"steps are {'slower' if target < noted else 'faster'} than the probe measured: the schedule "
+                     f"now ends at step {target:,} instead of {noted:,}, to "
+                     + ("finish before the deadline" if target < noted else "use the time budget"))
     if state.dist.is_main:
         update_run_config(run, max_steps=target, planned_tokens=state.tokens_per_step * target,
                           train=run.train_cfg.model_dump())
+
+
+REPLAN_NOTE_SHARE = 0.1  # a new schedule length is printed when it differs this much from the last one printed
+
+
+def replan_is_material(noted: int, target: int, share: float = REPLAN_NOTE_SHARE) -> bool:
+    """Whether a schedule now ending at `target` differs enough from the `noted` length (the one last
+    printed) to print it again.
+
+    >>> replan_is_material(100, 97), replan_is_material(100, 90), replan_is_material(100, 112)
+    (False, True, True)
+    """
+    return abs(target - noted) >= share * max(noted, 1)
 
 
 def can_lengthen(run: Run, step: int) -> bool:
@@ -768,15 +786,16 @@ def can_lengthen(run: Run, step: int) -> bool:
 
 def record_time_used(run: Run, seconds: float, result: TrainResult) -> None:
     """The actual wall-clock of a --time-budget run beside its plan, in config.json."""
-    plan = {k: v for k, v in run.time_plan.items() if k != "deadline"}
+    plan = {k: v for k, v in run.time_plan.items() if k not in ("deadline", "noted_steps")}
     update_run_config(run, time_budget={**plan, "actual_s": round(seconds, 2), "steps_done": result.step,
                                         "stopped": result.stopped})
 
 
 def measure_throughput(run: Run, max_seconds: float, max_steps: int = 10) -> tuple[float, float]:
     """Training tokens/s of `run` on its device: one warm-up step, then real steps (`train_step` and the
-    optimizer, on the run's data) until `max_seconds` (at least one). Returns (tokens/s, seconds spent).
-    Nothing is written; the run itself starts afresh from its seed."""
+    optimizer, on the run's data) until `max_seconds` have passed since the call, building the model and the
+    warm-up step included (at least one timed step), so a probe announced as N seconds takes about N seconds.
+    Returns (tokens/s, seconds spent). Nothing is written; the run itself starts afresh from its seed."""
     t_start = time.perf_counter()
     state = build_state(run)
     state.model.train()
@@ -789,7 +808,7 @@ def measure_throughput(run: Run, max_seconds: float, max_steps: int = 10) -> tup
     step()  # first step: allocations, kernel selection (and compiling, with --compile)
     sync(state.device)
     t0, n = time.perf_counter(), 0
-    while n < 1 or (time.perf_counter() - t0 < max_seconds and n < max_steps):
+    while n < 1 or (time.perf_counter() - t_start < max_seconds and n < max_steps):
         step()
         sync(state.device)
         n += 1
