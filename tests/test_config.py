@@ -117,17 +117,17 @@ def _dataset_for(root, preset):
         write_token_file(data / f"{split}.npy", [1, 2, 3] * p.model.context_length, tok, 100)
 
 
-def _readme_counts() -> dict[str, int]:
+def _readme_counts(doc: str = "README.md") -> dict[str, int]:
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    text = (Path(__file__).resolve().parents[1] / doc).read_text(encoding="utf-8")
     rows = [line.split("|") for line in text.splitlines() if line.startswith("| `")]
     return {r[1].strip(" `"): int(r[2].strip().replace(",", "")) for r in rows
             if r[1].strip(" `") in PRESETS and r[2].strip().replace(",", "").isdigit()}
 
 
 def test_every_preset_builds_its_documented_parameter_count(tmp_path, monkeypatch, run_cli):
-    """README's count == `tslm account --list` == what `tslm train --print-config` builds, for each preset."""
+    """README's (and docs/configuration.md's) count == `tslm account --list` == what `tslm train --print-config` builds, for each preset."""
     import torch
 
     from tinystories_cli import account, paths
@@ -136,6 +136,7 @@ def test_every_preset_builds_its_documented_parameter_count(tmp_path, monkeypatc
     monkeypatch.setattr(paths, "RUNS_ROOT", tmp_path / "runs")
     documented = _readme_counts()
     assert set(documented) == set(PRESETS)
+    assert _readme_counts("docs/configuration.md") == documented  # the reference page's copy of the table
     from tinystories_cli.console import human_count
 
     code, listing, _ = run_cli("account", "--list")
