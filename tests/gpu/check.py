@@ -297,7 +297,7 @@ def check_env(ctx: Ctx) -> dict:
     out["gloo"] = torch.distributed.is_gloo_available()
     out["ok"] = not missing and (ctx.dry or ctx.cuda) and out["tslm_path"].startswith(str(REPO))
     if missing:
-        out["why"] = f"missing packages: {', '.join(missing)} (carry them as wheels: tests/gpu/README in README.md)"
+        out["why"] = f"missing packages: {', '.join(missing)} (carry them as wheels: see docs/gpu-check.md)"
     elif not (ctx.dry or ctx.cuda):
         out["why"] = "no CUDA device: run with --dry-run on a machine without a GPU"
     elif not out["ok"]:
