@@ -4,7 +4,7 @@
 # Common options of every recipe:
 #   --budget tiny|small|full   tiny: a 2-layer d=64 model, seconds per run on a CPU (a smoke test);
 #                              small: 4 layers d=128, 300 steps x 8 x 128 tokens, minutes per run on a CPU;
-#                              full: the tinystories-17m preset as the seeds ran it (GPU)
+#                              full: the tinystories-17m preset, 20,000 steps x 64 x 256 tokens as in the CS336 baseline (GPU)
 #   --text FILE                build the dataset from this UTF-8 text instead of data/tinystories/
 #                              (last 5% of its lines held out for validation), e.g. ../shared/data/tinystories_train.txt
 #   --dataset NAME             use data/NAME/ (default: tinystories, or text-<budget> with --text)
@@ -100,7 +100,7 @@ budget_settings() {
             VOCAB=2048; MAX_LINES=200000; CTX=128; BATCH=8; STEPS=300
             SIZE_FLAGS=(--d-model 128 --num-layers 4 --num-heads 4 --ctx 128)
             SCHED_FLAGS=(--warmup-steps 30 --eval-every 50 --eval-batches 8 --log-every 10) ;;
-        full)   # the seeds' setting: 20,000 steps x 64 x 256 tokens (327.7M tokens), a GPU
+        full)   # the CS336 baseline's setting: 20,000 steps x 64 x 256 tokens (327.7M tokens), a GPU
             VOCAB=10000; MAX_LINES=0; CTX=256; BATCH=64; STEPS=20000
             SIZE_FLAGS=()
             SCHED_FLAGS=(--eval-every 500) ;;
