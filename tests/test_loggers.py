@@ -5,6 +5,7 @@ stops training; a missing package is one line naming the extra."""
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -54,10 +55,19 @@ def test_tensorboard_scalars_equal_metrics_jsonl_across_a_resume(tiny_workspace,
         assert [s for s, _ in got] == [s for s, _ in want], tag  # each step once, none missing, in order
         assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6), tag
         checked += 1
-    assert {"train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/mfu", "val/loss"} <= scalars.keys()
-    assert checked >= 8
+    assert {"train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/mfu", "val/loss",
+            "val/bits_per_byte"} <= scalars.keys()
+    assert checked >= 9
+    for r in records:  # bits per byte: the validation loss over the text's bytes (the sidecar's counts)
+        if "val_loss" in r:
+            assert r["val_bpb"] == pytest.approx(r["val_loss"] * _tokens_per_byte(root) / math.log(2))
     config_text = acc.Tensors("config/text_summary")  # the resolved config, once
     assert len(config_text) == 1 and b'"max_steps": 8' in config_text[0].tensor_proto.string_val[0]
+
+
+def _tokens_per_byte(root: Path) -> float:
+    meta = json.loads((root / "data" / "tiny" / "valid.json").read_text())
+    return meta["num_tokens"] / meta["source_bytes"]
 
 
 def test_force_restart_clears_the_earlier_event_files(tiny_workspace, run_cli):

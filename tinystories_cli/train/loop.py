@@ -113,6 +113,7 @@ class State:
     dtype: str = "float32"        # what --dtype chose on this device
     parallel: str = "none"        # none | ddp | fsdp
     scaler: LossScaler | None = None  # float16 only
+    valid_tokens_per_byte: float | None = None  # of the validation text (its sidecar), for bits per byte
     scaler_skipped: int = 0       # steps the loss scaler skipped (overflowing float16 gradients)
 
 
@@ -190,7 +191,7 @@ def build_state(run: Run) -> State:
     optimizer = AdamW(make_param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
                       eps=tc.eps, weight_decay=tc.weight_decay)
     train_tokens, _ = open_tokens(run.train_file, "train", tc.dataset, "train")
-    valid_tokens, _ = open_tokens(run.valid_file, "valid", tc.dataset, "valid")
+    valid_tokens, valid_meta = open_tokens(run.valid_file, "valid", tc.dataset, "valid")
     sampler = BatchSampler(train_tokens, tc.batch_size, cfg.context_length, seed=tc.seed,
                            rank=dist.rank, world_size=dist.world_size, grad_accum=tc.grad_accum_steps)
     # The global count (all ranks together), so a DDP run evaluates the same windows as one process.
@@ -203,7 +204,8 @@ def build_state(run: Run) -> State:
                   tokens_per_step=tc.batch_size * tc.grad_accum_steps * dist.world_size * cfg.context_length,
                   grad_clip=tc.grad_clip if tc.grad_clip > 0 else math.inf,
                   notes=[note] if note else [], dtype=dtype, parallel=parallel,
-                  scaler=LossScaler(device) if dtype == "float16" else None)
+                  scaler=LossScaler(device) if dtype == "float16" else None,
+                  valid_tokens_per_byte=tokens_per_byte(valid_meta))
     if ckpt is not None:
         restore(state, run, ckpt)
     if dist.rank > 0:
@@ -568,6 +570,8 @@ def evaluate_and_keep_best(run: Run, state: State, step: int, record: dict, resu
                             run.train_cfg.batch_size, state.device, state.autocast, state.dist)
     ppl = math.exp(min(val, 50))
     record.update(val_loss=val, val_ppl=ppl)
+    if state.valid_tokens_per_byte is not None:  # the windows' mean loss, spread over the text's bytes
+        record["val_bpb"] = val * state.valid_tokens_per_byte / math.log(2)
     result.val_losses[step] = val
     display.note(f"step {step}: val loss {val:.4f}  ppl {ppl:.2f}")
     if math.isfinite(val) and (state.best_val is None or val < state.best_val):
@@ -852,6 +856,16 @@ class Throughput:
         """(seconds this process trained, its tokens/s)."""
         elapsed = time.perf_counter() - self.t_start
         return elapsed, (step - self.start_step) * tokens_per_step / max(elapsed, 1e-9)
+
+
+def tokens_per_byte(meta: dict) -> float | None:
+    """Tokens per byte of the text a token file was encoded from (None when its sidecar lacks the bytes).
+
+    >>> tokens_per_byte({"num_tokens": 250, "source_bytes": 1000}), tokens_per_byte({"num_tokens": 5})
+    (0.25, None)
+    """
+    n, b = meta.get("num_tokens"), meta.get("source_bytes")
+    return n / b if isinstance(n, int) and isinstance(b, int) and b > 0 else None
 
 
 class MetricsLog:
