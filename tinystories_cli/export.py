@@ -49,7 +49,7 @@ from safetensors.torch import save as st_save
 from tinystories_cli import runs
 from tinystories_cli.config import ModelConfig
 from tinystories_cli.errors import UserError
-from tinystories_cli.fileio import atomic_write_bytes, atomic_write_text
+from tinystories_cli.fileio import atomic_write_bytes, atomic_write_text, is_within
 from tinystories_cli.interop import gpt2
 from tinystories_cli.interop.llama import (EOT, NotLlamaCompatible, hf_config, hf_state_dict, llama_incompatibilities,
                                            plain_state)
@@ -178,10 +178,9 @@ def check_out_dir(out: str | os.PathLike, force: bool, protect: list[Path] = ())
     """
     out = Path(out)
     resolved = out.resolve()
-    for p in protect:
-        p = Path(p).resolve()
-        if resolved == p or resolved in p.parents:
-            raise UserError(f"--out {out} would replace the run directory {p}", "choose another --out")
+    for p in protect:  # the one rule (`fileio.is_within`): the source never lies inside what is replaced
+        if is_within(p, out):
+            raise UserError(f"--out {out} would replace the run directory {Path(p).resolve()}", "choose another --out")
     if not out.exists() and not out.is_symlink():
         return out
     if not force:

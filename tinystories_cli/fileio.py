@@ -124,3 +124,33 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
         while chunk := f.read(chunk_size):
             h.update(chunk)
     return h.hexdigest()
+
+
+def is_within(path: str | os.PathLike, target: str | os.PathLike) -> bool:
+    """Whether `path` is `target` or lies inside it, once both are resolved (symlinks followed, `..` folded).
+
+    >>> is_within("/a/b/c.txt", "/a/b"), is_within("/a/b", "/a/b"), is_within("/a/bc", "/a/b")
+    (True, True, False)
+    """
+    p, t = os.path.realpath(path), os.path.realpath(target)
+    return p == t or p.startswith(t.rstrip(os.sep) + os.sep)
+
+
+def check_source_outside(source: str | os.PathLike, targets, what: str = "the input",
+                         action: str = "overwrite") -> None:
+    """The one rule for every command that clears, overwrites or moves something: its input (a file or a
+    directory it reads, or keeps) must not be, or lie inside, any of `targets`. Paths are compared once
+    resolved, links included. Refuses in one line naming both paths.
+
+    >>> check_source_outside("/data/a.txt", ["/data/out"])
+    >>> check_source_outside("/data/out/train.txt", ["/data/out"])
+    Traceback (most recent call last):
+    tinystories_cli.errors.UserError: this command would overwrite the input /data/out/train.txt (the input): it lies inside /data/out (move the input elsewhere first, or choose another output)
+    """
+    if source is None:
+        return
+    for target in targets:
+        if target is not None and is_within(source, target):
+            where = "is" if os.path.realpath(source) == os.path.realpath(target) else "lies inside"
+            raise UserError(f"this command would {action} the input {source} ({what}): it {where} {target}",
+                            "move the input elsewhere first, or choose another output")

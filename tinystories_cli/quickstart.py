@@ -57,7 +57,8 @@ from tinystories_cli import train as tl
 from tinystories_cli.config import PRESETS, get_preset
 from tinystories_cli.device import pick_device
 from tinystories_cli.errors import UserError
-from tinystories_cli.fileio import atomic_write_bytes, atomic_write_text, check_input_file, sha256_file
+from tinystories_cli.fileio import (atomic_write_bytes, atomic_write_text, check_input_file, check_source_outside,
+                                    sha256_file)
 from tinystories_cli.generate import generate_samples
 from tinystories_cli.sampling_grid import run_grid
 from tinystories_cli.tokenizer import bpe
@@ -259,6 +260,7 @@ def _check_utf8(data: bytes, path: Path) -> None:
 def split_text(source: Path, train_out: Path, valid_out: Path, *, force: bool = False) -> tuple[str, dict]:
     """Write train.txt/valid.txt from `source` unless they already hold its split. Returns (status, record)."""
     record_file = train_out.parent / SOURCE_RECORD
+    check_source_outside(source, [train_out, valid_out, record_file], "the text to split")
     st = source.stat()
     want = {"source": str(source.resolve()), "size": st.st_size, "valid_fraction": VALID_FRACTION,
             "max_text_bytes": MAX_TEXT_BYTES}
@@ -676,6 +678,9 @@ def run_quickstart(opts: QuickstartOptions, notify: Notify | None = None, *, dow
     stages["text"] = status
     how = {"given": "using", "downloaded": "downloaded", "skipped": "already downloaded:"}.get(status, status)
     notify("text", f"{how} {source} ({source.stat().st_size:,} bytes)")
+    # Every file below is written (or, with --force, rewritten) by quickstart: the text must not be one of them.
+    check_source_outside(source, [train_txt, valid_txt, ds / SOURCE_RECORD, tok_dir, train_npy, valid_npy,
+                                  paths.sidecar_path(train_npy), paths.sidecar_path(valid_npy), run_dir], "the text")
     ds.mkdir(parents=True, exist_ok=True)
     stages["split"], rec = timed("split", split_text, source, train_txt, valid_txt, force=opts.force)
     notify("split", f"{'kept' if stages['split'] == 'skipped' else 'wrote'} {train_txt} ({rec.get('train_bytes', 0):,} bytes) "

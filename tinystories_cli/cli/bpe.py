@@ -24,7 +24,7 @@ from tinystories_cli import paths
 from tinystories_cli.config import get_preset
 from tinystories_cli.console import console, err_console, human_bytes
 from tinystories_cli.errors import UserError
-from tinystories_cli.fileio import check_input_file, sha256_file
+from tinystories_cli.fileio import check_input_file, check_source_outside, sha256_file
 from tinystories_cli.cli.encode import disk_full_is_user_error, stopped_cleanly
 from tinystories_cli.tokenizer import bpe
 from tinystories_cli.tokenizer.chunking import signals_raise
@@ -93,6 +93,7 @@ def command(
     hint = f"run `tslm download {p.train.dataset}` first, or pass INPUT" if default_input else "check the path"
     check_input_file(input_path, "input file", hint)
     out_dir = out if out is not None else default_out_dir(input_path)
+    check_source_outside(input_path, [out_dir / n for n in bpe.TOKENIZER_FILES], "the text to learn from")
 
     t0 = time.perf_counter()
     source_sha = sha256_file(input_path)

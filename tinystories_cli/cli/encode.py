@@ -21,7 +21,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from tinystories_cli import paths
 from tinystories_cli.console import console, err_console, human_bytes, human_count, print_error, print_note
 from tinystories_cli.errors import UserError
-from tinystories_cli.fileio import check_output_path
+from tinystories_cli.fileio import check_output_path, check_source_outside
 
 
 def command(
@@ -57,7 +57,8 @@ def command(
         raise UserError(f"--workers must be at least 1, got {workers}")
     workers = workers or _cpu_count()
     jobs, tok_dir = _plan(inputs or [], tokenizer, out)
-    for _, dst in jobs:  # refuse before doing any work
+    for src, dst in jobs:  # refuse before doing any work
+        check_source_outside(src, [dst, paths.sidecar_path(dst)], "the text to encode")
         check_output_path(dst, force)
         check_output_path(paths.sidecar_path(dst), force)
     tok = Tokenizer.from_dir(tok_dir)

@@ -37,7 +37,8 @@ import numpy as np
 
 from tinystories_cli import __version__
 from tinystories_cli.errors import UserError
-from tinystories_cli.fileio import atomic_write, atomic_write_text, check_input_file, check_output_path, sha256_file
+from tinystories_cli.fileio import (atomic_write, atomic_write_text, check_input_file, check_output_path,
+                                    check_source_outside, sha256_file)
 from tinystories_cli.paths import sidecar_path
 from tinystories_cli.tokens import FORMAT_VERSION  # the sidecar format, read by tokens.load_token_file
 from tinystories_cli.tokenizer.backends import PackedEncoder, refused
@@ -216,8 +217,9 @@ def encode_file(
     side = sidecar_path(out)
     if out.suffix != ".npy":
         raise UserError(f"token file must end in .npy: {out}", "choose an --out path ending in .npy")
-    if out.resolve() == src.resolve() or side.resolve() == src.resolve():
-        raise UserError(f"output {out} would overwrite the input {src}", "choose another --out")
+    check_source_outside(src, [out, side], "the text to encode")
+    if tokenizer_dir is not None:
+        check_source_outside(tokenizer_dir, [out, side], "the tokenizer")
     check_output_path(out, force)
     check_output_path(side, force)
 

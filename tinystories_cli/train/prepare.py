@@ -33,7 +33,7 @@ from tinystories_cli.config import (ModelConfig, Preset, TrainConfig, build_conf
 from tinystories_cli.console import human_bytes
 from tinystories_cli.device import dist_from_env
 from tinystories_cli.errors import UserError
-from tinystories_cli.fileio import atomic_write_text, sha256_file
+from tinystories_cli.fileio import atomic_write_text, check_source_outside, sha256_file
 from tinystories_cli.interop.hf import is_hf_dir, plan_hf_model, read_hf_model
 from tinystories_cli.interop.importer import load_weights, tokenizer_from_hf, write_tokenizer
 from tinystories_cli.tokens import check_tokens, open_tokens
@@ -158,6 +158,7 @@ def prepare_run(
         tokenizer_dir = preset_tokenizer_dir(p, train_cfg.dataset, opts.tokenizer_dir)
         run_dir = run_dir or opts.run_dir or runs.runs_root() / (opts.run_name or new_run_name(preset_name))
     if resume_from is None:
+        check_sources_outside_run(run_dir, tokenizer_dir, init, opts)
         runs.check_no_foreign(run_dir)
         if (run_dir / runs.CONFIG_FILE).exists() or runs.step_checkpoints(run_dir):
             # --resume auto on a run that never reached its first checkpoint starts it over.
@@ -195,6 +196,17 @@ def prepare_run(
     return Run(preset_name, model_cfg, train_cfg, opts, run_dir, tokenizer_dir, train_file, valid_file,
                resume_from, max_steps, end_step, fresh=resume_from is None, tokenizer_fingerprint=fingerprint,
                notes=notes, init_from=init)
+
+
+def check_sources_outside_run(run_dir: Path, tokenizer_dir: Path, init: "InitSource | None", opts: TrainOptions) -> None:
+    """A fresh run clears `run_dir` (what an earlier run wrote there) before it copies its tokenizer and loads
+    its weights: none of its sources may lie inside it (`fileio.check_source_outside`)."""
+    sources = [(tokenizer_dir, "the tokenizer"), (opts.train_file, "the training tokens"),
+               (opts.valid_file, "the validation tokens")]
+    if init is not None:
+        sources += [(init.path, "the model to fine-tune from")] + [(w, "the weights to fine-tune from") for w in init.weights]
+    for src, what in sources:
+        check_source_outside(src, [run_dir], what, "clear")
 
 
 FIT_MARGIN = 0.10  # of the budget, kept free: allocator fragmentation, CUDA context, kernels' workspaces
@@ -246,6 +258,10 @@ def resolve_init_source(spec: str) -> InitSource:
                         "pass a run name or directory, a .safetensors checkpoint, or a directory with config.json "
                         "and model.safetensors")
     run_dir = runs.run_dir_of(path)
+    holder = runs.lock_holder(run_dir)
+    if path.is_dir() and holder is not None and runs.best_checkpoint(path) is None and runs.latest_checkpoint(path) is None:
+        raise UserError(f"{path} is still being trained by {holder} and has no checkpoint yet",
+                        "wait for its first checkpoint (or for the run to finish), then start the fine-tuning")
     weights = runs.checkpoint_for(path)
     cfg = runs.model_config_of(read_checkpoint(weights), run_dir)
     try:
