@@ -224,3 +224,57 @@ def test_fuzz_token_sidecar(tmp_path, tok):
         except Exception as e:  # noqa: BLE001 - exactly what the test is for
             pytest.fail(f"{label}: {type(e).__name__}: {e}")
     assert codes[2] > len(cases) // 2
+
+
+def _every_spot(obj, path=()):
+    """Every key path of a JSON object (lists: their first two items; a BPE vocab/merges: the key only)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield path + (k,)
+            if k not in ("vocab", "merges"):
+                yield from _every_spot(v, path + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj[:2]):
+            yield path + (i,)
+            yield from _every_spot(v, path + (i,))
+
+
+def _swapped(obj, where, value):
+    new = json.loads(json.dumps(obj))
+    o = new
+    for k in where[:-1]:
+        o = o[k]
+    o[where[-1]] = value
+    return new
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_every_config_field_of_every_type(arch, llama_src, gpt2_src):
+    """The config reader (what import and --init-from call first) on every field x every JSON type: a
+    ValueError (exit 2) or a config, never another exception."""
+    from tinystories_cli.interop.hf import model_config_from_hf
+
+    conf = json.loads(((llama_src if arch == "llama" else gpt2_src) / "config.json").read_text())
+    for where in _every_spot(conf):
+        for value in SWAPS:
+            try:
+                model_config_from_hf(_swapped(conf, where, value))
+            except ValueError:
+                pass
+            except Exception as e:  # noqa: BLE001
+                pytest.fail(f"{'/'.join(map(str, where))} = {value!r}: {type(e).__name__}: {e}")
+
+
+def test_every_tokenizer_json_field_of_every_type(tmp_path, llama_src):
+    from tinystories_cli.interop.hf import read_hf_tokenizer
+
+    tj = json.loads((llama_src / "tokenizer.json").read_text())
+    for where in _every_spot(tj):
+        for value in SWAPS:
+            (tmp_path / "tokenizer.json").write_text(json.dumps(_swapped(tj, where, value)))
+            try:
+                read_hf_tokenizer(tmp_path)
+            except ValueError:
+                pass
+            except Exception as e:  # noqa: BLE001
+                pytest.fail(f"{'/'.join(map(str, where))} = {value!r}: {type(e).__name__}: {e}")

@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from tinystories_cli.account import check_fits_in_memory
 from tinystories_cli.checkpoint import check_safetensors_file
 from tinystories_cli.config import ModelConfig
 from tinystories_cli.errors import UserError
@@ -173,6 +174,7 @@ def plan_hf_model(src: str | Path) -> HFPlan:
     src = Path(src)
     hf = read_hf_config(src)
     cfg, arch, kv = model_config_from_hf(hf)
+    check_fits_in_memory(cfg, f"the model in {src}")  # weights and RoPE tables, before a file is read further
     files = weight_files(src)
     found = _header(files)
     optional = {"lm_head.weight"} if cfg.tie_embeddings else set()
@@ -256,7 +258,8 @@ def _from_tokenizer_json(path: Path) -> tuple[dict[int, bytes], list[tuple[bytes
         kind = model.get("type") if isinstance(model, dict) else None
         raise Unsupported(f"{path}: tokenizer model {kind!r} is not supported (tslm reads byte-level BPE)")
     if tj.get("normalizer") is not None:
-        raise Unsupported(f"{path}: a normalizer ({tj['normalizer'].get('type')}) is not supported")
+        kind = tj["normalizer"].get("type") if isinstance(tj["normalizer"], dict) else str(tj["normalizer"])[:40]
+        raise Unsupported(f"{path}: a normalizer ({kind}) is not supported")
     if not _byte_level(tj.get("pre_tokenizer")):
         raise Unsupported(f"{path}: pre-tokenizer {json.dumps(tj.get('pre_tokenizer'))[:80]} is not supported "
                           "(tslm's is ByteLevel with the GPT-2 regex and no prefix space)")
@@ -284,7 +287,10 @@ def _from_tokenizer_json(path: Path) -> tuple[dict[int, bytes], list[tuple[bytes
     if vocab and max(vocab) >= len(vocab) + 1_000_000:
         raise UserError(f"malformed {path}: ids are implausibly sparse (max id {max(vocab)})")
     specials: list[str] = []
-    for t in tj.get("added_tokens") or []:
+    added = tj.get("added_tokens") or []
+    if not isinstance(added, list):
+        raise UserError(f"malformed {path}: added_tokens must be a list")
+    for t in added:
         if not isinstance(t, dict) or not isinstance(t.get("content"), str) or not t["content"] \
                 or isinstance(t.get("id"), bool) or not isinstance(t.get("id"), int) or not 0 <= t["id"] < MAX_ID:
             raise UserError(f"malformed {path}: added token {str(t)[:80]} (ids are integers 0..{MAX_ID - 1})")
