@@ -13,6 +13,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -90,6 +91,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def check_output_path(path: str | os.PathLike, force: bool) -> Path:
     """Refuse to overwrite an existing output unless `force` is set."""
     path = Path(path)
+    if path.is_dir():  # checked first: a directory is never replaced by a file, --force or not
+        raise UserError(f"output {path} is a directory", "pass the path of a file")
+    parent = next((p for p in path.parents if p.exists() or p.is_symlink()), None)
+    if parent is not None and not parent.is_dir():
+        raise UserError(f"output {path} cannot be written: {parent} is not a directory", "choose another path")
     if path.exists() and not force:
         raise UserError(f"output already exists: {path}", "pass --force to overwrite it, or choose another --out")
     return path
@@ -154,3 +160,27 @@ def check_source_outside(source: str | os.PathLike, targets, what: str = "the in
             where = "is" if os.path.realpath(source) == os.path.realpath(target) else "lies inside"
             raise UserError(f"this command would {action} the input {source} ({what}): it {where} {target}",
                             "move the input elsewhere first, or choose another output")
+
+
+def json_safe(obj: Any) -> Any:
+    """`obj` with every NaN or infinite float replaced by None (JSON's null), recursively; tuples become lists.
+
+    >>> json_safe({"loss": float("nan"), "xs": (1.0, float("inf")), "n": 3})
+    {'loss': None, 'xs': [1.0, None], 'n': 3}
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def strict_json(obj: Any, **kwargs) -> str:
+    """JSON that every parser reads: non-finite numbers as null (`json_safe`), never bare NaN/Infinity.
+
+    >>> strict_json({"ppl": float("inf")})
+    '{"ppl": null}'
+    """
+    return json.dumps(json_safe(obj), allow_nan=False, **kwargs)

@@ -9,7 +9,6 @@ tokenizer trained on an ad-hoc file never lands in, or clobbers, a dataset direc
 
 from __future__ import annotations
 
-import json
 import resource
 import sys
 import time
@@ -24,7 +23,7 @@ from tinystories_cli import paths
 from tinystories_cli.config import get_preset
 from tinystories_cli.console import console, err_console, human_bytes
 from tinystories_cli.errors import UserError
-from tinystories_cli.fileio import check_input_file, check_source_outside, sha256_file
+from tinystories_cli.fileio import check_input_file, check_source_outside, sha256_file, strict_json
 from tinystories_cli.cli.encode import disk_full_is_user_error, stopped_cleanly
 from tinystories_cli.tokenizer import bpe
 from tinystories_cli.tokenizer.chunking import signals_raise
@@ -119,7 +118,7 @@ def command(
         "longest_token": longest.decode("utf-8", errors="replace"), "longest_token_bytes": len(longest),
     }
     if as_json:
-        console.print_json(json.dumps(summary))
+        console.print_json(strict_json(summary))
         return
     _render(summary)
 

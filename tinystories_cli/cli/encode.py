@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from tinystories_cli import paths
 from tinystories_cli.console import console, err_console, human_bytes, human_count, print_error, print_note
 from tinystories_cli.errors import UserError
-from tinystories_cli.fileio import check_output_path, check_source_outside
+from tinystories_cli.fileio import check_output_path, check_source_outside, strict_json
 
 
 def command(
@@ -199,7 +198,7 @@ def _with_progress(src, dst, tok, workers, errors, force, tok_dir, backend, enco
 
 def _report(results: list[dict], tok_dir: Path, as_json: bool) -> None:
     if as_json:
-        console.print_json(json.dumps(results if len(results) > 1 else results[0]))
+        console.print_json(strict_json(results if len(results) > 1 else results[0]))
         return
     for r in results:
         secs = max(r["wall_seconds"], 1e-9)

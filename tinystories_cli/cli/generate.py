@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -15,12 +14,15 @@ from tinystories_cli import sampling_grid
 from tinystories_cli.cli import common
 from tinystories_cli.console import console, err_console
 from tinystories_cli.errors import UserError
-from tinystories_cli.fileio import atomic_write_text, check_output_path
+from tinystories_cli.fileio import atomic_write_text, check_output_path, strict_json
 
 DEFAULT_PROMPT = "Once upon a time"
 SAMPLING = "Sampling"
 GRID = "Sampling grid"
 
+
+
+MAX_NUM_SAMPLES = 1024  # one batch: its window and KV cache grow with it
 
 def command(
     prompt: Annotated[Optional[str], typer.Argument(
@@ -74,8 +76,9 @@ def command(
     with common.flag_names({"max_new_tokens": "--max-tokens", "temperature": "--temp", "top_p": "--top-p",
                             "top_k": "--top-k"}):
         gen.check_sampling_args(max_tokens, temp, top_p, top_k)
-    if num_samples < 1:
-        raise UserError(f"--num-samples must be at least 1, got {num_samples}")
+    if not 1 <= num_samples <= MAX_NUM_SAMPLES:
+        raise UserError(f"--num-samples must be 1..{MAX_NUM_SAMPLES}, got {num_samples}",
+                        "samples of one prompt are generated as one batch; run the command again for more")
     if run is not None and checkpoint is not None:
         raise UserError("--run and --checkpoint are exclusive", "pass one of them")
     if stop and no_stop:
@@ -121,7 +124,7 @@ def command(
         )
     for k, s in enumerate(samples):
         if as_json:
-            console.file.write(json.dumps(s.to_json(), ensure_ascii=False) + "\n")
+            console.file.write(strict_json(s.to_json(), ensure_ascii=False) + "\n")
             continue
         if not stream:
             seed_note = f", seed {s.seed}" if s.seed is not None else ""
@@ -203,7 +206,7 @@ def _grid(model, tokenizer, prompt: str, grid: dict, *, source: Path, seed: int 
                                    max_new_tokens=max_tokens, base=base, stop_at_eot=stop_at_eot,
                                    stop_strings=stop_strings, use_cache=use_cache, on_cell=on_cell)
     if as_json:
-        text = json.dumps([c.to_json() for c in cells], ensure_ascii=False, indent=2) + "\n"
+        text = strict_json([c.to_json() for c in cells], ensure_ascii=False, indent=2) + "\n"
     else:
         text = sampling_grid.grid_markdown(cells, grid, prompt=prompt, seed=seed, num_samples=num_samples,
                                            max_new_tokens=max_tokens, source=str(source))

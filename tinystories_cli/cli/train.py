@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,6 +13,7 @@ from tinystories_cli.account import parse_memory
 from tinystories_cli.config import ModelConfig, TrainConfig
 from tinystories_cli.console import console
 from tinystories_cli.errors import UserError
+from tinystories_cli.fileio import strict_json
 from tinystories_cli.train import autosize
 
 RUN = "Run"
@@ -80,7 +80,7 @@ def command(
     else:
         run = train_lib.prepare_run(preset, config, model_over, train_over, opts)
     if print_config:
-        console.print_json(json.dumps({"preset": run.preset, "model": run.model_cfg.model_dump(),
+        console.print_json(strict_json({"preset": run.preset, "model": run.model_cfg.model_dump(),
                                        "train": run.train_cfg.model_dump(), "run_dir": str(run.run_dir),
                                        **({"auto_size": run.auto_size} if run.auto_size else {})}))
         return

@@ -103,19 +103,32 @@ class Run:
     auto_size: dict | None = None  # --auto-size: what the rule chose and why (`autosize.prepare_auto_run`)
 
 
+_NUMBER = r"(\d+(?:\.\d+)?)"
+# A duration: a plain number of seconds, or hours, minutes and seconds in that order, each at most once.
+_DURATION = re.compile(rf"^(?:{_NUMBER}|(?:{_NUMBER}h)?\s*(?:{_NUMBER}m)?\s*(?:{_NUMBER}s)?)$")
+DURATION_HINT = "use e.g. 90m, 1.5h, 1h30m, 45s or 5400 (seconds): h, m, s in that order, each once"
+
+
 def parse_duration(text: str) -> float:
     """Seconds in a duration such as 90m, 1.5h, 1h30m, 45s or 5400 (seconds).
 
+    The grammar is strict: NUMBER (seconds), or [NUMBER h][NUMBER m][NUMBER s] with at least one part,
+    units in that order and each at most once; NUMBER is digits with an optional fraction (1.5, not .5
+    or 1.5.5). Anything else (1h30, 5m5m, 1.5.5h, 30s1m) is refused rather than read as something else.
+
     >>> parse_duration("90m"), parse_duration("1h30m"), parse_duration("1.5h"), parse_duration("5400")
     (5400.0, 5400.0, 5400.0, 5400.0)
+    >>> parse_duration("1h30")
+    Traceback (most recent call last):
+    tinystories_cli.errors.UserError: cannot read duration '1h30' (use e.g. 90m, 1.5h, 1h30m, 45s or 5400 (seconds): h, m, s in that order, each once)
     """
-    parts = re.findall(r"([0-9]*\.?[0-9]+)\s*([hms]?)", text.strip().lower())
-    if not parts or re.sub(r"[0-9.hms\s]", "", text.lower()) or "".join(n + u for n, u in parts) != \
-            re.sub(r"\s", "", text.lower()):
-        raise UserError(f"cannot read duration {text!r}", "use e.g. 90m, 1.5h, 1h30m or 3600s")
-    seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1, "": 1}[u] for n, u in parts)
-    if seconds <= 0:
-        raise UserError(f"duration {text!r} must be positive", "use e.g. 90m, 1.5h, 1h30m or 3600s")
+    m = _DURATION.match(text.strip().lower()) if isinstance(text, str) else None
+    if m is None or not any(m.groups()):
+        raise UserError(f"cannot read duration {text!r}", DURATION_HINT)
+    plain, h, mins, secs = (float(g) if g is not None else 0.0 for g in m.groups())
+    seconds = plain + 3600 * h + 60 * mins + secs
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise UserError(f"duration {text!r} must be positive", DURATION_HINT)
     return seconds
 
 
