@@ -49,7 +49,7 @@ from safetensors.torch import save as st_save
 from tinystories_cli import runs
 from tinystories_cli.config import ModelConfig
 from tinystories_cli.errors import UserError
-from tinystories_cli.fileio import atomic_write_bytes, atomic_write_text, is_within
+from tinystories_cli.fileio import atomic_write_bytes, atomic_write_text, is_within, remove_stale_temps, temp_prefix
 from tinystories_cli.interop import gpt2
 from tinystories_cli.interop.llama import (EOT, NotLlamaCompatible, hf_config, hf_state_dict, llama_incompatibilities,
                                            plain_state)
@@ -198,13 +198,14 @@ def check_out_dir(out: str | os.PathLike, force: bool, protect: list[Path] = ())
 def atomic_dir(out: Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `out` (rename), on failure it is removed."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    remove_stale_temps(out.parent)  # what a killed export left beside it
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), suffix=".tmp", dir=out.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the export is meant to be shared
         yield tmp
         old = None
         if out.exists() or out.is_symlink():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            old = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), suffix=".old", dir=out.parent))
             os.replace(out, old / "x")  # move aside first, so `out` is never half old, half new
         os.replace(tmp, out)
         if old is not None:

@@ -15,6 +15,8 @@ import hashlib
 import json
 import math
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
@@ -37,7 +39,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
     path.parent.mkdir(parents=True, exist_ok=True)
     if "b" not in mode and encoding is None:
         encoding = "utf-8"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give them normal permissions
         with os.fdopen(fd, mode, encoding=encoding) as f:
@@ -52,6 +54,56 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
         if isinstance(e, OSError) and e.errno in DISK_FULL and e.filename is None:
             e.filename = str(path)  # so the one-line report can name the file
         raise
+
+
+def temp_prefix(name: str) -> str:
+    """The start of a temporary file's or directory's name: hidden, the name it stands for, and the owner's
+    PID, so that a later run can tell a temp whose writer is dead (`remove_stale_temps`).
+
+    >>> temp_prefix("vocab.json") == f".vocab.json.p{os.getpid()}."
+    True
+    """
+    return f".{name}.p{os.getpid()}."
+
+
+# .NAME.p<pid>.<8 random characters>[.tmp|.old|.txt]: what tempfile.mkstemp/mkdtemp make from `temp_prefix`
+_TEMP_RE = re.compile(r"^\..+\.p(\d{1,10})\.[a-z0-9_]{8}(?:\.tmp|\.old|\.txt)?$")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale_temps(directory: str | os.PathLike) -> int:
+    """Remove what a killed tslm writer left in `directory`: temporary files and directories named by
+    `temp_prefix` whose owner process is no longer alive (a live one's, and anything else, stay; links are
+    never followed). Returns how many were removed."""
+    n = 0
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return 0
+    for e in entries:
+        m = _TEMP_RE.match(e.name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        try:
+            if e.is_dir(follow_symlinks=False):
+                shutil.rmtree(e.path)
+            else:
+                os.unlink(e.path)
+            n += 1
+        except OSError:
+            pass
+    return n
 
 
 # Out of space, over quota, or over the file-size limit (RLIMIT_FSIZE): the CLI reports these in one line.

@@ -23,7 +23,7 @@ from tinystories_cli import paths
 from tinystories_cli.config import get_preset
 from tinystories_cli.console import console, err_console, human_bytes
 from tinystories_cli.errors import UserError
-from tinystories_cli.fileio import check_input_file, check_source_outside, sha256_file, strict_json
+from tinystories_cli.fileio import check_input_file, check_source_outside, remove_stale_temps, sha256_file, strict_json
 from tinystories_cli.cli.encode import disk_full_is_user_error, stopped_cleanly
 from tinystories_cli.tokenizer import bpe
 from tinystories_cli.tokenizer.chunking import signals_raise
@@ -97,6 +97,7 @@ def command(
     t0 = time.perf_counter()
     source_sha = sha256_file(input_path)
     fingerprint = bpe.training_fingerprint(vocab_size, specials, source_sha, errors)
+    remove_stale_temps(out_dir)  # what a killed earlier run left there (before the directory is checked)
     bpe.check_output_dir(out_dir, fingerprint, force)
     t_hash = time.perf_counter() - t0
 

@@ -27,8 +27,12 @@ def command(
         raise UserError(f"unknown --format {fmt!r}", f"choose one of: {', '.join(export.FORMATS)}")
     if dtype not in export.DTYPES:
         raise UserError(f"unknown --dtype {dtype!r}", f"choose one of: {', '.join(export.DTYPES)}")
+    from tinystories_cli.cli.encode import stopped_cleanly
+    from tinystories_cli.tokenizer.chunking import signals_raise
+
     try:
-        path, cfg = export.export_run(run, fmt, out, force, dtype)
+        with signals_raise(), stopped_cleanly():  # SIGTERM/SIGINT: the temporary directory is removed
+            path, cfg = export.export_run(run, fmt, out, force, dtype)
     except NotLlamaCompatible as e:
         raise UserError(e.what, "export with --format safetensors (tslm's own format) instead") from None
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

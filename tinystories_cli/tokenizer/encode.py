@@ -38,7 +38,7 @@ import numpy as np
 from tinystories_cli import __version__
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import (atomic_write, atomic_write_text, check_input_file, check_output_path,
-                                    check_source_outside, sha256_file)
+                                    check_source_outside, remove_stale_temps, sha256_file, temp_prefix)
 from tinystories_cli.paths import sidecar_path
 from tinystories_cli.tokens import FORMAT_VERSION  # the sidecar format, read by tokens.load_token_file
 from tinystories_cli.tokenizer.backends import PackedEncoder, refused
@@ -222,6 +222,7 @@ def encode_file(
         check_source_outside(tokenizer_dir, [out, side], "the tokenizer")
     check_output_path(out, force)
     check_output_path(side, force)
+    remove_stale_temps(out.parent)  # what a killed encode left beside its output
 
     size = src.stat().st_size
     points = [0, size]
@@ -309,7 +310,7 @@ def _encode_parallel(encoder: PackedEncoder, src: Path, points: list[int], f, tm
     (so no cache is warmed twice). With fork, what the encoder prepared (tiktoken's tables) is shared.
     The last value returned is `encoder.verify()`, also run beside the workers.
     """
-    tmpdir = tempfile.mkdtemp(prefix=".encode-parts.", dir=tmp_parent)  # same disk as the output
+    tmpdir = tempfile.mkdtemp(prefix=temp_prefix("encode-parts"), dir=tmp_parent)  # same disk as the output
     digest: dict[str, str] = {}
     verdict: dict[str, str | None] = {"unfit": "the full check did not finish"}
 
