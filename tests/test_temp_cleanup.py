@@ -128,3 +128,26 @@ def test_sigterm_in_quickstart_stages_leaves_no_temp(tmp_path, stage, pattern):
     assert p.returncode == 128 + signal.SIGTERM, err
     assert "Traceback" not in err
     assert not temps(), temps()
+
+
+def test_disk_full_at_the_last_file_of_import_leaves_nothing_and_the_rerun_works(trained, run_cli, monkeypatch):
+    import errno
+
+    from tinystories_cli.interop import importer
+
+    tmp = trained
+    assert run_cli("export", "base", "--out", str(tmp / "hf"), "--format", "hf")[0] == 0
+    real = importer.write_run_readme
+
+    def full(run_dir):
+        raise OSError(errno.ENOSPC, "No space left on device", str(run_dir / "README.md"))
+
+    monkeypatch.setattr(importer, "write_run_readme", full)
+    code, _, err = run_cli("import", str(tmp / "hf"), "--run-name", "imp")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "internal error" not in err, err
+    assert not (tmp / "runs" / "imp").exists()
+    assert not [f for f in os.listdir(tmp / "runs") if f.startswith(".imp.")]
+    monkeypatch.setattr(importer, "write_run_readme", real)
+    code, _, err = run_cli("import", str(tmp / "hf"), "--run-name", "imp")
+    assert code == 0, err
+    assert (tmp / "runs" / "imp" / "README.md").is_file()

@@ -129,6 +129,13 @@ def import_hf(src: str | os.PathLike, run_dir: str | os.PathLike) -> Imported:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    write_run_readme(run_dir)
+    try:
+        write_run_readme(run_dir)  # the last file: it names the final directory, so it is written there
+    except BaseException:
+        # a full disk (or a signal) here: take back the directory this call just made, whole, so the
+        # rerun starts clean instead of finding a run it refuses to replace
+        os.rename(run_dir, tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     runs.update_latest_link(run_dir)
     return Imported(run_dir, hf.cfg, hf.architecture, model.num_parameters(), tokenizer, hf.notes)
