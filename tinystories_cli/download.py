@@ -483,7 +483,7 @@ def _locked_part(path: Path, create: bool = True) -> Iterator[_Part]:
         p.close()
 
 
-_TMP_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
+_TMP_NAME = re.compile(r"\.(?P<name>.+?)(?:\.p\d{1,10})?\.[a-z0-9_]{8}\.tmp")  # with the owner PID or not
 
 
 def _remove_stale_temps(dest: Path) -> None:
