@@ -247,6 +247,10 @@ def encode_file(
         f.seek(0)
         f.write(npy_header(tokenizer.dtype, num_tokens))
         f.seek(0, os.SEEK_END)
+        # The sidecar marks the pair complete: an old one goes just before the new tokens take the name, so
+        # a kill in between leaves a token file without a sidecar (refused by every reader), never new
+        # tokens described by the old sidecar.
+        side.unlink(missing_ok=True)
     seconds = time.perf_counter() - t0
     meta = {
         "format_version": FORMAT_VERSION,
