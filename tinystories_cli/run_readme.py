@@ -123,13 +123,15 @@ def _origin(config: dict) -> str:
     return "A language model trained from scratch with `tslm`."
 
 
-def render_run_readme(run_dir: str | os.PathLike) -> str:
-    """The Markdown README of a run directory (a pure function of the files it reads)."""
+def render_run_readme(run_dir: str | os.PathLike, named: str | os.PathLike | None = None) -> str:
+    """The Markdown README of a run directory (a pure function of the files it reads). `named`: the path
+    the run will have, when it is rendered in a temporary directory that is then renamed into place."""
     run_dir = Path(run_dir)
     config = runs.read_run_config(run_dir)
     model, train = config.get("model") or {}, config.get("train") or {}
-    name = run_dir.name
-    ref = _run_ref(run_dir)
+    shown = Path(named or run_dir)  # where the run is (or will be, once renamed into place)
+    name = shown.name
+    ref = _run_ref(shown)
     try:
         m = runs.summarize_run_metrics(run_dir)
     except UserError:  # a damaged metrics file must not stop the README (nor the training that writes it)
@@ -183,7 +185,7 @@ def render_run_readme(run_dir: str | os.PathLike) -> str:
     out += ["", "## Use it", "", "```bash",
             f"tslm generate \"Once upon a time\" --run {ref} --temp 0.8 --top-p 0.95   # a story",
             f"tslm eval {ref}                                   # loss, perplexity, bits per byte",
-            f"tslm plot {ref} --metric val_loss --out {shlex.quote(str(run_dir / 'val_loss.png'))}   # loss curve",
+            f"tslm plot {ref} --metric val_loss --out {shlex.quote(str(shown / 'val_loss.png'))}   # loss curve",
             ]
     try:
         cfg = ModelConfig.model_validate(model)
@@ -254,8 +256,8 @@ def render_run_readme(run_dir: str | os.PathLike) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_run_readme(run_dir: str | os.PathLike) -> Path:
-    """Render and atomically write `<run_dir>/README.md`; returns its path."""
+def write_run_readme(run_dir: str | os.PathLike, named: str | os.PathLike | None = None) -> Path:
+    """Render and atomically write `<run_dir>/README.md` (see `render_run_readme` for `named`); returns its path."""
     dest = Path(run_dir) / README_FILE
-    atomic_write_text(dest, render_run_readme(run_dir))
+    atomic_write_text(dest, render_run_readme(run_dir, named))
     return dest

@@ -124,17 +124,12 @@ def import_hf(src: str | os.PathLike, run_dir: str | os.PathLike) -> Imported:
         save_checkpoint(model, None, 0, tmp / runs.CHECKPOINT_DIR / runs.BEST_CHECKPOINT,
                         metadata={"model_config": hf.cfg.model_dump(), "preset": IMPORTED_PRESET,
                                   "imported_from": record})
+        # the last file, written before the rename under the name the run will have: a full disk or a kill
+        # at any file leaves no run directory (the rerun starts clean), never a run missing a file
+        write_run_readme(tmp, named=run_dir)
         os.chmod(tmp, 0o755)
         os.rename(tmp, run_dir)  # refuses to replace a directory that appeared meanwhile
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
-        write_run_readme(run_dir)  # the last file: it names the final directory, so it is written there
-    except BaseException:
-        # a full disk (or a signal) here: take back the directory this call just made, whole, so the
-        # rerun starts clean instead of finding a run it refuses to replace
-        os.rename(run_dir, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     runs.update_latest_link(run_dir)
