@@ -120,7 +120,7 @@ def test_grid_out_is_checked_before_sampling(in_ws, run_cli):
 
 def test_sizes_are_bounded(in_ws, run_cli):
     code, _, err = run_cli("generate", "Once", "--run", "a-s0", "-n", str(10**9), "--max-tokens", "4")
-    assert code == 2 and "--num-samples must be 1..1024" in err, err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "rows need" in err, err  # bounded by memory
     for flag, value in (("--width", 10**9), ("--height", 10**9)):
         code, _, err = run_cli("plot", "a-s0", "--ascii", flag, str(value))
         assert code == 2 and len(err.strip().splitlines()) == 1 and "--width must be" in err, err
