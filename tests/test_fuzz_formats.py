@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from tinystories_cli import export, paths, runs
+from tinystories_cli import export, paths
 from tinystories_cli.config import ModelConfig
 from tinystories_cli.model import TransformerLM
 from tinystories_cli.tokenizer import Tokenizer

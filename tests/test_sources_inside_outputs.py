@@ -3,12 +3,9 @@ overwrite or move (`fileio.check_source_outside`). Each case here lost user data
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import subprocess
 import sys
-import time
 
 import pytest
 

@@ -177,7 +177,6 @@ def check_out_dir(out: str | os.PathLike, force: bool, protect: list[Path] = ())
     `protect` (the run directory) may never be replaced or lie inside --out: `--force` must not delete a run.
     """
     out = Path(out)
-    resolved = out.resolve()
     for p in protect:  # the one rule (`fileio.is_within`): the source never lies inside what is replaced
         if is_within(p, out):
             raise UserError(f"--out {out} would replace the run directory {Path(p).resolve()}", "choose another --out")
