@@ -380,3 +380,26 @@ def check_fits_in_memory(cfg: ModelConfig, what: str, bytes_per_param: int = FP3
         raise UserError(f"{what} has {human_count(n)} parameters: its weights alone need "
                         f"{human_bytes(n * bytes_per_param)}, more than this machine's {human_bytes(have)}",
                         "use a smaller model, or a machine with more memory")
+    tables = position_table_bytes(cfg)
+    if n * bytes_per_param + tables > have:
+        raise UserError(f"{what} (context {cfg.context_length:,}, {cfg.num_layers} layers, width {cfg.d_model}) needs "
+                        f"{human_bytes(n * bytes_per_param + tables)} for its weights and position tables "
+                        f"({human_bytes(tables)} of them tables), more than this machine's {human_bytes(have)}",
+                        "use a shorter context length, or a machine with more memory")
+
+
+def position_table_bytes(cfg: ModelConfig) -> int:
+    """Host memory the position tables of `TransformerLM(cfg)` take while it is built: RoPE's cos and sin
+    (context x head_dim, float32, in every layer, plus the float64 temporaries one layer's tables are computed in),
+    or the sinusoidal table (context x d_model). They scale with the declared context, not with the weights.
+
+    >>> position_table_bytes(ModelConfig(context_length=1 << 20, d_model=256, num_layers=64, num_heads=4))
+    35970351104
+    """
+    ctx = cfg.context_length
+    if cfg.pos_emb == "rope":
+        head_dim = cfg.d_model // cfg.num_heads
+        return cfg.num_layers * 2 * ctx * head_dim * FP32 + 3 * ctx * head_dim * 8
+    if cfg.pos_emb == "sinusoidal":
+        return ctx * cfg.d_model * FP32
+    return 0

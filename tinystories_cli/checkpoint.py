@@ -245,7 +245,38 @@ def check_safetensors_header(raw: bytes, header_len: int, file_size: int) -> dic
             raise ValueError(f"tensor {name!r}: shape {shape} does not match its {offsets[1] - offsets[0]} bytes")
         if 8 + header_len + offsets[1] > file_size:
             raise ValueError(f"tensor data ends at byte {8 + header_len + offsets[1]}, file has {file_size}")
+    # The tensors' byte ranges tile the data section: no overlap, no gap, nothing after the last one.
+    end = 0
+    for name, e in sorted(((k, v) for k, v in entries.items() if k != "__metadata__"),
+                          key=lambda kv: tuple(kv[1]["data_offsets"])):
+        begin, stop = e["data_offsets"]
+        if begin != end:
+            raise ValueError(f"tensor {name!r}: data_offsets {[begin, stop]} "
+                             f"{'overlap another tensor' if begin < end else 'leave a gap'}")
+        end = stop
+    if 8 + header_len + end != file_size:
+        raise ValueError(f"tensor data ends at byte {8 + header_len + end}, the file has {file_size} bytes")
     return entries
+
+
+def check_safetensors_file(path: str | os.PathLike, what: str = "weights file") -> dict[str, Any]:
+    """The checked header entries of a safetensors file (`check_safetensors_header`), read without trusting
+    any length in it; every problem is one UserError naming the file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise ValueError(f"{size} bytes, too short for a safetensors header")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise ValueError(f"header length {n} exceeds the file ({size} bytes)")
+            raw = f.read(n)
+        return check_safetensors_header(raw, n, size)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{what} {path} is not a valid safetensors file ({e})",
+                        "download or export it again") from None
 
 
 def read_checkpoint(src: str | os.PathLike | IO[bytes]) -> Checkpoint:

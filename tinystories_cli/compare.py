@@ -74,6 +74,8 @@ class RunSummary:
     final_val_step: int | None = None
     eval: dict | None = None  # loss, perplexity, bits_per_byte, data, step
     notes: list[str] = field(default_factory=list)
+    nonfinite: list[str] = field(default_factory=list)  # quality columns whose value is NaN/inf (`mark_dropped`)
+    duplicate_of: str | None = None  # an earlier run of its group with the same seed (`mark_dropped`)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -81,6 +83,7 @@ class RunSummary:
             "parameters": self.parameters, "steps": self.steps, "max_steps": self.max_steps, "tokens": self.tokens,
             "elapsed_s": self.elapsed_s, "best_val_loss": self.best_val_loss, "best_val_step": self.best_val_step,
             "final_val_loss": self.final_val_loss, "final_val_step": self.final_val_step, "eval": self.eval,
+            "nonfinite": self.nonfinite, "duplicate_seed_of": self.duplicate_of,
         }
 
 
@@ -320,15 +323,18 @@ def grouped_table(summaries: list[RunSummary]) -> tuple[list[str], list[list[str
     quality = [c for c in QUALITY_COLUMNS if show_eval or c in ("best val", "final val")]
     cols = ["run", *diff, "seeds", "params", "steps", "tokens", *quality]
     digits = {"ppl": 2}
-    stats = [{c: stat([_quality(r)[c] for r in g.runs]) for c in quality} for g in groups]
+    # a run with a duplicate seed is shown but not counted again: it is not an independent sample
+    stats = [{c: stat([_quality(r)[c] for r in g.runs if r.duplicate_of is None]) for c in quality} for g in groups]
     rows = []
     for i, (g, st) in enumerate(zip(groups, stats)):
         row = [g.label, *(_fmt_setting(g.runs[0].settings.get(k)) for k in diff),
-               ",".join(_fmt_setting(v) for v in g.seeds), _same_or_range([r.parameters for r in g.runs], _fmt_count),
+               ",".join(_fmt_setting(r.settings.get(SEED_KEY)) + (" (dup)" if r.duplicate_of else "") for r in g.runs),
+               _same_or_range([r.parameters for r in g.runs], _fmt_count),
                _same_or_range([r.steps for r in g.runs], str), _same_or_range([r.tokens for r in g.runs], _fmt_count)]
         for c in quality:
             mark = within_noise(stats[0][c], st[c]) if i > 0 else None
-            row.append(_fmt_stat(st[c], digits.get(c, 4), mark))
+            bad = sum(c in r.nonfinite for r in g.runs)
+            row.append(_fmt_stat(st[c], digits.get(c, 4), mark) + (f" ({bad} non-finite)" if bad else ""))
         rows.append(row)
     return cols, rows
 
@@ -360,6 +366,27 @@ def unique_names(summaries: list[RunSummary], given: list[str]) -> None:
             s.name = str(g)
 
 
+def mark_dropped(summaries: list[RunSummary]) -> None:
+    """Say what a grouped table leaves out, instead of dropping it silently: a quality value that is NaN or
+    infinite (left out of its group's mean, counted in the cell) and a run whose seed repeats an earlier run
+    of its group (shown as `(dup)`, not counted as another seed). Each gets a note."""
+    for s in summaries:
+        s.nonfinite = [c for c, v in _quality(s).items() if v is not None and runs.finite(v) is None]
+        if s.nonfinite:
+            s.notes.append(f"{s.name}: non-finite {', '.join(s.nonfinite)} (left out of means; see the cells' "
+                           "'non-finite' count)")
+    for g in group_runs(summaries):
+        seen: dict[str, RunSummary] = {}
+        for r in g.runs:
+            key = repr(r.settings.get(SEED_KEY))
+            if key in seen:
+                r.duplicate_of = seen[key].name
+                r.notes.append(f"{r.name} has the same seed ({r.settings.get(SEED_KEY)}) and settings as "
+                               f"{seen[key].name}: counted once")
+            else:
+                seen[key] = r
+
+
 def compare_runs(run_args: list[str], data: str | os.PathLike | None = None, batch_size: int = 16,
                  device: str = "auto", on_run=None) -> list[RunSummary]:
     """Summaries of the given runs; with `data`, each also evaluated on that token file (replacing any
@@ -376,4 +403,5 @@ def compare_runs(run_args: list[str], data: str | os.PathLike | None = None, bat
                 on_run(i, len(summaries), s.name)
             r = evaluate_run(s.run_dir, data, batch_size=batch_size, device=device)
             s.eval = {k: r[k] for k in ("loss", "perplexity", "bits_per_byte", "data", "step")} | {"file": None}
+    mark_dropped(summaries)
     return summaries

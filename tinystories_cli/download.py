@@ -124,8 +124,12 @@ class Dataset:
 #   sha256 196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783 (a hash candidate).
 #   gpt2 merges.txt: 456,318 bytes = the header-less copy in ../shared/data (456,304 bytes) + the Hub file's
 #   14-byte "#version: 0.2\n" first line.
+# Both GPT-2 files are pinned by sha256 too (issue 31), computed from those copies: vocab.json as it is (its size
+# is the registry's), merges.txt as "#version: 0.2\n" + the ../shared/data copy (exactly the registry's size).
 # Hugging Face LFS files are checked against the sha256 the Hub publishes for them in any case.
 # The .gz caps are upper bounds with headroom over the documented unpacked sizes, not exact sizes.
+GPT2_VOCAB_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+GPT2_MERGES_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 DATASETS: dict[str, Dataset] = {
     d.name: d
     for d in (
@@ -149,7 +153,8 @@ DATASETS: dict[str, Dataset] = {
         ),
         Dataset(
             "gpt2-tokenizer", "openai-community/gpt2", "model",
-            (RemoteFile("vocab.json", "vocab.json", size=1_042_301), RemoteFile("merges.txt", "merges.txt", size=456_318)),
+            (RemoteFile("vocab.json", "vocab.json", sha256=GPT2_VOCAB_SHA256, size=1_042_301),
+             RemoteFile("merges.txt", "merges.txt", sha256=GPT2_MERGES_SHA256, size=456_318)),
             "GPT-2's vocab.json + merges.txt (for Tokenizer.from_files)",
         ),
     )
@@ -279,6 +284,32 @@ def _write_record(dest: Path, *, sha256: str, source_sha256: str, source_size: i
     atomic_write_text(record_path(dest), json.dumps(rec, indent=1) + "\n")
 
 
+def same_source(recorded: object, url: str) -> bool:
+    """Whether a record's source URL names the file `url` names: the same URL, or the same Hugging Face
+    repo file ("<repo>/resolve/<revision>/<file>") through another endpoint (a mirror). A record without
+    a source (an older tslm) is taken as the same.
+
+    >>> same_source("https://huggingface.co/a/m/resolve/main/config.json", "https://hf-mirror.com/a/m/resolve/main/config.json")
+    True
+    >>> same_source("https://huggingface.co/a/m/resolve/main/config.json", "https://huggingface.co/b/m/resolve/main/config.json")
+    False
+    """
+    if recorded is None:
+        return True
+    if not isinstance(recorded, str):
+        return False
+    if recorded == url:
+        return True
+    return _hub_path(recorded) is not None and _hub_path(recorded) == _hub_path(url)
+
+
+def _hub_path(url: str) -> str | None:
+    """"[datasets/]OWNER/NAME/resolve/REV/FILE" of a Hub resolve URL (endpoint removed), else None."""
+    m = re.search(r"/((?:datasets/)?[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*/resolve/[^/]+/.+)$",
+                  urllib.parse.urlsplit(url).path)
+    return m.group(1) if m else None
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
@@ -292,7 +323,7 @@ def _read_record(dest: Path) -> dict | None:
 
 
 def check_complete(dest: str | os.PathLike, expected_sha256: str | None = None,
-                   progress: Progress | None = None) -> DownloadResult | None:
+                   progress: Progress | None = None, url: str | None = None) -> DownloadResult | None:
     """A result when `dest` is a complete, verified download; None when it has to be fetched.
 
     Fast path: size and mtime equal to the record -> trusted without reading the file. Otherwise the
@@ -313,6 +344,9 @@ def check_complete(dest: str | os.PathLike, expected_sha256: str | None = None,
     if rec is None:
         raise UserError(f"{dest} exists but has no valid download record ({record_path(dest).name})",
                         "pass --force to download it again, or move the file away")
+    if url is not None and not same_source(rec.get("source"), url):
+        raise UserError(f"{dest} was downloaded from {rec.get('source')}, not from {url}",
+                        "pass --force to replace it with this source's file, or choose another output")
     if expected_sha256 and rec["source_sha256"] != expected_sha256.lower():
         raise UserError(f"{dest} was downloaded with sha256 {rec['source_sha256']}, expected {expected_sha256.lower()}",
                         "pass --force to download it again")
@@ -449,7 +483,7 @@ def _locked_part(path: Path, create: bool = True) -> Iterator[_Part]:
         p.close()
 
 
-_TMP_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
+_TMP_NAME = re.compile(r"\.(?P<name>.+?)(?:\.p\d{1,10})?\.[a-z0-9_]{8}\.tmp")  # with the owner PID or not
 
 
 def _remove_stale_temps(dest: Path) -> None:
@@ -895,7 +929,7 @@ def download_url(url: str, out: str | os.PathLike, sha256: str | None = None, *,
         raise UserError(f"output {out} is a directory", "pass a file path")
     try:
         if not force:
-            done = check_complete(out, sha256, progress)
+            done = check_complete(out, sha256, progress, url=url)
             if done is not None:
                 _tidy_after_skip(out)
                 return done
@@ -1021,6 +1055,18 @@ def plan_hf_model(repo: str, out_dir: str | os.PathLike | None = None, root: str
     return [(PlannedFile(url_for(ds, name, ep), d / name), required) for name, required in HF_MODEL_FILES]
 
 
+# Every file of a model repo but the weights is small (Llama 3's tokenizer.json: 9 MB): a server streaming more
+# is stopped at this many bytes, not downloaded in full.
+HF_SMALL_FILE_CAP = 50 << 20
+
+
+def _small_file_cap(name: str, kwargs: dict) -> dict:
+    if name == "model.safetensors":
+        return kwargs
+    given = kwargs.get("max_bytes")
+    return {**kwargs, "max_bytes": HF_SMALL_FILE_CAP if given is None else min(given, HF_SMALL_FILE_CAP)}
+
+
 @dataclass
 class HFModelResult:
     dir: Path
@@ -1042,6 +1088,13 @@ def download_hf_model(repo: str, out_dir: str | os.PathLike | None = None, root:
     res = HFModelResult(plan[0][0].dest.parent)
     if os.path.lexists(res.dir) and (os.path.islink(res.dir) or not res.dir.is_dir()):
         raise UserError(f"{res.dir} exists and is not a directory", "pass another --out DIR, or move it away")
+    force = bool(kwargs.get("force"))
+    foreign = [(pf, rec) for pf, _ in plan
+               if (rec := _read_record(pf.dest)) is not None and not same_source(rec.get("source"), pf.url)]
+    if foreign and not force:
+        pf, rec = foreign[0]
+        raise UserError(f"{res.dir} holds files downloaded from another source ({pf.dest.name} from {rec.get('source')}, "
+                        f"not {pf.url})", "pass another --out DIR, or --force to replace them with this repo's files")
     have: set[str] = set()
     for pf, required in plan:
         name = pf.dest.name
@@ -1050,12 +1103,15 @@ def download_hf_model(repo: str, out_dir: str | os.PathLike | None = None, root:
                             "check the repo id; only repos with a Hugging Face tokenizer can be imported")
         try:
             with (progress_for(pf) if progress_for else contextlib.nullcontext()) as progress:
-                r = download_planned(pf, progress=progress, **kwargs)
+                r = download_planned(pf, progress=progress, **_small_file_cap(name, kwargs))
         except NotFound:
             if required:
                 raise UserError(f"{repo} has no {name} ({pf.url}: not found)",
                                 "check the repo id and --endpoint; only single-file safetensors weights (model.safetensors) are supported") from None
             res.missing.append(name)
+            if any(f is pf for f, _ in foreign):  # another repo's file that this one lacks: never mixed in
+                pf.dest.unlink(missing_ok=True)
+                record_path(pf.dest).unlink(missing_ok=True)
             if on_missing:
                 on_missing(name)
             continue

@@ -53,7 +53,8 @@ from safetensors.torch import save as st_save
 from tinystories_cli import runs
 from tinystories_cli.config import ModelConfig
 from tinystories_cli.errors import UserError
-from tinystories_cli.fileio import atomic_write_bytes, atomic_write_text, fsync_dir
+from tinystories_cli.fileio import (atomic_write_bytes, atomic_write_text, fsync_dir, is_within, remove_stale_temps,
+                                    temp_prefix)
 from tinystories_cli.interop import gpt2
 from tinystories_cli.interop.llamacpp import check_gguf_compatible
 from tinystories_cli.interop.llama import (EOT, NotLlamaCompatible, hf_config, hf_state_dict, llama_incompatibilities,
@@ -183,11 +184,9 @@ def check_out_dir(out: str | os.PathLike, force: bool, protect: list[Path] = ())
     `protect` (the run directory) may never be replaced or lie inside --out: `--force` must not delete a run.
     """
     out = Path(out)
-    resolved = out.resolve()
-    for p in protect:
-        p = Path(p).resolve()
-        if resolved == p or resolved in p.parents:
-            raise UserError(f"--out {out} would replace the run directory {p}", "choose another --out")
+    for p in protect:  # the one rule (`fileio.is_within`): the source never lies inside what is replaced
+        if is_within(p, out):
+            raise UserError(f"--out {out} would replace the run directory {Path(p).resolve()}", "choose another --out")
     if not out.exists() and not out.is_symlink():
         return out
     if not force:
@@ -205,13 +204,14 @@ def check_out_dir(out: str | os.PathLike, force: bool, protect: list[Path] = ())
 def atomic_dir(out: Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `out` (rename), on failure it is removed."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    remove_stale_temps(out.parent)  # what a killed export left beside it
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), suffix=".tmp", dir=out.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the export is meant to be shared
         yield tmp
         old = None
         if out.exists() or out.is_symlink():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            old = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), suffix=".old", dir=out.parent))
             os.replace(out, old / "x")  # move aside first, so `out` is never half old, half new
         os.replace(tmp, out)
         if old is not None:

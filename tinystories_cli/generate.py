@@ -314,8 +314,11 @@ class BatchDecoder:
         if self.temperature > 0:
             gens = [torch.Generator(device=device).manual_seed(s) for s in self.seeds]
         # the tokens in the context window (row-major, positions 0..n-1); the cache mirrors them
-        window = torch.empty(B, ctx, dtype=torch.long, device=device)
         n = max(map(len, self.prompts))
+        # What generation can use: the prompt and the new tokens, at most the context (then the window slides).
+        # The window and the KV cache are sized to that, not to the declared context (which may be 2^20).
+        span = min(ctx, n + self.max_new_tokens)
+        window = torch.empty(B, span, dtype=torch.long, device=device)
         # left padding (id 0: any id would do, padding columns are never attended to)
         window[:, :n] = torch.tensor([[0] * (n - len(p)) + p for p in self.prompts], dtype=torch.long, device=device)
         pad = torch.tensor([n - len(p) for p in self.prompts], device=device)
@@ -323,7 +326,7 @@ class BatchDecoder:
         keep = max(1, ctx // 2)  # tokens kept when the window slides
         try:
             if self.use_cache:
-                model.setup_caches(B, ctx)
+                model.setup_caches(B, span)
                 logits = prefill(model, window[:, :n], pad=pad)
             else:
                 logits = full_forward(model, window[:, :n], pad)

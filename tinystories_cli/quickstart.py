@@ -39,6 +39,7 @@ This module does not print: the CLI passes `notify(stage, message)` and progress
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -57,7 +58,9 @@ from tinystories_cli import train as tl
 from tinystories_cli.config import PRESETS, get_preset
 from tinystories_cli.device import pick_device
 from tinystories_cli.errors import UserError
-from tinystories_cli.fileio import atomic_write_bytes, atomic_write_text, check_input_file, sha256_file
+from tinystories_cli.fileio import (atomic_write_bytes, atomic_write_text, check_input_file, check_source_outside,
+                                    remove_stale_temps, sha256_file, temp_prefix)
+from tinystories_cli.tokenizer.chunking import signals_raise
 from tinystories_cli.generate import generate_samples
 from tinystories_cli.sampling_grid import run_grid
 from tinystories_cli.tokenizer import bpe
@@ -190,6 +193,17 @@ def roots(workdir: Path | None) -> tuple[Path, Path]:
 # ----------------------------------------------------------------------------------------------
 
 
+def interruptible(fn):
+    """SIGTERM/SIGINT while `fn` runs (the split, tokenizer and encode stages) raise `chunking.Interrupted`,
+    so every temporary file is removed on the way out, as in `tslm bpe` and `tslm encode`. (Training
+    handles Ctrl-C itself: it saves a checkpoint.)"""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with signals_raise():
+            return fn(*args, **kwargs)
+    return run
+
+
 def fetch_source(opts: QuickstartOptions, data_root: Path, download_progress: ProgressScope | None = None
                  ) -> tuple[Path, str]:
     """The text to learn from: --text, or TinyStories' validation file (downloaded, resumable,
@@ -257,9 +271,11 @@ def _check_utf8(data: bytes, path: Path) -> None:
                         "convert it to UTF-8 first (e.g. iconv -t UTF-8)") from None
 
 
+@interruptible
 def split_text(source: Path, train_out: Path, valid_out: Path, *, force: bool = False) -> tuple[str, dict]:
     """Write train.txt/valid.txt from `source` unless they already hold its split. Returns (status, record)."""
     record_file = train_out.parent / SOURCE_RECORD
+    check_source_outside(source, [train_out, valid_out, record_file], "the text to split")
     st = source.stat()
     want = {"source": str(source.resolve()), "size": st.st_size, "valid_fraction": VALID_FRACTION,
             "max_text_bytes": MAX_TEXT_BYTES}
@@ -296,6 +312,7 @@ def bpe_sample(train_text: Path, max_bytes: int = BPE_SAMPLE_BYTES) -> bytes:
     return data
 
 
+@interruptible
 def train_tokenizer(train_text: Path, out_dir: Path, vocab_size: int, *, force: bool = False,
                     progress=None) -> str:
     """BPE on the start of train.txt into `out_dir`; "skipped" when the same tokenizer is there."""
@@ -304,7 +321,7 @@ def train_tokenizer(train_text: Path, out_dir: Path, vocab_size: int, *, force: 
     bpe.check_vocab_size(vocab_size, len(specials))
     sample = bpe_sample(train_text)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".bpe_sample.", suffix=".txt", dir=out_dir.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix("bpe_sample"), suffix=".txt", dir=out_dir.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(sample)
@@ -340,6 +357,7 @@ def _token_file_matches(tokens_file: Path, tokenizer) -> bool:
     return True
 
 
+@interruptible
 def encode_text(text_file: Path, tokens_file: Path, tokenizer_dir: Path, *, force: bool = False,
                 progress=None) -> str:
     """Encode `text_file` into `tokens_file` (+ sidecar) unless it already holds this tokenizer's ids."""
@@ -690,7 +708,12 @@ def run_quickstart(opts: QuickstartOptions, notify: Notify | None = None, *, dow
     if status != "bundled":
         how = {"given": "using", "downloaded": "downloaded", "skipped": "already downloaded:"}.get(status, status)
         notify("text", f"{how} {source} ({source.stat().st_size:,} bytes)")
+    # Every file below is written (or, with --force, rewritten) by quickstart: the text must not be one of them.
+    check_source_outside(source, [train_txt, valid_txt, ds / SOURCE_RECORD, tok_dir, train_npy, valid_npy,
+                                  paths.sidecar_path(train_npy), paths.sidecar_path(valid_npy), run_dir], "the text")
     ds.mkdir(parents=True, exist_ok=True)
+    for d in (data_root, ds, tok_dir):  # temporaries a killed earlier run left (their owner is gone)
+        remove_stale_temps(d)
     stages["split"], rec = timed("split", split_text, source, train_txt, valid_txt, force=opts.force)
     notify("split", f"{'kept' if stages['split'] == 'skipped' else 'wrote'} {train_txt} ({rec.get('train_bytes', 0):,} bytes) "
                     f"and {valid_txt} ({rec.get('valid_bytes', 0):,} bytes, the last {VALID_FRACTION:.0%} of the documents)"

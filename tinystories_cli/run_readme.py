@@ -123,19 +123,21 @@ def _origin(config: dict) -> str:
     return "A language model trained from scratch with `tslm`."
 
 
-def render_run_readme(run_dir: str | os.PathLike) -> str:
-    """The Markdown README of a run directory (a pure function of the files it reads)."""
+def render_run_readme(run_dir: str | os.PathLike, named: str | os.PathLike | None = None) -> str:
+    """The Markdown README of a run directory (a pure function of the files it reads). `named`: the path
+    the run will have, when it is rendered in a temporary directory that is then renamed into place."""
     run_dir = Path(run_dir)
     config = runs.read_run_config(run_dir)
+    shown = Path(named or run_dir)  # where the run is (or will be, once renamed into place)
     try:
         m = runs.summarize_run_metrics(run_dir)
     except UserError:  # a damaged metrics file must not stop the README (nor the training that writes it)
         m = runs.summarize_metrics([])
     ev = runs.read_eval_result(run_dir)
-    ref = _run_ref(run_dir)
-    out = [f"# {run_dir.name}", ""] + _summary(config, m)
+    ref = _run_ref(shown)
+    out = [f"# {shown.name}", ""] + _summary(config, m)
     out += ["", "## Results", ""] + _results(m, ev, ref)
-    out += ["", "## Use it", ""] + _use_it(run_dir, ref, config, m)
+    out += ["", "## Use it", ""] + _use_it(shown, ref, config, m)
     out += ["", "## Model", ""] + _model_section(config.get("model") or {})
     out += ["", "## Training", ""] + _training_section(config)
     out += ["", "## Data", ""] + (_data_lines(config) or ["Not recorded in config.json."])
@@ -284,8 +286,8 @@ def _files_section(run_dir: Path) -> list[str]:
     return [f"- `{f}`: {what}" for f, what in files]
 
 
-def write_run_readme(run_dir: str | os.PathLike) -> Path:
-    """Render and atomically write `<run_dir>/README.md`; returns its path."""
+def write_run_readme(run_dir: str | os.PathLike, named: str | os.PathLike | None = None) -> Path:
+    """Render and atomically write `<run_dir>/README.md` (see `render_run_readme` for `named`); returns its path."""
     dest = Path(run_dir) / README_FILE
-    atomic_write_text(dest, render_run_readme(run_dir))
+    atomic_write_text(dest, render_run_readme(run_dir, named))
     return dest

@@ -516,6 +516,24 @@ class RunLock:
         self.fd = None
 
 
+def lock_holder(run_dir: Path) -> str | None:
+    """Who trains `run_dir` right now ("process PID on HOST (since ...)"), or None when nobody holds its lock.
+    Only probes the lock (a shared, non-blocking flock, dropped at once); never creates the lock file."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_holder(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def _read_holder(fd: int) -> str:
     try:
         info = json.loads(os.pread(fd, 4096, 0).decode("utf-8", "replace") or "{}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Optional
 
 import typer
@@ -13,6 +12,7 @@ from tinystories_cli.cli import common
 from tinystories_cli.config import PRESETS, ModelConfig, resolve_configs
 from tinystories_cli.console import console, human_bytes, human_count
 from tinystories_cli.errors import UserError
+from tinystories_cli.fileio import strict_json
 
 
 @common.with_options(common.config_options(ModelConfig, common.MODEL, include=common.SHAPE_FIELDS))
@@ -41,7 +41,7 @@ def command(
         return
     p, cfg, train = resolve_configs(preset, config, common.given(settings, ModelConfig.model_fields))
     if print_config:
-        console.print_json(json.dumps({"preset": p.name, "model": cfg.model_dump()}))
+        console.print_json(strict_json({"preset": p.name, "model": cfg.model_dump()}))
         return
     for name, value in (("--batch-size", batch_size), ("--steps", steps), ("--tokens", tokens)):
         if value is not None and not 0 < value < 1e30:  # also refuses NaN and inf
@@ -68,14 +68,14 @@ def command(
         measured = account.measure_activation_bytes(cfg, bs, activation_checkpointing=activation_checkpointing)
         rep["memory"]["activations_measured"] = measured
     if as_json:
-        console.print_json(json.dumps(rep))
+        console.print_json(strict_json(rep))
         return
     _render(p.name, cfg, rep)
 
 
 def _print_presets(as_json: bool) -> None:
     if as_json:
-        console.print_json(json.dumps({n: {"description": p.description, "model": p.model.model_dump(),
+        console.print_json(strict_json({n: {"description": p.description, "model": p.model.model_dump(),
                                            "train": p.train.model_dump()} for n, p in PRESETS.items()}))
         return
     t = Table(title="Presets", title_justify="left")

@@ -9,7 +9,6 @@ tokenizer trained on an ad-hoc file never lands in, or clobbers, a dataset direc
 
 from __future__ import annotations
 
-import json
 import resource
 import sys
 import time
@@ -24,7 +23,7 @@ from tinystories_cli import paths
 from tinystories_cli.config import get_preset
 from tinystories_cli.console import console, err_console, human_bytes
 from tinystories_cli.errors import UserError
-from tinystories_cli.fileio import check_input_file, sha256_file
+from tinystories_cli.fileio import check_input_file, check_source_outside, remove_stale_temps, sha256_file, strict_json
 from tinystories_cli.cli.encode import disk_full_is_user_error, stopped_cleanly
 from tinystories_cli.tokenizer import bpe
 from tinystories_cli.tokenizer.chunking import signals_raise
@@ -93,10 +92,12 @@ def command(
     hint = f"run `tslm download {p.train.dataset}` first, or pass INPUT" if default_input else "check the path"
     check_input_file(input_path, "input file", hint)
     out_dir = out if out is not None else default_out_dir(input_path)
+    check_source_outside(input_path, [out_dir / n for n in bpe.TOKENIZER_FILES], "the text to learn from")
 
     t0 = time.perf_counter()
     source_sha = sha256_file(input_path)
     fingerprint = bpe.training_fingerprint(vocab_size, specials, source_sha, errors)
+    remove_stale_temps(out_dir)  # what a killed earlier run left there (before the directory is checked)
     bpe.check_output_dir(out_dir, fingerprint, force)
     t_hash = time.perf_counter() - t0
 
@@ -118,7 +119,7 @@ def command(
         "longest_token": longest.decode("utf-8", errors="replace"), "longest_token_bytes": len(longest),
     }
     if as_json:
-        console.print_json(json.dumps(summary))
+        console.print_json(strict_json(summary))
         return
     _render(summary)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -15,6 +14,7 @@ from rich.table import Table
 from tinystories_cli import compare
 from tinystories_cli.console import console, print_note
 from tinystories_cli.errors import UserError
+from tinystories_cli.fileio import strict_json
 
 COMMAND_KWARGS = {"no_args_is_help": True}
 
@@ -45,7 +45,7 @@ def command(
         for note in s.notes:
             print_note(note)
     if as_json:
-        console.print_json(json.dumps([s.as_dict() for s in summaries]))
+        console.print_json(strict_json([s.as_dict() for s in summaries]))
         return
     grouped = not no_group and compare.has_seed_groups(summaries)
     cols, rows = compare.compare_table(summaries, group=not no_group)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from tinystories_cli import paths
 from tinystories_cli.console import console, err_console, human_bytes, human_count, print_error, print_note
 from tinystories_cli.errors import UserError
-from tinystories_cli.fileio import check_output_path
+from tinystories_cli.fileio import check_output_path, check_source_outside, strict_json
 
 
 def command(
@@ -57,7 +56,8 @@ def command(
         raise UserError(f"--workers must be at least 1, got {workers}")
     workers = workers or _cpu_count()
     jobs, tok_dir = _plan(inputs or [], tokenizer, out)
-    for _, dst in jobs:  # refuse before doing any work
+    for src, dst in jobs:  # refuse before doing any work
+        check_source_outside(src, [dst, paths.sidecar_path(dst)], "the text to encode")
         check_output_path(dst, force)
         check_output_path(paths.sidecar_path(dst), force)
     tok = Tokenizer.from_dir(tok_dir)
@@ -198,7 +198,7 @@ def _with_progress(src, dst, tok, workers, errors, force, tok_dir, backend, enco
 
 def _report(results: list[dict], tok_dir: Path, as_json: bool) -> None:
     if as_json:
-        console.print_json(json.dumps(results if len(results) > 1 else results[0]))
+        console.print_json(strict_json(results if len(results) > 1 else results[0]))
         return
     for r in results:
         secs = max(r["wall_seconds"], 1e-9)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,7 +13,7 @@ from rich.text import Text
 from tinystories_cli.console import console, err_console
 from tinystories_cli.errors import UserError
 from tinystories_cli.evaluate import evaluate_run, position_buckets
-from tinystories_cli.fileio import atomic_write_bytes, atomic_write_text, check_output_path
+from tinystories_cli.fileio import atomic_write_bytes, atomic_write_text, check_output_path, strict_json
 from tinystories_cli.plot import figure_png, pyplot
 from tinystories_cli.run_readme import write_run_readme
 
@@ -61,13 +60,13 @@ def command(
         result["position_buckets"] = position_buckets(result["position_nats"], result["position_tokens"], buckets)
     run_dir, ckpt_path, data, window = Path(result["run"]), result["checkpoint"], result["data"], result["context_length"]
     dest = out or run_dir / f"eval_{Path(data).stem}.json"
-    atomic_write_text(dest, json.dumps(result, indent=2) + "\n")
+    atomic_write_text(dest, strict_json(result, indent=2) + "\n")
     if out is None:
         write_run_readme(run_dir)  # refresh the run's README with the new bits-per-byte
     if plot is not None:
         atomic_write_bytes(plot, _position_png(result, f"{run_dir.name} (step {result['step']}) on {Path(data).name}"))
     if as_json:
-        console.print_json(json.dumps(result))
+        console.print_json(strict_json(result))
         return
     # What was loaded, on one line the terminal wraps (a table title broke file names mid-word).
     console.print(Text(f"using {ckpt_path} (step {result['step']}) of run {run_dir}, on {data}", style="dim"),

@@ -29,8 +29,12 @@ def command(
         dtype = export.gguf_type(dtype)
     elif dtype not in export.DTYPES:
         raise UserError(f"unknown --dtype {dtype!r}", f"choose one of: {', '.join(export.DTYPES)}")
+    from tinystories_cli.cli.encode import stopped_cleanly
+    from tinystories_cli.tokenizer.chunking import signals_raise
+
     try:
-        path, cfg = export.export_run(run, fmt, out, force, dtype)
+        with signals_raise(), stopped_cleanly():  # SIGTERM/SIGINT: the temporary directory is removed
+            path, cfg = export.export_run(run, fmt, out, force, dtype)
     except NotLlamaCompatible as e:
         raise UserError(e.what, "export with --format safetensors (tslm's own format) instead") from None
     print_note(runs.describe_source(run))

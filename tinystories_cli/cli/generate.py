@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -15,7 +14,7 @@ from tinystories_cli import sampling_grid
 from tinystories_cli.cli import common
 from tinystories_cli.console import console, err_console, print_note
 from tinystories_cli.errors import UserError
-from tinystories_cli.fileio import atomic_write_text, check_output_path
+from tinystories_cli.fileio import atomic_write_text, check_output_path, strict_json
 
 DEFAULT_PROMPT = "Once upon a time"
 SAMPLING = "Sampling"
@@ -126,7 +125,7 @@ def command(
         )
     for k, s in enumerate(samples):
         if as_json:
-            console.file.write(json.dumps(s.to_json(), ensure_ascii=False) + "\n")
+            console.file.write(strict_json(s.to_json(), ensure_ascii=False) + "\n")
             continue
         if not stream:
             seed_note = f", seed {s.seed}" if s.seed is not None else ""
@@ -209,7 +208,7 @@ def _grid(model, tokenizer, prompt: str, grid: dict, *, source: Path, seed: int 
                                    max_new_tokens=max_tokens, base=base, stop_at_eot=stop_at_eot,
                                    stop_strings=stop_strings, use_cache=use_cache, on_cell=on_cell)
     if as_json:
-        text = json.dumps([c.to_json() for c in cells], ensure_ascii=False, indent=2) + "\n"
+        text = strict_json([c.to_json() for c in cells], ensure_ascii=False, indent=2) + "\n"
     else:
         text = sampling_grid.grid_markdown(cells, grid, prompt=prompt, seed=seed, num_samples=num_samples,
                                            max_new_tokens=max_tokens, source=str(source))

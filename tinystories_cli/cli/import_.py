@@ -24,7 +24,11 @@ def command(
     if run_name is not None and (not run_name or "/" in run_name or run_name in (".", "..", runs.LATEST_LINK)):
         raise UserError(f"--run-name {run_name!r} is not a plain directory name", "pass a name such as --run-name gpt2")
     name = run_name or src.resolve().name
-    result = import_hf(src, runs.runs_root() / name)
+    from tinystories_cli.cli.encode import stopped_cleanly
+    from tinystories_cli.tokenizer.chunking import signals_raise
+
+    with signals_raise(), stopped_cleanly():  # SIGTERM/SIGINT: the temporary run directory is removed
+        result = import_hf(src, runs.runs_root() / name)
     cfg = result.cfg
     console.print(f"imported {src} ({result.architecture}, {result.parameters:,} parameters, vocab {cfg.vocab_size}, "
                   f"context {cfg.context_length}) into {result.run_dir}", markup=False, highlight=False, soft_wrap=True)

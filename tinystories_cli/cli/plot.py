@@ -15,6 +15,9 @@ from tinystories_cli.fileio import atomic_write_bytes, check_output_path
 COMMAND_KWARGS = {"no_args_is_help": True}
 
 
+
+MAX_WIDTH, MAX_HEIGHT = 1000, 500  # characters x lines: far past any terminal, small enough to draw at once
+
 def command(
     runs: Annotated[list[str], typer.Argument(help="Run directories, run names under runs/, or metrics.jsonl files.", show_default=False)],
     metric: Annotated[str, typer.Option("--metric", "-m", help="val_loss | train_loss | grad_norm | lr (or any logged key).")] = "val_loss",
@@ -35,8 +38,8 @@ def command(
         raise UserError("nothing to draw to", "pass --out FILE.png, --ascii, or both")
     if out is not None and out.suffix.lower() != ".png":
         raise UserError(f"--out must be a .png file, got {out}", "e.g. --out loss.png")
-    if width < 10 or height < 3:
-        raise UserError("--width must be >= 10 and --height >= 3")
+    if not (10 <= width <= MAX_WIDTH and 3 <= height <= MAX_HEIGHT):
+        raise UserError(f"--width must be 10..{MAX_WIDTH} and --height 3..{MAX_HEIGHT}, got {width} and {height}")
     if out is not None:
         check_output_path(out, force)
     loaded = [plot.load_series(r, metric, x) for r in runs]

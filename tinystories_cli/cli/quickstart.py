@@ -83,6 +83,7 @@ def command(
     from tinystories_cli.cli.download import progress_bar
 
     from tinystories_cli.download import DownloadInterrupted
+    from tinystories_cli.tokenizer.chunking import Interrupted
 
     try:
         try:
@@ -97,6 +98,10 @@ def command(
     except qs.Interrupted as e:
         err_console.print(f"[yellow]interrupted:[/yellow] {e.message}", soft_wrap=True)
         raise typer.Exit(130) from None
+    except Interrupted as e:  # SIGTERM/SIGINT in the split, tokenizer or encode stage: its temporaries are gone
+        err_console.print(f"[yellow]interrupted:[/yellow] {e}; temporary files were removed, rerun the same command "
+                          "to continue", soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
     console.file.write("\n")
     _render(result, time.perf_counter() - t0)
 

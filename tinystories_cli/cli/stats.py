@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -13,7 +12,7 @@ from rich.table import Table
 from tinystories_cli import stats
 from tinystories_cli.console import console, err_console, human_bytes, human_count, print_note
 from tinystories_cli.errors import UserError
-from tinystories_cli.fileio import atomic_write_bytes, check_input_file, check_output_path
+from tinystories_cli.fileio import atomic_write_bytes, check_input_file, check_output_path, strict_json
 
 COMMAND_KWARGS = {"no_args_is_help": True}
 
@@ -58,7 +57,7 @@ def command(
     if out is not None:
         atomic_write_bytes(out, stats.render_histogram_png(lengths, unit, bins=bins))
     if as_json:
-        console.print_json(json.dumps({"file": str(file), "separator": sep, **s.summary()}))
+        console.print_json(strict_json({"file": str(file), "separator": sep, **s.summary()}))
     else:
         _render(file, s, unit)
         if out is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -15,6 +14,7 @@ from tinystories_cli.account import parse_memory
 from tinystories_cli.config import ModelConfig, TrainConfig
 from tinystories_cli.console import console, err_console
 from tinystories_cli.errors import UserError
+from tinystories_cli.fileio import strict_json
 from tinystories_cli.train import autosize
 
 CPU_PRESET = "tinystories-cpu"
@@ -89,7 +89,7 @@ def command(
         if warning:
             err_console.print(f"[yellow]note:[/yellow] {warning}", soft_wrap=True, highlight=False)
     if print_config:
-        console.print_json(json.dumps({"preset": run.preset, "model": run.model_cfg.model_dump(),
+        console.print_json(strict_json({"preset": run.preset, "model": run.model_cfg.model_dump(),
                                        "train": run.train_cfg.model_dump(), "run_dir": str(run.run_dir),
                                        **({"auto_size": run.auto_size} if run.auto_size else {})}))
         return

@@ -56,7 +56,7 @@ def model_config_from_gpt2(hf: dict) -> ModelConfig:
     """Our ModelConfig for a `GPT2LMHeadModel` config.json; what our model cannot compute is refused by name."""
     check_architecture(hf, "gpt2", "GPT2LMHeadModel")
     act = hf.get("activation_function", "gelu_new")
-    refuse_if(act not in ACTIVATIONS, f"activation_function {act!r}")
+    refuse_if(not isinstance(act, str) or act not in ACTIVATIONS, f"activation_function {str(act)[:40]!r}")
     refuse_if(not hf_bool(hf, "scale_attn_weights", True), "scale_attn_weights=false (unscaled attention)")
     refuse_if(hf_bool(hf, "scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx=true")
     refuse_if(hf_bool(hf, "add_cross_attention", False), "add_cross_attention=true")

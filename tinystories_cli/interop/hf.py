@@ -17,15 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from tinystories_cli.account import check_fits_in_memory
+from tinystories_cli.checkpoint import check_safetensors_file
 from tinystories_cli.config import ModelConfig
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import read_json
 from tinystories_cli.interop import gpt2, llama
 from tinystories_cli.interop.hfconfig import Unsupported, hf_bool
-from tinystories_cli.tokenizer.files import decode_token_string, read_vocab_merges
+from tinystories_cli.tokenizer.files import MAX_ID, decode_token_string, read_vocab_merges
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -85,8 +87,7 @@ def weight_files(src: Path) -> dict[str, Path]:
     src = Path(src)
     single, index = src / WEIGHTS, src / WEIGHTS_INDEX
     if single.is_file():
-        with safe_open(single, framework="pt") as f:
-            return {k: single for k in f.keys()}
+        return {k: single for k in check_safetensors_file(single) if k != "__metadata__"}
     if index.is_file():
         data = read_json(index, "safetensors index")
         wmap = data.get("weight_map") if isinstance(data, dict) else None
@@ -109,13 +110,11 @@ def _header(files: dict[str, Path]) -> dict[str, tuple[str, tuple[int, ...]]]:
     for name, p in files.items():
         by_file.setdefault(p, []).append(name)
     for p, names in by_file.items():
-        with safe_open(p, framework="pt") as f:
-            present = set(f.keys())
-            for name in names:
-                if name not in present:
-                    raise UserError(f"{p.name} does not hold {name} (its index says it does)", "re-download the shards")
-                sl = f.get_slice(name)
-                out[name] = (sl.get_dtype(), tuple(sl.get_shape()))
+        entries = check_safetensors_file(p)  # every size, dtype and byte range checked against the file
+        for name in names:
+            if name not in entries or name == "__metadata__":
+                raise UserError(f"{p.name} does not hold {name} (its index says it does)", "re-download the shards")
+            out[name] = (entries[name]["dtype"], tuple(entries[name]["shape"]))
     return out
 
 
@@ -146,9 +145,13 @@ def _read(files: dict[str, Path], names: list[str]) -> dict[str, Tensor]:
     for name in names:
         by_file.setdefault(files[name], []).append(name)
     for p, group in by_file.items():
-        with safe_open(p, framework="pt") as f:
-            for name in group:
-                out[name] = f.get_tensor(name).to(torch.float32)
+        check_safetensors_file(p)  # again: the file may have changed since it was planned
+        try:
+            with safe_open(p, framework="pt") as f:
+                for name in group:
+                    out[name] = f.get_tensor(name).to(torch.float32)
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"weights file {p} could not be read ({e})", "download or export it again") from None
     return out
 
 
@@ -171,6 +174,7 @@ def plan_hf_model(src: str | Path) -> HFPlan:
     src = Path(src)
     hf = read_hf_config(src)
     cfg, arch, kv = model_config_from_hf(hf)
+    check_fits_in_memory(cfg, f"the model in {src}")  # weights and RoPE tables, before a file is read further
     files = weight_files(src)
     found = _header(files)
     optional = {"lm_head.weight"} if cfg.tie_embeddings else set()
@@ -254,7 +258,8 @@ def _from_tokenizer_json(path: Path) -> tuple[dict[int, bytes], list[tuple[bytes
         kind = model.get("type") if isinstance(model, dict) else None
         raise Unsupported(f"{path}: tokenizer model {kind!r} is not supported (tslm reads byte-level BPE)")
     if tj.get("normalizer") is not None:
-        raise Unsupported(f"{path}: a normalizer ({tj['normalizer'].get('type')}) is not supported")
+        kind = tj["normalizer"].get("type") if isinstance(tj["normalizer"], dict) else str(tj["normalizer"])[:40]
+        raise Unsupported(f"{path}: a normalizer ({kind}) is not supported")
     if not _byte_level(tj.get("pre_tokenizer")):
         raise Unsupported(f"{path}: pre-tokenizer {json.dumps(tj.get('pre_tokenizer'))[:80]} is not supported "
                           "(tslm's is ByteLevel with the GPT-2 regex and no prefix space)")
@@ -268,8 +273,8 @@ def _from_tokenizer_json(path: Path) -> tuple[dict[int, bytes], list[tuple[bytes
     vocab: dict[int, bytes] = {}
     try:
         for s, i in raw_vocab.items():
-            if isinstance(i, bool) or not isinstance(i, int) or i < 0 or i in vocab:
-                raise ValueError(f"bad or repeated id {i!r} for {s!r}")
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < MAX_ID or i in vocab:
+                raise ValueError(f"bad or repeated id {i!r} for {s!r} (ids are integers 0..{MAX_ID - 1})")
             vocab[i] = decode_token_string(s)
         merges = []
         for m in raw_merges:
@@ -282,14 +287,19 @@ def _from_tokenizer_json(path: Path) -> tuple[dict[int, bytes], list[tuple[bytes
     if vocab and max(vocab) >= len(vocab) + 1_000_000:
         raise UserError(f"malformed {path}: ids are implausibly sparse (max id {max(vocab)})")
     specials: list[str] = []
-    for t in tj.get("added_tokens") or []:
+    added = tj.get("added_tokens") or []
+    if not isinstance(added, list):
+        raise UserError(f"malformed {path}: added_tokens must be a list")
+    for t in added:
         if not isinstance(t, dict) or not isinstance(t.get("content"), str) or not t["content"] \
-                or isinstance(t.get("id"), bool) or not isinstance(t.get("id"), int) or t["id"] < 0:
-            raise UserError(f"malformed {path}: added token {t!r}")
+                or isinstance(t.get("id"), bool) or not isinstance(t.get("id"), int) or not 0 <= t["id"] < MAX_ID:
+            raise UserError(f"malformed {path}: added token {str(t)[:80]} (ids are integers 0..{MAX_ID - 1})")
         b = t["content"].encode("utf-8")
         if vocab.get(t["id"], b) != b:
             raise Unsupported(f"{path}: added token {t['content']!r} has id {t['id']}, which the vocab gives "
                               f"to {vocab[t['id']]!r}")
         vocab[t["id"]] = b
         specials.append(t["content"])
+    if vocab and max(vocab) >= len(vocab) + 1_000_000:
+        raise UserError(f"malformed {path}: ids are implausibly sparse (max id {max(vocab)})")
     return vocab, merges, specials

@@ -28,7 +28,7 @@ from tinystories_cli import __version__, runs
 from tinystories_cli.checkpoint import save_checkpoint
 from tinystories_cli.config import ModelConfig
 from tinystories_cli.errors import UserError
-from tinystories_cli.fileio import atomic_write_text, sha256_file
+from tinystories_cli.fileio import atomic_write_text, remove_stale_temps, sha256_file, temp_prefix
 from tinystories_cli.interop.hf import read_hf_model, read_hf_tokenizer
 from tinystories_cli.model import TransformerLM
 from tinystories_cli.run_readme import write_run_readme
@@ -115,7 +115,8 @@ def import_hf(src: str | os.PathLike, run_dir: str | os.PathLike) -> Imported:
               "tslm_version": __version__, "torch_version": torch.__version__,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", suffix=".tmp", dir=run_dir.parent))
+    remove_stale_temps(run_dir.parent)  # what a killed import left beside it
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(run_dir.name), suffix=".tmp", dir=run_dir.parent))
     try:
         atomic_write_text(tmp / runs.CONFIG_FILE, json.dumps(config, indent=2) + "\n")
         write_tokenizer(tokenizer, tmp / runs.TOKENIZER_DIR, str(src))
@@ -123,11 +124,13 @@ def import_hf(src: str | os.PathLike, run_dir: str | os.PathLike) -> Imported:
         save_checkpoint(model, None, 0, tmp / runs.CHECKPOINT_DIR / runs.BEST_CHECKPOINT,
                         metadata={"model_config": hf.cfg.model_dump(), "preset": IMPORTED_PRESET,
                                   "imported_from": record})
+        # the last file, written before the rename under the name the run will have: a full disk or a kill
+        # at any file leaves no run directory (the rerun starts clean), never a run missing a file
+        write_run_readme(tmp, named=run_dir)
         os.chmod(tmp, 0o755)
         os.rename(tmp, run_dir)  # refuses to replace a directory that appeared meanwhile
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    write_run_readme(run_dir)
     runs.update_latest_link(run_dir)
     return Imported(run_dir, hf.cfg, hf.architecture, model.num_parameters(), tokenizer, hf.notes)

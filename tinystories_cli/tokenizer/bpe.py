@@ -51,7 +51,7 @@ import numpy as np
 import regex
 
 from tinystories_cli.errors import UserError
-from tinystories_cli.fileio import atomic_write_text, fsync_dir, sha256_file
+from tinystories_cli.fileio import atomic_write_text, fsync_dir, remove_stale_temps, sha256_file, temp_prefix
 from tinystories_cli.tokenizer.files import FORMAT_VERSION, write_vocab_merges
 from tinystories_cli.tokenizer.chunking import Cutter, WorkerPool, chunk_boundaries, mp_context
 from tinystories_cli.tokenizer.pretokenize import GPT2_PATTERN, GPT2_SPLIT_PATTERN, special_pattern
@@ -850,7 +850,8 @@ def save_tokenizer(out_dir: str | Path, vocab: dict[int, bytes], merges: list[tu
     inverse = {tok: i for i, tok in vocab.items()}
     longest = max(vocab.values(), key=len, default=b"")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    remove_stale_temps(out.parent)  # what a killed earlier save left beside it (dead owners only)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), suffix=".tmp", dir=out.parent))
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -871,7 +872,7 @@ def save_tokenizer(out_dir: str | Path, vocab: dict[int, bytes], merges: list[tu
         if not _rename_new(tmp, out):
             _check_only_tokenizer_files(out)
             if not exchange_dirs(tmp, out):  # no atomic exchange here: move the old one aside first
-                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", suffix=".tmp", dir=out.parent))
+                old = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), suffix=".old", dir=out.parent))
                 os.rename(out, old / out.name)
                 try:
                     os.rename(tmp, out)

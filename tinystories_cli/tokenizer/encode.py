@@ -37,7 +37,8 @@ import numpy as np
 
 from tinystories_cli import __version__
 from tinystories_cli.errors import UserError
-from tinystories_cli.fileio import atomic_write, atomic_write_text, check_input_file, check_output_path, sha256_file
+from tinystories_cli.fileio import (atomic_write, atomic_write_text, check_input_file, check_output_path,
+                                    check_source_outside, remove_stale_temps, sha256_file, temp_prefix)
 from tinystories_cli.paths import sidecar_path
 from tinystories_cli.tokens import FORMAT_VERSION  # the sidecar format, read by tokens.load_token_file
 from tinystories_cli.tokenizer.backends import PackedEncoder, refused
@@ -216,10 +217,12 @@ def encode_file(
     side = sidecar_path(out)
     if out.suffix != ".npy":
         raise UserError(f"token file must end in .npy: {out}", "choose an --out path ending in .npy")
-    if out.resolve() == src.resolve() or side.resolve() == src.resolve():
-        raise UserError(f"output {out} would overwrite the input {src}", "choose another --out")
+    check_source_outside(src, [out, side], "the text to encode")
+    if tokenizer_dir is not None:
+        check_source_outside(tokenizer_dir, [out, side], "the tokenizer")
     check_output_path(out, force)
     check_output_path(side, force)
+    remove_stale_temps(out.parent)  # what a killed encode left beside its output
 
     size = src.stat().st_size
     points = [0, size]
@@ -244,6 +247,10 @@ def encode_file(
         f.seek(0)
         f.write(npy_header(tokenizer.dtype, num_tokens))
         f.seek(0, os.SEEK_END)
+        # The sidecar marks the pair complete: an old one goes just before the new tokens take the name, so
+        # a kill in between leaves a token file without a sidecar (refused by every reader), never new
+        # tokens described by the old sidecar.
+        side.unlink(missing_ok=True)
     seconds = time.perf_counter() - t0
     meta = {
         "format_version": FORMAT_VERSION,
@@ -307,7 +314,7 @@ def _encode_parallel(encoder: PackedEncoder, src: Path, points: list[int], f, tm
     (so no cache is warmed twice). With fork, what the encoder prepared (tiktoken's tables) is shared.
     The last value returned is `encoder.verify()`, also run beside the workers.
     """
-    tmpdir = tempfile.mkdtemp(prefix=".encode-parts.", dir=tmp_parent)  # same disk as the output
+    tmpdir = tempfile.mkdtemp(prefix=temp_prefix("encode-parts"), dir=tmp_parent)  # same disk as the output
     digest: dict[str, str] = {}
     verdict: dict[str, str | None] = {"unfit": "the full check did not finish"}
 

@@ -33,7 +33,7 @@ from tinystories_cli.config import (ModelConfig, Preset, TrainConfig, build_conf
 from tinystories_cli.console import human_bytes
 from tinystories_cli.device import dist_from_env
 from tinystories_cli.errors import UserError
-from tinystories_cli.fileio import atomic_write_text, sha256_file
+from tinystories_cli.fileio import atomic_write_text, check_source_outside, sha256_file
 from tinystories_cli.interop.hf import is_hf_dir, plan_hf_model, read_hf_model
 from tinystories_cli.interop.importer import load_weights, tokenizer_from_hf, write_tokenizer
 from tinystories_cli.tokens import check_tokens, open_tokens
@@ -103,19 +103,32 @@ class Run:
     auto_size: dict | None = None  # --auto-size: what the rule chose and why (`autosize.prepare_auto_run`)
 
 
+_NUMBER = r"(\d+(?:\.\d+)?)"
+# A duration: a plain number of seconds, or hours, minutes and seconds in that order, each at most once.
+_DURATION = re.compile(rf"^(?:{_NUMBER}|(?:{_NUMBER}h)?\s*(?:{_NUMBER}m)?\s*(?:{_NUMBER}s)?)$")
+DURATION_HINT = "use e.g. 90m, 1.5h, 1h30m, 45s or 5400 (seconds): h, m, s in that order, each once"
+
+
 def parse_duration(text: str) -> float:
     """Seconds in a duration such as 90m, 1.5h, 1h30m, 45s or 5400 (seconds).
 
+    The grammar is strict: NUMBER (seconds), or [NUMBER h][NUMBER m][NUMBER s] with at least one part,
+    units in that order and each at most once; NUMBER is digits with an optional fraction (1.5, not .5
+    or 1.5.5). Anything else (1h30, 5m5m, 1.5.5h, 30s1m) is refused rather than read as something else.
+
     >>> parse_duration("90m"), parse_duration("1h30m"), parse_duration("1.5h"), parse_duration("5400")
     (5400.0, 5400.0, 5400.0, 5400.0)
+    >>> parse_duration("1h30")
+    Traceback (most recent call last):
+    tinystories_cli.errors.UserError: cannot read duration '1h30' (use e.g. 90m, 1.5h, 1h30m, 45s or 5400 (seconds): h, m, s in that order, each once)
     """
-    parts = re.findall(r"([0-9]*\.?[0-9]+)\s*([hms]?)", text.strip().lower())
-    if not parts or re.sub(r"[0-9.hms\s]", "", text.lower()) or "".join(n + u for n, u in parts) != \
-            re.sub(r"\s", "", text.lower()):
-        raise UserError(f"cannot read duration {text!r}", "use e.g. 90m, 1.5h, 1h30m or 3600s")
-    seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1, "": 1}[u] for n, u in parts)
-    if seconds <= 0:
-        raise UserError(f"duration {text!r} must be positive", "use e.g. 90m, 1.5h, 1h30m or 3600s")
+    m = _DURATION.match(text.strip().lower()) if isinstance(text, str) else None
+    if m is None or not any(m.groups()):
+        raise UserError(f"cannot read duration {text!r}", DURATION_HINT)
+    plain, h, mins, secs = (float(g) if g is not None else 0.0 for g in m.groups())
+    seconds = plain + 3600 * h + 60 * mins + secs
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise UserError(f"duration {text!r} must be positive", DURATION_HINT)
     return seconds
 
 
@@ -158,6 +171,7 @@ def prepare_run(
         tokenizer_dir = preset_tokenizer_dir(p, train_cfg.dataset, opts.tokenizer_dir)
         run_dir = run_dir or opts.run_dir or runs.runs_root() / (opts.run_name or new_run_name(preset_name))
     if resume_from is None:
+        check_sources_outside_run(run_dir, tokenizer_dir, init, opts)
         runs.check_no_foreign(run_dir)
         if (run_dir / runs.CONFIG_FILE).exists() or runs.step_checkpoints(run_dir):
             # --resume auto on a run that never reached its first checkpoint starts it over.
@@ -196,6 +210,17 @@ def prepare_run(
     return Run(preset_name, model_cfg, train_cfg, opts, run_dir, tokenizer_dir, train_file, valid_file,
                resume_from, max_steps, end_step, fresh=resume_from is None, tokenizer_fingerprint=fingerprint,
                notes=notes, init_from=init)
+
+
+def check_sources_outside_run(run_dir: Path, tokenizer_dir: Path, init: "InitSource | None", opts: TrainOptions) -> None:
+    """A fresh run clears `run_dir` (what an earlier run wrote there) before it copies its tokenizer and loads
+    its weights: none of its sources may lie inside it (`fileio.check_source_outside`)."""
+    sources = [(tokenizer_dir, "the tokenizer"), (opts.train_file, "the training tokens"),
+               (opts.valid_file, "the validation tokens")]
+    if init is not None:
+        sources += [(init.path, "the model to fine-tune from")] + [(w, "the weights to fine-tune from") for w in init.weights]
+    for src, what in sources:
+        check_source_outside(src, [run_dir], what, "clear")
 
 
 FIT_MARGIN = 0.10  # of the budget, kept free: allocator fragmentation, CUDA context, kernels' workspaces
@@ -247,6 +272,10 @@ def resolve_init_source(spec: str) -> InitSource:
                         "pass a run name or directory, a .safetensors checkpoint, or a directory with config.json "
                         "and model.safetensors")
     run_dir = runs.run_dir_of(path)
+    holder = runs.lock_holder(run_dir)
+    if path.is_dir() and holder is not None and runs.best_checkpoint(path) is None and runs.latest_checkpoint(path) is None:
+        raise UserError(f"{path} is still being trained by {holder} and has no checkpoint yet",
+                        "wait for its first checkpoint (or for the run to finish), then start the fine-tuning")
     weights = runs.checkpoint_for(path)
     cfg = runs.model_config_of(read_checkpoint(weights), run_dir)
     try:
