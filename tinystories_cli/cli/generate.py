@@ -97,11 +97,16 @@ def command(
         raise UserError(f"checkpoint file not found: {checkpoint}",
                         "train a model first with `tslm train`, or pass a file from runs/<name>/checkpoints/")
     model, tokenizer, source = _load(checkpoint if checkpoint is not None else run, _device(device))
+    # Which model wrote the text (runs/latest may be a surprise): one dim line once the text is out (before
+    # its summary line), so that an error in the arguments stays the only line.
+    from tinystories_cli import runs
+    used = runs.describe_source(checkpoint if checkpoint is not None else run)
     if grid_spec is not None:
         _grid(model, tokenizer, prompts[0], grid_spec, source=source, seed=seed, num_samples=num_samples,
               max_tokens=max_tokens, base={"temperature": temp, "top_p": top_p, "top_k": top_k},
               stop_at_eot=not no_stop, stop_strings=[] if no_stop else (stop or []), use_cache=not no_cache,
               out=out, as_json=as_json)
+        print_note(used)
         return
 
     stream = not as_json and len(prompts) * num_samples == 1
@@ -130,8 +135,12 @@ def command(
             console.file.write(s.text)
         console.file.write("\n")
         console.file.flush()
+        if k == 0:
+            print_note(used)
         _summary(s, with_seed=stream)
     console.file.flush()
+    if as_json:
+        print_note(used)
 
 
 def _prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
@@ -186,7 +195,6 @@ def _load(run_or_checkpoint, device: str):
                         "train one first with `tslm train`") from None
     model, tokenizer, cfg = runs.load_trained_model(path, device=device)
     check_tokenizer_matches(cfg, tokenizer, runs.run_dir_of(path))
-    print_note(runs.describe_source(run_or_checkpoint))  # which model this is (runs/latest may be a surprise)
     return model, tokenizer, path
 
 
