@@ -635,7 +635,7 @@ def pick_sampling(cells) -> tuple[dict, str]:
     for c in ordered:
         rep, d2 = figures(c)
         if rep <= MAX_REPETITION and d2 >= MIN_DISTINCT_2:
-            return dict(c.settings), (f"the coolest of {len(cells)} settings with repetition {rep:.3f} <= "
+            return dict(c.settings), (f"the lowest temperature of {len(cells)} settings with repetition {rep:.3f} <= "
                                       f"{MAX_REPETITION} and distinct-2 {d2:.2f} >= {MIN_DISTINCT_2}")
     best = min(ordered, key=lambda c: (figures(c)[0], -figures(c)[1]))
     rep, d2 = figures(best)

@@ -96,8 +96,8 @@ def command(
         raise UserError(f"checkpoint file not found: {checkpoint}",
                         "train a model first with `tslm train`, or pass a file from runs/<name>/checkpoints/")
     model, tokenizer, source = _load(checkpoint if checkpoint is not None else run, _device(device))
-    # Which model wrote the text (runs/latest may be a surprise): one dim line once it is done, so that an
-    # error in the arguments stays the only line.
+    # Which model wrote the text (runs/latest may be a surprise): one dim line once the text is out (before
+    # its summary line), so that an error in the arguments stays the only line.
     from tinystories_cli import runs
     used = runs.describe_source(checkpoint if checkpoint is not None else run)
     if grid_spec is not None:
@@ -134,9 +134,12 @@ def command(
             console.file.write(s.text)
         console.file.write("\n")
         console.file.flush()
+        if k == 0:
+            print_note(used)
         _summary(s, with_seed=stream)
     console.file.flush()
-    print_note(used)
+    if as_json:
+        print_note(used)
 
 
 def _prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
