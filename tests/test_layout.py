@@ -21,7 +21,7 @@ FLOORS = {
              "tinystories_cli.checkpoint", "tinystories_cli.runs", "tinystories_cli.evaluate",
              "tinystories_cli.device", "tinystories_cli.account", "tinystories_cli.generate",
              "tinystories_cli.download", "tinystories_cli.run_readme", "tinystories_cli.sampling_grid", "tinystories_cli.tokenizer*",
-             "tinystories_cli.interop*"],
+             "tinystories_cli.interop*", "tinystories_cli.fastpath*"],
     "train": ["tinystories_cli.train*"],
     "pipelines": ["tinystories_cli.quickstart*", "tinystories_cli.compare", "tinystories_cli.export",
                   "tinystories_cli.stats", "tinystories_cli.plot"],
