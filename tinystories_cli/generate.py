@@ -63,7 +63,7 @@ from tinystories_cli.errors import UserError
 TOP_P_TOL = 1e-6
 # Candidates examined before falling back to sorting the whole vocabulary in top-p.
 TOP_P_CANDIDATES = 128
-# fp32 prompts (rows x tokens) longer than this prefill with one batched torch forward on the fast path
+# prompts (rows x tokens) longer than this prefill with one batched fp32 torch forward on the fast path
 FAST_PREFILL_MAX_TOKENS = 16
 # greedy steps the fast path runs inside the kernel between two returns to Python (streaming comes in
 # bursts of up to this many tokens; the ids are the same as one step at a time)
@@ -327,9 +327,10 @@ class BatchDecoder:
         return out
 
     def _fast_prefill(self, ids: Tensor, pad: Tensor | None) -> Tensor:
-        # A long fp32 prompt is one batched torch forward (matrix-matrix products), which fills the
-        # shared KV cache; a short one, or any other precision, goes token by token through the kernel.
-        if self.precision == "fp32" and ids.numel() > FAST_PREFILL_MAX_TOKENS:
+        # A long prompt (or the re-read half of a full window) is one batched fp32 torch forward
+        # (matrix-matrix products) that fills the shared KV cache; a short one goes token by token
+        # through the kernel in the chosen precision.
+        if ids.numel() > FAST_PREFILL_MAX_TOKENS:
             return prefill(self.model, ids, pad=pad)
         return self.fast.prefill(ids, pad)
 
