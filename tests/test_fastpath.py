@@ -31,6 +31,7 @@ SHAPES = [  # (vocab, d_model, heads, d_ff, layers, tied): odd sizes that are no
     (257, 48, 3, 130, 2, True),
     (64, 32, 2, 96, 3, False),
     (300, 96, 6, 200, 1, True),
+    (130, 128, 4, 160, 1, False),  # head size 32 (the d128 model's)
 ]
 
 

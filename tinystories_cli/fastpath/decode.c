@@ -265,6 +265,30 @@ static void rmsnorm(float *out, const float *x, const float *w, int n, float eps
     for (int i = 0; i < n; i++) out[i] = (x[i] * inv) * w[i];
 }
 
+/* o[0..hs) = sum_t p[t] * v[t * hs ..]: the attention output of one head (o stays in registers when
+ * the head size is a multiple of 16 up to 64) */
+static void weighted_values(float *o, const float *p, const float *v, int n, int hs) {
+#if defined(__AVX512F__)
+    if (hs % 16 == 0 && hs <= 64) {
+        int nv = hs / 16;
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int t = 0; t < n; t++) {
+            __m512 pv = _mm512_set1_ps(p[t]);
+            const float *vt = v + (long)t * hs;
+            for (int j = 0; j < 4; j++)
+                if (j < nv) acc[j] = _mm512_fmadd_ps(pv, _mm512_loadu_ps(vt + 16 * j), acc[j]);
+        }
+        for (int j = 0; j < nv; j++) _mm512_storeu_ps(o + 16 * j, acc[j]);
+        return;
+    }
+#endif
+    for (int i = 0; i < hs; i++) o[i] = 0.0f;
+    for (int t = 0; t < n; t++) {
+        const float *vt = v + (long)t * hs;
+        for (int i = 0; i < hs; i++) o[i] += p[t] * vt[i];
+    }
+}
+
 /* rotate consecutive pairs: out = x * cos2 + swap_pairs(x) * sin2 (the model's RotaryPositionalEmbedding) */
 static void rope(float *v, const float *c, const float *s, int hs) {
     for (int i = 0; i < hs; i += 2) {
@@ -322,13 +346,7 @@ static void forward_row(const Model *m, const Work *w, int b, int token, int col
             int n = col - pad + 1;
             for (int t = 0; t < n; t++) sc[t] = dot_f32(kh + (long)(pad + t) * hs, qh, hs) * scale;
             softmax_inplace(sc, n);
-            float *o = w->att_out + h * hs;
-            for (int i = 0; i < hs; i++) o[i] = 0.0f;
-            for (int t = 0; t < n; t++) {
-                const float *vt = vh + (long)(pad + t) * hs;
-                float p = sc[t];
-                for (int i = 0; i < hs; i++) o[i] += p * vt[i];
-            }
+            weighted_values(w->att_out + h * hs, sc, vh + (long)pad * hs, n, hs);
         }
         if (prec == PREC_BF16) {
 #pragma omp single
