@@ -10,6 +10,21 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def kernel_cache(tmp_path_factory):
+    """The fast decode kernel (tinystories_cli/fastpath) compiles once per test session, into a
+    temporary cache rather than the user's (subprocesses inherit the variable)."""
+    import os
+
+    old = os.environ.get("TSLM_KERNEL_CACHE")
+    os.environ["TSLM_KERNEL_CACHE"] = str(tmp_path_factory.mktemp("kernels"))
+    yield
+    if old is None:
+        os.environ.pop("TSLM_KERNEL_CACHE", None)
+    else:
+        os.environ["TSLM_KERNEL_CACHE"] = old
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

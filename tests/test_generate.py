@@ -548,3 +548,52 @@ def test_cli_no_runs_and_tokenizer_mismatch(run_cli, runs_root):
     write_run(root / "bad", model, big)
     code, _, err = run_cli("generate", "hi", "--run", "bad")
     assert code == 2 and "mismatch" in err and len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: --precision and --engine (the fast decode path itself is tested in tests/test_fastpath.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cli_precision_and_engine(run_cli, runs_root):
+    base = ("generate", "Hi there", "--temp", "0", "--max-tokens", "12", "--json", "--no-stop")
+    texts = {}
+    for args in ((), ("--engine", "torch"), ("--engine", "fast"), ("--precision", "int8"), ("--precision", "bf16")):
+        code, out, err = run_cli(*base, *args)
+        assert code == 0, err
+        texts[args] = json_lines(out)[0]["text"]
+    assert texts[()] == texts[("--engine", "torch")] == texts[("--engine", "fast")]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--precision", "fp16"], "--precision"),
+    (["--engine", "gpu"], "--engine"),
+    (["--engine", "torch", "--precision", "int8"], "fast engine only"),
+    (["--engine", "fast", "--no-cache"], "KV cache"),
+])
+def test_cli_precision_and_engine_errors_are_one_line(run_cli, runs_root, args, message):
+    code, _, err = run_cli("generate", "hi", "--max-tokens", "2", *args)
+    assert code == 2 and message in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cli_refuses_bf16_without_native_bf16(run_cli, runs_root, monkeypatch):
+    from tinystories_cli.fastpath import build
+
+    monkeypatch.setattr(build, "cpu_flags", lambda: {"avx2", "fma"})
+    code, _, err = run_cli("generate", "hi", "--max-tokens", "2", "--precision", "bf16")
+    assert code == 2 and "bf16" in err and "avx512_bf16" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cli_notes_the_torch_fallback_in_one_line(run_cli, runs_root):
+    root, _ = runs_root
+    model = tiny_model("learned", ctx=32)
+    vocab = {i: bytes([i]) for i in range(256)} | {256: b"<|endoftext|>"}
+    write_run(root / "gpt", model, vocab)
+    code, _, err = run_cli("generate", "hi", "--run", "gpt", "--max-tokens", "3", "--seed", "1")
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "torch path" in line]
+    assert len(notes) == 1 and "learned positions" in notes[0]
+    code, _, err = run_cli("generate", "hi", "--run", "gpt", "--max-tokens", "3", "--precision", "int8")
+    assert code == 2 and "Llama-style" in err and len(err.strip().splitlines()) == 1

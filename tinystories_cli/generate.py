@@ -53,6 +53,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from tinystories_cli import fastpath
 from tinystories_cli.account import host_memory_bytes
 from tinystories_cli.console import human_bytes
 from tinystories_cli.errors import UserError
@@ -62,6 +63,11 @@ from tinystories_cli.errors import UserError
 TOP_P_TOL = 1e-6
 # Candidates examined before falling back to sorting the whole vocabulary in top-p.
 TOP_P_CANDIDATES = 128
+# prompts (rows x tokens) longer than this prefill with one batched fp32 torch forward on the fast path
+FAST_PREFILL_MAX_TOKENS = 16
+# greedy steps the fast path runs inside the kernel between two returns to Python (streaming comes in
+# bursts of up to this many tokens; the ids are the same as one step at a time)
+GREEDY_CHUNK = 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,8 +266,14 @@ class BatchDecoder:
         eot_id: int | None = None,
         use_cache: bool = True,
         allowed_vocab: int | None = None,
+        engine: str = "auto",
+        precision: str = "fp32",
     ):
         check_sampling_args(max_new_tokens, temperature, top_p, top_k)
+        # the decode path: the C kernel (fastpath) where it runs, else the torch model; `engine_note`
+        # says why "auto" fell back to torch
+        self.fast, self.engine_note = fastpath.select(model, engine, precision, use_cache=use_cache)
+        self.precision = precision
         if not prompts or not all(len(p) for p in prompts):
             raise ValueError("BatchDecoder needs >= 1 non-empty prompts")
         cfg = model.config
@@ -297,6 +309,31 @@ class BatchDecoder:
             self.stop_reasons[row] = reason
             self.finish_times[row] = time.perf_counter() - self.start_time
 
+    def _accept(self, toks: list[int], step: int) -> list[int | None]:
+        """One step's ids -> what is yielded (None for finished rows); ends rows at stop ids and at the last step."""
+        out: list[int | None] = []
+        for r, tok in enumerate(toks):
+            if self.finished[r]:
+                out.append(None)
+            elif tok in self.stop_ids:
+                self.finish(r, EOT if tok == self.eot_id else STOP_TOKEN)
+                out.append(None)
+            else:
+                self.new_tokens[r] += 1
+                out.append(tok)
+        if step == self.max_new_tokens - 1:
+            for r in range(self.batch_size):
+                self.finish(r, MAX_TOKENS)
+        return out
+
+    def _fast_prefill(self, ids: Tensor, pad: Tensor | None) -> Tensor:
+        # A long prompt (or the re-read half of a full window) is one batched fp32 torch forward
+        # (matrix-matrix products) that fills the shared KV cache; a short one goes token by token
+        # through the kernel in the chosen precision.
+        if ids.numel() > FAST_PREFILL_MAX_TOKENS:
+            return prefill(self.model, ids, pad=pad)
+        return self.fast.prefill(ids, pad)
+
     def _logits(self, logits: Tensor) -> Tensor:
         if self.allowed_vocab is not None:
             logits = logits.clone()
@@ -324,29 +361,40 @@ class BatchDecoder:
         pad = torch.tensor([n - len(p) for p in self.prompts], device=device)
         pad = pad if bool(pad.any()) else None
         keep = max(1, ctx // 2)  # tokens kept when the window slides
+        fast = self.fast
         try:
-            if self.use_cache:
+            if fast is not None:
+                model.setup_caches(B, span)
+                fast.bind_caches(model)
+                logits = self._fast_prefill(window[:, :n], pad)
+            elif self.use_cache:
                 model.setup_caches(B, span)
                 logits = prefill(model, window[:, :n], pad=pad)
             else:
                 logits = full_forward(model, window[:, :n], pad)
-            for step in range(self.max_new_tokens):
+            step = 0
+            greedy_chunks = fast is not None and self.temperature == 0
+            while step < self.max_new_tokens:
+                if greedy_chunks and n < ctx:
+                    # greedy on the fast path: up to GREEDY_CHUNK steps inside the kernel (argmax
+                    # included), then yielded one by one; the ids are those of one step at a time
+                    k = min(GREEDY_CHUNK, self.max_new_tokens - step, ctx - n)
+                    feeds = k if step + k < self.max_new_tokens else k - 1  # the last id is never fed
+                    ids = fast.greedy(logits, n, pad, k, feeds, self.allowed_vocab)  # (k, B)
+                    if feeds:
+                        window[:, n:n + feeds] = ids[:feeds].t()
+                    n += feeds
+                    logits = fast.logits[:B]
+                    for row in ids.tolist():
+                        yield self._accept(row, step)
+                        step += 1
+                        if all(self.finished):
+                            return
+                    continue
                 noise = draw_noise(gens, self.vocab_size, device) if self.temperature > 0 else None
                 nxt = sample(self._logits(logits), noise, self.temperature, self.top_k, self.top_p)  # (B,)
-                out: list[int | None] = []
-                for r, tok in enumerate(nxt.tolist()):
-                    if self.finished[r]:
-                        out.append(None)
-                    elif tok in self.stop_ids:
-                        self.finish(r, EOT if tok == self.eot_id else STOP_TOKEN)
-                        out.append(None)
-                    else:
-                        self.new_tokens[r] += 1
-                        out.append(tok)
-                if step == self.max_new_tokens - 1:
-                    for r in range(B):
-                        self.finish(r, MAX_TOKENS)
-                yield out
+                yield self._accept(nxt.tolist(), step)
+                step += 1
                 if all(self.finished):
                     break
                 # feed the new token back in
@@ -359,11 +407,18 @@ class BatchDecoder:
                         pad = pad if bool(pad.any()) else None
                     n = keep
                     self.context_shifts += 1
-                    logits = prefill(model, window[:, :n], pad=pad) if self.use_cache else full_forward(model, window[:, :n], pad)
+                    if fast is not None:
+                        logits = self._fast_prefill(window[:, :n], pad)
+                    elif self.use_cache:
+                        logits = prefill(model, window[:, :n], pad=pad)
+                    else:
+                        logits = full_forward(model, window[:, :n], pad)
                 else:
                     window[:, n] = nxt
                     n += 1
-                    if self.use_cache:
+                    if fast is not None:
+                        logits = fast.step(nxt, n - 1, pad)
+                    elif self.use_cache:
                         logits = decode_one_token(model, window[:, n - 1 : n], n - 1, pad)
                     else:
                         logits = full_forward(model, window[:, :n], pad)
@@ -388,12 +443,18 @@ def generate_tokens(
     top_k: int = 0,
     seed: int | None = None,
     stop_ids: list[int] | None = None,
+    precision: str = "fp32",
+    engine: str = "auto",
 ) -> Iterator[int]:
     """Yield up to `max_new_tokens` new token ids after `prompt_ids`, one at a time.
 
     Stops early (without yielding it) at any id in `stop_ids`. The KV cache is set up and freed
     inside the call. An empty prompt starts from `stop_ids[0]` (pass the end-of-text id first; the
     text-level `generate` does). Same seed, same arguments -> same ids.
+
+    `engine`: "auto" decodes with the C kernel (tinystories_cli.fastpath) where the model is
+    Llama-style and on the CPU, else with the torch model; "fast" or "torch" forces one. `precision`
+    ("fp32", "bf16", "int8") is the fast engine's weight precision; fp32 is exact fp32 arithmetic.
     """
     check_sampling_args(max_new_tokens, temperature, top_p, top_k)
     prompt_ids = list(prompt_ids)
@@ -406,7 +467,7 @@ def generate_tokens(
         prompt_ids = [eot]
     seed = random_seed() if seed is None else seed
     dec = BatchDecoder(model, [prompt_ids], seeds=[seed], max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_p=top_p, top_k=top_k, stop_ids=stop_ids)
+                       top_p=top_p, top_k=top_k, stop_ids=stop_ids, engine=engine, precision=precision)
     for step in dec:
         if step[0] is None:
             return
@@ -557,6 +618,8 @@ def generate_samples(
     stop_strings: Sequence[str] = (),
     use_cache: bool = True,
     on_text: Callable[[int, str], None] | None = None,
+    precision: str = "fp32",
+    engine: str = "auto",
 ) -> list[Sample]:
     """`num_samples` completions of each prompt, ordered prompt by prompt.
 
@@ -582,7 +645,7 @@ def generate_samples(
         model, [encoded[j] for j, _ in rows], seeds=[seed + i for _, i in rows],
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         stop_ids=stop_ids, eot_id=tokenizer.eot_id, use_cache=use_cache,
-        allowed_vocab=getattr(tokenizer, "vocab_size", None),
+        allowed_vocab=getattr(tokenizer, "vocab_size", None), engine=engine, precision=precision,
     )
     streams = [TextStream(tokenizer.decode, token_bytes, stop_strings) for _ in rows]
     for step in dec:
@@ -621,14 +684,16 @@ def generate(
     top_k: int = 0,
     seed: int | None = None,
     stop_ids: list[int] | None = None,
+    precision: str = "fp32",
+    engine: str = "auto",
 ) -> str:
     """The completion text of `prompt` (without the prompt).
 
     `stop_ids=None` stops at the tokenizer's end-of-text; pass `[]` to never stop early. An empty
-    prompt starts from end-of-text.
+    prompt starts from end-of-text. `precision` and `engine`: see `generate_tokens`.
     """
     ids = encode_prompt(tokenizer, prompt)
     stops = ([] if tokenizer.eot_id is None else [tokenizer.eot_id]) if stop_ids is None else stop_ids
     new = list(generate_tokens(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                               top_k=top_k, seed=seed, stop_ids=stops))
+                               top_k=top_k, seed=seed, stop_ids=stops, precision=precision, engine=engine))
     return tokenizer.decode(new)

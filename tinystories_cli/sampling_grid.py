@@ -216,7 +216,8 @@ class GridCell:
 def run_grid(model, tokenizer, prompt: str, grid: dict[str, list[float | int]], *, seed: int, num_samples: int = 4,
              max_new_tokens: int = 256, base: dict[str, float | int] | None = None, stop_at_eot: bool = True,
              stop_strings: Sequence[str] = (), use_cache: bool = True,
-             on_cell: Callable[[int, int, dict], None] | None = None) -> list[GridCell]:
+             on_cell: Callable[[int, int, dict], None] | None = None, precision: str = "fp32",
+             engine: str = "auto") -> list[GridCell]:
     """Sample `num_samples` completions of `prompt` in every cell, with seeds seed, seed + 1, ... in
     every cell (so a cell differs from another only by its settings). `on_cell(i, n, settings)` is
     called before each cell."""
@@ -229,7 +230,8 @@ def run_grid(model, tokenizer, prompt: str, grid: dict[str, list[float | int]], 
             on_cell(i, len(cells), cell.settings)
         cell.samples = generate_samples(model, tokenizer, [prompt], num_samples=num_samples,
                                         max_new_tokens=max_new_tokens, seed=seed, stop_at_eot=stop_at_eot,
-                                        stop_strings=stop_strings, use_cache=use_cache, **cell.settings)
+                                        stop_strings=stop_strings, use_cache=use_cache, precision=precision,
+                                        engine=engine, **cell.settings)
     return cells
 
 

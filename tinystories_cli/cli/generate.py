@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.text import Text
 
+from tinystories_cli import fastpath, sampling_grid
 from tinystories_cli import generate as gen
-from tinystories_cli import sampling_grid
 from tinystories_cli.cli import common
 from tinystories_cli.console import console, err_console, print_note
 from tinystories_cli.errors import UserError
@@ -53,6 +53,12 @@ def command(
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps.")] = "auto",
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the whole context every step "
                                            "(slow; for comparison).")] = False,
+    precision: Annotated[str, typer.Option(
+        "--precision", help="Weight precision of the fast CPU decode path: fp32 (exact), bf16 (needs a CPU with "
+        "avx512_bf16) or int8 (per-group weight quantization).")] = "fp32",
+    engine: Annotated[str, typer.Option(
+        "--engine", help="Decode path: auto (the C kernel for Llama-style models on the CPU, else torch), fast "
+        "(the C kernel, or an error) or torch (the reference).")] = "auto",
     grid: Annotated[Optional[str], typer.Option(
         "--grid", help='Compare sampling settings: e.g. "temp=0.5,1.0,1.2 top_p=0.3,0.9,1.0" (keys temp, top_p, '
         "top_k). Every cell samples the same prompt with the same --num-samples seeds; prints a Markdown table "
@@ -91,6 +97,16 @@ def command(
             raise UserError("--grid samples one prompt; --prompt-file gives several", "pass one PROMPT")
         if out is not None:
             check_output_path(out, force)
+    if precision not in fastpath.PRECISIONS:
+        raise UserError(f"unknown --precision {precision!r}", "use fp32, bf16 or int8")
+    if engine not in fastpath.ENGINES:
+        raise UserError(f"unknown --engine {engine!r}", "use auto, fast or torch")
+    try:
+        fastpath.check_precision(precision)
+    except ValueError as e:
+        raise UserError(f"--precision {precision}: {e}") from None
+    if engine == "torch" and precision != "fp32":
+        raise UserError(f"--precision {precision} runs on the fast engine only", "drop --engine torch")
     prompts = _prompts(prompt, prompt_file)
     if checkpoint is not None and not checkpoint.is_file():
         raise UserError(f"checkpoint file not found: {checkpoint}",
@@ -100,11 +116,18 @@ def command(
     # its summary line), so that an error in the arguments stays the only line.
     from tinystories_cli import runs
     used = runs.describe_source(checkpoint if checkpoint is not None else run)
+    try:
+        _, note = fastpath.select(model, engine, precision, use_cache=not no_cache)
+    except ValueError as e:
+        raise UserError(f"--engine {engine} --precision {precision}: {e}") from None
+    if note:
+        err_console.print(Text(f"[{note}]", style="dim"), soft_wrap=True)
+    decode = {"precision": precision, "engine": engine}
     if grid_spec is not None:
         _grid(model, tokenizer, prompts[0], grid_spec, source=source, seed=seed, num_samples=num_samples,
               max_tokens=max_tokens, base={"temperature": temp, "top_p": top_p, "top_k": top_k},
               stop_at_eot=not no_stop, stop_strings=[] if no_stop else (stop or []), use_cache=not no_cache,
-              out=out, as_json=as_json)
+              out=out, as_json=as_json, decode=decode)
         print_note(used)
         return
 
@@ -121,7 +144,7 @@ def command(
         samples = gen.generate_samples(
             model, tokenizer, prompts, num_samples=num_samples, max_new_tokens=max_tokens, temperature=temp,
             top_p=top_p, top_k=top_k, seed=seed, stop_at_eot=not no_stop, stop_strings=[] if no_stop else (stop or []),
-            use_cache=not no_cache, on_text=on_text if stream else None,
+            use_cache=not no_cache, on_text=on_text if stream else None, **decode,
         )
     for k, s in enumerate(samples):
         if as_json:
@@ -199,7 +222,7 @@ def _load(run_or_checkpoint, device: str):
 
 def _grid(model, tokenizer, prompt: str, grid: dict, *, source: Path, seed: int | None, num_samples: int,
           max_tokens: int, base: dict, stop_at_eot: bool, stop_strings: list[str], use_cache: bool,
-          out: Path | None, as_json: bool) -> None:
+          out: Path | None, as_json: bool, decode: dict | None = None) -> None:
     """--grid: sample every cell, then print (or write) the Markdown comparison."""
     seed = gen.random_seed() if seed is None else seed
 
@@ -209,7 +232,7 @@ def _grid(model, tokenizer, prompt: str, grid: dict, *, source: Path, seed: int 
 
     cells = sampling_grid.run_grid(model, tokenizer, prompt, grid, seed=seed, num_samples=num_samples,
                                    max_new_tokens=max_tokens, base=base, stop_at_eot=stop_at_eot,
-                                   stop_strings=stop_strings, use_cache=use_cache, on_cell=on_cell)
+                                   stop_strings=stop_strings, use_cache=use_cache, on_cell=on_cell, **(decode or {}))
     if as_json:
         text = strict_json([c.to_json() for c in cells], ensure_ascii=False, indent=2) + "\n"
     else:
