@@ -65,12 +65,21 @@ def llama_incompatibilities(cfg: ModelConfig) -> list[str]:
 
 def check_llama_compatible(cfg: ModelConfig) -> None:
     """Raise (one line) unless `cfg` maps to LlamaForCausalLM."""
-    bad = llama_incompatibilities(cfg)
+    refuse_settings(llama_incompatibilities(cfg), "not representable as LlamaForCausalLM "
+                    "(only pre-norm RMSNorm/RoPE/SwiGLU models map to Llama)")
+
+
+def refuse_settings(bad: list[str], what: str) -> None:
+    """Raise `NotLlamaCompatible` naming the `setting=value` choices in `bad` (nothing when it is empty).
+
+    >>> refuse_settings(["norm=layernorm"], "not representable here")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    tinystories_cli.interop.llama.NotLlamaCompatible: norm=layernorm is not representable here (keep this model...)
+    """
     if bad:
         verb = "is" if len(bad) == 1 else "are"
-        raise NotLlamaCompatible(f"{', '.join(bad)} {verb} not representable as LlamaForCausalLM "
-                        "(only pre-norm RMSNorm/RoPE/SwiGLU models map to Llama)",
-                        "keep this model in tslm's own safetensors format")
+        raise NotLlamaCompatible(f"{', '.join(bad)} {verb} {what}", "keep this model in tslm's own safetensors format")
 
 
 def layer_names(cfg: ModelConfig) -> dict[str, str]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from tinystories_cli.config import ModelConfig
-from tinystories_cli.interop.llama import LLAMA_SWITCHES, NotLlamaCompatible
+from tinystories_cli.interop.llama import LLAMA_SWITCHES, refuse_settings
 from tinystories_cli.tokenizer.files import encode_token_bytes
 
 ARCH = "llama"
@@ -58,12 +58,9 @@ def gguf_incompatibilities(cfg: ModelConfig) -> list[str]:
 
 
 def check_gguf_compatible(cfg: ModelConfig) -> None:
-    bad = gguf_incompatibilities(cfg)
-    if bad:
-        verb = "is" if len(bad) == 1 else "are"
-        raise NotLlamaCompatible(f"{', '.join(bad)} {verb} not runnable as llama.cpp's llama architecture (it needs "
-                                 "pre-norm RMSNorm, RoPE, SwiGLU, no biases)",
-                                 "keep this model in tslm's own safetensors format")
+    """Raise (one line) unless `cfg` runs as llama.cpp's `llama` architecture."""
+    refuse_settings(gguf_incompatibilities(cfg), "not runnable as llama.cpp's llama architecture (it needs "
+                    "pre-norm RMSNorm, RoPE, SwiGLU, no biases)")
 
 
 def gguf_tensors(state_dict: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
