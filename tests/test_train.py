@@ -518,7 +518,12 @@ def test_a_run_that_slows_down_shortens_its_schedule_to_end_by_the_deadline(work
     cfg = json.loads((res.run_dir / "config.json").read_text())
     assert cfg["max_steps"] == cfg["train"]["max_steps"] == res.step
     assert cfg["time_budget"]["replanned"][-1]["to"] == res.step and cfg["time_budget"]["planned_steps"] == 400
-    assert all(r["to"] < r["from"] for r in cfg["time_budget"]["replanned"])
+    # The first change shortens (the probe over-read the machine). A later one may lengthen again while the
+    # WSD schedule is still flat, when the pace measured since turns out faster than the early steps said
+    # (fit_to_deadline's documented behaviour); the deadline and the decayed end are asserted above and below.
+    replanned = cfg["time_budget"]["replanned"]
+    assert replanned[0]["from"] == 400 and replanned[0]["to"] < 400
+    assert all(r["to"] < r["from"] or r["at_step"] < replanned[-1]["to"] * 0.8 for r in replanned)
     records = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == res.step and records[-1]["lr"] == pytest.approx(3e-4)  # decayed to the end
     assert "val_loss" in records[-1] and [s for s, _ in runs.step_checkpoints(res.run_dir)][-1] == res.step
