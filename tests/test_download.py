@@ -150,7 +150,7 @@ def server():
 def sleeps(monkeypatch):
     """Capture backoff pauses instead of sleeping."""
     calls: list[float] = []
-    monkeypatch.setattr(dl, "SLEEP", calls.append)
+    monkeypatch.setattr(dl.transfer, "SLEEP", calls.append)  # the module whose retry loop reads it
     return calls
 
 
@@ -373,11 +373,9 @@ def test_registry_urls_and_endpoint_resolution(monkeypatch, tmp_path):
 @pytest.fixture
 def no_registry_hashes(monkeypatch):
     """The test server serves fake bytes: drop any recorded checksums from the registry."""
-    stripped = {
-        n: dataclasses.replace(d, files=tuple(dataclasses.replace(f, sha256=None, size=None) for f in d.files))
-        for n, d in dl.DATASETS.items()
-    }
-    monkeypatch.setattr(dl, "DATASETS", stripped)
+    for n, d in list(dl.DATASETS.items()):  # the one registry dict every module reads
+        files = tuple(dataclasses.replace(f, sha256=None, size=None) for f in d.files)
+        monkeypatch.setitem(dl.DATASETS, n, dataclasses.replace(d, files=files))
 
 
 def test_cli_dataset_from_endpoint(server, tmp_path, capsys, monkeypatch, sleeps, no_registry_hashes):
