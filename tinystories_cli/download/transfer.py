@@ -235,97 +235,137 @@ def _fetch_once(url: str, part: Part, timeout: float, idle_timeout: float, chunk
     Raises _Retry when the connection failed, stalled or ended early; the bytes received so far stay
     in `part`, with their origin, for the next attempt.
     """
-    have = part.size()
-    origin = read_origin(part.path)
-    if have and (origin is None or origin.url != url or (origin.size is not None and have > origin.size)):
-        part.discard()  # bytes of unknown or foreign origin: never spliced
-        have, origin = 0, None
+    have, origin = _resumable(url, part)
     resp, published, linked_size = _open(url, have, origin, min(timeout, idle_timeout), idle_timeout)
     with contextlib.closing(resp):
         status = getattr(resp, "status", None) or getattr(resp, "code", None)
         headers = resp.headers
         if status == 416:
-            m = re.search(r"/(\d+)", headers.get("Content-Range", "") or "")
-            if m and int(m.group(1)) == have and origin and origin.size in (None, have):
-                return have, origin  # everything was already here (e.g. interrupted before the rename)
-            part.discard()
-            raise _Retry("the server refused to resume; starting over")
+            return _range_past_end(part, headers, have, origin)
         length = _int_header(headers, "Content-Length")
         if status == 206:
-            m = _CONTENT_RANGE.match(headers.get("Content-Range", "") or "")
-            total = (int(m.group(3)) if m.group(3) != "*" else None) if m else None
-            etag = _strong_etag(headers)
-            changed = (origin is None or not m or int(m.group(1)) != have
-                       or (origin.size is not None and total is not None and total != origin.size)
-                       or (origin.etag is not None and etag is not None and etag != origin.etag)
-                       or (origin.sha256 is not None and published is not None and published != origin.sha256))
-            if changed:
-                # Another range, or the file changed on the server: the bytes cannot be appended.
-                part.discard()
-                raise _Retry(f"the file changed on the server or the range does not fit "
-                             f"(Content-Range {headers.get('Content-Range')!r}); starting over")
-            offset = have
-            if total is None and length is not None:
-                total = offset + length
+            offset, total = _resumed_range(part, headers, have, origin, published, length)
         else:
-            # 200 (or file://, which has no status): the whole file. When we asked for a range with
-            # If-Range, a 200 means the validators changed (or no Range support): start over.
-            if have:
-                part.discard()
-            offset, total = 0, length
-            if linked_size is not None and total is not None and linked_size != total:
-                raise UserError(f"{url}: the server announces {total} bytes but publishes a size of {linked_size}",
-                                "check --endpoint; the mirror may serve another file")
-            origin = Origin(url, _strong_etag(headers), (headers.get("Last-Modified") or None) if headers else None,
-                            total if total is not None else linked_size, published)
-            if origin.last_modified is not None and len(origin.last_modified) > 1024:
-                origin.last_modified = None
-            part.set_origin(origin)  # before the first byte: every byte in a .part has a known origin
+            offset, total, origin = _whole_file(url, part, headers, have, length, linked_size, published)
         if max_bytes is not None and total is not None and total > max_bytes:
             part.remove()
             raise UserError(f"{url} is {total} bytes, over the limit of {max_bytes}", "raise --max-bytes if the file is expected")
-        got = 0
-        read = getattr(resp, "read1", None) or resp.read
-        window_start, window_bytes = time.monotonic(), 0
-        if progress:
-            progress("download", offset, total)
-        try:
-            while True:
-                try:
-                    chunk = read(chunk_size)
-                except (OSError, http.client.HTTPException) as e:  # reset, timeout, IncompleteRead
-                    raise _Retry(f"connection lost after {offset + got} bytes: {type(e).__name__}") from None
-                now = time.monotonic()
-                if chunk:
-                    if max_bytes is not None and offset + got + len(chunk) > max_bytes:
-                        part.remove()
-                        raise UserError(f"{url} sent more than the limit of {max_bytes} bytes", "raise --max-bytes if the file is expected")
-                    try:
-                        part.write_at(offset + got, chunk)
-                    except OSError as e:
-                        if disk_full(e):
-                            raise _DiskFull(e) from None
-                        raise UserError(f"cannot write {part.path}: {e.strerror or e}", "check the directory's permissions") from None
-                    got += len(chunk)
-                    window_bytes += len(chunk)
-                    if progress:
-                        progress("download", offset + got, total)
-                if not chunk:
-                    break
-                if now - window_start >= idle_timeout:
-                    if window_bytes < IDLE_MIN_BYTES:
-                        raise _Stalled(f"stalled: {window_bytes} bytes in {now - window_start:.1f} s "
-                                     f"(under {IDLE_MIN_BYTES} per {idle_timeout:g} s) after {offset + got} bytes")
-                    window_start, window_bytes = now, 0
-        finally:
-            with contextlib.suppress(OSError):
-                os.fsync(part.fd)  # what we keep for a resume must really be on disk
+        got = _receive(resp, part, url, offset, total, idle_timeout, chunk_size, max_bytes, progress)
         if length is not None and got < length:
             raise _Retry(f"connection closed after {offset + got} of {offset + length} bytes")
         if length is not None and got > length:
             part.discard()
             raise _Retry(f"server sent {got} bytes, announced {length}; starting over")
         return offset + got, origin
+
+
+def _resumable(url: str, part: Part) -> tuple[int, Origin | None]:
+    """The bytes in `part` a resume may append to, and their origin; bytes of unknown or foreign origin are
+    discarded (never spliced)."""
+    have = part.size()
+    origin = read_origin(part.path)
+    if have and (origin is None or origin.url != url or (origin.size is not None and have > origin.size)):
+        part.discard()
+        have, origin = 0, None
+    return have, origin
+
+
+def _range_past_end(part: Part, headers, have: int, origin: Origin | None) -> tuple[int, Origin]:
+    """HTTP 416 to a resume: the .part may already be complete (e.g. interrupted before the rename)."""
+    m = re.search(r"/(\d+)", headers.get("Content-Range", "") or "")
+    if m and int(m.group(1)) == have and origin and origin.size in (None, have):
+        return have, origin  # everything was already here
+    part.discard()
+    raise _Retry("the server refused to resume; starting over")
+
+
+def _resumed_range(part: Part, headers, have: int, origin: Origin | None, published: str | None,
+                   length: int | None) -> tuple[int, int | None]:
+    """HTTP 206: (offset, total size) when the range continues the .part's bytes of the same file."""
+    m = _CONTENT_RANGE.match(headers.get("Content-Range", "") or "")
+    total = (int(m.group(3)) if m.group(3) != "*" else None) if m else None
+    etag = _strong_etag(headers)
+    changed = (origin is None or not m or int(m.group(1)) != have
+               or (origin.size is not None and total is not None and total != origin.size)
+               or (origin.etag is not None and etag is not None and etag != origin.etag)
+               or (origin.sha256 is not None and published is not None and published != origin.sha256))
+    if changed:
+        # Another range, or the file changed on the server: the bytes cannot be appended.
+        part.discard()
+        raise _Retry(f"the file changed on the server or the range does not fit "
+                     f"(Content-Range {headers.get('Content-Range')!r}); starting over")
+    if total is None and length is not None:
+        total = have + length
+    return have, total
+
+
+def _whole_file(url: str, part: Part, headers, have: int, length: int | None, linked_size: int | None,
+                published: str | None) -> tuple[int, int | None, Origin]:
+    """HTTP 200 (or file://, which has no status): the whole file, recorded as the .part's new origin.
+
+    When we asked for a range with If-Range, a 200 means the validators changed (or no Range support):
+    start over. Returns (offset 0, total size, origin).
+    """
+    if have:
+        part.discard()
+    total = length
+    if linked_size is not None and total is not None and linked_size != total:
+        raise UserError(f"{url}: the server announces {total} bytes but publishes a size of {linked_size}",
+                        "check --endpoint; the mirror may serve another file")
+    origin = Origin(url, _strong_etag(headers), (headers.get("Last-Modified") or None) if headers else None,
+                    total if total is not None else linked_size, published)
+    if origin.last_modified is not None and len(origin.last_modified) > 1024:
+        origin.last_modified = None
+    part.set_origin(origin)  # before the first byte: every byte in a .part has a known origin
+    return 0, total, origin
+
+
+def _receive(resp, part: Part, url: str, offset: int, total: int | None, idle_timeout: float, chunk_size: int,
+             max_bytes: int | None, progress: Progress | None) -> int:
+    """Write the response body into `part` from `offset`; returns the bytes received.
+
+    An idle window of `idle_timeout` seconds with fewer than IDLE_MIN_BYTES is a stall (_Stalled); what
+    arrived is fsync'ed in any case, so a resume can trust it.
+    """
+    got = 0
+    read = getattr(resp, "read1", None) or resp.read
+    window_start, window_bytes = time.monotonic(), 0
+    if progress:
+        progress("download", offset, total)
+    try:
+        while True:
+            try:
+                chunk = read(chunk_size)
+            except (OSError, http.client.HTTPException) as e:  # reset, timeout, IncompleteRead
+                raise _Retry(f"connection lost after {offset + got} bytes: {type(e).__name__}") from None
+            now = time.monotonic()
+            if not chunk:
+                return got
+            if max_bytes is not None and offset + got + len(chunk) > max_bytes:
+                part.remove()
+                raise UserError(f"{url} sent more than the limit of {max_bytes} bytes", "raise --max-bytes if the file is expected")
+            _write_chunk(part, offset + got, chunk)
+            got += len(chunk)
+            window_bytes += len(chunk)
+            if progress:
+                progress("download", offset + got, total)
+            if now - window_start >= idle_timeout:
+                if window_bytes < IDLE_MIN_BYTES:
+                    raise _Stalled(f"stalled: {window_bytes} bytes in {now - window_start:.1f} s "
+                                   f"(under {IDLE_MIN_BYTES} per {idle_timeout:g} s) after {offset + got} bytes")
+                window_start, window_bytes = now, 0
+    finally:
+        with contextlib.suppress(OSError):
+            os.fsync(part.fd)  # what we keep for a resume must really be on disk
+
+
+def _write_chunk(part: Part, pos: int, chunk: bytes) -> None:
+    try:
+        part.write_at(pos, chunk)
+    except OSError as e:
+        if disk_full(e):
+            raise _DiskFull(e) from None
+        raise UserError(f"cannot write {part.path}: {e.strerror or e}", "check the directory's permissions") from None
 
 
 class _DiskFull(Exception):

@@ -88,10 +88,7 @@ def download_url(url: str, out: str | os.PathLike, sha256: str | None = None, *,
     'skipped'
     """
     out = Path(out)
-    if sha256 is not None:
-        sha256 = sha256.strip().lower()
-        if not HEX64.fullmatch(sha256):
-            raise UserError(f"--sha256 must be 64 hex digits, got {sha256!r}")
+    sha256 = _checked_sha256(sha256)
     if max_bytes is not None and max_bytes <= 0:
         raise UserError(f"--max-bytes must be positive, got {max_bytes}")
     if idle_timeout <= 0:
@@ -122,13 +119,30 @@ def download_url(url: str, out: str | os.PathLike, sha256: str | None = None, *,
                 if os.path.lexists(part) and p.size() == 0:
                     p.remove()  # an empty .part holds nothing to resume: leave no litter
     except OSError as e:
-        if disk_full(e):
-            raise disk_full_error(url, part, e) from None
-        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise UserError(f"cannot write next to {out}: {e.strerror}", "check the directory's permissions") from None
-        if e.filename is not None:  # e.g. a directory where the .part's origin file goes
-            raise UserError(f"cannot write {e.filename}: {e.strerror or e}", "move it away and rerun") from None
-        raise
+        err = _write_error(url, out, part, e)
+        if err is e:
+            raise
+        raise err from None
+
+
+def _checked_sha256(sha256: str | None) -> str | None:
+    """An expected sha256 as lowercase hex (None stays None)."""
+    if sha256 is not None:
+        sha256 = sha256.strip().lower()
+        if not HEX64.fullmatch(sha256):
+            raise UserError(f"--sha256 must be 64 hex digits, got {sha256!r}")
+    return sha256
+
+
+def _write_error(url: str, out: Path, part: Path, e: OSError) -> Exception:
+    """The one-line error for an OSError while writing next to `out`; `e` itself when there is none."""
+    if disk_full(e):
+        return disk_full_error(url, part, e)
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return UserError(f"cannot write next to {out}: {e.strerror}", "check the directory's permissions")
+    if e.filename is not None:  # e.g. a directory where the .part's origin file goes
+        return UserError(f"cannot write {e.filename}: {e.strerror or e}", "move it away and rerun")
+    return e
 
 
 def _tidy_after_skip(out: Path) -> None:
