@@ -332,7 +332,7 @@ def test_skip_when_complete_and_detect_corruption(server, tmp_path, sleeps):
 def test_existing_file_without_record_is_not_overwritten(server, tmp_path, sleeps):
     server.routes["/f.txt"] = Route(BODY)
     (tmp_path / "f.txt").write_text("mine")
-    with pytest.raises(UserError, match="--force"):
+    with pytest.raises(UserError, match="`force`"):
         dl.download_url(server.url + "/f.txt", tmp_path / "f.txt")
     assert (tmp_path / "f.txt").read_text() == "mine" and server.log == []
 

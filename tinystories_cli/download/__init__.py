@@ -12,12 +12,12 @@ One file at a time, the life of a download is:
                       If-Range, or a different ETag / size / published sha256) is discarded and
                       fetched again from the first byte, never spliced.
     verify            size against Content-Length, the registry and the server's X-Linked-Size; sha256
-                      against the registry or --sha256 and against the sha256 the server publishes for
+                      against the registry or `sha256` and against the sha256 the server publishes for
                       LFS files (X-Linked-Etag). On a mismatch the .part is deleted.
-    <dest>            renamed into place only when complete and verified (with --force too: the old
+    <dest>            renamed into place only when complete and verified (with `force` too: the old
                       file stays until the new one is verified). For .gz sources the verified .part
                       (the compressed bytes) is kept until the decompressed file is complete; the
-                      decompression is capped (registry value or --max-bytes) so a gzip bomb stops.
+                      decompression is capped (registry value or `max_bytes`) so a gzip bomb stops.
     <dest>.sha256     a small JSON record beside the file: its sha256, size and mtime, and where it
                       came from. A later run trusts the file without re-reading it while size and
                       mtime are unchanged (hashing 2 GB is not instant); when either changed, it

@@ -88,14 +88,14 @@ def download_hf_model(repo: str, out_dir: str | os.PathLike | None = None, root:
     plan = plan_hf_model(repo, out_dir, root, endpoint)
     res = HFModelResult(plan[0][0].dest.parent)
     if os.path.lexists(res.dir) and (os.path.islink(res.dir) or not res.dir.is_dir()):
-        raise UserError(f"{res.dir} exists and is not a directory", "pass another --out DIR, or move it away")
+        raise UserError(f"{res.dir} exists and is not a directory", "pass another `out_dir` DIR, or move it away")
     force = bool(kwargs.get("force"))
     foreign = [(pf, rec) for pf, _ in plan
                if (rec := read_record(pf.dest)) is not None and not same_source(rec.get("source"), pf.url)]
     if foreign and not force:
         pf, rec = foreign[0]
         raise UserError(f"{res.dir} holds files downloaded from another source ({pf.dest.name} from {rec.get('source')}, "
-                        f"not {pf.url})", "pass another --out DIR, or --force to replace them with this repo's files")
+                        f"not {pf.url})", "pass another `out_dir` DIR, or `force` to replace them with this repo's files")
     have: set[str] = set()
     for pf, required in plan:
         name = pf.dest.name
@@ -108,7 +108,7 @@ def download_hf_model(repo: str, out_dir: str | os.PathLike | None = None, root:
         except NotFound:
             if required:
                 raise UserError(f"{repo} has no {name} ({pf.url}: not found)",
-                                "check the repo id and --endpoint; only single-file safetensors weights (model.safetensors) are supported") from None
+                                "check the repo id and `endpoint`; only single-file safetensors weights (model.safetensors) are supported") from None
             res.missing.append(name)
             if any(f is pf for f, _ in foreign):  # another repo's file that this one lacks: never mixed in
                 pf.dest.unlink(missing_ok=True)

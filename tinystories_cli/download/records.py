@@ -133,13 +133,13 @@ def check_complete(dest: str | os.PathLike, expected_sha256: str | None = None,
 
     Fast path: size and mtime equal to the record -> trusted without reading the file. Otherwise the
     file is re-hashed; the same hash -> trusted (the record's mtime is refreshed), a different one
-    -> UserError (the file was changed or corrupted; --force downloads it again). While a .part
+    -> UserError (the file was changed or corrupted; `force` downloads it again). While a .part
     exists, a file that does not match its record is an unfinished replacement: None (finish it).
     """
     dest = Path(dest)
     if os.path.islink(dest):
         raise UserError(f"{dest} is a symbolic link; a download never writes through or replaces a link",
-                        "download to the link's target path instead (e.g. --dir on that disk), or remove the link")
+                        "download to the link's target path instead (e.g. `root` on that disk), or remove the link")
     if not dest.exists():
         return None
     pending = os.path.lexists(part_path(dest))
@@ -148,19 +148,19 @@ def check_complete(dest: str | os.PathLike, expected_sha256: str | None = None,
         return None  # stopped between decompression/rename and the record: finish it
     if rec is None:
         raise UserError(f"{dest} exists but has no valid download record ({record_path(dest).name})",
-                        "pass --force to download it again, or move the file away")
+                        "pass `force` to download it again, or move the file away")
     if url is not None and not same_source(rec.get("source"), url):
         raise UserError(f"{dest} was downloaded from {rec.get('source')}, not from {url}",
-                        "pass --force to replace it with this source's file, or choose another output")
+                        "pass `force` to replace it with this source's file, or choose another output")
     if expected_sha256 and rec["source_sha256"] != expected_sha256.lower():
         raise UserError(f"{dest} was downloaded with sha256 {rec['source_sha256']}, expected {expected_sha256.lower()}",
-                        "pass --force to download it again")
+                        "pass `force` to download it again")
     st = dest.stat()
     if st.st_size != rec["size"]:
         if pending:
             return None
         raise UserError(f"{dest} is corrupted: {st.st_size} bytes, {rec['size']} recorded in {record_path(dest).name}",
-                        "pass --force to download it again")
+                        "pass `force` to download it again")
     if st.st_mtime_ns != rec["mtime_ns"]:
         if pending:
             return None
@@ -171,7 +171,7 @@ def check_complete(dest: str | os.PathLike, expected_sha256: str | None = None,
             progress("verify", st.st_size, st.st_size)
         if actual != rec["sha256"]:
             raise UserError(f"{dest} is corrupted: sha256 {actual}, {rec['sha256']} recorded in {record_path(dest).name}",
-                            "pass --force to download it again")
+                            "pass `force` to download it again")
         rec["mtime_ns"] = st.st_mtime_ns
         atomic_write_text(record_path(dest), json.dumps(rec, indent=1) + "\n")
     verified = bool(rec.get("verified")) or expected_sha256 is not None  # checked against it just above

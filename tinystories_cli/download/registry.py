@@ -31,7 +31,7 @@ class RemoteFile:
 
     source: str                     # file name in the Hugging Face repo
     dest: str                       # file name under data/<dataset>/
-    split: str | None = None        # "train" / "valid", or None: part of every --split
+    split: str | None = None        # "train" / "valid", or None: part of every `split`
     sha256: str | None = None
     size: int | None = None
     gunzip: bool = False
@@ -109,12 +109,12 @@ class PlannedFile:
 def get_dataset(name: str) -> Dataset:
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}",
-                        f"choose one of: {', '.join(DATASETS)}; or `{HF_MODEL} REPO`; or pass a URL with --out FILE")
+                        f"choose one of: {', '.join(DATASETS)}; or `{HF_MODEL} REPO`; or pass a URL with `out` FILE")
     return DATASETS[name]
 
 
 def resolve_endpoint(endpoint: str | None = None) -> str:
-    """--endpoint, else $HF_ENDPOINT, else huggingface.co. A local directory becomes a file:// URL.
+    """`endpoint`, else $HF_ENDPOINT, else huggingface.co. A local directory becomes a file:// URL.
 
     >>> resolve_endpoint("https://hf-mirror.com/")
     'https://hf-mirror.com'

@@ -47,8 +47,8 @@ class _NoRoute(_Retry):
     started fails at once with `Unreachable`."""
 
 
-OFFLINE_FIX = ("no network? `tslm quickstart --text FILE` learns from your own text; `tslm download` takes a "
-               "plain path or a file:// URL with --out FILE; a mirror is set with --endpoint URL (or HF_ENDPOINT)")
+OFFLINE_FIX = ("no network? a plain path or a file:// URL downloads a local copy (`out` FILE); a mirror is set "
+               "with `endpoint` URL (or HF_ENDPOINT)")  # the CLI says more: which commands work offline
 
 
 class Unreachable(UserError):
@@ -122,7 +122,7 @@ class RedirectGuard(urllib.request.HTTPRedirectHandler):
             with contextlib.suppress(Exception):
                 fp.close()
             raise UserError(f"refusing the redirect from {req.full_url} to {newurl}: it downgrades https to {new or 'a relative URL'}",
-                            "use a mirror that stays on https (--endpoint)")
+                            "use a mirror that stays on https (`endpoint`)")
         self.hops.append(headers)
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
@@ -195,9 +195,9 @@ def _open(url: str, have: int, origin: Origin | None, timeout: float, header_lim
         elif e.code >= 500 or e.code in (408, 429):
             raise _Retry(f"HTTP {e.code} {e.reason}") from None
         elif e.code == 404:
-            raise NotFound(url, f"{url}: HTTP 404 {e.reason}", "check the URL (or --endpoint); the file may have moved") from None
+            raise NotFound(url, f"{url}: HTTP 404 {e.reason}", "check the URL (or `endpoint`); the file may have moved") from None
         else:
-            fix = "check the URL (or --endpoint); the file may have moved or need a login" if e.code in (401, 403) else None
+            fix = "check the URL (or `endpoint`); the file may have moved or need a login" if e.code in (401, 403) else None
             raise UserError(f"{url}: HTTP {e.code} {e.reason}", fix) from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         if deadline.fired:
@@ -249,7 +249,7 @@ def _fetch_once(url: str, part: Part, timeout: float, idle_timeout: float, chunk
             offset, total, origin = _whole_file(url, part, headers, have, length, linked_size, published)
         if max_bytes is not None and total is not None and total > max_bytes:
             part.remove()
-            raise UserError(f"{url} is {total} bytes, over the limit of {max_bytes}", "raise --max-bytes if the file is expected")
+            raise UserError(f"{url} is {total} bytes, over the limit of {max_bytes}", "raise `max_bytes` if the file is expected")
         got = _receive(resp, part, url, offset, total, idle_timeout, chunk_size, max_bytes, progress)
         if length is not None and got < length:
             raise _Retry(f"connection closed after {offset + got} of {offset + length} bytes")
@@ -311,7 +311,7 @@ def _whole_file(url: str, part: Part, headers, have: int, length: int | None, li
     total = length
     if linked_size is not None and total is not None and linked_size != total:
         raise UserError(f"{url}: the server announces {total} bytes but publishes a size of {linked_size}",
-                        "check --endpoint; the mirror may serve another file")
+                        "check `endpoint`; the mirror may serve another file")
     origin = Origin(url, _strong_etag(headers), (headers.get("Last-Modified") or None) if headers else None,
                     total if total is not None else linked_size, published)
     if origin.last_modified is not None and len(origin.last_modified) > 1024:
@@ -343,7 +343,7 @@ def _receive(resp, part: Part, url: str, offset: int, total: int | None, idle_ti
                 return got
             if max_bytes is not None and offset + got + len(chunk) > max_bytes:
                 part.remove()
-                raise UserError(f"{url} sent more than the limit of {max_bytes} bytes", "raise --max-bytes if the file is expected")
+                raise UserError(f"{url} sent more than the limit of {max_bytes} bytes", "raise `max_bytes` if the file is expected")
             _write_chunk(part, offset + got, chunk)
             got += len(chunk)
             window_bytes += len(chunk)
@@ -398,7 +398,7 @@ def fetch_into(url: str, part: Part, *, retries: int, backoff: float, sleep: Cal
             failures = 1 if now > before and not isinstance(e, _Stalled) else failures + 1
             if failures > retries:
                 fix = (f"rerun the same command to resume from {part.path.name}" if now
-                       else "check the network or --endpoint, then rerun")
+                       else "check the network or `endpoint`, then rerun")
                 raise UserError(f"download of {url} failed after {retries + 1} attempts: {e}", fix) from None
             (sleep or SLEEP)(min(backoff * 2 ** (failures - 1), MAX_BACKOFF))
         except _DiskFull as e:

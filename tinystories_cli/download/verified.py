@@ -49,7 +49,7 @@ def _gunzip(part: Part, dest: Path, progress: Progress | None, chunk_size: int, 
                 if cap is not None and written > cap:
                     raise UserError(f"unpacking {part.path.name} exceeds {cap} bytes ({cap_source}); stopped and removed "
                                     f"the partial output, the verified download stays in {part.path.name}",
-                                    "the source may be a gzip bomb; if it really is that large, rerun with a larger --max-bytes")
+                                    "the source may be a gzip bomb; if it really is that large, rerun with a larger `max_bytes`")
                 out.write(chunk)
                 h.update(chunk)
                 if progress:
@@ -90,7 +90,7 @@ def download_url(url: str, out: str | os.PathLike, sha256: str | None = None, *,
     out = Path(out)
     sha256 = _checked_sha256(sha256)
     if max_bytes is not None and max_bytes <= 0:
-        raise UserError(f"--max-bytes must be positive, got {max_bytes}")
+        raise UserError(f"`max_bytes` must be positive, got {max_bytes}")
     if idle_timeout <= 0:
         raise UserError(f"the idle timeout must be positive, got {idle_timeout}")
     part = part_path(out)
@@ -130,7 +130,7 @@ def _checked_sha256(sha256: str | None) -> str | None:
     if sha256 is not None:
         sha256 = sha256.strip().lower()
         if not HEX64.fullmatch(sha256):
-            raise UserError(f"--sha256 must be 64 hex digits, got {sha256!r}")
+            raise UserError(f"`sha256` must be 64 hex digits, got {sha256!r}")
     return sha256
 
 
@@ -166,17 +166,17 @@ def _download_part(url: str, out: Path, part: Part, sha256: str | None, size: in
         if expected is not None and n != expected:
             part.remove()
             raise UserError(f"{url}: got {n} bytes, {what} {expected}; the partial file was removed",
-                            "rerun to download it again, or check --endpoint")
+                            "rerun to download it again, or check `endpoint`")
     source_sha = part.sha256(progress)
     for expected, what in ((sha256, "expected"), (origin.sha256, "published by the server")):
         if expected is not None and source_sha != expected:
             part.remove()
             raise UserError(f"sha256 mismatch for {url}: {what} {expected}, got {source_sha}; nothing was kept",
-                            "check the --sha256 value or the source" if what == "expected" else "rerun; if it persists, check --endpoint")
+                            "check the `sha256` value or the source" if what == "expected" else "rerun; if it persists, check `endpoint`")
     verified = sha256 is not None or origin.sha256 is not None
     record = dict(source_sha256=source_sha, source_size=n, url=url, verified=verified)
     if gunzip:
-        cap, cap_source = (max_bytes, "--max-bytes") if max_bytes is not None else (max_unpacked, "the registry's limit")
+        cap, cap_source = (max_bytes, "`max_bytes`") if max_bytes is not None else (max_unpacked, "the registry's limit")
         out_sha = _gunzip(part, out, progress, chunk_size, cap, cap_source)
         fsync_dir(out.parent)
         write_record(out, sha256=out_sha, **record)
