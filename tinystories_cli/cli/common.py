@@ -17,6 +17,7 @@ from typing import Annotated, Any, Callable, Iterator, Literal, Optional
 import typer
 from pydantic import BaseModel
 
+from tinystories_cli.config import TrainConfig
 from tinystories_cli.errors import UserError
 
 MODEL = "Model overrides"
@@ -24,6 +25,14 @@ TRAIN = "Training overrides"
 
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="TOML or JSON config file (sections \\[model], \\[train]).")]
 PrintConfig = Annotated[bool, typer.Option("--print-config", help="Print the fully resolved config as JSON and exit.")]
+
+
+def device_option(when: str = "") -> Any:
+    """The one --device option; its help is the `device` setting's (`tslm train --device`), after `when`."""
+    return typer.Option("--device", help=when + TrainConfig.model_fields["device"].description)
+
+
+Device = Annotated[str, device_option()]  # every command but train: `device: common.Device = "auto"`
 
 # The model settings that change a model's size and FLOPs (what `tslm account` takes).
 SHAPE_FIELDS = ("context_length", "vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "norm", "norm_position",

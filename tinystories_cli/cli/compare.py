@@ -12,6 +12,7 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from tinystories_cli import compare
+from tinystories_cli.cli import common
 from tinystories_cli.console import console, print_note
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import strict_json
@@ -23,7 +24,7 @@ def command(
     runs: Annotated[list[str], typer.Argument(help="Run names under runs/ or run directories.", show_default=False, metavar="RUN")],
     data: Annotated[Optional[Path], typer.Option("--data", help="Evaluate every run on this token file now (as `tslm eval` does) instead of reading saved eval_*.json results.", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass with --data.")] = 16,
-    device: Annotated[str, typer.Option("--device", help="With --data: auto (cuda > mps > cpu), cpu, cuda, mps.")] = "auto",
+    device: Annotated[str, common.device_option("With --data: ")] = "auto",
     markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table (for a results file).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print every run's summary as JSON.")] = False,
     no_group: Annotated[bool, typer.Option("--no-group", help="One row per run, even for runs that differ only by seed.")] = False,

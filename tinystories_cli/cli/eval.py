@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from tinystories_cli.cli import common
 from tinystories_cli.console import console, err_console
 from tinystories_cli.errors import UserError
 from tinystories_cli.evaluate import evaluate_run, position_buckets
@@ -23,7 +24,7 @@ def command(
     data: Annotated[Optional[Path], typer.Option("--data", help="Token file (default: the run's data/<dataset>/valid.npy).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = 16,
     ctx: Annotated[Optional[int], typer.Option("--ctx", "--context-length", help="Window length (default and maximum: the model's context length).")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto (cuda > mps > cpu), cpu, cuda, mps.")] = "auto",
+    device: common.Device = "auto",
     out: Annotated[Optional[Path], typer.Option("--out", help="Write the JSON here (default: <run>/eval_<data>.json).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out and --plot if they exist.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON only.")] = False,

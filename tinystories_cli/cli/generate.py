@@ -13,6 +13,7 @@ from tinystories_cli import fastpath, sampling_grid
 from tinystories_cli import generate as gen
 from tinystories_cli.cli import common
 from tinystories_cli.console import console, err_console, print_note
+from tinystories_cli.device import pick_device
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import atomic_write_text, check_output_path, strict_json
 
@@ -50,7 +51,7 @@ def command(
                                           "--max-tokens tokens.", rich_help_panel=SAMPLING)] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per sample (JSON lines) "
                                           "instead of streaming text; `ids`: the prompt's and the generated token ids).")] = False,
-    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps.")] = "auto",
+    device: common.Device = "auto",
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the whole context every step "
                                            "(slow; for comparison).")] = False,
     precision: Annotated[str, typer.Option(
@@ -111,7 +112,7 @@ def command(
     if checkpoint is not None and not checkpoint.is_file():
         raise UserError(f"checkpoint file not found: {checkpoint}",
                         "train a model first with `tslm train`, or pass a file from runs/<name>/checkpoints/")
-    model, tokenizer, source = _load(checkpoint if checkpoint is not None else run, _device(device))
+    model, tokenizer, source = _load(checkpoint if checkpoint is not None else run, str(pick_device(device)))
     # Which model wrote the text (runs/latest may be a surprise): one dim line once the text is out (before
     # its summary line), so that an error in the arguments stays the only line.
     from tinystories_cli import runs
@@ -188,21 +189,6 @@ def _prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
         except UnicodeDecodeError as e:
             raise UserError(f"the prompt on standard input is not UTF-8 text: {e}", "pipe UTF-8 text") from None
     return [DEFAULT_PROMPT if prompt is None else prompt]
-
-
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        mps = getattr(torch.backends, "mps", None)
-        return "mps" if mps is not None and mps.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine", "use --device cpu")
-    if name not in ("cpu", "mps") and not name.startswith("cuda"):
-        raise UserError(f"unknown --device {name!r}", "use auto, cpu, cuda, cuda:N or mps")
-    return name
 
 
 def _load(run_or_checkpoint, device: str):
