@@ -51,10 +51,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
+from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from tinystories_cli import fastpath
 from tinystories_cli.account import host_memory_bytes
+from tinystories_cli.config import setting
 from tinystories_cli.console import human_bytes
 from tinystories_cli.errors import UserError
 
@@ -173,6 +175,23 @@ def check_batch_fits(cfg, rows: int, available: int | None = None) -> None:
     if need > have:
         raise ValueError(f"num_samples x prompts = {rows} rows need {human_bytes(need)} for the KV cache and "
                          f"logits, more than this machine's {human_bytes(have)}")
+
+
+class SamplingSettings(BaseModel):
+    """The sampling settings of `generate_samples`, each declared once: its description is its `tslm generate` --help.
+
+    >>> SamplingSettings().model_dump()
+    {'max_new_tokens': 256, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'seed': None, 'num_samples': 1}
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = setting(256, "At most this many new tokens per sample.", flags=("--max-tokens",))
+    temperature: float = setting(1.0, "Temperature; 0 means greedy.", flags=("--temp", "--temperature"))
+    top_p: float = setting(1.0, "Nucleus sampling mass in (0, 1]; 1 disables it.")
+    top_k: int = setting(0, "Keep the k most likely tokens; 0 disables it.")
+    seed: int | None = setting(None, "Random seed (default: a fresh one, reported); sample i uses seed + i.")
+    num_samples: int = setting(1, "Samples per prompt, generated as one batch.", flags=("--num-samples", "-n"))
 
 
 def check_sampling_args(max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
