@@ -57,6 +57,15 @@ def command(
         if legend:
             print(f"\n{legend}")
         return
+    _print_table(cols, rows, summaries, legend)
+
+
+def _print_table(cols: list[str], rows: list[list[str]], summaries, legend: str | None) -> None:
+    """The comparison as a rich table, never squeezing numbers into ellipses.
+
+    A table wider than the terminal is turned on its side (one column per run), which fits a few runs with
+    many differing settings; failing that it is printed at full width.
+    """
     captions = []
     if any(s.eval for s in summaries):
         captions.append("best/final val: logged during training on fixed windows; eval loss, ppl, bpb (bits per byte): "
@@ -68,8 +77,7 @@ def command(
         t.add_column(c, justify="right" if c in compare.NUMERIC_COLUMNS else "left", no_wrap=True)
     for row in rows:
         t.add_row(*row)
-    # Never squeeze numbers into ellipses. A table wider than the terminal is turned on its side (one column
-    # per run), which fits a few runs with many differing settings; failing that it is printed at full width.
+
     def natural(table: Table) -> int:
         return Measurement.get(console, console.options.update(width=100_000), table).maximum
 
