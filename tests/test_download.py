@@ -452,3 +452,16 @@ def test_cli_ctrl_c_keeps_part_and_says_so(tmp_path, capsys, monkeypatch):
     assert main(["download", "file:///nowhere.txt", "--out", str(tmp_path / "x.txt")]) == 130
     err = capsys.readouterr().err
     assert "x.txt.part" in err and "resume" in err
+
+
+def test_library_names_parameters_and_the_cli_names_flags(tmp_path, capsys):
+    """Library messages name the parameter in backticks (issue 25); the CLI prints the flag in its place."""
+    with pytest.raises(UserError, match=r"^`sha256` must be 64 hex digits"):
+        dl.download_url("file:///x", tmp_path / "x", "xyz")
+    with pytest.raises(UserError, match=r"pass a URL with `out` FILE"):
+        dl.get_dataset("nosuch")
+    assert main(["download", "file:///x", "--out", str(tmp_path / "x"), "--sha256", "xyz"]) == 2
+    assert "error: --sha256 must be 64 hex digits" in capsys.readouterr().err
+    assert main(["download", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "pass a URL with --out FILE" in err and "`" not in err.partition("`hf-model REPO`")[2]
