@@ -150,7 +150,7 @@ def server():
 def sleeps(monkeypatch):
     """Capture backoff pauses instead of sleeping."""
     calls: list[float] = []
-    monkeypatch.setattr(dl, "SLEEP", calls.append)
+    monkeypatch.setattr(dl.transfer, "SLEEP", calls.append)  # the module whose retry loop reads it
     return calls
 
 
@@ -332,7 +332,7 @@ def test_skip_when_complete_and_detect_corruption(server, tmp_path, sleeps):
 def test_existing_file_without_record_is_not_overwritten(server, tmp_path, sleeps):
     server.routes["/f.txt"] = Route(BODY)
     (tmp_path / "f.txt").write_text("mine")
-    with pytest.raises(UserError, match="--force"):
+    with pytest.raises(UserError, match="`force`"):
         dl.download_url(server.url + "/f.txt", tmp_path / "f.txt")
     assert (tmp_path / "f.txt").read_text() == "mine" and server.log == []
 
@@ -373,11 +373,9 @@ def test_registry_urls_and_endpoint_resolution(monkeypatch, tmp_path):
 @pytest.fixture
 def no_registry_hashes(monkeypatch):
     """The test server serves fake bytes: drop any recorded checksums from the registry."""
-    stripped = {
-        n: dataclasses.replace(d, files=tuple(dataclasses.replace(f, sha256=None, size=None) for f in d.files))
-        for n, d in dl.DATASETS.items()
-    }
-    monkeypatch.setattr(dl, "DATASETS", stripped)
+    for n, d in list(dl.DATASETS.items()):  # the one registry dict every module reads
+        files = tuple(dataclasses.replace(f, sha256=None, size=None) for f in d.files)
+        monkeypatch.setitem(dl.DATASETS, n, dataclasses.replace(d, files=files))
 
 
 def test_cli_dataset_from_endpoint(server, tmp_path, capsys, monkeypatch, sleeps, no_registry_hashes):
@@ -454,3 +452,16 @@ def test_cli_ctrl_c_keeps_part_and_says_so(tmp_path, capsys, monkeypatch):
     assert main(["download", "file:///nowhere.txt", "--out", str(tmp_path / "x.txt")]) == 130
     err = capsys.readouterr().err
     assert "x.txt.part" in err and "resume" in err
+
+
+def test_library_names_parameters_and_the_cli_names_flags(tmp_path, capsys):
+    """Library messages name the parameter in backticks (issue 25); the CLI prints the flag in its place."""
+    with pytest.raises(UserError, match=r"^`sha256` must be 64 hex digits"):
+        dl.download_url("file:///x", tmp_path / "x", "xyz")
+    with pytest.raises(UserError, match=r"pass a URL with `out` FILE"):
+        dl.get_dataset("nosuch")
+    assert main(["download", "file:///x", "--out", str(tmp_path / "x"), "--sha256", "xyz"]) == 2
+    assert "error: --sha256 must be 64 hex digits" in capsys.readouterr().err
+    assert main(["download", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "pass a URL with --out FILE" in err and "`" not in err.partition("`hf-model REPO`")[2]

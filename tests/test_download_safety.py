@@ -233,7 +233,7 @@ def test_gzip_bomb_stops_at_the_cap_and_keeps_the_verified_gz(server, tmp_path, 
         dl.download_url(server.url + "/b.gz", out, gunzip=True, max_unpacked=100_000, chunk_size=8192)
     assert _leftovers(out) == ["b.txt.part", "b.txt.part.json"] and dl.part_path(out).read_bytes() == BOMB
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # the partial output is gone
-    with pytest.raises(UserError, match="exceeds 200000 bytes .*--max-bytes"):
+    with pytest.raises(UserError, match="exceeds 200000 bytes .*`max_bytes`"):
         dl.download_url(server.url + "/b.gz", out, gunzip=True, max_unpacked=10**9, max_bytes=200_000)
     res = dl.download_url(server.url + "/b.gz", out, gunzip=True, max_unpacked=4_000_000)
     assert res.size == 3_000_000 and res.source_sha256 == hashlib.sha256(BOMB).hexdigest()

@@ -20,7 +20,7 @@ FLOORS = {
     "core": ["tinystories_cli.model", "tinystories_cli.optim", "tinystories_cli.data", "tinystories_cli.tokens",
              "tinystories_cli.checkpoint", "tinystories_cli.runs", "tinystories_cli.evaluate",
              "tinystories_cli.device", "tinystories_cli.account", "tinystories_cli.generate",
-             "tinystories_cli.download", "tinystories_cli.sample", "tinystories_cli.run_readme",
+             "tinystories_cli.download*", "tinystories_cli.sample", "tinystories_cli.run_readme",
              "tinystories_cli.sampling_grid", "tinystories_cli.tokenizer*", "tinystories_cli.interop*",
              "tinystories_cli.fastpath*"],
     "train": ["tinystories_cli.train*"],

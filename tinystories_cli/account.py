@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import weakref
 
 from tinystories_cli.config import ModelConfig
 from tinystories_cli.console import human_bytes, human_count
@@ -171,8 +172,6 @@ def measure_activation_bytes(cfg: ModelConfig, batch_size: int, seq_len: int | N
     `tslm train --activation-checkpointing` runs them: what the forward saves outside the blocks, plus
     the block inputs the checkpoints hold, plus what one block saves when the backward reruns it.
     """
-    import weakref
-
     import torch  # only for --measure: `tslm account` itself needs no torch
 
     from tinystories_cli.model import TransformerLM, cross_entropy
@@ -182,54 +181,72 @@ def measure_activation_bytes(cfg: ModelConfig, batch_size: int, seq_len: int | N
         cfg = cfg.model_copy(update={"attention_backend": "reference"})
     torch.manual_seed(0)
     model = TransformerLM(cfg).train()
-    owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-
-    class Saved:  # a handle per saved tensor; it dies with the graph node that holds it
-        __slots__ = ("t", "__weakref__")
-
-        def __init__(self, t):
-            self.t = t
-
-    handles: list[weakref.ref] = []
-
-    def pack(t):
-        h = Saved(t)
-        handles.append(weakref.ref(h))
-        return h
-
-    def live_bytes() -> dict[int, int]:
-        sizes: dict[int, int] = {}
-        for ref in handles:
-            h = ref()
-            if h is not None and h.t.untyped_storage().data_ptr() not in owned:
-                sizes[h.t.untyped_storage().data_ptr()] = h.t.untyped_storage().nbytes()
-        return sizes
-
+    saved = _SavedTensors(model)
     ids = torch.randint(0, cfg.vocab_size, (batch_size, T + 1))
     block_inputs: dict[int, int] = {}
     layer_bytes = 0
     if activation_checkpointing:
-        from torch.utils.checkpoint import checkpoint
-
-        for block in model.layers:
-            def forward(x, *args, _inner=block.forward):
-                block_inputs[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
-                return checkpoint(_inner, x, *args, use_reentrant=False)
-
-            block.forward = forward
+        _checkpoint_blocks(model, block_inputs)
         # one block's own saved tensors, as its recompute in the backward keeps them
         x = torch.randn(batch_size, T, cfg.d_model, requires_grad=True)
         pos = torch.arange(T) if cfg.pos_emb == "rope" else None
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda h: h.t):
+        with saved.hooks():
             y = type(model.layers[0]).forward(model.layers[0], x, pos)
-        layer_bytes = sum(v for k, v in live_bytes().items() if k != x.untyped_storage().data_ptr())
+        layer_bytes = sum(v for k, v in saved.live_bytes().items() if k != x.untyped_storage().data_ptr())
         del y
-        handles.clear()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda h: h.t):
+        saved.handles.clear()
+    with saved.hooks():
         loss = cross_entropy(model(ids[:, :-1]), ids[:, 1:])
-    sizes = {**live_bytes(), **block_inputs}
+    sizes = {**saved.live_bytes(), **block_inputs}
     loss.backward()
     return sum(sizes.values()) + layer_bytes
+
+
+class _Saved:  # a handle per saved tensor; it dies with the graph node that holds it
+    __slots__ = ("t", "__weakref__")
+
+    def __init__(self, t):
+        self.t = t
+
+
+class _SavedTensors:
+    """The tensors autograd saves for backward while `hooks()` is active, by storage; the model's own
+    parameters and buffers are left out."""
+
+    def __init__(self, model):
+        self.owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        self.handles: list[weakref.ref] = []
+
+    def hooks(self):
+        import torch
+
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda h: h.t)
+
+    def _pack(self, t) -> _Saved:
+        h = _Saved(t)
+        self.handles.append(weakref.ref(h))
+        return h
+
+    def live_bytes(self) -> dict[int, int]:
+        """{storage: bytes} of the saved tensors whose graph nodes are still alive."""
+        sizes: dict[int, int] = {}
+        for ref in self.handles:
+            h = ref()
+            if h is not None and h.t.untyped_storage().data_ptr() not in self.owned:
+                sizes[h.t.untyped_storage().data_ptr()] = h.t.untyped_storage().nbytes()
+        return sizes
+
+
+def _checkpoint_blocks(model, block_inputs: dict[int, int]) -> None:
+    """Run each block under non-reentrant checkpointing, recording the input it holds in `block_inputs`."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.layers:
+        def forward(x, *args, _inner=block.forward):
+            block_inputs[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+            return checkpoint(_inner, x, *args, use_reentrant=False)
+
+        block.forward = forward
 
 
 PEAK_TFLOPS = {"float32": 156.0, "bfloat16": 312.0, "float16": 312.0}  # A100 dense: TF32 (float32 under

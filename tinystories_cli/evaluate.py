@@ -74,40 +74,18 @@ def evaluate_tokens(
     if len(tokens) < 2:
         raise UserError(f"token file holds {len(tokens)} tokens; evaluation needs at least 2", "encode more text")
     model.eval()
-    device = torch.device(device)
     windows = window_starts(len(tokens), context_length)
     full = [s for s, n in windows if n == context_length]
-    tail = [(s, n) for s, n in windows if n != context_length]
+    batches = [(full[i:i + batch_size], context_length) for i in range(0, len(full), batch_size)]
+    batches += [([s], n) for s, n in windows if n != context_length]  # the short tail window, if any
+    score = _WindowScorer(model, tokens, torch.device(device), autocast, context_length if per_position else 0)
     total_nats = 0.0
     predicted = 0
     done = 0
-    pos_nats = torch.zeros(context_length, dtype=torch.float64)
-    pos_count = torch.zeros(context_length, dtype=torch.int64)
-
-    def score(starts: list[int], length: int) -> float:
-        idx = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(length + 1)[None, :]
-        block = torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64)).to(device)
-        x, y = block[:, :-1], block[:, 1:]
-        with (autocast() if autocast else contextlib.nullcontext()):
-            logits = model(x)  # (B, T, V)
-        logp = log_softmax(logits.float(), dim=-1)
-        nll = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)  # (B, T)
-        if per_position:
-            pos_nats[:length] += nll.double().sum(0).cpu()
-            pos_count[:length] += len(starts)
-        return nll.double().sum().item()
-
-    for i in range(0, len(full), batch_size):
-        chunk = full[i:i + batch_size]
-        total_nats += score(chunk, context_length)
-        predicted += len(chunk) * context_length
-        done += len(chunk)
-        if on_progress:
-            on_progress(done, len(windows))
-    for s, n in tail:
-        total_nats += score([s], n)
-        predicted += n
-        done += 1
+    for starts, length in batches:
+        total_nats += score(starts, length)
+        predicted += len(starts) * length
+        done += len(starts)
         if on_progress:
             on_progress(done, len(windows))
     mean = total_nats / predicted
@@ -123,9 +101,32 @@ def evaluate_tokens(
         "context_length": context_length,
     }
     if per_position:
-        out["position_nats"] = pos_nats.tolist()
-        out["position_tokens"] = pos_count.tolist()
+        out["position_nats"] = score.pos_nats.tolist()
+        out["position_tokens"] = score.pos_count.tolist()
     return out
+
+
+class _WindowScorer:
+    """Summed next-token loss (nats) of windows of `tokens`; with `positions` > 0, also per position."""
+
+    def __init__(self, model, tokens: np.ndarray, device: torch.device, autocast: Callable | None, positions: int):
+        self.model, self.tokens, self.device, self.autocast = model, tokens, device, autocast
+        self.per_position = positions > 0
+        self.pos_nats = torch.zeros(positions, dtype=torch.float64)
+        self.pos_count = torch.zeros(positions, dtype=torch.int64)
+
+    def __call__(self, starts: list[int], length: int) -> float:
+        idx = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(length + 1)[None, :]
+        block = torch.from_numpy(np.asarray(self.tokens[idx], dtype=np.int64)).to(self.device)
+        x, y = block[:, :-1], block[:, 1:]
+        with (self.autocast() if self.autocast else contextlib.nullcontext()):
+            logits = self.model(x)  # (B, T, V)
+        logp = log_softmax(logits.float(), dim=-1)
+        nll = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)  # (B, T)
+        if self.per_position:
+            self.pos_nats[:length] += nll.double().sum(0).cpu()
+            self.pos_count[:length] += len(starts)
+        return nll.double().sum().item()
 
 
 def position_buckets(position_nats: list[float], position_tokens: list[int], buckets: int = 8) -> list[dict]:

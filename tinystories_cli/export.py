@@ -321,8 +321,6 @@ def check_out_file(out: str | os.PathLike, force: bool, protect: list[Path] = ()
 def export_gguf(model: torch.nn.Module, tokenizer, cfg: ModelConfig, out: str | os.PathLike, force: bool = False,
                 dtype: str = "f32", protect: list[Path] = ()) -> Path:
     """Write one GGUF file for llama.cpp (see the module docstring and `interop.llamacpp`); returns its path."""
-    import numpy as np
-
     from tinystories_cli.interop import llamacpp
 
     llamacpp.check_gguf_compatible(cfg)
@@ -331,48 +329,14 @@ def export_gguf(model: torch.nn.Module, tokenizer, cfg: ModelConfig, out: str | 
     gguf = import_gguf()
     out = check_out_file(out, force, protect)
     out.parent.mkdir(parents=True, exist_ok=True)
-    Q = gguf.GGMLQuantizationType
     tensors = llamacpp.gguf_tensors(plain_state(model, torch.float32), cfg)
     specials = special_token_ids(tokenizer)
-    tokens, types, merges = llamacpp.gguf_vocab(tokenizer, cfg.vocab_size, specials)
-    eot = specials.get(EOT)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
         w = gguf.GGUFWriter(tmp, llamacpp.ARCH)
-        w.add_name(out.stem)
-        w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        hp = llamacpp.gguf_hparams(cfg)
-        w.add_context_length(hp["context_length"])
-        w.add_embedding_length(hp["embedding_length"])
-        w.add_feed_forward_length(hp["feed_forward_length"])
-        w.add_block_count(hp["block_count"])
-        w.add_head_count(hp["attention.head_count"])
-        w.add_head_count_kv(hp["attention.head_count_kv"])
-        w.add_layer_norm_rms_eps(hp["attention.layer_norm_rms_epsilon"])
-        w.add_rope_freq_base(hp["rope.freq_base"])
-        w.add_rope_dimension_count(hp["rope.dimension_count"])
-        w.add_vocab_size(hp["vocab_size"])
-        w.add_tokenizer_model(llamacpp.TOKENIZER_MODEL)
-        w.add_tokenizer_pre(llamacpp.TOKENIZER_PRE)
-        w.add_token_list(tokens)
-        w.add_token_types(types)
-        w.add_token_merges(merges)
-        if eot is not None:
-            w.add_bos_token_id(eot)
-            w.add_eos_token_id(eot)
-        w.add_add_bos_token(False)  # trained on raw ids: nothing is prepended
-        w.add_add_eos_token(False)
-        for name, t in tensors.items():
-            a = t.detach().to(torch.float32).contiguous().numpy()
-            if a.ndim == 1 or dtype == "f32":
-                w.add_tensor(name, a)
-            elif dtype == "q8_0" and a.shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0] == 0:
-                w.add_tensor(name, gguf.quants.quantize(a, Q.Q8_0), raw_dtype=Q.Q8_0)
-            else:
-                w.add_tensor(name, a.astype(np.float16))
+        _gguf_metadata(w, gguf, cfg, out.stem, dtype, tokenizer, specials)
+        _gguf_tensors(w, gguf, tensors, dtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -387,6 +351,54 @@ def export_gguf(model: torch.nn.Module, tokenizer, cfg: ModelConfig, out: str | 
             os.unlink(tmp)
         raise
     return out
+
+
+def _gguf_metadata(w, gguf, cfg: ModelConfig, name: str, dtype: str, tokenizer, specials: dict[str, int]) -> None:
+    """The key-value half of the GGUF file: file type, hyperparameters and the tokenizer."""
+    from tinystories_cli.interop import llamacpp
+
+    tokens, types, merges = llamacpp.gguf_vocab(tokenizer, cfg.vocab_size, specials)
+    eot = specials.get(EOT)
+    w.add_name(name)
+    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    hp = llamacpp.gguf_hparams(cfg)
+    w.add_context_length(hp["context_length"])
+    w.add_embedding_length(hp["embedding_length"])
+    w.add_feed_forward_length(hp["feed_forward_length"])
+    w.add_block_count(hp["block_count"])
+    w.add_head_count(hp["attention.head_count"])
+    w.add_head_count_kv(hp["attention.head_count_kv"])
+    w.add_layer_norm_rms_eps(hp["attention.layer_norm_rms_epsilon"])
+    w.add_rope_freq_base(hp["rope.freq_base"])
+    w.add_rope_dimension_count(hp["rope.dimension_count"])
+    w.add_vocab_size(hp["vocab_size"])
+    w.add_tokenizer_model(llamacpp.TOKENIZER_MODEL)
+    w.add_tokenizer_pre(llamacpp.TOKENIZER_PRE)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    if eot is not None:
+        w.add_bos_token_id(eot)
+        w.add_eos_token_id(eot)
+    w.add_add_bos_token(False)  # trained on raw ids: nothing is prepended
+    w.add_add_eos_token(False)
+
+
+def _gguf_tensors(w, gguf, tensors: dict[str, torch.Tensor], dtype: str) -> None:
+    """The weights: vectors stay f32; matrices in `dtype` (q8_0 where the row length allows, else f16)."""
+    import numpy as np
+
+    Q = gguf.GGMLQuantizationType
+    for name, t in tensors.items():
+        a = t.detach().to(torch.float32).contiguous().numpy()
+        if a.ndim == 1 or dtype == "f32":
+            w.add_tensor(name, a)
+        elif dtype == "q8_0" and a.shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0] == 0:
+            w.add_tensor(name, gguf.quants.quantize(a, Q.Q8_0), raw_dtype=Q.Q8_0)
+        else:
+            w.add_tensor(name, a.astype(np.float16))
 
 
 def export_run(run: str | os.PathLike | None, fmt: str, out: str | os.PathLike, force: bool = False,

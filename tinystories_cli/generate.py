@@ -51,10 +51,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
+from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from tinystories_cli import fastpath
 from tinystories_cli.account import host_memory_bytes
+from tinystories_cli.config import setting
 from tinystories_cli.console import human_bytes
 from tinystories_cli.errors import UserError
 
@@ -173,6 +175,23 @@ def check_batch_fits(cfg, rows: int, available: int | None = None) -> None:
     if need > have:
         raise ValueError(f"num_samples x prompts = {rows} rows need {human_bytes(need)} for the KV cache and "
                          f"logits, more than this machine's {human_bytes(have)}")
+
+
+class SamplingSettings(BaseModel):
+    """The sampling settings of `generate_samples`, each declared once: its description is its `tslm generate` --help.
+
+    >>> SamplingSettings().model_dump()
+    {'max_new_tokens': 256, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'seed': None, 'num_samples': 1}
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = setting(256, "At most this many new tokens per sample.", flags=("--max-tokens",))
+    temperature: float = setting(1.0, "Temperature; 0 means greedy.", flags=("--temp", "--temperature"))
+    top_p: float = setting(1.0, "Nucleus sampling mass in (0, 1]; 1 disables it.")
+    top_k: int = setting(0, "Keep the k most likely tokens; 0 disables it.")
+    seed: int | None = setting(None, "Random seed (default: a fresh one, reported); sample i uses seed + i.")
+    num_samples: int = setting(1, "Samples per prompt, generated as one batch.", flags=("--num-samples", "-n"))
 
 
 def check_sampling_args(max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
@@ -347,31 +366,16 @@ class BatchDecoder:
         was_training = model.training
         model.eval()
         self.start_time = time.perf_counter()
-        gens = make_generators(0, 0)
-        if self.temperature > 0:
-            gens = [torch.Generator(device=device).manual_seed(s) for s in self.seeds]
-        # the tokens in the context window (row-major, positions 0..n-1); the cache mirrors them
-        n = max(map(len, self.prompts))
-        # What generation can use: the prompt and the new tokens, at most the context (then the window slides).
-        # The window and the KV cache are sized to that, not to the declared context (which may be 2^20).
-        span = min(ctx, n + self.max_new_tokens)
-        window = torch.empty(B, span, dtype=torch.long, device=device)
-        # left padding (id 0: any id would do, padding columns are never attended to)
-        window[:, :n] = torch.tensor([[0] * (n - len(p)) + p for p in self.prompts], dtype=torch.long, device=device)
-        pad = torch.tensor([n - len(p) for p in self.prompts], device=device)
-        pad = pad if bool(pad.any()) else None
+        gens = self._generators(device)
+        window, n, pad = self._window(device)
         keep = max(1, ctx // 2)  # tokens kept when the window slides
         fast = self.fast
         try:
+            if fast is not None or self.use_cache:
+                model.setup_caches(B, window.shape[1])
             if fast is not None:
-                model.setup_caches(B, span)
                 fast.bind_caches(model)
-                logits = self._fast_prefill(window[:, :n], pad)
-            elif self.use_cache:
-                model.setup_caches(B, span)
-                logits = prefill(model, window[:, :n], pad=pad)
-            else:
-                logits = full_forward(model, window[:, :n], pad)
+            logits = self._read(window[:, :n], pad)
             step = 0
             greedy_chunks = fast is not None and self.temperature == 0
             while step < self.max_new_tokens:
@@ -407,25 +411,51 @@ class BatchDecoder:
                         pad = pad if bool(pad.any()) else None
                     n = keep
                     self.context_shifts += 1
-                    if fast is not None:
-                        logits = self._fast_prefill(window[:, :n], pad)
-                    elif self.use_cache:
-                        logits = prefill(model, window[:, :n], pad=pad)
-                    else:
-                        logits = full_forward(model, window[:, :n], pad)
+                    logits = self._read(window[:, :n], pad)
                 else:
                     window[:, n] = nxt
                     n += 1
-                    if fast is not None:
-                        logits = fast.step(nxt, n - 1, pad)
-                    elif self.use_cache:
-                        logits = decode_one_token(model, window[:, n - 1 : n], n - 1, pad)
-                    else:
-                        logits = full_forward(model, window[:, :n], pad)
+                    logits = self._next_logits(window, n, nxt, pad)
         finally:
             if self.use_cache:
                 model.clear_caches()
             model.train(was_training)
+
+    def _generators(self, device: torch.device) -> list[torch.Generator]:
+        """One random stream per row, seeded with its seed (none for greedy decoding)."""
+        if self.temperature > 0:
+            return [torch.Generator(device=device).manual_seed(s) for s in self.seeds]
+        return make_generators(0, 0)
+
+    def _window(self, device: torch.device) -> tuple[Tensor, int, Tensor | None]:
+        """(the token window with the left-padded prompts in its first n columns, n, padding per row or None).
+
+        The window holds the tokens in the context (row-major, positions 0..n-1); the cache mirrors them.
+        It and the KV cache are sized to what generation can use: the prompt and the new tokens, at most
+        the context (then the window slides), not to the declared context (which may be 2^20).
+        """
+        n = max(map(len, self.prompts))
+        window = torch.empty(self.batch_size, min(self.ctx, n + self.max_new_tokens), dtype=torch.long, device=device)
+        # left padding (id 0: any id would do, padding columns are never attended to)
+        window[:, :n] = torch.tensor([[0] * (n - len(p)) + p for p in self.prompts], dtype=torch.long, device=device)
+        pad = torch.tensor([n - len(p) for p in self.prompts], device=device)
+        return window, n, pad if bool(pad.any()) else None
+
+    def _read(self, ids: Tensor, pad: Tensor | None) -> Tensor:
+        """Logits after reading `ids` from position 0 (the prompt, or the kept half of a full window)."""
+        if self.fast is not None:
+            return self._fast_prefill(ids, pad)
+        if self.use_cache:
+            return prefill(self.model, ids, pad=pad)
+        return full_forward(self.model, ids, pad)
+
+    def _next_logits(self, window: Tensor, n: int, nxt: Tensor, pad: Tensor | None) -> Tensor:
+        """Logits after the newest token `nxt`, which sits at position n - 1 of the window."""
+        if self.fast is not None:
+            return self.fast.step(nxt, n - 1, pad)
+        if self.use_cache:
+            return decode_one_token(self.model, window[:, n - 1 : n], n - 1, pad)
+        return full_forward(self.model, window[:, :n], pad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -638,8 +668,6 @@ def generate_samples(
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     token_bytes = _token_bytes_fn(tokenizer)
     stop_ids = [tokenizer.eot_id] if stop_at_eot and tokenizer.eot_id is not None else []
-    results: list[Sample | None] = [None] * (len(prompts) * num_samples)
-
     rows = [(j, i) for j in range(len(prompts)) for i in range(num_samples)]  # (prompt index, sample index)
     dec = BatchDecoder(
         model, [encoded[j] for j, _ in rows], seeds=[seed + i for _, i in rows],
@@ -648,6 +676,13 @@ def generate_samples(
         allowed_vocab=getattr(tokenizer, "vocab_size", None), engine=engine, precision=precision,
     )
     streams = [TextStream(tokenizer.decode, token_bytes, stop_strings) for _ in rows]
+    _decode_text(dec, streams, on_text)
+    return [_finished_sample(dec, r, streams[r], prompts[j], seed + i if temperature > 0 else None, on_text)
+            for r, (j, i) in enumerate(rows)]
+
+
+def _decode_text(dec: BatchDecoder, streams: list[TextStream], on_text: Callable[[int, str], None] | None) -> None:
+    """Run the decoder, feeding each row's ids to its text stream; a stop string ends the row."""
     for step in dec:
         for r, tok in enumerate(step):
             if tok is None:
@@ -657,20 +692,22 @@ def generate_samples(
                 on_text(r, chunk)
             if streams[r].stopped:
                 dec.finish(r, STOP_STRING)
-    for r, (j, i) in enumerate(rows):
-        s = streams[r]
-        chunk = s.close()
-        if chunk and on_text:
-            on_text(r, chunk)
-        n_new, secs = dec.new_tokens[r], dec.finish_times[r]
-        results[r] = Sample(
-            prompt=prompts[j], seed=seed + i if temperature > 0 else None, text=s.text,
-            prompt_tokens=len(dec.prompts[r]), new_tokens=n_new,
-            tokens_per_s=n_new / secs if secs > 0 else 0.0, stop_reason=dec.stop_reasons[r] or MAX_TOKENS,
-            prompt_dropped=dec.prompt_dropped[r], context_shifts=dec.context_shifts, token_ids=s.ids,
-            prompt_ids=list(dec.prompts[r]),
-        )
-    return results  # type: ignore[return-value]
+
+
+def _finished_sample(dec: BatchDecoder, r: int, s: TextStream, prompt: str, seed: int | None,
+                     on_text: Callable[[int, str], None] | None) -> Sample:
+    """Row r's Sample, once the decoder is done (the rest of its text is flushed to `on_text` first)."""
+    chunk = s.close()
+    if chunk and on_text:
+        on_text(r, chunk)
+    n_new, secs = dec.new_tokens[r], dec.finish_times[r]
+    return Sample(
+        prompt=prompt, seed=seed, text=s.text,
+        prompt_tokens=len(dec.prompts[r]), new_tokens=n_new,
+        tokens_per_s=n_new / secs if secs > 0 else 0.0, stop_reason=dec.stop_reasons[r] or MAX_TOKENS,
+        prompt_dropped=dec.prompt_dropped[r], context_shifts=dec.context_shifts, token_ids=s.ids,
+        prompt_ids=list(dec.prompts[r]),
+    )
 
 
 def generate(

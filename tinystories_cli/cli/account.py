@@ -97,13 +97,21 @@ def _table(title: str) -> Table:
 
 
 def _render(name: str, cfg, rep: dict) -> None:
-    c, setup = cfg, rep["setup"]
+    c = cfg
     console.print(
         f"[bold]{name}[/bold]  vocab={c.vocab_size} ctx={c.context_length} L={c.num_layers} d={c.d_model} "
         f"h={c.num_heads} d_ff={c.d_ff}  {c.norm_position}-{c.norm} {c.pos_emb} {c.ffn} "
         f"{'tied' if c.tie_embeddings else 'untied'}"
     )
-    p = rep["parameters"]
+    _render_parameters(rep["parameters"], c)
+    _render_flops(rep["forward_flops"], rep["forward_flops_share"], c)
+    _render_training(rep["training"], rep["memory"], rep["setup"])
+    _render_activations(rep["activations"], c, rep["training"]["batch_size"])
+    if "time" in rep:
+        _render_time(rep["time"], rep["setup"])
+
+
+def _render_parameters(p: dict, c) -> None:
     t = _table("Parameters")
     rows = [("token embedding", p["token_embedding"])]
     if p["position_embedding"]:
@@ -123,7 +131,8 @@ def _render(name: str, cfg, rep: dict) -> None:
     t.add_row("bytes fp32 / bf16", human_bytes(p["bytes_fp32"]), human_bytes(p["bytes_bf16"]))
     console.print(t)
 
-    f, share = rep["forward_flops"], rep["forward_flops_share"]
+
+def _render_flops(f: dict, share: dict, c) -> None:
     t = _table(f"Forward FLOPs (batch 1, seq {c.context_length})")
     labels = {"qkv_projections": "QKV projections", "attention_scores": "attention scores",
               "attention_weighted": "attention-weighted values", "output_projection": "output projection",
@@ -133,7 +142,9 @@ def _render(name: str, cfg, rep: dict) -> None:
     t.add_row("[bold]total[/bold]", f"[bold]{human_count(f['total'])}[/bold]", "100.00%")
     console.print(t)
 
-    tr, m, setup = rep["training"], rep["memory"], rep["setup"]
+
+def _render_training(tr: dict, m: dict, setup: dict) -> None:
+    """FLOPs per step and the training memory term by term (per process)."""
     how = (f"{setup['parallel'].upper()} on {setup['world_size']} processes, memory per process"
            if setup["world_size"] > 1 or setup["parallel"] == "fsdp" else "one process")
     if setup["activation_checkpointing"]:
@@ -153,17 +164,16 @@ def _render(name: str, cfg, rep: dict) -> None:
     if "max_batch_size" in m:
         t.add_row(f"largest batch per process in {human_bytes(m['budget'])}", str(m["max_batch_size"]), "")
     console.print(t)
-    _render_activations(rep["activations"], c, tr["batch_size"])
 
-    if "time" in rep:
-        tm = rep["time"]
-        secs = tm["seconds"]
-        t = _table(f"Training time ({tm['steps']:,} steps, {human_count(tm['tokens'])} tokens)")
-        t.add_row("total FLOPs", human_count(tm["total_flops"]), "")
-        devices = f" x {tm['devices']} devices" if tm["devices"] > 1 else ""
-        t.add_row(f"at {100 * tm['mfu']:.0f}% MFU of {tm['peak_tflops']:g} TFLOP/s{devices} ({setup['dtype']})",
-                  _duration(secs), f"{secs:,.0f} s")
-        console.print(t)
+
+def _render_time(tm: dict, setup: dict) -> None:
+    secs = tm["seconds"]
+    t = _table(f"Training time ({tm['steps']:,} steps, {human_count(tm['tokens'])} tokens)")
+    t.add_row("total FLOPs", human_count(tm["total_flops"]), "")
+    devices = f" x {tm['devices']} devices" if tm["devices"] > 1 else ""
+    t.add_row(f"at {100 * tm['mfu']:.0f}% MFU of {tm['peak_tflops']:g} TFLOP/s{devices} ({setup['dtype']})",
+              _duration(secs), f"{secs:,.0f} s")
+    console.print(t)
 
 
 def _render_activations(a: dict, c, batch: int) -> None:

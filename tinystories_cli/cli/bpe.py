@@ -77,22 +77,8 @@ def command(
     """Train a byte-level BPE tokenizer (GPT-2 pre-tokenization) and write vocab.json + merges.txt."""
     t_start = time.perf_counter()
     # --- validate everything before reading or writing anything
-    p = get_preset(preset)
-    vocab_size = p.model.vocab_size if vocab_size is None else vocab_size
-    if no_special and special_tokens:
-        raise UserError("--no-special-tokens conflicts with --special-token", "pass one or the other")
-    specials = [] if no_special else bpe.check_special_tokens(special_tokens or [DEFAULT_SPECIAL])
-    bpe.check_vocab_size(vocab_size, len(specials))
-    if errors not in bpe.ERRORS:
-        raise UserError(f"--errors must be strict or replace, got {errors!r}")
-    if workers is not None and workers < 1:
-        raise UserError(f"--workers must be at least 1, got {workers}")
-    default_input = input_path is None
-    input_path = paths.text_path(p.train.dataset, "train") if default_input else input_path
-    hint = f"run `tslm download {p.train.dataset}` first, or pass INPUT" if default_input else "check the path"
-    check_input_file(input_path, "input file", hint)
-    out_dir = out if out is not None else default_out_dir(input_path)
-    check_source_outside(input_path, [out_dir / n for n in bpe.TOKENIZER_FILES], "the text to learn from")
+    vocab_size, specials, dataset = _settings(preset, vocab_size, special_tokens, no_special, errors, workers)
+    input_path, out_dir = _paths(input_path, out, dataset)
 
     t0 = time.perf_counter()
     source_sha = sha256_file(input_path)
@@ -106,22 +92,53 @@ def command(
     show = not as_json and err_console.is_terminal
     with signals_raise(), stopped_cleanly(), disk_full_is_user_error():
         result, t_write = _train_and_save(input_path, out_dir, vocab_size, specials, workers, errors, fingerprint, size, show)
-
-    learned = [t for i, t in result.vocab.items() if i >= len(specials)]  # the special tokens are not learned
-    longest = max(learned, key=len)
-    summary = {
-        "input": str(input_path), "input_bytes": size, "out": str(out_dir),
-        "vocab_size": len(result.vocab), "num_merges": len(result.merges), "special_tokens": specials,
-        "pretokens": result.num_pretokens, "distinct_pretokens": result.num_distinct, "workers": result.workers,
-        "seconds": {"hash": round(t_hash, 3), **{k: round(v, 3) for k, v in result.seconds.items()},
-                    "write": round(t_write, 3), "total": round(time.perf_counter() - t_start, 3)},
-        "peak_rss_bytes": _peak_rss_bytes(),
-        "longest_token": longest.decode("utf-8", errors="replace"), "longest_token_bytes": len(longest),
-    }
+    seconds = {"hash": round(t_hash, 3), **{k: round(v, 3) for k, v in result.seconds.items()},
+               "write": round(t_write, 3), "total": round(time.perf_counter() - t_start, 3)}
+    summary = _summary(result, input_path, size, out_dir, specials, seconds)
     if as_json:
         console.print_json(strict_json(summary))
         return
     _render(summary)
+
+
+def _settings(preset: str, vocab_size: int | None, special_tokens: list[str] | None, no_special: bool, errors: str,
+              workers: int | None) -> tuple[int, list[str], str]:
+    """(vocab size, special tokens, the preset's dataset), checked."""
+    p = get_preset(preset)
+    vocab_size = p.model.vocab_size if vocab_size is None else vocab_size
+    if no_special and special_tokens:
+        raise UserError("--no-special-tokens conflicts with --special-token", "pass one or the other")
+    specials = [] if no_special else bpe.check_special_tokens(special_tokens or [DEFAULT_SPECIAL])
+    bpe.check_vocab_size(vocab_size, len(specials))
+    if errors not in bpe.ERRORS:
+        raise UserError(f"--errors must be strict or replace, got {errors!r}")
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    return vocab_size, specials, p.train.dataset
+
+
+def _paths(input_path: Path | None, out: Path | None, dataset: str) -> tuple[Path, Path]:
+    """(the text to learn from, the output directory), checked: the text exists and is not an output."""
+    default_input = input_path is None
+    input_path = paths.text_path(dataset, "train") if default_input else input_path
+    hint = f"run `tslm download {dataset}` first, or pass INPUT" if default_input else "check the path"
+    check_input_file(input_path, "input file", hint)
+    out_dir = out if out is not None else default_out_dir(input_path)
+    check_source_outside(input_path, [out_dir / n for n in bpe.TOKENIZER_FILES], "the text to learn from")
+    return input_path, out_dir
+
+
+def _summary(result, input_path: Path, size: int, out_dir: Path, specials: list[str], seconds: dict) -> dict:
+    learned = [t for i, t in result.vocab.items() if i >= len(specials)]  # the special tokens are not learned
+    longest = max(learned, key=len)
+    return {
+        "input": str(input_path), "input_bytes": size, "out": str(out_dir),
+        "vocab_size": len(result.vocab), "num_merges": len(result.merges), "special_tokens": specials,
+        "pretokens": result.num_pretokens, "distinct_pretokens": result.num_distinct, "workers": result.workers,
+        "seconds": seconds,
+        "peak_rss_bytes": _peak_rss_bytes(),
+        "longest_token": longest.decode("utf-8", errors="replace"), "longest_token_bytes": len(longest),
+    }
 
 
 def _render(s: dict) -> None:

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Callable, Iterator, Literal, Optional
 import typer
 from pydantic import BaseModel
 
+from tinystories_cli.config import TrainConfig
 from tinystories_cli.errors import UserError
 
 MODEL = "Model overrides"
@@ -25,15 +26,37 @@ TRAIN = "Training overrides"
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="TOML or JSON config file (sections \\[model], \\[train]).")]
 PrintConfig = Annotated[bool, typer.Option("--print-config", help="Print the fully resolved config as JSON and exit.")]
 
+
+def device_option(when: str = "") -> Any:
+    """The one --device option; its help is the `device` setting's (`tslm train --device`), after `when`."""
+    return typer.Option("--device", help=when + TrainConfig.model_fields["device"].description)
+
+
+Device = Annotated[str, device_option()]  # every command but train: `device: common.Device = "auto"`
+
 # The model settings that change a model's size and FLOPs (what `tslm account` takes).
 SHAPE_FIELDS = ("context_length", "vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "norm", "norm_position",
                 "pos_emb", "ffn", "tie_embeddings")
 CLI_TYPES = {"float": float, "int": int, "str": str}
 
 
-def _option(name: str, field: Any, panel: str) -> inspect.Parameter:
+def flags_of(*models: type[BaseModel]) -> dict[str, str]:
+    """{setting name: its (first) flag} for every field of the given settings models.
+
+    >>> flags_of(TrainConfig)["grad_accum_steps"]
+    '--grad-accum'
+    """
+    return {name: _flags(name, f)[0].split("/")[0] for m in models for name, f in m.model_fields.items()}
+
+
+def _flags(name: str, field: Any) -> list[str]:
     extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-    flags = list(extra.get("flags") or [f"--{name.replace('_', '-')}"])
+    return list(extra.get("flags") or [f"--{name.replace('_', '-')}"])
+
+
+def _option(name: str, field: Any, panel: str, defaults: bool = False) -> inspect.Parameter:
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    flags = _flags(name, field)
     kind = field.annotation
     args = [a for a in typing.get_args(kind) if a is not type(None)]
     if typing.get_origin(kind) is not Literal and args:  # X | None
@@ -45,13 +68,21 @@ def _option(name: str, field: Any, panel: str) -> inspect.Parameter:
     elif kind is bool and "/" not in flags[0]:
         flags = [f"{flags[0]}/--no-{flags[0][2:]}"]
     kind = CLI_TYPES.get(extra.get("cli_type"), kind)
-    opt = typer.Option(*flags, help=help_text, rich_help_panel=panel, show_default=False)
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[kind], opt])
+    default = field.default if defaults else None
+    opt = typer.Option(*flags, help=help_text, rich_help_panel=panel, show_default=default is not None)
+    annotation = Annotated[kind if default is not None else Optional[kind], opt]
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
 
-def config_options(model: type[BaseModel], panel: str, include: tuple[str, ...] | None = None) -> list[inspect.Parameter]:
-    """One Typer option per field of `model` (all, or those in `include`), in declaration order."""
-    return [_option(name, f, panel) for name, f in model.model_fields.items() if include is None or name in include]
+def config_options(model: type[BaseModel], panel: str, include: tuple[str, ...] | None = None,
+                   defaults: bool = False) -> list[inspect.Parameter]:
+    """One Typer option per field of `model` (all, or those in `include`), in declaration order.
+
+    Without `defaults` an option not given is None (a preset or config file decides); with it, the field's
+    default, shown in --help.
+    """
+    return [_option(name, f, panel, defaults) for name, f in model.model_fields.items()
+            if include is None or name in include]
 
 
 def with_options(*groups: list[inspect.Parameter]) -> Callable[[Callable], Callable]:

@@ -12,6 +12,7 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from tinystories_cli import compare
+from tinystories_cli.cli import common
 from tinystories_cli.console import console, print_note
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import strict_json
@@ -23,7 +24,7 @@ def command(
     runs: Annotated[list[str], typer.Argument(help="Run names under runs/ or run directories.", show_default=False, metavar="RUN")],
     data: Annotated[Optional[Path], typer.Option("--data", help="Evaluate every run on this token file now (as `tslm eval` does) instead of reading saved eval_*.json results.", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass with --data.")] = 16,
-    device: Annotated[str, typer.Option("--device", help="With --data: auto (cuda > mps > cpu), cpu, cuda, mps.")] = "auto",
+    device: Annotated[str, common.device_option("With --data: ")] = "auto",
     markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table (for a results file).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print every run's summary as JSON.")] = False,
     no_group: Annotated[bool, typer.Option("--no-group", help="One row per run, even for runs that differ only by seed.")] = False,
@@ -56,6 +57,15 @@ def command(
         if legend:
             print(f"\n{legend}")
         return
+    _print_table(cols, rows, summaries, legend)
+
+
+def _print_table(cols: list[str], rows: list[list[str]], summaries, legend: str | None) -> None:
+    """The comparison as a rich table, never squeezing numbers into ellipses.
+
+    A table wider than the terminal is turned on its side (one column per run), which fits a few runs with
+    many differing settings; failing that it is printed at full width.
+    """
     captions = []
     if any(s.eval for s in summaries):
         captions.append("best/final val: logged during training on fixed windows; eval loss, ppl, bpb (bits per byte): "
@@ -67,8 +77,7 @@ def command(
         t.add_column(c, justify="right" if c in compare.NUMERIC_COLUMNS else "left", no_wrap=True)
     for row in rows:
         t.add_row(*row)
-    # Never squeeze numbers into ellipses. A table wider than the terminal is turned on its side (one column
-    # per run), which fits a few runs with many differing settings; failing that it is printed at full width.
+
     def natural(table: Table) -> int:
         return Measurement.get(console, console.options.update(width=100_000), table).maximum
 

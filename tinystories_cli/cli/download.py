@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Iterator, Optional
 
@@ -78,7 +79,8 @@ def command(
             raise UserError("--out/--sha256 apply to URL downloads",
                             f"registry files go to DIR/{dataset}/ (DIR: --dir, default data/) and use the "
                             "registry's checksums; a URL or a local file takes --out FILE")
-        jobs = dl.plan_dataset(dataset, split, out_dir, endpoint)
+        with _cli_errors():
+            jobs = dl.plan_dataset(dataset, split, out_dir, endpoint)
     for pf in jobs:
         _download_one(pf, force, max_bytes)
 
@@ -88,25 +90,43 @@ def _looks_like_path(arg: str, out: Path | None) -> bool:
     return os.path.lexists(arg) or (out is not None and (os.sep in arg or arg.startswith(("~", "."))))
 
 
+OFFLINE_FIX = ("no network? `tslm quickstart --text FILE` learns from your own text; `tslm download` takes a "
+               "plain path or a file:// URL with --out FILE; a mirror is set with --endpoint URL (or HF_ENDPOINT)")
+# The library's messages name its parameters in backticks; these are their flags here.
+# TODO(issue 25, at merge): hand this table to the one translator in cli/common.py and drop _flag_names.
+PARAM_FLAGS = {"force": "--force", "out": "--out", "out_dir": "--out", "root": "--dir", "endpoint": "--endpoint",
+               "max_bytes": "--max-bytes", "sha256": "--sha256"}
+_PARAM = re.compile(r"`(\w+)`")
+
+
+def _flag_names(text: str | None) -> str | None:
+    return text and _PARAM.sub(lambda m: PARAM_FLAGS.get(m.group(1), m.group(0)), text)
+
+
 @contextlib.contextmanager
-def _interrupt_note() -> Iterator[None]:
+def _cli_errors() -> Iterator[None]:
+    """Ctrl-C as a note on what was kept (exit 130); the library's errors with flags for its parameters."""
     try:
         yield
     except dl.DownloadInterrupted as e:  # Ctrl-C: the bar is closed, say what was kept
         err_console.print(f"[yellow]interrupted:[/yellow] kept {human_bytes(e.have)} in {e.part}; "
                           "rerun the same command to resume", soft_wrap=True)
         raise typer.Exit(130) from None
+    except dl.Unreachable as e:
+        raise UserError(e.what, OFFLINE_FIX) from None
+    except UserError as e:
+        raise UserError(_flag_names(e.what), _flag_names(e.fix)) from None
 
 
 def _download_one(pf: dl.PlannedFile, force: bool, max_bytes: int | None = None) -> None:
-    with _interrupt_note(), progress_bar(pf.dest.name) as progress:
+    with _cli_errors(), progress_bar(pf.dest.name) as progress:
         res = dl.download_planned(pf, force=force, progress=progress, max_bytes=max_bytes)
     _report(pf, res)
 
 
 def _download_hf_model(repo: str, root: Path | None, out: Path | None, endpoint: str | None, force: bool,
                        max_bytes: int | None) -> None:
-    with _interrupt_note():
+    with _cli_errors():
         res = dl.download_hf_model(
             repo, out, root, endpoint, progress_for=lambda pf: progress_bar(pf.dest.name),
             on_missing=lambda name: print_note(f"  {name}: not in {repo}; skipped (optional)"),

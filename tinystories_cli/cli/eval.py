@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from tinystories_cli.cli import common
 from tinystories_cli.console import console, err_console
 from tinystories_cli.errors import UserError
 from tinystories_cli.evaluate import evaluate_run, position_buckets
@@ -23,7 +24,7 @@ def command(
     data: Annotated[Optional[Path], typer.Option("--data", help="Token file (default: the run's data/<dataset>/valid.npy).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = 16,
     ctx: Annotated[Optional[int], typer.Option("--ctx", "--context-length", help="Window length (default and maximum: the model's context length).")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto (cuda > mps > cpu), cpu, cuda, mps.")] = "auto",
+    device: common.Device = "auto",
     out: Annotated[Optional[Path], typer.Option("--out", help="Write the JSON here (default: <run>/eval_<data>.json).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out and --plot if they exist.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON only.")] = False,
@@ -36,6 +37,28 @@ def command(
 
     With --per-position, also the loss by position in the window: the direct check of what the model does with a longer context (RoPE / NoPE / learned / sinusoidal ablations).
     """  # noqa: E501 (one line per paragraph: the help renderer keeps line breaks)
+    _check_args(batch_size, ctx, buckets, out, plot, force)
+    per_position = per_position or plot is not None
+    with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=err_console, transient=True, disable=as_json) as progress:
+        task = progress.add_task("eval", total=None)
+        result = evaluate_run(run, data, batch_size=batch_size, context_length=ctx, device=device, latest=latest,
+                              on_progress=lambda done, n: progress.update(task, completed=done, total=n),
+                              per_position=per_position)
+    if per_position:
+        result["position_buckets"] = position_buckets(result["position_nats"], result["position_tokens"], buckets)
+    dest = _write(result, out, plot)
+    if as_json:
+        console.print_json(strict_json(result))
+        return
+    _render(result, per_position)
+    console.print(f"wrote {dest}")
+    if plot is not None:
+        console.print(f"wrote {plot}")
+
+
+def _check_args(batch_size: int, ctx: int | None, buckets: int, out: Path | None, plot: Path | None,
+                force: bool) -> None:
     if batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
     if ctx is not None and ctx <= 0:
@@ -45,32 +68,28 @@ def command(
     if out is not None:
         check_output_path(out, force)
     if plot is not None:
-        per_position = True
         check_output_path(plot, force)
         if plot.suffix.lower() != ".png":
             raise UserError(f"--plot writes a PNG; got {plot}", "name the file *.png")
         pyplot()  # fail now, not after the evaluation, when matplotlib is missing
-    with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=err_console, transient=True, disable=as_json) as progress:
-        task = progress.add_task("eval", total=None)
-        result = evaluate_run(run, data, batch_size=batch_size, context_length=ctx, device=device, latest=latest,
-                              on_progress=lambda done, n: progress.update(task, completed=done, total=n),
-                              per_position=per_position)
-    if per_position:
-        result["position_buckets"] = position_buckets(result["position_nats"], result["position_tokens"], buckets)
-    run_dir, ckpt_path, data, window = Path(result["run"]), result["checkpoint"], result["data"], result["context_length"]
+
+
+def _write(result: dict, out: Path | None, plot: Path | None) -> Path:
+    """The JSON (at --out, else beside the run, refreshing its README) and the --plot PNG; returns the JSON's path."""
+    run_dir, data = Path(result["run"]), result["data"]
     dest = out or run_dir / f"eval_{Path(data).stem}.json"
     atomic_write_text(dest, strict_json(result, indent=2) + "\n")
     if out is None:
         write_run_readme(run_dir)  # refresh the run's README with the new bits-per-byte
     if plot is not None:
         atomic_write_bytes(plot, _position_png(result, f"{run_dir.name} (step {result['step']}) on {Path(data).name}"))
-    if as_json:
-        console.print_json(strict_json(result))
-        return
+    return dest
+
+
+def _render(result: dict, per_position: bool) -> None:
     # What was loaded, on one line the terminal wraps (a table title broke file names mid-word).
-    console.print(Text(f"using {ckpt_path} (step {result['step']}) of run {run_dir}, on {data}", style="dim"),
-                  soft_wrap=True)
+    console.print(Text(f"using {result['checkpoint']} (step {result['step']}) of run {Path(result['run'])}, "
+                       f"on {result['data']}", style="dim"), soft_wrap=True)
     t = Table()
     t.add_column("metric")
     t.add_column("value", justify="right")
@@ -79,13 +98,10 @@ def command(
     bpb = result["bits_per_byte"]
     t.add_row("bits per byte", f"{bpb:.4f}" if bpb is not None else "n/a (no source_bytes in the sidecar)")
     t.add_row("tokens predicted", f"{result['predicted_tokens']:,}")
-    t.add_row("windows", f"{result['windows']:,} x {window}")
+    t.add_row("windows", f"{result['windows']:,} x {result['context_length']}")
     console.print(t)
     if per_position:
         console.print(_position_table(result))
-    console.print(f"wrote {dest}")
-    if plot is not None:
-        console.print(f"wrote {plot}")
 
 
 def _position_table(result: dict) -> Table:

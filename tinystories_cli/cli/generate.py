@@ -13,6 +13,7 @@ from tinystories_cli import fastpath, sampling_grid
 from tinystories_cli import generate as gen
 from tinystories_cli.cli import common
 from tinystories_cli.console import console, err_console, print_note
+from tinystories_cli.device import pick_device
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import atomic_write_text, check_output_path, strict_json
 
@@ -21,6 +22,7 @@ SAMPLING = "Sampling"
 GRID = "Sampling grid"
 
 
+@common.with_options(common.config_options(gen.SamplingSettings, SAMPLING, defaults=True))
 def command(
     prompt: Annotated[Optional[str], typer.Argument(
         help=f'The prompt; "-" reads it from stdin. Default: "{DEFAULT_PROMPT}".', show_default=False)] = None,
@@ -28,19 +30,6 @@ def command(
         "--run", help="Run name or directory (default: runs/latest); loads its best checkpoint if present.")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(
         "--checkpoint", help="A checkpoint file (its run directory supplies the tokenizer).")] = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", help="At most this many new tokens per sample.",
-                                            rich_help_panel=SAMPLING)] = 256,
-    temp: Annotated[float, typer.Option("--temp", "--temperature", help="Temperature; 0 means greedy.",
-                                        rich_help_panel=SAMPLING)] = 1.0,
-    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass in (0, 1]; 1 disables it.",
-                                         rich_help_panel=SAMPLING)] = 1.0,
-    top_k: Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens; 0 disables it.",
-                                       rich_help_panel=SAMPLING)] = 0,
-    seed: Annotated[Optional[int], typer.Option(
-        "--seed", help="Random seed (default: a fresh one, reported); sample i uses seed + i.",
-        rich_help_panel=SAMPLING, show_default=False)] = None,
-    num_samples: Annotated[int, typer.Option("--num-samples", "-n", help="Samples per prompt, generated as one batch.",
-                                             rich_help_panel=SAMPLING)] = 1,
     prompt_file: Annotated[Optional[Path], typer.Option(
         "--prompt-file", help="A file with one prompt per line (blank lines skipped), batched.")] = None,
     stop: Annotated[Optional[list[str]], typer.Option(
@@ -50,7 +39,7 @@ def command(
                                           "--max-tokens tokens.", rich_help_panel=SAMPLING)] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per sample (JSON lines) "
                                           "instead of streaming text; `ids`: the prompt's and the generated token ids).")] = False,
-    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps.")] = "auto",
+    device: common.Device = "auto",
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the whole context every step "
                                            "(slow; for comparison).")] = False,
     precision: Annotated[str, typer.Option(
@@ -69,6 +58,7 @@ def command(
         show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="With --out: overwrite the file if it exists.",
                                         rich_help_panel=GRID)] = False,
+    settings: dict | None = None,
 ) -> None:
     """Generate text from a trained model: temperature, top-k, top-p, KV cache, streaming output.
 
@@ -76,27 +66,52 @@ def command(
 
     --grid "temp=0.5,1.0 top_p=0.3,0.9" compares sampling settings on one prompt and one set of seeds (a Markdown table; --out FILE writes it).
     """  # noqa: E501 (one line per paragraph: the help renderer keeps line breaks)
-    with common.flag_names({"max_new_tokens": "--max-tokens", "temperature": "--temp", "top_p": "--top-p",
-                            "top_k": "--top-k"}):
-        gen.check_sampling_args(max_tokens, temp, top_p, top_k)
-    if num_samples < 1:
-        raise UserError(f"--num-samples must be at least 1, got {num_samples}")
+    sampling = gen.SamplingSettings(**settings)
+    _check_sampling(sampling, stop, no_stop)
     if run is not None and checkpoint is not None:
         raise UserError("--run and --checkpoint are exclusive", "pass one of them")
+    grid_spec = _grid_spec(grid, out, force, prompt_file)
+    _check_decode_path(precision, engine)
+    prompts = _prompts(prompt, prompt_file)
+    model, tokenizer, source, used = _load(checkpoint, run, device)
+    _select_decode_path(model, engine, precision, use_cache=not no_cache)
+    decode = {"precision": precision, "engine": engine, "stop_at_eot": not no_stop,
+              "stop_strings": [] if no_stop else (stop or []), "use_cache": not no_cache}
+    if grid_spec is not None:
+        return _grid(model, tokenizer, prompts[0], grid_spec, sampling, source=source, used=used, out=out,
+                     as_json=as_json, **decode)
+    with common.flag_names(common.flags_of(gen.SamplingSettings)):
+        _sample(model, tokenizer, prompts, used=used, as_json=as_json, **sampling.model_dump(), **decode)
+
+
+def _check_sampling(sampling: gen.SamplingSettings, stop: list[str] | None, no_stop: bool) -> None:
+    s = sampling
+    with common.flag_names(common.flags_of(gen.SamplingSettings)):
+        gen.check_sampling_args(s.max_new_tokens, s.temperature, s.top_p, s.top_k)
+    if s.num_samples < 1:
+        raise UserError(f"--num-samples must be at least 1, got {s.num_samples}")
     if stop and no_stop:
         raise UserError("--stop and --no-stop contradict each other", "pass one of them")
-    if grid is None and (out is not None or force):
-        raise UserError("--out and --force go with --grid", 'add --grid "temp=0.5,1.0 top_p=0.9,1.0", or drop them')
-    grid_spec = None
-    if grid is not None:
-        try:
-            grid_spec = sampling_grid.parse_grid(grid)
-        except ValueError as e:
-            raise UserError(f"--grid: {e}", 'write it like --grid "temp=0.5,1.0,1.2 top_p=0.3,0.9,1.0"') from None
-        if prompt_file is not None:
-            raise UserError("--grid samples one prompt; --prompt-file gives several", "pass one PROMPT")
-        if out is not None:
-            check_output_path(out, force)
+
+
+def _grid_spec(grid: str | None, out: Path | None, force: bool, prompt_file: Path | None) -> dict | None:
+    """--grid parsed (None without it); --out/--force only with it."""
+    if grid is None:
+        if out is not None or force:
+            raise UserError("--out and --force go with --grid", 'add --grid "temp=0.5,1.0 top_p=0.9,1.0", or drop them')
+        return None
+    try:
+        grid_spec = sampling_grid.parse_grid(grid)
+    except ValueError as e:
+        raise UserError(f"--grid: {e}", 'write it like --grid "temp=0.5,1.0,1.2 top_p=0.3,0.9,1.0"') from None
+    if prompt_file is not None:
+        raise UserError("--grid samples one prompt; --prompt-file gives several", "pass one PROMPT")
+    if out is not None:
+        check_output_path(out, force)
+    return grid_spec
+
+
+def _check_decode_path(precision: str, engine: str) -> None:
     if precision not in fastpath.PRECISIONS:
         raise UserError(f"unknown --precision {precision!r}", "use fp32, bf16 or int8")
     if engine not in fastpath.ENGINES:
@@ -107,31 +122,21 @@ def command(
         raise UserError(f"--precision {precision}: {e}") from None
     if engine == "torch" and precision != "fp32":
         raise UserError(f"--precision {precision} runs on the fast engine only", "drop --engine torch")
-    prompts = _prompts(prompt, prompt_file)
-    if checkpoint is not None and not checkpoint.is_file():
-        raise UserError(f"checkpoint file not found: {checkpoint}",
-                        "train a model first with `tslm train`, or pass a file from runs/<name>/checkpoints/")
-    model, tokenizer, source = _load(checkpoint if checkpoint is not None else run, _device(device))
-    # Which model wrote the text (runs/latest may be a surprise): one dim line once the text is out (before
-    # its summary line), so that an error in the arguments stays the only line.
-    from tinystories_cli import runs
-    used = runs.describe_source(checkpoint if checkpoint is not None else run)
+
+
+def _select_decode_path(model, engine: str, precision: str, use_cache: bool) -> None:
+    """Check that the model can take this engine and precision; say which path decodes (a dim note)."""
     try:
-        _, note = fastpath.select(model, engine, precision, use_cache=not no_cache)
+        _, note = fastpath.select(model, engine, precision, use_cache=use_cache)
     except ValueError as e:
         raise UserError(f"--engine {engine} --precision {precision}: {e}") from None
     if note:
         err_console.print(Text(f"[{note}]", style="dim"), soft_wrap=True)
-    decode = {"precision": precision, "engine": engine}
-    if grid_spec is not None:
-        _grid(model, tokenizer, prompts[0], grid_spec, source=source, seed=seed, num_samples=num_samples,
-              max_tokens=max_tokens, base={"temperature": temp, "top_p": top_p, "top_k": top_k},
-              stop_at_eot=not no_stop, stop_strings=[] if no_stop else (stop or []), use_cache=not no_cache,
-              out=out, as_json=as_json, decode=decode)
-        print_note(used)
-        return
 
-    stream = not as_json and len(prompts) * num_samples == 1
+
+def _sample(model, tokenizer, prompts: list[str], *, used: str, as_json: bool, **kwargs) -> None:
+    """Generate and print: one sample streams as it is produced; several print one after another."""
+    stream = not as_json and len(prompts) * kwargs["num_samples"] == 1
     if stream and prompts[0]:
         console.print(Text(prompts[0], style="bold"), end="", soft_wrap=True)
         console.file.flush()
@@ -140,12 +145,7 @@ def command(
         console.file.write(chunk)
         console.file.flush()
 
-    with common.flag_names({"seed": "--seed", "num_samples": "--num-samples"}):
-        samples = gen.generate_samples(
-            model, tokenizer, prompts, num_samples=num_samples, max_new_tokens=max_tokens, temperature=temp,
-            top_p=top_p, top_k=top_k, seed=seed, stop_at_eot=not no_stop, stop_strings=[] if no_stop else (stop or []),
-            use_cache=not no_cache, on_text=on_text if stream else None, **decode,
-        )
+    samples = gen.generate_samples(model, tokenizer, prompts, on_text=on_text if stream else None, **kwargs)
     for k, s in enumerate(samples):
         if as_json:
             console.file.write(strict_json(s.to_json(), ensure_ascii=False) + "\n")
@@ -190,26 +190,20 @@ def _prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
     return [DEFAULT_PROMPT if prompt is None else prompt]
 
 
-def _device(name: str) -> str:
-    import torch
+def _load(checkpoint: Path | None, run: str | None, device: str):
+    """(model on the device, tokenizer, the checkpoint or run it came from, a note on which model that is).
 
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        mps = getattr(torch.backends, "mps", None)
-        return "mps" if mps is not None and mps.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine", "use --device cpu")
-    if name not in ("cpu", "mps") and not name.startswith("cuda"):
-        raise UserError(f"unknown --device {name!r}", "use auto, cpu, cuda, cuda:N or mps")
-    return name
-
-
-def _load(run_or_checkpoint, device: str):
+    The note (runs/latest may be a surprise) is printed as one dim line once the text is out (before its
+    summary line), so that an error in the arguments stays the only line.
+    """
     from tinystories_cli import runs
 
+    if checkpoint is not None and not checkpoint.is_file():
+        raise UserError(f"checkpoint file not found: {checkpoint}",
+                        "train a model first with `tslm train`, or pass a file from runs/<name>/checkpoints/")
+    device = str(pick_device(device))
     try:
-        path = runs.resolve_run(run_or_checkpoint)
+        path = runs.resolve_run(checkpoint if checkpoint is not None else run)
     except UserError as e:
         if "tslm train" in str(e):
             raise
@@ -217,22 +211,22 @@ def _load(run_or_checkpoint, device: str):
                         "train one first with `tslm train`") from None
     model, tokenizer, cfg = runs.load_trained_model(path, device=device)
     check_tokenizer_matches(cfg, tokenizer, runs.run_dir_of(path))
-    return model, tokenizer, path
+    return model, tokenizer, path, runs.describe_source(checkpoint if checkpoint is not None else run)
 
 
-def _grid(model, tokenizer, prompt: str, grid: dict, *, source: Path, seed: int | None, num_samples: int,
-          max_tokens: int, base: dict, stop_at_eot: bool, stop_strings: list[str], use_cache: bool,
-          out: Path | None, as_json: bool, decode: dict | None = None) -> None:
-    """--grid: sample every cell, then print (or write) the Markdown comparison."""
-    seed = gen.random_seed() if seed is None else seed
+def _grid(model, tokenizer, prompt: str, grid: dict, sampling: gen.SamplingSettings, *, source: Path, used: str,
+          out: Path | None, as_json: bool, **decode) -> None:
+    """--grid: sample every cell, then print (or write) the Markdown comparison, then which model it was."""
+    seed = gen.random_seed() if sampling.seed is None else sampling.seed
+    num_samples, max_tokens = sampling.num_samples, sampling.max_new_tokens
+    base = {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k}
 
     def on_cell(i: int, n: int, settings: dict) -> None:
         label = " ".join(f"{sampling_grid.LABELS[k]}={settings[k]:g}" for k in grid)
         err_console.print(Text(f"[cell {i + 1}/{n}: {label}]", style="dim"))
 
     cells = sampling_grid.run_grid(model, tokenizer, prompt, grid, seed=seed, num_samples=num_samples,
-                                   max_new_tokens=max_tokens, base=base, stop_at_eot=stop_at_eot,
-                                   stop_strings=stop_strings, use_cache=use_cache, on_cell=on_cell, **(decode or {}))
+                                   max_new_tokens=max_tokens, base=base, on_cell=on_cell, **decode)
     if as_json:
         text = strict_json([c.to_json() for c in cells], ensure_ascii=False, indent=2) + "\n"
     else:
@@ -241,9 +235,10 @@ def _grid(model, tokenizer, prompt: str, grid: dict, *, source: Path, seed: int 
     if out is None:
         console.file.write(text)  # plain: rich would wrap lines and read [brackets] as markup
         console.file.flush()
-        return
-    atomic_write_text(out, text)
-    err_console.print(f"wrote {out}")
+    else:
+        atomic_write_text(out, text)
+        err_console.print(f"wrote {out}")
+    print_note(used)
 
 
 def check_tokenizer_matches(cfg, tokenizer, run_dir: Path | None = None) -> None:

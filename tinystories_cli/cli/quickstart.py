@@ -11,6 +11,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.text import Text
 
 from tinystories_cli import quickstart as qs
+from tinystories_cli.cli import common
 from tinystories_cli.console import console, err_console, human_bytes
 
 COMMAND_KWARGS = {"no_args_is_help": False}
@@ -28,7 +29,7 @@ def command(
         "--dir", help="Work directory: data/ and runs/ go under it (default: the current directory).",
         show_default=False)] = None,
     vocab_size: Annotated[int, typer.Option("--vocab-size", help="Tokenizer vocabulary size.")] = qs.DEFAULT_VOCAB_SIZE,
-    device: Annotated[str, typer.Option("--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps.")] = "auto",
+    device: common.Device = "auto",
     force: Annotated[bool, typer.Option("--force", help="Redo every stage (a complete download is kept).")] = False,
     preset: Annotated[Optional[str], typer.Option(
         "--preset", help=f"A fixed model preset instead of the auto size (default on a CPU: the size and learning rate that "

@@ -210,20 +210,7 @@ def encode_file(
     encoder), "python" or "tiktoken" (see `backends`); every backend writes the same file.
     Refuses to overwrite `out` or its sidecar unless `force`.
     """
-    if errors not in ("strict", "replace"):
-        raise UserError(f"--errors must be strict or replace, got {errors!r}")
-    src = check_input_file(src, "text file", "check the path, or run `tslm download` first")
-    out = Path(out)
-    side = sidecar_path(out)
-    if out.suffix != ".npy":
-        raise UserError(f"token file must end in .npy: {out}", "choose an --out path ending in .npy")
-    check_source_outside(src, [out, side], "the text to encode")
-    if tokenizer_dir is not None:
-        check_source_outside(tokenizer_dir, [out, side], "the tokenizer")
-    check_output_path(out, force)
-    check_output_path(side, force)
-    remove_stale_temps(out.parent)  # what a killed encode left beside its output
-
+    src, out, side = _check_paths(src, out, errors, tokenizer_dir, force)
     size = src.stat().st_size
     points = [0, size]
     if workers > 1 and size >= MIN_PARALLEL_BYTES and parallel_safe(tokenizer):
@@ -251,8 +238,38 @@ def encode_file(
         # a kill in between leaves a token file without a sidecar (refused by every reader), never new
         # tokens described by the old sidecar.
         side.unlink(missing_ok=True)
-    seconds = time.perf_counter() - t0
     meta = {
+        **_token_meta(tokenizer, num_tokens, max_id, tokenizer_dir), "source": str(src), "source_bytes": size,
+        "source_sha256": digest, "errors": errors, "bytes_per_token": size / num_tokens if num_tokens else None,
+        "workers": used, "backend": encoder.backend, "chunks": len(points) - 1,
+        "seconds": round(time.perf_counter() - t0, 3), "tslm_version": __version__,
+    }
+    atomic_write_text(side, json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def _check_paths(src, out, errors: str, tokenizer_dir, force: bool) -> tuple[Path, Path, Path]:
+    """(text file, token file, its sidecar), checked before anything is read or written; removes the temporary
+    files a killed encode left beside the output."""
+    if errors not in ("strict", "replace"):
+        raise UserError(f"--errors must be strict or replace, got {errors!r}")
+    src = check_input_file(src, "text file", "check the path, or run `tslm download` first")
+    out = Path(out)
+    side = sidecar_path(out)
+    if out.suffix != ".npy":
+        raise UserError(f"token file must end in .npy: {out}", "choose an --out path ending in .npy")
+    check_source_outside(src, [out, side], "the text to encode")
+    if tokenizer_dir is not None:
+        check_source_outside(tokenizer_dir, [out, side], "the tokenizer")
+    check_output_path(out, force)
+    check_output_path(side, force)
+    remove_stale_temps(out.parent)  # what a killed encode left beside its output
+    return src, out, side
+
+
+def _token_meta(tokenizer: Tokenizer, num_tokens: int, max_id: int, tokenizer_dir) -> dict:
+    """The sidecar's description of the tokens (the keys before "source")."""
+    return {
         "format_version": FORMAT_VERSION,
         "dtype": tokenizer.dtype.name,
         "num_tokens": num_tokens,
@@ -262,19 +279,7 @@ def encode_file(
         "special_tokens": tokenizer.special_tokens,
         "eot_id": tokenizer.eot_id,
         "tokenizer_dir": str(tokenizer_dir) if tokenizer_dir is not None else None,
-        "source": str(src),
-        "source_bytes": size,
-        "source_sha256": digest,
-        "errors": errors,
-        "bytes_per_token": size / num_tokens if num_tokens else None,
-        "workers": used,
-        "backend": encoder.backend,
-        "chunks": len(points) - 1,
-        "seconds": round(seconds, 3),
-        "tslm_version": __version__,
     }
-    atomic_write_text(side, json.dumps(meta, indent=2) + "\n")
-    return meta
 
 
 def _encode(encoder: PackedEncoder, src: Path, points: list[int], f, tmp_parent: Path, errors: str, workers: int,
