@@ -13,6 +13,9 @@ from typing import Iterator
 
 import numpy as np
 
+REPO = Path(__file__).resolve().parents[1]  # the checkout: tests/ is one level below it
+SHARED_DATA = REPO.parent / "shared" / "data"  # ../shared/data beside the checkout (CI provides it)
+
 WORDS = ("the cat dog bird sat ran saw a big small red blue happy sad little girl boy tree house "
          "played with ball and then went home to mom dad said hello").split()
 

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from test_quickstart import tiny_stories
+from train_fixtures import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _env() -> dict:

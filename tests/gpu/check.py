@@ -685,7 +685,7 @@ def check_fp16(ctx: Ctx) -> dict:
     steps, bad = 12, 6
     real, calls = L.clip_grad_norm_, {"n": 0}
 
-    def inject(params, max_norm):  # as tests/test_train.py does: the gradient an overflowing fp16 backward leaves
+    def inject(params, max_norm):  # as tests/train/test_train.py does: the gradient an overflowing fp16 backward leaves
         params = list(params)
         calls["n"] += 1
         if calls["n"] == bad:

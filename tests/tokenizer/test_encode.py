@@ -14,9 +14,9 @@ from tinystories_cli.errors import UserError
 from tinystories_cli.tokenizer import encode as enc
 from tinystories_cli.tokenizer.files import write_vocab_merges
 from tinystories_cli.tokenizer.tokenizer import Tokenizer
+from train_fixtures import SHARED_DATA
 
 EOT = "<|endoftext|>"
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 STORY = (
     "Once upon a time, there was a little dog named Max. Max liked to run in the park.\n"

@@ -19,12 +19,12 @@ from tinystories_cli.tokenizer import encode as enc
 from tinystories_cli.tokenizer.bpe import train_bpe
 from tinystories_cli.tokenizer.files import write_vocab_merges
 from tinystories_cli.tokenizer.tokenizer import Tokenizer
+from train_fixtures import SHARED_DATA
 
 pytest.importorskip("tiktoken", reason="SKIPPED LOUDLY: tiktoken (dev dependency) is not installed")
 
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CHARS = list("abcdeé th'sl0129 .,!?\n\t\r日本🙂") + ["  ", "'ll", "\u00a0", "\u3000", EOT, PAD, "<|", "|>"]
 TEXTS = st.lists(st.sampled_from(CHARS), max_size=60).map("".join) | st.text(max_size=40)
 

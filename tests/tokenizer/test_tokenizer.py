@@ -23,9 +23,9 @@ from tinystories_cli.tokenizer import Tokenizer
 from tinystories_cli.tokenizer import tokenizer as tokmod
 from tinystories_cli.tokenizer.files import write_vocab_merges
 from tinystories_cli.tokenizer.pretokenize import GPT2_PATTERN, GPT2_SPLIT_PATTERN
+from train_fixtures import SHARED_DATA
 
 EOT = "<|endoftext|>"
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 TEXT = (
     "Once upon a time, there was a little girl named Lily. She liked to play outside in the sun.\n"

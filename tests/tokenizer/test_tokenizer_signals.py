@@ -23,9 +23,9 @@ import pytest
 from tinystories_cli.tokenizer import bpe
 from tinystories_cli.tokenizer import encode as enc
 from tinystories_cli.tokenizer.files import write_vocab_merges
+from train_fixtures import REPO
 
 EOT = "<|endoftext|>"
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _text(n_bytes: int, seed: int = 0) -> str:

@@ -166,7 +166,7 @@ def test_size_sweep_example_end_to_end(tmp_path):
 
     text = tmp_path / "stories.txt"
     text.write_text("<|endoftext|>".join(story_text(1, s) for s in range(300)), encoding="utf-8")
-    script = Path(__file__).resolve().parents[1] / "examples" / "size_sweep.py"
+    script = Path(__file__).resolve().parents[2] / "examples" / "size_sweep.py"
     cmd = [sys.executable, str(script), "--text", str(text), "--workdir", str(tmp_path / "w"), "--vocab-size", "300",
            "--budgets", "2e4", "--widths", "64", "--lrs", "3e-3", "--probe-seconds", "0.1"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
