@@ -154,11 +154,8 @@ def test_every_preset_builds_its_documented_parameter_count(tmp_path, monkeypatc
         assert f" {human_count(built)} " in rows[name], (name, rows[name])
 
 
-def test_gpt2_tokenizer_presets_refuse_another_tokenizer(tmp_path, monkeypatch, run_cli):
-    from tinystories_cli import paths
-
-    monkeypatch.setattr(paths, "DATA_ROOT", tmp_path / "data")
-    monkeypatch.setattr(paths, "RUNS_ROOT", tmp_path / "runs")
+def test_gpt2_tokenizer_presets_refuse_another_tokenizer(tmp_path, use_workspace, run_cli):
+    use_workspace(tmp_path)
     # the README's `tslm bpe` tokenizer (10K here) in data/tinystories/tokenizer: not what the preset names
     (tmp_path / "data" / "tinystories" / "tokenizer").mkdir(parents=True)
     _synthetic_tokenizer(tmp_path / "data" / "tinystories" / "tokenizer", 10_000)

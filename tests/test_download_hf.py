@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from test_download import Route, server, sleeps  # noqa: F401 (fixtures)
+from download_server import Route
 from tinystories_cli import download as dl
 from tinystories_cli.cli import main
 from tinystories_cli.errors import UserError

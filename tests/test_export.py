@@ -20,6 +20,7 @@ from tinystories_cli.model import TransformerLM
 from tinystories_cli.tokenizer import Tokenizer
 from tinystories_cli.tokenizer.bpe import train_bpe
 from tinystories_cli.tokenizer.files import write_vocab_merges
+from train_fixtures import make_run
 
 EOT = "<|endoftext|>"
 SPECIALS = [EOT, "<|pad|>"]
@@ -46,27 +47,6 @@ def tiny_tokenizer(tmp_path_factory) -> tuple[Tokenizer, object]:
     write_vocab_merges(tok_dir, vocab, merges)
     (tok_dir / "tokenizer_config.json").write_text(json.dumps({"special_tokens": SPECIALS}))
     return Tokenizer.from_dir(tok_dir), tok_dir
-
-
-def make_run(root, name, tokenizer_dir, tok: Tokenizer, **model_kw) -> tuple:
-    """A run directory in the trainer's format: config.json, tokenizer/, checkpoints/best.safetensors."""
-    cfg = ModelConfig(vocab_size=tok.vocab_size, context_length=32, d_model=64, num_layers=2, num_heads=4,
-                      d_ff=96, rope_theta=500.0, **model_kw)
-    torch.manual_seed(0)
-    model = TransformerLM(cfg).eval()
-    with torch.no_grad():  # non-trivial norm weights, so a misplaced norm would show in the logits
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.uniform_(0.5, 1.5)
-    run_dir = root / name
-    (run_dir / runs.CHECKPOINT_DIR).mkdir(parents=True)
-    (run_dir / runs.CONFIG_FILE).write_text(json.dumps({"preset": "test", "model": cfg.model_dump()}))
-    import shutil
-
-    shutil.copytree(tokenizer_dir, run_dir / runs.TOKENIZER_DIR)
-    save_checkpoint(model, None, 10, run_dir / runs.CHECKPOINT_DIR / runs.BEST_CHECKPOINT,
-                    metadata={"model_config": cfg.model_dump()})
-    return run_dir, model, cfg
 
 
 def test_tokenizer_json_encodes_like_ours(tiny_tokenizer, tmp_path):

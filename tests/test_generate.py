@@ -17,14 +17,8 @@ from tinystories_cli.generate import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one intra-op thread is fastest, and on a shared 2-core machine the
-    OpenMP barriers of a second thread cost ~100x (restored afterwards for other test modules)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny models: one intra-op thread for the whole module (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------

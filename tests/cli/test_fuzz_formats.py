@@ -21,8 +21,8 @@ from tinystories_cli import export, paths
 from tinystories_cli.config import ModelConfig
 from tinystories_cli.model import TransformerLM
 from tinystories_cli.tokenizer import Tokenizer
-from tinystories_cli.tokenizer.bpe import train_bpe
 from tinystories_cli.tokens import check_tokens, open_tokens
+from train_fixtures import bpe_tokenizer
 
 EOT = "<|endoftext|>"
 TEXT = ("Once upon a time there was a little cat. The cat liked to play with a red ball in the sun.\n"
@@ -34,10 +34,7 @@ SWAPS = [None, True, False, 0, -1, 1.5, -7.25, 2**31, 2**40, 2**70, 1e308, "", "
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory) -> Tokenizer:
-    d = tmp_path_factory.mktemp("bpe")
-    (d / "train.txt").write_text(TEXT, encoding="utf-8")
-    vocab, merges = train_bpe(d / "train.txt", 300, [EOT], workers=1)
-    return Tokenizer(vocab, merges, [EOT])
+    return bpe_tokenizer(tmp_path_factory.mktemp("bpe"), TEXT, 300, (EOT,))
 
 
 def _hf_dir(root: Path, tok: Tokenizer, arch: str) -> Path:

@@ -13,15 +13,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tinystories_cli import paths
-from tinystories_cli import train as T
 from tinystories_cli.checkpoint import read_checkpoint, save_checkpoint
 from tinystories_cli.cli import main
 from tinystories_cli.config import ModelConfig
 from tinystories_cli.errors import UserError
 from tinystories_cli.model import TransformerLM
 
-from train_fixtures import TINY_MODEL, TINY_TRAIN, make_dataset, workspace_at
+from train_fixtures import TINY_MODEL, make_dataset, train_tiny, workspace_at
 
 
 @pytest.fixture(scope="module")
@@ -30,17 +28,13 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
     make_dataset(root)
     with workspace_at(root):
-        run = T.prepare_run("debug", None, TINY_MODEL, {"dataset": "tiny", **TINY_TRAIN},
-                            T.TrainOptions(run_name="t", display="quiet", peak_tflops=1.0))
-        T.train(run)
+        train_tiny("t")
     return root
 
 
 @pytest.fixture
-def at(trained, monkeypatch):
-    monkeypatch.setattr(paths, "DATA_ROOT", trained / "data")
-    monkeypatch.setattr(paths, "RUNS_ROOT", trained / "runs")
-    return trained
+def at(trained, use_workspace):
+    return use_workspace(trained)
 
 
 @pytest.fixture

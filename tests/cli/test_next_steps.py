@@ -15,8 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from test_quickstart import tiny_stories
-from train_fixtures import REPO
+from train_fixtures import REPO, tiny_stories
 
 
 

@@ -234,16 +234,9 @@ def test_load_and_check_token_file_errors(tmp_path):
 
 
 @pytest.mark.shared_data
-def test_gpt2_parallel_file_matches_tiktoken(tmp_path, monkeypatch):
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"SKIPPED LOUDLY: shared data not found at {SHARED_DATA}")
-    tiktoken = pytest.importorskip("tiktoken", reason="SKIPPED LOUDLY: tiktoken (dev dependency) is not installed")
-    from tinystories_cli.tokenizer.pretokenize import GPT2_SPLIT_PATTERN
-
+def test_gpt2_parallel_file_matches_tiktoken(tmp_path, monkeypatch, gpt2, tiktoken_gpt2):
     monkeypatch.setattr(enc, "MIN_PARALLEL_BYTES", 0)
-    tok = Tokenizer.from_files(SHARED_DATA / "gpt2_vocab.json", SHARED_DATA / "gpt2_merges.txt", [EOT])
-    ref = tiktoken.Encoding(name="gpt2-local", pat_str=GPT2_SPLIT_PATTERN,
-                            mergeable_ranks={b: i for i, b in tok.vocab.items() if i != 50256}, special_tokens={EOT: 50256})
+    tok, ref = gpt2, tiktoken_gpt2
     src = SHARED_DATA / "tinystories_valid.txt"
     meta = enc.encode_file(src, tmp_path / "valid.npy", tok, workers=2, backend="python")  # the from-scratch path
     ids = np.load(tmp_path / "valid.npy", mmap_mode="r")

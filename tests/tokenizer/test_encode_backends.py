@@ -6,20 +6,18 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from test_tokenizer import TEXT, TRICKY
 from tinystories_cli.tokenizer import backends
 from tinystories_cli.tokenizer import encode as enc
 from tinystories_cli.tokenizer.bpe import train_bpe
 from tinystories_cli.tokenizer.files import write_vocab_merges
 from tinystories_cli.tokenizer.tokenizer import Tokenizer
-from train_fixtures import SHARED_DATA
+from train_fixtures import SHARED_DATA, TEXT, TRICKY
 
 pytest.importorskip("tiktoken", reason="SKIPPED LOUDLY: tiktoken (dev dependency) is not installed")
 
@@ -36,13 +34,6 @@ def same_ids(tok: Tokenizer, text: str) -> None:
 
 
 # --------------------------------------------------------------------------- GPT-2's files
-
-
-@pytest.fixture(scope="module")
-def gpt2() -> Tokenizer:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"SKIPPED LOUDLY: shared data not found at {SHARED_DATA}; GPT-2 backend tests need it")
-    return Tokenizer.from_files(SHARED_DATA / "gpt2_vocab.json", SHARED_DATA / "gpt2_merges.txt", [EOT])
 
 
 @pytest.mark.shared_data

@@ -11,7 +11,6 @@ import json
 import sys
 import tracemalloc
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import regex
@@ -22,43 +21,10 @@ from tinystories_cli.errors import UserError
 from tinystories_cli.tokenizer import Tokenizer
 from tinystories_cli.tokenizer import tokenizer as tokmod
 from tinystories_cli.tokenizer.files import write_vocab_merges
-from tinystories_cli.tokenizer.pretokenize import GPT2_PATTERN, GPT2_SPLIT_PATTERN
-from train_fixtures import SHARED_DATA
+from tinystories_cli.tokenizer.pretokenize import GPT2_PATTERN
+from train_fixtures import SHARED_DATA, TEXT, TRICKY
 
 EOT = "<|endoftext|>"
-
-TEXT = (
-    "Once upon a time, there was a little girl named Lily. She liked to play outside in the sun.\n"
-    "One day, she saw a big, red ball. \"Can I play?\" she asked. Her mom said, \"Yes, you can!\"\n"
-    "They're happy; it's 2026 and we'll see 1,234,567 stars... I've   got  spaces\t\tand tabs\r\n"
-    "Ünïcödé: café, naïve, 日本語のテキスト, emoji 🙂👍🏽, Ελληνικά, русский текст, ١٢٣ ½ ²\n"
-)
-
-# Strings that stress pre-tokenization, specials and chunk boundaries.
-TRICKY = [
-    "",
-    " ",
-    "\n",
-    EOT,
-    EOT + EOT,
-    "a" + EOT + "b",
-    "<|endoftext",
-    "<|endoftext|",
-    "x<|endoftext|>y<|endoftext|><|endoftext|>z",
-    "Hello, world! It's 2026.",
-    "they'll we've I'm you'd she's it'S 'll 'LL",
-    "don't'll'" + "s",
-    "   leading and trailing   ",
-    "a  b   c    d\n\n\ne",
-    "line1\r\nline2\r\n\r\n",
-    "tab\t\tx \t y\u00a0z\u2028w\u3000v",
-    "12345678901234567890 3.14159 1,000,000",
-    "émojis 🙂👍🏽🇫🇷 and CJK 日本語 and ḁ̸̈ combining",
-    "\x00\x01\x1c\x1d\x1e\x1f\x7f control",
-    "!!!???...,,,;;;" + " " * 40 + "end",
-    "x" * 300 + " " + "9" * 300 + " " * 300 + "y",
-]
-
 
 # --------------------------------------------------------------------------- a small tokenizer
 
@@ -105,23 +71,7 @@ def toy() -> Tokenizer:
 # --------------------------------------------------------------------------- GPT-2 + tiktoken
 
 
-@pytest.fixture(scope="module")
-def gpt2_files() -> tuple[Path, Path]:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"SKIPPED LOUDLY: shared data not found at {SHARED_DATA}; GPT-2 parity tests need it")
-    return SHARED_DATA / "gpt2_vocab.json", SHARED_DATA / "gpt2_merges.txt"
-
-
-@pytest.fixture(scope="module")
-def gpt2(gpt2_files) -> Tokenizer:
-    return Tokenizer.from_files(*gpt2_files, special_tokens=[EOT])
-
-
-@pytest.fixture(scope="module")
-def tiktoken_gpt2(gpt2):
-    tiktoken = pytest.importorskip("tiktoken", reason="SKIPPED LOUDLY: tiktoken (dev dependency) is not installed")
-    ranks = {b: i for i, b in gpt2.vocab.items() if i != gpt2.eot_id}
-    return tiktoken.Encoding(name="gpt2-local", pat_str=GPT2_SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: gpt2.eot_id})
+# the gpt2, gpt2_files and tiktoken_gpt2 fixtures: tests/tokenizer/conftest.py
 
 
 def _ref(enc, text: str) -> list[int]:

@@ -19,7 +19,7 @@ from tinystories_cli.evaluate import evaluate_tokens
 from tinystories_cli.fileio import sha256_file
 from tinystories_cli.train.loop import build_state
 
-from train_fixtures import TINY_MODEL, TINY_TRAIN, make_dataset, write_token_file
+from train_fixtures import make_dataset, train_tiny, write_token_file
 
 # A text unlike the fixture's random word salad: one story told again and again.
 DISTINCT = ("Pip the penguin found a shiny blue stone by the icy sea. He carried it home to his sister, "
@@ -27,10 +27,11 @@ DISTINCT = ("Pip the penguin found a shiny blue stone by the icy sea. He carried
 
 
 @pytest.fixture
-def workspace(tiny_workspace):
+def finetune_workspace(tiny_workspace):
+    """tiny_workspace plus a trained run `base` and my.npy / my_valid.npy (a text unlike the run's) to fine-tune on;
+    returns (root, tokenizer, the base run's directory)."""
     tmp_path, tok = tiny_workspace
-    base = T.train(T.prepare_run("debug", None, TINY_MODEL, {"dataset": "tiny", **TINY_TRAIN},
-                                 T.TrainOptions(run_name="base", display="quiet", peak_tflops=1.0)))
+    base = train_tiny("base")
     ids = tok.encode(DISTINCT)
     cut = len(ids) * 3 // 4
     for name, part in (("my", ids[:cut]), ("my_valid", ids[cut:])):
@@ -43,8 +44,8 @@ def _loss(run_or_ckpt, tokens_file) -> float:
     return evaluate_tokens(model, np.load(tokens_file), cfg.context_length, batch_size=8)["loss"]
 
 
-def test_fine_tuning_lowers_loss_on_the_new_text_and_records_its_source(workspace, run_cli):
-    tmp, tok, base_dir = workspace
+def test_fine_tuning_lowers_loss_on_the_new_text_and_records_its_source(finetune_workspace, run_cli):
+    tmp, tok, base_dir = finetune_workspace
     before = _loss(base_dir, tmp / "my_valid.npy")
     code, out, err = run_cli("train", "--init-from", "base", "--train-data", str(tmp / "my.npy"),
                              "--valid-data", str(tmp / "my_valid.npy"), "--lr", "3e-3", "--max-steps", "40",
@@ -70,8 +71,8 @@ def test_fine_tuning_lowers_loss_on_the_new_text_and_records_its_source(workspac
     assert "fine-tuned with `tslm train --init-from`" in readme and sha256_file(best)[:16] in readme
 
 
-def test_the_run_starts_from_the_source_weights_with_a_fresh_optimizer(workspace):
-    tmp, _, base_dir = workspace
+def test_the_run_starts_from_the_source_weights_with_a_fresh_optimizer(finetune_workspace):
+    tmp, _, base_dir = finetune_workspace
     ckpt = runs.latest_checkpoint(base_dir)  # a step checkpoint: it also holds optimizer state
     run = T.prepare_run(None, None, {"dropout": 0.1}, {"max_steps": 10, "lr": 1e-3},
                         T.TrainOptions(run_name="ft2", init_from=str(ckpt), display="quiet",
@@ -85,8 +86,8 @@ def test_the_run_starts_from_the_source_weights_with_a_fresh_optimizer(workspace
     assert run.train_cfg.max_steps == 10 and run.end_step == 10
 
 
-def test_contradictions_are_refused_in_one_line(workspace, run_cli):
-    tmp, _, base_dir = workspace
+def test_contradictions_are_refused_in_one_line(finetune_workspace, run_cli):
+    tmp, _, base_dir = finetune_workspace
     data = ["--train-data", str(tmp / "my.npy"), "--valid-data", str(tmp / "my_valid.npy"), "--max-steps", "5"]
 
     def refused(*args) -> str:
@@ -110,11 +111,11 @@ def test_contradictions_are_refused_in_one_line(workspace, run_cli):
     assert not (tmp / "runs" / "ft").exists()
 
 
-def test_init_from_a_hugging_face_directory(workspace, run_cli):
+def test_init_from_a_hugging_face_directory(finetune_workspace, run_cli):
     transformers = pytest.importorskip("transformers", reason="SKIPPED LOUDLY: transformers (dev dependency) is needed")
     from tinystories_cli.tokenizer.files import write_vocab_merges
 
-    tmp, tok, _ = workspace
+    tmp, tok, _ = finetune_workspace
     hf_cfg = transformers.GPT2Config(vocab_size=tok.vocab_size, n_embd=32, n_layer=1, n_head=2, n_positions=32)
     hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
     src = tmp / "hf-gpt2"

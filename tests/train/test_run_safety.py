@@ -12,24 +12,12 @@ from pathlib import Path
 import pytest
 
 from tinystories_cli import runs
-from tinystories_cli import train as T
 from tinystories_cli.checkpoint import read_checkpoint, save_checkpoint
 from tinystories_cli.cli import main
 from tinystories_cli.errors import UserError
 
 from train_fixtures import TINY_MODEL, TINY_TRAIN
-
-
-@pytest.fixture
-def workspace(tiny_workspace):
-    return tiny_workspace[0]
-
-
-def _run(name, train=None, **opts):
-    opts.setdefault("peak_tflops", 1.0)
-    run = T.prepare_run("debug", None, TINY_MODEL, {"dataset": "tiny", **TINY_TRAIN, **(train or {})},
-                        T.TrainOptions(run_name=name, display="quiet", **opts))
-    return T.train(run)
+from train_fixtures import train_tiny as _run
 
 
 def _tree(d: Path) -> dict[str, bytes]:
