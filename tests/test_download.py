@@ -21,7 +21,6 @@ from tinystories_cli.errors import UserError
 
 from download_server import BODY, SHA, Route, interrupt_at, leftovers, write_origin
 
-
 # ----------------------------------------------------------------------------- library
 
 def test_fresh_download_verifies_and_records(server, tmp_path, sleeps):

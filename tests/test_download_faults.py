@@ -8,9 +8,10 @@ import gzip
 import subprocess
 import sys
 
+from tinystories_cli import download as dl
+
 from benchmarks.fault_download import run_trials
 from download_server import BODY, SHA, Route, leftovers
-from tinystories_cli import download as dl
 from train_fixtures import one_error_line
 
 # The child ignores SIGXFSZ so that a write past RLIMIT_FSIZE fails with EFBIG (as on a full disk)

@@ -17,10 +17,11 @@ import urllib.request
 
 import pytest
 
-from download_server import BODY, SHA, Route, interrupt_at, leftovers, write_origin
 from tinystories_cli import download as dl
 from tinystories_cli.cli import main
 from tinystories_cli.errors import UserError
+
+from download_server import BODY, SHA, Route, interrupt_at, leftovers, write_origin
 from train_fixtures import one_error_line
 
 NEW_BODY = BODY.replace(b"Once", b"Twice")
@@ -90,7 +91,11 @@ def test_a_running_download_locks_its_part(server, tmp_path, sleeps):
 def test_stale_temp_files_of_this_download_are_removed(server, tmp_path, sleeps):
     server.routes["/f.txt"] = Route(BODY)
     out = tmp_path / "f.txt"
-    stale = [tmp_path / ".f.txt.abcd1234.tmp", tmp_path / ".f.txt.sha256.x_y_z_12.tmp", tmp_path / ".f.txt.part.json.qwertyui.tmp"]
+    stale = [
+        tmp_path / ".f.txt.abcd1234.tmp",
+        tmp_path / ".f.txt.sha256.x_y_z_12.tmp",
+        tmp_path / ".f.txt.part.json.qwertyui.tmp",
+    ]
     others = [tmp_path / ".g.txt.abcd1234.tmp", tmp_path / ".f.txt.notours.tmp"]
     for p in stale + others:
         p.write_bytes(b"x")
@@ -115,14 +120,31 @@ def test_origin_is_recorded_and_resume_sends_if_range(server, tmp_path, sleeps):
     assert leftovers(out) == ["f.txt", "f.txt.sha256"]  # origin removed with the .part
 
 
-@pytest.mark.parametrize("origin", [
-    None,                                                                    # no sidecar at all
-    {"version": 1, "url": "http://127.0.0.1:1/other.txt", "etag": None, "last_modified": None, "size": None, "sha256": None},
-    {"version": 1, "url": "URL", "etag": 5, "last_modified": None, "size": None, "sha256": None},      # wrong type
-    {"version": 1, "url": "URL", "etag": None, "last_modified": None, "size": -3, "sha256": None},     # out of range
-    {"version": 2, "url": "URL", "etag": None, "last_modified": None, "size": None, "sha256": None},   # unknown version
-    "[" * 100000,                                                            # deeply nested: no RecursionError
-])
+@pytest.mark.parametrize(
+    "origin",
+    [
+        None,  # no sidecar at all
+        {
+            "version": 1,
+            "url": "http://127.0.0.1:1/other.txt",
+            "etag": None,
+            "last_modified": None,
+            "size": None,
+            "sha256": None,
+        },
+        {"version": 1, "url": "URL", "etag": 5, "last_modified": None, "size": None, "sha256": None},  # wrong type
+        {"version": 1, "url": "URL", "etag": None, "last_modified": None, "size": -3, "sha256": None},  # out of range
+        {
+            "version": 2,
+            "url": "URL",
+            "etag": None,
+            "last_modified": None,
+            "size": None,
+            "sha256": None,
+        },  # unknown version
+        "[" * 100000,  # deeply nested: no RecursionError
+    ],
+)
 def test_foreign_part_is_discarded_never_spliced(server, tmp_path, sleeps, origin):
     server.routes["/f.txt"] = Route(BODY)
     out = tmp_path / "f.txt"
@@ -322,7 +344,9 @@ def test_lfs_sha_change_between_runs_discards_the_part(server, tmp_path, sleeps)
 
 
 def test_size_published_by_the_server_is_checked(server, tmp_path, sleeps):
-    server.routes["/m/resolve/main/w.bin"] = Route(b"", redirect="/cdn/w.bin", headers={"X-Linked-Size": str(len(BODY) + 1)})
+    server.routes["/m/resolve/main/w.bin"] = Route(
+        b"", redirect="/cdn/w.bin", headers={"X-Linked-Size": str(len(BODY) + 1)}
+    )
     server.routes["/cdn/w.bin"] = Route(BODY)
     with pytest.raises(UserError, match=f"announces {len(BODY)} bytes but publishes a size of {len(BODY) + 1}"):
         dl.download_url(server.url + "/m/resolve/main/w.bin", tmp_path / "w.bin")

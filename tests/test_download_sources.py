@@ -10,6 +10,7 @@ import pytest
 
 from tinystories_cli import download as dl
 from tinystories_cli.cli import main
+
 from train_fixtures import one_error_line
 
 WEIGHTS = bytes(range(256)) * 64

@@ -20,6 +20,7 @@ from tinystories_cli.model import TransformerLM
 from tinystories_cli.tokenizer import Tokenizer
 from tinystories_cli.tokenizer.bpe import train_bpe
 from tinystories_cli.tokenizer.files import write_vocab_merges
+
 from train_fixtures import make_run
 
 EOT = "<|endoftext|>"
@@ -78,7 +79,9 @@ def test_gpt2_tokenizer_encodes_corpus_en_exactly(shared_data, tmp_path):
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_hf_round_trip_logits_and_tokenizer(tiny_tokenizer, tmp_path, tie, capsys):
-    transformers = pytest.importorskip("transformers", reason="transformers (the hf extra) is needed to load the export")
+    transformers = pytest.importorskip(
+        "transformers", reason="transformers (the hf extra) is needed to load the export"
+    )
     tok, tok_dir = tiny_tokenizer
     run_dir, model, cfg = make_run(tmp_path / "runs", "tiny", tok_dir, tok, tie_embeddings=tie)
     out = tmp_path / "hf"
@@ -147,7 +150,11 @@ def test_output_is_atomic_and_protected(tiny_tokenizer, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     first = (out / "config.json").read_text()
     assert main(["export", str(run_dir), "--format", "hf", "--out", str(out), "--force"]) == 0
-    assert (out / "tokenizer.json").is_file() and not (out / "tokenizer").exists() and first != (out / "config.json").read_text()
+    assert (
+        (out / "tokenizer.json").is_file()
+        and not (out / "tokenizer").exists()
+        and first != (out / "config.json").read_text()
+    )
     # --force never deletes a directory that is not an earlier export, nor the run itself.
     other = tmp_path / "notes"
     other.mkdir()
@@ -184,7 +191,9 @@ def test_export_command_does_not_need_hf_libraries(tiny_tokenizer, tmp_path, mon
 def test_gpt2_shaped_run_exports_as_gpt2(tiny_tokenizer, tmp_path, capsys, ffn, bias, tie):
     """Pre-norm LayerNorm + learned positions export as GPT2LMHeadModel (zero biases where the model has
     none); transformers' logits equal ours, and importing the export back gives the same tensors."""
-    transformers = pytest.importorskip("transformers", reason="transformers (the hf extra) is needed to load the export")
+    transformers = pytest.importorskip(
+        "transformers", reason="transformers (the hf extra) is needed to load the export"
+    )
     from tinystories_cli.interop.importer import import_hf
 
     tok, tok_dir = tiny_tokenizer

@@ -16,6 +16,7 @@ import pytest
 from tinystories_cli import quickstart as qs
 from tinystories_cli.errors import UserError
 
+
 def test_quickstart_end_to_end_then_rerun_skips(tmp_path: Path, story_text: Path, run_cli):
     work = tmp_path / "work"
     t0 = time.perf_counter()

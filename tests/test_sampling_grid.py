@@ -22,7 +22,6 @@ from tinystories_cli.sampling_grid import (
 
 from train_fixtures import trained_runs
 
-
 # tiny models: one intra-op thread for the whole module (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -161,9 +160,24 @@ def test_cli_grid_markdown_same_prompt_and_seeds_per_cell(grid_run, run_cli):
     for cell, row in zip(cells, rows):
         assert [s["seed"] for s in cell["samples"]] == [3, 4]
         assert all(s["prompt"] == "The cat" for s in cell["samples"])
-        code, single, _ = run_cli("generate", "The cat", "--temp", str(cell["temperature"]), "--top-p",
-                                  str(cell["top_p"]), "--seed", "3", "-n", "2", "--max-tokens", "40", "--no-stop", "--json",
-                                  "--device", "cpu")
+        code, single, _ = run_cli(
+            "generate",
+            "The cat",
+            "--temp",
+            str(cell["temperature"]),
+            "--top-p",
+            str(cell["top_p"]),
+            "--seed",
+            "3",
+            "-n",
+            "2",
+            "--max-tokens",
+            "40",
+            "--no-stop",
+            "--json",
+            "--device",
+            "cpu",
+        )
         assert [json.loads(x)["text"] for x in single.splitlines()] == [s["text"] for s in cell["samples"]]
         texts = [words(s["text"]) for s in cell["samples"]]
         assert cell["distinct_2"] == pytest.approx(corpus_distinct_n(texts, 2))

@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import random
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 

@@ -85,9 +85,17 @@ def run_trials(trials: int, seed: int = 0, size: int = 1 << 20, workdir: Path | 
     rng = random.Random(seed)
     old, new = _text(size, seed + 1), _text(size, seed + 2)
     gz = gzip.compress(new, mtime=0)
-    counts = {"trials": 0, "faults_injected": 0, "kills_by_state": {"before_first_byte": 0, "part_with_bytes": 0, "done": 0},
-              "files_lost": 0, "files_corrupted": 0, "litter": 0, "internal_errors": 0, "final_failures": 0,
-              "problems": []}
+    counts = {
+        "trials": 0,
+        "faults_injected": 0,
+        "kills_by_state": {"before_first_byte": 0, "part_with_bytes": 0, "done": 0},
+        "files_lost": 0,
+        "files_corrupted": 0,
+        "litter": 0,
+        "internal_errors": 0,
+        "final_failures": 0,
+        "problems": [],
+    }
     # Throttled so that the transfer takes ~0.6 s, about as long as the CLI's start-up: kills land in both.
     # a throttled server (the test suite's, with Range, ETag and If-Range): about 0.6 s per whole file
     throttle = 0.6 * 8192 / size  # Route.throttle pauses after every 8 KB

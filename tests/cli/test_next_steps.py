@@ -18,7 +18,6 @@ from pathlib import Path
 from train_fixtures import REPO, tiny_stories
 
 
-
 def _env() -> dict:
     env = dict(os.environ)
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_ENDPOINT="http://nonexistent.invalid",

@@ -3,7 +3,6 @@ on a CPU warns about a GPU-sized preset before it starts."""
 
 from __future__ import annotations
 
-
 import pytest
 
 from train_fixtures import train_tiny

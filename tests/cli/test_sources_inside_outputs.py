@@ -97,8 +97,20 @@ def test_init_from_a_run_still_training_says_so_and_leaves_no_run_dir(tiny_works
         "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        err = refused(run_cli, "train", "--init-from", "busy", "--run-name", "ft", "--max-steps", "2",
-                       "--train-data", str(tmp / "data/tiny/train.npy"), "--valid-data", str(tmp / "data/tiny/valid.npy"))
+        err = refused(
+            run_cli,
+            "train",
+            "--init-from",
+            "busy",
+            "--run-name",
+            "ft",
+            "--max-steps",
+            "2",
+            "--train-data",
+            str(tmp / "data/tiny/train.npy"),
+            "--valid-data",
+            str(tmp / "data/tiny/valid.npy"),
+        )
         assert "being trained" in err and f"process {holder.pid}" in err, err
         assert not (tmp / "runs" / "ft").exists()
     finally:

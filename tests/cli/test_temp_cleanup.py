@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from tinystories_cli import fileio
-from train_fixtures import REPO
 
+from train_fixtures import REPO
 
 
 def _dead_pid() -> int:

@@ -8,9 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from terminal_screen import Screen, run_in_pty
-
 from tinystories_cli import sample
+
+from terminal_screen import Screen, run_in_pty
 from train_fixtures import REPO
 
 ROWS, COLS = 50, 120

@@ -23,6 +23,7 @@ from tinystories_cli.interop.importer import import_hf
 from tinystories_cli.runs import load_trained_model
 from tinystories_cli.tokenizer import Tokenizer
 from tinystories_cli.tokenizer.files import write_vocab_merges
+
 from train_fixtures import bpe_tokenizer, refused
 
 transformers = pytest.importorskip("transformers", reason="SKIPPED LOUDLY: transformers (dev dependency) is needed")
@@ -52,10 +53,21 @@ def randomize(model) -> None:
 
 
 def llama_dir(tmp_path, tok: Tokenizer, *, kv_heads=4, tie=False, attention_bias=False, mlp_bias=False):
-    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size + 4, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
-                                   rope_theta=500.0, rms_norm_eps=1e-5, tie_word_embeddings=tie,
-                                   attention_bias=attention_bias, mlp_bias=mlp_bias, attn_implementation="eager")
+    cfg = transformers.LlamaConfig(
+        vocab_size=tok.vocab_size + 4,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=64,
+        rope_theta=500.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tie,
+        attention_bias=attention_bias,
+        mlp_bias=mlp_bias,
+        attn_implementation="eager",
+    )
     model = transformers.LlamaForCausalLM(cfg).eval()
     randomize(model)
     out = tmp_path / "hf-llama"

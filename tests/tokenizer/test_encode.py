@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tinystories_cli.tokens import check_token_file, load_token_file
 from tinystories_cli.errors import UserError
 from tinystories_cli.tokenizer import encode as enc
 from tinystories_cli.tokenizer.files import write_vocab_merges
 from tinystories_cli.tokenizer.tokenizer import Tokenizer
+from tinystories_cli.tokens import check_token_file, load_token_file
+
 from train_fixtures import SHARED_DATA
 
 EOT = "<|endoftext|>"
@@ -77,7 +78,9 @@ def test_parallel_equals_serial_byte_for_byte(tmp_path, monkeypatch):
     _write_text(src, 300)  # ~60 KB, cut into 8 chunks
     seen = []
     m1 = enc.encode_file(src, tmp_path / "serial.npy", tok, workers=1)
-    m2 = enc.encode_file(src, tmp_path / "par.npy", tok, workers=2, chunks_per_worker=4, progress=lambda b, t: seen.append((b, t)))
+    m2 = enc.encode_file(
+        src, tmp_path / "par.npy", tok, workers=2, chunks_per_worker=4, progress=lambda b, t: seen.append((b, t))
+    )
     assert m2["chunks"] > 2 and m2["workers"] == 2
     assert (tmp_path / "serial.npy").read_bytes() == (tmp_path / "par.npy").read_bytes()
     assert m1["source_sha256"] == m2["source_sha256"] and m1["num_tokens"] == m2["num_tokens"]

@@ -17,6 +17,7 @@ from tinystories_cli.tokenizer import encode as enc
 from tinystories_cli.tokenizer.bpe import train_bpe
 from tinystories_cli.tokenizer.files import write_vocab_merges
 from tinystories_cli.tokenizer.tokenizer import Tokenizer
+
 from train_fixtures import SHARED_DATA, TEXT, TRICKY
 
 pytest.importorskip("tiktoken", reason="SKIPPED LOUDLY: tiktoken (dev dependency) is not installed")
@@ -71,7 +72,22 @@ def test_gpt2_encode_file_backends_byte_identical(gpt2, tmp_path, monkeypatch, w
 
 def _corpus() -> str:
     rng = random.Random(0)
-    words = ["the", "cat", "dog", "ran", "Lily", "Tom's", "they'll", "café", "日本語", "🙂", "1234", "3.14", "!!", "..."]
+    words = [
+        "the",
+        "cat",
+        "dog",
+        "ran",
+        "Lily",
+        "Tom's",
+        "they'll",
+        "café",
+        "日本語",
+        "🙂",
+        "1234",
+        "3.14",
+        "!!",
+        "...",
+    ]
     parts = []
     for _ in range(1500):
         parts.append(" ".join(rng.choice(words) for _ in range(rng.randint(1, 12))))
@@ -115,7 +131,11 @@ def test_encode_file_backends_byte_identical_on_trained(trained, tmp_path, monke
 
 
 @settings(max_examples=300, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 40), text=st.lists(st.sampled_from(list("abc ab\n")), max_size=30).map("".join))
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(1, 40),
+    text=st.lists(st.sampled_from(list("abc ab\n")), max_size=30).map("".join),
+)
 def test_any_qualifying_merge_list_gives_tiktoken_ids(seed, n, text):
     """Random merge lists in training order (each merge joins two existing tokens): whenever
     `tiktoken_unfit` accepts one, tiktoken's ids equal ours; many are refused, and must be."""

@@ -4,7 +4,6 @@ that keeps missing its plan says so in a few lines, not one per check."""
 from __future__ import annotations
 
 import functools
-
 import re
 import time
 from pathlib import Path
@@ -45,6 +44,7 @@ def test_the_probe_takes_about_what_it_announces(tmp_path: Path, story_text: Pat
 
 def test_measure_throughput_counts_building_and_warm_up_in_its_time(tiny_workspace):
     from tinystories_cli import train as tl
+
     from train_fixtures import TINY_MODEL, TINY_TRAIN
     run = tl.prepare_run("debug", None, TINY_MODEL, {"dataset": "tiny", **TINY_TRAIN},
                          tl.TrainOptions(run_name="probe", display="quiet", peak_tflops=1.0))

@@ -19,7 +19,7 @@ from tinystories_cli.evaluate import evaluate_tokens
 from tinystories_cli.fileio import sha256_file
 from tinystories_cli.train.loop import build_state
 
-from train_fixtures import make_dataset, train_tiny, write_token_file
+from train_fixtures import make_dataset, refused, train_tiny, write_token_file
 
 # A text unlike the fixture's random word salad: one story told again and again.
 DISTINCT = ("Pip the penguin found a shiny blue stone by the icy sea. He carried it home to his sister, "
@@ -90,18 +90,17 @@ def test_contradictions_are_refused_in_one_line(finetune_workspace, run_cli):
     tmp, _, base_dir = finetune_workspace
     data = ["--train-data", str(tmp / "my.npy"), "--valid-data", str(tmp / "my_valid.npy"), "--max-steps", "5"]
 
-    def refused(*args) -> str:
-        code, out, err = run_cli("train", *args, *data)
-        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-        return err
+    def refused_train(*args) -> str:
+        return refused(run_cli, "train", *args, *data)
 
-    err = refused("--init-from", "base", "--d-model", "64", "--num-layers", "3")
+    err = refused_train("--init-from", "base", "--d-model", "64", "--num-layers", "3")
     assert "d_model=64 (source: 32)" in err and "num_layers=3 (source: 1)" in err
-    assert "--tokenizer cannot be combined" in refused("--init-from", "base", "--tokenizer", str(tmp / "data/tiny/tokenizer"))
-    assert "context length 32 exceeds the 16" in refused("--init-from", "base", "--ctx", "32")
-    assert "no run or checkpoint named 'nope'" in refused("--init-from", "nope")
+    tokenizer = str(tmp / "data/tiny/tokenizer")
+    assert "--tokenizer cannot be combined" in refused_train("--init-from", "base", "--tokenizer", tokenizer)
+    assert "context length 32 exceeds the 16" in refused_train("--init-from", "base", "--ctx", "32")
+    assert "no run or checkpoint named 'nope'" in refused_train("--init-from", "nope")
     (tmp / "empty").mkdir()
-    assert "neither a tslm run" in refused("--init-from", str(tmp / "empty"))
+    assert "neither a tslm run" in refused_train("--init-from", str(tmp / "empty"))
     # token files must carry the source tokenizer's fingerprint (as for any run)
     other = make_dataset(tmp / "other", vocab_size=280)
     write_token_file(tmp / "foreign.npy", [1, 2, 3] * 50, other, 300)
