@@ -119,7 +119,9 @@ def main() -> None:
     settings = dict(parse_setting(x) for x in args.set)
     speeds_file = args.workdir / "speeds.json"
     speeds = json.loads(speeds_file.read_text()) if speeds_file.is_file() else {}
-    wanted = {(autosize.REFERENCE_WIDTH, None, autosize.BATCH_SIZE)} | {(w, d, b) for w in widths for d in depths for b in batches}
+    wanted = {(autosize.REFERENCE_WIDTH, None, autosize.BATCH_SIZE)} | {
+        (w, d, b) for w in widths for d in depths for b in batches
+    }
     for w, d, b in sorted(wanted, key=lambda k: (k[0], k[1] or 0, k[2])):
         if variant(w, d, b) not in speeds:
             speeds[variant(w, d, b)] = probe(shape_of(w, d), b, files, args.workdir, args.probe_seconds)

@@ -7,7 +7,12 @@ from tinystories_cli import account
 from tinystories_cli.config import PRESETS, ModelConfig
 
 # The seeds' accounting tables (001_*.txt): exact parameter counts and forward FLOPs at ctx 1024.
-SEED_PARAMS = {"gpt2-small": 190_460_160, "gpt2-medium": 505_629_696, "gpt2-large": 1_072_469_760, "gpt2-xl": 2_127_057_600}
+SEED_PARAMS = {
+    "gpt2-small": 190_460_160,
+    "gpt2-medium": 505_629_696,
+    "gpt2-large": 1_072_469_760,
+    "gpt2-xl": 2_127_057_600,
+}
 SEED_FLOPS = {"gpt2-small": "349.630B", "gpt2-medium": "1.033T", "gpt2-large": "2.258T", "gpt2-xl": "4.513T"}
 
 
@@ -146,7 +151,11 @@ def test_fsdp_activation_checkpointing_and_dtype_memory_and_time():
     budget = account.parse_memory("24GB")
     setup = {"parallel": "fsdp", "world_size": 8, "activation_checkpointing": True}
     b = account.max_batch_size(cfg, budget, **setup)
-    assert account.training_memory(cfg, b, **setup)["total"] <= budget < account.training_memory(cfg, b + 1, **setup)["total"]
+    assert (
+        account.training_memory(cfg, b, **setup)["total"]
+        <= budget
+        < account.training_memory(cfg, b + 1, **setup)["total"]
+    )
     assert account.max_batch_size(cfg, budget) == 0  # replicated, it does not fit a 24 GB card at all
     # the time estimate uses the peak of the chosen precision, over all devices, plus the recompute
     fp32 = account.report(cfg, batch_size=4, steps=10, dtype="float32")["time"]
@@ -168,8 +177,15 @@ def test_cli_account_fsdp_table(run_cli):
     assert code == 2 and "--world-size" in out + err
 
 
-@pytest.mark.parametrize("ffn, tie, bias, norm", [("swiglu", False, True, "rmsnorm"), ("gelu_tanh", True, True, "layernorm"),
-                                                   ("relu", False, False, "layernorm"), ("silu", True, True, "none")])
+@pytest.mark.parametrize(
+    "ffn, tie, bias, norm",
+    [
+        ("swiglu", False, True, "rmsnorm"),
+        ("gelu_tanh", True, True, "layernorm"),
+        ("relu", False, False, "layernorm"),
+        ("silu", True, True, "none"),
+    ],
+)
 def test_parameter_counts_equal_the_built_model(ffn, tie, bias, norm):
     """`parameter_counts` counts what TransformerLM builds, biases included (imported GPT-2 models have them)."""
     from tinystories_cli.model import TransformerLM

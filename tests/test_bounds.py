@@ -45,8 +45,8 @@ def test_hostile_context_is_refused_before_the_model_is_built(tmp_path):
     src = _hostile_llama(tmp_path / "hostile")
     # under a 6 GB address-space cap, as a shared machine might impose: the refusal must come from the numbers
     limit = "import resource; resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30)); "
-    code = limit + "from tinystories_cli.cli import main; raise SystemExit(main(['import', %r, '--run-name', 'run']))" % (
-        str(src),)
+    code = limit + ("from tinystories_cli.cli import main; "
+                    f"raise SystemExit(main(['import', {str(src)!r}, '--run-name', 'run']))")
     t = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                        env={"PYTHONPATH": os.environ.get("PYTHONPATH", str(REPO)), "PATH": "/usr/bin:/bin",

@@ -10,27 +10,8 @@ from pathlib import Path
 import pytest
 
 from tinystories_cli import compare, paths, runs
-from tinystories_cli.config import ModelConfig, TrainConfig
 
-from train_fixtures import trained_runs
-
-
-def write_run(root: Path, name: str, model: dict | None = None, train: dict | None = None,
-              metrics: list[dict] | None = None, eval_result: dict | None = None, preset: str = "debug") -> Path:
-    """A run directory as `tslm train` leaves it (config.json, metrics.jsonl, optional eval_valid.json)."""
-    d = root / name
-    d.mkdir(parents=True)
-    m = ModelConfig(**{"vocab_size": 256, "context_length": 32, "d_model": 32, "num_layers": 1, "num_heads": 2,
-                       **(model or {})})
-    t = TrainConfig(**{"max_steps": 10, "warmup_steps": 1, **(train or {})})
-    cfg = {"preset": preset, "model": m.model_dump(), "train": t.model_dump(), "parameters": 1234,
-           "max_steps": t.max_steps, "tokens_per_step": 64}
-    (d / "config.json").write_text(json.dumps(cfg))
-    if metrics is not None:
-        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
-    if eval_result is not None:
-        (d / "eval_valid.json").write_text(json.dumps(eval_result))
-    return d
+from train_fixtures import trained_runs, workspace_at, write_run
 
 
 def test_summarize_metrics_best_final_and_nan():
@@ -124,9 +105,8 @@ def two_runs(tmp_path_factory):
         name: ["--lr", lr, "--min-lr", "1e-4"] for name, lr in (("lo", "1e-3"), ("hi", "3e-3"))})
 
 
-def test_data_evaluates_like_tslm_eval(two_runs, run_cli, monkeypatch):
-    monkeypatch.setattr(paths, "DATA_ROOT", two_runs / "data")
-    monkeypatch.setattr(paths, "RUNS_ROOT", two_runs / "runs")
+def test_data_evaluates_like_tslm_eval(two_runs, run_cli, use_workspace):
+    use_workspace(two_runs)
     valid = two_runs / "data" / "tiny" / "valid.npy"
     code, out, err = run_cli("compare", "lo", "hi", "--data", str(valid), "--device", "cpu", "--json")
     assert code == 0, err
@@ -151,9 +131,7 @@ def seeded_runs(two_runs):
     """The two runs above (seed 0) plus a seed-1 twin of each, trained the same way."""
     from tinystories_cli.cli import main
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(paths, "DATA_ROOT", two_runs / "data")
-        mp.setattr(paths, "RUNS_ROOT", two_runs / "runs")
+    with workspace_at(two_runs):
         for name, lr in (("lo-s1", "1e-3"), ("hi-s1", "3e-3")):
             code = main(["train", "--preset", "debug", "--dataset", "tiny", "--ctx", "16", "--d-model", "32",
                          "--num-layers", "1", "--num-heads", "2", "--max-steps", "4", "--warmup-steps", "1",
@@ -163,9 +141,8 @@ def seeded_runs(two_runs):
     return two_runs
 
 
-def test_seeded_runs_end_to_end_mean_std_from_fresh_evaluations(seeded_runs, run_cli, monkeypatch):
-    monkeypatch.setattr(paths, "DATA_ROOT", seeded_runs / "data")
-    monkeypatch.setattr(paths, "RUNS_ROOT", seeded_runs / "runs")
+def test_seeded_runs_end_to_end_mean_std_from_fresh_evaluations(seeded_runs, run_cli, use_workspace):
+    use_workspace(seeded_runs)
     valid = seeded_runs / "data" / "tiny" / "valid.npy"
     names = ["lo", "lo-s1", "hi", "hi-s1"]
     code, out, err = run_cli("compare", *names, "--data", str(valid), "--device", "cpu", "--json")
@@ -192,14 +169,13 @@ def test_seeded_runs_end_to_end_mean_std_from_fresh_evaluations(seeded_runs, run
 # (here because it summarizes run directories the same way, and reuses the trained runs above)
 
 
-def test_run_readme_of_a_trained_run_and_its_commands_work(two_runs, run_cli, monkeypatch, tmp_path):
+def test_run_readme_of_a_trained_run_and_its_commands_work(use_workspace, two_runs, run_cli, monkeypatch, tmp_path):
     import shlex
 
     from tinystories_cli import runs
     from tinystories_cli.run_readme import render_run_readme, write_run_readme
 
-    monkeypatch.setattr(paths, "DATA_ROOT", two_runs / "data")
-    monkeypatch.setattr(paths, "RUNS_ROOT", two_runs / "runs")
+    use_workspace(two_runs)
     run_dir = two_runs / "runs" / "lo"
     text = render_run_readme(run_dir)
     model, _, _ = runs.load_trained_model(run_dir)

@@ -33,15 +33,29 @@ def test_train_config_schedule_checks():
         TrainConfig(max_steps=10, warmup_steps=20)
     with pytest.raises(Exception, match="min_lr"):
         TrainConfig(lr=1e-4, min_lr=1e-3)
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError):  # pydantic's ValidationError
         TrainConfig(lr=-1.0)
 
 
 def test_presets_have_seed_shapes():
     m = PRESETS["tinystories-17m"].model
-    assert (m.vocab_size, m.context_length, m.d_model, m.num_layers, m.num_heads, m.d_ff) == (10000, 256, 512, 4, 16, 1344)
+    assert (m.vocab_size, m.context_length, m.d_model, m.num_layers, m.num_heads, m.d_ff) == (
+        10000,
+        256,
+        512,
+        4,
+        16,
+        1344,
+    )
     m = PRESETS["tinystories-33m"].model
-    assert (m.num_layers, m.d_model, m.num_heads, m.d_ff, m.context_length, m.vocab_size) == (6, 384, 6, 1536, 512, 50257)
+    assert (m.num_layers, m.d_model, m.num_heads, m.d_ff, m.context_length, m.vocab_size) == (
+        6,
+        384,
+        6,
+        1536,
+        512,
+        50257,
+    )
     assert (m.ffn, m.pos_emb, m.norm, m.tie_embeddings, m.dropout) == ("gelu", "learned", "layernorm", True, 0.1)
     assert PRESETS["owt-vanilla"].model.norm_position == "post"
     assert PRESETS["gpt2-xl"].model.d_ff == 6400
@@ -127,7 +141,8 @@ def _readme_counts(doc: str = "README.md") -> dict[str, int]:
 
 
 def test_every_preset_builds_its_documented_parameter_count(tmp_path, monkeypatch, run_cli):
-    """README's (and docs/configuration.md's) count == `tslm account --list` == what `tslm train --print-config` builds, for each preset."""
+    """README's (and docs/configuration.md's) count == `tslm account --list` == what `tslm train --print-config`
+    builds, for each preset."""
     import torch
 
     from tinystories_cli import account, paths
@@ -141,7 +156,9 @@ def test_every_preset_builds_its_documented_parameter_count(tmp_path, monkeypatc
 
     code, listing, _ = run_cli("account", "--list")
     assert code == 0
-    rows = {line.split()[1]: line for line in listing.splitlines() if line.startswith("│ ") and line.split()[1] in PRESETS}
+    rows = {
+        line.split()[1]: line for line in listing.splitlines() if line.startswith("│ ") and line.split()[1] in PRESETS
+    }
     assert set(rows) == set(PRESETS)
     for name in PRESETS:  # each with its own data/ (BPE presets share data/tinystories/ but not a vocabulary)
         monkeypatch.setattr(paths, "DATA_ROOT", tmp_path / name / "data")
@@ -154,11 +171,8 @@ def test_every_preset_builds_its_documented_parameter_count(tmp_path, monkeypatc
         assert f" {human_count(built)} " in rows[name], (name, rows[name])
 
 
-def test_gpt2_tokenizer_presets_refuse_another_tokenizer(tmp_path, monkeypatch, run_cli):
-    from tinystories_cli import paths
-
-    monkeypatch.setattr(paths, "DATA_ROOT", tmp_path / "data")
-    monkeypatch.setattr(paths, "RUNS_ROOT", tmp_path / "runs")
+def test_gpt2_tokenizer_presets_refuse_another_tokenizer(tmp_path, use_workspace, run_cli):
+    use_workspace(tmp_path)
     # the README's `tslm bpe` tokenizer (10K here) in data/tinystories/tokenizer: not what the preset names
     (tmp_path / "data" / "tinystories" / "tokenizer").mkdir(parents=True)
     _synthetic_tokenizer(tmp_path / "data" / "tinystories" / "tokenizer", 10_000)
@@ -169,8 +183,9 @@ def test_gpt2_tokenizer_presets_refuse_another_tokenizer(tmp_path, monkeypatch, 
                              "--tokenizer", str(tmp_path / "data" / "tinystories" / "tokenizer"))
     assert code == 2 and "has 10000 ids" in err and "--vocab-size 10000" in err
     # choosing another vocabulary on purpose is allowed
-    from train_fixtures import write_token_file
     from tinystories_cli.tokenizer import Tokenizer
+
+    from train_fixtures import write_token_file
 
     tok = Tokenizer.from_dir(tmp_path / "data" / "tinystories" / "tokenizer")
     for split in ("train", "valid"):

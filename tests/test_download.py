@@ -10,11 +10,8 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
-import http.server
 import json
 import os
-import threading
-import time
 
 import pytest
 
@@ -22,147 +19,7 @@ from tinystories_cli import download as dl
 from tinystories_cli.cli import main
 from tinystories_cli.errors import UserError
 
-BODY = b"".join(b"Once upon a time there was story number %d.\n<|endoftext|>\n" % i for i in range(3000))  # ~170 KB
-SHA = hashlib.sha256(BODY).hexdigest()
-
-
-@dataclasses.dataclass
-class Route:
-    body: bytes
-    status: int = 200
-    ranges: bool = True        # honour Range requests with 206
-    drop_first: int = 0        # the first N GETs send half the body, then close the connection
-    fail_first: int = 0        # the first N GETs answer 500
-    redirect: str | None = None  # answer 302 to this path (as the Hub does for large files)
-    etag: str | None = "auto"  # strong ETag sent (and checked against If-Range); "auto": derived from the body
-    headers: dict = dataclasses.field(default_factory=dict)  # extra headers on every answer (e.g. X-Linked-Etag)
-    trickle: float = 0.0       # send one byte every `trickle` seconds (at most 200 bytes), like a stalled server
-    throttle: float = 0.0      # pause this long after every 8 KB (slow but steady)
-    slow_headers: float = 0.0  # send the status line and headers one byte every `slow_headers` seconds
-    if_range: bool = True      # honour If-Range (False: a server that ignores it and answers Range anyway)
-
-    def current_etag(self) -> str | None:
-        return f'"{hashlib.sha256(self.body).hexdigest()[:20]}"' if self.etag == "auto" else self.etag
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    def log_message(self, *args):  # keep pytest output clean
-        pass
-
-    def do_GET(self):
-        srv = self.server
-        srv.log.append((self.path, self.headers.get("Range")))
-        srv.if_range_log.append(self.headers.get("If-Range"))
-        route = srv.routes.get(self.path)
-        if route is None or route.status == 404:
-            self.send_error(404, "Not Found")
-            return
-        if route.redirect:
-            self.send_response(302)
-            for k, v in route.headers.items():
-                self.send_header(k, v)
-            self.send_header("Location", route.redirect)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        if route.slow_headers:
-            try:
-                for b in b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\nX-Padding: " + b"x" * 200:
-                    self.wfile.write(bytes([b]))
-                    self.wfile.flush()
-                    time.sleep(route.slow_headers)
-            except OSError:
-                pass
-            self.close_connection = True
-            return
-        if route.fail_first > 0:
-            route.fail_first -= 1
-            self.send_error(500, "Internal Server Error")
-            return
-        body, start = route.body, 0
-        rng = self.headers.get("Range")
-        if_range = self.headers.get("If-Range")
-        if route.if_range and if_range is not None and if_range != route.current_etag():
-            rng = None  # RFC 9110: a validator that does not match means "send the whole, current file"
-        if rng and route.ranges:
-            start = int(rng.removeprefix("bytes=").split("-")[0])
-            if start >= len(body):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(body)}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-        else:
-            self.send_response(200)
-        payload = body[start:]
-        self.send_header("Content-Length", str(len(payload)))
-        if route.current_etag():
-            self.send_header("ETag", route.current_etag())
-        for k, v in route.headers.items():
-            self.send_header(k, v)
-        self.end_headers()
-        if route.trickle:
-            try:
-                for i in range(min(len(payload), 200)):
-                    self.wfile.write(payload[i:i + 1])
-                    self.wfile.flush()
-                    time.sleep(route.trickle)
-            except OSError:
-                pass
-            self.close_connection = True
-            return
-        if route.throttle:
-            try:
-                for i in range(0, len(payload), 8192):
-                    self.wfile.write(payload[i:i + 8192])
-                    self.wfile.flush()
-                    time.sleep(route.throttle)
-            except OSError:
-                pass
-            return
-        if route.drop_first > 0:
-            route.drop_first -= 1
-            self.wfile.write(payload[: len(payload) // 2])
-            self.close_connection = True  # HTTP/1.0 anyway: the socket closes with half the body sent
-            return
-        self.wfile.write(payload)
-
-
-@pytest.fixture
-def server():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.daemon_threads = True
-    srv.routes, srv.log, srv.if_range_log = {}, [], []
-    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
-    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    t.start()
-    try:
-        yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        t.join(timeout=5)
-
-
-@pytest.fixture
-def sleeps(monkeypatch):
-    """Capture backoff pauses instead of sleeping."""
-    calls: list[float] = []
-    monkeypatch.setattr(dl.transfer, "SLEEP", calls.append)  # the module whose retry loop reads it
-    return calls
-
-
-def write_origin(out, url, etag=None, size=None, sha256=None):
-    """The sidecar a download writes beside its .part (as if an earlier run had stopped)."""
-    origin = {"version": 1, "url": url, "etag": etag, "last_modified": None, "size": size, "sha256": sha256}
-    dl.origin_path(dl.part_path(out)).write_text(json.dumps(origin))
-
-
-def _leftovers(path):
-    return sorted(p.name for p in path.parent.iterdir() if p.name.startswith(path.name))
-
+from download_server import BODY, SHA, Route, interrupt_at, leftovers, write_origin
 
 # ----------------------------------------------------------------------------- library
 
@@ -173,7 +30,7 @@ def test_fresh_download_verifies_and_records(server, tmp_path, sleeps):
     res = dl.download_url(server.url + "/f.txt", out, progress=lambda s, d, t: seen.append((s, d, t)), chunk_size=16384)
     assert out.read_bytes() == BODY
     assert (res.status, res.sha256, res.size, res.verified) == ("downloaded", SHA, len(BODY), False)
-    assert _leftovers(out) == ["f.txt", "f.txt.sha256"]  # no .part, no temp files
+    assert leftovers(out) == ["f.txt", "f.txt.sha256"]  # no .part, no temp files
     rec = json.loads(dl.record_path(out).read_text())
     assert rec["sha256"] == SHA and rec["size"] == len(BODY) and rec["mtime_ns"] == out.stat().st_mtime_ns
     downloads = [d for s, d, t in seen if s == "download"]
@@ -204,12 +61,8 @@ def test_ctrl_c_keeps_part_and_next_run_resumes(server, tmp_path, sleeps):
     server.routes["/f.txt"] = Route(BODY)
     out = tmp_path / "f.txt"
 
-    def interrupt(stage, done, total):
-        if done >= 40000:
-            raise KeyboardInterrupt
-
     with pytest.raises(dl.DownloadInterrupted) as ei:
-        dl.download_url(server.url + "/f.txt", out, progress=interrupt, chunk_size=8192)
+        dl.download_url(server.url + "/f.txt", out, progress=interrupt_at(40_000), chunk_size=8192)
     part = dl.part_path(out)
     assert not out.exists() and part.exists() and ei.value.have == part.stat().st_size >= 40000
     assert BODY.startswith(part.read_bytes())
@@ -291,14 +144,14 @@ def test_gzip_source_is_verified_then_decompressed(server, tmp_path, sleeps):
     res = dl.download_url(server.url + "/f.txt.gz", out, sha256=hashlib.sha256(gz).hexdigest(), gunzip=True)
     assert out.read_bytes() == BODY and res.sha256 == SHA and res.source_sha256 == hashlib.sha256(gz).hexdigest()
     assert server.log[1][1] == f"bytes={len(gz) // 2}-"  # the compressed stream resumed
-    assert _leftovers(out) == ["f.txt", "f.txt.sha256"]
+    assert leftovers(out) == ["f.txt", "f.txt.sha256"]
     assert dl.download_url(server.url + "/f.txt.gz", out, gunzip=True).status == "skipped"
     # Stopped after decompressing but before the record was written: the .part marks it unfinished.
     dl.record_path(out).unlink()
     dl.part_path(out).write_bytes(gz)
     out.write_bytes(BODY[:100])
     res = dl.download_url(server.url + "/f.txt.gz", out, gunzip=True)
-    assert res.status == "downloaded" and out.read_bytes() == BODY and _leftovers(out) == ["f.txt", "f.txt.sha256"]
+    assert res.status == "downloaded" and out.read_bytes() == BODY and leftovers(out) == ["f.txt", "f.txt.sha256"]
 
 
 def test_bad_gzip_is_removed(server, tmp_path, sleeps):

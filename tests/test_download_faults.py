@@ -5,13 +5,14 @@ long one is tests/benchmarks/fault_download.py) and a full disk (RLIMIT_FSIZE, S
 from __future__ import annotations
 
 import gzip
-import hashlib
 import subprocess
 import sys
 
-from benchmarks.fault_download import run_trials
-from test_download import BODY, SHA, Route, _leftovers, server, sleeps  # noqa: F401 (fixtures)
 from tinystories_cli import download as dl
+
+from benchmarks.fault_download import run_trials
+from download_server import BODY, SHA, Route, leftovers
+from train_fixtures import one_error_line
 
 # The child ignores SIGXFSZ so that a write past RLIMIT_FSIZE fails with EFBIG (as on a full disk)
 # instead of killing the process, sets SIGINT's disposition explicitly, then runs the CLI.
@@ -31,23 +32,18 @@ def _run_with_fsize_limit(limit: int, *args: str) -> subprocess.CompletedProcess
                           timeout=120, env={"PYTHONDONTWRITEBYTECODE": "1", "PATH": "/usr/bin:/bin"})
 
 
-def _error_lines(err: str) -> list[str]:
-    assert "Traceback" not in err and "internal error" not in err, err
-    return [ln for ln in err.splitlines() if ln.startswith("error:")]
-
-
 def test_disk_full_while_downloading_keeps_a_resumable_part(server, tmp_path, sleeps):
     server.routes["/f.txt"] = Route(BODY)
     out = tmp_path / "f.txt"
     p = _run_with_fsize_limit(60_000, "download", server.url + "/f.txt", "--out", str(out))
     assert p.returncode == 2, p.stderr
-    (line,) = _error_lines(p.stderr)
+    line = one_error_line(p.stderr)
     assert "disk full" in line and "f.txt.part" in line and "to resume" in line
-    assert _leftovers(out) == ["f.txt.part", "f.txt.part.json"]  # exactly the resumable .part and its origin
+    assert leftovers(out) == ["f.txt.part", "f.txt.part.json"]  # exactly the resumable .part and its origin
     part = dl.part_path(out).read_bytes()
     assert 0 < len(part) <= 60_000 and BODY.startswith(part)
     res = dl.download_url(server.url + "/f.txt", out)  # room again: it resumes
-    assert res.sha256 == SHA and res.resumed_from == len(part) and _leftovers(out) == ["f.txt", "f.txt.sha256"]
+    assert res.sha256 == SHA and res.resumed_from == len(part) and leftovers(out) == ["f.txt", "f.txt.sha256"]
 
 
 def test_disk_full_before_the_first_byte_leaves_nothing(server, tmp_path, sleeps):
@@ -55,7 +51,7 @@ def test_disk_full_before_the_first_byte_leaves_nothing(server, tmp_path, sleeps
     out = tmp_path / "f.txt"
     p = _run_with_fsize_limit(100, "download", server.url + "/f.txt", "--out", str(out))  # not even the origin fits
     assert p.returncode == 2, p.stderr
-    (line,) = _error_lines(p.stderr)
+    line = one_error_line(p.stderr)
     assert "disk full" in line and "nothing was kept" in line
     assert list(tmp_path.iterdir()) == []
 
@@ -67,7 +63,7 @@ def test_disk_full_while_unpacking_keeps_the_gz(server, tmp_path, sleeps):
     args = ["download", "owt", "--split", "valid", "--dir", str(tmp_path), "--endpoint", server.url]
     p = _run_with_fsize_limit(60_000, *args)
     assert p.returncode == 2, p.stderr
-    (line,) = _error_lines(p.stderr)
+    line = one_error_line(p.stderr)
     assert "disk full while unpacking" in line and "valid.txt.part" in line
     d = tmp_path / "owt"
     assert sorted(x.name for x in d.iterdir()) == ["valid.txt.part", "valid.txt.part.json"]  # no partial output

@@ -10,10 +10,11 @@ import json
 
 import pytest
 
-from test_download import Route, server, sleeps  # noqa: F401 (fixtures)
 from tinystories_cli import download as dl
 from tinystories_cli.cli import main
 from tinystories_cli.errors import UserError
+
+from download_server import Route
 
 REPO = "tiny-org/tiny-llama"
 WEIGHTS = bytes(range(256)) * 400  # ~100 KB standing in for model.safetensors
@@ -98,7 +99,9 @@ def test_local_mirror_directory(tmp_path, capsys):
         (mirror / name).write_bytes(body)
     out = tmp_path / "m"
     assert main(["download", "hf-model", REPO, "--out", str(out), "--endpoint", str(tmp_path / "mirror")]) == 0
-    assert (out / "model.safetensors").read_bytes() == WEIGHTS and (out / "config.json").read_bytes() == FILES["config.json"]
+    assert (out / "model.safetensors").read_bytes() == WEIGHTS and (out / "config.json").read_bytes() == FILES[
+        "config.json"
+    ]
 
 
 @pytest.mark.parametrize("repo", ["../etc", "a/b/c", "a--b/c", "/abs", "a/..", "", "a b"])

@@ -17,20 +17,15 @@ import urllib.request
 
 import pytest
 
-from test_download import BODY, SHA, Route, _leftovers, server, sleeps, write_origin  # noqa: F401 (fixtures)
 from tinystories_cli import download as dl
 from tinystories_cli.cli import main
 from tinystories_cli.errors import UserError
 
+from download_server import BODY, SHA, Route, interrupt_at, leftovers, write_origin
+from train_fixtures import one_error_line
+
 NEW_BODY = BODY.replace(b"Once", b"Twice")
 NEW_SHA = hashlib.sha256(NEW_BODY).hexdigest()
-
-
-def _one_error_line(err: str) -> str:
-    """The one `error:` line (a progress bar drawn before the failure may precede it)."""
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err and "internal error" not in err, err
-    return lines[0]
 
 
 # ----------------------------------------------------------------------------- links and odd files
@@ -78,8 +73,8 @@ def test_symlinked_destination_is_refused_even_with_force(server, tmp_path, slee
             dl.download_url(server.url + "/f.txt", out, force=force)
         assert target.read_bytes() == b"mine" and out.is_symlink()
     assert main(["download", server.url + "/f.txt", "--out", str(out), "--force"]) == 2
-    assert "symbolic link" in _one_error_line(capsys.readouterr().err)
-    assert server.log == [] and _leftovers(out) == ["f.txt"]
+    assert "symbolic link" in one_error_line(capsys.readouterr().err)
+    assert server.log == [] and leftovers(out) == ["f.txt"]
 
 
 def test_a_running_download_locks_its_part(server, tmp_path, sleeps):
@@ -96,7 +91,11 @@ def test_a_running_download_locks_its_part(server, tmp_path, sleeps):
 def test_stale_temp_files_of_this_download_are_removed(server, tmp_path, sleeps):
     server.routes["/f.txt"] = Route(BODY)
     out = tmp_path / "f.txt"
-    stale = [tmp_path / ".f.txt.abcd1234.tmp", tmp_path / ".f.txt.sha256.x_y_z_12.tmp", tmp_path / ".f.txt.part.json.qwertyui.tmp"]
+    stale = [
+        tmp_path / ".f.txt.abcd1234.tmp",
+        tmp_path / ".f.txt.sha256.x_y_z_12.tmp",
+        tmp_path / ".f.txt.part.json.qwertyui.tmp",
+    ]
     others = [tmp_path / ".g.txt.abcd1234.tmp", tmp_path / ".f.txt.notours.tmp"]
     for p in stale + others:
         p.write_bytes(b"x")
@@ -110,29 +109,42 @@ def test_origin_is_recorded_and_resume_sends_if_range(server, tmp_path, sleeps):
     server.routes["/f.txt"] = Route(BODY)
     out = tmp_path / "f.txt"
 
-    def interrupt(stage, done, total):
-        if done >= 40000:
-            raise KeyboardInterrupt
-
     with pytest.raises(dl.DownloadInterrupted):
-        dl.download_url(server.url + "/f.txt", out, progress=interrupt, chunk_size=8192)
+        dl.download_url(server.url + "/f.txt", out, progress=interrupt_at(40_000), chunk_size=8192)
     origin = json.loads(dl.origin_path(dl.part_path(out)).read_text())
     assert origin == {"version": 1, "url": server.url + "/f.txt", "etag": Route(BODY).current_etag(),
                       "last_modified": None, "size": len(BODY), "sha256": None}
     res = dl.download_url(server.url + "/f.txt", out)
     assert out.read_bytes() == BODY and res.resumed_from >= 40000
     assert server.if_range_log[-1] == Route(BODY).current_etag() and server.log[-1][1] == f"bytes={res.resumed_from}-"
-    assert _leftovers(out) == ["f.txt", "f.txt.sha256"]  # origin removed with the .part
+    assert leftovers(out) == ["f.txt", "f.txt.sha256"]  # origin removed with the .part
 
 
-@pytest.mark.parametrize("origin", [
-    None,                                                                    # no sidecar at all
-    {"version": 1, "url": "http://127.0.0.1:1/other.txt", "etag": None, "last_modified": None, "size": None, "sha256": None},
-    {"version": 1, "url": "URL", "etag": 5, "last_modified": None, "size": None, "sha256": None},      # wrong type
-    {"version": 1, "url": "URL", "etag": None, "last_modified": None, "size": -3, "sha256": None},     # out of range
-    {"version": 2, "url": "URL", "etag": None, "last_modified": None, "size": None, "sha256": None},   # unknown version
-    "[" * 100000,                                                            # deeply nested: no RecursionError
-])
+@pytest.mark.parametrize(
+    "origin",
+    [
+        None,  # no sidecar at all
+        {
+            "version": 1,
+            "url": "http://127.0.0.1:1/other.txt",
+            "etag": None,
+            "last_modified": None,
+            "size": None,
+            "sha256": None,
+        },
+        {"version": 1, "url": "URL", "etag": 5, "last_modified": None, "size": None, "sha256": None},  # wrong type
+        {"version": 1, "url": "URL", "etag": None, "last_modified": None, "size": -3, "sha256": None},  # out of range
+        {
+            "version": 2,
+            "url": "URL",
+            "etag": None,
+            "last_modified": None,
+            "size": None,
+            "sha256": None,
+        },  # unknown version
+        "[" * 100000,  # deeply nested: no RecursionError
+    ],
+)
 def test_foreign_part_is_discarded_never_spliced(server, tmp_path, sleeps, origin):
     server.routes["/f.txt"] = Route(BODY)
     out = tmp_path / "f.txt"
@@ -147,7 +159,7 @@ def test_foreign_part_is_discarded_never_spliced(server, tmp_path, sleeps, origi
     assert out.read_bytes() == BODY and res.sha256 == SHA and res.resumed_from == len(foreign)
     assert server.log == [("/f.txt", None)]  # fetched from the first byte
     assert json.loads(dl.record_path(out).read_text())["sha256"] == SHA
-    assert _leftovers(out) == ["f.txt", "f.txt.sha256"]
+    assert leftovers(out) == ["f.txt", "f.txt.sha256"]
 
 
 def test_changed_file_on_server_if_range_answers_200_and_restarts(server, tmp_path, sleeps):
@@ -197,7 +209,7 @@ def test_force_that_fails_keeps_the_good_file(server, tmp_path, sleeps, capsys):
         with pytest.raises(UserError):
             dl.download_url(server.url + "/f.txt", out, sha, force=True, retries=1)
         assert out.read_bytes() == BODY and dl.record_path(out).read_bytes() == record
-        assert _leftovers(out) == ["f.txt", "f.txt.sha256"]
+        assert leftovers(out) == ["f.txt", "f.txt.sha256"]
     assert dl.download_url(server.url + "/f.txt", out).status == "skipped"
     server.routes["/f.txt"] = Route(NEW_BODY)
     assert main(["download", server.url + "/f.txt", "--out", str(out), "--force"]) == 0
@@ -210,15 +222,11 @@ def test_force_interrupted_keeps_the_good_file_and_resumes(server, tmp_path, sle
     dl.download_url(server.url + "/f.txt", out)
     server.routes["/f.txt"] = Route(NEW_BODY)
 
-    def interrupt(stage, done, total):
-        if stage == "download" and done >= 40000:
-            raise KeyboardInterrupt
-
     with pytest.raises(dl.DownloadInterrupted):
-        dl.download_url(server.url + "/f.txt", out, force=True, progress=interrupt, chunk_size=8192)
+        dl.download_url(server.url + "/f.txt", out, force=True, progress=interrupt_at(40_000), chunk_size=8192)
     assert out.read_bytes() == BODY  # still the old, good file
     assert dl.download_url(server.url + "/f.txt", out).status == "skipped"  # complete: the stray .part is tidied
-    assert _leftovers(out) == ["f.txt", "f.txt.sha256"]
+    assert leftovers(out) == ["f.txt", "f.txt.sha256"]
 
 
 # ----------------------------------------------------------------------------- gzip
@@ -231,14 +239,14 @@ def test_gzip_bomb_stops_at_the_cap_and_keeps_the_verified_gz(server, tmp_path, 
     out = tmp_path / "b.txt"
     with pytest.raises(UserError, match="exceeds 100000 bytes .*registry"):
         dl.download_url(server.url + "/b.gz", out, gunzip=True, max_unpacked=100_000, chunk_size=8192)
-    assert _leftovers(out) == ["b.txt.part", "b.txt.part.json"] and dl.part_path(out).read_bytes() == BOMB
+    assert leftovers(out) == ["b.txt.part", "b.txt.part.json"] and dl.part_path(out).read_bytes() == BOMB
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # the partial output is gone
     with pytest.raises(UserError, match="exceeds 200000 bytes .*`max_bytes`"):
         dl.download_url(server.url + "/b.gz", out, gunzip=True, max_unpacked=10**9, max_bytes=200_000)
     res = dl.download_url(server.url + "/b.gz", out, gunzip=True, max_unpacked=4_000_000)
     assert res.size == 3_000_000 and res.source_sha256 == hashlib.sha256(BOMB).hexdigest()
     assert server.log[-1][1] == f"bytes={len(BOMB)}-"  # the kept .gz was not downloaded again
-    assert _leftovers(out) == ["b.txt", "b.txt.sha256"]
+    assert leftovers(out) == ["b.txt", "b.txt.sha256"]
 
 
 def test_cli_gzip_bomb_is_one_line_exit_2(server, tmp_path, capsys, monkeypatch, sleeps):
@@ -249,7 +257,7 @@ def test_cli_gzip_bomb_is_one_line_exit_2(server, tmp_path, capsys, monkeypatch,
     server.routes["/datasets/stanford-cs336/owt-sample/resolve/main/owt_valid.txt.gz"] = Route(BOMB)
     args = ["download", "owt", "--split", "valid", "--dir", str(tmp_path), "--endpoint", server.url]
     assert main(args + ["--max-bytes", "50000"]) == 2
-    line = _one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
     assert "gzip bomb" in line and "50000" in line
     assert sorted(p.name for p in (tmp_path / "owt").iterdir()) == ["valid.txt.part", "valid.txt.part.json"]
     assert main(args) == 0  # the registry's cap (1 GB) lets 3 MB through
@@ -321,7 +329,7 @@ def test_lfs_sha256_published_by_the_server_is_verified(server, tmp_path, sleeps
     server.routes["/m/resolve/main/x.bin"] = Route(b"", redirect="/cdn/w.bin", headers={"X-Linked-Etag": f'"{wrong}"'})
     with pytest.raises(UserError, match=f"published by the server {wrong}, got {SHA}"):
         dl.download_url(server.url + "/m/resolve/main/x.bin", tmp_path / "x.bin")
-    assert _leftovers(tmp_path / "x.bin") == []
+    assert leftovers(tmp_path / "x.bin") == []
 
 
 def test_lfs_sha_change_between_runs_discards_the_part(server, tmp_path, sleeps):
@@ -336,7 +344,9 @@ def test_lfs_sha_change_between_runs_discards_the_part(server, tmp_path, sleeps)
 
 
 def test_size_published_by_the_server_is_checked(server, tmp_path, sleeps):
-    server.routes["/m/resolve/main/w.bin"] = Route(b"", redirect="/cdn/w.bin", headers={"X-Linked-Size": str(len(BODY) + 1)})
+    server.routes["/m/resolve/main/w.bin"] = Route(
+        b"", redirect="/cdn/w.bin", headers={"X-Linked-Size": str(len(BODY) + 1)}
+    )
     server.routes["/cdn/w.bin"] = Route(BODY)
     with pytest.raises(UserError, match=f"announces {len(BODY)} bytes but publishes a size of {len(BODY) + 1}"):
         dl.download_url(server.url + "/m/resolve/main/w.bin", tmp_path / "w.bin")
@@ -348,5 +358,5 @@ def test_odd_files_in_the_way_are_one_line(server, tmp_path, sleeps, capsys):
     out = tmp_path / "f.txt"
     dl.origin_path(dl.part_path(out)).mkdir()  # a directory where the origin file goes
     assert main(["download", server.url + "/f.txt", "--out", str(out)]) == 2
-    assert "f.txt.part.json" in _one_error_line(capsys.readouterr().err)
+    assert "f.txt.part.json" in one_error_line(capsys.readouterr().err)
     assert not out.exists() and not dl.part_path(out).exists()

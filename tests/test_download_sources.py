@@ -11,6 +11,8 @@ import pytest
 from tinystories_cli import download as dl
 from tinystories_cli.cli import main
 
+from train_fixtures import one_error_line
+
 WEIGHTS = bytes(range(256)) * 64
 
 
@@ -19,14 +21,6 @@ def _repo(mirror, repo: str, files: dict[str, bytes]) -> None:
     d.mkdir(parents=True)
     for name, body in files.items():
         (d / name).write_bytes(body)
-
-
-def _one_line(capsys) -> str:
-    err = capsys.readouterr().err
-    # (progress lines may come before it; the refusal itself is one "error:" line)
-    errors = [line for line in err.splitlines() if line.startswith("error")]
-    assert len(errors) == 1 and "internal error" not in err and "Traceback" not in err, err
-    return errors[0]
 
 
 def test_another_repo_into_the_same_dir_is_refused_then_replaced_with_force(tmp_path, capsys):
@@ -40,7 +34,7 @@ def test_another_repo_into_the_same_dir_is_refused_then_replaced_with_force(tmp_
     capsys.readouterr()
     before = {f.name: f.read_bytes() for f in out.iterdir()}
     assert main(["download", "hf-model", "b/m", "--out", str(out), "--endpoint", str(mirror)]) == 2
-    err = _one_line(capsys)
+    err = one_error_line(capsys.readouterr().err)
     assert "/a/m/resolve/main/" in err and "/b/m/resolve/main/" in err
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
     # --force: b's files, and nothing of a's left mixed in (b has no tokenizer_config.json)
@@ -79,7 +73,7 @@ def test_gpt2_tokenizer_files_are_pinned_by_sha256(tmp_path, capsys, shared_data
     assert tampered != vocab and len(tampered) == len(vocab)
     _repo(mirror, "openai-community/gpt2", {"vocab.json": tampered, "merges.txt": merges})
     code = main(["download", "gpt2-tokenizer", "--dir", str(tmp_path / "data"), "--endpoint", str(mirror)])
-    assert code == 2 and "sha256 mismatch" in _one_line(capsys)
+    assert code == 2 and "sha256 mismatch" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "data" / "gpt2-tokenizer" / "vocab.json").exists()
     (mirror / "openai-community/gpt2/resolve/main/vocab.json").write_bytes(vocab)
     assert main(["download", "gpt2-tokenizer", "--dir", str(tmp_path / "data"), "--endpoint", str(mirror)]) == 0
@@ -95,7 +89,7 @@ def test_small_files_of_a_model_repo_are_capped(tmp_path, capsys):
         f.truncate(dl.HF_SMALL_FILE_CAP + (10 << 20))
     out = tmp_path / "M"
     assert main(["download", "hf-model", "a/m", "--out", str(out), "--endpoint", str(mirror)]) == 2
-    err = _one_line(capsys)
+    err = one_error_line(capsys.readouterr().err)
     assert "over the limit" in err or "more than the limit" in err
     assert not (out / "config.json").exists()
     left = [f for f in os.listdir(out) if f.startswith("config.json")] if out.is_dir() else []

@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tinystories_cli import paths
 from tinystories_cli.config import ModelConfig
 from tinystories_cli.evaluate import evaluate_tokens, position_buckets, window_starts
 from tinystories_cli.model import TransformerLM
@@ -52,10 +51,8 @@ def _trained_dir(tmp_path_factory):
 
 
 @pytest.fixture
-def trained_run(_trained_dir, monkeypatch):
-    monkeypatch.setattr(paths, "DATA_ROOT", _trained_dir / "data")
-    monkeypatch.setattr(paths, "RUNS_ROOT", _trained_dir / "runs")
-    return _trained_dir
+def trained_run(_trained_dir, use_workspace):
+    return use_workspace(_trained_dir)
 
 
 def test_cli_eval_writes_json(trained_run, run_cli):

@@ -102,7 +102,9 @@ def test_ablations_seeds_dry_run_queues_every_variant_with_every_seed(tmp_path):
     by_variant = {}
     for a in three:
         name = _flag(a, "--run-name")
-        rest = [x for i, x in enumerate(a) if x != name and not (x.isdigit() and a[i - 1] == "--seed") and x != "--seed"]
+        rest = [
+            x for i, x in enumerate(a) if x != name and not (x.isdigit() and a[i - 1] == "--seed") and x != "--seed"
+        ]
         by_variant.setdefault(name.rsplit("-s", 1)[0], set()).add(tuple(rest))
     assert all(len(v) == 1 for v in by_variant.values())
     assert "--norm-position" in next(iter(by_variant["abl-small-post-norm"]))

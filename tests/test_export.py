@@ -21,6 +21,8 @@ from tinystories_cli.tokenizer import Tokenizer
 from tinystories_cli.tokenizer.bpe import train_bpe
 from tinystories_cli.tokenizer.files import write_vocab_merges
 
+from train_fixtures import make_run
+
 EOT = "<|endoftext|>"
 SPECIALS = [EOT, "<|pad|>"]
 # Fixture text with what byte-level BPE gets wrong most easily: non-ASCII, emoji, runs of spaces and
@@ -46,27 +48,6 @@ def tiny_tokenizer(tmp_path_factory) -> tuple[Tokenizer, object]:
     write_vocab_merges(tok_dir, vocab, merges)
     (tok_dir / "tokenizer_config.json").write_text(json.dumps({"special_tokens": SPECIALS}))
     return Tokenizer.from_dir(tok_dir), tok_dir
-
-
-def make_run(root, name, tokenizer_dir, tok: Tokenizer, **model_kw) -> tuple:
-    """A run directory in the trainer's format: config.json, tokenizer/, checkpoints/best.safetensors."""
-    cfg = ModelConfig(vocab_size=tok.vocab_size, context_length=32, d_model=64, num_layers=2, num_heads=4,
-                      d_ff=96, rope_theta=500.0, **model_kw)
-    torch.manual_seed(0)
-    model = TransformerLM(cfg).eval()
-    with torch.no_grad():  # non-trivial norm weights, so a misplaced norm would show in the logits
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.uniform_(0.5, 1.5)
-    run_dir = root / name
-    (run_dir / runs.CHECKPOINT_DIR).mkdir(parents=True)
-    (run_dir / runs.CONFIG_FILE).write_text(json.dumps({"preset": "test", "model": cfg.model_dump()}))
-    import shutil
-
-    shutil.copytree(tokenizer_dir, run_dir / runs.TOKENIZER_DIR)
-    save_checkpoint(model, None, 10, run_dir / runs.CHECKPOINT_DIR / runs.BEST_CHECKPOINT,
-                    metadata={"model_config": cfg.model_dump()})
-    return run_dir, model, cfg
 
 
 def test_tokenizer_json_encodes_like_ours(tiny_tokenizer, tmp_path):
@@ -98,7 +79,9 @@ def test_gpt2_tokenizer_encodes_corpus_en_exactly(shared_data, tmp_path):
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_hf_round_trip_logits_and_tokenizer(tiny_tokenizer, tmp_path, tie, capsys):
-    transformers = pytest.importorskip("transformers", reason="transformers (the hf extra) is needed to load the export")
+    transformers = pytest.importorskip(
+        "transformers", reason="transformers (the hf extra) is needed to load the export"
+    )
     tok, tok_dir = tiny_tokenizer
     run_dir, model, cfg = make_run(tmp_path / "runs", "tiny", tok_dir, tok, tie_embeddings=tie)
     out = tmp_path / "hf"
@@ -167,7 +150,11 @@ def test_output_is_atomic_and_protected(tiny_tokenizer, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     first = (out / "config.json").read_text()
     assert main(["export", str(run_dir), "--format", "hf", "--out", str(out), "--force"]) == 0
-    assert (out / "tokenizer.json").is_file() and not (out / "tokenizer").exists() and first != (out / "config.json").read_text()
+    assert (
+        (out / "tokenizer.json").is_file()
+        and not (out / "tokenizer").exists()
+        and first != (out / "config.json").read_text()
+    )
     # --force never deletes a directory that is not an earlier export, nor the run itself.
     other = tmp_path / "notes"
     other.mkdir()
@@ -204,7 +191,9 @@ def test_export_command_does_not_need_hf_libraries(tiny_tokenizer, tmp_path, mon
 def test_gpt2_shaped_run_exports_as_gpt2(tiny_tokenizer, tmp_path, capsys, ffn, bias, tie):
     """Pre-norm LayerNorm + learned positions export as GPT2LMHeadModel (zero biases where the model has
     none); transformers' logits equal ours, and importing the export back gives the same tensors."""
-    transformers = pytest.importorskip("transformers", reason="transformers (the hf extra) is needed to load the export")
+    transformers = pytest.importorskip(
+        "transformers", reason="transformers (the hf extra) is needed to load the export"
+    )
     from tinystories_cli.interop.importer import import_hf
 
     tok, tok_dir = tiny_tokenizer

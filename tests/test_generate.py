@@ -16,15 +16,8 @@ from tinystories_cli.generate import (
     top_p_filter,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one intra-op thread is fastest, and on a shared 2-core machine the
-    OpenMP barriers of a second thread cost ~100x (restored afterwards for other test modules)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny models: one intra-op thread for the whole module (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +180,9 @@ VOCAB = 257  # 256 bytes + <|endoftext|>
 
 def tiny_model(pos_emb: str = "rope", ctx: int = 32, seed: int = 0, **kw) -> TransformerLM:
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=VOCAB, context_length=ctx, d_model=32, num_layers=2, num_heads=4, pos_emb=pos_emb, **kw)
+    cfg = ModelConfig(
+        vocab_size=VOCAB, context_length=ctx, d_model=32, num_layers=2, num_heads=4, pos_emb=pos_emb, **kw
+    )
     return TransformerLM(cfg).eval()
 
 

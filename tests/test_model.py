@@ -9,10 +9,26 @@ import torch.nn.functional as F
 
 from tinystories_cli import account
 from tinystories_cli.config import ModelConfig
-from tinystories_cli.model import (Embedding, FeedForward, KVCache, LayerNorm, Linear, MultiHeadSelfAttention,
-                                   RMSNorm, RotaryPositionalEmbedding, SwiGLU, TransformerBlock, TransformerLM,
-                                   cross_entropy, gelu, gelu_tanh, log_softmax, scaled_dot_product_attention, silu,
-                                   softmax)
+from tinystories_cli.model import (
+    Embedding,
+    FeedForward,
+    KVCache,
+    LayerNorm,
+    Linear,
+    MultiHeadSelfAttention,
+    RMSNorm,
+    RotaryPositionalEmbedding,
+    SwiGLU,
+    TransformerBlock,
+    TransformerLM,
+    cross_entropy,
+    gelu,
+    gelu_tanh,
+    log_softmax,
+    scaled_dot_product_attention,
+    silu,
+    softmax,
+)
 from tinystories_cli.optim import AdamW
 
 TINY = dict(vocab_size=16, context_length=8, d_model=32, num_layers=1, num_heads=2, d_ff=64)

@@ -69,8 +69,10 @@ def test_muon_split_and_a_model_trains_with_muon_plus_adamw():
     for _ in range(30):
         loss = cross_entropy(model(x[:, :-1]), x[:, 1:])
         loss.backward()
-        muon.step(); adamw.step()
-        muon.zero_grad(); adamw.zero_grad()
+        muon.step()
+        adamw.step()
+        muon.zero_grad()
+        adamw.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 1.0
 
@@ -84,13 +86,15 @@ def test_muon_state_dict_round_trip_resumes_exactly():
     for i in range(3):
         for p, q, gr in zip(ours, copies, grads[i]):
             p.grad, q.grad = gr.clone(), gr.clone()
-        a.step(); b.step()
+        a.step()
+        b.step()
     c = Muon(copies, lr=0.05)
     c.load_state_dict(b.state_dict())
     for i in range(3, 6):
         for p, q, gr in zip(ours, copies, grads[i]):
             p.grad, q.grad = gr.clone(), gr.clone()
-        a.step(); c.step()
+        a.step()
+        c.step()
     for p, q in zip(ours, copies):
         assert torch.equal(p, q)
 

@@ -145,7 +145,11 @@ def test_readme_documents_offline_use_and_trains_on_no_held_out_file():
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text(encoding="utf-8")
     assert "Offline, or your own text" in readme
-    training = [ln for ln in readme.splitlines() if "tinystories_valid.txt" in ln and ("--text" in ln or "train" in ln.split("#")[0])]
+    training = [
+        ln
+        for ln in readme.splitlines()
+        if "tinystories_valid.txt" in ln and ("--text" in ln or "train" in ln.split("#")[0])
+    ]
     for f in (root / "examples").iterdir():
         training += [ln for ln in f.read_text(encoding="utf-8").splitlines() if "tinystories_valid.txt" in ln]
     assert not training, training

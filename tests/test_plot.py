@@ -71,7 +71,21 @@ def test_smooth_is_trailing_mean():
 
 def test_png_written_with_nan_and_single_point_runs(runs, tmp_path, capsys):
     out = tmp_path / "loss.png"
-    rc = main(["plot", *map(str, runs), "--metric", "val_loss", "--x", "tokens", "--out", str(out), "--log-y", "--smooth", "3"])
+    rc = main(
+        [
+            "plot",
+            *map(str, runs),
+            "--metric",
+            "val_loss",
+            "--x",
+            "tokens",
+            "--out",
+            str(out),
+            "--log-y",
+            "--smooth",
+            "3",
+        ]
+    )
     assert rc == 0
     data = out.read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 5000

@@ -7,7 +7,6 @@ The end-to-end test uses `--preset debug` and `--minutes 0.1`, so it runs the re
 from __future__ import annotations
 
 import json
-import random
 import time
 from pathlib import Path
 
@@ -16,32 +15,6 @@ import pytest
 
 from tinystories_cli import quickstart as qs
 from tinystories_cli.errors import UserError
-
-NAMES = ["Lily", "Tom", "Mia", "Ben", "Sue", "Max", "Anna", "Sam"]
-THINGS = ["a red ball", "a big box", "a little cat", "a shiny stone", "a blue kite", "a small boat"]
-PLACES = ["the park", "the garden", "the beach", "the forest", "the house", "the river"]
-FEELINGS = ["happy", "sad", "excited", "scared", "proud", "tired"]
-
-
-def tiny_stories(n: int, seed: int = 0) -> str:
-    """`n` template stories separated by <|endoftext|>, like the TinyStories files."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        a, b = rng.sample(NAMES, 2)
-        out.append(
-            f"Once upon a time, {a} went to {rng.choice(PLACES)}. {a} found {rng.choice(THINGS)}. "
-            f"{a} was very {rng.choice(FEELINGS)}. {b} came to play. They played with it all day. "
-            f"At the end of the day, {a} and {b} went home. The end.\n"
-        )
-    return "<|endoftext|>\n".join(out) + "<|endoftext|>\n"
-
-
-@pytest.fixture
-def story_text(tmp_path: Path) -> Path:
-    p = tmp_path / "stories.txt"
-    p.write_text(tiny_stories(400), encoding="utf-8")
-    return p
 
 
 def test_quickstart_end_to_end_then_rerun_skips(tmp_path: Path, story_text: Path, run_cli):

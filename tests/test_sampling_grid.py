@@ -8,9 +8,8 @@ import json
 import re
 
 import pytest
-import torch
 
-from tinystories_cli import paths, sampling_grid
+from tinystories_cli import sampling_grid
 from tinystories_cli.sampling_grid import (
     corpus_distinct_n,
     distinct_n,
@@ -23,14 +22,8 @@ from tinystories_cli.sampling_grid import (
 
 from train_fixtures import trained_runs
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is fastest on a shared 2-core machine (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny models: one intra-op thread for the whole module (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_doctests():
@@ -140,10 +133,8 @@ def _grid_run(tmp_path_factory):
 
 
 @pytest.fixture
-def grid_run(_grid_run, monkeypatch):
-    monkeypatch.setattr(paths, "DATA_ROOT", _grid_run / "data")
-    monkeypatch.setattr(paths, "RUNS_ROOT", _grid_run / "runs")
-    return _grid_run
+def grid_run(_grid_run, use_workspace):
+    return use_workspace(_grid_run)
 
 
 def test_cli_grid_markdown_same_prompt_and_seeds_per_cell(grid_run, run_cli):
@@ -169,9 +160,24 @@ def test_cli_grid_markdown_same_prompt_and_seeds_per_cell(grid_run, run_cli):
     for cell, row in zip(cells, rows):
         assert [s["seed"] for s in cell["samples"]] == [3, 4]
         assert all(s["prompt"] == "The cat" for s in cell["samples"])
-        code, single, _ = run_cli("generate", "The cat", "--temp", str(cell["temperature"]), "--top-p",
-                                  str(cell["top_p"]), "--seed", "3", "-n", "2", "--max-tokens", "40", "--no-stop", "--json",
-                                  "--device", "cpu")
+        code, single, _ = run_cli(
+            "generate",
+            "The cat",
+            "--temp",
+            str(cell["temperature"]),
+            "--top-p",
+            str(cell["top_p"]),
+            "--seed",
+            "3",
+            "-n",
+            "2",
+            "--max-tokens",
+            "40",
+            "--no-stop",
+            "--json",
+            "--device",
+            "cpu",
+        )
         assert [json.loads(x)["text"] for x in single.splitlines()] == [s["text"] for s in cell["samples"]]
         texts = [words(s["text"]) for s in cell["samples"]]
         assert cell["distinct_2"] == pytest.approx(corpus_distinct_n(texts, 2))

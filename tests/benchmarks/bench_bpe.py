@@ -35,6 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 EOT = "<|endoftext|>"
 FULL_TINYSTORIES_BYTES = 2.2e9
+MACHINE = f"{platform.machine()} {os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}"
 
 
 def _peak_rss_mib() -> float:
@@ -118,13 +119,19 @@ def synthetic_rows(sizes: list[str], repeats: int, vocab_size: int, workers: int
         ratios = [o["seconds"] / p["seconds"] for o, p in zip(ours, peer)]
         rss = [o["peak_rss_mib"] / p["peak_rss_mib"] for o, p in zip(ours, peer)]
         rows[label] = {
-            "file": str(path), "bytes": path.stat().st_size, "distinct_pretokens": ours[0]["distinct_pretokens"],
-            "vocab_size": vocab_size, "workers": workers,
-            "ours_seconds_median": med(ours, "seconds"), "peer_seconds_median": med(peer, "seconds"),
+            "file": str(path),
+            "bytes": path.stat().st_size,
+            "distinct_pretokens": ours[0]["distinct_pretokens"],
+            "vocab_size": vocab_size,
+            "workers": workers,
+            "ours_seconds_median": med(ours, "seconds"),
+            "peer_seconds_median": med(peer, "seconds"),
             "time_ratio_ours_over_peer_paired_median (target <= 1.0)": round(statistics.median(ratios), 3),
-            "ours_peak_rss_mib_median": med(ours, "peak_rss_mib"), "peer_peak_rss_mib_median": med(peer, "peak_rss_mib"),
+            "ours_peak_rss_mib_median": med(ours, "peak_rss_mib"),
+            "peer_peak_rss_mib_median": med(peer, "peak_rss_mib"),
             "rss_ratio_ours_over_peer_paired_median (target <= 2.0)": round(statistics.median(rss), 3),
-            "ours_every_run": ours, "peer_every_run": peer,
+            "ours_every_run": ours,
+            "peer_every_run": peer,
         }
     if len(rows) >= 2:
         # Ours: pre-tokenization is linear in the bytes (and divides by the cores); the merge loop grows
@@ -148,13 +155,19 @@ def synthetic_rows(sizes: list[str], repeats: int, vocab_size: int, workers: int
         ours_rss, k_ours_rss = power(a["ours_peak_rss_mib_median"], b["ours_peak_rss_mib_median"])
         peer_rss, k_peer_rss = power(a["peer_peak_rss_mib_median"], b["peer_peak_rss_mib_median"])
         rows["extrapolation_owt_11_9GB"] = {
-            "from": [la, lb], "workers": workers,
-            "ours_pretokenize_s_linear": round(pre, 1), "ours_merge_s_power_law": merge, "ours_merge_growth_exponent": k_merge,
+            "from": [la, lb],
+            "workers": workers,
+            "ours_pretokenize_s_linear": round(pre, 1),
+            "ours_merge_s_power_law": merge,
+            "ours_merge_growth_exponent": k_merge,
             "ours_total_s": round(pre + merge, 1),
-            "peer_total_s_linear": round(b["peer_seconds_median"] * scale, 1), "peer_total_s_power_law": peer_pow,
+            "peer_total_s_linear": round(b["peer_seconds_median"] * scale, 1),
+            "peer_total_s_power_law": peer_pow,
             "peer_growth_exponent": k_peer,
-            "ours_peak_rss_mib_power_law": ours_rss, "ours_rss_growth_exponent": k_ours_rss,
-            "peer_peak_rss_mib_power_law": peer_rss, "peer_rss_growth_exponent": k_peer_rss,
+            "ours_peak_rss_mib_power_law": ours_rss,
+            "ours_rss_growth_exponent": k_ours_rss,
+            "peer_peak_rss_mib_power_law": peer_rss,
+            "peer_rss_growth_exponent": k_peer_rss,
         }
     return rows
 
@@ -165,7 +178,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--synthetic", default="", help="comma-separated sizes, e.g. 100M,1G")
-    ap.add_argument("--synthetic-repeats", type=int, default=None, help="repeats for the synthetic rows (default --repeats)")
+    ap.add_argument(
+        "--synthetic-repeats", type=int, default=None, help="repeats for the synthetic rows (default --repeats)"
+    )
     ap.add_argument("--vocab-size", type=int, default=32000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--only-synthetic", action="store_true")
@@ -176,9 +191,11 @@ def main() -> None:
         return
 
     if args.only_synthetic:
-        out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}",
-               "load_avg_1m_at_start": round(os.getloadavg()[0], 2)}
+        out = {
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": MACHINE,
+            "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
+        }
         out["synthetic"] = synthetic_rows(args.synthetic.split(","), args.synthetic_repeats or args.repeats,
                                           args.vocab_size, args.workers)
         out["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
@@ -190,15 +207,17 @@ def main() -> None:
             raise SystemExit(f"missing {p}: the benchmarks need ../shared/data")
     out: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}",
+        "machine": MACHINE,
         "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
         "repeats": args.repeats,
     }
 
     runs = [run_child("ours", corpus, 500, 2) for _ in range(args.repeats)]
     out["corpus_en_vocab500_workers2"] = {
-        "train_bpe_seconds_median": med(runs, "seconds"), "train_bpe_seconds_min": round(min(r["seconds"] for r in runs), 3),
-        "process_seconds_median": med(runs, "process_seconds"), "peak_rss_mib": med(runs, "peak_rss_mib"),
+        "train_bpe_seconds_median": med(runs, "seconds"),
+        "train_bpe_seconds_min": round(min(r["seconds"] for r in runs), 3),
+        "process_seconds_median": med(runs, "process_seconds"),
+        "peak_rss_mib": med(runs, "peak_rss_mib"),
         "target_seconds": 1.0,
     }
 
@@ -209,11 +228,15 @@ def main() -> None:
     ratio = med(ours, "seconds") / med(peer, "seconds")
     out["tinystories_train_vocab10000"] = {
         "input_mb": round(stories.stat().st_size / 1e6, 2),
-        "ours_seconds_median": med(ours, "seconds"), "peer_seconds_median": med(peer, "seconds"),
+        "ours_seconds_median": med(ours, "seconds"),
+        "peer_seconds_median": med(peer, "seconds"),
         "ratio_ours_over_peer": round(ratio, 3),
-        "ours_peak_rss_mib": med(ours, "peak_rss_mib"), "peer_peak_rss_mib": med(peer, "peak_rss_mib"),
-        "ours_vocab_size": ours[0]["vocab_size"], "peer_vocab_size": peer[0]["vocab_size"],
-        "ours_seconds_all": [round(r["seconds"], 3) for r in ours], "peer_seconds_all": [round(r["seconds"], 3) for r in peer],
+        "ours_peak_rss_mib": med(ours, "peak_rss_mib"),
+        "peer_peak_rss_mib": med(peer, "peak_rss_mib"),
+        "ours_vocab_size": ours[0]["vocab_size"],
+        "peer_vocab_size": peer[0]["vocab_size"],
+        "ours_seconds_all": [round(r["seconds"], 3) for r in ours],
+        "peer_seconds_all": [round(r["seconds"], 3) for r in peer],
         "peer": "tokenizers BpeTrainer, ByteLevel(add_prefix_space=False), same special token",
     }
 

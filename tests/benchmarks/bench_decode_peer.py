@@ -133,7 +133,8 @@ def quality_and_prefill(runs: dict[str, Path], precisions: list[str]) -> list[di
     import numpy as np
     import torch
 
-    from tinystories_cli import fastpath, runs as runs_mod
+    from tinystories_cli import fastpath
+    from tinystories_cli import runs as runs_mod
     from tinystories_cli.generate import generate_tokens
     from tinystories_cli.model import cross_entropy
 
@@ -233,7 +234,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--tokens", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=8, help="training steps per model (a few: the speed does not depend on them)")
+    ap.add_argument(
+        "--steps", type=int, default=8, help="training steps per model (a few: the speed does not depend on them)"
+    )
     ap.add_argument("--precisions", default="fp32,int8,bf16")
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "tslm-bench-decode-peer")
     ap.add_argument("--tslm", default=shutil.which("tslm") or "tslm")

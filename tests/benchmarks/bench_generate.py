@@ -135,8 +135,11 @@ def growth(model, prompt: list[int], lengths: list[int], repeats: int) -> dict:
     for n in lengths:
         c = [timed(ours, model, prompt, n, setting)[0] for _ in range(repeats)]
         u = [timed(ours, model, prompt, n, setting, False)[0] for _ in range(repeats)]
-        out[f"new_tokens_{n}"] = {"cached_tokens_per_s": tokens_per_s(c, n), "uncached_tokens_per_s": tokens_per_s(u, n),
-                                  "cache_speedup": round(statistics.median(u) / statistics.median(c), 2)}
+        out[f"new_tokens_{n}"] = {
+            "cached_tokens_per_s": tokens_per_s(c, n),
+            "uncached_tokens_per_s": tokens_per_s(u, n),
+            "cache_speedup": round(statistics.median(u) / statistics.median(c), 2),
+        }
     return out
 
 
@@ -210,13 +213,25 @@ def main() -> None:
     report = {
         "benchmark": "tslm generate decode throughput, batch 1, 10-token prompt, CPU",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "load_avg_1m": round(os.getloadavg()[0], 2)},
-        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                     "python": platform.python_version()},
-        "model": {"shape": "tinystories-17m", "parameters": model.num_parameters(), "context_length": cfg.context_length,
-                  "init": "random (seed 0)", "max_abs_logit_diff_vs_hf": parity},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "load_avg_1m": round(os.getloadavg()[0], 2),
+        },
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "python": platform.python_version(),
+        },
+        "model": {
+            "shape": "tinystories-17m",
+            "parameters": model.num_parameters(),
+            "context_length": cfg.context_length,
+            "init": "random (seed 0)",
+            "max_abs_logit_diff_vs_hf": parity,
+        },
         "timing": "tokens/s = new tokens / wall time of the whole generate call (prefill included); median",
         "repeats": args.repeats,
         "peer_256_new_tokens": peer_comparison(model, hf, prompt, 256, args.repeats),

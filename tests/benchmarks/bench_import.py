@@ -74,8 +74,16 @@ def one(kind: str, seed: int, data: Path, text: str) -> dict:
                             eos_token_id=None)[0, 64:].tolist()
         got = list(generate_tokens(ours, prompt, max_new_tokens=64, temperature=0.0))
         first_diff = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), None)
-        return {"model": kind, "seed": seed, "max_abs_logit_diff": diff, "max_abs_logit": scale, "greedy_identical": got == ref,
-                "greedy_tokens": len(got), "first_differing_token": first_diff, "import_s": round(import_s, 3)}
+        return {
+            "model": kind,
+            "seed": seed,
+            "max_abs_logit_diff": diff,
+            "max_abs_logit": scale,
+            "greedy_identical": got == ref,
+            "greedy_tokens": len(got),
+            "first_differing_token": first_diff,
+            "import_s": round(import_s, 3),
+        }
 
 
 def main() -> None:

@@ -21,8 +21,8 @@ import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
-from typing import Callable
+from collections.abc import Callable
+from datetime import UTC, datetime
 
 import torch
 import torch.nn.functional as F
@@ -163,11 +163,13 @@ def main(argv: list[str] | None = None) -> dict:
                     help="also time compiling the models alone (loss eager), mode 'compilemodel'")
     ap.add_argument("--json", help="also write the JSON here")
     args = ap.parse_args(argv)
-    modes = ["eager"] if args.no_compile else ["eager", "compile"] + (["compilemodel"] if args.compile_model_only else [])
+    modes = (
+        ["eager"] if args.no_compile else ["eager", "compile"] + (["compilemodel"] if args.compile_model_only else [])
+    )
     peak = matmul_peak_flops()
     result = {
         "benchmark": "train_step_throughput",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "torch": torch.__version__, "threads": torch.get_num_threads()},
         "device": "cpu", "dtype": "float32", "batch": args.batch, "seq": args.seq,

@@ -5,8 +5,9 @@
 Each side is `tinystories_cli.train.train` on a memmapped token file (random ids; speed does not depend on
 them) with the preset's model and global batch: one process with `batch_size` sequences (all cores), or
 two processes (torch.multiprocessing, gloo, one thread each) with half of it each, replicated (DDP) or
-sharded (FSDP2). The one process uses `--threads` threads (default 1, see --help). A side's figure is the median step time over steps 2..N-1 (step 1 warms up, the last one
-writes a checkpoint); tokens/s = global tokens per step / that time.
+sharded (FSDP2). The one process uses `--threads` threads (default 1, see --help). A side's figure is the
+median step time over steps 2..N-1 (step 1 warms up, the last one writes a checkpoint); tokens/s = global
+tokens per step / that time.
 
 The machine is shared, so the sides run in interleaved rounds (single, DDP, FSDP, single, ...) and the
 comparison is the median over rounds of the per-round ratios (paired medians); every run is printed.
@@ -23,15 +24,14 @@ import socket
 import statistics
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from bench_train import write_tokens  # this folder is on sys.path when the script runs
 
 from tinystories_cli import train as T
 from tinystories_cli.config import PRESETS
-
-from bench_train import write_tokens  # this folder is on sys.path when the script runs
 
 
 def step_seconds(preset: str, steps: int, root: Path, tag: str, batch: int, parallel: str) -> float:
@@ -96,9 +96,13 @@ def main() -> None:
         write_tokens(root / "valid.npy", 50_000, cfg.vocab_size, 1)
         for r in range(args.rounds):
             torch.set_num_threads(args.threads)
-            runs["single"].append(tokens_per_step / step_seconds(args.preset, args.steps, root, f"single{r}", batch, "ddp"))
+            runs["single"].append(
+                tokens_per_step / step_seconds(args.preset, args.steps, root, f"single{r}", batch, "ddp")
+            )
             for mode in ("ddp", "fsdp"):
-                runs[mode].append(tokens_per_step / two_ranks(args.preset, args.steps, root, f"{mode}{r}", batch // 2, mode))
+                runs[mode].append(
+                    tokens_per_step / two_ranks(args.preset, args.steps, root, f"{mode}{r}", batch // 2, mode)
+                )
             print(json.dumps({"round": r, **{k: round(v[-1], 1) for k, v in runs.items()}}), flush=True)
     ratio = lambda a, b: statistics.median(x / y for x, y in zip(runs[a], runs[b]))  # noqa: E731
     print(json.dumps({
@@ -110,7 +114,7 @@ def main() -> None:
         "fsdp_vs_ddp": round(ratio("fsdp", "ddp"), 3), "ddp_vs_single": round(ratio("ddp", "single"), 3),
         "fsdp_vs_single": round(ratio("fsdp", "single"), 3),
         "torch": torch.__version__, "cpus": os.cpu_count(), "machine": platform.machine(),
-        "date": datetime.now(timezone.utc).date().isoformat(),
+        "date": datetime.now(UTC).date().isoformat(),
     }, indent=2))
 
 

@@ -72,7 +72,8 @@ def timed(fn):
 
 
 def build_hf(vocab_path: Path, merges_path: Path):
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
 
     vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
     lines = merges_path.read_text(encoding="utf-8").splitlines()
@@ -154,7 +155,9 @@ def big_rows(big: Path, base: Tokenizer, tt, tmp: Path, ncores: int, repeats: in
             for w in (1, 2):
                 tok = Tokenizer(base.vocab, base.merges, [EOT])  # fresh: cold caches, nothing memoized
                 name = f"big_{backend}_w{w}"
-                metas[name], wall, cpu = timed(lambda: encode_file(big, tmp / f"{name}.npy", tok, workers=w, force=True, backend=backend))
+                metas[name], wall, cpu = timed(
+                    lambda: encode_file(big, tmp / f"{name}.npy", tok, workers=w, force=True, backend=backend)
+                )
                 rows.add(name, wall, cpu)
         _, wall, cpu = timed(lambda: tt.encode_batch(docs, num_threads=ncores, allowed_special="all"))
         rows.add("big_tiktoken_batch", wall, cpu)
@@ -185,7 +188,9 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-train-10k", action="store_true")
-    ap.add_argument("--scale", type=int, default=0, metavar="N", help="big rows on tinystories_train.txt repeated N times")
+    ap.add_argument(
+        "--scale", type=int, default=0, metavar="N", help="big rows on tinystories_train.txt repeated N times"
+    )
     ap.add_argument("--big", type=Path, default=None, help="big rows on this text file instead")
     ap.add_argument("--only-big", action="store_true", help="skip the small rows")
     args = ap.parse_args()
@@ -202,7 +207,9 @@ def main() -> None:
 
     base = Tokenizer.from_files(vocab_path, merges_path, [EOT])
     ranks = {b: i for i, b in base.vocab.items() if i != base.eot_id}
-    tt = tiktoken.Encoding(name="gpt2-local", pat_str=GPT2_SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: base.eot_id})
+    tt = tiktoken.Encoding(
+        name="gpt2-local", pat_str=GPT2_SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: base.eot_id}
+    )
     tmp = Path(tempfile.mkdtemp(prefix="bench-tok-"))
     out: dict = {
         "benchmark": "tokenizer throughput",
@@ -226,11 +233,17 @@ def main() -> None:
             _, w, c = timed(lambda: tok.encode(text))
             rows.add("ours_single_warm", w, c)
             t_serial, t_par, t_auto = (Tokenizer(base.vocab, base.merges, [EOT]) for _ in range(3))
-            _, w, c = timed(lambda: encode_file(src, tmp / "serial.npy", t_serial, workers=1, force=True, backend="python"))
+            _, w, c = timed(
+                lambda: encode_file(src, tmp / "serial.npy", t_serial, workers=1, force=True, backend="python")
+            )
             rows.add("ours_file_serial", w, c)
-            _, w, c = timed(lambda: encode_file(src, tmp / "par.npy", t_par, workers=ncores, force=True, backend="python"))
+            _, w, c = timed(
+                lambda: encode_file(src, tmp / "par.npy", t_par, workers=ncores, force=True, backend="python")
+            )
             rows.add("ours_file_parallel", w, c)
-            _, w, c = timed(lambda: encode_file(src, tmp / "auto.npy", t_auto, workers=ncores, force=True, backend="auto"))
+            _, w, c = timed(
+                lambda: encode_file(src, tmp / "auto.npy", t_auto, workers=ncores, force=True, backend="auto")
+            )
             rows.add("ours_file_auto", w, c)
             _, w, c = timed(lambda: tt.encode(text, allowed_special="all"))
             rows.add("tiktoken_single", w, c)
@@ -277,7 +290,11 @@ def main() -> None:
             walls.append(w)
             cpus.append(c)
             fresh = Tokenizer(vocab, merges, [EOT])
-            pwalls.append(timed(lambda: encode_file(src, tmp / "small.npy", fresh, workers=ncores, force=True, backend="python"))[1])
+            pwalls.append(
+                timed(lambda: encode_file(src, tmp / "small.npy", fresh, workers=ncores, force=True, backend="python"))[
+                    1
+                ]
+            )
         small = Tokenizer(vocab, merges, [EOT])
         out["tinystories_10k"] = {
             "train_s": round(train_s, 2), "vocab_size": small.vocab_size, "tokens": len(ids),

@@ -33,7 +33,7 @@ import platform
 import statistics
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -174,15 +174,23 @@ def main() -> None:
     amortized = t_eval / (tc.eval_every * t_bare) + t_save / (tc.save_every * t_bare)
     result = {
         "benchmark": "train_loop_overhead",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads, load avg {os.getloadavg()[0]:.1f}",
-        "preset": args.preset, "batch_size": tc.batch_size, "context_length": mc.context_length,
-        "tokens_per_step": tokens_per_step, "steps_per_measurement": args.steps, "repeats": args.repeats,
-        "bare_step_s": [round(x, 4) for x in bare], "loop_step_s": [round(x, 4) for x in loop],
+        f"{torch.get_num_threads()} threads, load avg {os.getloadavg()[0]:.1f}",
+        "preset": args.preset,
+        "batch_size": tc.batch_size,
+        "context_length": mc.context_length,
+        "tokens_per_step": tokens_per_step,
+        "steps_per_measurement": args.steps,
+        "repeats": args.repeats,
+        "bare_step_s": [round(x, 4) for x in bare],
+        "loop_step_s": [round(x, 4) for x in loop],
         "bare_tokens_per_s": round(tokens_per_step / t_bare, 1),
         "loop_tokens_per_s": round(tokens_per_step / t_loop, 1),
-        "eval_s": round(t_eval, 3), "eval_every": tc.eval_every, "save_s": round(t_save, 3), "save_every": tc.save_every,
+        "eval_s": round(t_eval, 3),
+        "eval_every": tc.eval_every,
+        "save_s": round(t_save, 3),
+        "save_every": tc.save_every,
         "per_step_overhead_pct": round(100 * per_step, 2),
         "amortized_eval_save_pct": round(100 * amortized, 2),
         "loop_overhead_pct": round(100 * (per_step + amortized), 2),

@@ -34,7 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,7 +50,9 @@ def tslm(work: Path, *args: str) -> str:
     res = subprocess.run([sys.executable, "-m", "tinystories_cli", *args], cwd=work, env=env, text=True,
                          capture_output=True)
     if res.returncode != 0:
-        raise SystemExit(f"tslm {' '.join(args)} failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+        raise SystemExit(
+            f"tslm {' '.join(args)} failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
+        )
     return res.stdout
 
 
@@ -67,10 +69,44 @@ def train_small_model(work: Path, steps: int, train_bytes: int, threads: int) ->
     tslm(work, "bpe", str(d / "train.txt"), "--vocab-size", "1024", "--out", str(d / "tokenizer"), "--workers", "1",
          "--force")
     tslm(work, "encode", "tinystories", "--workers", "1", "--force")
-    tslm(work, "train", "--preset", "debug", "--run-name", RUN, "--ctx", "128", "--d-model", "64", "--num-layers", "2",
-         "--num-heads", "2", "--d-ff", "192", "--batch-size", "8", "--max-steps", str(steps), "--warmup-steps", "20",
-         "--lr", "3e-3", "--min-lr", "3e-4", "--eval-every", str(steps), "--save-every", str(steps), "--log-every", "50",
-         "--device", "cpu", "--plain", "--force")
+    tslm(
+        work,
+        "train",
+        "--preset",
+        "debug",
+        "--run-name",
+        RUN,
+        "--ctx",
+        "128",
+        "--d-model",
+        "64",
+        "--num-layers",
+        "2",
+        "--num-heads",
+        "2",
+        "--d-ff",
+        "192",
+        "--batch-size",
+        "8",
+        "--max-steps",
+        str(steps),
+        "--warmup-steps",
+        "20",
+        "--lr",
+        "3e-3",
+        "--min-lr",
+        "3e-4",
+        "--eval-every",
+        str(steps),
+        "--save-every",
+        str(steps),
+        "--log-every",
+        "50",
+        "--device",
+        "cpu",
+        "--plain",
+        "--force",
+    )
     return time.perf_counter() - t0
 
 
@@ -174,7 +210,7 @@ def main() -> int:
     }
     med = {k: round(statistics.median(r["tok_s"][k] for r in rows), 1) for k in rows[0]["tok_s"]}
     out = {
-        "benchmark": "check_gguf_llamacpp", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "benchmark": "check_gguf_llamacpp", "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads,
                     "torch": torch.__version__, "llama_cpp_python": getattr(llama_cpp, "__version__", "?")},
         "model": {"params": model.num_parameters(), "d_model": cfg.d_model, "layers": cfg.num_layers,

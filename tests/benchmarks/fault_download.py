@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
-import http.server
 import json
 import os
 import random
@@ -33,9 +32,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (download_server)
+from download_server import Route, serve  # noqa: E402  (after the path it is found on)
 
 # The child sets SIGINT's disposition itself (a suite may run in the background with SIGINT ignored).
 CHILD = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
@@ -52,67 +53,6 @@ def _text(n: int, seed: int) -> bytes:
         out.append(line)
         size += len(line)
     return b"".join(out)[:n]
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.0"
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        route = self.server.routes.get(self.path)
-        if route is None:
-            self.send_error(404)
-            return
-        body, etag = route
-        start = 0
-        rng, if_range = self.headers.get("Range"), self.headers.get("If-Range")
-        if rng and (if_range is None or if_range == etag):
-            start = int(rng.removeprefix("bytes=").split("-")[0])
-            if start >= len(body):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(body)}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-        else:
-            self.send_response(200)
-        self.send_header("Content-Length", str(len(body) - start))
-        self.send_header("ETag", etag)
-        self.end_headers()
-        try:
-            for i in range(start, len(body), 16384):
-                self.wfile.write(body[i:i + 16384])
-                self.wfile.flush()
-                time.sleep(self.server.throttle)
-        except OSError:
-            pass
-
-
-class Server:
-    """A throttled local HTTP server with Range, ETag and If-Range."""
-
-    def __init__(self, throttle: float = 0.01):
-        self.srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self.srv.daemon_threads = True
-        self.srv.routes, self.srv.throttle = {}, throttle
-        self.url = f"http://127.0.0.1:{self.srv.server_address[1]}"
-        self.thread = threading.Thread(target=self.srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    def add(self, path: str, body: bytes) -> None:
-        self.srv.routes[path] = (body, f'"{hashlib.sha256(body).hexdigest()[:16]}"')
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.srv.shutdown()
-        self.srv.server_close()
-        self.thread.join(timeout=5)
 
 
 def _run(args: list[str], cwd: Path, kill_after: float | None = None) -> tuple[int, str, bool]:
@@ -145,14 +85,23 @@ def run_trials(trials: int, seed: int = 0, size: int = 1 << 20, workdir: Path | 
     rng = random.Random(seed)
     old, new = _text(size, seed + 1), _text(size, seed + 2)
     gz = gzip.compress(new, mtime=0)
-    counts = {"trials": 0, "faults_injected": 0, "kills_by_state": {"before_first_byte": 0, "part_with_bytes": 0, "done": 0},
-              "files_lost": 0, "files_corrupted": 0, "litter": 0, "internal_errors": 0, "final_failures": 0,
-              "problems": []}
+    counts = {
+        "trials": 0,
+        "faults_injected": 0,
+        "kills_by_state": {"before_first_byte": 0, "part_with_bytes": 0, "done": 0},
+        "files_lost": 0,
+        "files_corrupted": 0,
+        "litter": 0,
+        "internal_errors": 0,
+        "final_failures": 0,
+        "problems": [],
+    }
     # Throttled so that the transfer takes ~0.6 s, about as long as the CLI's start-up: kills land in both.
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp, Server(throttle=0.6 * 16384 / size) as srv:
-        srv.add("/old.txt", old)
-        srv.add("/new.txt", new)
-        srv.add(OWT_PATH, gz)
+    # a throttled server (the test suite's, with Range, ETag and If-Range): about 0.6 s per whole file
+    throttle = 0.6 * 8192 / size  # Route.throttle pauses after every 8 KB
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp, serve() as srv:
+        for path, body in (("/old.txt", old), ("/new.txt", new), (OWT_PATH, gz)):
+            srv.routes[path] = Route(body, throttle=throttle)
         # Calibrate: whole, unkilled runs give the time span the kills are drawn from (the shorter of
         # two: the first start-up of a process is often slower, with cold caches).
         spans = []

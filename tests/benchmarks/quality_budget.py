@@ -23,7 +23,7 @@ import json
 import platform
 import shutil
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -55,10 +55,14 @@ def one_run(kind: str, text: Path, workdir: Path, minutes: float, vocab_size: in
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--minutes", type=float, default=4.0)
-    ap.add_argument("--text", type=Path, default=Path(__file__).resolve().parents[3] / "shared/data/tinystories_train.txt")
+    ap.add_argument(
+        "--text", type=Path, default=Path(__file__).resolve().parents[3] / "shared/data/tinystories_train.txt"
+    )
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/quality_budget"))
     ap.add_argument("--vocab-size", type=int, default=qs.DEFAULT_VOCAB_SIZE)
-    ap.add_argument("--order", default="auto,preset", help="which run goes first (the machine drifts); one name runs that one alone")
+    ap.add_argument(
+        "--order", default="auto,preset", help="which run goes first (the machine drifts); one name runs that one alone"
+    )
     args = ap.parse_args()
     if not args.text.is_file():
         raise SystemExit(f"error: {args.text} not found (pass --text)")
@@ -70,7 +74,7 @@ def main() -> None:
         if not (args.workdir / kind / "data").is_dir() and other is not None:
             shutil.copytree(args.workdir / other / "data", args.workdir / kind / "data")  # the same split
         results[kind] = one_run(kind, args.text, args.workdir, args.minutes, args.vocab_size)
-    out = {"benchmark": "quality_budget", "date": datetime.now(timezone.utc).date().isoformat(),
+    out = {"benchmark": "quality_budget", "date": datetime.now(UTC).date().isoformat(),
            "machine": f"{platform.machine()} {torch.get_num_threads()} threads", "torch": torch.__version__,
            "minutes": args.minutes, "text": str(args.text), "order": kinds, **results}
     if "auto" in results and "preset" in results:  # --order may run one of them alone (a rerun)

@@ -22,7 +22,7 @@ EOT = "<|endoftext|>"
 LETTERS = np.frombuffer(b"etaoinshrdlcumwfgypbvkjxqz", dtype=np.uint8)
 LETTER_P = np.array([12.7, 9.1, 8.2, 7.5, 7.0, 6.7, 6.3, 6.1, 6.0, 4.3, 4.0, 2.8, 2.8, 2.4, 2.4, 2.2, 2.0, 2.0,
                      1.9, 1.5, 1.0, 0.8, 0.2, 0.2, 0.1, 0.1])
-PUNCT = np.array([",", ".", ",", ".", "!", "?", ";", ":", " -", "'s", "n't", "'ll", " (", ")", '"', " \""], dtype=object)
+PUNCT = np.array([",", ".", ",", ".", "!", "?", ";", ":", " -", "'s", "n't", "'ll", " (", ")", '"', ' "'], dtype=object)
 
 
 def parse_size(s: str) -> int:
@@ -43,7 +43,9 @@ def make_words(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.array(words, dtype=object)
 
 
-def generate(out, size: int, seed: int = 0, n_words: int = 3_000_000, zipf: float = 1.1, block_words: int = 1 << 19) -> int:
+def generate(
+    out, size: int, seed: int = 0, n_words: int = 3_000_000, zipf: float = 1.1, block_words: int = 1 << 19
+) -> int:
     """Write about `size` bytes to the binary file `out`; returns the bytes written."""
     rng = np.random.default_rng(seed)
     words = make_words(rng, n_words)

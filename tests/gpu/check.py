@@ -57,8 +57,9 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # this checkout's tinystories_cli, wherever the script is started from
@@ -333,8 +334,10 @@ def check_data(ctx: Ctx) -> dict:
     out: dict[str, Any] = {"source": str(src) if src else None}
     vocab = 512 if ctx.dry else 10_000
     if src is None and not ctx.dry:
-        raise RuntimeError("shared data not found: pass --data DIR holding tinystories_train.txt and "
-                           f"tinystories_valid.txt (looked in {REPO.parent / 'shared/data'} and {REPO / 'shared/data'})")
+        raise RuntimeError(
+            "shared data not found: pass --data DIR holding tinystories_train.txt and "
+            f"tinystories_valid.txt (looked in {REPO.parent / 'shared/data'} and {REPO / 'shared/data'})"
+        )
     if src is None:
         from train_fixtures import story_text
 
@@ -522,8 +525,12 @@ def check_speed(ctx: Ctx) -> dict:
                peak_tflops_table_bf16=table, peak_tflops_measured=_r(measured),
                mfu_vs_table=_r(fpt * tps / (table * 1e12)) if table else None,
                mfu_vs_measured=_r(fpt * tps / (measured * 1e12)))
-    ctx.memo["speed"] = {"tokens_per_s": tps, "peak": table or measured, "peak_source": "table" if table else "measured",
-                         "flops_per_token": fpt}
+    ctx.memo["speed"] = {
+        "tokens_per_s": tps,
+        "peak": table or measured,
+        "peak_source": "table" if table else "measured",
+        "flops_per_token": fpt,
+    }
     # decode and prefill, as `tslm generate` runs them (fp32, TF32 off, the KV cache)
     model = state.raw_model
     del state
@@ -685,7 +692,7 @@ def check_fp16(ctx: Ctx) -> dict:
     steps, bad = 12, 6
     real, calls = L.clip_grad_norm_, {"n": 0}
 
-    def inject(params, max_norm):  # as tests/test_train.py does: the gradient an overflowing fp16 backward leaves
+    def inject(params, max_norm):  # as tests/train/test_train.py does: the gradient an overflowing fp16 backward leaves
         params = list(params)
         calls["n"] += 1
         if calls["n"] == bad:
@@ -726,16 +733,57 @@ def _torchrun(ctx: Ctx, name: str, forced: bool) -> tuple[int, Path, dict]:
     for k, v in ctx.preset_model.items():
         shape += [{"context_length": "--ctx", "d_model": "--d-model", "num_layers": "--num-layers",
                    "num_heads": "--num-heads", "d_ff": "--d-ff"}[k], str(v)]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", *entry,
-           "train", "--preset", "tinystories-17m", *shape, "--dataset", "tinystories",
-           "--train-data", str(d / "train.npy"), "--valid-data", str(d / "valid.npy"), "--tokenizer", str(d / "tokenizer"),
-           "--run-dir", str(rd), "--force", "--max-steps", "10", "--warmup-steps", "2", "--eval-every", "10",
-           "--eval-batches", "2", "--save-every", "5", "--log-every", "5", "--parallel", "fsdp", "--no-compile",
-           "--plain", "--peak-tflops", "1", "--device", ctx.dev]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "1",
+        *entry,
+        "train",
+        "--preset",
+        "tinystories-17m",
+        *shape,
+        "--dataset",
+        "tinystories",
+        "--train-data",
+        str(d / "train.npy"),
+        "--valid-data",
+        str(d / "valid.npy"),
+        "--tokenizer",
+        str(d / "tokenizer"),
+        "--run-dir",
+        str(rd),
+        "--force",
+        "--max-steps",
+        "10",
+        "--warmup-steps",
+        "2",
+        "--eval-every",
+        "10",
+        "--eval-batches",
+        "2",
+        "--save-every",
+        "5",
+        "--log-every",
+        "5",
+        "--parallel",
+        "fsdp",
+        "--no-compile",
+        "--plain",
+        "--peak-tflops",
+        "1",
+        "--device",
+        ctx.dev,
+    ]
     if ctx.dry:
         cmd += ["--batch-size", "4"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-           "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        "PYTHONUNBUFFERED": "1",
+    }
     if ctx.dry:
         env["OMP_NUM_THREADS"] = "1"
     print("$", " ".join(cmd), flush=True)
@@ -842,14 +890,21 @@ def check_time_budget(ctx: Ctx) -> dict:
     train_tokens = json.loads((ctx.data_dir / "tinystories" / "train.json").read_text())["num_tokens"]
     tokens = res.step * tps_step
     curve = sorted((s * tps_step, v) for s, v in res.val_losses.items())
-    out: dict[str, Any] = {"time_budget_s": _r(budget), "steps": res.step, "planned_steps": res.max_steps,
-                           "stopped": res.stopped, "tokens": tokens, "epochs_over_train_text": _r(tokens / train_tokens, 3),
-                           "train_tokens_per_s": _r(res.tokens_per_s), "train_elapsed_s": _r(res.elapsed_s),
-                           "wall_s": _r(wall),
-                           "final_val_loss": _r(curve[-1][1]) if curve else None,
-                           "best_val_loss": _r(res.best_val_loss) if res.best_val_loss is not None else None,
-                           "val_curve": [[int(t), _r(v)] for t, v in curve],
-                           "warmup_steps": run.train_cfg.warmup_steps}
+    out: dict[str, Any] = {
+        "time_budget_s": _r(budget),
+        "steps": res.step,
+        "planned_steps": res.max_steps,
+        "stopped": res.stopped,
+        "tokens": tokens,
+        "epochs_over_train_text": _r(tokens / train_tokens, 3),
+        "train_tokens_per_s": _r(res.tokens_per_s),
+        "train_elapsed_s": _r(res.elapsed_s),
+        "wall_s": _r(wall),
+        "final_val_loss": _r(curve[-1][1]) if curve else None,
+        "best_val_loss": _r(res.best_val_loss) if res.best_val_loss is not None else None,
+        "val_curve": [[int(t), _r(v)] for t, v in curve],
+        "warmup_steps": run.train_cfg.warmup_steps,
+    }
     # projection: CS336's token budget at this run's speed, through `tslm account` (FLOPs / (peak x MFU))
     speed = ctx.memo.get("speed")
     fpt = speed["flops_per_token"] if speed else None
@@ -936,8 +991,11 @@ def run_check(ctx: Ctx, name: str, fn: Callable[[Ctx], dict], budget: float) -> 
                 rec.update(ok=None, skipped=str(e))
             except BaseException as e:  # every failure becomes a line
                 traceback.print_exc(file=fh)
-                rec.update(ok=False, error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}",
-                           log=str(log))
+                rec.update(
+                    ok=False,
+                    error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}",
+                    log=str(log),
+                )
                 if isinstance(e, KeyboardInterrupt):
                     raise
     finally:
@@ -991,18 +1049,33 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)  # a shared CI machine; the figures of a dry run mean nothing anyway
     col = 1 if ctx.dry else 0
     budgets = {n: b[col] for n, b in BUDGETS.items()}
-    report.emit({"check": "plan", "dry_run": ctx.dry, "device": ctx.dev, "out": str(ctx.out),
-                 "budgets_s": budgets, "total_budget_s": sum(budgets.values()),
-                 "deadline_s": _r(ctx.deadline - ctx.started), "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                 "only": sorted(only) if only else None, **({"added": added} if added else {})})
+    report.emit(
+        {
+            "check": "plan",
+            "dry_run": ctx.dry,
+            "device": ctx.dev,
+            "out": str(ctx.out),
+            "budgets_s": budgets,
+            "total_budget_s": sum(budgets.values()),
+            "deadline_s": _r(ctx.deadline - ctx.started),
+            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "only": sorted(only) if only else None,
+            **({"added": added} if added else {}),
+        }
+    )
     results = []
     for name, fn in CHECKS:
         if only is not None and name not in only:
             continue
         if ctx.left() < 0.3 * budgets[name] or ctx.left() <= 0:
-            rec = {"check": name, "ok": None, "seconds": 0.0, "budget_s": budgets[name],
-                   "skipped": f"global deadline: {max(0.0, ctx.left()):.0f} s left of {ctx.deadline - ctx.started:.0f} s",
-                   "deadline_skip": True}
+            rec = {
+                "check": name,
+                "ok": None,
+                "seconds": 0.0,
+                "budget_s": budgets[name],
+                "skipped": f"global deadline: {max(0.0, ctx.left()):.0f} s left of {ctx.deadline - ctx.started:.0f} s",
+                "deadline_skip": True,
+            }
         else:
             rec = run_check(ctx, name, fn, budgets[name])
             if name == "env" and not rec["ok"]:

@@ -15,7 +15,7 @@ returns None):
 
 `auto` picks tiktoken when it is installed and the tokenizer qualifies, else the from-scratch
 encoder. tiktoken is optional (`pip install "tslm[fast]"`). Tests prove the two give the same ids
-(tests/test_encode_backends.py).
+(tests/tokenizer/test_encode_backends.py).
 """
 
 from __future__ import annotations

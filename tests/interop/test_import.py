@@ -22,8 +22,9 @@ from tinystories_cli.interop.hf import read_hf_tokenizer
 from tinystories_cli.interop.importer import import_hf
 from tinystories_cli.runs import load_trained_model
 from tinystories_cli.tokenizer import Tokenizer
-from tinystories_cli.tokenizer.bpe import train_bpe
 from tinystories_cli.tokenizer.files import write_vocab_merges
+
+from train_fixtures import bpe_tokenizer, refused
 
 transformers = pytest.importorskip("transformers", reason="SKIPPED LOUDLY: transformers (dev dependency) is needed")
 transformers.utils.logging.disable_progress_bar()  # save_pretrained's bars would mix into the checked stderr
@@ -35,10 +36,7 @@ TEXT = ("Once upon a time there was a little cat. The cat liked to play with a r
 
 @pytest.fixture(scope="module")
 def bpe(tmp_path_factory) -> Tokenizer:
-    d = tmp_path_factory.mktemp("bpe")
-    (d / "train.txt").write_text(TEXT, encoding="utf-8")
-    vocab, merges = train_bpe(d / "train.txt", 300, [EOT], workers=1)
-    return Tokenizer(vocab, merges, [EOT])
+    return bpe_tokenizer(tmp_path_factory.mktemp("bpe"), TEXT, 300, (EOT,))
 
 
 def write_tokenizer_json(tok: Tokenizer, out) -> None:
@@ -55,10 +53,21 @@ def randomize(model) -> None:
 
 
 def llama_dir(tmp_path, tok: Tokenizer, *, kv_heads=4, tie=False, attention_bias=False, mlp_bias=False):
-    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size + 4, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
-                                   rope_theta=500.0, rms_norm_eps=1e-5, tie_word_embeddings=tie,
-                                   attention_bias=attention_bias, mlp_bias=mlp_bias, attn_implementation="eager")
+    cfg = transformers.LlamaConfig(
+        vocab_size=tok.vocab_size + 4,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=64,
+        rope_theta=500.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tie,
+        attention_bias=attention_bias,
+        mlp_bias=mlp_bias,
+        attn_implementation="eager",
+    )
     model = transformers.LlamaForCausalLM(cfg).eval()
     randomize(model)
     out = tmp_path / "hf-llama"
@@ -135,7 +144,7 @@ def test_gpt2_import_parity(tmp_path, bpe, run_cli, monkeypatch, tie, activation
 
 def test_export_then_import_is_identity(tmp_path, bpe, monkeypatch):
     """Llama export of a run (with biases, tied) and back: every tensor bit-identical."""
-    from test_export import make_run
+    from train_fixtures import make_run
 
     monkeypatch.setattr(runs.paths, "RUNS_ROOT", tmp_path / "runs")
     tok_dir = tmp_path / "tok"
@@ -195,13 +204,6 @@ def test_gpt2_tokenizer_imports_like_tiktoken(shared_data, tmp_path):
     assert Tokenizer(*read_hf_tokenizer(tj)).fingerprint == tok.fingerprint
 
 
-def _one_line_error(run_cli, *args) -> str:
-    code, out, err = run_cli(*args)
-    assert code == 2, (out, err)
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    return err
-
-
 @pytest.mark.parametrize("change,expect", [
     ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope scaling"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope scaling"),
@@ -217,7 +219,7 @@ def test_unsupported_llama_refused_by_name(tmp_path, bpe, run_cli, monkeypatch, 
     conf = json.loads((src / "config.json").read_text())
     conf.update(change)
     (src / "config.json").write_text(json.dumps(conf))
-    err = _one_line_error(run_cli, "import", str(src), "--run-name", "x")
+    err = refused(run_cli, "import", str(src), "--run-name", "x")
     assert expect in err
     assert not (tmp_path / "runs" / "x").exists()
 
@@ -227,23 +229,23 @@ def test_bad_sources_refused(tmp_path, bpe, run_cli, monkeypatch):
     _, src = gpt2_dir(tmp_path, bpe)
     conf = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**conf, "scale_attn_by_inverse_layer_idx": True}))
-    assert "scale_attn_by_inverse_layer_idx" in _one_line_error(run_cli, "import", str(src))
+    assert "scale_attn_by_inverse_layer_idx" in refused(run_cli, "import", str(src))
     (src / "config.json").write_text(json.dumps(conf))
     # pickle weights are never read
     sd = load_file(src / "model.safetensors")
     (src / "model.safetensors").unlink()
     (src / "pytorch_model.bin").write_bytes(b"not read")
-    assert "pickle" in _one_line_error(run_cli, "import", str(src))
+    assert "pickle" in refused(run_cli, "import", str(src))
     (src / "pytorch_model.bin").unlink()
     # a tensor of the wrong shape is refused before the model is built
     sd["transformer.wpe.weight"] = sd["transformer.wpe.weight"][:10]
     save_file(sd, src / "model.safetensors")
-    assert "transformer.wpe.weight has shape [10, 64]" in _one_line_error(run_cli, "import", str(src))
+    assert "transformer.wpe.weight has shape [10, 64]" in refused(run_cli, "import", str(src))
     # a sentencepiece-only tokenizer is refused by name; an existing run is never replaced
     _, ok = gpt2_dir(tmp_path, bpe, name="ok")
     assert run_cli("import", str(ok), "--run-name", "taken")[0] == 0
-    assert "already exists" in _one_line_error(run_cli, "import", str(ok), "--run-name", "taken")
+    assert "already exists" in refused(run_cli, "import", str(ok), "--run-name", "taken")
     (ok / "vocab.json").unlink()
     (ok / "tokenizer.model").write_bytes(b"spm")
-    assert "sentencepiece" in _one_line_error(run_cli, "import", str(ok), "--run-name", "spm")
+    assert "sentencepiece" in refused(run_cli, "import", str(ok), "--run-name", "spm")
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["latest", "taken"]

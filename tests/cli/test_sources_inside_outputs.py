@@ -9,17 +9,9 @@ import sys
 
 import pytest
 
-from tinystories_cli import train as T
 from tinystories_cli.fileio import sha256_file
 
-from train_fixtures import TINY_MODEL, TINY_TRAIN, TINY_TRAIN_ARGS
-
-
-def _refused(run_cli, *args) -> str:
-    code, out, err = run_cli(*args)
-    assert code == 2, (out, err)
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    return err
+from train_fixtures import TINY_MODEL, TINY_TRAIN_ARGS, refused, train_tiny
 
 
 def _stories(n: int) -> str:
@@ -40,7 +32,7 @@ def test_quickstart_text_that_is_its_own_split_file_is_refused(tmp_path, run_cli
         given = tmp_path / "link.txt"
         given.symlink_to(mine)
     for extra in ([], ["--force"]):
-        err = _refused(run_cli, "quickstart", "--text", str(given), "--dir", str(work), "--minutes", "0.05",
+        err = refused(run_cli, "quickstart", "--text", str(given), "--dir", str(work), "--minutes", "0.05",
                        "--vocab-size", "300", "--preset", "debug", "--device", "cpu", *extra)
         assert str(given) in err and "quickstart" in err and "would overwrite the input" in err, err
         assert sha256_file(mine) == before
@@ -52,7 +44,7 @@ def test_quickstart_text_inside_the_tokenizer_or_run_dir_is_refused(tmp_path, ru
         f = work / rel
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text(_stories(50), encoding="utf-8")
-        err = _refused(run_cli, "quickstart", "--text", str(f), "--dir", str(work), "--minutes", "0.05",
+        err = refused(run_cli, "quickstart", "--text", str(f), "--dir", str(work), "--minutes", "0.05",
                        "--vocab-size", "300", "--preset", "debug", "--device", "cpu")
         assert "would overwrite the input" in err
         assert f.read_text(encoding="utf-8") == _stories(50)
@@ -61,8 +53,7 @@ def test_quickstart_text_inside_the_tokenizer_or_run_dir_is_refused(tmp_path, ru
 @pytest.fixture
 def base_run(tiny_workspace):
     tmp_path, _ = tiny_workspace
-    res = T.train(T.prepare_run("debug", None, TINY_MODEL, {"dataset": "tiny", **TINY_TRAIN},
-                                T.TrainOptions(run_name="base", display="quiet", peak_tflops=1.0)))
+    res = train_tiny("base")
     return tmp_path, res.run_dir
 
 
@@ -74,7 +65,7 @@ def _snapshot(d):
 def test_init_from_the_run_being_cleared_is_refused(base_run, run_cli):
     tmp, run_dir = base_run
     before = _snapshot(run_dir)
-    err = _refused(run_cli, "train", "--init-from", "base", "--run-name", "base", "--force", "--max-steps", "2",
+    err = refused(run_cli, "train", "--init-from", "base", "--run-name", "base", "--force", "--max-steps", "2",
                    "--train-data", str(tmp / "data/tiny/train.npy"), "--valid-data", str(tmp / "data/tiny/valid.npy"),
                    "--quiet", "--peak-tflops", "1")
     assert "would clear the input" in err and str(run_dir) in err
@@ -87,7 +78,7 @@ def test_tokenizer_inside_the_run_being_cleared_is_refused(base_run, run_cli):
     # through a symlink too: the real paths are compared
     (tmp / "tok-link").symlink_to(run_dir / "tokenizer")
     for tok in (run_dir / "tokenizer", tmp / "tok-link"):
-        err = _refused(run_cli, "train", *TINY_TRAIN_ARGS, "--tokenizer", str(tok), "--run-name", "base", "--force")
+        err = refused(run_cli, "train", *TINY_TRAIN_ARGS, "--tokenizer", str(tok), "--run-name", "base", "--force")
         assert "would clear the input" in err and "lies inside" in err and str(tok) in err
         assert _snapshot(run_dir) == before
 
@@ -106,8 +97,20 @@ def test_init_from_a_run_still_training_says_so_and_leaves_no_run_dir(tiny_works
         "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        err = _refused(run_cli, "train", "--init-from", "busy", "--run-name", "ft", "--max-steps", "2",
-                       "--train-data", str(tmp / "data/tiny/train.npy"), "--valid-data", str(tmp / "data/tiny/valid.npy"))
+        err = refused(
+            run_cli,
+            "train",
+            "--init-from",
+            "busy",
+            "--run-name",
+            "ft",
+            "--max-steps",
+            "2",
+            "--train-data",
+            str(tmp / "data/tiny/train.npy"),
+            "--valid-data",
+            str(tmp / "data/tiny/valid.npy"),
+        )
         assert "being trained" in err and f"process {holder.pid}" in err, err
         assert not (tmp / "runs" / "ft").exists()
     finally:
@@ -122,7 +125,7 @@ def test_bpe_and_encode_never_overwrite_their_input(tmp_path, run_cli):
     # a text file named like a tokenizer file, inside --out: bpe would overwrite it with --force
     (tok / "merges.txt").write_text(text, encoding="utf-8")
     for extra in ([], ["--force"]):
-        err = _refused(run_cli, "bpe", str(tok / "merges.txt"), "--out", str(tok), "--vocab-size", "300",
+        err = refused(run_cli, "bpe", str(tok / "merges.txt"), "--out", str(tok), "--vocab-size", "300",
                        "--workers", "1", *extra)
         assert (tok / "merges.txt").read_text(encoding="utf-8") == text
     # encode: the sidecar of --out x.npy is x.json; an input called x.json is never overwritten
@@ -130,7 +133,7 @@ def test_bpe_and_encode_never_overwrite_their_input(tmp_path, run_cli):
     src.write_text(text, encoding="utf-8")
     code, _, err = run_cli("bpe", str(src), "--out", str(tmp_path / "t2"), "--vocab-size", "300", "--workers", "1")
     assert code == 0, err
-    err = _refused(run_cli, "encode", str(src), "--tokenizer", str(tmp_path / "t2"), "--out", str(tmp_path / "x.npy"),
+    err = refused(run_cli, "encode", str(src), "--tokenizer", str(tmp_path / "t2"), "--out", str(tmp_path / "x.npy"),
                    "--force")
     assert "would overwrite the input" in err
     assert src.read_text(encoding="utf-8") == text

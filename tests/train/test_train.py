@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 from pathlib import Path
 
 import pytest
@@ -19,24 +18,9 @@ from tinystories_cli.device import autocast_factory
 from tinystories_cli.errors import UserError
 from tinystories_cli.train.loop import make_loss_fn
 
-from train_fixtures import TINY_MODEL, TINY_TRAIN, write_token_file
-
-
-@pytest.fixture
-def workspace(tiny_workspace):
-    return tiny_workspace
-
-
-def _run(name, model=None, train=None, **opts):
-    opts.setdefault("peak_tflops", 1.0)  # skip the matmul measurement
-    options = T.TrainOptions(run_name=name, display="quiet", **opts)
-    run = T.prepare_run("debug", None, {**TINY_MODEL, **(model or {})},
-                        {"dataset": "tiny", **TINY_TRAIN, **(train or {})}, options)
-    return T.train(run)
-
-
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return read_checkpoint(runs.latest_checkpoint(run_dir)).model
+from train_fixtures import TINY_MODEL, TINY_TRAIN, free_port, write_token_file
+from train_fixtures import latest_weights as _weights
+from train_fixtures import train_tiny as _run
 
 
 def test_exact_resume_matches_uninterrupted_run(workspace):
@@ -57,8 +41,8 @@ def test_exact_resume_matches_uninterrupted_run(workspace):
     assert steps == list(range(1, 9))
 
 
-def test_run_directory_contents(workspace):
-    tmp, tok = workspace
+def test_run_directory_contents(tiny_workspace):
+    tmp, tok = tiny_workspace
     res = _run("contents", train={"keep_last": 1})
     d = res.run_dir
     cfg = json.loads((d / "config.json").read_text())
@@ -191,12 +175,6 @@ def test_compile_failure_falls_back_to_eager(workspace, monkeypatch, capsys):
     assert "torch.compile failed" in capsys.readouterr().out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -212,9 +190,9 @@ def _ddp_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
 
 
 def test_ddp_two_processes_equal_one_process_with_double_batch(workspace):
-    tmp, _ = workspace
+    tmp = workspace
     out = tmp / "ddp.json"
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(tmp), str(out)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), str(tmp), str(out)), nprocs=2, join=True)
     ddp = json.loads(out.read_text())
     single = _run("single", train={"max_steps": 4, "eval_every": 2, "save_every": 4, "batch_size": 4})
     assert [float(v) for v in ddp["losses"].values()] == pytest.approx(list(single.train_losses.values()), rel=1e-5)
@@ -258,14 +236,14 @@ def test_cli_bad_config(workspace, run_cli, args, expected):
 
 
 def test_cli_missing_token_file_names_encode_command(workspace, run_cli):
-    tmp, _ = workspace
+    tmp = workspace
     (tmp / "data" / "tiny" / "valid.npy").unlink()
     code, text = _cli(run_cli, "--run-name", "m")
     assert code == 2 and "valid.npy" in text and "tslm encode" in text
 
 
-def test_cli_tokenizer_mismatch_and_bad_ids(workspace, run_cli):
-    tmp, tok = workspace
+def test_cli_tokenizer_mismatch_and_bad_ids(tiny_workspace, run_cli):
+    tmp, tok = tiny_workspace
     f = tmp / "data" / "tiny" / "valid.npy"
     meta = json.loads(f.with_suffix(".json").read_text())
     meta["fingerprint"] = "0" * 64
@@ -322,7 +300,7 @@ def test_resume_across_processes_is_bit_identical_on_cpu(workspace):
     a second fresh 2N run. The guarantee tested is the one that holds on any machine: one intra-op thread.
     With several threads the deterministic kernels (device.deterministic_on_cpu) made every comparison
     we ran identical (see the README), but a BLAS library may still pick its own partition of a matmul."""
-    tmp, _ = workspace
+    tmp = workspace
     import subprocess
     import sys
 

@@ -35,12 +35,8 @@ SHAPES = [  # (vocab, d_model, heads, d_ff, layers, tied): odd sizes that are no
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny models: one intra-op thread for the whole module (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(vocab, d, heads, dff, layers, tied, ctx=96, seed=0, **kw) -> TransformerLM:

@@ -37,7 +37,11 @@ def test_one_multiprocessing_context_and_no_private_cross_imports():
             if isinstance(node, ast.FunctionDef) and "mp_context" in node.name:
                 defined.append(f"{path.name}:{node.name}")
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tinystories_cli"):
-                private_imports += [f"{path.name}: {a.name}" for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                private_imports += [
+                    f"{path.name}: {a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")
+                ]
             if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "get_context":
                 defined.append(f"{path.name}:get_context")
     assert defined == ["chunking.py:mp_context", "chunking.py:get_context"]

@@ -4,7 +4,6 @@ that keeps missing its plan says so in a few lines, not one per check."""
 from __future__ import annotations
 
 import functools
-
 import re
 import time
 from pathlib import Path
@@ -12,22 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_quickstart import tiny_stories
 from tinystories_cli import quickstart as qs
 from tinystories_cli.train.loop import replan_is_material
-
-
-def _stories(tmp_path: Path) -> Path:
-    p = tmp_path / "stories.txt"
-    p.write_text(tiny_stories(400), encoding="utf-8")
-    return p
 
 
 class _Planned(Exception):
     pass
 
 
-def test_the_probe_takes_about_what_it_announces(tmp_path: Path):
+def test_the_probe_takes_about_what_it_announces(tmp_path: Path, story_text: Path):
     """A 4-minute budget announces a 12 s probe (it took 29 s before, with the auto size's second probe).
     The run is stopped once the plan is printed: the probes are what is timed."""
     torch.set_num_threads(1)
@@ -38,7 +30,7 @@ def test_the_probe_takes_about_what_it_announces(tmp_path: Path):
         if " tokens/s -> " in msg:
             raise _Planned
 
-    opts = qs.QuickstartOptions(text=_stories(tmp_path), minutes=4, workdir=tmp_path / "w", vocab_size=300,
+    opts = qs.QuickstartOptions(text=story_text, minutes=4, workdir=tmp_path / "w", vocab_size=300,
                                 device="cpu", display="quiet")
     with pytest.raises(_Planned):
         qs.run_quickstart(opts, notify)
@@ -52,6 +44,7 @@ def test_the_probe_takes_about_what_it_announces(tmp_path: Path):
 
 def test_measure_throughput_counts_building_and_warm_up_in_its_time(tiny_workspace):
     from tinystories_cli import train as tl
+
     from train_fixtures import TINY_MODEL, TINY_TRAIN
     run = tl.prepare_run("debug", None, TINY_MODEL, {"dataset": "tiny", **TINY_TRAIN},
                          tl.TrainOptions(run_name="probe", display="quiet", peak_tflops=1.0))
@@ -64,7 +57,7 @@ def test_measure_throughput_counts_building_and_warm_up_in_its_time(tiny_workspa
     assert 1.0 <= spent <= took < 1.0 + 1.0, took          # ends within one (sub-second) step of the limit
 
 
-def test_replanning_is_said_only_when_the_plan_moves_materially(tmp_path: Path, run_cli, monkeypatch):
+def test_replanning_is_said_only_when_the_plan_moves_materially(tmp_path: Path, story_text: Path, run_cli, monkeypatch):
     """A probe that reads the machine 3x too fast: the run keeps shortening its schedule. Piped (--plain),
     the run says so in at most a few lines, each a change of at least 10% from the last one said."""
     real = qs.tl.measure_throughput
@@ -77,7 +70,7 @@ def test_replanning_is_said_only_when_the_plan_moves_materially(tmp_path: Path, 
     # Time, not the pass cap, must set the plan, or a fast machine plans a few data-capped steps that the
     # real pace easily keeps and never replans (seen at 55K tokens/s on the 400-story text).
     monkeypatch.setattr(qs, "plan_steps", functools.partial(qs.plan_steps, max_epochs=1e9))
-    code, out, err = run_cli("quickstart", "--text", str(_stories(tmp_path)), "--minutes", "0.25", "--dir",
+    code, out, err = run_cli("quickstart", "--text", str(story_text), "--minutes", "0.25", "--dir",
                              str(tmp_path / "w"), "--vocab-size", "300", "--device", "cpu", "--plain",
                              "--max-tokens", "5")
     assert code == 0, err

@@ -14,7 +14,7 @@ import pytest
 
 from tinystories_cli import fileio
 
-REPO = Path(__file__).resolve().parents[1]
+from train_fixtures import REPO
 
 
 def _dead_pid() -> int:
@@ -55,13 +55,10 @@ def test_atomic_write_names_its_temp_with_the_owner(tmp_path):
 
 @pytest.fixture
 def trained(tiny_workspace):
-    from tinystories_cli import train as T
-
-    from train_fixtures import TINY_MODEL, TINY_TRAIN
+    from train_fixtures import train_tiny
 
     tmp, _ = tiny_workspace
-    T.train(T.prepare_run("debug", None, TINY_MODEL, {"dataset": "tiny", **TINY_TRAIN},
-                          T.TrainOptions(run_name="base", display="quiet", peak_tflops=1.0)))
+    train_tiny("base")
     return tmp
 
 

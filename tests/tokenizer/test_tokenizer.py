@@ -11,7 +11,6 @@ import json
 import sys
 import tracemalloc
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import regex
@@ -22,48 +21,18 @@ from tinystories_cli.errors import UserError
 from tinystories_cli.tokenizer import Tokenizer
 from tinystories_cli.tokenizer import tokenizer as tokmod
 from tinystories_cli.tokenizer.files import write_vocab_merges
-from tinystories_cli.tokenizer.pretokenize import GPT2_PATTERN, GPT2_SPLIT_PATTERN
+from tinystories_cli.tokenizer.pretokenize import GPT2_PATTERN
+
+from train_fixtures import SHARED_DATA, TEXT, TRICKY
 
 EOT = "<|endoftext|>"
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-TEXT = (
-    "Once upon a time, there was a little girl named Lily. She liked to play outside in the sun.\n"
-    "One day, she saw a big, red ball. \"Can I play?\" she asked. Her mom said, \"Yes, you can!\"\n"
-    "They're happy; it's 2026 and we'll see 1,234,567 stars... I've   got  spaces\t\tand tabs\r\n"
-    "Ünïcödé: café, naïve, 日本語のテキスト, emoji 🙂👍🏽, Ελληνικά, русский текст, ١٢٣ ½ ²\n"
-)
-
-# Strings that stress pre-tokenization, specials and chunk boundaries.
-TRICKY = [
-    "",
-    " ",
-    "\n",
-    EOT,
-    EOT + EOT,
-    "a" + EOT + "b",
-    "<|endoftext",
-    "<|endoftext|",
-    "x<|endoftext|>y<|endoftext|><|endoftext|>z",
-    "Hello, world! It's 2026.",
-    "they'll we've I'm you'd she's it'S 'll 'LL",
-    "don't'll'" + "s",
-    "   leading and trailing   ",
-    "a  b   c    d\n\n\ne",
-    "line1\r\nline2\r\n\r\n",
-    "tab\t\tx \t y\u00a0z\u2028w\u3000v",
-    "12345678901234567890 3.14159 1,000,000",
-    "émojis 🙂👍🏽🇫🇷 and CJK 日本語 and ḁ̸̈ combining",
-    "\x00\x01\x1c\x1d\x1e\x1f\x7f control",
-    "!!!???...,,,;;;" + " " * 40 + "end",
-    "x" * 300 + " " + "9" * 300 + " " * 300 + "y",
-]
-
 
 # --------------------------------------------------------------------------- a small tokenizer
 
 
-def train_toy(text: str, num_merges: int, special_tokens: list[str]) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
+def train_toy(
+    text: str, num_merges: int, special_tokens: list[str]
+) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
     """Naive reference BPE training (most frequent pair, ties by larger pair), enough for fixtures."""
     words: Counter[bytes] = Counter()
     for seg in regex.split("|".join(map(regex.escape, special_tokens)), text) if special_tokens else [text]:
@@ -105,23 +74,7 @@ def toy() -> Tokenizer:
 # --------------------------------------------------------------------------- GPT-2 + tiktoken
 
 
-@pytest.fixture(scope="module")
-def gpt2_files() -> tuple[Path, Path]:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"SKIPPED LOUDLY: shared data not found at {SHARED_DATA}; GPT-2 parity tests need it")
-    return SHARED_DATA / "gpt2_vocab.json", SHARED_DATA / "gpt2_merges.txt"
-
-
-@pytest.fixture(scope="module")
-def gpt2(gpt2_files) -> Tokenizer:
-    return Tokenizer.from_files(*gpt2_files, special_tokens=[EOT])
-
-
-@pytest.fixture(scope="module")
-def tiktoken_gpt2(gpt2):
-    tiktoken = pytest.importorskip("tiktoken", reason="SKIPPED LOUDLY: tiktoken (dev dependency) is not installed")
-    ranks = {b: i for i, b in gpt2.vocab.items() if i != gpt2.eot_id}
-    return tiktoken.Encoding(name="gpt2-local", pat_str=GPT2_SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: gpt2.eot_id})
+# the gpt2, gpt2_files and tiktoken_gpt2 fixtures: tests/tokenizer/conftest.py
 
 
 def _ref(enc, text: str) -> list[int]:
@@ -129,7 +82,9 @@ def _ref(enc, text: str) -> list[int]:
 
 
 @pytest.mark.shared_data
-@pytest.mark.parametrize("name,limit", [("corpus.en", None), ("tinystories_valid.txt", None), ("tinystories_train.txt", 1_000_000)])
+@pytest.mark.parametrize(
+    "name,limit", [("corpus.en", None), ("tinystories_valid.txt", None), ("tinystories_train.txt", 1_000_000)]
+)
 def test_parity_with_tiktoken_on_files(gpt2, tiktoken_gpt2, name, limit):
     text = (SHARED_DATA / name).read_text(encoding="utf-8")
     if limit is not None:
@@ -165,7 +120,11 @@ def test_gpt2_known_ids_and_properties(gpt2):
 
 @pytest.mark.shared_data
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.one_of(st.text(max_size=30), st.sampled_from([EOT, " ", "\n", "'s", "  ", "<|", "|>"])), max_size=8).map("".join))
+@given(
+    st.lists(
+        st.one_of(st.text(max_size=30), st.sampled_from([EOT, " ", "\n", "'s", "  ", "<|", "|>"])), max_size=8
+    ).map("".join)
+)
 def test_gpt2_hypothesis_parity(gpt2, tiktoken_gpt2, text):
     ids = gpt2.encode(text)
     assert ids == _ref(tiktoken_gpt2, text)
@@ -230,7 +189,11 @@ def test_long_pieces_heap_path_equals_simple_loop(toy, monkeypatch):
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.sampled_from(list("Once upon a time, Lily's 2 cats played.\n é") + ["  ", "aa", "ee", "once"]), max_size=40).map("".join))
+@given(
+    st.lists(
+        st.sampled_from(list("Once upon a time, Lily's 2 cats played.\n é") + ["  ", "aa", "ee", "once"]), max_size=40
+    ).map("".join)
+)
 def test_ordered_bpe_equals_gpt2_merge_all_loop(toy, piece):
     ids = list(piece.encode("utf-8"))
     assert toy._bpe_ordered(list(ids)) == tuple(toy._bpe_merge_all(list(ids)))
@@ -351,7 +314,11 @@ def test_word_fast_path_keeps_whitespace_runs_whole(text):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.one_of(st.text(), st.sampled_from([EOT, EOT + EOT, "<|endoftext", "|>", " ", "\r\n"])), max_size=10).map("".join))
+@given(
+    st.lists(
+        st.one_of(st.text(), st.sampled_from([EOT, EOT + EOT, "<|endoftext", "|>", " ", "\r\n"])), max_size=10
+    ).map("".join)
+)
 def test_roundtrip_hypothesis(toy, text):
     double = Tokenizer(toy.vocab, toy.merges, [EOT, EOT + EOT])
     for tok in (toy, double):
@@ -400,8 +367,13 @@ def test_encode_iterable_every_pair_of_splits(toy, text):
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(text=st.lists(st.one_of(st.text(max_size=20), st.sampled_from([EOT, "'ll", " ", "  ", "\n", "a"])), max_size=12).map("".join),
-       cuts=st.lists(st.integers(0, 200), max_size=6), buffer_chars=st.sampled_from([1, 2, 7, 64]))
+@given(
+    text=st.lists(
+        st.one_of(st.text(max_size=20), st.sampled_from([EOT, "'ll", " ", "  ", "\n", "a"])), max_size=12
+    ).map("".join),
+    cuts=st.lists(st.integers(0, 200), max_size=6),
+    buffer_chars=st.sampled_from([1, 2, 7, 64]),
+)
 def test_encode_iterable_hypothesis(toy, text, cuts, buffer_chars):
     cuts = sorted(c for c in cuts if c <= len(text))
     chunks = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]

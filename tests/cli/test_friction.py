@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
-from test_compare import write_run
 from tinystories_cli import compare
 from tinystories_cli.generate import TextStream
 from tinystories_cli.train import autosize
 
+from train_fixtures import write_run
 
 # ---- 5: an incomplete UTF-8 character at the end of a stream is held back, not printed as U+FFFD
 

@@ -19,7 +19,7 @@ from tinystories_cli.evaluate import evaluate_tokens
 from tinystories_cli.fileio import sha256_file
 from tinystories_cli.train.loop import build_state
 
-from train_fixtures import TINY_MODEL, TINY_TRAIN, make_dataset, write_token_file
+from train_fixtures import make_dataset, refused, train_tiny, write_token_file
 
 # A text unlike the fixture's random word salad: one story told again and again.
 DISTINCT = ("Pip the penguin found a shiny blue stone by the icy sea. He carried it home to his sister, "
@@ -27,10 +27,11 @@ DISTINCT = ("Pip the penguin found a shiny blue stone by the icy sea. He carried
 
 
 @pytest.fixture
-def workspace(tiny_workspace):
+def finetune_workspace(tiny_workspace):
+    """tiny_workspace plus a trained run `base` and my.npy / my_valid.npy (a text unlike the run's) to fine-tune on;
+    returns (root, tokenizer, the base run's directory)."""
     tmp_path, tok = tiny_workspace
-    base = T.train(T.prepare_run("debug", None, TINY_MODEL, {"dataset": "tiny", **TINY_TRAIN},
-                                 T.TrainOptions(run_name="base", display="quiet", peak_tflops=1.0)))
+    base = train_tiny("base")
     ids = tok.encode(DISTINCT)
     cut = len(ids) * 3 // 4
     for name, part in (("my", ids[:cut]), ("my_valid", ids[cut:])):
@@ -43,8 +44,8 @@ def _loss(run_or_ckpt, tokens_file) -> float:
     return evaluate_tokens(model, np.load(tokens_file), cfg.context_length, batch_size=8)["loss"]
 
 
-def test_fine_tuning_lowers_loss_on_the_new_text_and_records_its_source(workspace, run_cli):
-    tmp, tok, base_dir = workspace
+def test_fine_tuning_lowers_loss_on_the_new_text_and_records_its_source(finetune_workspace, run_cli):
+    tmp, tok, base_dir = finetune_workspace
     before = _loss(base_dir, tmp / "my_valid.npy")
     code, out, err = run_cli("train", "--init-from", "base", "--train-data", str(tmp / "my.npy"),
                              "--valid-data", str(tmp / "my_valid.npy"), "--lr", "3e-3", "--max-steps", "40",
@@ -70,8 +71,8 @@ def test_fine_tuning_lowers_loss_on_the_new_text_and_records_its_source(workspac
     assert "fine-tuned with `tslm train --init-from`" in readme and sha256_file(best)[:16] in readme
 
 
-def test_the_run_starts_from_the_source_weights_with_a_fresh_optimizer(workspace):
-    tmp, _, base_dir = workspace
+def test_the_run_starts_from_the_source_weights_with_a_fresh_optimizer(finetune_workspace):
+    tmp, _, base_dir = finetune_workspace
     ckpt = runs.latest_checkpoint(base_dir)  # a step checkpoint: it also holds optimizer state
     run = T.prepare_run(None, None, {"dropout": 0.1}, {"max_steps": 10, "lr": 1e-3},
                         T.TrainOptions(run_name="ft2", init_from=str(ckpt), display="quiet",
@@ -85,22 +86,21 @@ def test_the_run_starts_from_the_source_weights_with_a_fresh_optimizer(workspace
     assert run.train_cfg.max_steps == 10 and run.end_step == 10
 
 
-def test_contradictions_are_refused_in_one_line(workspace, run_cli):
-    tmp, _, base_dir = workspace
+def test_contradictions_are_refused_in_one_line(finetune_workspace, run_cli):
+    tmp, _, base_dir = finetune_workspace
     data = ["--train-data", str(tmp / "my.npy"), "--valid-data", str(tmp / "my_valid.npy"), "--max-steps", "5"]
 
-    def refused(*args) -> str:
-        code, out, err = run_cli("train", *args, *data)
-        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-        return err
+    def refused_train(*args) -> str:
+        return refused(run_cli, "train", *args, *data)
 
-    err = refused("--init-from", "base", "--d-model", "64", "--num-layers", "3")
+    err = refused_train("--init-from", "base", "--d-model", "64", "--num-layers", "3")
     assert "d_model=64 (source: 32)" in err and "num_layers=3 (source: 1)" in err
-    assert "--tokenizer cannot be combined" in refused("--init-from", "base", "--tokenizer", str(tmp / "data/tiny/tokenizer"))
-    assert "context length 32 exceeds the 16" in refused("--init-from", "base", "--ctx", "32")
-    assert "no run or checkpoint named 'nope'" in refused("--init-from", "nope")
+    tokenizer = str(tmp / "data/tiny/tokenizer")
+    assert "--tokenizer cannot be combined" in refused_train("--init-from", "base", "--tokenizer", tokenizer)
+    assert "context length 32 exceeds the 16" in refused_train("--init-from", "base", "--ctx", "32")
+    assert "no run or checkpoint named 'nope'" in refused_train("--init-from", "nope")
     (tmp / "empty").mkdir()
-    assert "neither a tslm run" in refused("--init-from", str(tmp / "empty"))
+    assert "neither a tslm run" in refused_train("--init-from", str(tmp / "empty"))
     # token files must carry the source tokenizer's fingerprint (as for any run)
     other = make_dataset(tmp / "other", vocab_size=280)
     write_token_file(tmp / "foreign.npy", [1, 2, 3] * 50, other, 300)
@@ -110,11 +110,11 @@ def test_contradictions_are_refused_in_one_line(workspace, run_cli):
     assert not (tmp / "runs" / "ft").exists()
 
 
-def test_init_from_a_hugging_face_directory(workspace, run_cli):
+def test_init_from_a_hugging_face_directory(finetune_workspace, run_cli):
     transformers = pytest.importorskip("transformers", reason="SKIPPED LOUDLY: transformers (dev dependency) is needed")
     from tinystories_cli.tokenizer.files import write_vocab_merges
 
-    tmp, tok, _ = workspace
+    tmp, tok, _ = finetune_workspace
     hf_cfg = transformers.GPT2Config(vocab_size=tok.vocab_size, n_embd=32, n_layer=1, n_head=2, n_positions=32)
     hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
     src = tmp / "hf-gpt2"

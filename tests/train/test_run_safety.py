@@ -12,24 +12,12 @@ from pathlib import Path
 import pytest
 
 from tinystories_cli import runs
-from tinystories_cli import train as T
 from tinystories_cli.checkpoint import read_checkpoint, save_checkpoint
 from tinystories_cli.cli import main
 from tinystories_cli.errors import UserError
 
 from train_fixtures import TINY_MODEL, TINY_TRAIN
-
-
-@pytest.fixture
-def workspace(tiny_workspace):
-    return tiny_workspace[0]
-
-
-def _run(name, train=None, **opts):
-    opts.setdefault("peak_tflops", 1.0)
-    run = T.prepare_run("debug", None, TINY_MODEL, {"dataset": "tiny", **TINY_TRAIN, **(train or {})},
-                        T.TrainOptions(run_name=name, display="quiet", **opts))
-    return T.train(run)
+from train_fixtures import train_tiny as _run
 
 
 def _tree(d: Path) -> dict[str, bytes]:
@@ -142,8 +130,12 @@ def test_resuming_an_earlier_checkpoint_moves_the_later_branch_aside(workspace):
     d = first.run_dir
     assert [s for s, _ in runs.step_checkpoints(d)] == [2, 4, 6, 8]
     later = {p.name: p.read_bytes() for _, p in runs.step_checkpoints(d)[1:]}
-    res = _run("branch", train={"save_every": 2, "keep_last": 1}, resume=str(d / "checkpoints" / "step_0000002.safetensors"),
-               stop_at=4)
+    res = _run(
+        "branch",
+        train={"save_every": 2, "keep_last": 1},
+        resume=str(d / "checkpoints" / "step_0000002.safetensors"),
+        stop_at=4,
+    )
     assert res.step == 4
     assert [s for s, _ in runs.step_checkpoints(d)] == [4]  # the checkpoint it just wrote is kept
     (abandoned,) = (d / "checkpoints").glob("abandoned-*")
@@ -171,8 +163,8 @@ def test_resume_with_malformed_run_state_is_one_line_before_metrics_are_trimmed(
     ckpt = read_checkpoint(ckpt_path)
     for bad_meta in ({**ckpt.metadata, "sampler": {"seed": "x"}}, {**ckpt.metadata, "elapsed_s": -1.0},
                      {k: v for k, v in ckpt.metadata.items() if k != "max_steps"}):
-        from tinystories_cli.model import TransformerLM
         from tinystories_cli.config import ModelConfig
+        from tinystories_cli.model import TransformerLM
 
         model = TransformerLM(ModelConfig(**ckpt.metadata["model_config"]))
         model.load_state_dict(ckpt.model_state_dict())

@@ -9,14 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tinystories_cli.tokens import check_token_file, load_token_file
 from tinystories_cli.errors import UserError
 from tinystories_cli.tokenizer import encode as enc
 from tinystories_cli.tokenizer.files import write_vocab_merges
 from tinystories_cli.tokenizer.tokenizer import Tokenizer
+from tinystories_cli.tokens import check_token_file, load_token_file
+
+from train_fixtures import SHARED_DATA
 
 EOT = "<|endoftext|>"
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 STORY = (
     "Once upon a time, there was a little dog named Max. Max liked to run in the park.\n"
@@ -77,7 +78,9 @@ def test_parallel_equals_serial_byte_for_byte(tmp_path, monkeypatch):
     _write_text(src, 300)  # ~60 KB, cut into 8 chunks
     seen = []
     m1 = enc.encode_file(src, tmp_path / "serial.npy", tok, workers=1)
-    m2 = enc.encode_file(src, tmp_path / "par.npy", tok, workers=2, chunks_per_worker=4, progress=lambda b, t: seen.append((b, t)))
+    m2 = enc.encode_file(
+        src, tmp_path / "par.npy", tok, workers=2, chunks_per_worker=4, progress=lambda b, t: seen.append((b, t))
+    )
     assert m2["chunks"] > 2 and m2["workers"] == 2
     assert (tmp_path / "serial.npy").read_bytes() == (tmp_path / "par.npy").read_bytes()
     assert m1["source_sha256"] == m2["source_sha256"] and m1["num_tokens"] == m2["num_tokens"]
@@ -234,16 +237,9 @@ def test_load_and_check_token_file_errors(tmp_path):
 
 
 @pytest.mark.shared_data
-def test_gpt2_parallel_file_matches_tiktoken(tmp_path, monkeypatch):
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"SKIPPED LOUDLY: shared data not found at {SHARED_DATA}")
-    tiktoken = pytest.importorskip("tiktoken", reason="SKIPPED LOUDLY: tiktoken (dev dependency) is not installed")
-    from tinystories_cli.tokenizer.pretokenize import GPT2_SPLIT_PATTERN
-
+def test_gpt2_parallel_file_matches_tiktoken(tmp_path, monkeypatch, gpt2, tiktoken_gpt2):
     monkeypatch.setattr(enc, "MIN_PARALLEL_BYTES", 0)
-    tok = Tokenizer.from_files(SHARED_DATA / "gpt2_vocab.json", SHARED_DATA / "gpt2_merges.txt", [EOT])
-    ref = tiktoken.Encoding(name="gpt2-local", pat_str=GPT2_SPLIT_PATTERN,
-                            mergeable_ranks={b: i for i, b in tok.vocab.items() if i != 50256}, special_tokens={EOT: 50256})
+    tok, ref = gpt2, tiktoken_gpt2
     src = SHARED_DATA / "tinystories_valid.txt"
     meta = enc.encode_file(src, tmp_path / "valid.npy", tok, workers=2, backend="python")  # the from-scratch path
     ids = np.load(tmp_path / "valid.npy", mmap_mode="r")

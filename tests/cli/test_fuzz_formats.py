@@ -21,8 +21,9 @@ from tinystories_cli import export, paths
 from tinystories_cli.config import ModelConfig
 from tinystories_cli.model import TransformerLM
 from tinystories_cli.tokenizer import Tokenizer
-from tinystories_cli.tokenizer.bpe import train_bpe
 from tinystories_cli.tokens import check_tokens, open_tokens
+
+from train_fixtures import bpe_tokenizer
 
 EOT = "<|endoftext|>"
 TEXT = ("Once upon a time there was a little cat. The cat liked to play with a red ball in the sun.\n"
@@ -34,10 +35,7 @@ SWAPS = [None, True, False, 0, -1, 1.5, -7.25, 2**31, 2**40, 2**70, 1e308, "", "
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory) -> Tokenizer:
-    d = tmp_path_factory.mktemp("bpe")
-    (d / "train.txt").write_text(TEXT, encoding="utf-8")
-    vocab, merges = train_bpe(d / "train.txt", 300, [EOT], workers=1)
-    return Tokenizer(vocab, merges, [EOT])
+    return bpe_tokenizer(tmp_path_factory.mktemp("bpe"), TEXT, 300, (EOT,))
 
 
 def _hf_dir(root: Path, tok: Tokenizer, arch: str) -> Path:
@@ -143,14 +141,18 @@ def test_fuzz_safetensors_import(llama_src, importer):
 
     name = next(k for k in header if k != "__metadata__")
     fixed = [
-        ("empty", b""), ("garbage", bytes(rng.randrange(256) for _ in range(300))),
+        ("empty", b""),
+        ("garbage", bytes(rng.randrange(256) for _ in range(300))),
         ("header past the end", struct.pack("<Q", 1 << 40) + data[8:]),
         ("header length past the file", struct.pack("<Q", len(data)) + data[8:]),
         ("bad JSON", struct.pack("<Q", 5) + b"{oops" + body),
         ("header not an object", pack([1, 2])),  # type: ignore[arg-type]
         ("truncated body", data[:-7]),
         ("offsets past the end", pack({**header, name: {**header[name], "data_offsets": [0, len(body) + 4096]}})),
-        ("overlapping offsets", pack({**header, name: {**header[name], "data_offsets": [0, header[name]["data_offsets"][1]]}})),
+        (
+            "overlapping offsets",
+            pack({**header, name: {**header[name], "data_offsets": [0, header[name]["data_offsets"][1]]}}),
+        ),
         ("reversed offsets", pack({**header, name: {**header[name], "data_offsets": [8, 0]}})),
         ("1 TB shape", pack({**header, name: {**header[name], "shape": [1 << 20, 1 << 20]}})),
         ("negative shape", pack({**header, name: {**header[name], "shape": [-4, 8]}})),
@@ -178,9 +180,17 @@ def test_fuzz_hf_config(arch, llama_src, gpt2_src, importer):
             imp.check("config.json", json.dumps({**conf, key: value}).encode(), f"{key} = {value!r}")
     for label, blob in _byte_mutations((src / "config.json").read_bytes(), rng, 12):
         imp.check("config.json", blob, label)
-    imp.check("config.json", json.dumps({**conf, "num_hidden_layers" if arch == "llama" else "n_layer": 64,
-                                         "max_position_embeddings" if arch == "llama" else "n_positions": 1 << 20}).encode(),
-              "huge model")
+    imp.check(
+        "config.json",
+        json.dumps(
+            {
+                **conf,
+                "num_hidden_layers" if arch == "llama" else "n_layer": 64,
+                "max_position_embeddings" if arch == "llama" else "n_positions": 1 << 20,
+            }
+        ).encode(),
+        "huge model",
+    )
 
 
 def test_fuzz_tokenizer_json(llama_src, importer):

@@ -15,9 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from test_quickstart import tiny_stories
-
-REPO = Path(__file__).resolve().parents[1]
+from train_fixtures import REPO, tiny_stories
 
 
 def _env() -> dict:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -20,31 +19,15 @@ from tinystories_cli import paths, runs
 from tinystories_cli import train as T
 from tinystories_cli.checkpoint import read_checkpoint
 
-from train_fixtures import TINY_MODEL, TINY_TRAIN
+from train_fixtures import TINY_MODEL, TINY_TRAIN, free_port, train_tiny
+from train_fixtures import latest_weights as _weights
 
 STEPS = {"max_steps": 10, "eval_every": 5, "save_every": 5, "log_every": 5}
 
 
-@pytest.fixture
-def workspace(tiny_workspace):
-    return tiny_workspace[0]
-
-
 def _run(name, train=None, **opts):
-    options = T.TrainOptions(run_name=name, display="quiet", peak_tflops=1.0, **opts)
-    run = T.prepare_run("debug", None, dict(TINY_MODEL),
-                        {"dataset": "tiny", **TINY_TRAIN, **STEPS, **(train or {})}, options)
-    return T.train(run)
-
-
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return read_checkpoint(runs.latest_checkpoint(run_dir)).model
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """The tiny run with this module's longer schedule (STEPS)."""
+    return train_tiny(name, train={**STEPS, **(train or {})}, **opts)
 
 
 def _worker(rank: int, world: int, port: int, root: str) -> None:
@@ -86,7 +69,7 @@ def test_fsdp_equals_one_process_and_checkpoints_move_between_world_sizes(worksp
     tmp = workspace
     single = _run("single", {"batch_size": 4})
     _run("from_one", {"batch_size": 4}, stop_at=5)
-    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), str(tmp)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_worker, args=(2, free_port(), str(tmp)), nprocs=2, join=True)
     got = {k: {int(s): v for s, v in d.items()} for k, d in json.loads((tmp / "parallel.json").read_text()).items()}
     want = single.train_losses
     assert len(want) == 10

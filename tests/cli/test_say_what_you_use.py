@@ -3,21 +3,17 @@ on a CPU warns about a GPU-sized preset before it starts."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from train_fixtures import TINY_MODEL, TINY_TRAIN
+from train_fixtures import train_tiny
 
 
 @pytest.fixture
 def trained(tiny_workspace):
     from tinystories_cli import runs
-    from tinystories_cli import train as T
+
     root, _ = tiny_workspace
-    run = T.prepare_run("debug", None, TINY_MODEL, {"dataset": "tiny", **TINY_TRAIN, "max_steps": 3},
-                        T.TrainOptions(run_name="tiny-run", display="quiet", peak_tflops=1.0))
-    T.train(run)
+    run = train_tiny("tiny-run", train={"max_steps": 3})
     runs.update_latest_link(run.run_dir)
     return root, run.run_dir
 

@@ -6,13 +6,13 @@ import json
 import math
 
 import pytest
-import torch
 
-from tinystories_cli import paths
 from tinystories_cli import train as T
 from tinystories_cli.errors import UserError
 from tinystories_cli.train import autosize as A
-from train_fixtures import make_dataset
+
+# the tiny_workspace fixture (tests/conftest.py) with a larger validation split
+pytestmark = pytest.mark.tiny_data(n_valid=120)
 
 
 def test_rule_table_grows_with_the_budget():
@@ -86,15 +86,6 @@ def test_rule_table_rows_for_the_readme():
     assert len(rows) == len(A.RULES) and rows[-1][0].startswith(">=")
 
 
-@pytest.fixture
-def tiny_workspace(tmp_path, monkeypatch):
-    make_dataset(tmp_path, n_train=400, n_valid=120)
-    monkeypatch.setattr(paths, "DATA_ROOT", tmp_path / "data")
-    monkeypatch.setattr(paths, "RUNS_ROOT", tmp_path / "runs")
-    torch.set_num_threads(1)
-    return tmp_path
-
-
 SMALL = {"context_length": 16, "d_model": 32, "num_layers": 1}  # given explicitly: they must win
 
 
@@ -143,7 +134,7 @@ def test_cli_auto_size_trains_and_records_the_choice(tiny_workspace, run_cli):
                              "--plain", "--peak-tflops", "1", "--run-name", "auto")
     assert code == 0, err
     assert "--auto-size: d_model 32" in out
-    run_dir = tiny_workspace / "runs" / "auto"
+    run_dir = tiny_workspace[0] / "runs" / "auto"
     cfg = json.loads((run_dir / "config.json").read_text())
     c = A.choose_for_tokens(6 * A.BATCH_SIZE * 16)
     assert cfg["auto_size"]["lr"] == c.lr == cfg["train"]["lr"]
@@ -166,7 +157,7 @@ def test_size_sweep_example_end_to_end(tmp_path):
 
     text = tmp_path / "stories.txt"
     text.write_text("<|endoftext|>".join(story_text(1, s) for s in range(300)), encoding="utf-8")
-    script = Path(__file__).resolve().parents[1] / "examples" / "size_sweep.py"
+    script = Path(__file__).resolve().parents[2] / "examples" / "size_sweep.py"
     cmd = [sys.executable, str(script), "--text", str(text), "--workdir", str(tmp_path / "w"), "--vocab-size", "300",
            "--budgets", "2e4", "--widths", "64", "--lrs", "3e-3", "--probe-seconds", "0.1"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

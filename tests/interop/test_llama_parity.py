@@ -5,8 +5,14 @@ import torch
 
 from tinystories_cli.config import ModelConfig
 from tinystories_cli.errors import UserError
-from tinystories_cli.model import (TransformerLM, from_llama_state_dict, llama_config_dict, permute_for_llama,
-                                   to_llama_state_dict, unpermute_from_llama)
+from tinystories_cli.model import (
+    TransformerLM,
+    from_llama_state_dict,
+    llama_config_dict,
+    permute_for_llama,
+    to_llama_state_dict,
+    unpermute_from_llama,
+)
 
 transformers = pytest.importorskip("transformers", reason="transformers (dev dependency) is needed for Llama parity")
 
@@ -25,7 +31,7 @@ def test_logits_match_llama(tie):
     ours = TransformerLM(cfg).eval()
     # non-trivial norm weights so a swapped norm would show
     with torch.no_grad():
-        for n, p in ours.named_parameters():
+        for p in ours.parameters():
             if p.dim() == 1:
                 p.uniform_(0.5, 1.5)
     llama = _llama(cfg)

@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tinystories_cli import runs
 from tinystories_cli.config import TrainConfig
 from tinystories_cli.train import loggers
+
 from train_fixtures import TINY_TRAIN_ARGS
 
 ARGS = [*TINY_TRAIN_ARGS, "--max-steps", "8", "--log-every", "1", "--eval-every", "2", "--save-every", "2"]

@@ -13,15 +13,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tinystories_cli import paths
-from tinystories_cli import train as T
 from tinystories_cli.checkpoint import read_checkpoint, save_checkpoint
 from tinystories_cli.cli import main
 from tinystories_cli.config import ModelConfig
 from tinystories_cli.errors import UserError
 from tinystories_cli.model import TransformerLM
 
-from train_fixtures import TINY_MODEL, TINY_TRAIN, make_dataset, workspace_at
+from train_fixtures import TINY_MODEL, make_dataset, train_tiny, workspace_at
 
 
 @pytest.fixture(scope="module")
@@ -30,17 +28,13 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
     make_dataset(root)
     with workspace_at(root):
-        run = T.prepare_run("debug", None, TINY_MODEL, {"dataset": "tiny", **TINY_TRAIN},
-                            T.TrainOptions(run_name="t", display="quiet", peak_tflops=1.0))
-        T.train(run)
+        train_tiny("t")
     return root
 
 
 @pytest.fixture
-def at(trained, monkeypatch):
-    monkeypatch.setattr(paths, "DATA_ROOT", trained / "data")
-    monkeypatch.setattr(paths, "RUNS_ROOT", trained / "runs")
-    return trained
+def at(trained, use_workspace):
+    return use_workspace(trained)
 
 
 @pytest.fixture
@@ -151,18 +145,27 @@ def test_deeply_nested_json_is_a_clean_error(at, crafted, capsys):
         cfg.write_text(saved)
 
 
-@pytest.mark.parametrize("args, match", [
-    (["account", "gpt2-small", "--tokens", "inf"], "--tokens must be a positive finite number"),
-    (["account", "gpt2-small", "--tokens", "nan"], "--tokens must be a positive finite number"),
-    (["account", "gpt2-small", "--peak-tflops", "inf"], "--peak-tflops must be a positive finite number"),
-    (["train", "--preset", "debug", "--dataset", "tiny", "--lr", "inf"], "lr: Input should be a finite number"),
-    (["train", "--preset", "debug", "--dataset", "tiny", "--train-tokens", "nan"], "train_tokens: Input should be a finite"),
-    (["train", "--preset", "debug", "--dataset", "tiny", "--seed", str(2**70)], "seed: Input should be less than"),
-    (["train", "--preset", "debug", "--dataset", "tiny", "--d-model", "100000000"], "d_model: Input should be less"),
-    (["generate", "hi", "--run", "t", "--seed", str(2**70)], "--seed must be in [0, 2^63)"),
-    (["generate", "hi", "--run", "t", "-n", "1000000000"], "--num-samples x prompts = 1000000000 rows need"),
-    (["eval", "t", "--ctx", "0"], "--ctx must be positive"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["account", "gpt2-small", "--tokens", "inf"], "--tokens must be a positive finite number"),
+        (["account", "gpt2-small", "--tokens", "nan"], "--tokens must be a positive finite number"),
+        (["account", "gpt2-small", "--peak-tflops", "inf"], "--peak-tflops must be a positive finite number"),
+        (["train", "--preset", "debug", "--dataset", "tiny", "--lr", "inf"], "lr: Input should be a finite number"),
+        (
+            ["train", "--preset", "debug", "--dataset", "tiny", "--train-tokens", "nan"],
+            "train_tokens: Input should be a finite",
+        ),
+        (["train", "--preset", "debug", "--dataset", "tiny", "--seed", str(2**70)], "seed: Input should be less than"),
+        (
+            ["train", "--preset", "debug", "--dataset", "tiny", "--d-model", "100000000"],
+            "d_model: Input should be less",
+        ),
+        (["generate", "hi", "--run", "t", "--seed", str(2**70)], "--seed must be in [0, 2^63)"),
+        (["generate", "hi", "--run", "t", "-n", "1000000000"], "--num-samples x prompts = 1000000000 rows need"),
+        (["eval", "t", "--ctx", "0"], "--ctx must be positive"),
+    ],
+)
 def test_bad_values_are_one_line(at, capsys, args, match):
     _one_line_error(capsys, args, match)
 
@@ -205,10 +208,20 @@ def test_an_npz_renamed_npy_is_one_line(at, tmp_path, capsys):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(key=st.sampled_from(["format_version", "dtype", "num_tokens", "max_id", "vocab_size", "fingerprint",
-                            "source_bytes"]),
-       value=st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(), st.text(max_size=8),
-                       st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2)))
+@given(
+    key=st.sampled_from(
+        ["format_version", "dtype", "num_tokens", "max_id", "vocab_size", "fingerprint", "source_bytes"]
+    ),
+    value=st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**70), 2**70),
+        st.floats(),
+        st.text(max_size=8),
+        st.lists(st.integers(), max_size=3),
+        st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    ),
+)
 def test_fuzzed_token_sidecars_load_or_raise_user_errors(at, key, value):
     from tinystories_cli.tokens import load_token_file
 

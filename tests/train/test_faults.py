@@ -15,7 +15,7 @@ from tinystories_cli.checkpoint import read_checkpoint
 
 from train_fixtures import TINY_MODEL, make_dataset
 
-BENCH = Path(__file__).parent / "benchmarks" / "fault_checkpoint.py"
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "fault_checkpoint.py"
 
 
 def test_kill_9_at_random_moments_of_checkpoint_saves_loses_nothing():

@@ -1,5 +1,5 @@
 """`tslm quickstart` in a real terminal: a pseudo-terminal of fixed size, its output replayed onto an
-emulated screen with scrollback (tests/terminal_screen.py). Captured (piped) output cannot show a live
+emulated screen with scrollback (tests/cli/terminal_screen.py). Captured (piped) output cannot show a live
 display that keeps redrawing over later text; this can."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ import os
 import sys
 from pathlib import Path
 
-from terminal_screen import Screen, run_in_pty
-
 from tinystories_cli import sample
 
-REPO = Path(__file__).resolve().parents[1]
+from terminal_screen import Screen, run_in_pty
+from train_fixtures import REPO
+
 ROWS, COLS = 50, 120
 BAR = "━"
 

@@ -24,8 +24,9 @@ from tinystories_cli.tokenizer import bpe
 from tinystories_cli.tokenizer import encode as enc
 from tinystories_cli.tokenizer.files import write_vocab_merges
 
+from train_fixtures import REPO
+
 EOT = "<|endoftext|>"
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _text(n_bytes: int, seed: int = 0) -> str:
@@ -35,7 +36,9 @@ def _text(n_bytes: int, seed: int = 0) -> str:
     vocab = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 9))) for _ in range(60_000)]
     out, size = [], 0
     while size < n_bytes:
-        s = " ".join(rng.choice(vocab) for _ in range(rng.randint(3, 15))) + rng.choice([". ", ".\n", "!\n", ". " + EOT + "\n"])
+        s = " ".join(rng.choice(vocab) for _ in range(rng.randint(3, 15))) + rng.choice(
+            [". ", ".\n", "!\n", ". " + EOT + "\n"]
+        )
         out.append(s)
         size += len(s)
     return "".join(out)
@@ -122,7 +125,9 @@ def _finish(proc: subprocess.Popen, sig: int) -> tuple[int, str]:
     return proc.returncode, err
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="SKIPPED LOUDLY: needs Linux /proc to find worker processes")
+@pytest.mark.skipif(
+    not Path("/proc/self/stat").exists(), reason="SKIPPED LOUDLY: needs Linux /proc to find worker processes"
+)
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_encode_signal_ends_workers_and_removes_temp_files(workdir, sig, code):
     proc = _start(["encode", "big.txt", "--tokenizer", "tok", "--workers", "2", "--backend", "python",
@@ -137,7 +142,9 @@ def test_encode_signal_ends_workers_and_removes_temp_files(workdir, sig, code):
     assert sorted(p.name for p in (workdir / "tok").iterdir()) == ["merges.txt", "tokenizer_config.json", "vocab.json"]
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="SKIPPED LOUDLY: needs Linux /proc to find worker processes")
+@pytest.mark.skipif(
+    not Path("/proc/self/stat").exists(), reason="SKIPPED LOUDLY: needs Linux /proc to find worker processes"
+)
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_bpe_signal_ends_workers_and_removes_temp_files(workdir, sig, code):
     proc = _start(["bpe", "big.txt", "--vocab-size", "2000", "--workers", "2", "--out", "out", "--json"], workdir)
@@ -168,7 +175,9 @@ def test_encode_disk_full_is_one_line_exit_2_no_litter(workdir, run_cli, monkeyp
         _enospc()
 
     monkeypatch.setattr(enc, "append_file" if workers == "2" else "_encode_range", full_after_some)
-    code, out, err = run_cli("encode", str(small), "--tokenizer", str(workdir / "tok"), "--workers", workers, "--backend", "python", "--json")
+    code, out, err = run_cli(
+        "encode", str(small), "--tokenizer", str(workdir / "tok"), "--workers", workers, "--backend", "python", "--json"
+    )
     assert code == 2 and "no space left" in err and err.strip().count("\n") == 0 and "Traceback" not in err, err
     assert sorted(p.name for p in workdir.iterdir()) == ["big.txt", "small.txt", "tok"]
 

@@ -6,25 +6,24 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from test_tokenizer import TEXT, TRICKY
 from tinystories_cli.tokenizer import backends
 from tinystories_cli.tokenizer import encode as enc
 from tinystories_cli.tokenizer.bpe import train_bpe
 from tinystories_cli.tokenizer.files import write_vocab_merges
 from tinystories_cli.tokenizer.tokenizer import Tokenizer
 
+from train_fixtures import SHARED_DATA, TEXT, TRICKY
+
 pytest.importorskip("tiktoken", reason="SKIPPED LOUDLY: tiktoken (dev dependency) is not installed")
 
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CHARS = list("abcdeé th'sl0129 .,!?\n\t\r日本🙂") + ["  ", "'ll", "\u00a0", "\u3000", EOT, PAD, "<|", "|>"]
 TEXTS = st.lists(st.sampled_from(CHARS), max_size=60).map("".join) | st.text(max_size=40)
 
@@ -36,13 +35,6 @@ def same_ids(tok: Tokenizer, text: str) -> None:
 
 
 # --------------------------------------------------------------------------- GPT-2's files
-
-
-@pytest.fixture(scope="module")
-def gpt2() -> Tokenizer:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"SKIPPED LOUDLY: shared data not found at {SHARED_DATA}; GPT-2 backend tests need it")
-    return Tokenizer.from_files(SHARED_DATA / "gpt2_vocab.json", SHARED_DATA / "gpt2_merges.txt", [EOT])
 
 
 @pytest.mark.shared_data
@@ -80,7 +72,22 @@ def test_gpt2_encode_file_backends_byte_identical(gpt2, tmp_path, monkeypatch, w
 
 def _corpus() -> str:
     rng = random.Random(0)
-    words = ["the", "cat", "dog", "ran", "Lily", "Tom's", "they'll", "café", "日本語", "🙂", "1234", "3.14", "!!", "..."]
+    words = [
+        "the",
+        "cat",
+        "dog",
+        "ran",
+        "Lily",
+        "Tom's",
+        "they'll",
+        "café",
+        "日本語",
+        "🙂",
+        "1234",
+        "3.14",
+        "!!",
+        "...",
+    ]
     parts = []
     for _ in range(1500):
         parts.append(" ".join(rng.choice(words) for _ in range(rng.randint(1, 12))))
@@ -124,7 +131,11 @@ def test_encode_file_backends_byte_identical_on_trained(trained, tmp_path, monke
 
 
 @settings(max_examples=300, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 40), text=st.lists(st.sampled_from(list("abc ab\n")), max_size=30).map("".join))
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(1, 40),
+    text=st.lists(st.sampled_from(list("abc ab\n")), max_size=30).map("".join),
+)
 def test_any_qualifying_merge_list_gives_tiktoken_ids(seed, n, text):
     """Random merge lists in training order (each merge joins two existing tokens): whenever
     `tiktoken_unfit` accepts one, tiktoken's ids equal ours; many are refused, and must be."""

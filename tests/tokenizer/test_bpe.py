@@ -77,7 +77,9 @@ def test_merge_loop_memory_follows_distinct_pretokens_not_counts():
     import tracemalloc
 
     rng = random.Random(0)
-    counts = {bytes(rng.choice(b"abcdefgh ") for _ in range(rng.randint(2, 12))): rng.randint(1, 50) for _ in range(3000)}
+    counts = {
+        bytes(rng.choice(b"abcdefgh ") for _ in range(rng.randint(2, 12))): rng.randint(1, 50) for _ in range(3000)
+    }
 
     def peak(c):
         tracemalloc.start()

@@ -10,6 +10,7 @@ from gguf import GGMLQuantizationType, GGUFReader, quants
 
 from tinystories_cli import runs
 from tinystories_cli.tokenizer.files import decode_token_string
+
 from train_fixtures import trained_runs, workspace_at
 
 Q = GGMLQuantizationType
