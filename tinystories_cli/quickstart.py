@@ -11,7 +11,7 @@ The pipeline is the one a user would type by hand, run with defaults sized for t
     4. encode     data/quickstart/train.npy + valid.npy (token ids, with .json sidecars)
     5. train      runs/quickstart/: on a CPU the model the size rule picks for the budget
                   (`train.autosize`; --preset forces one; tinystories-17m on a GPU), for at most
-                  --minutes of wall-clock time (see `plan_steps`)
+                  --minutes of wall-clock time (see `train.budget`)
     6. story      a sample from the trained model, printed and saved in runs/quickstart/story.txt
 
 Every stage is skipped when its output is already there and matches (so rerunning after Ctrl-C
@@ -21,9 +21,9 @@ training run from its last checkpoint). An output that exists but does not match
 
 Bounded time: the training schedule (cosine, warmup) must know its length before the first step,
 so the number of steps is computed up front. A short probe times real optimizer steps of the
-chosen model on the chosen device, and `plan_steps` turns the remaining budget into steps:
+chosen model on the chosen device, and `budget.plan_bounded_run` turns the remaining budget into steps:
 
-    >>> plan = plan_steps(budget_s=600, tokens_per_s=10_000, tokens_per_step=8192,
+    >>> plan = budget.plan_bounded_run(budget_s=600, tokens_per_s=10_000, tokens_per_step=8192,
     ...                   train_tokens=5_000_000, eval_tokens=81_920)
     >>> plan.steps, plan.limited_by
     (640, 'time')
@@ -67,7 +67,8 @@ from tinystories_cli.tokenizer import bpe
 from tinystories_cli.tokenizer.bpe import default_workers
 from tinystories_cli.tokenizer.encode import encode_file
 from tinystories_cli.tokens import check_tokens
-from tinystories_cli.train import autosize
+from tinystories_cli.train import autosize, budget
+from tinystories_cli.train.budget import MAX_EPOCHS, MIN_STEPS, NUM_EVALS, StepPlan, eval_batches_for  # noqa: F401
 
 DATASET = "quickstart"            # data/quickstart/: never collides with a real `tslm download` dataset
 RUN_NAME = "quickstart"           # runs/quickstart/
@@ -82,13 +83,6 @@ DEFAULT_VOCAB_SIZE = 2048
 DEFAULT_MINUTES = 10.0
 CPU_PRESET = "tinystories-cpu"
 GPU_PRESET = "tinystories-17m"
-# Never more passes than this over train.npy (a small text overfits eventually). Measured on the 1.34M
-# training tokens of the 5 MB TinyStories file (RESULTS.md, issue 19): the held-out loss was still falling
-# at the end of 25M-token runs, 12.6 passes for d_model 192 (2.323 at 9.4 passes -> 2.150) and 18.7 for 128,
-# so a cap of 6 stopped a 30-minute run after ~13 minutes. 12 stays inside what was measured.
-MAX_EPOCHS = 12.0
-MIN_STEPS = 2
-NUM_EVALS = 5                     # validation (and checkpoint) points in the run
 DEFAULT_PROMPT = "Once upon a time"
 STORY_FILE = "story.txt"
 SOURCE_RECORD = "source.json"     # written last by the split stage: marks data/quickstart/*.txt complete
@@ -131,19 +125,6 @@ class QuickstartOptions:
     top_p: float | None = None
     seed: int = 0
     display: str = "auto"             # passed to the training loop: auto | rich | plain | quiet
-
-
-@dataclass
-class StepPlan:
-    """How long the training run is, and why."""
-
-    steps: int
-    limited_by: str                   # "time" | "data" (MAX_EPOCHS) | "minimum"
-    seconds: float                    # estimated wall-clock time of the run
-    eval_every: int
-    warmup_steps: int
-    tokens_per_step: int = 0
-    data_steps: int = 0               # the steps MAX_EPOCHS passes over the data take (a lengthened run's cap)
 
 
 @dataclass
@@ -387,53 +368,6 @@ def count_tokens(tokens_file: Path) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def plan_steps(budget_s: float, tokens_per_s: float, tokens_per_step: int, train_tokens: int, eval_tokens: int,
-               *, max_epochs: float = MAX_EPOCHS, min_steps: int = MIN_STEPS, num_evals: int = NUM_EVALS,
-               overhead_s: float = 2.0, safety: float = 0.9) -> StepPlan:
-    """Steps that fit in `budget_s` seconds at the measured throughput, capped at `max_epochs` passes.
-
-    Time = steps x (tokens_per_step / tokens_per_s) + min(num_evals, steps) validation passes over
-    `eval_tokens` (forward only: about a third of a training step per token) + `overhead_s`
-    (start-up, checkpoints); `safety` leaves room for a noisy estimate.
-
-    >>> plan_steps(60, 10_000, 8192, 10**9, 0).steps          # (0.9 * 60 - 2) s / 0.8192 s per step
-    63
-    >>> plan_steps(600, 10**6, 8192, 100_000, 0).limited_by   # 12 epochs of 100K tokens = 146 steps
-    'data'
-    """
-    tps = max(tokens_per_s, 1e-9)
-    step_s = tokens_per_step / tps
-    eval_each = eval_tokens / tps / 3
-    usable = budget_s * safety - overhead_s
-    if usable >= num_evals * (step_s + eval_each):
-        by_time = int((usable - num_evals * eval_each) // step_s)
-    else:  # fewer steps than evaluations: one evaluation per step
-        by_time = int(max(usable, 0.0) // (step_s + eval_each))
-    by_data = max(1, int(max_epochs * train_tokens // tokens_per_step))
-    steps, why = (by_time, "time") if by_time <= by_data else (by_data, "data")
-    if steps < min_steps:
-        steps, why = min_steps, "minimum"
-    eval_every = max(1, math.ceil(steps / num_evals))
-    warmup = min(max(1, steps // 20), 100, steps)
-    seconds = steps * step_s + min(num_evals, steps) * eval_each + overhead_s
-    return StepPlan(steps, why, seconds, eval_every, warmup, data_steps=max(by_data, steps))
-
-
-def eval_batches_for(budget_s: float, tokens_per_s: float, context_length: int, batch_size: int, max_batches: int,
-                     *, num_evals: int = NUM_EVALS, share: float = 0.1) -> int:
-    """Validation batches per evaluation so that all evaluations together take about `share` of the
-    budget (at least 1 batch, at most the preset's `max_batches`). On a slow CPU the preset's 10
-    batches would cost more than the training steps of a short run.
-
-    >>> eval_batches_for(600, 1_000, 256, 32, 10)     # 60 s of evals at 1K tokens/s: 140 windows
-    4
-    >>> eval_batches_for(600, 100_000, 256, 32, 10)
-    10
-    """
-    windows = share * budget_s * tokens_per_s * 3 / (num_evals * context_length)  # forward ~ 1/3 of a step
-    return max(1, min(max_batches, int(windows // batch_size)))
-
-
 def _run_state(run_dir: Path) -> tuple[dict | None, int]:
     """(saved config or None, step of the latest checkpoint or 0)."""
 
@@ -521,11 +455,11 @@ def train_model(opts: QuickstartOptions, run_dir: Path, tokenizer_dir: Path, tra
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             train_over["dtype"] = "bfloat16"
-    budget = opts.minutes * 60.0
-    deadline = time.perf_counter() + budget  # training ends by then, whatever the machine does meanwhile
+    budget_s = opts.minutes * 60.0
+    deadline = time.perf_counter() + budget_s  # training ends by then, whatever the machine does meanwhile
     # Building the model, a warm-up step and one timed step take about 2 s on a CPU whatever the budget:
     # the probe is never announced as shorter than that.
-    probe_s = min(20.0, max(2.0, 0.05 * budget))
+    probe_s = budget.probe_seconds(budget_s, 0.05, 20.0)
     # First resolve the configs (this also checks the tokenizer and token files), then time a few
     # real steps of that model, then fix the schedule's length from what is left of the budget.
     # With the auto size the probed model is the rule's reference model; when the rule picks another
@@ -533,7 +467,7 @@ def train_model(opts: QuickstartOptions, run_dir: Path, tokenizer_dir: Path, tra
     what = f"the reference model (d_model {autosize.REFERENCE_WIDTH})" if auto else preset
     notify("train", f"measuring the speed of {what} on {device} (a probe of about {probe_s:.2g} s)")
     # The announced probe time covers both probes: the auto size keeps a third of it for its second one.
-    plan, tps, eval_batches, spent = _probe_and_plan(preset, model_over, train_over, base_opts, budget,
+    plan, tps, eval_batches, spent = _probe_and_plan(preset, model_over, train_over, base_opts, budget_s,
                                                      probe_s * (2 / 3 if auto else 1.0), n_train, n_valid)
     choice = None
     if auto:
@@ -545,11 +479,11 @@ def train_model(opts: QuickstartOptions, run_dir: Path, tokenizer_dir: Path, tra
         train_over.update({k: v for k, v in choice.train_overrides().items() if k != "warmup_steps"})
         if choice.shape.d_model != autosize.REFERENCE_WIDTH:  # another model: time it too
             plan, tps, eval_batches, more = _probe_and_plan(preset, model_over, train_over, base_opts,
-                                                            budget - spent, max(probe_s - spent, 0.0), n_train, n_valid)
+                                                            budget_s - spent, max(probe_s - spent, 0.0), n_train, n_valid)
             spent += more
         elif choice.batch_size != autosize.BATCH_SIZE:  # the same model in other batches: its sweep speed
             tps *= choice.speed
-            plan, eval_batches = _plan(budget - spent, tps, ctx, choice.batch_size, p.train.eval_batches, n_train,
+            plan, eval_batches = _plan(budget_s - spent, tps, ctx, choice.batch_size, p.train.eval_batches, n_train,
                                        n_valid)
     tokens_per_step = plan.tokens_per_step
     why = {"time": f"fits in the {opts.minutes:g}-minute budget",
@@ -562,7 +496,7 @@ def train_model(opts: QuickstartOptions, run_dir: Path, tokenizer_dir: Path, tra
                       eval_batches=eval_batches,
                       save_every=plan.eval_every, log_every=max(1, min(10, plan.steps // 20)))
     run = tl.prepare_run(preset, None, model_over, train_over, tl.TrainOptions(force=True, **base_opts))
-    run.time_plan = tl.time_plan(budget, deadline, spent, tps, plan.steps, max_steps_cap=plan.data_steps)
+    run.time_plan = tl.time_plan(budget_s, deadline, spent, tps, plan.steps, max_steps_cap=plan.data_steps)
     if choice is not None:
         run.auto_size = {**choice.record(), "tokens": plan.steps * tokens_per_step,
                          "warmup_steps": run.train_cfg.warmup_steps}
@@ -571,9 +505,9 @@ def train_model(opts: QuickstartOptions, run_dir: Path, tokenizer_dir: Path, tra
                         result.tokens_per_s, plan, run.auto_size)
 
 
-def _probe_and_plan(preset: str, model_over: dict, train_over: dict, base_opts: dict, budget: float, probe_s: float,
+def _probe_and_plan(preset: str, model_over: dict, train_over: dict, base_opts: dict, budget_s: float, probe_s: float,
                     n_train: int, n_valid: int) -> tuple[StepPlan, float, int, float]:
-    """Time `probe_s` of real steps of the model, then plan the steps that fit in what is left of `budget`.
+    """Time `probe_s` of real steps of the model, then plan the steps that fit in what is left of `budget_s`.
     Returns (plan, tokens/s, eval batches, seconds spent)."""
     t0 = time.perf_counter()
     p = get_preset(preset)
@@ -582,18 +516,18 @@ def _probe_and_plan(preset: str, model_over: dict, train_over: dict, base_opts: 
     mc, tc = probe_run.model_cfg, probe_run.train_cfg
     tps, _ = tl.measure_throughput(probe_run, max(probe_s - (time.perf_counter() - t0), 0.0))
     spent = time.perf_counter() - t0
-    plan, eval_batches = _plan(budget - spent, tps, mc.context_length, tc.batch_size * tc.grad_accum_steps,
+    plan, eval_batches = _plan(budget_s - spent, tps, mc.context_length, tc.batch_size * tc.grad_accum_steps,
                                tc.eval_batches, n_train, n_valid)
     return plan, tps, eval_batches, spent
 
 
-def _plan(budget: float, tps: float, context_length: int, batch_size: int, max_eval_batches: int,
+def _plan(budget_s: float, tps: float, context_length: int, batch_size: int, max_eval_batches: int,
           n_train: int, n_valid: int) -> tuple[StepPlan, int]:
     """The steps of `batch_size` sequences that fit in `budget` seconds at `tps`, and the validation
     batches per evaluation."""
-    eval_batches = eval_batches_for(budget, tps, context_length, batch_size, max_eval_batches)
+    eval_batches = eval_batches_for(budget_s, tps, context_length, batch_size, max_eval_batches)
     eval_windows = min(eval_batches * batch_size, max(1, n_valid - context_length))
-    plan = plan_steps(budget, tps, batch_size * context_length, n_train, eval_windows * context_length)
+    plan = budget.plan_bounded_run(budget_s, tps, batch_size * context_length, n_train, eval_windows * context_length)
     plan.tokens_per_step = batch_size * context_length
     return plan, eval_batches
 
@@ -790,3 +724,6 @@ def next_commands(r: QuickstartResult) -> list[tuple[str, str]]:
          f"{cd}tslm download tinystories && tslm bpe --vocab-size {_preset_vocab(r.preset)} && tslm encode && "
          f"tslm train --preset {r.preset}"),
     ]
+
+
+plan_steps = budget.plan_bounded_run  # its name before train/budget.py held it

@@ -32,6 +32,7 @@ from typing import Callable
 
 from tinystories_cli.config import default_d_ff, load_config_file
 from tinystories_cli.errors import UserError
+from tinystories_cli.train.budget import probe_seconds
 from tinystories_cli.train.loop import measure_throughput
 from tinystories_cli.train.prepare import Run, TrainOptions, prepare_run
 
@@ -256,7 +257,7 @@ def prepare_auto_run(preset: str | None, config_file: str | Path | None, model_o
     given_train = {k: v for d in (file_data.get("train"), train_overrides) for k, v in (d or {}).items() if v is not None}
     if options.time_budget is not None:
         budget = options.time_budget
-        probe_s = min(20.0, max(2.0, 0.03 * budget))
+        probe_s = probe_seconds(budget, 0.03, 20.0)
         if notify:
             notify(f"auto-size: timing the reference model (d_model {REFERENCE_WIDTH}) for {probe_s:.0f} s")
         tps, spent = probe_reference(preset, given_train, options, probe_s)

@@ -37,6 +37,7 @@ from tinystories_cli.fileio import atomic_write_text, check_source_outside, sha2
 from tinystories_cli.interop.hf import is_hf_dir, plan_hf_model, read_hf_model
 from tinystories_cli.interop.importer import load_weights, tokenizer_from_hf, write_tokenizer
 from tinystories_cli.tokens import check_tokens, open_tokens
+from tinystories_cli.train.budget import TimePlan, tokens_per_step
 from tinystories_cli.train.loggers import check_available as check_loggers_available
 
 
@@ -99,7 +100,7 @@ class Run:
     tokenizer_fingerprint: str | None = None
     init_from: InitSource | None = None
     notes: list[str] = field(default_factory=list)  # what was chosen for the user, printed in the header
-    time_plan: dict[str, float] | None = None  # --time-budget: the budget, the probe and the steps it planned
+    time_plan: TimePlan | None = None  # a deadline (--time-budget, quickstart): the budget, the probe, the steps planned
     auto_size: dict | None = None  # --auto-size: what the rule chose and why (`autosize.prepare_auto_run`)
 
 
@@ -204,7 +205,7 @@ def prepare_run(
         raise UserError("--time-budget plans the schedule when a run starts; a resumed run keeps its plan",
                         "drop --time-budget when resuming")
     check_loggers_available(train_cfg.log)
-    max_steps, end_step = plan_steps(model_cfg, train_cfg, opts)
+    max_steps, end_step = schedule_length(model_cfg, train_cfg, opts)
     if train_cfg.max_steps != max_steps:
         train_cfg = train_cfg.model_copy(update={"max_steps": max_steps})
     return Run(preset_name, model_cfg, train_cfg, opts, run_dir, tokenizer_dir, train_file, valid_file,
@@ -450,13 +451,13 @@ def check_token_file_fits(path: Path, split: str, dataset: str, fingerprint: str
                         f"({model_cfg.context_length + 1})", "encode more text or lower --ctx")
 
 
-def plan_steps(model_cfg: ModelConfig, train_cfg: TrainConfig, opts: TrainOptions) -> tuple[int, int]:
+def schedule_length(model_cfg: ModelConfig, train_cfg: TrainConfig, opts: TrainOptions) -> tuple[int, int]:
     """(max_steps, end_step): --train-tokens (if set) decides max_steps; the schedule ends exactly there."""
-    dist = dist_from_env()
-    tokens_per_step = train_cfg.batch_size * train_cfg.grad_accum_steps * dist.world_size * model_cfg.context_length
+    step_tokens = tokens_per_step(train_cfg.batch_size, train_cfg.grad_accum_steps, dist_from_env().world_size,
+                                  model_cfg.context_length)
     max_steps = train_cfg.max_steps
     if train_cfg.train_tokens is not None:
-        max_steps = max(1, math.ceil(train_cfg.train_tokens / tokens_per_step))
+        max_steps = max(1, math.ceil(train_cfg.train_tokens / step_tokens))
     if train_cfg.warmup_steps > max_steps:
         raise UserError(f"warmup_steps ({train_cfg.warmup_steps}) exceeds the number of steps ({max_steps})",
                         "lower --warmup-steps or raise --max-steps/--train-tokens")
