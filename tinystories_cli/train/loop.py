@@ -70,6 +70,7 @@ from tinystories_cli.train.display import Display, Signals, format_duration, pri
 from tinystories_cli.train.parallel import (LossScaler, apply_activation_checkpointing, full_state, shard_model,
                                             shard_optimizer_state, tied_aliases)
 from tinystories_cli.train.prepare import Run, TrainOptions, copy_tokenizer, load_init_weights
+from tinystories_cli.train.runstate import RunState
 
 
 class NonFiniteError(UserError):
@@ -230,13 +231,13 @@ def restore(state: State, run: Run, ckpt) -> None:
     load_optimizer_state(ckpt, state.optimizer)
     if state.parallel == "fsdp":
         shard_optimizer_state(state.optimizer)
-    meta = ckpt.metadata
+    saved = RunState.model_validate(ckpt.metadata)  # (checked by `prepare.check_resumable` already)
     state.start_step = ckpt.iteration
-    state.sampler.load_state_dict(meta["sampler"])
-    state.best_val = meta.get("best_val_loss")
-    state.skipped = int(meta.get("skipped_nonfinite", 0))
-    state.scaler_skipped = int(meta.get("scaler_skipped", 0))
-    state.elapsed_before = float(meta.get("elapsed_s", 0.0))
+    state.sampler.load_state_dict(saved.sampler.for_sampler())
+    state.best_val = saved.best_val_loss
+    state.skipped = saved.skipped_nonfinite
+    state.scaler_skipped = saved.scaler_skipped
+    state.elapsed_before = saved.elapsed_s
     if state.scaler is not None:
         state.scaler.load_state_tensors(ckpt.extra)
     state.rng_state = {k: v for k, v in ckpt.extra.items() if k.startswith("rng.")}
@@ -596,18 +597,17 @@ def save_step(run: Run, state: State, step: int, elapsed: float, feeder: Feeder 
     if state.dist.is_main:
         path = run.run_dir / runs.CHECKPOINT_DIR / runs.step_checkpoint_name(step)
         tc = run.train_cfg
-        meta = {"model_config": run.model_cfg.model_dump(), "train_config": tc.model_dump(),
-                "preset": run.preset, "best_val_loss": state.best_val,
-                "skipped_nonfinite": state.skipped, "scaler_skipped": state.scaler_skipped,
-                "elapsed_s": elapsed, "max_steps": run.max_steps,
-                "world_size": state.dist.world_size, "batch_size": tc.batch_size,
-                "grad_accum_steps": tc.grad_accum_steps, "tokenizer_fingerprint": run.tokenizer_fingerprint,
-                "sampler": feeder.sampler_state() if feeder is not None else state.sampler.state_dict()}
+        saved = RunState(model_config=run.model_cfg.model_dump(), train_config=tc.model_dump(), preset=run.preset,
+                         best_val_loss=state.best_val, skipped_nonfinite=state.skipped,
+                         scaler_skipped=state.scaler_skipped, elapsed_s=elapsed, max_steps=run.max_steps,
+                         world_size=state.dist.world_size, batch_size=tc.batch_size,
+                         grad_accum_steps=tc.grad_accum_steps, tokenizer_fingerprint=run.tokenizer_fingerprint,
+                         sampler=feeder.sampler_state() if feeder is not None else state.sampler.state_dict())
         extra = rng_tensors(state.device)
         if state.scaler is not None:
             extra.update(state.scaler.state_tensors())
         save_states(*state_tensors(model_sd, tied_aliases(state.raw_model)), state.optimizer, optim_sd, step, path,
-                    metadata=meta, extra_tensors=extra)
+                    metadata=saved.metadata(), extra_tensors=extra)
         for _, old in runs.step_checkpoints(run.run_dir)[:-run.train_cfg.keep_last]:
             with contextlib.suppress(FileNotFoundError):
                 old.unlink()

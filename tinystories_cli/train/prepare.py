@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from tinystories_cli import paths, runs
 from tinystories_cli.account import check_fits_in_memory, training_memory
@@ -39,6 +39,7 @@ from tinystories_cli.interop.importer import load_weights, tokenizer_from_hf, wr
 from tinystories_cli.tokens import check_tokens, open_tokens
 from tinystories_cli.train.budget import TimePlan, tokens_per_step
 from tinystories_cli.train.loggers import check_available as check_loggers_available
+from tinystories_cli.train.runstate import RunState, SamplerState  # noqa: F401  (SamplerState: its old home)
 
 
 @dataclass
@@ -469,32 +470,6 @@ def schedule_length(model_cfg: ModelConfig, train_cfg: TrainConfig, opts: TrainO
     if opts.skip_nonfinite < 0:
         raise UserError(f"--skip-nonfinite must be >= 0, got {opts.skip_nonfinite}")
     return max_steps, end_step
-
-
-class SamplerState(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    seed: int = Field(ge=0, lt=2**63)
-    draws: int = Field(ge=0, lt=2**63)
-    grad_accum: int = Field(1, ge=1, lt=2**31)
-
-
-class RunState(BaseModel):
-    """What the trainer stores in a step checkpoint's metadata, checked before a resume acts on it."""
-
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
-    model_config_: dict = Field(alias="model_config")
-    train_config: dict
-    preset: str
-    sampler: SamplerState
-    best_val_loss: float | None = None
-    skipped_nonfinite: int = Field(0, ge=0)
-    elapsed_s: float = Field(0.0, ge=0)
-    max_steps: int = Field(gt=0)
-    tokenizer_fingerprint: str | None = None
-    scaler_skipped: int = Field(0, ge=0)
-    world_size: int | None = Field(None, ge=1)
-    batch_size: int | None = Field(None, ge=1)
-    grad_accum_steps: int | None = Field(None, ge=1)
 
 
 def check_resumable(ckpt_path: Path, run_dir: Path, saved: dict) -> None:
