@@ -1,10 +1,10 @@
-"""The training loop: one process or DDP, gradient accumulation, exact resume, guard rails.
+"""The training loop's pieces: one process or DDP, gradient accumulation, exact resume, guard rails.
 
     run = prepare_run(preset="debug", options=TrainOptions(run_name="smoke"))   # configs, data, run dir
-    result = train(run)                                                         # the loop
+    result = train(run)                                                         # the loop (train/trainer.py)
 
-`train` builds the state (`build_state`), writes the run directory, then `fit` runs one optimizer step
-at a time (`step` counts from 1 to `max_steps`), reading like this:
+`train` builds the state (`build_state`), writes the run directory, then `Trainer.fit` runs one optimizer
+step at a time (`step` counts from 1 to `max_steps`), reading like this:
 
     lr = scheduled_lr(step)       # cosine_lr or wsd_lr (--schedule): it ends exactly at max_steps
     loss, grad_norm = train_step(batches)                        # micro-steps -> clip
@@ -52,21 +52,20 @@ from tinystories_cli.checkpoint import load_model_state, load_optimizer_state, r
 from tinystories_cli.config import ModelConfig
 from tinystories_cli.data import BatchSampler, fixed_windows
 from tinystories_cli.device import (Dist, autocast_factory, broadcast_str, choose_compile, choose_dtype,
-                                    deterministic_on_cpu, dist_from_env, init_distributed, measure_peak_tflops,
+                                    dist_from_env, init_distributed, measure_peak_tflops,
                                     pick_device, sync, use_fast_fp32_matmul)
 from tinystories_cli.errors import UserError
 from tinystories_cli.evaluate import fixed_window_loss
 from tinystories_cli.fileio import atomic_write_text
 from tinystories_cli.model import TransformerLM, cross_entropy
 from tinystories_cli.optim import AdamW, clip_grad_norm_, cosine_lr, make_param_groups, wsd_decay_start, wsd_lr
-from tinystories_cli.run_readme import write_run_readme
 from tinystories_cli.tokens import open_tokens
 from tinystories_cli.train import loggers
 from tinystories_cli.train.budget import (LENGTHEN_MARGIN, MIN_PACE_STEPS, PACE_SHARE, REPLAN_NOTE_SHARE,  # noqa: F401
                                           REPLAN_SLACK, Pace, TimePlan, eval_cost_in_steps, probe_seconds,
                                           replan_is_material, replanned_length, steps_in_budget, steps_that_fit,
                                           time_plan, tokens_per_step)
-from tinystories_cli.train.display import Display, Signals, format_duration, print_header
+from tinystories_cli.train.display import Display, format_duration
 from tinystories_cli.train.parallel import (LossScaler, apply_activation_checkpointing, full_state, shard_model,
                                             shard_optimizer_state, tied_aliases)
 from tinystories_cli.train.prepare import Run, TrainOptions, copy_tokenizer, load_init_weights
@@ -123,48 +122,8 @@ class State:
 
 
 # --------------------------------------------------------------------------------------------
-# train = build the state -> write the run directory -> fit -> describe the run
+# The state: build it, restore it, describe it, write the run directory
 # --------------------------------------------------------------------------------------------
-
-
-def train(run: Run, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
-    """Train `run` from its start (or checkpoint) to `run.end_step`; returns losses and where it stopped.
-
-    `on_step(step, record)` is called after every step (tests use it to inject faults).
-    """
-    main = dist_from_env().is_main
-    with runs.RunLock(run.run_dir) if main else contextlib.nullcontext(), deterministic_on_cpu(run.train_cfg.device):
-        return _train_owned(run, on_step)
-
-
-def _train_owned(run: Run, on_step: Callable[[int, dict], None] | None) -> TrainResult:
-    """`train` while this process owns the run directory (rank 0) or rank 0 does (other ranks)."""
-    started = time.perf_counter()
-    if run.options.time_budget is not None and run.time_plan is None:
-        plan_time_budget(run)
-    state = build_state(run)
-    summary = run_summary(run, state)
-    main = state.dist.is_main
-    if main:
-        write_run_dir(run, state, summary)
-    display = Display(run.options.display, state.start_step, run.end_step, enabled=main)
-    peak, peak_note = peak_tflops(run, state.device)
-    if main:
-        print_header(display, run, summary, peak_note, state.start_step, run.notes + state.notes)
-    log = MetricsLog(run, summary, state.start_step, warn=display.warn) if main else None
-    try:
-        result = fit(run, state, display, log, peak, on_step)
-    finally:
-        display.close()
-        if log is not None:
-            log.close()
-    if main and run.time_plan is not None:
-        record_time_used(run, time.perf_counter() - started, result)
-    if main:
-        write_run_readme(run.run_dir)  # the run directory describes itself (what, on what, results, how to use it)
-    if state.dist.enabled:
-        torch.distributed.barrier()
-    return result
 
 
 def build_state(run: Run) -> State:
@@ -340,84 +299,8 @@ def flops_per_token(cfg: ModelConfig) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# fit: one optimizer step at a time
+# One optimizer step, and what happens around it (`Trainer.fit` calls these)
 # --------------------------------------------------------------------------------------------
-
-
-def fit(run: Run, state: State, display: Display, log: MetricsLog | None, peak: float,
-        on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
-    """Steps `state.start_step + 1 .. run.end_step`: lr -> train_step -> guarded update -> log/eval/save.
-
-    Nothing is read back to the host between sync points (log, eval and save steps, the first and the
-    last step): losses and gradient norms stay on the device until then (`StepStats`), and a bad step
-    is skipped on the device (`guarded_update`)."""
-    tc = run.train_cfg
-    result = TrainResult(run.run_dir, state.start_step, run.max_steps, best_val_loss=state.best_val)
-    meter = Throughput(state.start_step, run.end_step, flops_per_token(run.model_cfg), peak)
-    stats = StepStats()
-    feeder = Feeder(state.sampler, state.device, tc.grad_accum_steps)
-    pace = Pace()
-    state.model.train()
-    if state.rng_state is not None and state.dist.is_main:  # last thing before the loop: nothing else may draw from it
-        restore_rng(state.rng_state, state.device)
-    step = state.start_step
-    with Signals() as signals:
-        while step < run.end_step:  # `fit_to_deadline` may move run.end_step
-            step += 1
-            lr = scheduled_lr(tc, step, run.max_steps)
-            for group in state.optimizer.param_groups:
-                group["lr"] = lr
-            batches = feeder.take()
-            loss, grad_norm = first_step(state, batches, display) if step == state.start_step + 1 \
-                else train_step(state, batches)
-            feeder.prefetch()  # the next step's batches are read while this one runs on the device
-            guarded_update(state, loss, grad_norm)
-            stats.add(step, loss, grad_norm)
-            record = meter.record(step, state, state.elapsed_before)
-            result.step = step
-            stop_requested = signals.stop and not state.dist.enabled  # a CPU flag: no sync needed
-            out_of_time = signalled = False
-            if is_sync_point(step, state.start_step, run.end_step, run.max_steps, tc) or stop_requested:
-                losses, norm = stats.flush(state.dist)
-                result.train_losses.update(losses)
-                check_nonfinite(state, run.options, losses, stats, display)
-                late = run.time_plan is not None and time.perf_counter() > run.time_plan.deadline
-                signalled, out_of_time = any_rank(state, signals.stop, late)
-                stop_requested = signalled or out_of_time
-                if run.time_plan is not None and not stop_requested:
-                    fit_to_deadline(run, state, step, pace, meter, display)
-                if step % tc.log_every == 0 or step == run.end_step or step == state.start_step + 1:
-                    record.update(train_loss=losses[step], lr=lr, grad_norm=norm, **meter.rates(step),
-                                  skipped_steps=state.skipped + state.scaler_skipped)
-                    if state.scaler is not None:
-                        record["loss_scale"] = state.scaler.scale.item()
-                    display.log(step, run.end_step, meter.line(losses[step], lr, norm, record))
-            if step % tc.eval_every == 0 or step == run.max_steps:
-                t_eval = time.perf_counter()
-                evaluate_and_keep_best(run, state, step, record, result, display)
-                pace.evaluated(time.perf_counter() - t_eval)
-            if step % tc.save_every == 0 or stop_requested or step == run.end_step:
-                save_step(run, state, step, record["elapsed_s"], feeder)
-            if log is not None:
-                log.write(record)
-            if on_step is not None:
-                on_step(step, record)
-            if out_of_time and not signalled and step < run.end_step:
-                result.stopped = "time_budget"
-                display.note(f"--time-budget spent at step {step}: saved a checkpoint")
-                break
-            if signalled:  # (a deadline that passes at the last step is just the end)
-                result.stopped, result.signal = "interrupted", signals.signame or "SIGINT"
-                display.note(f"{signals.signame or 'signal'}: saved a checkpoint at step {step}; continue with "
-                             f"`tslm train --resume --run-name {run.run_dir.name}`")
-                break
-            pace.stepped(step == state.start_step + 1)
-    if result.stopped == "finished" and run.end_step < run.max_steps:
-        result.stopped = "stop_at"
-    result.max_steps = run.max_steps  # not the planned length when `fit_to_deadline` moved it
-    result.best_val_loss = state.best_val
-    result.elapsed_s, result.tokens_per_s = meter.totals(result.step, state.tokens_per_step)
-    return result
 
 
 def scheduled_lr(tc, step: int, max_steps: int) -> float:
@@ -813,3 +696,7 @@ def restore_rng(extra: dict[str, torch.Tensor], device: torch.device) -> None:
         torch.set_rng_state(extra["rng.torch_cpu"])
     if device.type == "cuda" and "rng.torch_cuda" in extra:
         torch.cuda.set_rng_state(extra["rng.torch_cuda"], device)
+
+
+# The loop itself (`train`, `fit`, `Trainer`) is in train/trainer.py, built from the pieces above.
+from tinystories_cli.train.trainer import Trainer, fit, train  # noqa: E402,F401
