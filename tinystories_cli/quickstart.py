@@ -413,35 +413,86 @@ class TrainOutcome:
 def train_model(opts: QuickstartOptions, run_dir: Path, tokenizer_dir: Path, train_file: Path, valid_file: Path,
                 notify: Notify) -> TrainOutcome:
     """Train runs/quickstart for about `opts.minutes`, resume it, or skip it when it is finished."""
-
     device = pick_device(opts.device)
-    tokenizer = runs.load_tokenizer(tokenizer_dir)
-    saved, last_step = (None, 0) if opts.force else _run_state(run_dir)
-    if saved is not None:
-        fp = (saved.get("tokenizer") or {}).get("fingerprint")
-        if fp is not None and fp != tokenizer.fingerprint:
-            raise UserError(f"{run_dir} was trained with another tokenizer",
-                            "pass --force to redo every stage, or use another --dir")
-        max_steps = int(saved.get("max_steps") or saved.get("train", {}).get("max_steps", 0))
-        if last_step >= max_steps > 0:
-            best = runs.summarize_run_metrics(run_dir)["best_val_loss"]
-            return TrainOutcome("skipped", saved.get("preset", "?"), str(device), last_step, max_steps, best,
-                                auto_size=saved.get("auto_size") if isinstance(saved.get("auto_size"), dict) else None)
     base_opts = dict(run_dir=run_dir, train_file=train_file, valid_file=valid_file, tokenizer_dir=tokenizer_dir,
                      display=opts.display)
-    if saved is not None and last_step > 0:
-        notify("train", f"resuming {run_dir} from step {last_step}")
-        run = tl.prepare_run(None, None, None, {"device": opts.device},
-                             tl.TrainOptions(resume="auto", **base_opts))
-        result = _train(run)
-        auto_size = saved.get("auto_size") if isinstance(saved.get("auto_size"), dict) else None
-        return TrainOutcome("resumed", run.preset, str(device), result.step, result.max_steps, result.best_val_loss,
-                            result.tokens_per_s, auto_size=auto_size)
+    earlier = _continue_earlier_run(opts, run_dir, tokenizer_dir, base_opts, device, notify)
+    if earlier is not None:
+        return earlier
+    budget_s = opts.minutes * 60.0
+    deadline = time.perf_counter() + budget_s  # training ends by then, whatever the machine does meanwhile
+    sized = _size_and_plan(opts, device, base_opts, budget_s, train_file, valid_file, notify)
+    plan, choice = sized.plan, sized.choice
+    why = {"time": f"fits in the {opts.minutes:g}-minute budget",
+           "data": f"{MAX_EPOCHS:g} passes over the {sized.n_train:,} training tokens; more would only memorize them",
+           "minimum": "the budget is smaller than the minimum run"}[plan.limited_by]
+    notify("train", f"{sized.tps:,.0f} tokens/s -> {plan.steps:,} steps of {plan.tokens_per_step:,} tokens, about "
+                    f"{plan.seconds / 60:.1f} min ({why})")
+    warmup = choice.train_overrides(plan.steps)["warmup_steps"] if choice is not None else plan.warmup_steps
+    train_over = {**sized.train_over, "max_steps": plan.steps, "warmup_steps": warmup, "eval_every": plan.eval_every,
+                  "eval_batches": sized.eval_batches, "save_every": plan.eval_every,
+                  "log_every": max(1, min(10, plan.steps // 20))}
+    run = tl.prepare_run(sized.preset, None, sized.model_over, train_over, tl.TrainOptions(force=True, **base_opts))
+    run.time_plan = tl.time_plan(budget_s, deadline, sized.spent, sized.tps, plan.steps, max_steps_cap=plan.data_steps)
+    if choice is not None:
+        run.auto_size = {**autosize.record_of(choice, run), "tokens": plan.steps * plan.tokens_per_step}
+    result = _train(run)
+    return TrainOutcome("done", run.preset, str(device), result.step, result.max_steps, result.best_val_loss,
+                        result.tokens_per_s, plan, run.auto_size)
 
+
+def _continue_earlier_run(opts: QuickstartOptions, run_dir: Path, tokenizer_dir: Path, base_opts: dict, device,
+                          notify: Notify) -> TrainOutcome | None:
+    """A finished runs/quickstart is skipped and an interrupted one resumed (unless `force`); None: train afresh."""
+    tokenizer = runs.load_tokenizer(tokenizer_dir)
+    saved, last_step = (None, 0) if opts.force else _run_state(run_dir)
+    if saved is None:
+        return None
+    fp = (saved.get("tokenizer") or {}).get("fingerprint")
+    if fp is not None and fp != tokenizer.fingerprint:
+        raise UserError(f"{run_dir} was trained with another tokenizer",
+                        "pass --force to redo every stage, or use another --dir")
+    auto_size = saved.get("auto_size") if isinstance(saved.get("auto_size"), dict) else None
+    max_steps = int(saved.get("max_steps") or saved.get("train", {}).get("max_steps", 0))
+    if last_step >= max_steps > 0:
+        best = runs.summarize_run_metrics(run_dir)["best_val_loss"]
+        return TrainOutcome("skipped", saved.get("preset", "?"), str(device), last_step, max_steps, best,
+                            auto_size=auto_size)
+    if last_step == 0:
+        return None
+    notify("train", f"resuming {run_dir} from step {last_step}")
+    run = tl.prepare_run(None, None, None, {"device": opts.device}, tl.TrainOptions(resume="auto", **base_opts))
+    result = _train(run)
+    return TrainOutcome("resumed", run.preset, str(device), result.step, result.max_steps, result.best_val_loss,
+                        result.tokens_per_s, auto_size=auto_size)
+
+
+@dataclass
+class _Sized:
+    """The model quickstart trains and its plan (`_size_and_plan`)."""
+
+    preset: str
+    model_over: dict
+    train_over: dict
+    plan: StepPlan
+    tps: float
+    eval_batches: int
+    spent: float
+    n_train: int
+    choice: autosize.Choice | None = None
+
+
+def _size_and_plan(opts: QuickstartOptions, device, base_opts: dict, budget_s: float, train_file: Path,
+                   valid_file: Path, notify: Notify) -> _Sized:
+    """The preset (or, on a CPU, the size the rule picks for the budget), probed and planned.
+
+    First the configs are resolved (this also checks the tokenizer and token files), then a few real steps
+    of that model are timed, then the schedule's length is fixed from what is left of the budget. With the
+    auto size the probed model is the rule's reference model; when the rule picks another size, that one is
+    probed too (shorter) and planned from its own speed."""
     auto = opts.preset is None and device.type != "cuda"  # the size rule was measured on a CPU
     preset = opts.preset or (GPU_PRESET if device.type == "cuda" else CPU_PRESET)
     n_train, n_valid = count_tokens(train_file), count_tokens(valid_file)
-
     p = get_preset(preset)
     base_model = autosize.shape_for(autosize.REFERENCE_WIDTH).model_overrides() if auto else {}
     full_ctx = base_model.get("context_length", p.model.context_length)
@@ -452,57 +503,43 @@ def train_model(opts: QuickstartOptions, run_dir: Path, tokenizer_dir: Path, tra
     train_over: dict = {"dataset": DATASET, "device": opts.device}
     if auto:
         train_over.update(batch_size=autosize.BATCH_SIZE, grad_accum_steps=1)
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            train_over["dtype"] = "bfloat16"
-    budget_s = opts.minutes * 60.0
-    deadline = time.perf_counter() + budget_s  # training ends by then, whatever the machine does meanwhile
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        train_over["dtype"] = "bfloat16"
     # Building the model, a warm-up step and one timed step take about 2 s on a CPU whatever the budget:
     # the probe is never announced as shorter than that.
     probe_s = budget.probe_seconds(budget_s, 0.05, 20.0)
-    # First resolve the configs (this also checks the tokenizer and token files), then time a few
-    # real steps of that model, then fix the schedule's length from what is left of the budget.
-    # With the auto size the probed model is the rule's reference model; when the rule picks another
-    # size, that one is probed too (shorter) and planned from its own speed.
     what = f"the reference model (d_model {autosize.REFERENCE_WIDTH})" if auto else preset
     notify("train", f"measuring the speed of {what} on {device} (a probe of about {probe_s:.2g} s)")
     # The announced probe time covers both probes: the auto size keeps a third of it for its second one.
     plan, tps, eval_batches, spent = _probe_and_plan(preset, model_over, train_over, base_opts, budget_s,
                                                      probe_s * (2 / 3 if auto else 1.0), n_train, n_valid)
-    choice = None
+    sized = _Sized(preset, model_over, train_over, plan, tps, eval_batches, spent, n_train)
     if auto:
-        ref_tokens = plan.steps * autosize.TOKENS_PER_STEP
-        choice = autosize.choose(ref_tokens, f"{plan.steps} steps of the reference model = ")
-        notify("train", f"auto size: d_model {choice.shape.d_model}, {choice.shape.num_layers} layers, "
-                        f"{choice.shape.num_heads} heads, lr {choice.lr:g}, batch {choice.batch_size} ({choice.why})")
-        model_over = {**choice.model_overrides(), "context_length": ctx}
-        train_over.update({k: v for k, v in choice.train_overrides().items() if k != "warmup_steps"})
-        if choice.shape.d_model != autosize.REFERENCE_WIDTH:  # another model: time it too
-            plan, tps, eval_batches, more = _probe_and_plan(preset, model_over, train_over, base_opts,
-                                                            budget_s - spent, max(probe_s - spent, 0.0), n_train, n_valid)
-            spent += more
-        elif choice.batch_size != autosize.BATCH_SIZE:  # the same model in other batches: its sweep speed
-            tps *= choice.speed
-            plan, eval_batches = _plan(budget_s - spent, tps, ctx, choice.batch_size, p.train.eval_batches, n_train,
-                                       n_valid)
-    tokens_per_step = plan.tokens_per_step
-    why = {"time": f"fits in the {opts.minutes:g}-minute budget",
-           "data": f"{MAX_EPOCHS:g} passes over the {n_train:,} training tokens; more would only memorize them",
-           "minimum": "the budget is smaller than the minimum run"}[plan.limited_by]
-    notify("train", f"{tps:,.0f} tokens/s -> {plan.steps:,} steps of {tokens_per_step:,} tokens, about "
-                    f"{plan.seconds / 60:.1f} min ({why})")
-    warmup = choice.train_overrides(plan.steps)["warmup_steps"] if choice is not None else plan.warmup_steps
-    train_over.update(max_steps=plan.steps, warmup_steps=warmup, eval_every=plan.eval_every,
-                      eval_batches=eval_batches,
-                      save_every=plan.eval_every, log_every=max(1, min(10, plan.steps // 20)))
-    run = tl.prepare_run(preset, None, model_over, train_over, tl.TrainOptions(force=True, **base_opts))
-    run.time_plan = tl.time_plan(budget_s, deadline, spent, tps, plan.steps, max_steps_cap=plan.data_steps)
-    if choice is not None:
-        run.auto_size = {**choice.record(), "tokens": plan.steps * tokens_per_step,
-                         "warmup_steps": run.train_cfg.warmup_steps}
-    result = _train(run)
-    return TrainOutcome("done", run.preset, str(device), result.step, result.max_steps, result.best_val_loss,
-                        result.tokens_per_s, plan, run.auto_size)
+        _resize(sized, base_opts, budget_s, probe_s, ctx, p.train.eval_batches, n_valid, notify)
+    return sized
+
+
+def _resize(sized: _Sized, base_opts: dict, budget_s: float, probe_s: float, ctx: int, max_eval_batches: int,
+            n_valid: int, notify: Notify) -> None:
+    """The auto size: the rule's choice for the reference model's planned steps, probed again (or planned at
+    its measured relative speed) when it differs from the reference model."""
+    choice = autosize.choose(sized.plan.steps * autosize.TOKENS_PER_STEP,
+                             f"{sized.plan.steps} steps of the reference model = ")
+    notify("train", f"auto size: d_model {choice.shape.d_model}, {choice.shape.num_layers} layers, "
+                    f"{choice.shape.num_heads} heads, lr {choice.lr:g}, batch {choice.batch_size} ({choice.why})")
+    chosen_model, chosen_train = autosize.sized_overrides(choice, {"context_length": ctx}, {})
+    sized.model_over = {**chosen_model, "context_length": ctx}
+    sized.train_over.update({k: v for k, v in chosen_train.items() if k != "warmup_steps"})
+    sized.choice = choice
+    if choice.shape.d_model != autosize.REFERENCE_WIDTH:  # another model: time it too
+        sized.plan, sized.tps, sized.eval_batches, more = _probe_and_plan(
+            sized.preset, sized.model_over, sized.train_over, base_opts, budget_s - sized.spent,
+            max(probe_s - sized.spent, 0.0), sized.n_train, n_valid)
+        sized.spent += more
+    elif choice.batch_size != autosize.BATCH_SIZE:  # the same model in other batches: its sweep speed
+        sized.tps *= choice.speed
+        sized.plan, sized.eval_batches = _plan(budget_s - sized.spent, sized.tps, ctx, choice.batch_size,
+                                               max_eval_batches, sized.n_train, n_valid)
 
 
 def _probe_and_plan(preset: str, model_over: dict, train_over: dict, base_opts: dict, budget_s: float, probe_s: float,
@@ -606,6 +643,22 @@ def tell_story(run_dir: Path, opts: QuickstartOptions, on_text: Callable[[str], 
 # ----------------------------------------------------------------------------------------------
 
 
+def text_stage(opts: QuickstartOptions, data_root: Path, download_progress: ProgressScope | None,
+               notify: Notify) -> tuple[Path, str]:
+    """`fetch_source`, or the sample bundled with tslm when the network is unreachable; says which.
+    Returns (path, "given" | "downloaded" | "skipped" | "bundled")."""
+    try:
+        source, status = fetch_source(opts, data_root, download_progress)
+    except dl.Unreachable as e:  # no network: the sample that ships with the package instead
+        source, _ = sample.extract_sample(paths.dataset_dir(SAMPLE_DATASET, data_root) / sample.FILE_NAME)
+        notify("text", f"cannot reach {e.host} ({e.what.partition(': ')[2]}): learning from the TinyStories sample "
+                       f"bundled with tslm ({source}, {source.stat().st_size:,} bytes); --text FILE uses your own text")
+        return source, "bundled"
+    how = {"given": "using", "downloaded": "downloaded", "skipped": "already downloaded:"}.get(status, status)
+    notify("text", f"{how} {source} ({source.stat().st_size:,} bytes)")
+    return source, status
+
+
 def run_quickstart(opts: QuickstartOptions, notify: Notify | None = None, *, download_progress=None,
                    bpe_progress=None, encode_progress=None,
                    on_story_text: Callable[[str], None] | None = None) -> QuickstartResult:
@@ -630,18 +683,7 @@ def run_quickstart(opts: QuickstartOptions, notify: Notify | None = None, *, dow
         seconds[name] = time.perf_counter() - t
         return out
 
-    try:
-        source, status = timed("text", fetch_source, opts, data_root, download_progress)
-    except dl.Unreachable as e:  # no network: the sample that ships with the package instead
-        source, status = timed("text", sample.extract_sample,
-                               paths.dataset_dir(SAMPLE_DATASET, data_root) / sample.FILE_NAME)
-        status = "bundled"
-        notify("text", f"cannot reach {e.host} ({e.what.partition(': ')[2]}): learning from the TinyStories sample "
-                       f"bundled with tslm ({source}, {source.stat().st_size:,} bytes); --text FILE uses your own text")
-    stages["text"] = status
-    if status != "bundled":
-        how = {"given": "using", "downloaded": "downloaded", "skipped": "already downloaded:"}.get(status, status)
-        notify("text", f"{how} {source} ({source.stat().st_size:,} bytes)")
+    source, stages["text"] = timed("text", text_stage, opts, data_root, download_progress, notify)
     # Every file below is written (or, with --force, rewritten) by quickstart: the text must not be one of them.
     check_source_outside(source, [train_txt, valid_txt, ds / SOURCE_RECORD, tok_dir, train_npy, valid_npy,
                                   paths.sidecar_path(train_npy), paths.sidecar_path(valid_npy), run_dir], "the text")

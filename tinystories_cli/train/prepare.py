@@ -151,35 +151,12 @@ def prepare_run(
     if opts.run_name is not None:
         runs.check_run_name(opts.run_name)
     file_data = load_config_file(config_file) if config_file else {}
-    file_model, file_train = file_data.get("model") or {}, file_data.get("train") or {}
-    run_dir, resume_from = find_resume(opts)
-    init: InitSource | None = None  # fine-tuning, only when the run starts fresh
-    named: Preset | None = None  # the preset of a fresh run (it may name its tokenizer)
-    if resume_from is not None:
-        saved = runs.read_run_config(run_dir)
-        preset_name, model_cfg, train_cfg = resumed_configs(saved, run_dir, preset, {**file_model, **(model_overrides or {})},
-                                                            file_train, train_overrides)
-        check_resumable(resume_from, run_dir, saved)
-        tokenizer_dir = runs.tokenizer_dir_of(run_dir)
-    elif opts.init_from is not None:
-        init = resolve_init_source(opts.init_from)
-        preset_name, model_cfg, train_cfg = init_configs(init, preset, file_data, model_overrides, train_overrides, opts)
-        tokenizer_dir = init.tokenizer_dir
-        default_name = new_run_name(f"{init.path.resolve().name.removesuffix('.safetensors')}-finetune")
-        run_dir = run_dir or opts.run_dir or runs.runs_root() / (opts.run_name or default_name)
-    else:
-        p, model_cfg, train_cfg = resolve_configs(preset, config_file, model_overrides, train_overrides)
-        preset_name, named = p.name, p
-        tokenizer_dir = preset_tokenizer_dir(p, train_cfg.dataset, opts.tokenizer_dir)
-        run_dir = run_dir or opts.run_dir or runs.runs_root() / (opts.run_name or new_run_name(preset_name))
+    file_model = file_data.get("model") or {}
+    src = resolve_sources(preset, config_file, file_data, model_overrides, train_overrides, opts)
+    preset_name, model_cfg, train_cfg, init, named = src.preset, src.model_cfg, src.train_cfg, src.init, src.named
+    run_dir, resume_from, tokenizer_dir = src.run_dir, src.resume_from, src.tokenizer_dir
     if resume_from is None:
-        check_sources_outside_run(run_dir, tokenizer_dir, init, opts)
-        runs.check_no_foreign(run_dir)
-        if (run_dir / runs.CONFIG_FILE).exists() or runs.step_checkpoints(run_dir):
-            # --resume auto on a run that never reached its first checkpoint starts it over.
-            if not opts.force and opts.resume != "auto":
-                raise UserError(f"{run_dir} already holds a run",
-                                "pass --resume to continue it, --force to start it over, or choose another --run-name")
+        check_fresh_run_dir(run_dir, tokenizer_dir, init, opts)
 
     check_fits_in_memory(model_cfg, "this model")  # it is built in host memory first, whatever the device
     tokenizer = load_run_tokenizer(tokenizer_dir, train_cfg.dataset)
@@ -212,6 +189,56 @@ def prepare_run(
     return Run(preset_name, model_cfg, train_cfg, opts, run_dir, tokenizer_dir, train_file, valid_file,
                resume_from, max_steps, end_step, fresh=resume_from is None, tokenizer_fingerprint=fingerprint,
                notes=notes, init_from=init)
+
+
+@dataclass
+class Sources:
+    """Where a run's configs, tokenizer and run directory come from (`resolve_sources`)."""
+
+    preset: str
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    run_dir: Path
+    resume_from: Path | None
+    tokenizer_dir: Path
+    init: InitSource | None = None  # fine-tuning, only when the run starts fresh
+    named: Preset | None = None     # the preset of a fresh run (it may name its tokenizer)
+
+
+def resolve_sources(preset: str | None, config_file: str | Path | None, file_data: dict,
+                    model_overrides: dict[str, Any] | None, train_overrides: dict[str, Any] | None,
+                    opts: TrainOptions) -> Sources:
+    """The configs (preset < file < flags; the saved ones when resuming; the source's when fine-tuning),
+    the tokenizer directory and the run directory."""
+    file_model, file_train = file_data.get("model") or {}, file_data.get("train") or {}
+    run_dir, resume_from = find_resume(opts)
+    if resume_from is not None:
+        saved = runs.read_run_config(run_dir)
+        preset_name, model_cfg, train_cfg = resumed_configs(saved, run_dir, preset, {**file_model, **(model_overrides or {})},
+                                                            file_train, train_overrides)
+        check_resumable(resume_from, run_dir, saved)
+        return Sources(preset_name, model_cfg, train_cfg, run_dir, resume_from, runs.tokenizer_dir_of(run_dir))
+    if opts.init_from is not None:
+        init = resolve_init_source(opts.init_from)
+        preset_name, model_cfg, train_cfg = init_configs(init, preset, file_data, model_overrides, train_overrides, opts)
+        default_name = new_run_name(f"{init.path.resolve().name.removesuffix('.safetensors')}-finetune")
+        run_dir = run_dir or opts.run_dir or runs.runs_root() / (opts.run_name or default_name)
+        return Sources(preset_name, model_cfg, train_cfg, run_dir, None, init.tokenizer_dir, init=init)
+    p, model_cfg, train_cfg = resolve_configs(preset, config_file, model_overrides, train_overrides)
+    tokenizer_dir = preset_tokenizer_dir(p, train_cfg.dataset, opts.tokenizer_dir)
+    run_dir = run_dir or opts.run_dir or runs.runs_root() / (opts.run_name or new_run_name(p.name))
+    return Sources(p.name, model_cfg, train_cfg, run_dir, None, tokenizer_dir, named=p)
+
+
+def check_fresh_run_dir(run_dir: Path, tokenizer_dir: Path, init: InitSource | None, opts: TrainOptions) -> None:
+    """A fresh run's directory: none of its sources inside it, nothing foreign in it, and no run in it unless
+    `force` (or `resume="auto"` on a run that never reached its first checkpoint: it starts over)."""
+    check_sources_outside_run(run_dir, tokenizer_dir, init, opts)
+    runs.check_no_foreign(run_dir)
+    if (run_dir / runs.CONFIG_FILE).exists() or runs.step_checkpoints(run_dir):
+        if not opts.force and opts.resume != "auto":
+            raise UserError(f"{run_dir} already holds a run",
+                            "pass --resume to continue it, --force to start it over, or choose another --run-name")
 
 
 def check_sources_outside_run(run_dir: Path, tokenizer_dir: Path, init: "InitSource | None", opts: TrainOptions) -> None:
