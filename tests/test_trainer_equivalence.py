@@ -58,7 +58,8 @@ def _scenario(name: str) -> dict:
     first = _run(name + "-split", model, train, stop_at=4)
     second = _run(name + "-split", model, train, resume="auto")
     return {"train": _hex(full.train_losses), "val": _hex(full.val_losses),
-            "resumed_train": _hex({**first.train_losses, **second.train_losses}), "resumed_val": _hex(second.val_losses)}
+            "resumed_train": _hex({**first.train_losses, **second.train_losses}),
+            "resumed_val": _hex(second.val_losses)}
 
 
 def _resume_old_run(root: Path) -> dict:

@@ -55,7 +55,7 @@ import torch
 from tinystories_cli import download as dl
 from tinystories_cli import paths, runs, sample
 from tinystories_cli import train as tl
-from tinystories_cli.config import PRESETS, get_preset
+from tinystories_cli.config import PRESETS, get_preset, option
 from tinystories_cli.device import pick_device
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import (atomic_write_bytes, atomic_write_text, check_input_file, check_source_outside,
@@ -109,22 +109,40 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(message)
 
 
+ADVANCED = "Advanced"  # the help panel of the options most users never need
+
+
 @dataclass
 class QuickstartOptions:
-    text: Path | None = None          # use this file instead of downloading
-    minutes: float = DEFAULT_MINUTES  # training wall-clock budget (the probe included)
-    workdir: Path | None = None       # data/ and runs/ go under it (default: $TSLM_DATA / $TSLM_RUNS or ./)
-    vocab_size: int = DEFAULT_VOCAB_SIZE
-    device: str = "auto"
-    force: bool = False
-    preset: str | None = None         # default: CPU_PRESET, or GPU_PRESET on CUDA
-    endpoint: str | None = None       # download mirror (see `tslm download --endpoint`)
-    prompt: str = DEFAULT_PROMPT
-    max_new_tokens: int = 200
-    temperature: float | None = None  # None (with top_p None): chosen by `pick_sampling` from STORY_GRID
-    top_p: float | None = None
-    seed: int = 0
-    display: str = "auto"             # passed to the training loop: auto | rich | plain | quiet
+    """`tslm quickstart`'s options, each declared once: its description is its `--help` (`config.option`)."""
+
+    text: Path | None = option(None, "Learn from this UTF-8 text file instead of downloading TinyStories' validation "
+                               "file (documents separated by <|endoftext|> or blank lines).")
+    # training wall-clock budget (the probe included)
+    minutes: float = option(DEFAULT_MINUTES, "Wall-clock budget for training (the rest takes about a minute more).",
+                            show_default=True)
+    # data/ and runs/ go under it (default: $TSLM_DATA / $TSLM_RUNS or ./)
+    workdir: Path | None = option(None, "Work directory: data/ and runs/ go under it (default: the current "
+                                  "directory).", flags=("--dir",))
+    vocab_size: int = option(DEFAULT_VOCAB_SIZE, "Tokenizer vocabulary size.", show_default=True)
+    device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps.", show_default=True)
+    force: bool = option(False, "Redo every stage (a complete download is kept).")
+    # default: CPU_PRESET, or GPU_PRESET on CUDA
+    preset: str | None = option(None, f"A fixed model preset instead of the auto size (default on a CPU: the size and "
+                                f"learning rate that the measured rule picks for --minutes, see README; on a CUDA GPU: "
+                                f"{GPU_PRESET}).", panel=ADVANCED)
+    # download mirror (see `tslm download --endpoint`)
+    endpoint: str | None = option(None, "Hugging Face mirror URL or local mirror directory (default: $HF_ENDPOINT, "
+                                  "else https://huggingface.co).", panel=ADVANCED)
+    prompt: str = option(DEFAULT_PROMPT, "Start of the story.", panel=ADVANCED, show_default=True)
+    max_new_tokens: int = option(200, "Length limit of the story in tokens.", flags=("--max-tokens",), panel=ADVANCED,
+                                 show_default=True)
+    # None (with top_p None): chosen by `pick_sampling` from STORY_GRID
+    temperature: float | None = option(None, "Sampling temperature of the story.", cli=False)
+    top_p: float | None = option(None, "Top-p of the story's sampling.", cli=False)
+    seed: int = option(0, "Sampling seed for the story.", panel=ADVANCED, show_default=True)
+    # passed to the training loop: auto | rich | plain | quiet (`tslm quickstart --plain`)
+    display: str = option("auto", "How training progress is shown.", cli=False)
 
 
 @dataclass

@@ -26,9 +26,9 @@ import torch
 from pydantic import ValidationError
 
 from tinystories_cli import paths, runs
-from tinystories_cli.account import check_fits_in_memory, training_memory
+from tinystories_cli.account import check_fits_in_memory, parse_memory, training_memory
 from tinystories_cli.checkpoint import read_checkpoint
-from tinystories_cli.config import (ModelConfig, Preset, TrainConfig, build_config, get_preset, load_config_file,
+from tinystories_cli.config import (ModelConfig, Preset, TrainConfig, build_config, get_preset, load_config_file, option,
                                     resolve_configs, results_neutral)
 from tinystories_cli.console import human_bytes
 from tinystories_cli.device import dist_from_env
@@ -44,22 +44,39 @@ from tinystories_cli.train.runstate import RunState, SamplerState  # noqa: F401 
 
 @dataclass
 class TrainOptions:
-    """Run-level choices that are not hyperparameters (they never change what a step computes)."""
+    """Run-level choices that are not hyperparameters (they never change what a step computes).
 
-    run_name: str | None = None
-    run_dir: Path | None = None  # an explicit run directory instead of runs/<run_name>
-    resume: str | None = None  # None, "auto", or a run name / run dir / checkpoint file
-    force: bool = False
-    stop_at: int | None = None
-    skip_nonfinite: int = 0
-    peak_tflops: float | None = None
-    train_file: Path | None = None
-    valid_file: Path | None = None
-    tokenizer_dir: Path | None = None
-    display: str = "auto"  # auto (rich on a terminal, else plain lines) | rich | plain | quiet
-    fit_memory: int | None = None  # bytes per device: pick micro-batch and accumulation to fit (`fit_to_memory`)
-    time_budget: float | None = None  # seconds of wall-clock: plan max_steps from a probe (`loop.plan_time_budget`)
-    init_from: str | None = None  # fine-tune: a run name / run dir / checkpoint file / Hugging Face directory
+    Each is declared once here: its description is the `--help` of the `tslm train` option generated from
+    it (`config.option`, `cli.common.config_options`)."""
+
+    run_name: str | None = option(None, "Run directory name under runs/ (default: preset-timestamp).")
+    run_dir: Path | None = option(None, "Run directory anywhere (instead of runs/<--run-name>); runs/latest is not moved.")
+    # None, "auto", or a run name / run dir / checkpoint file (`tslm train --resume [auto|RUN]`)
+    resume: str | None = option(None, "Continue a run.", cli=False)
+    force: bool = option(False, "Start over in a run directory that already holds a run.")
+    stop_at: int | None = option(None, "End at this step (with a checkpoint) without changing the schedule.")
+    skip_nonfinite: int = option(0, "Skip up to N steps with a NaN/inf loss or gradient instead of stopping.")
+    peak_tflops: float | None = option(None, "Hardware peak TFLOP/s for MFU (default: a measured matmul).")
+    train_file: Path | None = option(None, "Train token file (default data/<dataset>/train.npy).",
+                                     flags=("--train-data",))
+    valid_file: Path | None = option(None, "Validation token file (default data/<dataset>/valid.npy).",
+                                     flags=("--valid-data",))
+    tokenizer_dir: Path | None = option(None, "Tokenizer directory (default data/<dataset>/tokenizer).",
+                                        flags=("--tokenizer",))
+    # auto (rich on a terminal, else plain lines) | rich | plain | quiet (`tslm train --plain`, `--quiet`)
+    display: str = option("auto", "How progress is shown.", cli=False)
+    # bytes per device: pick micro-batch and accumulation to fit (`fit_to_memory`)
+    fit_memory: int | None = option(
+        None, "Device memory, e.g. 24GB: pick the micro-batch and accumulation that keep the global batch "
+        "(--batch-size x --grad-accum x processes) within it, from `tslm account`'s estimate with a 10% margin.",
+        cli_type=str, parse=parse_memory)
+    # seconds of wall-clock: plan max_steps from a probe (`loop.plan_time_budget`)
+    time_budget: float | None = option(
+        None, "Wall-clock budget, e.g. 90m or 1.5h: a short probe of real steps sets --max-steps so the schedule "
+        "ends on time; if steps get slower, the schedule is shortened to still end by the deadline (if faster, a "
+        "wsd schedule still flat is lengthened).", cli_type=str, parse=lambda text: parse_duration(text))
+    init_from: str | None = option(None, "Fine-tune: model config, weights and tokenizer from a run, a checkpoint or "
+                                   "a Hugging Face directory; fresh optimizer and schedule.")
 
 
 @dataclass
