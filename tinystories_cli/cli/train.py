@@ -30,10 +30,9 @@ def _opt(*names: str, help: str, panel: str = RUN, **kw):
     return typer.Option(*names, help=help, rich_help_panel=panel, show_default=False, **kw)
 
 
-# `TrainOptions` parameters whose flag is not `--parameter-name` (for messages that name a parameter), and
-# the options that `command` declares itself because they are more than one flag.
-FLAG_RENAMES = {**common.flag_renames(ModelConfig, TrainConfig, train_lib.TrainOptions),
-                "resume": "--resume", "display": "--plain/--quiet"}
+# The parameters of `tslm train`'s settings and options whose flag is not `--parameter-name` (train_file ->
+# --train-data, ...), read from the fields, for the messages that name a parameter.
+FLAG_RENAMES = common.flag_renames(ModelConfig, TrainConfig, train_lib.TrainOptions)
 
 
 @common.with_options(common.config_options(ModelConfig, common.MODEL), common.config_options(TrainConfig, common.TRAIN),
