@@ -696,7 +696,3 @@ def restore_rng(extra: dict[str, torch.Tensor], device: torch.device) -> None:
         torch.set_rng_state(extra["rng.torch_cpu"])
     if device.type == "cuda" and "rng.torch_cuda" in extra:
         torch.cuda.set_rng_state(extra["rng.torch_cuda"], device)
-
-
-# The loop itself (`train`, `fit`, `Trainer`) is in train/trainer.py, built from the pieces above.
-from tinystories_cli.train.trainer import Trainer, fit, train  # noqa: E402,F401
