@@ -48,6 +48,21 @@ def setting(default: Any, description: str, *, flags: tuple[str, ...] = (), neut
     return Field(default, description=description, json_schema_extra=extra, **constraints)
 
 
+def option(default: Any, description: str, *, flags: tuple[str, ...] = (), cli_type: type | None = None,
+           parse: Any = None, panel: str | None = None, show_default: bool = False, cli: bool = True) -> Any:
+    """A run-level option (a field of a dataclass such as `train.TrainOptions`) declared once, as `setting`
+    declares a config field: its description is its `--help` and the CLI option is generated from it
+    (`cli.common.config_options`). `flags`: the option names when they differ from `--field-name`;
+    `cli_type`: the type the flag is read as, and `parse` turns that into the field's value (a duration
+    such as 90m into seconds); `panel`: the help panel, when not the command's; `cli=False`: the command
+    declares the option itself (it is more than one flag)."""
+    import dataclasses
+
+    meta = {"description": description, "flags": list(flags), "cli_type": cli_type.__name__ if cli_type else None,
+            "parse": parse, "panel": panel, "show_default": show_default, "cli": cli}
+    return dataclasses.field(default=default, metadata=meta)
+
+
 def results_neutral(*models: type[BaseModel]) -> set[str]:
     """Names of the `neutral` settings of the given config classes.
 

@@ -11,7 +11,7 @@ The pipeline is the one a user would type by hand, run with defaults sized for t
     4. encode     data/quickstart/train.npy + valid.npy (token ids, with .json sidecars)
     5. train      runs/quickstart/: on a CPU the model the size rule picks for the budget
                   (`train.autosize`; --preset forces one; tinystories-17m on a GPU), for at most
-                  --minutes of wall-clock time (see `plan_steps`)
+                  --minutes of wall-clock time (see `train.budget`)
     6. story      a sample from the trained model, printed and saved in runs/quickstart/story.txt
 
 Every stage is skipped when its output is already there and matches (so rerunning after Ctrl-C
@@ -21,9 +21,9 @@ training run from its last checkpoint). An output that exists but does not match
 
 Bounded time: the training schedule (cosine, warmup) must know its length before the first step,
 so the number of steps is computed up front. A short probe times real optimizer steps of the
-chosen model on the chosen device, and `plan_steps` turns the remaining budget into steps:
+chosen model on the chosen device, and `budget.plan_bounded_run` turns the remaining budget into steps:
 
-    >>> plan = plan_steps(budget_s=600, tokens_per_s=10_000, tokens_per_step=8192,
+    >>> plan = budget.plan_bounded_run(budget_s=600, tokens_per_s=10_000, tokens_per_step=8192,
     ...                   train_tokens=5_000_000, eval_tokens=81_920)
     >>> plan.steps, plan.limited_by
     (640, 'time')
@@ -55,7 +55,7 @@ import torch
 from tinystories_cli import download as dl
 from tinystories_cli import paths, runs, sample
 from tinystories_cli import train as tl
-from tinystories_cli.config import PRESETS, get_preset
+from tinystories_cli.config import PRESETS, TrainConfig, get_preset, option
 from tinystories_cli.device import pick_device
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import (atomic_write_bytes, atomic_write_text, check_input_file, check_source_outside,
@@ -67,7 +67,8 @@ from tinystories_cli.tokenizer import bpe
 from tinystories_cli.tokenizer.bpe import default_workers
 from tinystories_cli.tokenizer.encode import encode_file
 from tinystories_cli.tokens import check_tokens
-from tinystories_cli.train import autosize
+from tinystories_cli.train import autosize, budget
+from tinystories_cli.train.budget import MAX_EPOCHS, MIN_STEPS, NUM_EVALS, StepPlan, eval_batches_for  # noqa: F401
 
 DATASET = "quickstart"            # data/quickstart/: never collides with a real `tslm download` dataset
 RUN_NAME = "quickstart"           # runs/quickstart/
@@ -82,13 +83,6 @@ DEFAULT_VOCAB_SIZE = 2048
 DEFAULT_MINUTES = 10.0
 CPU_PRESET = "tinystories-cpu"
 GPU_PRESET = "tinystories-17m"
-# Never more passes than this over train.npy (a small text overfits eventually). Measured on the 1.34M
-# training tokens of the 5 MB TinyStories file (RESULTS.md, issue 19): the held-out loss was still falling
-# at the end of 25M-token runs, 12.6 passes for d_model 192 (2.323 at 9.4 passes -> 2.150) and 18.7 for 128,
-# so a cap of 6 stopped a 30-minute run after ~13 minutes. 12 stays inside what was measured.
-MAX_EPOCHS = 12.0
-MIN_STEPS = 2
-NUM_EVALS = 5                     # validation (and checkpoint) points in the run
 DEFAULT_PROMPT = "Once upon a time"
 STORY_FILE = "story.txt"
 SOURCE_RECORD = "source.json"     # written last by the split stage: marks data/quickstart/*.txt complete
@@ -115,35 +109,40 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(message)
 
 
+ADVANCED = "Advanced"  # the help panel of the options most users never need
+
+
 @dataclass
 class QuickstartOptions:
-    text: Path | None = None          # use this file instead of downloading
-    minutes: float = DEFAULT_MINUTES  # training wall-clock budget (the probe included)
-    workdir: Path | None = None       # data/ and runs/ go under it (default: $TSLM_DATA / $TSLM_RUNS or ./)
-    vocab_size: int = DEFAULT_VOCAB_SIZE
-    device: str = "auto"
-    force: bool = False
-    preset: str | None = None         # default: CPU_PRESET, or GPU_PRESET on CUDA
-    endpoint: str | None = None       # download mirror (see `tslm download --endpoint`)
-    prompt: str = DEFAULT_PROMPT
-    max_new_tokens: int = 200
-    temperature: float | None = None  # None (with top_p None): chosen by `pick_sampling` from STORY_GRID
-    top_p: float | None = None
-    seed: int = 0
-    display: str = "auto"             # passed to the training loop: auto | rich | plain | quiet
+    """`tslm quickstart`'s options, each declared once: its description is its `--help` (`config.option`)."""
 
-
-@dataclass
-class StepPlan:
-    """How long the training run is, and why."""
-
-    steps: int
-    limited_by: str                   # "time" | "data" (MAX_EPOCHS) | "minimum"
-    seconds: float                    # estimated wall-clock time of the run
-    eval_every: int
-    warmup_steps: int
-    tokens_per_step: int = 0
-    data_steps: int = 0               # the steps MAX_EPOCHS passes over the data take (a lengthened run's cap)
+    text: Path | None = option(None, "Learn from this UTF-8 text file instead of downloading TinyStories' validation "
+                               "file (documents separated by <|endoftext|> or blank lines).")
+    # training wall-clock budget (the probe included)
+    minutes: float = option(DEFAULT_MINUTES, "Wall-clock budget for training (the rest takes about a minute more).",
+                            show_default=True)
+    # data/ and runs/ go under it (default: $TSLM_DATA / $TSLM_RUNS or ./)
+    workdir: Path | None = option(None, "Work directory: data/ and runs/ go under it (default: the current "
+                                  "directory).", flags=("--dir",))
+    vocab_size: int = option(DEFAULT_VOCAB_SIZE, "Tokenizer vocabulary size.", show_default=True)
+    device: str = option("auto", TrainConfig.model_fields["device"].description, show_default=True)  # the one help
+    force: bool = option(False, "Redo every stage (a complete download is kept).")
+    # default: CPU_PRESET, or GPU_PRESET on CUDA
+    preset: str | None = option(None, f"A fixed model preset instead of the auto size (default on a CPU: the size and "
+                                f"learning rate that the measured rule picks for --minutes, see README; on a CUDA GPU: "
+                                f"{GPU_PRESET}).", panel=ADVANCED)
+    # download mirror (see `tslm download --endpoint`)
+    endpoint: str | None = option(None, "Hugging Face mirror URL or local mirror directory (default: $HF_ENDPOINT, "
+                                  "else https://huggingface.co).", panel=ADVANCED)
+    prompt: str = option(DEFAULT_PROMPT, "Start of the story.", panel=ADVANCED, show_default=True)
+    max_new_tokens: int = option(200, "Length limit of the story in tokens.", flags=("--max-tokens",), panel=ADVANCED,
+                                 show_default=True)
+    # None (with top_p None): chosen by `pick_sampling` from STORY_GRID
+    temperature: float | None = option(None, "Sampling temperature of the story.", cli=False)
+    top_p: float | None = option(None, "Top-p of the story's sampling.", cli=False)
+    seed: int = option(0, "Sampling seed for the story.", panel=ADVANCED, show_default=True)
+    # passed to the training loop: auto | rich | plain | quiet (`tslm quickstart --plain`)
+    display: str = option("auto", "How training progress is shown.", cli=False)
 
 
 @dataclass
@@ -387,53 +386,6 @@ def count_tokens(tokens_file: Path) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def plan_steps(budget_s: float, tokens_per_s: float, tokens_per_step: int, train_tokens: int, eval_tokens: int,
-               *, max_epochs: float = MAX_EPOCHS, min_steps: int = MIN_STEPS, num_evals: int = NUM_EVALS,
-               overhead_s: float = 2.0, safety: float = 0.9) -> StepPlan:
-    """Steps that fit in `budget_s` seconds at the measured throughput, capped at `max_epochs` passes.
-
-    Time = steps x (tokens_per_step / tokens_per_s) + min(num_evals, steps) validation passes over
-    `eval_tokens` (forward only: about a third of a training step per token) + `overhead_s`
-    (start-up, checkpoints); `safety` leaves room for a noisy estimate.
-
-    >>> plan_steps(60, 10_000, 8192, 10**9, 0).steps          # (0.9 * 60 - 2) s / 0.8192 s per step
-    63
-    >>> plan_steps(600, 10**6, 8192, 100_000, 0).limited_by   # 12 epochs of 100K tokens = 146 steps
-    'data'
-    """
-    tps = max(tokens_per_s, 1e-9)
-    step_s = tokens_per_step / tps
-    eval_each = eval_tokens / tps / 3
-    usable = budget_s * safety - overhead_s
-    if usable >= num_evals * (step_s + eval_each):
-        by_time = int((usable - num_evals * eval_each) // step_s)
-    else:  # fewer steps than evaluations: one evaluation per step
-        by_time = int(max(usable, 0.0) // (step_s + eval_each))
-    by_data = max(1, int(max_epochs * train_tokens // tokens_per_step))
-    steps, why = (by_time, "time") if by_time <= by_data else (by_data, "data")
-    if steps < min_steps:
-        steps, why = min_steps, "minimum"
-    eval_every = max(1, math.ceil(steps / num_evals))
-    warmup = min(max(1, steps // 20), 100, steps)
-    seconds = steps * step_s + min(num_evals, steps) * eval_each + overhead_s
-    return StepPlan(steps, why, seconds, eval_every, warmup, data_steps=max(by_data, steps))
-
-
-def eval_batches_for(budget_s: float, tokens_per_s: float, context_length: int, batch_size: int, max_batches: int,
-                     *, num_evals: int = NUM_EVALS, share: float = 0.1) -> int:
-    """Validation batches per evaluation so that all evaluations together take about `share` of the
-    budget (at least 1 batch, at most the preset's `max_batches`). On a slow CPU the preset's 10
-    batches would cost more than the training steps of a short run.
-
-    >>> eval_batches_for(600, 1_000, 256, 32, 10)     # 60 s of evals at 1K tokens/s: 140 windows
-    4
-    >>> eval_batches_for(600, 100_000, 256, 32, 10)
-    10
-    """
-    windows = share * budget_s * tokens_per_s * 3 / (num_evals * context_length)  # forward ~ 1/3 of a step
-    return max(1, min(max_batches, int(windows // batch_size)))
-
-
 def _run_state(run_dir: Path) -> tuple[dict | None, int]:
     """(saved config or None, step of the latest checkpoint or 0)."""
 
@@ -479,35 +431,86 @@ class TrainOutcome:
 def train_model(opts: QuickstartOptions, run_dir: Path, tokenizer_dir: Path, train_file: Path, valid_file: Path,
                 notify: Notify) -> TrainOutcome:
     """Train runs/quickstart for about `opts.minutes`, resume it, or skip it when it is finished."""
-
     device = pick_device(opts.device)
-    tokenizer = runs.load_tokenizer(tokenizer_dir)
-    saved, last_step = (None, 0) if opts.force else _run_state(run_dir)
-    if saved is not None:
-        fp = (saved.get("tokenizer") or {}).get("fingerprint")
-        if fp is not None and fp != tokenizer.fingerprint:
-            raise UserError(f"{run_dir} was trained with another tokenizer",
-                            "pass --force to redo every stage, or use another --dir")
-        max_steps = int(saved.get("max_steps") or saved.get("train", {}).get("max_steps", 0))
-        if last_step >= max_steps > 0:
-            best = runs.summarize_run_metrics(run_dir)["best_val_loss"]
-            return TrainOutcome("skipped", saved.get("preset", "?"), str(device), last_step, max_steps, best,
-                                auto_size=saved.get("auto_size") if isinstance(saved.get("auto_size"), dict) else None)
     base_opts = dict(run_dir=run_dir, train_file=train_file, valid_file=valid_file, tokenizer_dir=tokenizer_dir,
                      display=opts.display)
-    if saved is not None and last_step > 0:
-        notify("train", f"resuming {run_dir} from step {last_step}")
-        run = tl.prepare_run(None, None, None, {"device": opts.device},
-                             tl.TrainOptions(resume="auto", **base_opts))
-        result = _train(run)
-        auto_size = saved.get("auto_size") if isinstance(saved.get("auto_size"), dict) else None
-        return TrainOutcome("resumed", run.preset, str(device), result.step, result.max_steps, result.best_val_loss,
-                            result.tokens_per_s, auto_size=auto_size)
+    earlier = _continue_earlier_run(opts, run_dir, tokenizer_dir, base_opts, device, notify)
+    if earlier is not None:
+        return earlier
+    budget_s = opts.minutes * 60.0
+    deadline = time.perf_counter() + budget_s  # training ends by then, whatever the machine does meanwhile
+    sized = _size_and_plan(opts, device, base_opts, budget_s, train_file, valid_file, notify)
+    plan, choice = sized.plan, sized.choice
+    why = {"time": f"fits in the {opts.minutes:g}-minute budget",
+           "data": f"{MAX_EPOCHS:g} passes over the {sized.n_train:,} training tokens; more would only memorize them",
+           "minimum": "the budget is smaller than the minimum run"}[plan.limited_by]
+    notify("train", f"{sized.tps:,.0f} tokens/s -> {plan.steps:,} steps of {plan.tokens_per_step:,} tokens, about "
+                    f"{plan.seconds / 60:.1f} min ({why})")
+    warmup = choice.train_overrides(plan.steps)["warmup_steps"] if choice is not None else plan.warmup_steps
+    train_over = {**sized.train_over, "max_steps": plan.steps, "warmup_steps": warmup, "eval_every": plan.eval_every,
+                  "eval_batches": sized.eval_batches, "save_every": plan.eval_every,
+                  "log_every": max(1, min(10, plan.steps // 20))}
+    run = tl.prepare_run(sized.preset, None, sized.model_over, train_over, tl.TrainOptions(force=True, **base_opts))
+    run.time_plan = tl.time_plan(budget_s, deadline, sized.spent, sized.tps, plan.steps, max_steps_cap=plan.data_steps)
+    if choice is not None:
+        run.auto_size = {**autosize.record_of(choice, run), "tokens": plan.steps * plan.tokens_per_step}
+    result = _train(run)
+    return TrainOutcome("done", run.preset, str(device), result.step, result.max_steps, result.best_val_loss,
+                        result.tokens_per_s, plan, run.auto_size)
 
+
+def _continue_earlier_run(opts: QuickstartOptions, run_dir: Path, tokenizer_dir: Path, base_opts: dict, device,
+                          notify: Notify) -> TrainOutcome | None:
+    """A finished runs/quickstart is skipped and an interrupted one resumed (unless `force`); None: train afresh."""
+    tokenizer = runs.load_tokenizer(tokenizer_dir)
+    saved, last_step = (None, 0) if opts.force else _run_state(run_dir)
+    if saved is None:
+        return None
+    fp = (saved.get("tokenizer") or {}).get("fingerprint")
+    if fp is not None and fp != tokenizer.fingerprint:
+        raise UserError(f"{run_dir} was trained with another tokenizer",
+                        "pass --force to redo every stage, or use another --dir")
+    auto_size = saved.get("auto_size") if isinstance(saved.get("auto_size"), dict) else None
+    max_steps = int(saved.get("max_steps") or saved.get("train", {}).get("max_steps", 0))
+    if last_step >= max_steps > 0:
+        best = runs.summarize_run_metrics(run_dir)["best_val_loss"]
+        return TrainOutcome("skipped", saved.get("preset", "?"), str(device), last_step, max_steps, best,
+                            auto_size=auto_size)
+    if last_step == 0:
+        return None
+    notify("train", f"resuming {run_dir} from step {last_step}")
+    run = tl.prepare_run(None, None, None, {"device": opts.device}, tl.TrainOptions(resume="auto", **base_opts))
+    result = _train(run)
+    return TrainOutcome("resumed", run.preset, str(device), result.step, result.max_steps, result.best_val_loss,
+                        result.tokens_per_s, auto_size=auto_size)
+
+
+@dataclass
+class _Sized:
+    """The model quickstart trains and its plan (`_size_and_plan`)."""
+
+    preset: str
+    model_over: dict
+    train_over: dict
+    plan: StepPlan
+    tps: float
+    eval_batches: int
+    spent: float
+    n_train: int
+    choice: autosize.Choice | None = None
+
+
+def _size_and_plan(opts: QuickstartOptions, device, base_opts: dict, budget_s: float, train_file: Path,
+                   valid_file: Path, notify: Notify) -> _Sized:
+    """The preset (or, on a CPU, the size the rule picks for the budget), probed and planned.
+
+    First the configs are resolved (this also checks the tokenizer and token files), then a few real steps
+    of that model are timed, then the schedule's length is fixed from what is left of the budget. With the
+    auto size the probed model is the rule's reference model; when the rule picks another size, that one is
+    probed too (shorter) and planned from its own speed."""
     auto = opts.preset is None and device.type != "cuda"  # the size rule was measured on a CPU
     preset = opts.preset or (GPU_PRESET if device.type == "cuda" else CPU_PRESET)
     n_train, n_valid = count_tokens(train_file), count_tokens(valid_file)
-
     p = get_preset(preset)
     base_model = autosize.shape_for(autosize.REFERENCE_WIDTH).model_overrides() if auto else {}
     full_ctx = base_model.get("context_length", p.model.context_length)
@@ -518,62 +521,48 @@ def train_model(opts: QuickstartOptions, run_dir: Path, tokenizer_dir: Path, tra
     train_over: dict = {"dataset": DATASET, "device": opts.device}
     if auto:
         train_over.update(batch_size=autosize.BATCH_SIZE, grad_accum_steps=1)
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            train_over["dtype"] = "bfloat16"
-    budget = opts.minutes * 60.0
-    deadline = time.perf_counter() + budget  # training ends by then, whatever the machine does meanwhile
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        train_over["dtype"] = "bfloat16"
     # Building the model, a warm-up step and one timed step take about 2 s on a CPU whatever the budget:
     # the probe is never announced as shorter than that.
-    probe_s = min(20.0, max(2.0, 0.05 * budget))
-    # First resolve the configs (this also checks the tokenizer and token files), then time a few
-    # real steps of that model, then fix the schedule's length from what is left of the budget.
-    # With the auto size the probed model is the rule's reference model; when the rule picks another
-    # size, that one is probed too (shorter) and planned from its own speed.
+    probe_s = budget.probe_seconds(budget_s, 0.05, 20.0)
     what = f"the reference model (d_model {autosize.REFERENCE_WIDTH})" if auto else preset
     notify("train", f"measuring the speed of {what} on {device} (a probe of about {probe_s:.2g} s)")
     # The announced probe time covers both probes: the auto size keeps a third of it for its second one.
-    plan, tps, eval_batches, spent = _probe_and_plan(preset, model_over, train_over, base_opts, budget,
+    plan, tps, eval_batches, spent = _probe_and_plan(preset, model_over, train_over, base_opts, budget_s,
                                                      probe_s * (2 / 3 if auto else 1.0), n_train, n_valid)
-    choice = None
+    sized = _Sized(preset, model_over, train_over, plan, tps, eval_batches, spent, n_train)
     if auto:
-        ref_tokens = plan.steps * autosize.TOKENS_PER_STEP
-        choice = autosize.choose(ref_tokens, f"{plan.steps} steps of the reference model = ")
-        notify("train", f"auto size: d_model {choice.shape.d_model}, {choice.shape.num_layers} layers, "
-                        f"{choice.shape.num_heads} heads, lr {choice.lr:g}, batch {choice.batch_size} ({choice.why})")
-        model_over = {**choice.model_overrides(), "context_length": ctx}
-        train_over.update({k: v for k, v in choice.train_overrides().items() if k != "warmup_steps"})
-        if choice.shape.d_model != autosize.REFERENCE_WIDTH:  # another model: time it too
-            plan, tps, eval_batches, more = _probe_and_plan(preset, model_over, train_over, base_opts,
-                                                            budget - spent, max(probe_s - spent, 0.0), n_train, n_valid)
-            spent += more
-        elif choice.batch_size != autosize.BATCH_SIZE:  # the same model in other batches: its sweep speed
-            tps *= choice.speed
-            plan, eval_batches = _plan(budget - spent, tps, ctx, choice.batch_size, p.train.eval_batches, n_train,
-                                       n_valid)
-    tokens_per_step = plan.tokens_per_step
-    why = {"time": f"fits in the {opts.minutes:g}-minute budget",
-           "data": f"{MAX_EPOCHS:g} passes over the {n_train:,} training tokens; more would only memorize them",
-           "minimum": "the budget is smaller than the minimum run"}[plan.limited_by]
-    notify("train", f"{tps:,.0f} tokens/s -> {plan.steps:,} steps of {tokens_per_step:,} tokens, about "
-                    f"{plan.seconds / 60:.1f} min ({why})")
-    warmup = choice.train_overrides(plan.steps)["warmup_steps"] if choice is not None else plan.warmup_steps
-    train_over.update(max_steps=plan.steps, warmup_steps=warmup, eval_every=plan.eval_every,
-                      eval_batches=eval_batches,
-                      save_every=plan.eval_every, log_every=max(1, min(10, plan.steps // 20)))
-    run = tl.prepare_run(preset, None, model_over, train_over, tl.TrainOptions(force=True, **base_opts))
-    run.time_plan = tl.time_plan(budget, deadline, spent, tps, plan.steps, max_steps_cap=plan.data_steps)
-    if choice is not None:
-        run.auto_size = {**choice.record(), "tokens": plan.steps * tokens_per_step,
-                         "warmup_steps": run.train_cfg.warmup_steps}
-    result = _train(run)
-    return TrainOutcome("done", run.preset, str(device), result.step, result.max_steps, result.best_val_loss,
-                        result.tokens_per_s, plan, run.auto_size)
+        _resize(sized, base_opts, budget_s, probe_s, ctx, p.train.eval_batches, n_valid, notify)
+    return sized
 
 
-def _probe_and_plan(preset: str, model_over: dict, train_over: dict, base_opts: dict, budget: float, probe_s: float,
+def _resize(sized: _Sized, base_opts: dict, budget_s: float, probe_s: float, ctx: int, max_eval_batches: int,
+            n_valid: int, notify: Notify) -> None:
+    """The auto size: the rule's choice for the reference model's planned steps, probed again (or planned at
+    its measured relative speed) when it differs from the reference model."""
+    choice = autosize.choose(sized.plan.steps * autosize.TOKENS_PER_STEP,
+                             f"{sized.plan.steps} steps of the reference model = ")
+    notify("train", f"auto size: d_model {choice.shape.d_model}, {choice.shape.num_layers} layers, "
+                    f"{choice.shape.num_heads} heads, lr {choice.lr:g}, batch {choice.batch_size} ({choice.why})")
+    chosen_model, chosen_train = autosize.sized_overrides(choice, {"context_length": ctx}, {})
+    sized.model_over = {**chosen_model, "context_length": ctx}
+    sized.train_over.update({k: v for k, v in chosen_train.items() if k != "warmup_steps"})
+    sized.choice = choice
+    if choice.shape.d_model != autosize.REFERENCE_WIDTH:  # another model: time it too
+        sized.plan, sized.tps, sized.eval_batches, more = _probe_and_plan(
+            sized.preset, sized.model_over, sized.train_over, base_opts, budget_s - sized.spent,
+            max(probe_s - sized.spent, 0.0), sized.n_train, n_valid)
+        sized.spent += more
+    elif choice.batch_size != autosize.BATCH_SIZE:  # the same model in other batches: its sweep speed
+        sized.tps *= choice.speed
+        sized.plan, sized.eval_batches = _plan(budget_s - sized.spent, sized.tps, ctx, choice.batch_size,
+                                               max_eval_batches, sized.n_train, n_valid)
+
+
+def _probe_and_plan(preset: str, model_over: dict, train_over: dict, base_opts: dict, budget_s: float, probe_s: float,
                     n_train: int, n_valid: int) -> tuple[StepPlan, float, int, float]:
-    """Time `probe_s` of real steps of the model, then plan the steps that fit in what is left of `budget`.
+    """Time `probe_s` of real steps of the model, then plan the steps that fit in what is left of `budget_s`.
     Returns (plan, tokens/s, eval batches, seconds spent)."""
     t0 = time.perf_counter()
     p = get_preset(preset)
@@ -582,18 +571,18 @@ def _probe_and_plan(preset: str, model_over: dict, train_over: dict, base_opts: 
     mc, tc = probe_run.model_cfg, probe_run.train_cfg
     tps, _ = tl.measure_throughput(probe_run, max(probe_s - (time.perf_counter() - t0), 0.0))
     spent = time.perf_counter() - t0
-    plan, eval_batches = _plan(budget - spent, tps, mc.context_length, tc.batch_size * tc.grad_accum_steps,
+    plan, eval_batches = _plan(budget_s - spent, tps, mc.context_length, tc.batch_size * tc.grad_accum_steps,
                                tc.eval_batches, n_train, n_valid)
     return plan, tps, eval_batches, spent
 
 
-def _plan(budget: float, tps: float, context_length: int, batch_size: int, max_eval_batches: int,
+def _plan(budget_s: float, tps: float, context_length: int, batch_size: int, max_eval_batches: int,
           n_train: int, n_valid: int) -> tuple[StepPlan, int]:
     """The steps of `batch_size` sequences that fit in `budget` seconds at `tps`, and the validation
     batches per evaluation."""
-    eval_batches = eval_batches_for(budget, tps, context_length, batch_size, max_eval_batches)
+    eval_batches = eval_batches_for(budget_s, tps, context_length, batch_size, max_eval_batches)
     eval_windows = min(eval_batches * batch_size, max(1, n_valid - context_length))
-    plan = plan_steps(budget, tps, batch_size * context_length, n_train, eval_windows * context_length)
+    plan = budget.plan_bounded_run(budget_s, tps, batch_size * context_length, n_train, eval_windows * context_length)
     plan.tokens_per_step = batch_size * context_length
     return plan, eval_batches
 
@@ -672,6 +661,22 @@ def tell_story(run_dir: Path, opts: QuickstartOptions, on_text: Callable[[str], 
 # ----------------------------------------------------------------------------------------------
 
 
+def text_stage(opts: QuickstartOptions, data_root: Path, download_progress: ProgressScope | None,
+               notify: Notify) -> tuple[Path, str]:
+    """`fetch_source`, or the sample bundled with tslm when the network is unreachable; says which.
+    Returns (path, "given" | "downloaded" | "skipped" | "bundled")."""
+    try:
+        source, status = fetch_source(opts, data_root, download_progress)
+    except dl.Unreachable as e:  # no network: the sample that ships with the package instead
+        source, _ = sample.extract_sample(paths.dataset_dir(SAMPLE_DATASET, data_root) / sample.FILE_NAME)
+        notify("text", f"cannot reach {e.host} ({e.what.partition(': ')[2]}): learning from the TinyStories sample "
+                       f"bundled with tslm ({source}, {source.stat().st_size:,} bytes); --text FILE uses your own text")
+        return source, "bundled"
+    how = {"given": "using", "downloaded": "downloaded", "skipped": "already downloaded:"}.get(status, status)
+    notify("text", f"{how} {source} ({source.stat().st_size:,} bytes)")
+    return source, status
+
+
 def run_quickstart(opts: QuickstartOptions, notify: Notify | None = None, *, download_progress=None,
                    bpe_progress=None, encode_progress=None,
                    on_story_text: Callable[[str], None] | None = None) -> QuickstartResult:
@@ -696,18 +701,7 @@ def run_quickstart(opts: QuickstartOptions, notify: Notify | None = None, *, dow
         seconds[name] = time.perf_counter() - t
         return out
 
-    try:
-        source, status = timed("text", fetch_source, opts, data_root, download_progress)
-    except dl.Unreachable as e:  # no network: the sample that ships with the package instead
-        source, status = timed("text", sample.extract_sample,
-                               paths.dataset_dir(SAMPLE_DATASET, data_root) / sample.FILE_NAME)
-        status = "bundled"
-        notify("text", f"cannot reach {e.host} ({e.what.partition(': ')[2]}): learning from the TinyStories sample "
-                       f"bundled with tslm ({source}, {source.stat().st_size:,} bytes); --text FILE uses your own text")
-    stages["text"] = status
-    if status != "bundled":
-        how = {"given": "using", "downloaded": "downloaded", "skipped": "already downloaded:"}.get(status, status)
-        notify("text", f"{how} {source} ({source.stat().st_size:,} bytes)")
+    source, stages["text"] = timed("text", text_stage, opts, data_root, download_progress, notify)
     # Every file below is written (or, with --force, rewritten) by quickstart: the text must not be one of them.
     check_source_outside(source, [train_txt, valid_txt, ds / SOURCE_RECORD, tok_dir, train_npy, valid_npy,
                                   paths.sidecar_path(train_npy), paths.sidecar_path(valid_npy), run_dir], "the text")
@@ -790,3 +784,6 @@ def next_commands(r: QuickstartResult) -> list[tuple[str, str]]:
          f"{cd}tslm download tinystories && tslm bpe --vocab-size {_preset_vocab(r.preset)} && tslm encode && "
          f"tslm train --preset {r.preset}"),
     ]
+
+
+plan_steps = budget.plan_bounded_run  # its name before train/budget.py held it

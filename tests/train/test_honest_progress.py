@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tinystories_cli import quickstart as qs
+from tinystories_cli.train import budget
 from tinystories_cli.train.loop import replan_is_material
 
 
@@ -69,7 +70,7 @@ def test_replanning_is_said_only_when_the_plan_moves_materially(tmp_path: Path, 
     monkeypatch.setattr(qs.tl, "measure_throughput", optimistic)
     # Time, not the pass cap, must set the plan, or a fast machine plans a few data-capped steps that the
     # real pace easily keeps and never replans (seen at 55K tokens/s on the 400-story text).
-    monkeypatch.setattr(qs, "plan_steps", functools.partial(qs.plan_steps, max_epochs=1e9))
+    monkeypatch.setattr(budget, "plan_bounded_run", functools.partial(budget.plan_bounded_run, max_epochs=1e9))
     code, out, err = run_cli("quickstart", "--text", str(story_text), "--minutes", "0.25", "--dir",
                              str(tmp_path / "w"), "--vocab-size", "300", "--device", "cpu", "--plain",
                              "--max-tokens", "5")

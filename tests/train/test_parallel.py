@@ -62,7 +62,7 @@ def _deadline_run(rank: int, root: Path) -> None:
     run.time_plan = T.time_plan(600.0, time.perf_counter() + 600.0, 0.0, 1e3, 20, max_steps_cap=30 if rank else 40)
     res = T.train(run)
     (root / f"deadline{rank}.json").write_text(json.dumps({"step": res.step, "max_steps": res.max_steps,
-                                                           "replanned": run.time_plan.get("replanned")}))
+                                                           "replanned": run.time_plan.replanned or None}))
 
 
 def test_fsdp_equals_one_process_and_checkpoints_move_between_world_sizes(workspace):

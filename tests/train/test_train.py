@@ -453,7 +453,7 @@ def test_time_budget_plans_the_schedule_from_a_probe_and_keeps_the_deadline(work
     run = T.prepare_run("debug", None, TINY_MODEL, train,
                         T.TrainOptions(run_name="late", display="quiet", peak_tflops=1.0, time_budget=6.0))
     plan_time_budget(run)
-    run.time_plan["deadline"] = time.perf_counter()
+    run.time_plan.deadline = time.perf_counter()
     late = T.train(run)
     assert late.stopped == "time_budget" and late.step == 1
     assert [s for s, _ in runs.step_checkpoints(late.run_dir)] == [1]
@@ -540,7 +540,7 @@ def test_a_run_faster_than_its_probe_lengthens_a_flat_wsd_schedule_up_to_its_cap
                            T.TrainOptions(run_name="fast-cosine", display="quiet", peak_tflops=1.0))
     cosine.time_plan = T.time_plan(600.0, time.perf_counter() + 600.0, 0.0, 1e3, 60, max_steps_cap=150)
     res = T.train(cosine)
-    assert res.step == res.max_steps == 60 and "replanned" not in cosine.time_plan
+    assert res.step == res.max_steps == 60 and not cosine.time_plan.replanned
 
 
 def test_a_schedule_already_decaying_is_not_lengthened(workspace):
@@ -553,7 +553,7 @@ def test_a_schedule_already_decaying_is_not_lengthened(workspace):
                         T.TrainOptions(run_name="decaying", display="quiet", peak_tflops=1.0))
     run.time_plan = T.time_plan(600.0, time.perf_counter() + 600.0, 0.0, 1e3, 60, max_steps_cap=150)
     res = T.train(run)  # the decay starts at step 6, before the pace is trusted (5% of 60, at least 5 steps)
-    assert res.step == res.max_steps == 60 and "replanned" not in run.time_plan
+    assert res.step == res.max_steps == 60 and not run.time_plan.replanned
 
 
 @pytest.mark.parametrize("model, batch, budget", [

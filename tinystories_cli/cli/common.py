@@ -8,6 +8,7 @@ Each model and training setting is declared once, as a field of `ModelConfig` / 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import typing
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Iterator, Literal, Optional
 
 import typer
-from pydantic import BaseModel
 
 from tinystories_cli.config import TrainConfig
 from tinystories_cli.errors import UserError
@@ -40,49 +40,82 @@ SHAPE_FIELDS = ("context_length", "vocab_size", "d_model", "num_layers", "num_he
 CLI_TYPES = {"float": float, "int": int, "str": str}
 
 
-def flags_of(*models: type[BaseModel]) -> dict[str, str]:
+def flags_of(*models: type) -> dict[str, str]:
     """{setting name: its (first) flag} for every field of the given settings models.
 
     >>> flags_of(TrainConfig)["grad_accum_steps"]
     '--grad-accum'
     """
-    return {name: _flags(name, f)[0].split("/")[0] for m in models for name, f in m.model_fields.items()}
+    return {name: _flags(name, _extra(f))[0].split("/")[0] for m in models for name, f in m.model_fields.items()}
 
 
-def _flags(name: str, field: Any) -> list[str]:
-    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+def _extra(field: Any) -> dict:
+    return field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+
+
+def _flags(name: str, extra: dict) -> list[str]:
     return list(extra.get("flags") or [f"--{name.replace('_', '-')}"])
 
 
-def _option(name: str, field: Any, panel: str, defaults: bool = False) -> inspect.Parameter:
-    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-    flags = _flags(name, field)
-    kind = field.annotation
+def _option(name: str, kind: Any, help_text: str, extra: dict, panel: str, default: Any = None,
+            show_default: bool = False) -> inspect.Parameter:
+    flags = _flags(name, extra)
     args = [a for a in typing.get_args(kind) if a is not type(None)]
     if typing.get_origin(kind) is not Literal and args:  # X | None
         kind = args[0]
-    help_text = field.description or ""
     if typing.get_origin(kind) is Literal:
         help_text = f"{help_text.rstrip('.')}: {' | '.join(map(str, typing.get_args(kind)))}."
         kind = str
     elif kind is bool and "/" not in flags[0]:
         flags = [f"{flags[0]}/--no-{flags[0][2:]}"]
     kind = CLI_TYPES.get(extra.get("cli_type"), kind)
-    default = field.default if defaults else None
-    opt = typer.Option(*flags, help=help_text, rich_help_panel=panel, show_default=default is not None)
-    annotation = Annotated[kind if default is not None else Optional[kind], opt]
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+    show = (show_default or bool(extra.get("show_default"))) and default is not None  # the field's default
+    opt = typer.Option(*flags, help=help_text, rich_help_panel=extra.get("panel") or panel, show_default=show)
+    annotation = Annotated[kind if show else Optional[kind], opt]
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default if show else None,
+                             annotation=annotation)
 
 
-def config_options(model: type[BaseModel], panel: str, include: tuple[str, ...] | None = None,
+def config_options(model: type, panel: str, include: tuple[str, ...] | None = None,
                    defaults: bool = False) -> list[inspect.Parameter]:
-    """One Typer option per field of `model` (all, or those in `include`), in declaration order.
+    """One Typer option per field of `model` (all, or those in `include`), in declaration order: a config
+    (pydantic, fields declared with `config.setting`) or options (a dataclass, fields declared with
+    `config.option`; those marked `cli=False` are left to the command).
 
-    Without `defaults` an option not given is None (a preset or config file decides); with it, the field's
-    default, shown in --help.
-    """
-    return [_option(name, f, panel, defaults) for name, f in model.model_fields.items()
-            if include is None or name in include]
+    Without `defaults` an option of a config not given is None (a preset or config file decides); with it,
+    the field's default, shown in --help."""
+    if dataclasses.is_dataclass(model):
+        hints = typing.get_type_hints(model)
+        return [_option(f.name, hints[f.name], f.metadata.get("description", ""), dict(f.metadata), panel, f.default)
+                for f in dataclasses.fields(model)
+                if f.metadata.get("cli", False) and (include is None or f.name in include)]
+    return [_option(name, f.annotation, f.description or "", _extra(f), panel, f.default if defaults else None,
+                    show_default=defaults)
+            for name, f in model.model_fields.items() if include is None or name in include]
+
+
+def options_from(model: type, settings: dict[str, Any]) -> dict[str, Any]:
+    """The fields of options dataclass `model` given on the command line, each read by its `parse`."""
+    out = {}
+    for f in dataclasses.fields(model):
+        value = settings.get(f.name)
+        if value is not None:
+            parse = f.metadata.get("parse")
+            out[f.name] = parse(value) if parse is not None else value
+    return out
+
+
+def flag_renames(*models: type) -> dict[str, str]:
+    """{parameter: flag} for every generated option whose flag is not `--parameter-name` (the flag the
+    CLI's messages use for a parameter a library message names)."""
+    out = {}
+    for model in models:
+        for p in config_options(model, ""):
+            info = typing.get_args(p.annotation)[1]  # (in Annotated, typer reads its first argument as a flag)
+            flag = (info.default if isinstance(info.default, str) else info.param_decls[0]).split("/")[0]
+            if flag != f"--{p.name.replace('_', '-')}":
+                out[p.name] = flag
+    return out
 
 
 def with_options(*groups: list[inspect.Parameter]) -> Callable[[Callable], Callable]:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
@@ -15,83 +14,32 @@ from tinystories_cli.cli import common
 from tinystories_cli.console import console, err_console, human_bytes
 
 COMMAND_KWARGS = {"no_args_is_help": False}
-ADVANCED = "Advanced"
 
 
 
+@common.with_options(common.config_options(qs.QuickstartOptions, None))
 def command(
-    text: Annotated[Optional[Path], typer.Option(
-        "--text", help="Learn from this UTF-8 text file instead of downloading TinyStories' validation file "
-                       "(documents separated by <|endoftext|> or blank lines).", show_default=False)] = None,
-    minutes: Annotated[float, typer.Option(
-        "--minutes", help="Wall-clock budget for training (the rest takes about a minute more).")] = qs.DEFAULT_MINUTES,
-    workdir: Annotated[Optional[Path], typer.Option(
-        "--dir", help="Work directory: data/ and runs/ go under it (default: the current directory).",
-        show_default=False)] = None,
-    vocab_size: Annotated[int, typer.Option("--vocab-size", help="Tokenizer vocabulary size.")] = qs.DEFAULT_VOCAB_SIZE,
-    device: common.Device = "auto",
-    force: Annotated[bool, typer.Option("--force", help="Redo every stage (a complete download is kept).")] = False,
-    preset: Annotated[Optional[str], typer.Option(
-        "--preset", help=f"A fixed model preset instead of the auto size (default on a CPU: the size and learning rate that "
-                         f"the measured rule picks for --minutes, see README; on a CUDA GPU: {qs.GPU_PRESET}).",
-        rich_help_panel=ADVANCED, show_default=False)] = None,
-    prompt: Annotated[str, typer.Option("--prompt", help="Start of the story.", rich_help_panel=ADVANCED)] = qs.DEFAULT_PROMPT,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Length limit of the story in tokens.",
-                                            rich_help_panel=ADVANCED)] = 200,
-    seed: Annotated[int, typer.Option("--seed", help="Sampling seed for the story.", rich_help_panel=ADVANCED)] = 0,
-    endpoint: Annotated[Optional[str], typer.Option(
-        "--endpoint", help="Hugging Face mirror URL or local mirror directory (default: $HF_ENDPOINT, else "
-                           "https://huggingface.co).", rich_help_panel=ADVANCED, show_default=False)] = None,
     plain: Annotated[bool, typer.Option("--plain", help="Plain training log lines instead of the live display.",
-                                        rich_help_panel=ADVANCED)] = False,
+                                        rich_help_panel=qs.ADVANCED)] = False,
+    settings: dict | None = None,
 ) -> None:
     """From nothing to a generated story: download, train a tokenizer, encode, train a small model for
     --minutes, then tell a story. Rerunning skips what is done (and resumes an interrupted run)."""
-    opts = qs.QuickstartOptions(
-        text=text, minutes=minutes, workdir=workdir, vocab_size=vocab_size, device=device, force=force,
-        preset=preset, endpoint=endpoint, prompt=prompt, max_new_tokens=max_tokens, seed=seed,
-        display="plain" if plain else "auto",
-    )
+    opts = qs.QuickstartOptions(**common.options_from(qs.QuickstartOptions, settings),
+                                display="plain" if plain else "auto")
     t0 = time.perf_counter()
     console.rule("[bold]tslm quickstart", align="left")
-    story_started = {"yes": False}
-
-    bars = (_StageBar(_bpe_label), _StageBar(_encode_label))
-
-    def close_bars() -> None:
-        for b in bars:
-            b.close()
-
-    def notify(stage: str, message: str) -> None:
-        close_bars()  # a line from the pipeline means the stage that drew a bar is over
-        if stage == "train" and not notify.train_started:  # type: ignore[attr-defined]
-            console.rule("[bold]train", align="left")
-            notify.train_started = True  # type: ignore[attr-defined]
-        console.print(f"[bold cyan]{stage}[/bold cyan] {message}", soft_wrap=True, highlight=False)
-
-    notify.train_started = False  # type: ignore[attr-defined]
-
-    def on_story_text(chunk: str) -> None:
-        if not story_started["yes"]:
-            close_bars()
-            console.rule("[bold]a story from your model", align="left")
-            console.print(Text(chunk, style="bold"), end="", soft_wrap=True)
-            story_started["yes"] = True
-        else:
-            console.file.write(chunk)
-        console.file.flush()
-
+    out = _Output()
     from tinystories_cli.cli.download import progress_bar
-
     from tinystories_cli.download import DownloadInterrupted
     from tinystories_cli.tokenizer.chunking import Interrupted
 
     try:
         try:
-            result = qs.run_quickstart(opts, notify, download_progress=progress_bar, bpe_progress=bars[0],
-                                       encode_progress=bars[1], on_story_text=on_story_text)
+            result = qs.run_quickstart(opts, out.notify, download_progress=progress_bar, bpe_progress=out.bars[0],
+                                       encode_progress=out.bars[1], on_story_text=out.on_story_text)
         finally:
-            close_bars()
+            out.close_bars()
     except DownloadInterrupted as e:
         err_console.print(f"[yellow]interrupted:[/yellow] kept {human_bytes(e.have)} in {e.part}; rerun the same "
                           "command to resume", soft_wrap=True)
@@ -105,6 +53,36 @@ def command(
         raise typer.Exit(e.exit_code) from None
     console.file.write("\n")
     _render(result, time.perf_counter() - t0)
+
+
+class _Output:
+    """What the pipeline prints: a line per stage (`notify`), the stages' progress bars, the streamed story."""
+
+    def __init__(self):
+        self.bars = (_StageBar(_bpe_label), _StageBar(_encode_label))
+        self.train_started = False
+        self.story_started = False
+
+    def close_bars(self) -> None:
+        for b in self.bars:
+            b.close()
+
+    def notify(self, stage: str, message: str) -> None:
+        self.close_bars()  # a line from the pipeline means the stage that drew a bar is over
+        if stage == "train" and not self.train_started:
+            console.rule("[bold]train", align="left")
+            self.train_started = True
+        console.print(f"[bold cyan]{stage}[/bold cyan] {message}", soft_wrap=True, highlight=False)
+
+    def on_story_text(self, chunk: str) -> None:
+        if not self.story_started:
+            self.close_bars()
+            console.rule("[bold]a story from your model", align="left")
+            console.print(Text(chunk, style="bold"), end="", soft_wrap=True)
+            self.story_started = True
+        else:
+            console.file.write(chunk)
+        console.file.flush()
 
 
 class _StageBar:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import torch
@@ -10,7 +9,6 @@ import typer
 
 from tinystories_cli import train as train_lib
 from tinystories_cli.cli import common
-from tinystories_cli.account import parse_memory
 from tinystories_cli.config import ModelConfig, TrainConfig
 from tinystories_cli.console import console, err_console
 from tinystories_cli.errors import UserError
@@ -32,25 +30,19 @@ def _opt(*names: str, help: str, panel: str = RUN, **kw):
     return typer.Option(*names, help=help, rich_help_panel=panel, show_default=False, **kw)
 
 
-@common.with_options(common.config_options(ModelConfig, common.MODEL), common.config_options(TrainConfig, common.TRAIN))
+# The parameters of `tslm train`'s settings and options whose flag is not `--parameter-name` (train_file ->
+# --train-data, ...), read from the fields, for the messages that name a parameter.
+FLAG_RENAMES = common.flag_renames(ModelConfig, TrainConfig, train_lib.TrainOptions)
+
+
+@common.with_options(common.config_options(ModelConfig, common.MODEL), common.config_options(TrainConfig, common.TRAIN),
+                     common.config_options(train_lib.TrainOptions, RUN))
 def command(
     preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset name (see `tslm account --list`).")] = None,
     config: common.ConfigFile = None,
-    run_name: Annotated[Optional[str], _opt("--run-name", help="Run directory name under runs/ (default: preset-timestamp).")] = None,
-    run_dir: Annotated[Optional[Path], _opt("--run-dir", help="Run directory anywhere (instead of runs/<--run-name>); runs/latest is not moved.")] = None,
     resume: Annotated[bool, _opt("--resume", help="Continue a run. `--resume` or `--resume auto`: --run-name (or runs/latest) from its latest checkpoint, starting fresh if it has none; `--resume RUN_OR_CHECKPOINT`: that run or checkpoint.")] = False,
     resume_target: Annotated[Optional[str], typer.Argument(help="With --resume: auto, a run name, a run directory or a checkpoint file.", show_default=False, metavar="[auto|RUN]")] = None,
-    force: Annotated[bool, _opt("--force", help="Start over in a run directory that already holds a run.")] = False,
-    stop_at: Annotated[Optional[int], _opt("--stop-at", help="End at this step (with a checkpoint) without changing the schedule.")] = None,
-    skip_nonfinite: Annotated[int, _opt("--skip-nonfinite", help="Skip up to N steps with a NaN/inf loss or gradient instead of stopping.")] = 0,
-    peak_tflops: Annotated[Optional[float], _opt("--peak-tflops", help="Hardware peak TFLOP/s for MFU (default: a measured matmul).")] = None,
-    train_data: Annotated[Optional[Path], _opt("--train-data", help="Train token file (default data/<dataset>/train.npy).")] = None,
-    valid_data: Annotated[Optional[Path], _opt("--valid-data", help="Validation token file (default data/<dataset>/valid.npy).")] = None,
-    tokenizer: Annotated[Optional[Path], _opt("--tokenizer", help="Tokenizer directory (default data/<dataset>/tokenizer).")] = None,
-    init_from: Annotated[Optional[str], _opt("--init-from", help="Fine-tune: model config, weights and tokenizer from a run, a checkpoint or a Hugging Face directory; fresh optimizer and schedule.")] = None,
     wandb: Annotated[bool, _opt("--wandb", help="Same as --log wandb (kept for older scripts).", hidden=True)] = False,
-    fit_memory: Annotated[Optional[str], _opt("--fit-memory", help="Device memory, e.g. 24GB: pick the micro-batch and accumulation that keep the global batch (--batch-size x --grad-accum x processes) within it, from `tslm account`'s estimate with a 10% margin.")] = None,
-    time_budget: Annotated[Optional[str], _opt("--time-budget", help="Wall-clock budget, e.g. 90m or 1.5h: a short probe of real steps sets --max-steps so the schedule ends on time; if steps get slower, the schedule is shortened to still end by the deadline (if faster, a wsd schedule still flat is lengthened).")] = None,
     auto_size: Annotated[bool, _opt("--auto-size", help=f"Pick d_model, layers, heads, lr, batch, warmup and decay for the budget (--time-budget, --train-tokens or --max-steps) from the rule measured on a CPU (README: Auto size); flags given explicitly win. Base preset: --preset, else {autosize.BASE_PRESET}.")] = False,
     plain: Annotated[bool, _opt("--plain", help="Plain log lines instead of the live display.")] = False,
     quiet: Annotated[bool, _opt("--quiet", "-q", help="No progress output.")] = False,
@@ -58,32 +50,7 @@ def command(
     settings: dict | None = None,
 ) -> None:
     """Train a model: `tslm train --preset debug` (after `tslm bpe` and `tslm encode`)."""
-    if wandb:  # the older spelling of --log wandb
-        settings = {**settings, "log": ",".join(x for x in (settings.get("log"), "wandb") if x)}
-    model_over = common.given(settings, ModelConfig.model_fields)
-    train_over = common.given(settings, TrainConfig.model_fields)
-    if resume_target is not None and not resume:
-        raise UserError(f"unexpected argument {resume_target!r}", "to continue a run pass --resume, --resume auto or --resume RUN")
-    resume_value = (resume_target or "auto") if resume else None
-    if preset is None and config is None and resume_value is None and init_from is None and not auto_size:
-        raise UserError("no preset given", "pass --preset NAME (see `tslm account --list`), --config FILE, --resume or --init-from")
-    if run_name is not None and run_dir is not None:
-        raise UserError("--run-name and --run-dir are exclusive", "pass one of them")
-    opts = train_lib.TrainOptions(
-        run_name=run_name, run_dir=run_dir, resume=resume_value, force=force, stop_at=stop_at, skip_nonfinite=skip_nonfinite,
-        peak_tflops=peak_tflops, train_file=train_data, valid_file=valid_data, tokenizer_dir=tokenizer,
-        display="quiet" if quiet else ("plain" if plain else "auto"),
-        fit_memory=parse_memory(fit_memory) if fit_memory is not None else None,
-        time_budget=train_lib.parse_duration(time_budget) if time_budget is not None else None,
-        init_from=init_from,
-    )
-    if peak_tflops is not None and not 0 < peak_tflops < 1e9:  # also refuses NaN and inf
-        raise UserError(f"--peak-tflops must be a positive finite number, got {peak_tflops}")
-    if auto_size:
-        run = autosize.prepare_auto_run(preset, config, model_over, train_over, opts,
-                                        notify=None if quiet else (lambda m: console.print(m, soft_wrap=True)))
-    else:
-        run = train_lib.prepare_run(preset, config, model_over, train_over, opts)
+    run = _prepare(preset, config, resume, resume_target, wandb, auto_size, plain, quiet, settings)
     if not quiet and not run.auto_size:
         warning = cpu_time_warning(run)
         if warning:
@@ -103,6 +70,31 @@ def command(
                       f"({result.tokens_per_s / 1e3:.1f}K tokens/s)", soft_wrap=True)
     if result.stopped == "interrupted":
         raise typer.Exit(EXIT_CODES.get(result.signal or "", 130))
+
+
+def _prepare(preset, config, resume: bool, resume_target, wandb: bool, auto_size: bool, plain: bool, quiet: bool,
+             settings: dict):
+    """The run the flags describe (`prepare_run`, or `prepare_auto_run` with --auto-size)."""
+    if wandb:  # the older spelling of --log wandb
+        settings = {**settings, "log": ",".join(x for x in (settings.get("log"), "wandb") if x)}
+    model_over = common.given(settings, ModelConfig.model_fields)
+    train_over = common.given(settings, TrainConfig.model_fields)
+    if resume_target is not None and not resume:
+        raise UserError(f"unexpected argument {resume_target!r}", "to continue a run pass --resume, --resume auto or --resume RUN")
+    resume_value = (resume_target or "auto") if resume else None
+    if preset is None and config is None and resume_value is None and settings.get("init_from") is None and not auto_size:
+        raise UserError("no preset given", "pass --preset NAME (see `tslm account --list`), --config FILE, --resume or --init-from")
+    if settings.get("run_name") is not None and settings.get("run_dir") is not None:
+        raise UserError("--run-name and --run-dir are exclusive", "pass one of them")
+    peak_tflops = settings.get("peak_tflops")
+    if peak_tflops is not None and not 0 < peak_tflops < 1e9:  # also refuses NaN and inf
+        raise UserError(f"--peak-tflops must be a positive finite number, got {peak_tflops}")
+    opts = train_lib.TrainOptions(**common.options_from(train_lib.TrainOptions, settings), resume=resume_value,
+                                  display="quiet" if quiet else ("plain" if plain else "auto"))
+    if auto_size:
+        return autosize.prepare_auto_run(preset, config, model_over, train_over, opts,
+                                         notify=None if quiet else (lambda m: console.print(m, soft_wrap=True)))
+    return train_lib.prepare_run(preset, config, model_over, train_over, opts)
 
 
 CPU_MFU = 0.35           # the share of the measured matmul speed a CPU training step reaches (RESULTS.md: 30-40%)

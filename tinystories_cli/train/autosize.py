@@ -32,6 +32,7 @@ from typing import Callable
 
 from tinystories_cli.config import default_d_ff, load_config_file
 from tinystories_cli.errors import UserError
+from tinystories_cli.train.budget import probe_seconds
 from tinystories_cli.train.loop import measure_throughput
 from tinystories_cli.train.prepare import Run, TrainOptions, prepare_run
 
@@ -256,7 +257,7 @@ def prepare_auto_run(preset: str | None, config_file: str | Path | None, model_o
     given_train = {k: v for d in (file_data.get("train"), train_overrides) for k, v in (d or {}).items() if v is not None}
     if options.time_budget is not None:
         budget = options.time_budget
-        probe_s = min(20.0, max(2.0, 0.03 * budget))
+        probe_s = probe_seconds(budget, 0.03, 20.0)
         if notify:
             notify(f"auto-size: timing the reference model (d_model {REFERENCE_WIDTH}) for {probe_s:.0f} s")
         tps, spent = probe_reference(preset, given_train, options, probe_s)
@@ -273,8 +274,27 @@ def prepare_auto_run(preset: str | None, config_file: str | Path | None, model_o
         raise UserError("auto-size needs a budget to size the model for",
                         "pass --time-budget, --train-tokens or --max-steps")
     steps = None if options.time_budget is not None else math.ceil(choice.tokens / (choice.batch_size * CONTEXT_LENGTH))
+    chosen_model, chosen_train = sized_overrides(choice, given_model, given_train, steps)
+    run = prepare_run(preset, config_file, {**chosen_model, **(model_overrides or {})},
+                      {**chosen_train, **(train_overrides or {})}, options)
+    kept = sorted(k for k in (*choice.model_overrides(), *choice.train_overrides(steps))
+                  if k in given_model or k in given_train)
+    mc, tc = run.model_cfg, run.train_cfg
+    run.auto_size = {**record_of(choice, run), **({"explicit": kept} if kept else {})}
+    run.notes.append(f"--auto-size: d_model {mc.d_model}, {mc.num_layers} layers, {mc.num_heads} heads, lr {tc.lr:g}, "
+                     f"batch {tc.batch_size}, warmup {tc.warmup_steps}, {tc.schedule} schedule"
+                     + (f" (decay over the last {tc.decay_fraction:.0%})" if tc.schedule == "wsd" else "")
+                     + f"; {choice.why}"
+                     + (f" (given explicitly: {', '.join(kept)})" if kept else ""))
+    return run
+
+
+def sized_overrides(choice: Choice, given_model: dict, given_train: dict, steps: int | None = None
+                    ) -> tuple[dict, dict]:
+    """(model, train) overrides of `choice` for what was not given explicitly (`steps`: the run's length,
+    when the budget is not a time). A width given explicitly keeps the rule's proportions, not its numbers."""
     chosen_model = {k: v for k, v in choice.model_overrides().items() if k not in given_model}
-    if "d_model" in given_model:  # a width given explicitly keeps the rule's proportions, not its numbers
+    if "d_model" in given_model:
         d = int(given_model["d_model"])
         if "d_ff" in chosen_model:
             chosen_model["d_ff"] = default_d_ff(d, str(given_model.get("ffn", "swiglu")))
@@ -282,18 +302,13 @@ def prepare_auto_run(preset: str | None, config_file: str | Path | None, model_o
             chosen_model["num_heads"] = shape_for(d).num_heads if d % shape_for(d).num_heads == 0 else 1
     chosen_train = {k: v for k, v in choice.train_overrides(steps).items()
                     if k not in given_train and not (k == "max_steps" and "train_tokens" in given_train)}
-    run = prepare_run(preset, config_file, {**chosen_model, **(model_overrides or {})},
-                      {**chosen_train, **(train_overrides or {})}, options)
-    kept = sorted(k for k in (*choice.model_overrides(), *choice.train_overrides(steps))
-                  if k in given_model or k in given_train)
+    return chosen_model, chosen_train
+
+
+def record_of(choice: Choice, run: Run) -> dict:
+    """config.json's "auto_size": what the rule chose and why, with the values the run actually has."""
     mc, tc = run.model_cfg, run.train_cfg
     actual = {"d_model": mc.d_model, "num_layers": mc.num_layers, "num_heads": mc.num_heads, "lr": tc.lr,
               "batch_size": tc.batch_size, "warmup_steps": tc.warmup_steps, "schedule": tc.schedule,
               "decay_fraction": tc.decay_fraction}
-    run.auto_size = {**choice.record(), **actual, **({"explicit": kept} if kept else {})}
-    run.notes.append(f"--auto-size: d_model {mc.d_model}, {mc.num_layers} layers, {mc.num_heads} heads, lr {tc.lr:g}, "
-                     f"batch {tc.batch_size}, warmup {tc.warmup_steps}, {tc.schedule} schedule"
-                     + (f" (decay over the last {tc.decay_fraction:.0%})" if tc.schedule == "wsd" else "")
-                     + f"; {choice.why}"
-                     + (f" (given explicitly: {', '.join(kept)})" if kept else ""))
-    return run
+    return {**choice.record(), **actual}

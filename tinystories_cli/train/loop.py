@@ -1,10 +1,10 @@
-"""The training loop: one process or DDP, gradient accumulation, exact resume, guard rails.
+"""The training loop's pieces: one process or DDP, gradient accumulation, exact resume, guard rails.
 
     run = prepare_run(preset="debug", options=TrainOptions(run_name="smoke"))   # configs, data, run dir
-    result = train(run)                                                         # the loop
+    result = train(run)                                                         # the loop (train/trainer.py)
 
-`train` builds the state (`build_state`), writes the run directory, then `fit` runs one optimizer step
-at a time (`step` counts from 1 to `max_steps`), reading like this:
+`train` builds the state (`build_state`), writes the run directory, then `Trainer.fit` runs one optimizer
+step at a time (`step` counts from 1 to `max_steps`), reading like this:
 
     lr = scheduled_lr(step)       # cosine_lr or wsd_lr (--schedule): it ends exactly at max_steps
     loss, grad_norm = train_step(batches)                        # micro-steps -> clip
@@ -52,20 +52,24 @@ from tinystories_cli.checkpoint import load_model_state, load_optimizer_state, r
 from tinystories_cli.config import ModelConfig
 from tinystories_cli.data import BatchSampler, fixed_windows
 from tinystories_cli.device import (Dist, autocast_factory, broadcast_str, choose_compile, choose_dtype,
-                                    deterministic_on_cpu, dist_from_env, init_distributed, measure_peak_tflops,
+                                    dist_from_env, init_distributed, measure_peak_tflops,
                                     pick_device, sync, use_fast_fp32_matmul)
 from tinystories_cli.errors import UserError
 from tinystories_cli.evaluate import fixed_window_loss
 from tinystories_cli.fileio import atomic_write_text
 from tinystories_cli.model import TransformerLM, cross_entropy
 from tinystories_cli.optim import AdamW, clip_grad_norm_, cosine_lr, make_param_groups, wsd_decay_start, wsd_lr
-from tinystories_cli.run_readme import write_run_readme
 from tinystories_cli.tokens import open_tokens
 from tinystories_cli.train import loggers
-from tinystories_cli.train.display import Display, Signals, format_duration, print_header
+from tinystories_cli.train.budget import (LENGTHEN_MARGIN, MIN_PACE_STEPS, PACE_SHARE, REPLAN_NOTE_SHARE,  # noqa: F401
+                                          REPLAN_SLACK, Pace, TimePlan, eval_cost_in_steps, probe_seconds,
+                                          replan_is_material, replanned_length, steps_in_budget, steps_that_fit,
+                                          time_plan, tokens_per_step)
+from tinystories_cli.train.display import Display, format_duration
 from tinystories_cli.train.parallel import (LossScaler, apply_activation_checkpointing, full_state, shard_model,
                                             shard_optimizer_state, tied_aliases)
 from tinystories_cli.train.prepare import Run, TrainOptions, copy_tokenizer, load_init_weights
+from tinystories_cli.train.runstate import RunState
 
 
 class NonFiniteError(UserError):
@@ -118,48 +122,8 @@ class State:
 
 
 # --------------------------------------------------------------------------------------------
-# train = build the state -> write the run directory -> fit -> describe the run
+# The state: build it, restore it, describe it, write the run directory
 # --------------------------------------------------------------------------------------------
-
-
-def train(run: Run, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
-    """Train `run` from its start (or checkpoint) to `run.end_step`; returns losses and where it stopped.
-
-    `on_step(step, record)` is called after every step (tests use it to inject faults).
-    """
-    main = dist_from_env().is_main
-    with runs.RunLock(run.run_dir) if main else contextlib.nullcontext(), deterministic_on_cpu(run.train_cfg.device):
-        return _train_owned(run, on_step)
-
-
-def _train_owned(run: Run, on_step: Callable[[int, dict], None] | None) -> TrainResult:
-    """`train` while this process owns the run directory (rank 0) or rank 0 does (other ranks)."""
-    started = time.perf_counter()
-    if run.options.time_budget is not None and run.time_plan is None:
-        plan_time_budget(run)
-    state = build_state(run)
-    summary = run_summary(run, state)
-    main = state.dist.is_main
-    if main:
-        write_run_dir(run, state, summary)
-    display = Display(run.options.display, state.start_step, run.end_step, enabled=main)
-    peak, peak_note = peak_tflops(run, state.device)
-    if main:
-        print_header(display, run, summary, peak_note, state.start_step, run.notes + state.notes)
-    log = MetricsLog(run, summary, state.start_step, warn=display.warn) if main else None
-    try:
-        result = fit(run, state, display, log, peak, on_step)
-    finally:
-        display.close()
-        if log is not None:
-            log.close()
-    if main and run.time_plan is not None:
-        record_time_used(run, time.perf_counter() - started, result)
-    if main:
-        write_run_readme(run.run_dir)  # the run directory describes itself (what, on what, results, how to use it)
-    if state.dist.enabled:
-        torch.distributed.barrier()
-    return result
 
 
 def build_state(run: Run) -> State:
@@ -201,7 +165,7 @@ def build_state(run: Run) -> State:
     autocast, note = autocast_factory(device, dtype)
     state = State(dist, device, model, model, optimizer, sampler, valid_tokens, val_starts, autocast,
                   loss_fn=make_loss_fn(model, autocast), compiled=False,
-                  tokens_per_step=tc.batch_size * tc.grad_accum_steps * dist.world_size * cfg.context_length,
+                  tokens_per_step=tokens_per_step(tc.batch_size, tc.grad_accum_steps, dist.world_size, cfg.context_length),
                   grad_clip=tc.grad_clip if tc.grad_clip > 0 else math.inf,
                   notes=[note] if note else [], dtype=dtype, parallel=parallel,
                   scaler=LossScaler(device) if dtype == "float16" else None,
@@ -226,13 +190,13 @@ def restore(state: State, run: Run, ckpt) -> None:
     load_optimizer_state(ckpt, state.optimizer)
     if state.parallel == "fsdp":
         shard_optimizer_state(state.optimizer)
-    meta = ckpt.metadata
+    saved = RunState.model_validate(ckpt.metadata)  # (checked by `prepare.check_resumable` already)
     state.start_step = ckpt.iteration
-    state.sampler.load_state_dict(meta["sampler"])
-    state.best_val = meta.get("best_val_loss")
-    state.skipped = int(meta.get("skipped_nonfinite", 0))
-    state.scaler_skipped = int(meta.get("scaler_skipped", 0))
-    state.elapsed_before = float(meta.get("elapsed_s", 0.0))
+    state.sampler.load_state_dict(saved.sampler.for_sampler())
+    state.best_val = saved.best_val_loss
+    state.skipped = saved.skipped_nonfinite
+    state.scaler_skipped = saved.scaler_skipped
+    state.elapsed_before = saved.elapsed_s
     if state.scaler is not None:
         state.scaler.load_state_tensors(ckpt.extra)
     state.rng_state = {k: v for k, v in ckpt.extra.items() if k.startswith("rng.")}
@@ -282,8 +246,7 @@ def run_summary(run: Run, state: State) -> dict[str, Any]:
         "tokenizer": {"fingerprint": run.tokenizer_fingerprint, "source": str(run.tokenizer_dir)},
         "data": {"train": str(run.train_file), "valid": str(run.valid_file)},
         "device": str(state.device), "tslm_version": __version__, "torch_version": torch.__version__,
-        **({"time_budget": {k: v for k, v in run.time_plan.items() if k != "deadline"}}
-           if run.time_plan is not None else {}),
+        **({"time_budget": run.time_plan.record()} if run.time_plan is not None else {}),
         **({"init_from": run.init_from.record()} if run.init_from is not None else {}),
         **({"auto_size": run.auto_size} if run.auto_size is not None else {}),
     }
@@ -336,84 +299,8 @@ def flops_per_token(cfg: ModelConfig) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# fit: one optimizer step at a time
+# One optimizer step, and what happens around it (`Trainer.fit` calls these)
 # --------------------------------------------------------------------------------------------
-
-
-def fit(run: Run, state: State, display: Display, log: MetricsLog | None, peak: float,
-        on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
-    """Steps `state.start_step + 1 .. run.end_step`: lr -> train_step -> guarded update -> log/eval/save.
-
-    Nothing is read back to the host between sync points (log, eval and save steps, the first and the
-    last step): losses and gradient norms stay on the device until then (`StepStats`), and a bad step
-    is skipped on the device (`guarded_update`)."""
-    tc = run.train_cfg
-    result = TrainResult(run.run_dir, state.start_step, run.max_steps, best_val_loss=state.best_val)
-    meter = Throughput(state.start_step, run.end_step, flops_per_token(run.model_cfg), peak)
-    stats = StepStats()
-    feeder = Feeder(state.sampler, state.device, tc.grad_accum_steps)
-    pace = Pace()
-    state.model.train()
-    if state.rng_state is not None and state.dist.is_main:  # last thing before the loop: nothing else may draw from it
-        restore_rng(state.rng_state, state.device)
-    step = state.start_step
-    with Signals() as signals:
-        while step < run.end_step:  # `fit_to_deadline` may move run.end_step
-            step += 1
-            lr = scheduled_lr(tc, step, run.max_steps)
-            for group in state.optimizer.param_groups:
-                group["lr"] = lr
-            batches = feeder.take()
-            loss, grad_norm = first_step(state, batches, display) if step == state.start_step + 1 \
-                else train_step(state, batches)
-            feeder.prefetch()  # the next step's batches are read while this one runs on the device
-            guarded_update(state, loss, grad_norm)
-            stats.add(step, loss, grad_norm)
-            record = meter.record(step, state, state.elapsed_before)
-            result.step = step
-            stop_requested = signals.stop and not state.dist.enabled  # a CPU flag: no sync needed
-            out_of_time = signalled = False
-            if is_sync_point(step, state.start_step, run.end_step, run.max_steps, tc) or stop_requested:
-                losses, norm = stats.flush(state.dist)
-                result.train_losses.update(losses)
-                check_nonfinite(state, run.options, losses, stats, display)
-                late = run.time_plan is not None and time.perf_counter() > run.time_plan["deadline"]
-                signalled, out_of_time = any_rank(state, signals.stop, late)
-                stop_requested = signalled or out_of_time
-                if run.time_plan is not None and not stop_requested:
-                    fit_to_deadline(run, state, step, pace, meter, display)
-                if step % tc.log_every == 0 or step == run.end_step or step == state.start_step + 1:
-                    record.update(train_loss=losses[step], lr=lr, grad_norm=norm, **meter.rates(step),
-                                  skipped_steps=state.skipped + state.scaler_skipped)
-                    if state.scaler is not None:
-                        record["loss_scale"] = state.scaler.scale.item()
-                    display.log(step, run.end_step, meter.line(losses[step], lr, norm, record))
-            if step % tc.eval_every == 0 or step == run.max_steps:
-                t_eval = time.perf_counter()
-                evaluate_and_keep_best(run, state, step, record, result, display)
-                pace.evaluated(time.perf_counter() - t_eval)
-            if step % tc.save_every == 0 or stop_requested or step == run.end_step:
-                save_step(run, state, step, record["elapsed_s"], feeder)
-            if log is not None:
-                log.write(record)
-            if on_step is not None:
-                on_step(step, record)
-            if out_of_time and not signalled and step < run.end_step:
-                result.stopped = "time_budget"
-                display.note(f"--time-budget spent at step {step}: saved a checkpoint")
-                break
-            if signalled:  # (a deadline that passes at the last step is just the end)
-                result.stopped, result.signal = "interrupted", signals.signame or "SIGINT"
-                display.note(f"{signals.signame or 'signal'}: saved a checkpoint at step {step}; continue with "
-                             f"`tslm train --resume --run-name {run.run_dir.name}`")
-                break
-            pace.stepped(step == state.start_step + 1)
-    if result.stopped == "finished" and run.end_step < run.max_steps:
-        result.stopped = "stop_at"
-    result.max_steps = run.max_steps  # not the planned length when `fit_to_deadline` moved it
-    result.best_val_loss = state.best_val
-    result.elapsed_s, result.tokens_per_s = meter.totals(result.step, state.tokens_per_step)
-    return result
 
 
 def scheduled_lr(tc, step: int, max_steps: int) -> float:
@@ -593,18 +480,17 @@ def save_step(run: Run, state: State, step: int, elapsed: float, feeder: Feeder 
     if state.dist.is_main:
         path = run.run_dir / runs.CHECKPOINT_DIR / runs.step_checkpoint_name(step)
         tc = run.train_cfg
-        meta = {"model_config": run.model_cfg.model_dump(), "train_config": tc.model_dump(),
-                "preset": run.preset, "best_val_loss": state.best_val,
-                "skipped_nonfinite": state.skipped, "scaler_skipped": state.scaler_skipped,
-                "elapsed_s": elapsed, "max_steps": run.max_steps,
-                "world_size": state.dist.world_size, "batch_size": tc.batch_size,
-                "grad_accum_steps": tc.grad_accum_steps, "tokenizer_fingerprint": run.tokenizer_fingerprint,
-                "sampler": feeder.sampler_state() if feeder is not None else state.sampler.state_dict()}
+        saved = RunState(model_config=run.model_cfg.model_dump(), train_config=tc.model_dump(), preset=run.preset,
+                         best_val_loss=state.best_val, skipped_nonfinite=state.skipped,
+                         scaler_skipped=state.scaler_skipped, elapsed_s=elapsed, max_steps=run.max_steps,
+                         world_size=state.dist.world_size, batch_size=tc.batch_size,
+                         grad_accum_steps=tc.grad_accum_steps, tokenizer_fingerprint=run.tokenizer_fingerprint,
+                         sampler=feeder.sampler_state() if feeder is not None else state.sampler.state_dict())
         extra = rng_tensors(state.device)
         if state.scaler is not None:
             extra.update(state.scaler.state_tensors())
         save_states(*state_tensors(model_sd, tied_aliases(state.raw_model)), state.optimizer, optim_sd, step, path,
-                    metadata=meta, extra_tensors=extra)
+                    metadata=saved.metadata(), extra_tensors=extra)
         for _, old in runs.step_checkpoints(run.run_dir)[:-run.train_cfg.keep_last]:
             with contextlib.suppress(FileNotFoundError):
                 old.unlink()
@@ -615,21 +501,19 @@ def save_step(run: Run, state: State, step: int, elapsed: float, feeder: Feeder 
 
 def plan_time_budget(run: Run) -> None:
     """--time-budget: a probe of real training steps measures tokens/s on this hardware, and max_steps is
-    set so that training (plus its evaluations) fills the budget; the schedule ends there. The probe's
-    own time counts against the budget. Should the machine slow down, `fit` shortens the schedule
-    (`fit_to_deadline`) and, as a last resort, stops at the deadline with a checkpoint."""
+    set so that training (plus its evaluations) fills the budget (`budget.steps_in_budget`); the schedule
+    ends there. The probe's own time counts against the budget. Should the machine slow down, `fit`
+    shortens the schedule (`fit_to_deadline`) and, as a last resort, stops at the deadline with a checkpoint."""
     budget, tc = run.options.time_budget, run.train_cfg
     deadline = time.perf_counter() + budget
-    tps, spent = measure_throughput(run, max_seconds=min(60.0, max(2.0, 0.02 * budget)), max_steps=20)
+    tps, spent = measure_throughput(run, max_seconds=probe_seconds(budget, 0.02, 60.0), max_steps=20)
     dist = dist_from_env()
     if dist.enabled:  # every rank plans the same schedule: the slowest rank's rate
         t = torch.tensor([tps], dtype=torch.float64)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
         tps = float(t.item())
-    tokens_per_step = tc.batch_size * tc.grad_accum_steps * dist.world_size * run.model_cfg.context_length
-    eval_share = eval_cost_in_steps(tc) / tc.eval_every
-    usable = budget - spent - 0.03 * budget  # 3%: start-up, checkpoints, the last evaluation
-    steps = int(usable * tps / tokens_per_step / (1 + eval_share))
+    step_tokens = tokens_per_step(tc.batch_size, tc.grad_accum_steps, dist.world_size, run.model_cfg.context_length)
+    steps = steps_in_budget(budget, spent, tps, step_tokens, eval_cost_in_steps(tc) / tc.eval_every)
     if steps < 1:
         raise UserError(f"a --time-budget of {format_duration(budget)} leaves no time to train (the probe ran "
                         f"{tps:,.0f} tokens/s, {spent:.1f} s)", "give a longer --time-budget or a smaller model")
@@ -642,106 +526,23 @@ def plan_time_budget(run: Run) -> None:
     run.end_step = min(run.end_step, steps) if run.options.stop_at is not None else steps
     run.time_plan = time_plan(budget, deadline, spent, tps, steps)
     run.notes.append(f"--time-budget {format_duration(budget)}: the probe ran {tps:,.0f} tokens/s ({spent:.1f} s) "
-                     f"-> {steps:,} steps of {tokens_per_step:,} tokens, the {tc.schedule} schedule planned to end there")
-
-
-def eval_cost_in_steps(tc) -> float:
-    """One evaluation in training steps: eval_batches forward-only batches, each a third of the work of
-    one of a step's grad_accum_steps micro-batches (an estimate, for planning)."""
-    return tc.eval_batches / (3 * tc.grad_accum_steps)
-
-
-def update_run_config(run: Run, **changes) -> None:
-    """Rewrite the run's config.json (atomically) with `changes` applied at its top level."""
-    path = run.run_dir / runs.CONFIG_FILE
-    config = json.loads(path.read_text(encoding="utf-8"))
-    config.update(changes)
-    atomic_write_text(path, json.dumps(config, indent=2) + "\n")
-
-
-def time_plan(budget_s: float, deadline: float, probe_s: float, tokens_per_s: float, steps: int,
-              max_steps_cap: int | None = None) -> dict:
-    """`Run.time_plan`: what a run with a deadline (a `time.perf_counter()` value) planned, which `fit`
-    keeps to (`fit_to_deadline`) and config.json records (all but the deadline). `max_steps_cap`: the
-    most steps a lengthened schedule may have (quickstart: its passes over the data); None, no cap."""
-    plan = {"budget_s": budget_s, "probe_s": round(probe_s, 2), "probe_tokens_per_s": round(tokens_per_s, 1),
-            "planned_steps": steps, "deadline": deadline}
-    return plan if max_steps_cap is None else {**plan, "max_steps_cap": int(max_steps_cap)}
-
-
-class Pace:
-    """Seconds per training step and per evaluation, measured as the run goes (for `fit_to_deadline`).
-    Counting starts after the first step (allocations, compiling)."""
-
-    def __init__(self):
-        self.t0: float | None = None
-        self.steps = 0
-        self.eval_s = 0.0
-        self.evals = 0
-
-    def stepped(self, first: bool) -> None:
-        if first:
-            self.t0, self.steps, self.eval_s, self.evals = time.perf_counter(), 0, 0.0, 0
-        elif self.t0 is not None:
-            self.steps += 1
-
-    def evaluated(self, seconds: float) -> None:
-        if self.t0 is not None:
-            self.eval_s += seconds
-            self.evals += 1
-
-    def seconds_per_step(self, now: float, planned_steps: int) -> float | None:
-        """Training seconds per step so far (evaluations excluded); None until PACE_SHARE of the
-        planned steps (at least MIN_PACE_STEPS) are timed: the first steps run slower than the rest."""
-        if self.t0 is None or self.steps < max(MIN_PACE_STEPS, PACE_SHARE * planned_steps):
-            return None
-        return max(now - self.t0 - self.eval_s, 1e-9) / self.steps
-
-
-MIN_PACE_STEPS = 5      # steps timed before the pace is trusted ...
-PACE_SHARE = 0.05       # ... and this share of the planned steps
-REPLAN_SLACK = 0.02     # the schedule moves only when it would overrun, or leave unused, more than this share
-LENGTHEN_MARGIN = 0.03  # a lengthened schedule is planned this share short of the deadline (a later slowdown)
-
-
-def steps_that_fit(seconds: float, step_s: float, eval_s: float, eval_every: int) -> int:
-    """Training steps that fit in `seconds` with an evaluation every `eval_every` steps and one at the end.
-
-    >>> steps_that_fit(100.0, 1.0, 5.0, 10)     # 60 steps + 6 evaluations + the last one: 95 s
-    63
-    >>> steps_that_fit(3.0, 1.0, 5.0, 10)
-    0
-    """
-    return max(0, int((seconds - eval_s) / (step_s + eval_s / eval_every)))
+                     f"-> {steps:,} steps of {step_tokens:,} tokens, the {tc.schedule} schedule planned to end there")
 
 
 def fit_to_deadline(run: Run, state: State, step: int, pace: Pace, meter: "Throughput", display: Display) -> None:
     """Keep a run with a deadline (--time-budget, quickstart's --minutes) to it when its steps turn out
-    slower or faster than the probe measured.
+    slower or faster than the probe measured (`budget.replanned_length`).
 
     Slower (another job took the cores, thermal throttling): the schedule is shortened, so that the
     learning rate still decays to its end (the last step evaluates and saves) before the deadline rather
     than being cut off at full rate. Faster (the probe under-read the machine): a WSD schedule still in
-    its flat phase is lengthened to fill the time, up to `time_plan["max_steps_cap"]`; no step already
+    its flat phase is lengthened to fill the time, up to `time_plan.max_steps_cap`; no step already
     taken had another rate (`wsd_decay_start` only moves later). A cosine schedule is never lengthened.
     The new length goes to config.json at once, so a resumed run keeps it; `time_budget.replanned`
     lists each change. Under torchrun, all ranks take the smallest length any proposes."""
-    tc = run.train_cfg
-    now = time.perf_counter()
-    step_s = pace.seconds_per_step(now, run.time_plan["planned_steps"])
-    target = run.max_steps
-    if step_s is not None:
-        eval_s = pace.eval_s / pace.evals if pace.evals else step_s * eval_cost_in_steps(tc)
-        finish_s = 1.0 + 0.01 * run.time_plan["budget_s"]  # the last save and the run's README
-        fits = step + steps_that_fit(run.time_plan["deadline"] - now - finish_s, step_s, eval_s, tc.eval_every)
-        if fits < run.max_steps * (1 - REPLAN_SLACK):
-            target = max(fits, step + 1, min(tc.warmup_steps + 1, run.max_steps))
-        elif can_lengthen(run, step):
-            longer = int(step + (fits - step) * (1 - LENGTHEN_MARGIN))
-            cap = run.time_plan.get("max_steps_cap")
-            longer = longer if cap is None else min(longer, cap)
-            if longer > run.max_steps * (1 + REPLAN_SLACK):
-                target = longer
+    plan = run.time_plan
+    target = replanned_length(plan, pace, time.perf_counter(), step, run.max_steps, run.train_cfg,
+                              can_lengthen(run, step))
     if state.dist.enabled:
         t = torch.tensor([target], dtype=torch.float64, device=state.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
@@ -751,15 +552,15 @@ def fit_to_deadline(run: Run, state: State, step: int, pace: Pace, meter: "Throu
     old = run.max_steps
     run.end_step = target if run.end_step == old else min(run.end_step, target)  # (a --stop-at before the end)
     run.max_steps = target
-    run.train_cfg = tc.model_copy(update={"max_steps": target, "train_tokens": None})
-    run.time_plan.setdefault("replanned", []).append({"at_step": step, "from": old, "to": target})
+    run.train_cfg = run.train_cfg.model_copy(update={"max_steps": target, "train_tokens": None})
+    plan.replanned.append({"at_step": step, "from": old, "to": target})
     meter.end_step = run.end_step
     display.retotal(run.end_step)
     # Said only when the length moved materially since it was last said (small corrections are frequent on a
     # busy machine; every one is still in config.json's time_budget.replanned).
-    noted = run.time_plan.get("noted_steps", run.time_plan["planned_steps"])
+    noted = plan.noted_steps if plan.noted_steps is not None else plan.planned_steps
     if replan_is_material(noted, target):
-        run.time_plan["noted_steps"] = target
+        plan.noted_steps = target
         display.note(f"steps are {'slower' if target < noted else 'faster'} than the probe measured: the schedule "
                      f"now ends at step {target:,} instead of {noted:,}, to "
                      + ("finish before the deadline" if target < noted else "use the time budget"))
@@ -768,17 +569,12 @@ def fit_to_deadline(run: Run, state: State, step: int, pace: Pace, meter: "Throu
                           train=run.train_cfg.model_dump())
 
 
-REPLAN_NOTE_SHARE = 0.1  # a new schedule length is printed when it differs this much from the last one printed
-
-
-def replan_is_material(noted: int, target: int, share: float = REPLAN_NOTE_SHARE) -> bool:
-    """Whether a schedule now ending at `target` differs enough from the `noted` length (the one last
-    printed) to print it again.
-
-    >>> replan_is_material(100, 97), replan_is_material(100, 90), replan_is_material(100, 112)
-    (False, True, True)
-    """
-    return abs(target - noted) >= share * max(noted, 1)
+def update_run_config(run: Run, **changes) -> None:
+    """Rewrite the run's config.json (atomically) with `changes` applied at its top level."""
+    path = run.run_dir / runs.CONFIG_FILE
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config.update(changes)
+    atomic_write_text(path, json.dumps(config, indent=2) + "\n")
 
 
 def can_lengthen(run: Run, step: int) -> bool:
@@ -790,8 +586,7 @@ def can_lengthen(run: Run, step: int) -> bool:
 
 def record_time_used(run: Run, seconds: float, result: TrainResult) -> None:
     """The actual wall-clock of a --time-budget run beside its plan, in config.json."""
-    plan = {k: v for k, v in run.time_plan.items() if k not in ("deadline", "noted_steps")}
-    update_run_config(run, time_budget={**plan, "actual_s": round(seconds, 2), "steps_done": result.step,
+    update_run_config(run, time_budget={**run.time_plan.record(), "actual_s": round(seconds, 2), "steps_done": result.step,
                                         "stopped": result.stopped})
 
 

@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from tinystories_cli import paths, runs
-from tinystories_cli.account import check_fits_in_memory, training_memory
+from tinystories_cli.account import check_fits_in_memory, parse_memory, training_memory
 from tinystories_cli.checkpoint import read_checkpoint
-from tinystories_cli.config import (ModelConfig, Preset, TrainConfig, build_config, get_preset, load_config_file,
+from tinystories_cli.config import (ModelConfig, Preset, TrainConfig, build_config, get_preset, load_config_file, option,
                                     resolve_configs, results_neutral)
 from tinystories_cli.console import human_bytes
 from tinystories_cli.device import dist_from_env
@@ -37,27 +37,46 @@ from tinystories_cli.fileio import atomic_write_text, check_source_outside, sha2
 from tinystories_cli.interop.hf import is_hf_dir, plan_hf_model, read_hf_model
 from tinystories_cli.interop.importer import load_weights, tokenizer_from_hf, write_tokenizer
 from tinystories_cli.tokens import check_tokens, open_tokens
+from tinystories_cli.train.budget import TimePlan, tokens_per_step
 from tinystories_cli.train.loggers import check_available as check_loggers_available
+from tinystories_cli.train.runstate import RunState, SamplerState  # noqa: F401  (SamplerState: its old home)
 
 
 @dataclass
 class TrainOptions:
-    """Run-level choices that are not hyperparameters (they never change what a step computes)."""
+    """Run-level choices that are not hyperparameters (they never change what a step computes).
 
-    run_name: str | None = None
-    run_dir: Path | None = None  # an explicit run directory instead of runs/<run_name>
-    resume: str | None = None  # None, "auto", or a run name / run dir / checkpoint file
-    force: bool = False
-    stop_at: int | None = None
-    skip_nonfinite: int = 0
-    peak_tflops: float | None = None
-    train_file: Path | None = None
-    valid_file: Path | None = None
-    tokenizer_dir: Path | None = None
-    display: str = "auto"  # auto (rich on a terminal, else plain lines) | rich | plain | quiet
-    fit_memory: int | None = None  # bytes per device: pick micro-batch and accumulation to fit (`fit_to_memory`)
-    time_budget: float | None = None  # seconds of wall-clock: plan max_steps from a probe (`loop.plan_time_budget`)
-    init_from: str | None = None  # fine-tune: a run name / run dir / checkpoint file / Hugging Face directory
+    Each is declared once here: its description is the `--help` of the `tslm train` option generated from
+    it (`config.option`, `cli.common.config_options`)."""
+
+    run_name: str | None = option(None, "Run directory name under runs/ (default: preset-timestamp).")
+    run_dir: Path | None = option(None, "Run directory anywhere (instead of runs/<--run-name>); runs/latest is not moved.")
+    # None, "auto", or a run name / run dir / checkpoint file (`tslm train --resume [auto|RUN]`)
+    resume: str | None = option(None, "Continue a run.", cli=False)
+    force: bool = option(False, "Start over in a run directory that already holds a run.")
+    stop_at: int | None = option(None, "End at this step (with a checkpoint) without changing the schedule.")
+    skip_nonfinite: int = option(0, "Skip up to N steps with a NaN/inf loss or gradient instead of stopping.")
+    peak_tflops: float | None = option(None, "Hardware peak TFLOP/s for MFU (default: a measured matmul).")
+    train_file: Path | None = option(None, "Train token file (default data/<dataset>/train.npy).",
+                                     flags=("--train-data",))
+    valid_file: Path | None = option(None, "Validation token file (default data/<dataset>/valid.npy).",
+                                     flags=("--valid-data",))
+    tokenizer_dir: Path | None = option(None, "Tokenizer directory (default data/<dataset>/tokenizer).",
+                                        flags=("--tokenizer",))
+    # auto (rich on a terminal, else plain lines) | rich | plain | quiet (`tslm train --plain`, `--quiet`)
+    display: str = option("auto", "How progress is shown.", cli=False)
+    # bytes per device: pick micro-batch and accumulation to fit (`fit_to_memory`)
+    fit_memory: int | None = option(
+        None, "Device memory, e.g. 24GB: pick the micro-batch and accumulation that keep the global batch "
+        "(--batch-size x --grad-accum x processes) within it, from `tslm account`'s estimate with a 10% margin.",
+        cli_type=str, parse=parse_memory)
+    # seconds of wall-clock: plan max_steps from a probe (`loop.plan_time_budget`)
+    time_budget: float | None = option(
+        None, "Wall-clock budget, e.g. 90m or 1.5h: a short probe of real steps sets --max-steps so the schedule "
+        "ends on time; if steps get slower, the schedule is shortened to still end by the deadline (if faster, a "
+        "wsd schedule still flat is lengthened).", cli_type=str, parse=lambda text: parse_duration(text))
+    init_from: str | None = option(None, "Fine-tune: model config, weights and tokenizer from a run, a checkpoint or "
+                                   "a Hugging Face directory; fresh optimizer and schedule.")
 
 
 @dataclass
@@ -99,7 +118,7 @@ class Run:
     tokenizer_fingerprint: str | None = None
     init_from: InitSource | None = None
     notes: list[str] = field(default_factory=list)  # what was chosen for the user, printed in the header
-    time_plan: dict[str, float] | None = None  # --time-budget: the budget, the probe and the steps it planned
+    time_plan: TimePlan | None = None  # a deadline (--time-budget, quickstart): the budget, the probe, the steps planned
     auto_size: dict | None = None  # --auto-size: what the rule chose and why (`autosize.prepare_auto_run`)
 
 
@@ -149,35 +168,12 @@ def prepare_run(
     if opts.run_name is not None:
         runs.check_run_name(opts.run_name)
     file_data = load_config_file(config_file) if config_file else {}
-    file_model, file_train = file_data.get("model") or {}, file_data.get("train") or {}
-    run_dir, resume_from = find_resume(opts)
-    init: InitSource | None = None  # fine-tuning, only when the run starts fresh
-    named: Preset | None = None  # the preset of a fresh run (it may name its tokenizer)
-    if resume_from is not None:
-        saved = runs.read_run_config(run_dir)
-        preset_name, model_cfg, train_cfg = resumed_configs(saved, run_dir, preset, {**file_model, **(model_overrides or {})},
-                                                            file_train, train_overrides)
-        check_resumable(resume_from, run_dir, saved)
-        tokenizer_dir = runs.tokenizer_dir_of(run_dir)
-    elif opts.init_from is not None:
-        init = resolve_init_source(opts.init_from)
-        preset_name, model_cfg, train_cfg = init_configs(init, preset, file_data, model_overrides, train_overrides, opts)
-        tokenizer_dir = init.tokenizer_dir
-        default_name = new_run_name(f"{init.path.resolve().name.removesuffix('.safetensors')}-finetune")
-        run_dir = run_dir or opts.run_dir or runs.runs_root() / (opts.run_name or default_name)
-    else:
-        p, model_cfg, train_cfg = resolve_configs(preset, config_file, model_overrides, train_overrides)
-        preset_name, named = p.name, p
-        tokenizer_dir = preset_tokenizer_dir(p, train_cfg.dataset, opts.tokenizer_dir)
-        run_dir = run_dir or opts.run_dir or runs.runs_root() / (opts.run_name or new_run_name(preset_name))
+    file_model = file_data.get("model") or {}
+    src = resolve_sources(preset, config_file, file_data, model_overrides, train_overrides, opts)
+    preset_name, model_cfg, train_cfg, init, named = src.preset, src.model_cfg, src.train_cfg, src.init, src.named
+    run_dir, resume_from, tokenizer_dir = src.run_dir, src.resume_from, src.tokenizer_dir
     if resume_from is None:
-        check_sources_outside_run(run_dir, tokenizer_dir, init, opts)
-        runs.check_no_foreign(run_dir)
-        if (run_dir / runs.CONFIG_FILE).exists() or runs.step_checkpoints(run_dir):
-            # --resume auto on a run that never reached its first checkpoint starts it over.
-            if not opts.force and opts.resume != "auto":
-                raise UserError(f"{run_dir} already holds a run",
-                                "pass --resume to continue it, --force to start it over, or choose another --run-name")
+        check_fresh_run_dir(run_dir, tokenizer_dir, init, opts)
 
     check_fits_in_memory(model_cfg, "this model")  # it is built in host memory first, whatever the device
     tokenizer = load_run_tokenizer(tokenizer_dir, train_cfg.dataset)
@@ -204,12 +200,62 @@ def prepare_run(
         raise UserError("--time-budget plans the schedule when a run starts; a resumed run keeps its plan",
                         "drop --time-budget when resuming")
     check_loggers_available(train_cfg.log)
-    max_steps, end_step = plan_steps(model_cfg, train_cfg, opts)
+    max_steps, end_step = schedule_length(model_cfg, train_cfg, opts)
     if train_cfg.max_steps != max_steps:
         train_cfg = train_cfg.model_copy(update={"max_steps": max_steps})
     return Run(preset_name, model_cfg, train_cfg, opts, run_dir, tokenizer_dir, train_file, valid_file,
                resume_from, max_steps, end_step, fresh=resume_from is None, tokenizer_fingerprint=fingerprint,
                notes=notes, init_from=init)
+
+
+@dataclass
+class Sources:
+    """Where a run's configs, tokenizer and run directory come from (`resolve_sources`)."""
+
+    preset: str
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    run_dir: Path
+    resume_from: Path | None
+    tokenizer_dir: Path
+    init: InitSource | None = None  # fine-tuning, only when the run starts fresh
+    named: Preset | None = None     # the preset of a fresh run (it may name its tokenizer)
+
+
+def resolve_sources(preset: str | None, config_file: str | Path | None, file_data: dict,
+                    model_overrides: dict[str, Any] | None, train_overrides: dict[str, Any] | None,
+                    opts: TrainOptions) -> Sources:
+    """The configs (preset < file < flags; the saved ones when resuming; the source's when fine-tuning),
+    the tokenizer directory and the run directory."""
+    file_model, file_train = file_data.get("model") or {}, file_data.get("train") or {}
+    run_dir, resume_from = find_resume(opts)
+    if resume_from is not None:
+        saved = runs.read_run_config(run_dir)
+        preset_name, model_cfg, train_cfg = resumed_configs(saved, run_dir, preset, {**file_model, **(model_overrides or {})},
+                                                            file_train, train_overrides)
+        check_resumable(resume_from, run_dir, saved)
+        return Sources(preset_name, model_cfg, train_cfg, run_dir, resume_from, runs.tokenizer_dir_of(run_dir))
+    if opts.init_from is not None:
+        init = resolve_init_source(opts.init_from)
+        preset_name, model_cfg, train_cfg = init_configs(init, preset, file_data, model_overrides, train_overrides, opts)
+        default_name = new_run_name(f"{init.path.resolve().name.removesuffix('.safetensors')}-finetune")
+        run_dir = run_dir or opts.run_dir or runs.runs_root() / (opts.run_name or default_name)
+        return Sources(preset_name, model_cfg, train_cfg, run_dir, None, init.tokenizer_dir, init=init)
+    p, model_cfg, train_cfg = resolve_configs(preset, config_file, model_overrides, train_overrides)
+    tokenizer_dir = preset_tokenizer_dir(p, train_cfg.dataset, opts.tokenizer_dir)
+    run_dir = run_dir or opts.run_dir or runs.runs_root() / (opts.run_name or new_run_name(p.name))
+    return Sources(p.name, model_cfg, train_cfg, run_dir, None, tokenizer_dir, named=p)
+
+
+def check_fresh_run_dir(run_dir: Path, tokenizer_dir: Path, init: InitSource | None, opts: TrainOptions) -> None:
+    """A fresh run's directory: none of its sources inside it, nothing foreign in it, and no run in it unless
+    `force` (or `resume="auto"` on a run that never reached its first checkpoint: it starts over)."""
+    check_sources_outside_run(run_dir, tokenizer_dir, init, opts)
+    runs.check_no_foreign(run_dir)
+    if (run_dir / runs.CONFIG_FILE).exists() or runs.step_checkpoints(run_dir):
+        if not opts.force and opts.resume != "auto":
+            raise UserError(f"{run_dir} already holds a run",
+                            "pass --resume to continue it, --force to start it over, or choose another --run-name")
 
 
 def check_sources_outside_run(run_dir: Path, tokenizer_dir: Path, init: "InitSource | None", opts: TrainOptions) -> None:
@@ -450,13 +496,13 @@ def check_token_file_fits(path: Path, split: str, dataset: str, fingerprint: str
                         f"({model_cfg.context_length + 1})", "encode more text or lower --ctx")
 
 
-def plan_steps(model_cfg: ModelConfig, train_cfg: TrainConfig, opts: TrainOptions) -> tuple[int, int]:
+def schedule_length(model_cfg: ModelConfig, train_cfg: TrainConfig, opts: TrainOptions) -> tuple[int, int]:
     """(max_steps, end_step): --train-tokens (if set) decides max_steps; the schedule ends exactly there."""
-    dist = dist_from_env()
-    tokens_per_step = train_cfg.batch_size * train_cfg.grad_accum_steps * dist.world_size * model_cfg.context_length
+    step_tokens = tokens_per_step(train_cfg.batch_size, train_cfg.grad_accum_steps, dist_from_env().world_size,
+                                  model_cfg.context_length)
     max_steps = train_cfg.max_steps
     if train_cfg.train_tokens is not None:
-        max_steps = max(1, math.ceil(train_cfg.train_tokens / tokens_per_step))
+        max_steps = max(1, math.ceil(train_cfg.train_tokens / step_tokens))
     if train_cfg.warmup_steps > max_steps:
         raise UserError(f"warmup_steps ({train_cfg.warmup_steps}) exceeds the number of steps ({max_steps})",
                         "lower --warmup-steps or raise --max-steps/--train-tokens")
@@ -468,32 +514,6 @@ def plan_steps(model_cfg: ModelConfig, train_cfg: TrainConfig, opts: TrainOption
     if opts.skip_nonfinite < 0:
         raise UserError(f"--skip-nonfinite must be >= 0, got {opts.skip_nonfinite}")
     return max_steps, end_step
-
-
-class SamplerState(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    seed: int = Field(ge=0, lt=2**63)
-    draws: int = Field(ge=0, lt=2**63)
-    grad_accum: int = Field(1, ge=1, lt=2**31)
-
-
-class RunState(BaseModel):
-    """What the trainer stores in a step checkpoint's metadata, checked before a resume acts on it."""
-
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
-    model_config_: dict = Field(alias="model_config")
-    train_config: dict
-    preset: str
-    sampler: SamplerState
-    best_val_loss: float | None = None
-    skipped_nonfinite: int = Field(0, ge=0)
-    elapsed_s: float = Field(0.0, ge=0)
-    max_steps: int = Field(gt=0)
-    tokenizer_fingerprint: str | None = None
-    scaler_skipped: int = Field(0, ge=0)
-    world_size: int | None = Field(None, ge=1)
-    batch_size: int | None = Field(None, ge=1)
-    grad_accum_steps: int | None = Field(None, ge=1)
 
 
 def check_resumable(ckpt_path: Path, run_dir: Path, saved: dict) -> None:
