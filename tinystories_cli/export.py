@@ -60,6 +60,7 @@ from tinystories_cli.interop.llamacpp import check_gguf_compatible
 from tinystories_cli.interop.llama import (EOT, NotLlamaCompatible, hf_config, hf_state_dict, llama_incompatibilities,
                                            plain_state)
 from tinystories_cli.tokenizer.files import encode_token_bytes, write_vocab_merges
+from tinystories_cli.trained import load_trained_model
 
 FORMATS = ("hf", "safetensors", "gguf")
 GGUF_TYPES = ("f32", "f16", "q8_0")  # --format gguf: the weight types (norms stay f32)
@@ -409,6 +410,6 @@ def export_run(run: str | os.PathLike | None, fmt: str, out: str | os.PathLike, 
             early = None
         if early is not None:
             hf_architecture(early) if fmt == "hf" else check_gguf_compatible(early)
-    model, tokenizer, cfg = runs.load_trained_model(path, "cpu")
+    model, tokenizer, cfg = load_trained_model(path, "cpu")
     writer = {"hf": export_hf, "safetensors": export_safetensors, "gguf": export_gguf}[fmt]
     return writer(model, tokenizer, cfg, out, force, dtype, protect=[run_dir]), cfg

@@ -1,4 +1,4 @@
-"""Run directories: where a training run keeps its files, and how other commands find a trained model.
+"""Run directories: where a training run keeps its files, and how other commands find them.
 
     runs/<name>/
         config.json                     resolved preset + model + train config, parameter count, token budget
@@ -15,7 +15,9 @@ a run that is being trained. Starting a run over (`--force`) removes only what a
 (`clear_run`), and a directory holding anything else is refused (`foreign_entries`).
 
 `tslm eval` and `tslm generate` accept a run name, a run directory or a checkpoint file, and
-default to `runs/latest`:
+default to `runs/latest` (`resolve_run`, `checkpoint_for`). Building the model from those files is one floor
+up, in `tinystories_cli.trained`; `load_trained_model` and `model_from_checkpoint` stay importable from here
+(loaded on first use, so this module never imports the model):
 
     >>> model, tokenizer, cfg = load_trained_model("runs/latest")      # doctest: +SKIP
 """
@@ -34,15 +36,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import ValidationError
 
 from tinystories_cli import paths
-from tinystories_cli.account import check_fits_in_memory
-from tinystories_cli.checkpoint import check_model_state, load_model_state, read_checkpoint
 from tinystories_cli.config import ModelConfig, format_validation_error
 from tinystories_cli.errors import UserError
-from tinystories_cli.model import TransformerLM
 from tinystories_cli.tokenizer.tokenizer import Tokenizer
 from tinystories_cli.fileio import atomic_write_text, fsync_dir, read_json
 
@@ -65,6 +63,22 @@ WANDB_ID_FILE = "wandb-run-id"       # --log wandb: the W&B run id a resumed run
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, README_FILE, STORY_FILE, LOCK_FILE, WANDB_ID_FILE)
 TB_EVENTS_PREFIX = "events.out.tfevents."
 _STEP_RE = re.compile(r"^step_(\d+)\.safetensors$")
+
+# Names that moved up to `tinystories_cli.trained` and stay importable from here (the library contract names
+# `tinystories_cli.runs.load_trained_model`). Resolved on first access, so importing `runs` never imports
+# the model; tests/test_layout.py lists them as the allowed lazy re-exports.
+LAZY_REEXPORTS = {"load_trained_model": "tinystories_cli.trained", "model_from_checkpoint": "tinystories_cli.trained"}
+
+
+def __getattr__(name: str):
+    if name in LAZY_REEXPORTS:
+        import importlib
+        return getattr(importlib.import_module(LAZY_REEXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *LAZY_REEXPORTS])
 
 
 def step_checkpoint_name(step: int) -> str:
@@ -182,33 +196,6 @@ def model_config_of(ckpt, run_dir: Path):
     except ValidationError as e:
         raise UserError(format_validation_error(e, f"model config in {ckpt.source}"),
                         "the checkpoint or run directory is damaged") from None
-
-
-def model_from_checkpoint(ckpt, cfg: ModelConfig, device: str | torch.device = "cpu") -> TransformerLM:
-    """Build `cfg`'s model and load `ckpt` into it, checking first, before any memory is allocated, that
-    the weights fit this machine's memory and that the checkpoint's names, shapes and ties fit the config."""
-    check_fits_in_memory(cfg, f"the model in {ckpt.source}")
-    with torch.device("meta"):
-        check_model_state(ckpt, TransformerLM(cfg))
-    model = TransformerLM(cfg)
-    load_model_state(ckpt, model)
-    return model.to(device)
-
-
-def load_trained_model(run_or_checkpoint: str | os.PathLike | None, device: str = "cpu"):
-    """(model in eval mode on `device`, tokenizer, ModelConfig) from a run name/dir/checkpoint or runs/latest.
-
-    A run directory loads `checkpoints/best.safetensors` when present, else the latest step checkpoint.
-    """
-    path = resolve_run(run_or_checkpoint)
-    run_dir = run_dir_of(path)
-    ckpt_path = checkpoint_for(path)
-    ckpt = read_checkpoint(ckpt_path)
-    cfg = model_config_of(ckpt, run_dir)
-    tokenizer = load_tokenizer(tokenizer_dir_of(run_dir))
-    model = model_from_checkpoint(ckpt, cfg, device)
-    model.eval()
-    return model, tokenizer, cfg
 
 
 def update_latest_link(run_dir: Path) -> None:
