@@ -187,17 +187,17 @@ def check_out_dir(out: str | os.PathLike, force: bool, protect: list[Path] = ())
     out = Path(out)
     for p in protect:  # the one rule (`fileio.is_within`): the source never lies inside what is replaced
         if is_within(p, out):
-            raise UserError(f"--out {out} would replace the run directory {Path(p).resolve()}", "choose another --out")
+            raise UserError(f"`out` {out} would replace the run directory {Path(p).resolve()}", "choose another `out`")
     if not out.exists() and not out.is_symlink():
         return out
     if not force:
-        raise UserError(f"output already exists: {out}", "pass --force to overwrite it, or choose another --out")
+        raise UserError(f"output already exists: {out}", "pass `force` to overwrite it, or choose another `out`")
     if out.is_symlink() or not out.is_dir():
-        raise UserError(f"{out} is not a directory that tslm export wrote", "choose another --out")
+        raise UserError(f"{out} is not a directory that tslm export wrote", "choose another `out`")
     marker = out / MARKER
     if any(out.iterdir()) and (marker.is_symlink() or not marker.is_file()):
-        raise UserError(f"{out} was not written by tslm export (no {MARKER}); --force replaces only an earlier export",
-                        "choose another --out")
+        raise UserError(f"{out} was not written by tslm export (no {MARKER}); `force` replaces only an earlier export",
+                        "choose another `out`")
     return out
 
 
@@ -306,16 +306,16 @@ def check_out_file(out: str | os.PathLike, force: bool, protect: list[Path] = ()
     out = Path(out)
     for p in protect:
         if out.resolve() == Path(p).resolve() or Path(p).resolve() in out.resolve().parents:
-            raise UserError(f"--out {out} lies inside the run directory {p}", "choose another --out")
+            raise UserError(f"`out` {out} lies inside the run directory {p}", "choose another `out`")
     if out.is_symlink() or (out.exists() and not out.is_file()):
-        raise UserError(f"{out} exists and is not a GGUF file that tslm export wrote", "choose another --out")
+        raise UserError(f"{out} exists and is not a GGUF file that tslm export wrote", "choose another `out`")
     if out.exists():
         if not force:
-            raise UserError(f"output already exists: {out}", "pass --force to overwrite it, or choose another --out")
+            raise UserError(f"output already exists: {out}", "pass `force` to overwrite it, or choose another `out`")
         with open(out, "rb") as f:
             if f.read(4) != GGUF_MAGIC:
-                raise UserError(f"{out} is not a GGUF file; --force replaces only an earlier export",
-                                "choose another --out")
+                raise UserError(f"{out} is not a GGUF file; `force` replaces only an earlier export",
+                                "choose another `out`")
     return out
 
 
@@ -394,7 +394,7 @@ def export_run(run: str | os.PathLike | None, fmt: str, out: str | os.PathLike, 
                dtype: str = "float32") -> tuple[Path, ModelConfig]:
     """Export a run (name, directory, or checkpoint file; None = runs/latest). Returns (out, model config)."""
     if fmt not in FORMATS:
-        raise UserError(f"unknown --format {fmt!r}", f"choose one of: {', '.join(FORMATS)}")
+        raise UserError(f"unknown `fmt` {fmt!r}", f"choose one of: {', '.join(FORMATS)}")
     path = runs.resolve_run(run)
     run_dir = runs.run_dir_of(path)
     # Fail fast, before loading any weights: the output path, then the architecture (when the run's

@@ -99,7 +99,7 @@ def resolve_run(run: str | os.PathLike | None) -> Path:
     if run is None:
         latest = runs_root() / LATEST_LINK
         if not latest.exists():
-            raise UserError(f"no run given and {latest} does not exist", "train one with `tslm train --preset debug`, "
+            raise UserError(f"no run given and {latest} does not exist", "train one with `tslm train preset=debug`, "
                             "or pass a run name, run directory or checkpoint file")
         return latest.resolve()
     p = Path(run)
@@ -151,7 +151,7 @@ def checkpoint_for(path: Path, prefer_best: bool = True) -> Path:
     best = best_checkpoint(path) if prefer_best else None
     ckpt = best or latest_checkpoint(path)
     if ckpt is None:
-        raise UserError(f"run {path} has no checkpoints yet", "train it (or wait for the first --save-every step)")
+        raise UserError(f"run {path} has no checkpoints yet", "train it (or wait for the first `save_every` step)")
     return ckpt
 
 
@@ -328,13 +328,13 @@ def check_run_name(name: str) -> str:
     'lr-3e-4'
     >>> check_run_name("../elsewhere")
     Traceback (most recent call last):
-    tinystories_cli.errors.UserError: run name '../elsewhere' is not a plain directory name (no '/', '\\', '..', leading '.', or 'latest') (pass a plain name, or a directory with --run-dir)
+    tinystories_cli.errors.UserError: run name '../elsewhere' is not a plain directory name (no '/', '\\', '..', leading '.', or 'latest') (pass a plain name, or a directory with `run_dir`)
     """
     bad = (not name or name == LATEST_LINK or name.startswith(".") or any(c in name for c in "/\\\0")
            or os.path.isabs(name))
     if bad:
         raise UserError(f"run name {name!r} is not a plain directory name (no '/', '\\', '..', leading '.', "
-                        f"or '{LATEST_LINK}')", "pass a plain name, or a directory with --run-dir")
+                        f"or '{LATEST_LINK}')", "pass a plain name, or a directory with `run_dir`")
     return name
 
 
@@ -387,7 +387,7 @@ def check_no_foreign(run_dir: Path) -> None:
     if foreign:
         shown = ", ".join(foreign[:6]) + (f" and {len(foreign) - 6} more" if len(foreign) > 6 else "")
         raise UserError(f"{run_dir} holds files tslm did not write ({shown}); a run never deletes them",
-                        "choose another --run-name (or --run-dir), or move those files away")
+                        "choose another `run_name` (or `run_dir`), or move those files away")
 
 
 def clear_run(run_dir: Path) -> None:
@@ -478,7 +478,7 @@ class RunLock:
                 holder = _read_holder(fd)
                 os.close(fd)
                 raise UserError(f"{self.path.parent} is in use by {holder}",
-                                "wait for that run to finish (or stop it), or choose another --run-name") from None
+                                "wait for that run to finish (or stop it), or choose another `run_name`") from None
             # The file may have been removed and re-created by a previous holder as we opened it.
             try:
                 same = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
