@@ -127,7 +127,8 @@ def upward_imports(imports: Imports, layers: dict[str, list[str]] = LAYERS) -> l
         for target, _, line in imps:
             here, there = layer_of(mod, layers), layer_of(target, layers)
             if here is None or there is None:
-                bad.append(f"{mod}:{line} imports {target} (not placed on a layer: {node_of(mod) if here is None else node_of(target)})")
+                unplaced = node_of(mod) if here is None else node_of(target)
+                bad.append(f"{mod}:{line} imports {target} (not placed on a layer: {unplaced})")
             elif order.index(there) > order.index(here):
                 bad.append(f"{mod}:{line} imports {target} ({here} -> {there})")
     return sorted(bad)
@@ -196,7 +197,8 @@ def dynamic_imports() -> list[tuple[str, str, int]]:
         tree = ast.parse(path.read_text())
         parent = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
         for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module":
+            called = getattr(node, "func", None)
+            if isinstance(node, ast.Call) and getattr(called, "attr", getattr(called, "id", None)) == "import_module":
                 func = parent.get(node)
                 while func is not None and not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
                     func = parent.get(func)
