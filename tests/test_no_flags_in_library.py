@@ -156,8 +156,11 @@ def test_every_backticked_parameter_in_a_library_message_has_a_flag():
         for command, name in backticked_parameters(text):
             if command is not None and command not in cli.COMMANDS:
                 unknown.append(f"tinystories_cli/{f}:{line}: no command `tslm {command}`")
-            elif name not in (common.flag_table(command) if command else table):
-                unknown.append(f"tinystories_cli/{f}:{line}: `{name}`" + (f" of tslm {command}" if command else ""))
+            elif command is not None and common.command_line_flag(name) != common.flag_table(command).get(name):
+                unknown.append(f"tinystories_cli/{f}:{line}: {name}= is not {common.command_line_flag(name)} "
+                               f"of tslm {command}")
+            elif command is None and name not in table:
+                unknown.append(f"tinystories_cli/{f}:{line}: `{name}`")
     assert not unknown, ("backticked names the CLI cannot show as a flag (add the rename to cli/common.FLAG_RENAMES "
                          "or the command's FLAG_RENAMES):\n" + "\n".join(unknown))
 
@@ -170,6 +173,19 @@ def test_every_rename_is_a_real_flag():
         own = getattr(cli.command_module(name), "FLAG_RENAMES", {})
         stale += [f"tslm {name}: {k} -> {v}" for k, v in own.items() if v not in flags[name]]
     assert not stale, "renames to flags no command has: " + "; ".join(stale)
+
+
+def test_an_error_naming_a_command_imports_no_other_command(tmp_path):
+    """`tslm download`'s no-network error suggests `tslm quickstart ...`: showing it must not import quickstart."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from tinystories_cli.cli import common; "
+            "print(common.to_flags('see `tslm quickstart --text FILE`, `tslm encode a.txt out=b.npy force=True`')); "
+            "print(sorted(m for m in sys.modules if m.startswith('tinystories_cli.cli.') "
+            "and m != 'tinystories_cli.cli.common'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out == "see `tslm quickstart --text FILE`, `tslm encode a.txt --out b.npy --force`\n[]\n"
 
 
 def test_a_commands_own_names_win():

@@ -93,6 +93,7 @@ ARGUMENT = re.compile(r"""("[^"]*"|'[^']*'|\S+)""")
 ASSIGNED = re.compile(r"([a-z][a-z0-9_]*)=(.*)")
 
 
+@functools.cache
 def setting_flags() -> dict[str, str]:
     """{field: flag} of every `config.setting` field (the options `config_options` generates)."""
     from tinystories_cli.config import ModelConfig, TrainConfig
@@ -123,7 +124,8 @@ def to_flags(text: str, command: str | None = None, renames: dict[str, str] | No
     """Rewrite the backticked parameter names in a library message to the flags of `command` (the one that ran).
 
     A backticked name the table does not know stays as it is (`tslm bpe`, file names); inside a backticked
-    `tslm CMD ...` line, each `name=value` becomes `--flag value` (`name=True`: the bare flag) with CMD's flags.
+    `tslm CMD ...` line, each `name=value` becomes `--flag value` (`name=True`: the bare flag; see
+    `command_line_flag`). Only a message with a backticked name builds the running command's table.
 
     >>> to_flags("`time_budget` plans the schedule when a run starts (drop `time_budget` when resuming)", "train")
     '--time-budget plans the schedule when a run starts (drop --time-budget when resuming)'
@@ -134,20 +136,34 @@ def to_flags(text: str, command: str | None = None, renames: dict[str, str] | No
     >>> to_flags("re-create it with `tslm encode a.txt tokenizer=tok out=a.npy force=True`")
     're-create it with `tslm encode a.txt --tokenizer tok --out a.npy --force`'
     """
-    table = {**flag_table(command), **(renames or {})}
-
     def command_line(m: re.Match) -> str:
-        own = flag_table(m[1]) if m[1] in commands() else {}
+        if m[1] not in commands():
+            return m[0]
 
         def argument(a: re.Match) -> str:
             kv = ASSIGNED.fullmatch(a[0])
-            if kv is None or kv[1] not in own:
+            if kv is None:
                 return a[0]
-            return own[kv[1]] if kv[2] == "True" else f"{own[kv[1]]} {kv[2]}"
+            flag = command_line_flag(kv[1])
+            return flag if kv[2] == "True" else f"{flag} {kv[2]}"
         return f"`tslm {m[1]}{ARGUMENT.sub(argument, m[2])}`"
 
     text = COMMAND.sub(command_line, text)
+    if not PARAMETER.search(text):
+        return text
+    table = {**flag_table(command), **(renames or {})}
     return PARAMETER.sub(lambda m: table.get(m[1], m[0]), text)
+
+
+def command_line_flag(name: str) -> str:
+    """The flag of `name=value` in a suggested `tslm CMD` line: the setting's flag or the rename, else the name with
+    dashes. Never imports CMD's module (an error path stays as fast as the command); tests check that it is CMD's
+    flag for every such line in the library.
+
+    >>> command_line_flag("tokenizer_dir"), command_line_flag("context_length"), command_line_flag("run_name")
+    ('--tokenizer', '--ctx', '--run-name')
+    """
+    return {**setting_flags(), **FLAG_RENAMES}.get(name) or f"--{name.replace('_', '-')}"
 
 
 def commands() -> dict[str, str]:
