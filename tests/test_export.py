@@ -194,7 +194,7 @@ def test_gpt2_shaped_run_exports_as_gpt2(tiny_tokenizer, tmp_path, capsys, ffn, 
     transformers = pytest.importorskip(
         "transformers", reason="transformers (the hf extra) is needed to load the export"
     )
-    from tinystories_cli.interop.importer import import_hf
+    from tinystories_cli.importer import import_hf
 
     tok, tok_dir = tiny_tokenizer
     run_dir, model, cfg = make_run(tmp_path / "runs", "g", tok_dir, tok, norm="layernorm", pos_emb="learned", ffn=ffn,

@@ -317,7 +317,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML or JSON config file into a plain dict (sections `model`, `train`, key `preset`)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"config file not found: {path}", "check the --config path")
+        raise UserError(f"config file not found: {path}", "check the `config` path")
     try:
         if path.suffix.lower() == ".json":
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -359,7 +359,7 @@ def build_config(cls: type[StrictModel], base: StrictModel | None, *layers: dict
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        raise UserError(format_validation_error(e, where), "fix the value or see --help") from None
+        raise UserError(format_validation_error(e, where), "fix the value or see `help`") from None
 
 
 def resolve_configs(
@@ -372,7 +372,7 @@ def resolve_configs(
     file_data = load_config_file(config_file) if config_file else {}
     name = preset or file_data.get("preset")
     if not name:
-        raise UserError("no preset given", f"pass a preset name (one of: {', '.join(PRESETS)}) or set preset in --config")
+        raise UserError("no preset given", f"pass a preset name (one of: {', '.join(PRESETS)}) or set preset in `config`")
     p = get_preset(name)
     for section in ("model", "train"):
         if section in file_data and not isinstance(file_data[section], dict):

@@ -43,6 +43,7 @@ from tinystories_cli.device import Dist, pick_device
 from tinystories_cli.errors import UserError
 from tinystories_cli.model import cross_entropy, log_softmax
 from tinystories_cli.tokens import check_tokens, open_tokens
+from tinystories_cli.trained import model_from_checkpoint
 
 
 def window_starts(num_tokens: int, context_length: int) -> list[tuple[int, int]]:
@@ -187,7 +188,7 @@ def evaluate_run(run: str | os.PathLike | None, data: str | os.PathLike | None =
     tokens, meta = open_tokens(data, "evaluation", dataset, "valid")
     check_tokens(data, tokenizer.fingerprint, cfg.vocab_size, tokenizer_dir=runs.tokenizer_dir_of(run_dir))
     dev = pick_device(device)
-    model = runs.model_from_checkpoint(ckpt, cfg, dev)
+    model = model_from_checkpoint(ckpt, cfg, dev)
     result = evaluate_tokens(model, tokens, window, batch_size, dev, meta.get("source_bytes"), on_progress=on_progress,
                              per_position=per_position)
     result.update(run=str(run_dir), checkpoint=str(ckpt_path), step=ckpt.iteration, data=str(data))

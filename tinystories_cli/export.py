@@ -60,6 +60,7 @@ from tinystories_cli.interop.llamacpp import check_gguf_compatible
 from tinystories_cli.interop.llama import (EOT, NotLlamaCompatible, hf_config, hf_state_dict, llama_incompatibilities,
                                            plain_state)
 from tinystories_cli.tokenizer.files import encode_token_bytes, write_vocab_merges
+from tinystories_cli.trained import load_trained_model
 
 FORMATS = ("hf", "safetensors", "gguf")
 GGUF_TYPES = ("f32", "f16", "q8_0")  # --format gguf: the weight types (norms stay f32)
@@ -186,17 +187,17 @@ def check_out_dir(out: str | os.PathLike, force: bool, protect: list[Path] = ())
     out = Path(out)
     for p in protect:  # the one rule (`fileio.is_within`): the source never lies inside what is replaced
         if is_within(p, out):
-            raise UserError(f"--out {out} would replace the run directory {Path(p).resolve()}", "choose another --out")
+            raise UserError(f"`out` {out} would replace the run directory {Path(p).resolve()}", "choose another `out`")
     if not out.exists() and not out.is_symlink():
         return out
     if not force:
-        raise UserError(f"output already exists: {out}", "pass --force to overwrite it, or choose another --out")
+        raise UserError(f"output already exists: {out}", "pass `force` to overwrite it, or choose another `out`")
     if out.is_symlink() or not out.is_dir():
-        raise UserError(f"{out} is not a directory that tslm export wrote", "choose another --out")
+        raise UserError(f"{out} is not a directory that tslm export wrote", "choose another `out`")
     marker = out / MARKER
     if any(out.iterdir()) and (marker.is_symlink() or not marker.is_file()):
-        raise UserError(f"{out} was not written by tslm export (no {MARKER}); --force replaces only an earlier export",
-                        "choose another --out")
+        raise UserError(f"{out} was not written by tslm export (no {MARKER}); `force` replaces only an earlier export",
+                        "choose another `out`")
     return out
 
 
@@ -305,16 +306,16 @@ def check_out_file(out: str | os.PathLike, force: bool, protect: list[Path] = ()
     out = Path(out)
     for p in protect:
         if out.resolve() == Path(p).resolve() or Path(p).resolve() in out.resolve().parents:
-            raise UserError(f"--out {out} lies inside the run directory {p}", "choose another --out")
+            raise UserError(f"`out` {out} lies inside the run directory {p}", "choose another `out`")
     if out.is_symlink() or (out.exists() and not out.is_file()):
-        raise UserError(f"{out} exists and is not a GGUF file that tslm export wrote", "choose another --out")
+        raise UserError(f"{out} exists and is not a GGUF file that tslm export wrote", "choose another `out`")
     if out.exists():
         if not force:
-            raise UserError(f"output already exists: {out}", "pass --force to overwrite it, or choose another --out")
+            raise UserError(f"output already exists: {out}", "pass `force` to overwrite it, or choose another `out`")
         with open(out, "rb") as f:
             if f.read(4) != GGUF_MAGIC:
-                raise UserError(f"{out} is not a GGUF file; --force replaces only an earlier export",
-                                "choose another --out")
+                raise UserError(f"{out} is not a GGUF file; `force` replaces only an earlier export",
+                                "choose another `out`")
     return out
 
 
@@ -405,7 +406,7 @@ def export_run(run: str | os.PathLike | None, fmt: str, out: str | os.PathLike, 
                dtype: str = "float32") -> tuple[Path, ModelConfig]:
     """Export a run (name, directory, or checkpoint file; None = runs/latest). Returns (out, model config)."""
     if fmt not in FORMATS:
-        raise UserError(f"unknown --format {fmt!r}", f"choose one of: {', '.join(FORMATS)}")
+        raise UserError(f"unknown `fmt` {fmt!r}", f"choose one of: {', '.join(FORMATS)}")
     path = runs.resolve_run(run)
     run_dir = runs.run_dir_of(path)
     # Fail fast, before loading any weights: the output path, then the architecture (when the run's
@@ -421,6 +422,6 @@ def export_run(run: str | os.PathLike | None, fmt: str, out: str | os.PathLike, 
             early = None
         if early is not None:
             hf_architecture(early) if fmt == "hf" else check_gguf_compatible(early)
-    model, tokenizer, cfg = runs.load_trained_model(path, "cpu")
+    model, tokenizer, cfg = load_trained_model(path, "cpu")
     writer = {"hf": export_hf, "safetensors": export_safetensors, "gguf": export_gguf}[fmt]
     return writer(model, tokenizer, cfg, out, force, dtype, protect=[run_dir]), cfg

@@ -149,7 +149,7 @@ def check_output_path(path: str | os.PathLike, force: bool) -> Path:
     if parent is not None and not parent.is_dir():
         raise UserError(f"output {path} cannot be written: {parent} is not a directory", "choose another path")
     if path.exists() and not force:
-        raise UserError(f"output already exists: {path}", "pass --force to overwrite it, or choose another --out")
+        raise UserError(f"output already exists: {path}", "pass `force` to overwrite it, or choose another `out`")
     return path
 
 

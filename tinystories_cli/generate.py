@@ -168,12 +168,12 @@ def check_batch_fits(cfg, rows: int, available: int | None = None) -> None:
     >>> from tinystories_cli.config import ModelConfig
     >>> check_batch_fits(ModelConfig(), 10**9, available=2**34)
     Traceback (most recent call last):
-    ValueError: num_samples x prompts = 1000000000 rows need 3887.46 TiB for the KV cache and logits, more than this machine's 16.00 GiB
+    ValueError: `num_samples` x prompts = 1000000000 rows need 3887.46 TiB for the KV cache and logits, more than this machine's 16.00 GiB
     """
     need = rows * 4 * (cfg.num_layers * 2 * cfg.context_length * cfg.d_model + 2 * cfg.vocab_size)
     have = host_memory_bytes() if available is None else available
     if need > have:
-        raise ValueError(f"num_samples x prompts = {rows} rows need {human_bytes(need)} for the KV cache and "
+        raise ValueError(f"`num_samples` x prompts = {rows} rows need {human_bytes(need)} for the KV cache and "
                          f"logits, more than this machine's {human_bytes(have)}")
 
 
@@ -199,16 +199,16 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_p: float, t
 
     >>> check_sampling_args(1, -1.0, 1.0, 0)
     Traceback (most recent call last):
-    ValueError: temperature must be >= 0 (0 means greedy), got -1.0
+    ValueError: `temperature` must be >= 0 (0 means greedy), got -1.0
     """
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        raise ValueError(f"`max_new_tokens` must be at least 1, got {max_new_tokens}")
     if not temperature >= 0:  # also rejects NaN
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+        raise ValueError(f"`temperature` must be >= 0 (0 means greedy), got {temperature}")
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise ValueError(f"`top_p` must be in (0, 1], got {top_p}")
     if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+        raise ValueError(f"`top_k` must be >= 0 (0 disables it), got {top_k}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -660,9 +660,9 @@ def generate_samples(
     """
     check_sampling_args(max_new_tokens, temperature, top_p, top_k)
     if num_samples < 1:
-        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+        raise ValueError(f"`num_samples` must be at least 1, got {num_samples}")
     if seed is not None and not 0 <= seed < MAX_SEED:
-        raise ValueError(f"seed must be in [0, 2^63), got {seed}")
+        raise ValueError(f"`seed` must be in [0, 2^63), got {seed}")
     check_batch_fits(model.config, len(prompts) * num_samples)
     seed = random_seed() if seed is None else seed
     encoded = [encode_prompt(tokenizer, p) for p in prompts]

@@ -39,7 +39,7 @@ generator that wants more tokens must crop and re-prefill. Without caches, `star
 the positions.
 
 Hugging Face interop (`to_llama_state_dict` / `from_llama_state_dict` / `llama_config_dict` /
-`permute_for_llama`) lives in `interop/llama.py`; the names are re-exported here for the library API.
+`permute_for_llama`) lives in `interop/llama.py`; the names stay importable from here (loaded on first use).
 """
 
 from __future__ import annotations
@@ -51,15 +51,31 @@ import torch
 from torch import Tensor, nn
 
 from tinystories_cli.config import ModelConfig
-from tinystories_cli.interop.llama import (from_llama_state_dict, llama_config_dict, permute_for_llama,
-                                           to_llama_state_dict, unpermute_from_llama)
+
+# Hugging Face interop names kept importable from here (the library contract `tinystories_cli.model.*`) from their
+# home `interop/llama.py`: resolved on first access, so importing the model never imports interop (whose Hugging
+# Face reader builds on the model's accounting); tests/test_layout.py lists them as the allowed lazy re-exports.
+LAZY_REEXPORTS = {name: "tinystories_cli.interop.llama" for name in (
+    "permute_for_llama", "unpermute_from_llama", "to_llama_state_dict", "from_llama_state_dict", "llama_config_dict")}
 
 __all__ = [
     "Linear", "Embedding", "RMSNorm", "LayerNorm", "SwiGLU", "FeedForward", "RotaryPositionalEmbedding",
     "softmax", "log_softmax", "silu", "gelu", "gelu_tanh", "relu", "cross_entropy", "dropout", "scaled_dot_product_attention",
     "KVCache", "MultiHeadSelfAttention", "TransformerBlock", "TransformerLM", "sinusoidal_table",
-    "permute_for_llama", "unpermute_from_llama", "to_llama_state_dict", "from_llama_state_dict", "llama_config_dict",
+    "permute_for_llama", "unpermute_from_llama", "to_llama_state_dict", "from_llama_state_dict",  # noqa: F822 (lazy)
+    "llama_config_dict",  # noqa: F822 (these five resolve in __getattr__ below)
 ]
+
+
+def __getattr__(name: str):
+    if name in LAZY_REEXPORTS:
+        import importlib
+        return getattr(importlib.import_module(LAZY_REEXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *LAZY_REEXPORTS])
 
 
 # --- functions --------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def run_name(run: str | os.PathLike) -> str:
 def load_series(run: str | os.PathLike, metric: str, x: str = "step", name: str | None = None) -> Series:
     """Read RUN's metrics and pick (x, metric) pairs; see the module docstring."""
     if x not in X_KEYS:
-        raise UserError(f"unknown --x {x!r}", f"choose one of: {', '.join(X_KEYS)}")
+        raise UserError(f"unknown `x` {x!r}", f"choose one of: {', '.join(X_KEYS)}")
     records = runs.read_metrics(metrics_path(run))
     xkey = X_KEYS[x]
     s = Series(name or run_name(run), [], [])
@@ -114,11 +114,11 @@ def smooth(y: list[float], k: int) -> list[float]:
 def prepare(series: list[Series], metric: str, smooth_k: int = 1, log_y: bool = False) -> list[Series]:
     """Check there is something to draw, smooth, and (for a log axis) drop non-positive values."""
     if smooth_k < 1:
-        raise UserError(f"--smooth must be >= 1, got {smooth_k}")
+        raise UserError(f"`smooth_k` must be >= 1, got {smooth_k}")
     if not any(s.y for s in series):
         no_x = sum(s.missing_x for s in series)
         if no_x:
-            raise UserError(f"{no_x} {metric!r} value(s) have no x value for this --x", "try --x step")
+            raise UserError(f"{no_x} {metric!r} value(s) have no x value for this `x`", "try `x` step")
         seen = sorted(set().union(*(s.keys for s in series)) - set(X_KEYS.values()))
         raise UserError(f"no finite {metric!r} values in the given run(s)",
                         f"metrics logged: {', '.join(seen) or 'none'}")
@@ -152,7 +152,7 @@ def pyplot():
         import matplotlib
     except ImportError:
         # No square brackets in the message: the error line is rendered as rich markup.
-        raise UserError("matplotlib is not installed", "pip install matplotlib (the tslm 'plot' extra), or use --ascii") from None
+        raise UserError("matplotlib is not installed", "pip install matplotlib (the tslm 'plot' extra), or use `ascii`") from None
     matplotlib.use("Agg")  # no display needed; must precede the pyplot import
     import matplotlib.pyplot as plt
 

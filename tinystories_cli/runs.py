@@ -1,4 +1,4 @@
-"""Run directories: where a training run keeps its files, and how other commands find a trained model.
+"""Run directories: where a training run keeps its files, and how other commands find them.
 
     runs/<name>/
         config.json                     resolved preset + model + train config, parameter count, token budget
@@ -15,7 +15,9 @@ a run that is being trained. Starting a run over (`--force`) removes only what a
 (`clear_run`), and a directory holding anything else is refused (`foreign_entries`).
 
 `tslm eval` and `tslm generate` accept a run name, a run directory or a checkpoint file, and
-default to `runs/latest`:
+default to `runs/latest` (`resolve_run`, `checkpoint_for`). Building the model from those files is one floor
+up, in `tinystories_cli.trained`; `load_trained_model` and `model_from_checkpoint` stay importable from here
+(loaded on first use, so this module never imports the model):
 
     >>> model, tokenizer, cfg = load_trained_model("runs/latest")      # doctest: +SKIP
 """
@@ -34,15 +36,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import ValidationError
 
 from tinystories_cli import paths
-from tinystories_cli.account import check_fits_in_memory
-from tinystories_cli.checkpoint import check_model_state, load_model_state, read_checkpoint
 from tinystories_cli.config import ModelConfig, format_validation_error
 from tinystories_cli.errors import UserError
-from tinystories_cli.model import TransformerLM
 from tinystories_cli.tokenizer.tokenizer import Tokenizer
 from tinystories_cli.fileio import atomic_write_text, fsync_dir, read_json
 
@@ -66,6 +64,22 @@ RUN_FILES = (CONFIG_FILE, METRICS_FILE, README_FILE, STORY_FILE, LOCK_FILE, WAND
 TB_EVENTS_PREFIX = "events.out.tfevents."
 _STEP_RE = re.compile(r"^step_(\d+)\.safetensors$")
 
+# Names that moved up to `tinystories_cli.trained` and stay importable from here (the library contract names
+# `tinystories_cli.runs.load_trained_model`). Resolved on first access, so importing `runs` never imports
+# the model; tests/test_layout.py lists them as the allowed lazy re-exports.
+LAZY_REEXPORTS = {"load_trained_model": "tinystories_cli.trained", "model_from_checkpoint": "tinystories_cli.trained"}
+
+
+def __getattr__(name: str):
+    if name in LAZY_REEXPORTS:
+        import importlib
+        return getattr(importlib.import_module(LAZY_REEXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *LAZY_REEXPORTS])
+
 
 def step_checkpoint_name(step: int) -> str:
     """The file name of the full checkpoint at `step`.
@@ -85,7 +99,7 @@ def resolve_run(run: str | os.PathLike | None) -> Path:
     if run is None:
         latest = runs_root() / LATEST_LINK
         if not latest.exists():
-            raise UserError(f"no run given and {latest} does not exist", "train one with `tslm train --preset debug`, "
+            raise UserError(f"no run given and {latest} does not exist", "train one with `tslm train preset=debug`, "
                             "or pass a run name, run directory or checkpoint file")
         return latest.resolve()
     p = Path(run)
@@ -137,7 +151,7 @@ def checkpoint_for(path: Path, prefer_best: bool = True) -> Path:
     best = best_checkpoint(path) if prefer_best else None
     ckpt = best or latest_checkpoint(path)
     if ckpt is None:
-        raise UserError(f"run {path} has no checkpoints yet", "train it (or wait for the first --save-every step)")
+        raise UserError(f"run {path} has no checkpoints yet", "train it (or wait for the first `save_every` step)")
     return ckpt
 
 
@@ -182,33 +196,6 @@ def model_config_of(ckpt, run_dir: Path):
     except ValidationError as e:
         raise UserError(format_validation_error(e, f"model config in {ckpt.source}"),
                         "the checkpoint or run directory is damaged") from None
-
-
-def model_from_checkpoint(ckpt, cfg: ModelConfig, device: str | torch.device = "cpu") -> TransformerLM:
-    """Build `cfg`'s model and load `ckpt` into it, checking first, before any memory is allocated, that
-    the weights fit this machine's memory and that the checkpoint's names, shapes and ties fit the config."""
-    check_fits_in_memory(cfg, f"the model in {ckpt.source}")
-    with torch.device("meta"):
-        check_model_state(ckpt, TransformerLM(cfg))
-    model = TransformerLM(cfg)
-    load_model_state(ckpt, model)
-    return model.to(device)
-
-
-def load_trained_model(run_or_checkpoint: str | os.PathLike | None, device: str = "cpu"):
-    """(model in eval mode on `device`, tokenizer, ModelConfig) from a run name/dir/checkpoint or runs/latest.
-
-    A run directory loads `checkpoints/best.safetensors` when present, else the latest step checkpoint.
-    """
-    path = resolve_run(run_or_checkpoint)
-    run_dir = run_dir_of(path)
-    ckpt_path = checkpoint_for(path)
-    ckpt = read_checkpoint(ckpt_path)
-    cfg = model_config_of(ckpt, run_dir)
-    tokenizer = load_tokenizer(tokenizer_dir_of(run_dir))
-    model = model_from_checkpoint(ckpt, cfg, device)
-    model.eval()
-    return model, tokenizer, cfg
 
 
 def update_latest_link(run_dir: Path) -> None:
@@ -341,13 +328,13 @@ def check_run_name(name: str) -> str:
     'lr-3e-4'
     >>> check_run_name("../elsewhere")
     Traceback (most recent call last):
-    tinystories_cli.errors.UserError: run name '../elsewhere' is not a plain directory name (no '/', '\\', '..', leading '.', or 'latest') (pass a plain name, or a directory with --run-dir)
+    tinystories_cli.errors.UserError: run name '../elsewhere' is not a plain directory name (no '/', '\\', '..', leading '.', or 'latest') (pass a plain name, or a directory with `run_dir`)
     """
     bad = (not name or name == LATEST_LINK or name.startswith(".") or any(c in name for c in "/\\\0")
            or os.path.isabs(name))
     if bad:
         raise UserError(f"run name {name!r} is not a plain directory name (no '/', '\\', '..', leading '.', "
-                        f"or '{LATEST_LINK}')", "pass a plain name, or a directory with --run-dir")
+                        f"or '{LATEST_LINK}')", "pass a plain name, or a directory with `run_dir`")
     return name
 
 
@@ -400,7 +387,7 @@ def check_no_foreign(run_dir: Path) -> None:
     if foreign:
         shown = ", ".join(foreign[:6]) + (f" and {len(foreign) - 6} more" if len(foreign) > 6 else "")
         raise UserError(f"{run_dir} holds files tslm did not write ({shown}); a run never deletes them",
-                        "choose another --run-name (or --run-dir), or move those files away")
+                        "choose another `run_name` (or `run_dir`), or move those files away")
 
 
 def clear_run(run_dir: Path) -> None:
@@ -491,7 +478,7 @@ class RunLock:
                 holder = _read_holder(fd)
                 os.close(fd)
                 raise UserError(f"{self.path.parent} is in use by {holder}",
-                                "wait for that run to finish (or stop it), or choose another --run-name") from None
+                                "wait for that run to finish (or stop it), or choose another `run_name`") from None
             # The file may have been removed and re-created by a previous holder as we opened it.
             try:
                 same = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino

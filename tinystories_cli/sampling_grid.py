@@ -153,7 +153,8 @@ def parse_grid(spec: str) -> dict[str, list[float | int]]:
             try:
                 check_sampling_args(1, **{"temperature": 1.0, "top_p": 1.0, "top_k": 0, param: v})
             except ValueError as e:
-                raise ValueError(f"grid value {key}={t}: {e}") from None
+                # in a grid the parameters are spelled as grid keys, not as flags: drop the backticks
+                raise ValueError(f"grid value {key}={t}: {str(e).replace('`', '')}") from None
         if len(set(nums)) != len(nums):
             raise ValueError(f"{key} repeats a value: {values}")
         grid[param] = nums
@@ -222,7 +223,7 @@ def run_grid(model, tokenizer, prompt: str, grid: dict[str, list[float | int]], 
     every cell (so a cell differs from another only by its settings). `on_cell(i, n, settings)` is
     called before each cell."""
     if num_samples < 1:
-        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+        raise ValueError(f"`num_samples` must be at least 1, got {num_samples}")
     base = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, **(base or {})}
     cells = [GridCell(settings) for settings in grid_cells(grid, base)]
     for i, cell in enumerate(cells):

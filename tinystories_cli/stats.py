@@ -59,7 +59,7 @@ class CorpusStats:
     def lengths(self, unit: str) -> list[int]:
         if unit == "tokens":
             if self.doc_tokens is None:
-                raise UserError("document lengths in tokens need a tokenizer", "pass --tokenizer DIR, or --unit chars")
+                raise UserError("document lengths in tokens need a tokenizer", "pass `tokenizer` DIR, or `unit` chars")
             return self.doc_tokens
         return {"words": self.doc_words, "chars": self.doc_chars, "bytes": self.doc_bytes}[unit]
 
@@ -195,7 +195,7 @@ def parse_separator(text: str) -> str:
     """
     out = text.replace("\\n", "\n").replace("\\t", "\t").replace("\\r", "\r")
     if not out:
-        raise UserError("--separator must not be empty", "e.g. --separator '<|endoftext|>' or --separator '\\n'")
+        raise UserError("`separator` must not be empty", "e.g. `separator` '<|endoftext|>' or `separator` '\\n'")
     return out
 
 

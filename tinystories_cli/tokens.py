@@ -51,7 +51,7 @@ def load_token_file(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
     sidecar's `max_id` (checked by `check_token_file`) covers them.
     """
     path = Path(path)
-    fix = f"re-create it with `tslm encode` (e.g. `tslm encode {_text_guess(path)} --out {path} --force`)"
+    fix = f"re-create it with `tslm encode` (e.g. `tslm encode {_text_guess(path)} out={path} force=True`)"
     if not path.is_file():
         raise UserError(f"token file not found: {path}", f"create it with `tslm encode` (e.g. `tslm encode {_text_guess(path)}`)")
     side = sidecar_path(path)
@@ -100,7 +100,7 @@ def check_token_file(path: str | os.PathLike, tokenizer_fingerprint: str | None,
     if meta["num_tokens"] and meta["max_id"] >= vocab_size:
         raise UserError(
             f"token file {path} holds id {meta['max_id']}, but the model's vocab has only {vocab_size} ids",
-            f"use --vocab-size {meta['vocab_size']} (the tokenizer's), or re-encode with a smaller tokenizer",
+            f"use `vocab_size` {meta['vocab_size']} (the tokenizer's), or re-encode with a smaller tokenizer",
         )
     return ids, meta
 
@@ -110,14 +110,14 @@ def reencode_hint(path: Path, tokenizer_dir: str | os.PathLike | None) -> str:
     file may be the user's and stays as it is).
 
     >>> reencode_hint(Path("data/ts/valid.npy"), Path("runs/gpt2/tokenizer"))
-    'encode the text with the right tokenizer into a new file and pass that one: `tslm encode data/ts/valid.txt --tokenizer runs/gpt2/tokenizer --out data/ts/valid.gpt2.npy`'
+    'encode the text with the right tokenizer into a new file and pass that one: `tslm encode data/ts/valid.txt tokenizer=runs/gpt2/tokenizer out=data/ts/valid.gpt2.npy`'
     """
     if tokenizer_dir is None:
-        return f"encode {_text_guess(path)} with the model's tokenizer (tslm encode --tokenizer) into a new file"
+        return f"encode {_text_guess(path)} with the model's tokenizer (tslm encode `tokenizer`) into a new file"
     tag = Path(tokenizer_dir).parent.name or "other"
     new = path.with_name(f"{path.stem}.{tag}.npy")
     return (f"encode the text with the right tokenizer into a new file and pass that one: "
-            f"`tslm encode {_text_guess(path)} --tokenizer {tokenizer_dir} --out {new}`")
+            f"`tslm encode {_text_guess(path)} tokenizer={tokenizer_dir} out={new}`")
 
 
 def open_tokens(path: Path, what: str, dataset: str, split: str) -> tuple[np.ndarray, dict]:
@@ -140,4 +140,4 @@ def check_tokens(path: Path, tokenizer_fingerprint: str | None, vocab_size: int,
         if top >= vocab_size:
             raise UserError(f"token file {path} holds id {top} (at or after position {i}), but the model's vocab "
                             f"has only {vocab_size} ids; its sidecar says otherwise, so the file is damaged",
-                            f"re-create it with `tslm encode {Path(path).with_suffix('.txt')} --out {path} --force`")
+                            f"re-create it with `tslm encode {Path(path).with_suffix('.txt')} out={path} force=True`")

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from tinystories_cli.generate import generate_tokens  # noqa: E402
-from tinystories_cli.interop.importer import import_hf  # noqa: E402
+from tinystories_cli.importer import import_hf  # noqa: E402
 from tinystories_cli.runs import load_trained_model  # noqa: E402
 
 

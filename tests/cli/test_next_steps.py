@@ -88,7 +88,9 @@ def test_every_next_step_of_quickstart_and_import_works(tmp_path: Path):
 def test_the_wrong_tokenizer_error_names_a_new_file_and_a_real_tokenizer(tmp_path: Path, run_cli, monkeypatch):
     """`tslm eval RUN --data FILE` with a token file from another tokenizer: the fix is a command that runs as
     printed (no DIR placeholder) and writes a new file, never --force over the existing one."""
+    from tinystories_cli.cli.common import to_flags
     from tinystories_cli.tokens import reencode_hint
-    hint = reencode_hint(Path("data/tinystories/valid.npy"), Path("runs/reimported/tokenizer"))
+    # as `tslm eval` shows it: the library names the parameters, the CLI's translator the flags
+    hint = to_flags(reencode_hint(Path("data/tinystories/valid.npy"), Path("runs/reimported/tokenizer")), "eval")
     assert "--force" not in hint and "DIR" not in hint
     assert "--tokenizer runs/reimported/tokenizer --out data/tinystories/valid.reimported.npy" in hint

@@ -130,7 +130,7 @@ def test_sigterm_in_quickstart_stages_leaves_no_temp(tmp_path, stage, pattern):
 def test_disk_full_at_the_last_file_of_import_leaves_nothing_and_the_rerun_works(trained, run_cli, monkeypatch):
     import errno
 
-    from tinystories_cli.interop import importer
+    from tinystories_cli import importer
 
     tmp = trained
     assert run_cli("export", "base", "--out", str(tmp / "hf"), "--format", "hf")[0] == 0

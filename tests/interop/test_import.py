@@ -17,9 +17,9 @@ from safetensors.torch import load_file, save_file
 from tinystories_cli import export, runs
 from tinystories_cli.checkpoint import read_checkpoint
 from tinystories_cli.generate import generate_tokens
+from tinystories_cli.importer import import_hf
 from tinystories_cli.interop import gpt2 as gpt2_map
 from tinystories_cli.interop.hf import read_hf_tokenizer
-from tinystories_cli.interop.importer import import_hf
 from tinystories_cli.runs import load_trained_model
 from tinystories_cli.tokenizer import Tokenizer
 from tinystories_cli.tokenizer.files import write_vocab_merges

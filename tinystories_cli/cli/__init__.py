@@ -2,8 +2,9 @@
 
 Each `cli/<name>.py` is thin: it parses and validates flags, calls the library module of the
 same name, and renders the result. Errors a user can cause are `UserError`s (or click usage
-errors); `main` prints them as one red line and exits 2. `--debug` (or TSLM_DEBUG=1) shows
-tracebacks instead.
+errors); `main` prints them as one red line and exits 2, with the parameter names the library puts in
+backticks shown as this command's flags (`common.to_flags`, the one translator). `--debug` (or
+TSLM_DEBUG=1) shows tracebacks instead.
 """
 
 from __future__ import annotations
@@ -51,9 +52,18 @@ COMMANDS: dict[str, str] = {
 MODULES: dict[str, str] = {"import": "import_"}
 
 
-def _load_command(name: str) -> TyperCommand:
+# The subcommand this process runs, once its module is loaded: the error handler shows its flags.
+RUNNING: dict[str, str] = {}
+
+
+def command_module(name: str):
+    """The module of subcommand `name` (imported now if it was not)."""
+    return importlib.import_module(f"tinystories_cli.cli.{MODULES.get(name, name)}")
+
+
+def load_command(name: str) -> TyperCommand:
     """Build the click command for `name` by importing its module (only now)."""
-    module = importlib.import_module(f"tinystories_cli.cli.{MODULES.get(name, name)}")
+    module = command_module(name)
     sub = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     sub.command(name, **getattr(module, "COMMAND_KWARGS", {}))(module.command)
     command = typer.main.get_command(sub)
@@ -109,7 +119,8 @@ class LazyGroup(TyperGroup):
         if ctx.resilient_parsing or _listing_help(ctx):
             # The group's --help only needs each command's summary: skip the import.
             return TyperCommand(name=name, help=COMMANDS[name], short_help=COMMANDS[name], callback=None)
-        return _load_command(name)
+        RUNNING["command"] = name
+        return load_command(name)
 
 
 def _listing_help(ctx) -> bool:
@@ -156,6 +167,13 @@ def _debug_enabled(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("TSLM_DEBUG", "") not in ("", "0")
 
 
+def _flags(message: str) -> str:
+    """A library message with its backticked parameter names shown as the running command's flags."""
+    from tinystories_cli.cli.common import to_flags  # only on an error: `tslm --help` needs no pydantic
+
+    return to_flags(message, RUNNING.get("command"))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -164,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         argv.remove("--debug")  # accept --debug anywhere, not only before the subcommand
         argv.insert(0, "--debug")
     command = _plain_labels(typer.main.get_command(app))
+    RUNNING.clear()
     try:
         rv = command.main(args=argv, prog_name="tslm", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
@@ -182,12 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if debug:
             raise
-        print_error(str(e))
+        print_error(_flags(str(e)))
         return 2
     except ValueError as e:  # the library's plain-words errors: bad values it was given
         if debug:
             raise
-        print_error(f"{e} (rerun with --debug for the traceback)")
+        print_error(f"{_flags(str(e))} (rerun with --debug for the traceback)")
         return 2
     except (Abort, KeyboardInterrupt):
         print_error("interrupted")

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterator, Literal, Optional
@@ -139,12 +140,108 @@ def with_options(*groups: list[inspect.Parameter]) -> Callable[[Callable], Calla
     return wrap
 
 
+# --- parameter names -> flags -----------------------------------------------------------------------------
+# The library names a parameter in backticks (`time_budget`); the CLI shows its flag (--time-budget). A command's
+# flags come from its own options (the Python parameter name -> the first long option), the generated settings
+# (a `config.setting` field -> its flag) and these renames: library parameters whose name is not the CLI's.
+FLAG_RENAMES: dict[str, str] = {
+    "train_file": "--train-data", "valid_file": "--valid-data",  # train.TrainOptions
+    "tokenizer_dir": "--tokenizer",                               # train.TrainOptions, encode_file, check_tokens
+    "out_dir": "--out",                                           # tokenizer.bpe: check_output_dir, save_tokenizer
+    "ascii": "--ascii",                                           # plot: draw with characters instead of matplotlib
+    "help": "--help",                                             # config: the settings' descriptions
+}
+PARAMETER = re.compile(r"`([a-z][a-z0-9_]*)`")
+COMMAND = re.compile(r"`tslm ([a-z]+)([^`]*)`")
+ARGUMENT = re.compile(r"""("[^"]*"|'[^']*'|\S+)""")
+ASSIGNED = re.compile(r"([a-z][a-z0-9_]*)=(.*)")
+
+
+@functools.cache
+def setting_flags() -> dict[str, str]:
+    """{field: flag} of every `config.setting` field (the options `config_options` generates)."""
+    from tinystories_cli.config import ModelConfig, TrainConfig
+    table = {}
+    for model in (ModelConfig, TrainConfig):
+        for name, f in model.model_fields.items():
+            extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+            table[name] = (extra.get("flags") or [f"--{name.replace('_', '-')}"])[0].split("/")[0]
+    return table
+
+
+@functools.cache
+def flag_table(command: str | None = None) -> dict[str, str]:
+    """{parameter name: flag}, built once per command: the settings, FLAG_RENAMES, then `command`'s own options
+    and its module's FLAG_RENAMES (a command's own names win). No command: the settings and FLAG_RENAMES."""
+    table = {**setting_flags(), **FLAG_RENAMES}
+    if command is not None:
+        from tinystories_cli import cli
+        for param in cli.load_command(command).params:
+            longs = [o for o in getattr(param, "opts", ()) if o.startswith("--")]
+            if longs and param.name:
+                table[param.name] = longs[0]
+        table.update(getattr(cli.command_module(command), "FLAG_RENAMES", {}))
+    return table
+
+
+def to_flags(text: str, command: str | None = None, renames: dict[str, str] | None = None) -> str:
+    """Rewrite the backticked parameter names in a library message to the flags of `command` (the one that ran).
+
+    A backticked name the table does not know stays as it is (`tslm bpe`, file names); inside a backticked
+    `tslm CMD ...` line, each `name=value` becomes `--flag value` (`name=True`: the bare flag; see
+    `command_line_flag`). Only a message with a backticked name builds the running command's table.
+
+    >>> to_flags("`time_budget` plans the schedule when a run starts (drop `time_budget` when resuming)", "train")
+    '--time-budget plans the schedule when a run starts (drop --time-budget when resuming)'
+    >>> to_flags("pass `tokenizer_dir` or `context_length`, or run `tslm bpe` first (`config.json` is missing)")
+    'pass --tokenizer or --ctx, or run `tslm bpe` first (`config.json` is missing)'
+    >>> to_flags("`max_new_tokens` must be at least 1", "generate", {"max_new_tokens": "--max-tokens"})
+    '--max-tokens must be at least 1'
+    >>> to_flags("re-create it with `tslm encode a.txt tokenizer=tok out=a.npy force=True`")
+    're-create it with `tslm encode a.txt --tokenizer tok --out a.npy --force`'
+    """
+    def command_line(m: re.Match) -> str:
+        if m[1] not in commands():
+            return m[0]
+
+        def argument(a: re.Match) -> str:
+            kv = ASSIGNED.fullmatch(a[0])
+            if kv is None:
+                return a[0]
+            flag = command_line_flag(kv[1])
+            return flag if kv[2] == "True" else f"{flag} {kv[2]}"
+        return f"`tslm {m[1]}{ARGUMENT.sub(argument, m[2])}`"
+
+    text = COMMAND.sub(command_line, text)
+    if not PARAMETER.search(text):
+        return text
+    table = {**flag_table(command), **(renames or {})}
+    return PARAMETER.sub(lambda m: table.get(m[1], m[0]), text)
+
+
+def command_line_flag(name: str) -> str:
+    """The flag of `name=value` in a suggested `tslm CMD` line: the setting's flag or the rename, else the name with
+    dashes. Never imports CMD's module (an error path stays as fast as the command); tests check that it is CMD's
+    flag for every such line in the library.
+
+    >>> command_line_flag("tokenizer_dir"), command_line_flag("context_length"), command_line_flag("run_name")
+    ('--tokenizer', '--ctx', '--run-name')
+    """
+    return {**setting_flags(), **FLAG_RENAMES}.get(name) or f"--{name.replace('_', '-')}"
+
+
+def commands() -> dict[str, str]:
+    from tinystories_cli import cli
+    return cli.COMMANDS
+
+
 @contextlib.contextmanager
-def flag_names(flags: dict[str, str]) -> Iterator[None]:
-    """Turn a library ValueError that names a parameter into a UserError that names its flag.
+def flag_names(renames: dict[str, str] | None = None, command: str | None = None) -> Iterator[None]:
+    """Inside a command: a library ValueError becomes a UserError (the user's mistake, no traceback hint) whose
+    backticked parameter names are flags (`to_flags`, with `renames` over the table).
 
     >>> with flag_names({"top_p": "--top-p"}):
-    ...     raise ValueError("top_p must be in (0, 1], got 2.0")
+    ...     raise ValueError("`top_p` must be in (0, 1], got 2.0")
     Traceback (most recent call last):
     tinystories_cli.errors.UserError: --top-p must be in (0, 1], got 2.0
     """
@@ -153,11 +250,8 @@ def flag_names(flags: dict[str, str]) -> Iterator[None]:
     except UserError:
         raise
     except ValueError as e:
-        text = str(e)
-        for param, flag in flags.items():
-            if text.startswith(param + " "):
-                text = flag + text[len(param):]
-        raise UserError(text) from None
+        from tinystories_cli import cli
+        raise UserError(to_flags(str(e), command or cli.RUNNING.get("command"), renames)) from None
 
 
 def given(settings: dict[str, Any], fields: typing.Iterable[str]) -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from pathlib import Path
 from typing import Annotated, Iterator, Optional
 
@@ -92,20 +91,13 @@ def _looks_like_path(arg: str, out: Path | None) -> bool:
 
 OFFLINE_FIX = ("no network? `tslm quickstart --text FILE` learns from your own text; `tslm download` takes a "
                "plain path or a file:// URL with --out FILE; a mirror is set with --endpoint URL (or HF_ENDPOINT)")
-# The library's messages name its parameters in backticks; these are their flags here.
-# TODO(issue 25, at merge): hand this table to the one translator in cli/common.py and drop _flag_names.
-PARAM_FLAGS = {"force": "--force", "out": "--out", "out_dir": "--out", "root": "--dir", "endpoint": "--endpoint",
-               "max_bytes": "--max-bytes", "sha256": "--sha256"}
-_PARAM = re.compile(r"`(\w+)`")
-
-
-def _flag_names(text: str | None) -> str | None:
-    return text and _PARAM.sub(lambda m: PARAM_FLAGS.get(m.group(1), m.group(0)), text)
+# The library's parameters whose flag here is not `--parameter-name` (the error handler's translator reads this).
+FLAG_RENAMES = {"root": "--dir", "out_dir": "--out"}
 
 
 @contextlib.contextmanager
 def _cli_errors() -> Iterator[None]:
-    """Ctrl-C as a note on what was kept (exit 130); the library's errors with flags for its parameters."""
+    """Ctrl-C as a note on what was kept (exit 130); an unreachable source says what works offline."""
     try:
         yield
     except dl.DownloadInterrupted as e:  # Ctrl-C: the bar is closed, say what was kept
@@ -114,8 +106,6 @@ def _cli_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
     except dl.Unreachable as e:
         raise UserError(e.what, OFFLINE_FIX) from None
-    except UserError as e:
-        raise UserError(_flag_names(e.what), _flag_names(e.fix)) from None
 
 
 def _download_one(pf: dl.PlannedFile, force: bool, max_bytes: int | None = None) -> None:

@@ -18,6 +18,8 @@ from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import atomic_write_text, check_output_path, strict_json
 
 DEFAULT_PROMPT = "Once upon a time"
+# The library's sampling parameters whose flag here is shorter (common.to_flags shows these in errors).
+FLAG_RENAMES = {"max_new_tokens": "--max-tokens", "temperature": "--temp"}
 SAMPLING = "Sampling"
 GRID = "Sampling grid"
 

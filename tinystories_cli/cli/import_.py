@@ -19,7 +19,7 @@ def command(
     run_name: Annotated[Optional[str], typer.Option("--run-name", help="Run directory name under runs/ (default: the source directory's name).", show_default=False)] = None,
 ) -> None:
     """Import a Hugging Face Llama or GPT-2 model (safetensors + byte-level BPE tokenizer) as runs/NAME."""
-    from tinystories_cli.interop.importer import import_hf
+    from tinystories_cli.importer import import_hf
 
     if run_name is not None and (not run_name or "/" in run_name or run_name in (".", "..", runs.LATEST_LINK)):
         raise UserError(f"--run-name {run_name!r} is not a plain directory name", "pass a name such as --run-name gpt2")

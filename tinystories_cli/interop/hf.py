@@ -5,7 +5,8 @@
     src/tokenizer.json               a `tokenizers` byte-level BPE, or vocab.json + merges.txt (GPT-2 format)
 
 `read_hf_model(src)` returns our `ModelConfig` and a state_dict under our names; `read_hf_tokenizer(src)`
-returns (vocab, merges, special tokens) for our `Tokenizer`. Order of checks: config values (typed and
+returns (vocab, merges, special tokens) for our `Tokenizer` (`tokenizer_from_hf` builds it, `write_tokenizer`
+writes it in our format). Order of checks: config values (typed and
 bounded), then every tensor's name, dtype and shape from the safetensors header against what the config
 implies, and only then are tensors read (with `safetensors.safe_open`, one at a time).
 """
@@ -24,10 +25,11 @@ from tinystories_cli.account import check_fits_in_memory
 from tinystories_cli.checkpoint import check_safetensors_file
 from tinystories_cli.config import ModelConfig
 from tinystories_cli.errors import UserError
-from tinystories_cli.fileio import read_json
+from tinystories_cli.fileio import atomic_write_text, read_json
 from tinystories_cli.interop import gpt2, llama
 from tinystories_cli.interop.hfconfig import Unsupported, hf_bool
-from tinystories_cli.tokenizer.files import MAX_ID, decode_token_string, read_vocab_merges
+from tinystories_cli.tokenizer.files import MAX_ID, decode_token_string, read_vocab_merges, write_vocab_merges
+from tinystories_cli.tokenizer.tokenizer import Tokenizer
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -303,3 +305,20 @@ def _from_tokenizer_json(path: Path) -> tuple[dict[int, bytes], list[tuple[bytes
     if vocab and max(vocab) >= len(vocab) + 1_000_000:
         raise UserError(f"malformed {path}: ids are implausibly sparse (max id {max(vocab)})")
     return vocab, merges, specials
+
+
+def tokenizer_from_hf(src: Path) -> Tokenizer:
+    vocab, merges, specials = read_hf_tokenizer(src)
+    return Tokenizer(vocab, merges, specials)
+
+
+def write_tokenizer(tokenizer: Tokenizer, out_dir: Path, source: str) -> None:
+    """Our tokenizer directory format: vocab.json, merges.txt, tokenizer_config.json (special tokens)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    specials = list(tokenizer.special_tokens)
+    vocab = {i: b for i, b in tokenizer.vocab.items()}
+    write_vocab_merges(out_dir, vocab, tokenizer.merges)
+    ids = {s: tokenizer.encode(s)[0] for s in specials}
+    atomic_write_text(out_dir / "tokenizer_config.json", json.dumps(
+        {"format": "tslm-bpe", "special_tokens": specials, "special_token_ids": ids,
+         "vocab_size": tokenizer.vocab_size, "source": source}, indent=2, ensure_ascii=False) + "\n")

@@ -78,7 +78,7 @@ def check_special_tokens(special_tokens: Iterable[str]) -> list[str]:
         if not isinstance(t, str):
             raise UserError(f"special token {t!r} is not a string")
         if t == "":
-            raise UserError("empty special token", "remove the empty --special-token")
+            raise UserError("empty special token", "remove the empty `special_tokens`")
         if t in seen:
             raise UserError(f"duplicate special token {t!r}", "give each special token once")
         seen.add(t)
@@ -93,7 +93,7 @@ def check_vocab_size(vocab_size: int, num_special: int) -> int:
     if vocab_size < floor:
         raise UserError(
             f"vocab size {vocab_size} is smaller than 256 bytes + {num_special} special token(s) = {floor}",
-            f"pass --vocab-size {floor} or more",
+            f"pass `vocab_size` {floor} or more",
         )
     return vocab_size - floor
 
@@ -371,7 +371,7 @@ def count_pretokens(input_path: str | Path, special_tokens: Sequence[str] = (), 
         offset, reason = min(bad)
         raise UserError(
             f"{path} is not valid UTF-8: {reason} at byte offset {offset}",
-            "fix the file, or pass --errors replace to replace invalid bytes with U+FFFD",
+            "fix the file, or pass `errors` replace to replace invalid bytes with U+FFFD",
         )
     return total
 
@@ -813,7 +813,7 @@ def check_output_dir(out_dir: str | Path, fingerprint: dict, force: bool = False
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise UserError(f"output path exists and is not a directory: {out}", "pass a directory with --out")
+        raise UserError(f"output path exists and is not a directory: {out}", "pass a directory with `out_dir`")
     if not out.is_dir():
         return out
     _check_only_tokenizer_files(out)
@@ -829,7 +829,7 @@ def check_output_dir(out_dir: str | Path, fingerprint: dict, force: bool = False
     if cfg is not None:
         what += f" (vocab {cfg.get('requested_vocab_size')}, special tokens {cfg.get('special_tokens')}, " \
                 f"source sha256 {str(cfg.get('source_sha256'))[:12]}...)"
-    raise UserError(f"{out} already holds {what}", "pass --force to replace it, or choose another --out")
+    raise UserError(f"{out} already holds {what}", "pass `force` to replace it, or choose another `out_dir`")
 
 
 def save_tokenizer(out_dir: str | Path, vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]],
@@ -929,4 +929,4 @@ def _check_only_tokenizer_files(out: Path) -> None:
     if others:
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
         raise UserError(f"{out} holds files that are not a tokenizer's ({shown}); tslm bpe replaces the whole directory",
-                        "choose another --out, or move those files")
+                        "choose another `out_dir`, or move those files")

@@ -122,7 +122,7 @@ def _decode(data: bytes, errors: str, path: Path, offset: int) -> str:
     except UnicodeDecodeError as e:
         raise UserError(
             f"{path} is not valid UTF-8: bad byte 0x{data[e.start]:02x} at byte offset {offset + e.start}",
-            "fix the file, or pass --errors replace to replace bad bytes with U+FFFD",
+            "fix the file, or pass `errors` replace to replace bad bytes with U+FFFD",
         ) from None
 
 
@@ -252,12 +252,12 @@ def _check_paths(src, out, errors: str, tokenizer_dir, force: bool) -> tuple[Pat
     """(text file, token file, its sidecar), checked before anything is read or written; removes the temporary
     files a killed encode left beside the output."""
     if errors not in ("strict", "replace"):
-        raise UserError(f"--errors must be strict or replace, got {errors!r}")
+        raise UserError(f"`errors` must be strict or replace, got {errors!r}")
     src = check_input_file(src, "text file", "check the path, or run `tslm download` first")
     out = Path(out)
     side = sidecar_path(out)
     if out.suffix != ".npy":
-        raise UserError(f"token file must end in .npy: {out}", "choose an --out path ending in .npy")
+        raise UserError(f"token file must end in .npy: {out}", "choose an `out` path ending in .npy")
     check_source_outside(src, [out, side], "the text to encode")
     if tokenizer_dir is not None:
         check_source_outside(tokenizer_dir, [out, side], "the tokenizer")

@@ -67,7 +67,7 @@ def read_vocab_merges(vocab_path: str | Path, merges_path: str | Path) -> tuple[
     vocab_path, merges_path = Path(vocab_path), Path(merges_path)
     for p in (vocab_path, merges_path):
         if not p.is_file():
-            raise UserError(f"tokenizer file not found: {p}", "run `tslm bpe` to train a tokenizer, or pass --tokenizer DIR")
+            raise UserError(f"tokenizer file not found: {p}", "run `tslm bpe` to train a tokenizer, or pass `tokenizer` DIR")
     raw = read_json(vocab_path, "vocab file", "re-create it with `tslm bpe`")
     if not isinstance(raw, dict):
         raise UserError(f"malformed vocab file {vocab_path}: expected a JSON object of token -> id")

@@ -176,7 +176,7 @@ class Tokenizer:
         """
         d = Path(directory)
         if not d.is_dir():
-            raise UserError(f"tokenizer directory not found: {d}", "run `tslm bpe` to train one, or pass --tokenizer DIR")
+            raise UserError(f"tokenizer directory not found: {d}", "run `tslm bpe` to train one, or pass `tokenizer` DIR")
         check_recorded_hashes(d)
         vocab, merges = read_vocab_merges(d / "vocab.json", d / "merges.txt")
         if special_tokens is None:

@@ -34,8 +34,8 @@ from tinystories_cli.console import human_bytes
 from tinystories_cli.device import dist_from_env
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import atomic_write_text, check_source_outside, sha256_file
-from tinystories_cli.interop.hf import is_hf_dir, plan_hf_model, read_hf_model
-from tinystories_cli.interop.importer import load_weights, tokenizer_from_hf, write_tokenizer
+from tinystories_cli.interop.hf import is_hf_dir, plan_hf_model, read_hf_model, tokenizer_from_hf, write_tokenizer
+from tinystories_cli.trained import load_weights
 from tinystories_cli.tokens import check_tokens, open_tokens
 from tinystories_cli.train.budget import TimePlan, tokens_per_step
 from tinystories_cli.train.loggers import check_available as check_loggers_available

@@ -10,6 +10,9 @@
 `tslm eval`, `generate`, `export` and `train --init-from` read it like any run. The directory is
 assembled under a temporary name beside it and renamed into place when complete; an existing run
 directory is never replaced.
+
+The reading and mapping happen one floor down (`interop/hf.py`, `trained.load_weights`); this module
+composes them into a run directory, beside `export.py`, which goes the other way.
 """
 
 from __future__ import annotations
@@ -29,11 +32,11 @@ from tinystories_cli.checkpoint import save_checkpoint
 from tinystories_cli.config import ModelConfig
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import atomic_write_text, remove_stale_temps, sha256_file, temp_prefix
-from tinystories_cli.interop.hf import read_hf_model, read_hf_tokenizer
+from tinystories_cli.interop.hf import read_hf_model, tokenizer_from_hf, write_tokenizer
 from tinystories_cli.model import TransformerLM
 from tinystories_cli.run_readme import write_run_readme
-from tinystories_cli.tokenizer.files import write_vocab_merges
 from tinystories_cli.tokenizer.tokenizer import Tokenizer
+from tinystories_cli.trained import load_weights
 
 IMPORTED_PRESET = "imported"
 
@@ -46,47 +49,6 @@ class Imported:
     parameters: int
     tokenizer: Tokenizer
     notes: list[str]
-
-
-def load_weights(model: TransformerLM, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `state_dict` (our names) into `model`: same names, same shapes, except that learned position
-    rows beyond the model's context are dropped (a model may use a shorter context than its source)."""
-    sd = dict(state_dict)
-    pos = sd.get("position_embeddings.weight")
-    if pos is not None and hasattr(model, "position_embeddings") and pos.shape[0] > model.config.context_length:
-        sd["position_embeddings.weight"] = pos[: model.config.context_length]
-    own = model.state_dict()
-    if model.config.tie_embeddings and "lm_head.weight" not in sd and "token_embeddings.weight" in sd:
-        sd["lm_head.weight"] = sd["token_embeddings.weight"]
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    if missing or unexpected:
-        raise UserError(f"weights of {source} do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}",
-                        "the weights and the model config must come from the same model")
-    for k, v in sd.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise UserError(f"weights of {source}: {k} has shape {list(v.shape)}, the model expects {list(own[k].shape)}",
-                            "the weights and the model config must come from the same model")
-    with torch.no_grad():
-        for k, v in sd.items():
-            if not (model.config.tie_embeddings and k == "lm_head.weight"):  # tied: the embedding is the head
-                own[k].copy_(v)
-
-
-def tokenizer_from_hf(src: Path) -> Tokenizer:
-    vocab, merges, specials = read_hf_tokenizer(src)
-    return Tokenizer(vocab, merges, specials)
-
-
-def write_tokenizer(tokenizer: Tokenizer, out_dir: Path, source: str) -> None:
-    """Our tokenizer directory format: vocab.json, merges.txt, tokenizer_config.json (special tokens)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    specials = list(tokenizer.special_tokens)
-    vocab = {i: b for i, b in tokenizer.vocab.items()}
-    write_vocab_merges(out_dir, vocab, tokenizer.merges)
-    ids = {s: tokenizer.encode(s)[0] for s in specials}
-    atomic_write_text(out_dir / "tokenizer_config.json", json.dumps(
-        {"format": "tslm-bpe", "special_tokens": specials, "special_token_ids": ids,
-         "vocab_size": tokenizer.vocab_size, "source": source}, indent=2, ensure_ascii=False) + "\n")
 
 
 def weights_record(files: list[Path]) -> list[dict[str, str]]:
