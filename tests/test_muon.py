@@ -7,7 +7,7 @@ import torch
 
 from tinystories_cli.config import ModelConfig
 from tinystories_cli.model import TransformerLM, cross_entropy
-from tinystories_cli.optim import AdamW, Muon, muon_param_split, newton_schulz
+from tinystories_cli.optim import AdamW, Muon, MuonWithAdamW, make_param_groups, muon_param_split, newton_schulz
 
 
 def _pair(shapes, seed=0):
@@ -126,3 +126,88 @@ def test_optim_doctests():
     from tinystories_cli import optim
 
     assert doctest.testmod(optim).failed == 0
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return TransformerLM(ModelConfig(vocab_size=64, context_length=16, d_model=32, num_layers=2, num_heads=4))
+
+
+def _hybrid(model, **kw):
+    hidden, _ = muon_param_split(model)
+    ids = {id(p) for p in hidden}
+    groups = [{**g, "params": [p for p in g["params"] if id(p) not in ids]} for g in make_param_groups(model, 0.1)]
+    return MuonWithAdamW(hidden, [g for g in groups if g["params"]], lr=3e-3, muon_lr=0.02, **kw)
+
+
+def test_muon_with_adamw_equals_the_two_optimizers_side_by_side():
+    """One optimizer (one state dict for checkpoints) that steps exactly as Muon + AdamW would, skips included."""
+    a, b = _model(), _model()
+    hybrid = _hybrid(a, muon_weight_decay=0.01)
+    hidden, _ = muon_param_split(b)
+    ids = {id(p) for p in hidden}
+    groups = [{**g, "params": [p for p in g["params"] if id(p) not in ids]} for g in make_param_groups(b, 0.1)]
+    muon, adamw = Muon(hidden, lr=0.02, weight_decay=0.01), AdamW([g for g in groups if g["params"]], lr=3e-3)
+    x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+    for step in range(8):
+        skip = torch.tensor(float(step == 3))  # one skipped step, decided on the device
+        for m in (a, b):
+            cross_entropy(m(x[:, :-1]), x[:, 1:]).backward()
+        hybrid.set_lr_ratio(1.0 - step / 10)
+        for opt in (muon, adamw):
+            for g in opt.param_groups:
+                g["lr"] = (0.02 if opt is muon else 3e-3) * (1.0 - step / 10)
+        hybrid.step(found_inf=skip)
+        muon.step(found_inf=skip)
+        adamw.step(found_inf=skip)
+        for opt in (hybrid, muon, adamw):
+            opt.zero_grad()
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+    algos = [g["algorithm"] for g in hybrid.param_groups]
+    assert algos == ["muon", "adamw", "adamw"] and hybrid.param_groups[0]["weight_decay"] == 0.01
+
+
+def test_muon_with_adamw_checkpoint_round_trip_resumes_bit_for_bit(tmp_path):
+    """Its state goes through the safetensors checkpoint like AdamW's (momentum buffers and moments)."""
+    from tinystories_cli.checkpoint import load_model_state, load_optimizer_state, read_checkpoint, save_checkpoint
+
+    x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+
+    def train(model, opt, steps):
+        for _ in range(steps):
+            cross_entropy(model(x[:, :-1]), x[:, 1:]).backward()
+            opt.step()
+            opt.zero_grad()
+
+    straight = _model()
+    opt = _hybrid(straight)
+    train(straight, opt, 6)
+    first = _model()
+    opt1 = _hybrid(first)
+    train(first, opt1, 3)
+    save_checkpoint(first, opt1, 3, tmp_path / "c.safetensors")
+    resumed = _model(seed=5)
+    opt2 = _hybrid(resumed)
+    ckpt = read_checkpoint(tmp_path / "c.safetensors")
+    load_model_state(ckpt, resumed)
+    load_optimizer_state(ckpt, opt2)
+    assert sum("momentum_buffer" in s for s in opt2.state.values()) == len(muon_param_split(resumed)[0])
+    train(resumed, opt2, 3)
+    for p, q in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_account_counts_muon_state_as_one_buffer_per_matrix():
+    from tinystories_cli import account
+    from tinystories_cli.config import PRESETS
+
+    cfg = PRESETS["tinystories-17m"].model
+    model = TransformerLM(cfg)
+    hidden, rest = muon_param_split(model)
+    assert account.muon_parameters(cfg) == sum(p.numel() for p in hidden)
+    adamw = account.training_memory(cfg, 4)["optimizer_state"]
+    muon = account.training_memory(cfg, 4, optimizer="muon")["optimizer_state"]
+    # exactly the state the two optimizers allocate: one buffer per Muon matrix, two moments for the rest
+    assert muon == 4 * (sum(p.numel() for p in hidden) + 2 * sum(p.numel() for p in rest))
+    assert adamw - muon == 4 * account.muon_parameters(cfg)

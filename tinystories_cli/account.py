@@ -7,7 +7,7 @@ Conventions (the seeds' conventions, so their tables are reproduced exactly):
 - a matrix product (m x n)(n x p) costs 2mnp FLOPs; only matrix products are counted;
 - attention is counted over the full (T x T) score matrix (no causal halving);
 - backward costs 2x forward, so one training step costs 3x forward;
-- AdamW keeps two fp32 moments per parameter.
+- AdamW keeps two fp32 moments per parameter; Muon one momentum buffer per matrix it updates.
 
 Worked example (GPT-2 small shape, the seeds' table):
 
@@ -258,10 +258,25 @@ def peak_tflops_for(dtype: str) -> float:
     return PEAK_TFLOPS["bfloat16" if dtype == "auto" else dtype]
 
 
+def muon_parameters(cfg: ModelConfig) -> int:
+    """Parameters that `--optimizer muon` updates with Muon: the hidden 2-D matrices (attention's four
+    projections and the FFN's matrices of every block, biases excluded); the rest stays on AdamW.
+
+    >>> from tinystories_cli.config import PRESETS
+    >>> cfg = PRESETS["tinystories-17m"].model
+    >>> muon_parameters(cfg) == cfg.num_layers * (4 * cfg.d_model ** 2 + 3 * cfg.d_model * cfg.d_ff)
+    True
+    """
+    return cfg.num_layers * (4 * cfg.d_model * cfg.d_model + ffn_matrices(cfg) * cfg.d_model * cfg.d_ff)
+
+
 def training_memory(cfg: ModelConfig, batch_size: int, seq_len: int | None = None, *,
                     activation_checkpointing: bool = False, parallel: str = "ddp", world_size: int = 1,
-                    dtype: str = "float32") -> dict[str, int]:
-    """AdamW training memory of one process: parameters + gradients + two moments (fp32) + activations.
+                    dtype: str = "float32", optimizer: str = "adamw") -> dict[str, int]:
+    """Training memory of one process: parameters + gradients + optimizer state (fp32) + activations.
+
+    The optimizer state is AdamW's two moments per parameter, or with `optimizer="muon"` one momentum
+    buffer per Muon matrix (`muon_parameters`) and AdamW's two moments for the rest.
 
     With `parallel="fsdp"` parameters, gradients and moments are sharded over `world_size` ranks, while
     activations stay whole (each rank runs its own micro-batch), and the gathers add buffers: the root unit
@@ -274,7 +289,7 @@ def training_memory(cfg: ModelConfig, batch_size: int, seq_len: int | None = Non
     mem = {
         "parameters": shard * FP32,
         "gradients": shard * FP32,
-        "optimizer_state": 2 * shard * FP32,
+        "optimizer_state": (2 * shard - (muon_parameters(cfg) if optimizer == "muon" else 0)) * FP32,
         "activations": activation_bytes(cfg, batch_size, seq_len,
                                          activation_checkpointing=activation_checkpointing)["total"],
     }

@@ -182,6 +182,12 @@ class TrainConfig(StrictModel):
     beta1: float = setting(0.9, "AdamW beta1.", ge=0, lt=1)
     beta2: float = setting(0.999, "AdamW beta2.", ge=0, lt=1)
     eps: float = setting(1e-8, "AdamW epsilon.", gt=0)
+    optimizer: Literal["adamw", "muon"] = setting(
+        "adamw", "adamw, or muon: Muon on the hidden 2-D matrices (momentum orthogonalized by Newton-Schulz), AdamW "
+        "with --lr on the embeddings, LM head and norms.")
+    muon_lr: float = setting(0.02, "Muon's peak learning rate (the schedule scales it as it scales --lr).", gt=0)
+    muon_momentum: float = setting(0.95, "Muon's (Nesterov) momentum.", ge=0, lt=1)
+    muon_weight_decay: float = setting(0.0, "Muon's decoupled weight decay.", ge=0)
     grad_clip: float = setting(1.0, "Global gradient-norm clip (0 = off).", ge=0)
     eval_every: int = setting(500, "Validation every N steps.", gt=0, neutral=True)
     eval_batches: int = setting(20, "Validation batches (fixed windows).", gt=0, neutral=True)
@@ -191,10 +197,12 @@ class TrainConfig(StrictModel):
     seed: int = setting(0, "Seed for init and batches.", ge=0, lt=2**62)
     device: str = setting("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps.", neutral=True)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
-        "auto", "Compute dtype: auto = bfloat16 autocast on a CUDA GPU with bf16, else float32; float16 = autocast "
+        "auto", "Compute dtype: auto = bfloat16 autocast where bf16 is native (a CUDA GPU with bf16, a CPU with "
+        "AVX512-BF16 or AMX), else float32; weights, optimizer state and the loss stay float32; float16 = autocast "
         "with loss scaling.")
     compile: bool | None = setting(None, "torch.compile the model and loss as one graph (falls back to eager if it "
-                                   "fails); default: on for CUDA, off for CPU and MPS.", neutral=True)
+                                   "fails); default: on for CUDA; on a CPU when a C++ compiler is found and the run is long enough to pay "
+                                   "back the compile (about 90 s); off for MPS.", neutral=True)
     parallel: Literal["ddp", "fsdp"] = setting(
         "ddp", "Under torchrun: ddp (replicate the model) or fsdp (shard weights, gradients and AdamW state).",
         neutral=True)

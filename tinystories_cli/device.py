@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -109,21 +110,86 @@ def sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+# CPU features that compute bf16 natively (dot products of bf16 pairs accumulated in fp32): there bf16
+# autocast runs the matmuls at about twice the fp32 rate; without them it only adds conversions.
+NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    r"""The feature flags of this CPU (from /proc/cpuinfo on Linux; empty elsewhere or when unreadable).
+
+    >>> sorted(cpu_flags("processor : 0\nflags : fpu avx512f avx512_bf16\n"))
+    ['avx512_bf16', 'avx512f', 'fpu']
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+                cpuinfo = f.read(1 << 20)
+        except OSError:
+            return set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return set()
+
+
+def cpu_native_bf16(flags: set[str] | None = None) -> bool:
+    """Whether this CPU has bf16 arithmetic units (AVX512-BF16 or AMX-BF16).
+
+    >>> cpu_native_bf16({"avx512f", "avx512_bf16"}), cpu_native_bf16({"avx512f", "avx2"})
+    (True, False)
+    """
+    flags = cpu_flags() if flags is None else flags
+    return any(f in flags for f in NATIVE_BF16_CPU_FLAGS)
+
+
 def bf16_supported(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    """bf16 that pays: a CUDA GPU with bf16, or a CPU with native bf16 units (`cpu_native_bf16`)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_native_bf16()
 
 
 def choose_dtype(requested: str, device: torch.device) -> str:
-    """The compute dtype a run uses: `auto` is bfloat16 autocast on a CUDA GPU with bf16 (nanoGPT's
-    default), float32 elsewhere (CPU and MPS stay exact unless asked); explicit choices stand."""
+    """The compute dtype a run uses: `auto` is bfloat16 autocast where bf16 is native (a CUDA GPU with
+    bf16, nanoGPT's default; a CPU with AVX512-BF16 or AMX), float32 elsewhere (MPS and older CPUs stay
+    exact unless asked); explicit choices stand. Weights, optimizer state and the loss stay float32."""
     if requested != "auto":
         return requested
     return "bfloat16" if bf16_supported(device) else "float32"
 
 
-def choose_compile(requested: bool | None, device: torch.device) -> bool:
-    """torch.compile on CUDA by default (a failure falls back to eager); off on CPU and MPS unless asked."""
-    return device.type == "cuda" if requested is None else requested
+# torch.compile on a CPU: measured on the reference model (d_model 128 x 4, batch 16 x 256, 2 cores,
+# tests/benchmarks/RESULTS.md "torch.compile on this CPU") a cold compile costs about 21 s and then runs
+# 1.40x eager, so it pays back after about 21 / (1 - 1 / 1.4) = 73 s of training. Below this much expected
+# training time `auto` stays eager (test-sized runs never wait for a compiler).
+COMPILE_PAYS_AFTER_S = 90.0
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend would use ($CXX, else c++, g++ or clang++), or None."""
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def choose_compile(requested: bool | None, device: torch.device, expected_seconds: float | None = None) -> bool:
+    """Whether to torch.compile: explicit choices stand; `auto` (None) compiles on CUDA (a failure falls
+    back to eager), on a CPU only where a C++ compiler is found and the run is expected to train at least
+    `COMPILE_PAYS_AFTER_S` seconds (the compile pays back), and never on MPS.
+
+    >>> cpu = torch.device("cpu")
+    >>> choose_compile(None, cpu), choose_compile(True, cpu), choose_compile(None, cpu, expected_seconds=10)
+    (False, True, False)
+    """
+    if requested is not None:
+        return requested
+    if device.type == "cuda":
+        return True
+    return (device.type == "cpu" and expected_seconds is not None and expected_seconds >= COMPILE_PAYS_AFTER_S
+            and cxx_compiler() is not None)
 
 
 def use_fast_fp32_matmul(device: torch.device) -> str:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-__all__ = ["AdamW", "Muon", "newton_schulz", "muon_param_split", "cosine_lr", "wsd_lr", "wsd_decay_start",
+__all__ = ["AdamW", "Muon", "MuonWithAdamW", "newton_schulz", "muon_param_split", "cosine_lr", "wsd_lr", "wsd_decay_start",
            "clip_grad_norm_", "make_param_groups"]
 
 
@@ -231,29 +231,84 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                buf = state["momentum_buffer"]
-                if found_inf is None:
-                    ok: float | Tensor = 1.0
-                    buf.lerp_(g, 1.0 - mom)
-                else:
-                    skip = found_inf.to(p.device) != 0
-                    ok = (~skip).to(p.dtype)
-                    g.masked_fill_(skip, 0.0)
-                    buf.lerp_(g, (1.0 - mom) * ok)  # unchanged on a skipped step
-                u = g.lerp(buf, mom) if group["nesterov"] else buf
-                u = newton_schulz(u, group["ns_steps"], eps=group["eps"])
-                if wd != 0:
-                    p.mul_(1.0 - lr * wd * ok)
-                step = -lr * self.lr_multiplier(p.shape, group["lr_scale"])
-                p.add_(u if found_inf is None else u * ok, alpha=step)
+            muon_update(self.state, group, found_inf)
+        return loss
+
+
+def muon_update(state: dict, group: dict, found_inf: Tensor | None) -> None:
+    """One Muon step of the parameters of `group` (their momentum buffers kept in `state`)."""
+    lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        g = p.grad
+        st = state[p]
+        if "momentum_buffer" not in st:
+            st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        buf = st["momentum_buffer"]
+        if found_inf is None:
+            ok: float | Tensor = 1.0
+            buf.lerp_(g, 1.0 - mom)
+        else:
+            skip = found_inf.to(p.device) != 0
+            ok = (~skip).to(p.dtype)
+            g.masked_fill_(skip, 0.0)
+            buf.lerp_(g, (1.0 - mom) * ok)  # unchanged on a skipped step
+        u = g.lerp(buf, mom) if group["nesterov"] else buf
+        u = newton_schulz(u, group["ns_steps"], eps=group["eps"])
+        if wd != 0:
+            p.mul_(1.0 - lr * wd * ok)
+        step = -lr * Muon.lr_multiplier(p.shape, group["lr_scale"])
+        p.add_(u if found_inf is None else u * ok, alpha=step)
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Muon on the hidden 2-D matrices and AdamW on everything else, as one optimizer: one `step`, one
+    `state_dict` (so checkpoints and resume treat it like AdamW), one list of param groups, each marked
+    `group["algorithm"]` = "muon" or "adamw" and updated by that rule (`muon_update`, or AdamW's).
+
+    `adamw_groups` are AdamW param groups (e.g. `make_param_groups` without the Muon matrices) with AdamW's
+    `lr`, `betas`, `eps` and `weight_decay` as defaults; `muon_params` get `muon_lr`, `momentum`,
+    `nesterov`, `muon_weight_decay`, `ns_steps` and `lr_scale`. Every group also keeps its peak learning
+    rate as `group["max_lr"]`, so a schedule scales all of them together (`set_lr_ratio`).
+
+    >>> model = torch.nn.Module(); model.w = nn.Parameter(torch.ones(4, 4)); model.b = nn.Parameter(torch.ones(4))
+    >>> opt = MuonWithAdamW([model.w], [{"params": [model.b]}], lr=1e-3, muon_lr=0.02)
+    >>> [(g["algorithm"], g["lr"]) for g in opt.param_groups]
+    [('muon', 0.02), ('adamw', 0.001)]
+    >>> opt.set_lr_ratio(0.5); [g["lr"] for g in opt.param_groups]
+    [0.01, 0.0005]
+    """
+
+    def __init__(self, muon_params, adamw_groups, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.01, muon_lr: float = 0.02, momentum: float = 0.95,
+                 nesterov: bool = True, muon_weight_decay: float = 0.0, ns_steps: int = 5,
+                 lr_scale: str | None = "original"):
+        muon = Muon(list(muon_params), lr=muon_lr, momentum=momentum, nesterov=nesterov,
+                    weight_decay=muon_weight_decay, ns_steps=ns_steps, lr_scale=lr_scale)  # validates
+        adamw = AdamW(adamw_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)  # validates
+        groups = ([{**g, "algorithm": "muon", "max_lr": g["lr"]} for g in muon.param_groups]
+                  + [{**g, "algorithm": "adamw", "max_lr": g["lr"]} for g in adamw.param_groups])
+        super().__init__(groups, {})
+
+    def set_lr_ratio(self, ratio: float) -> None:
+        """Every group's learning rate to `ratio` times its peak (`max_lr`)."""
+        for group in self.param_groups:
+            group["lr"] = group["max_lr"] * ratio
+
+    @torch.no_grad()
+    def step(self, closure=None, found_inf: Tensor | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["algorithm"] == "muon":
+                muon_update(self.state, group, found_inf)
+            else:
+                params, grads, exp_avgs, exp_avg_sqs, steps = AdamW._gather(self, group)
+                if params:
+                    AdamW._update(group, params, grads, exp_avgs, exp_avg_sqs, steps, found_inf)
         return loss
 
 
