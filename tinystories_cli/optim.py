@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-__all__ = ["AdamW", "Muon", "MuonWithAdamW", "newton_schulz", "muon_param_split", "cosine_lr", "wsd_lr", "wsd_decay_start",
+__all__ = ["AdamW", "Muon", "MuonWithAdamW", "build_optimizer", "set_scheduled_lr", "newton_schulz", "muon_param_split", "cosine_lr", "wsd_lr", "wsd_decay_start",
            "clip_grad_norm_", "make_param_groups"]
 
 
@@ -463,3 +463,39 @@ def make_param_groups(model: nn.Module, weight_decay: float, no_decay_norms_bias
     groups = [{"params": decay, "weight_decay": weight_decay, "names": decay_names},
               {"params": no_decay, "weight_decay": 0.0, "names": no_decay_names}]
     return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, tc: Any, sharded: bool = False) -> torch.optim.Optimizer:
+    """The optimizer a `TrainConfig` asks for: AdamW on every parameter (`optimizer="adamw"`), or Muon on the
+    hidden matrices with AdamW on the rest (`"muon"`, `MuonWithAdamW`). Weight decay follows
+    `make_param_groups` (matrices only); Muon's own is `muon_weight_decay`. Muon needs whole matrices, so
+    it refuses `sharded` (FSDP) parameters.
+
+    >>> from tinystories_cli.config import ModelConfig, TrainConfig
+    >>> from tinystories_cli.model import TransformerLM
+    >>> m = TransformerLM(ModelConfig(vocab_size=64, context_length=8, d_model=16, num_layers=1, num_heads=2))
+    >>> type(build_optimizer(m, TrainConfig())).__name__, type(build_optimizer(m, TrainConfig(optimizer="muon"))).__name__
+    ('AdamW', 'MuonWithAdamW')
+    """
+    groups = make_param_groups(model, tc.weight_decay)
+    adamw = {"lr": tc.lr, "betas": (tc.beta1, tc.beta2), "eps": tc.eps, "weight_decay": tc.weight_decay}
+    if tc.optimizer == "adamw":
+        return AdamW(groups, **adamw)
+    if sharded:
+        raise ValueError("`optimizer` muon needs whole matrices and cannot run with `parallel` fsdp: use ddp, or adamw")
+    hidden, _ = muon_param_split(model)
+    ids = {id(p) for p in hidden}
+    rest = [{**g, "params": [p for p in g["params"] if id(p) not in ids],
+             "names": [n for n, p in zip(g["names"], g["params"]) if id(p) not in ids]} for g in groups]
+    return MuonWithAdamW(hidden, [g for g in rest if g["params"]], **adamw, muon_lr=tc.muon_lr,
+                         momentum=tc.muon_momentum, muon_weight_decay=tc.muon_weight_decay)
+
+
+def set_scheduled_lr(optimizer: torch.optim.Optimizer, lr: float, peak_lr: float) -> None:
+    """Set the schedule's learning rate `lr` (whose peak is `peak_lr`) on every param group: AdamW's groups
+    take it as it is; a `MuonWithAdamW` scales each group's own peak by `lr / peak_lr`."""
+    if isinstance(optimizer, MuonWithAdamW):
+        optimizer.set_lr_ratio(lr / peak_lr if peak_lr > 0 else 0.0)
+        return
+    for group in optimizer.param_groups:
+        group["lr"] = lr
