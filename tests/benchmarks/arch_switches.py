@@ -97,8 +97,9 @@ def train_one(work: Path, arm: str, switches: dict, seed: int, steps: int, eval_
             "train_tokens_per_s": round(end["tokens"] / end["elapsed_s"]), "wall_s": round(wall, 1)}
 
 
-def speed(arms: dict[str, dict], rounds: int, steps_per_round: int, seed: int = 0) -> dict[str, float]:
-    """Median training tokens/s of each arm, interleaved round by round in this process."""
+def speed(arms: dict[str, dict], rounds: int, steps_per_round: int, seed: int = 0) -> dict[str, dict]:
+    """Training tokens/s of each arm, interleaved round by round in this process: the median round and the
+    fastest (on a shared machine other processes only ever add time, so the fastest is the least disturbed)."""
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (BATCH, CTX + 1), generator=g)
@@ -129,7 +130,8 @@ def speed(arms: dict[str, dict], rounds: int, steps_per_round: int, seed: int = 
             for _ in range(steps_per_round):
                 step(model, opt)
             times[arm].append((time.perf_counter() - t0) / steps_per_round)
-    return {arm: round(BATCH * CTX / statistics.median(t)) for arm, t in times.items()}
+    return {arm: {"median": round(BATCH * CTX / statistics.median(t)), "fastest": round(BATCH * CTX / min(t))}
+            for arm, t in times.items()}
 
 
 def summarize(runs: list[dict], spd: dict[str, float]) -> dict:
@@ -140,17 +142,18 @@ def summarize(runs: list[dict], spd: dict[str, float]) -> dict:
     out = {}
     for arm, losses in by_arm.items():
         diffs = [losses[s] - base[s] for s in losses if s in base]
-        rel = spd.get(arm, 0) / spd["baseline"] if spd.get("baseline") and spd.get(arm) else None
         out[arm] = {"val_loss": [losses[s] for s in sorted(losses)], "mean": round(statistics.mean(losses.values()), 4),
                     "paired_diff_vs_baseline": [round(d, 4) for d in diffs],
-                    "mean_diff": round(statistics.mean(diffs), 4) if diffs else None,
-                    "tokens_per_s": spd.get(arm), "speed_vs_baseline": round(rel, 3) if rel else None}
+                    "mean_diff": round(statistics.mean(diffs), 4) if diffs else None}
+        if spd.get(arm) and spd.get("baseline"):
+            out[arm]["tokens_per_s"] = spd[arm]
+            out[arm]["speed_vs_baseline"] = {k: round(spd[arm][k] / spd["baseline"][k], 3) for k in spd[arm]}
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--work", type=Path)
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--workers", type=int, default=2)
@@ -159,11 +162,23 @@ def main() -> None:
     ap.add_argument("--speed-steps", type=int, default=3)
     ap.add_argument("--arms", nargs="+", default=list(ARMS))
     ap.add_argument("--no-combo", action="store_true")
+    ap.add_argument("--speed-only", nargs="*", metavar="SWITCH_ARM",
+                    help="only the speed measurement, of --arms plus a `combo` of these arms' switches")
     args = ap.parse_args()
     arms = {a: ARMS[a] for a in args.arms}
     if "baseline" not in arms:
         arms = {"baseline": {}, **arms}
+    if args.speed_only is not None:
+        if len(args.speed_only) >= 2:
+            arms["combo"] = {k: v for a in args.speed_only for k, v in ARMS[a].items()}
+        print(json.dumps({"benchmark": "arch_switches speed", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                          "load_average": os.getloadavg(), "rounds": args.speed_rounds, "steps_per_round": args.speed_steps,
+                          "combo": args.speed_only, "tokens_per_s": speed(arms, args.speed_rounds, args.speed_steps)},
+                         indent=1))
+        return
 
+    if args.work is None:
+        ap.error("--work is needed (a workspace with data/tinystories/)")
     spd = speed(arms, args.speed_rounds, args.speed_steps) if args.speed_rounds else {}
     print(json.dumps({"speed_tokens_per_s": spd}), file=sys.stderr, flush=True)
     jobs = [(a, arms[a], s) for s in args.seeds for a in arms]
@@ -178,7 +193,7 @@ def main() -> None:
         combo = {k: v for a in winners for k, v in arms[a].items()}
         if args.speed_rounds:  # paired with a fresh baseline, scaled to the first one's
             pair = speed({"baseline": {}, "combo": combo}, args.speed_rounds, args.speed_steps)
-            spd["combo"] = round(pair["combo"] * spd["baseline"] / pair["baseline"])
+            spd["combo"] = {k: round(pair["combo"][k] * spd["baseline"][k] / pair["baseline"][k]) for k in pair["combo"]}
         with ThreadPoolExecutor(args.workers) as pool:
             for r in pool.map(lambda s: train_one(args.work, "combo", combo, s, args.steps, args.eval_batches),
                               args.seeds):
