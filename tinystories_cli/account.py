@@ -48,7 +48,6 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     """Parameters by component. `total` equals `sum(p.numel() for p in TransformerLM(cfg).parameters())`."""
     d, V = cfg.d_model, cfg.vocab_size
     attention = 4 * d * d + (4 * d if cfg.bias else 0)  # W_Q, W_K, W_V, W_O (+ their biases with `bias`)
-    attention += 2 * cfg.head_dim if cfg.qk_norm else 0  # the q and k norms' gains
     ffn = ffn_matrices(cfg) * d * cfg.d_ff + ((ffn_matrices(cfg) - 1) * cfg.d_ff + d if cfg.bias else 0)
     norms = 2 * _norm_params(cfg)
     layer = attention + ffn + norms
@@ -108,13 +107,12 @@ def activation_bytes(cfg: ModelConfig, batch_size: int, seq_len: int | None = No
     exp-scores and probabilities; with `attention_backend="sdpa"` the fused kernel keeps only its
     output and a (B, h, T) log-sum-exp instead. Per layer, in units of B*T*d_model elements:
     the attention input, q, k, v and the output fed to W_O (5, also with sdpa); the FFN input
-    (1) plus the d_ff-wide tensors its activation keeps (SwiGLU 5, SiLU 3, GELU 4, ReLU 2, ReLU² 3; with
-    sdpa's fused SiLU, SwiGLU 4 and SiLU 2); each norm
-    keeps its input (or centered input) and normalized value (2) and a per-row 1/rms (with `qk_norm`, so
-    do the q and k norms, per head); with dropout > 0
+    (1) plus the d_ff-wide tensors its activation keeps (SwiGLU 5, SiLU 3, GELU 4, ReLU 2; with sdpa's
+    fused SiLU, SwiGLU 4 and SiLU 2); each norm
+    keeps its input (or centered input) and normalized value (2) and a per-row 1/rms; with dropout > 0
     every dropout site adds its keep-mask (embeddings 1, each residual branch 1, attention probabilities
     one more (B, h, T, T)). Then the final norm, the LM-head input and, for the loss, one (B, T, V)
-    tensor of exp(logits - max) (and with `logit_softcap` one more, the tanh of the logits).
+    tensor of exp(logits - max).
 
     With `activation_checkpointing` each block keeps only its input (B*T*d_model) through the forward, and
     the backward recomputes one block at a time: the layers then cost `num_layers` inputs plus one
@@ -137,9 +135,7 @@ def activation_bytes(cfg: ModelConfig, batch_size: int, seq_len: int | None = No
         attention = 5 * btd + (3 if dropout else 2) * scores + B * h * T * be + T * T  # + row sums, bool mask
     if cfg.pos_emb == "rope":
         attention += 4 * T * (cfg.head_dim // 2) * be  # cos/sin rows gathered for q and for k
-    if cfg.qk_norm:
-        attention += 2 * (2 * btd + n * h * FP32)  # q and k: input, normalized and 1/rms per head
-    ffn_units = {"swiglu": 5, "silu": 3, "gelu": 4, "relu": 2, "relu2": 3}[cfg.ffn]
+    ffn_units = {"swiglu": 5, "silu": 3, "gelu": 4, "relu": 2}[cfg.ffn]
     if sdpa and cfg.ffn in ("swiglu", "silu"):
         ffn_units -= 1  # the fused SiLU of the non-reference path keeps only its input
     ffn = btd + ffn_units * n * dff * be
@@ -150,8 +146,7 @@ def activation_bytes(cfg: ModelConfig, batch_size: int, seq_len: int | None = No
         "layers": cfg.num_layers * per_layer,
         "final_norm": norm_bytes,
         "lm_head_input": btd,
-        # exp(logits - max), row sums, target indices (+ the soft cap's tanh)
-        "logits": (2 if cfg.logit_softcap else 1) * n * V * be + n * FP32 + 2 * n * 8,
+        "logits": n * V * be + n * FP32 + 2 * n * 8,  # exp(logits - max), row sums, target indices
     }
     if activation_checkpointing:
         out["checkpointed_inputs"] = cfg.num_layers * btd

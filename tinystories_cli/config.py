@@ -59,20 +59,15 @@ def results_neutral(*models: type[BaseModel]) -> set[str]:
 
 
 def default_d_ff(d_model: int, ffn: str) -> int:
-    """Default FFN width: 8/3 d_model rounded up to a multiple of 64 for SwiGLU, 3/2 of that for ReLU²,
-    else 4 d_model.
+    """Default FFN width: 8/3 d_model rounded up to a multiple of 64 for SwiGLU, else 4 d_model.
 
-    SwiGLU has three matrices instead of two, so 8/3 keeps the parameter count of a 4x FFN. ReLU² (two
-    matrices) at 3/2 of SwiGLU's width has exactly SwiGLU's parameters and FLOPs, so the two compare at
-    equal size.
+    SwiGLU has three matrices instead of two, so 8/3 keeps the parameter count of a 4x FFN.
 
-    >>> default_d_ff(512, "swiglu"), default_d_ff(512, "relu2"), default_d_ff(512, "gelu")
-    (1408, 2112, 2048)
+    >>> default_d_ff(512, "swiglu"), default_d_ff(512, "gelu")
+    (1408, 2048)
     """
     if ffn == "swiglu":
         return 64 * math.ceil(8 * d_model / 3 / 64)
-    if ffn == "relu2":
-        return 3 * default_d_ff(d_model, "swiglu") // 2
     return 4 * d_model
 
 
@@ -85,27 +80,20 @@ class ModelConfig(StrictModel):
     d_model: int = setting(512, "Model width.", gt=0, le=2**16)
     num_layers: int = setting(4, "Transformer blocks.", gt=0, le=1024)
     num_heads: int = setting(16, "Attention heads.", gt=0, le=2**12)
-    d_ff: int = setting(0, "FFN width (default: 8/3 d_model for SwiGLU, 3/2 of that for ReLU², else 4 d_model).", ge=0, le=2**20)
+    d_ff: int = setting(0, "FFN width (default: 8/3 d_model for SwiGLU, else 4 d_model).", ge=0, le=2**20)
     rope_theta: float = setting(10_000.0, "RoPE base.", gt=0)
     norm: Literal["rmsnorm", "layernorm", "none"] = setting("rmsnorm", "Normalization.")
     norm_position: Literal["pre", "post"] = setting("pre", "Norm before (pre) or after (post) each sublayer.")
     norm_eps: float = setting(1e-5, "Epsilon of the norms.", gt=0)
     layernorm_bias: bool = setting(True, "LayerNorm has a bias.")
     pos_emb: Literal["rope", "nope", "sinusoidal", "learned"] = setting("rope", "Position information.")
-    ffn: Literal["swiglu", "silu", "gelu", "gelu_tanh", "relu", "relu2"] = setting(
-        "swiglu", "Feed-forward network (gelu_tanh: GELU with the tanh approximation, as GPT-2; relu2: relu(x)^2, "
-        "not gated, as the NanoGPT speedrun).")
+    ffn: Literal["swiglu", "silu", "gelu", "gelu_tanh", "relu"] = setting(
+        "swiglu", "Feed-forward network (gelu_tanh: GELU with the tanh approximation, as GPT-2).")
     bias: bool = setting(False, "Biases in the attention and FFN projections (GPT-2 has them).")
     tie_embeddings: bool = setting(False, "Share the token embedding with the LM head.",
                                    flags=("--tie-embeddings/--untie-embeddings",))
     dropout: float = setting(0.0, "Dropout on embeddings, attention and FFN outputs.", ge=0.0, lt=1.0)
     init: Literal["cs336", "gpt2"] = setting("cs336", "Weight initialization scheme.")
-    qk_norm: bool = setting(False, "RMSNorm each head's queries and keys before RoPE, with a learned gain per head "
-                            "dimension shared by the heads (as Qwen3).")
-    logit_softcap: float = setting(0.0, "Soft-cap the logits: cap * tanh(logits / cap) (0 = off; the speedrun "
-                                   "uses 30).", ge=0, le=1e4)
-    zero_init_proj: bool = setting(False, "Start the projections that write into the residual stream (attention "
-                                   "output_proj and FFN w2) at zero.")
     attention_backend: Literal["auto", "reference", "sdpa"] = setting(
         "auto", "Attention kernel: the from-scratch reference or fused SDPA (tested equal).", neutral=True)
 

@@ -80,7 +80,7 @@ def hf_architecture(cfg: ModelConfig) -> str:
         return "gpt2"
     verb = "is" if len(bad) == 1 else "are"
     raise NotLlamaCompatible(f"{', '.join(bad)} {verb} not representable as LlamaForCausalLM (only pre-norm "
-                             f"RMSNorm/RoPE/SwiGLU models without QK-norm or a logit cap map to Llama), nor {', '.join(gpt2.gpt2_incompatibilities(cfg))} "
+                             f"RMSNorm/RoPE/SwiGLU models map to Llama), nor {', '.join(gpt2.gpt2_incompatibilities(cfg))} "
                              "as GPT2LMHeadModel (pre-norm LayerNorm, learned positions)",
                              "keep this model in tslm's own safetensors format")
 

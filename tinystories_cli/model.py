@@ -9,13 +9,9 @@ every op is written out.
 
 Every ablation of the seeds is one `ModelConfig` switch: `norm` (rmsnorm | layernorm | none),
 `norm_position` (pre | post), `pos_emb` (rope | nope | sinusoidal | learned), `ffn`
-(swiglu | silu | gelu | gelu_tanh | relu | relu2), `tie_embeddings`, `dropout`, `init` (cs336 | gpt2). `bias`
+(swiglu | silu | gelu | gelu_tanh | relu), `tie_embeddings`, `dropout`, `init` (cs336 | gpt2). `bias`
 adds biases to the attention and FFN projections (GPT-2 has them); without it (the default) no bias
-tensor exists, so default parameter names and shapes are unchanged. From the NanoGPT speedrun's record
-history: `qk_norm` (RMSNorm of each head's q and k before RoPE, learned gain `attn.q_norm.weight` /
-`attn.k_norm.weight` of head_dim), `ffn="relu2"` (relu(x)^2, not gated), `logit_softcap`
-(logits -> cap * tanh(logits / cap)) and `zero_init_proj` (output_proj and w2 start at zero). Each is off
-by default, and off it adds no parameter and draws no random number, so default models are unchanged.
+tensor exists, so default parameter names and shapes are unchanged.
 
     >>> import torch
     >>> from tinystories_cli.config import ModelConfig
@@ -60,8 +56,7 @@ from tinystories_cli.interop.llama import (from_llama_state_dict, llama_config_d
 
 __all__ = [
     "Linear", "Embedding", "RMSNorm", "LayerNorm", "SwiGLU", "FeedForward", "RotaryPositionalEmbedding",
-    "softmax", "log_softmax", "silu", "gelu", "gelu_tanh", "relu", "relu2", "softcap", "cross_entropy", "dropout",
-    "scaled_dot_product_attention",
+    "softmax", "log_softmax", "silu", "gelu", "gelu_tanh", "relu", "cross_entropy", "dropout", "scaled_dot_product_attention",
     "KVCache", "MultiHeadSelfAttention", "TransformerBlock", "TransformerLM", "sinusoidal_table",
     "permute_for_llama", "unpermute_from_llama", "to_llama_state_dict", "from_llama_state_dict", "llama_config_dict",
 ]
@@ -107,17 +102,7 @@ def relu(x: Tensor) -> Tensor:
     return torch.clamp_min(x, 0.0)
 
 
-def relu2(x: Tensor) -> Tensor:
-    """relu(x)^2, the NanoGPT speedrun's FFN activation."""
-    return relu(x).square()
-
-
-def softcap(x: Tensor, cap: float) -> Tensor:
-    """cap * tanh(x / cap): about x for |x| << cap, never past +-cap (Gemma 2's and the speedrun's logit cap)."""
-    return cap * torch.tanh(x * (1.0 / cap))
-
-
-ACTIVATIONS = {"silu": silu, "gelu": gelu, "gelu_tanh": gelu_tanh, "relu": relu, "relu2": relu2}
+ACTIVATIONS = {"silu": silu, "gelu": gelu, "gelu_tanh": gelu_tanh, "relu": relu}
 
 
 def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
@@ -301,8 +286,7 @@ class SwiGLU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Non-gated FFN: w2(act(w1 x)) with act one of silu, gelu (exact), gelu_tanh (tanh approximation), relu,
-    relu2 (relu(x)^2)."""
+    """Non-gated FFN: w2(act(w1 x)) with act one of silu, gelu (exact), gelu_tanh (tanh approximation), relu."""
 
     def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", device=None, dtype=None, *,
                  fused_kernels: bool = False, bias: bool = False):
@@ -399,8 +383,7 @@ class MultiHeadSelfAttention(nn.Module):
     """Causal multi-head self-attention with optional RoPE on q and k.
 
     `.q_proj`, `.k_proj`, `.v_proj`, `.output_proj` are Linear(d_model, d_model) (with biases when
-    `bias`). With `qk_norm`, `.q_norm` and `.k_norm` (RMSNorm(head_dim), one gain shared by the heads)
-    normalize each head's queries and keys before RoPE. RoPE is applied
+    `bias`). RoPE is applied
     when `theta` is given (then `max_seq_len` sizes its table). `forward(x, token_positions=None)`;
     positions default to 0..T-1 (offset by `start_pos`).
     `attention_backend`: "reference" (from scratch), "sdpa" (PyTorch's fused kernel) or "auto"
@@ -408,8 +391,8 @@ class MultiHeadSelfAttention(nn.Module):
     """
 
     def __init__(self, d_model: int, num_heads: int, max_seq_len: int | None = None, theta: float | None = None,
-                 *, attention_backend: str = "auto", dropout: float = 0.0, bias: bool = False,
-                 qk_norm: bool = False, norm_eps: float = 1e-5, device=None, dtype=None):
+                 *, attention_backend: str = "auto", dropout: float = 0.0, bias: bool = False, device=None,
+                 dtype=None):
         super().__init__()
         if d_model % num_heads:
             raise ValueError(f"d_model {d_model} not divisible by num_heads {num_heads}")
@@ -424,10 +407,6 @@ class MultiHeadSelfAttention(nn.Module):
         self.k_proj = Linear(d_model, d_model, device=device, dtype=dtype, bias=bias)
         self.v_proj = Linear(d_model, d_model, device=device, dtype=dtype, bias=bias)
         self.output_proj = Linear(d_model, d_model, device=device, dtype=dtype, bias=bias)
-        self.q_norm = self.k_norm = None
-        if qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, norm_eps, device=device, dtype=dtype)
-            self.k_norm = RMSNorm(self.head_dim, norm_eps, device=device, dtype=dtype)
         self.rope = None
         if theta is not None:
             if max_seq_len is None:
@@ -453,8 +432,6 @@ class MultiHeadSelfAttention(nn.Module):
         q = self.q_proj(x).unflatten(-1, heads)  # (..., T, nh, hs)
         k = self.k_proj(x).unflatten(-1, heads)
         v = self.v_proj(x).unflatten(-1, heads)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
             if token_positions is None:
                 token_positions = torch.arange(start_pos, start_pos + T, device=x.device)
@@ -496,16 +473,14 @@ class TransformerBlock(nn.Module):
     def __init__(self, d_model: int, num_heads: int, d_ff: int, max_seq_len: int | None = None,
                  theta: float | None = None, *, norm: str = "rmsnorm", norm_position: str = "pre",
                  norm_eps: float = 1e-5, layernorm_bias: bool = True, ffn: str = "swiglu", dropout: float = 0.0,
-                 attention_backend: str = "auto", bias: bool = False, qk_norm: bool = False, device=None,
-                 dtype=None):
+                 attention_backend: str = "auto", bias: bool = False, device=None, dtype=None):
         super().__init__()
         if norm_position not in ("pre", "post"):
             raise ValueError(f"unknown norm_position {norm_position!r}")
         self.norm_position, self.dropout = norm_position, dropout
         self.ln1 = make_norm(norm, d_model, norm_eps, layernorm_bias, device=device, dtype=dtype)
         self.attn = MultiHeadSelfAttention(d_model, num_heads, max_seq_len, theta, attention_backend=attention_backend,
-                                           dropout=dropout, bias=bias, qk_norm=qk_norm, norm_eps=norm_eps,
-                                           device=device, dtype=dtype)
+                                           dropout=dropout, bias=bias, device=device, dtype=dtype)
         self.ln2 = make_norm(norm, d_model, norm_eps, layernorm_bias, device=device, dtype=dtype)
         # the from-scratch "reference" backend keeps every op from scratch; the others may use fused kernels
         self.ffn = make_ffn(ffn, d_model, d_ff, device=device, dtype=dtype,
@@ -562,7 +537,7 @@ class TransformerLM(nn.Module):
             TransformerBlock(cfg.d_model, cfg.num_heads, cfg.d_ff, cfg.context_length, theta, norm=cfg.norm,
                              norm_position=cfg.norm_position, norm_eps=cfg.norm_eps,
                              layernorm_bias=cfg.layernorm_bias, ffn=cfg.ffn, dropout=cfg.dropout,
-                             attention_backend=cfg.attention_backend, bias=cfg.bias, qk_norm=cfg.qk_norm, **dd)
+                             attention_backend=cfg.attention_backend, bias=cfg.bias, **dd)
             for _ in range(cfg.num_layers)
         )
         self.ln_final = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.layernorm_bias, **dd)
@@ -576,9 +551,7 @@ class TransformerLM(nn.Module):
         """cs336: Linear N(0, 2/(in+out)), Embedding N(0, 1), all cut at 3 std. gpt2: N(0, 0.02) everywhere,
         with output_proj and w2 (the projections that write into the residual stream) scaled by
         1/sqrt(2 num_layers). Norms start at weight 1, bias 0. A tied matrix gets the LM head's init
-        in cs336 mode (an N(0, 1) head would give logits of size sqrt(d_model) at step 0). With
-        `zero_init_proj`, output_proj and w2 are then set to zero (after drawing their usual init, so every
-        other tensor is the same as without it).
+        in cs336 mode (an N(0, 1) head would give logits of size sqrt(d_model) at step 0).
         """
         for m in self.modules():
             if isinstance(m, (Linear, Embedding)):
@@ -600,11 +573,6 @@ class TransformerLM(nn.Module):
                     _trunc_normal_(p, std)
         elif cfg.tie_embeddings:
             self.lm_head.reset_parameters()  # the shared matrix gets the head's init
-        if cfg.zero_init_proj:
-            with torch.no_grad():
-                for layer in self.layers:
-                    layer.attn.output_proj.weight.zero_()
-                    layer.ffn.w2.weight.zero_()
 
     # -- caches --
     def setup_caches(self, batch_size: int, max_seq_len: int | None = None, device=None, dtype=None) -> None:
@@ -654,8 +622,7 @@ class TransformerLM(nn.Module):
         rope_pos = positions if self.config.pos_emb == "rope" else None
         for layer in self.layers:
             x = layer(x, rope_pos, start_pos, attn_mask)
-        logits = self.lm_head(self.ln_final(x))
-        return softcap(logits, self.config.logit_softcap) if self.config.logit_softcap else logits
+        return self.lm_head(self.ln_final(x))
 
     def num_parameters(self) -> int:
         """Distinct parameters (a tied matrix counts once), as `account.parameter_counts` reports."""

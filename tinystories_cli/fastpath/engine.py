@@ -104,10 +104,6 @@ def unsupported_reason(model) -> str | None:
         wrong.append(f"{cfg.ffn} FFN")
     if cfg.bias:
         wrong.append("biases")
-    if cfg.qk_norm:
-        wrong.append("QK-norm")
-    if cfg.logit_softcap:
-        wrong.append("a logit cap")
     if wrong:
         return "the fast decode kernel runs Llama-style models only (RMSNorm pre-norm, RoPE, SwiGLU, no biases), " \
                f"not {', '.join(wrong)}"

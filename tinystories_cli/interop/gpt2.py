@@ -29,12 +29,11 @@ from tinystories_cli.interop.hfconfig import (MAX_CONTEXT, MAX_LAYERS, MAX_VOCAB
 # What GPT2LMHeadModel computes, switch by switch (the ModelConfig value it requires). `ffn` may be any
 # activation GPT-2's config can name (see OUR_ACTIVATION). A model without biases (`bias=False`,
 # `layernorm_bias=False`) maps too: its missing biases are written as zeros, which compute the same.
-GPT2_SWITCHES = {"norm": "layernorm", "norm_position": "pre", "pos_emb": "learned", "qk_norm": False,
-                 "logit_softcap": 0.0}
+GPT2_SWITCHES = {"norm": "layernorm", "norm_position": "pre", "pos_emb": "learned"}
 # transformers' activation_function -> our `ffn` (gelu_new, gelu_fast and gelu_pytorch_tanh are one function).
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
-               "gelu": "gelu", "relu": "relu", "relu2": "relu2", "silu": "silu", "swish": "silu"}
-OUR_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "relu2": "relu2", "silu": "silu"}
+               "gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu"}
+OUR_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
 # Buffers that older GPT-2 files carry (causal masks): not weights, skipped on import.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 PREFIX = "transformer."

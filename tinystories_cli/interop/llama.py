@@ -30,9 +30,7 @@ from tinystories_cli.interop.hfconfig import (MAX_CONTEXT, MAX_LAYERS, MAX_VOCAB
 
 EOT = "<|endoftext|>"
 # What LlamaForCausalLM computes, switch by switch (the ModelConfig value it requires).
-# (Llama has no QK-norm and no logit cap; Qwen3 has the same QK-norm as `qk_norm`, Gemma 2 a logit cap.)
-LLAMA_SWITCHES = {"norm": "rmsnorm", "norm_position": "pre", "pos_emb": "rope", "ffn": "swiglu", "qk_norm": False,
-                  "logit_softcap": 0.0}
+LLAMA_SWITCHES = {"norm": "rmsnorm", "norm_position": "pre", "pos_emb": "rope", "ffn": "swiglu"}
 
 # Per-layer parameter names: ours -> Hugging Face Llama's. q/k rows are also permuted (interleaved-pair
 # RoPE -> half-split RoPE); every other tensor is copied as is.
@@ -68,7 +66,7 @@ def llama_incompatibilities(cfg: ModelConfig) -> list[str]:
 def check_llama_compatible(cfg: ModelConfig) -> None:
     """Raise (one line) unless `cfg` maps to LlamaForCausalLM."""
     refuse_settings(llama_incompatibilities(cfg), "not representable as LlamaForCausalLM "
-                    "(only pre-norm RMSNorm/RoPE/SwiGLU models without QK-norm or a logit cap map to Llama)")
+                    "(only pre-norm RMSNorm/RoPE/SwiGLU models map to Llama)")
 
 
 def refuse_settings(bad: list[str], what: str) -> None:

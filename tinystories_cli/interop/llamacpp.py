@@ -60,7 +60,7 @@ def gguf_incompatibilities(cfg: ModelConfig) -> list[str]:
 def check_gguf_compatible(cfg: ModelConfig) -> None:
     """Raise (one line) unless `cfg` runs as llama.cpp's `llama` architecture."""
     refuse_settings(gguf_incompatibilities(cfg), "not runnable as llama.cpp's llama architecture (it needs "
-                    "pre-norm RMSNorm, RoPE, SwiGLU, no biases, no QK-norm, no logit cap)")
+                    "pre-norm RMSNorm, RoPE, SwiGLU, no biases)")
 
 
 def gguf_tensors(state_dict: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
