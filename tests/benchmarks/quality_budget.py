@@ -31,13 +31,13 @@ tokens/s, and the median over rounds of the paired difference base - head (posit
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
+import shutil
 import statistics
 import subprocess
 import sys
-import json
-import platform
-import shutil
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -123,7 +123,7 @@ def baseline_main(args) -> None:
         rounds.append(r)
         print(json.dumps({"round": i, **r}), flush=True)
     print(json.dumps({"benchmark": "quality_budget_baseline", "baseline": args.baseline,
-                      "date": datetime.now(timezone.utc).isoformat(timespec="minutes"),
+                      "date": datetime.now(UTC).isoformat(timespec="minutes"),
                       "machine": f"{platform.machine()} {os.cpu_count()} cpus", "torch": torch.__version__,
                       "minutes": args.minutes, "text": str(args.text), "rounds": len(rounds),
                       "gain_nats_median": statistics.median(r["gain_nats"] for r in rounds),

@@ -27,7 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,7 +45,8 @@ def one_run(size: str, arm: str, data: Path, workdir: Path, seed: int) -> dict:
            "--d-model", str(s["d_model"]), "--num-layers", str(s["num_layers"]), "--num-heads", str(s["num_heads"]),
            "--batch-size", "8", "--max-steps", str(s["steps"]), "--warmup-steps", "20", "--lr", str(s["lr"]),
            "--min-lr", str(s["lr"] / 10), "--schedule", "wsd", "--decay-fraction", "0.4",
-           "--eval-every", str(s["steps"]), "--save-every", str(s["steps"]), "--log-every", str(max(10, s["steps"] // 20)),
+           "--eval-every", str(s["steps"]), "--save-every", str(s["steps"]),
+           "--log-every", str(max(10, s["steps"] // 20)),
            "--eval-batches", "16", "--seed", str(seed), *ARMS[arm]]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -84,11 +85,12 @@ def main() -> None:
         pairs = [(d, f) for d in results for f in results if d["size"] == f["size"] == size
                  and d["round"] == f["round"] and d["arm"] == "default" and f["arm"] == "float32"]
         summary[size] = {
-            "speedup_steady_median": round(statistics.median(d["tokens_per_s"] / f["tokens_per_s"] for d, f in pairs), 3),
+            "speedup_steady_median": round(
+                statistics.median(d["tokens_per_s"] / f["tokens_per_s"] for d, f in pairs), 3),
             "speedup_wall_median": round(statistics.median(f["wall_s"] / d["wall_s"] for d, f in pairs), 3),
             "val_loss_diff_median": round(statistics.median(d["val_loss"] - f["val_loss"] for d, f in pairs), 4),
             "chosen": pairs[0][0]["chosen"] if pairs else None}
-    print(json.dumps({"benchmark": "train_defaults", "date": datetime.now(timezone.utc).isoformat(timespec="minutes"),
+    print(json.dumps({"benchmark": "train_defaults", "date": datetime.now(UTC).isoformat(timespec="minutes"),
                       "machine": f"{platform.machine()} {os.cpu_count()} cpus", "rounds": args.rounds,
                       "summary": summary}))
 

@@ -182,7 +182,7 @@ def _ddp_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     paths.DATA_ROOT = Path(root) / "data"
     paths.RUNS_ROOT = Path(root) / "runs"
     try:
-        res = _run("ddp", train={"max_steps": 4, "eval_every": 2, "save_every": 4, "batch_size": 2})
+        res = _run("ddp", train={"max_steps": 4, "eval_every": 2, "save_every": 4, "batch_size": 2, "dtype": "float32"})
         if rank == 0:
             Path(out).write_text(json.dumps({"losses": res.train_losses, "val": res.val_losses}))
     finally:
@@ -194,7 +194,9 @@ def test_ddp_two_processes_equal_one_process_with_double_batch(workspace):
     out = tmp / "ddp.json"
     torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), str(tmp), str(out)), nprocs=2, join=True)
     ddp = json.loads(out.read_text())
-    single = _run("single", train={"max_steps": 4, "eval_every": 2, "save_every": 4, "batch_size": 4})
+    # float32 on both sides: the comparison is of the arithmetic (bf16 autocast rounds per batch shape)
+    single = _run("single", train={"max_steps": 4, "eval_every": 2, "save_every": 4, "batch_size": 4,
+                                   "dtype": "float32"})
     assert [float(v) for v in ddp["losses"].values()] == pytest.approx(list(single.train_losses.values()), rel=1e-5)
     assert [float(v) for v in ddp["val"].values()] == pytest.approx(list(single.val_losses.values()), rel=1e-5)
     a, b = _weights(tmp / "runs" / "ddp"), _weights(single.run_dir)
@@ -381,12 +383,23 @@ def test_auto_dtype_compile_and_matmul_precision_follow_the_device(workspace, mo
 
     cuda, cpu, mps = torch.device("cuda", 0), torch.device("cpu"), torch.device("mps")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(D, "cpu_flags", lambda: {"avx512f", "avx2"})  # a CPU without bf16 units
     assert [D.choose_dtype("auto", d) for d in (cuda, cpu, mps)] == ["bfloat16", "float32", "float32"]
+    monkeypatch.setattr(D, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})  # one with them (or amx_bf16)
+    assert [D.choose_dtype("auto", d) for d in (cuda, cpu, mps)] == ["bfloat16", "bfloat16", "float32"]
     assert D.choose_dtype("float16", cpu) == "float16" and D.choose_dtype("float32", cuda) == "float32"
+    assert D.choose_dtype("float32", cpu) == "float32"  # the old CPU path, forced
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a V100
     assert D.choose_dtype("auto", cuda) == "float32"
     assert [D.choose_compile(None, d) for d in (cuda, cpu, mps)] == [True, False, False]
     assert D.choose_compile(True, cpu) and not D.choose_compile(False, cuda)
+    # on a CPU, auto compiles a run expected to train long enough to pay the compile back, with a compiler
+    monkeypatch.setattr(D, "cxx_compiler", lambda: "/usr/bin/c++")
+    assert not D.choose_compile(None, cpu, expected_seconds=D.COMPILE_PAYS_AFTER_S - 1)
+    assert D.choose_compile(None, cpu, expected_seconds=D.COMPILE_PAYS_AFTER_S)
+    monkeypatch.setattr(D, "cxx_compiler", lambda: None)
+    assert not D.choose_compile(None, cpu, expected_seconds=1e6)
+    assert not D.choose_compile(None, mps, expected_seconds=1e6)
     precision = []
     monkeypatch.setattr(torch, "set_float32_matmul_precision", precision.append)
     D.use_fast_fp32_matmul(cpu)

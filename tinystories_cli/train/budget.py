@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 # A token evaluated (forward only) costs about a third of a token trained (forward + backward = 3 forwards).
 FORWARD_COST_DIVISOR = 3
@@ -248,3 +249,26 @@ def replan_is_material(noted: int, target: int, share: float = REPLAN_NOTE_SHARE
     (False, True, True)
     """
     return abs(target - noted) >= share * max(noted, 1)
+
+
+# What the compile decision (`device.choose_compile`) needs to know: how long the training ahead will take.
+OPTIMISTIC_TFLOPS = 4.0  # faster than any CPU this tool trains on (the 2-core dev VM measures 0.17 fp32)
+EXPECTED_MFU = 0.5       # of the measured matmul peak: eager CPU training measured 0.3-0.5 (RESULTS.md)
+
+
+def expected_seconds(deadline: float | None, flops: float, measure_peak_tflops: Callable[[], float]) -> float:
+    """The expected wall-clock of the training ahead: until `deadline` (a `time.perf_counter()` value) when
+    the run has one; else its `flops` at `EXPECTED_MFU` of the measured matmul peak. The peak is measured
+    only when even `OPTIMISTIC_TFLOPS` would take more than a minute, so a test-sized run never measures.
+
+    >>> expected_seconds(None, 1e12, lambda: 1 / 0)  # a quarter second even at 4 TFLOP/s: not measured
+    0.25
+    >>> expected_seconds(None, 6e14, lambda: 0.2)    # 600 TFLOP at 0.1 TFLOP/s
+    6000.0
+    """
+    if deadline is not None:
+        return max(0.0, deadline - time.perf_counter())
+    optimistic = flops / (OPTIMISTIC_TFLOPS * 1e12)
+    if optimistic < 60.0:
+        return optimistic
+    return flops / (measure_peak_tflops() * 1e12 * EXPECTED_MFU)

@@ -58,11 +58,11 @@ from tinystories_cli.errors import UserError
 from tinystories_cli.evaluate import fixed_window_loss
 from tinystories_cli.fileio import atomic_write_text
 from tinystories_cli.model import TransformerLM, cross_entropy
-from tinystories_cli.optim import AdamW, clip_grad_norm_, cosine_lr, make_param_groups, wsd_decay_start, wsd_lr
+from tinystories_cli.optim import build_optimizer, clip_grad_norm_, cosine_lr, wsd_decay_start, wsd_lr
 from tinystories_cli.tokens import open_tokens
 from tinystories_cli.train import loggers
 from tinystories_cli.train.budget import (LENGTHEN_MARGIN, MIN_PACE_STEPS, PACE_SHARE, REPLAN_NOTE_SHARE,  # noqa: F401
-                                          REPLAN_SLACK, Pace, TimePlan, eval_cost_in_steps, probe_seconds,
+                                          REPLAN_SLACK, Pace, TimePlan, eval_cost_in_steps, expected_seconds, probe_seconds,
                                           replan_is_material, replanned_length, steps_in_budget, steps_that_fit,
                                           time_plan, tokens_per_step)
 from tinystories_cli.train.display import Display, format_duration
@@ -98,7 +98,7 @@ class State:
     device: torch.device
     model: torch.nn.Module        # what runs forward (DDP-wrapped under torchrun)
     raw_model: TransformerLM      # what is saved and evaluated
-    optimizer: AdamW
+    optimizer: torch.optim.Optimizer  # AdamW, or MuonWithAdamW (`optim.build_optimizer`)
     sampler: BatchSampler
     valid_tokens: np.ndarray
     val_starts: np.ndarray
@@ -126,7 +126,7 @@ class State:
 # --------------------------------------------------------------------------------------------
 
 
-def build_state(run: Run) -> State:
+def build_state(run: Run, probe: bool = False) -> State:
     """Device and process group, model (sharded or replicated), optimizer, data and the checkpoint to continue from."""
     cfg, tc = run.model_cfg, run.train_cfg
     dist = dist_from_env()
@@ -152,8 +152,7 @@ def build_state(run: Run) -> State:
         apply_activation_checkpointing(model)
     if parallel == "fsdp":
         shard_model(model, dtype)
-    optimizer = AdamW(make_param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
-                      eps=tc.eps, weight_decay=tc.weight_decay)
+    optimizer = build_optimizer(model, tc, sharded=parallel == "fsdp")  # AdamW, or Muon + AdamW
     train_tokens, _ = open_tokens(run.train_file, "train", tc.dataset, "train")
     valid_tokens, valid_meta = open_tokens(run.valid_file, "valid", tc.dataset, "valid")
     sampler = BatchSampler(train_tokens, tc.batch_size, cfg.context_length, seed=tc.seed,
@@ -180,9 +179,22 @@ def build_state(run: Run) -> State:
         state.model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
         state.loss_fn = make_loss_fn(state.model, autocast)
-    if choose_compile(tc.compile, device):
+    # `auto` compiles on a CPU only where it pays back, judged by the run's expected training time; a probe
+    # (`measure_throughput`) times the eager steps the deadline plan starts from.
+    expected = None if probe else expected_train_seconds(run, state, device)
+    if choose_compile(tc.compile, device, expected):
         compile_loss(state)
     return state
+
+
+def expected_train_seconds(run: Run, state: State, device: torch.device) -> float | None:
+    """How long the steps ahead should take on a CPU (`budget.expected_seconds`); None elsewhere."""
+    if device.type != "cpu":
+        return None
+    flops = (run.end_step - state.start_step) * state.tokens_per_step * flops_per_token(run.model_cfg)
+    dtype = torch.bfloat16 if state.dtype == "bfloat16" else torch.float32
+    deadline = run.time_plan.deadline if run.time_plan is not None else None
+    return expected_seconds(deadline, flops, lambda: measure_peak_tflops(device, dtype))
 
 
 def restore(state: State, run: Run, ckpt) -> None:
@@ -596,7 +608,7 @@ def measure_throughput(run: Run, max_seconds: float, max_steps: int = 10) -> tup
     warm-up step included (at least one timed step), so a probe announced as N seconds takes about N seconds.
     Returns (tokens/s, seconds spent). Nothing is written; the run itself starts afresh from its seed."""
     t_start = time.perf_counter()
-    state = build_state(run)
+    state = build_state(run, probe=True)
     state.model.train()
 
     def step() -> None:

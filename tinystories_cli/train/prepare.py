@@ -234,6 +234,7 @@ def resolve_sources(preset: str | None, config_file: str | Path | None, file_dat
         preset_name, model_cfg, train_cfg = resumed_configs(saved, run_dir, preset, {**file_model, **(model_overrides or {})},
                                                             file_train, train_overrides)
         check_resumable(resume_from, run_dir, saved)
+        train_cfg = keep_started_dtype(train_cfg, saved)
         return Sources(preset_name, model_cfg, train_cfg, run_dir, resume_from, runs.tokenizer_dir_of(run_dir))
     if opts.init_from is not None:
         init = resolve_init_source(opts.init_from)
@@ -420,6 +421,22 @@ def resumed_configs(saved: dict, run_dir: Path, preset: str | None, given_model:
         raise UserError(f"train settings {changed} differ from the run being resumed ({run_dir}); resuming "
                         "must not change what a step computes", "drop them, or start a new run")
     return name, model_cfg, train_cfg
+
+
+def keep_started_dtype(train_cfg: TrainConfig, saved: dict) -> TrainConfig:
+    """`dtype` auto resolves once, when a run starts (config.json's "chosen"): a resumed run keeps computing
+    in that dtype, also where `auto` now picks another (a run started in float32 stays float32).
+
+    >>> keep_started_dtype(TrainConfig(), {"chosen": {"dtype": "float32"}}).dtype
+    'float32'
+    >>> keep_started_dtype(TrainConfig(dtype="bfloat16"), {"chosen": {"dtype": "float32"}}).dtype
+    'bfloat16'
+    """
+    chosen = saved.get("chosen") if isinstance(saved.get("chosen"), dict) else {}
+    started = chosen.get("dtype")
+    if train_cfg.dtype != "auto" or started not in ("float32", "bfloat16", "float16"):
+        return train_cfg
+    return train_cfg.model_copy(update={"dtype": started})
 
 
 def check_global_batch(saved: dict, saved_train: TrainConfig, train_cfg: TrainConfig) -> None:

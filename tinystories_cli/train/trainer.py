@@ -23,6 +23,7 @@ import torch
 from tinystories_cli import runs
 from tinystories_cli.device import deterministic_on_cpu, dist_from_env
 from tinystories_cli.run_readme import write_run_readme
+from tinystories_cli.optim import set_scheduled_lr
 from tinystories_cli.train.budget import Pace
 from tinystories_cli.train.display import Display, Signals, print_header
 from tinystories_cli.train.loop import (Feeder, MetricsLog, State, StepStats, Throughput, TrainResult, any_rank,
@@ -126,10 +127,9 @@ class Trainer:
         return self.finish()
 
     def set_lr(self, step: int) -> float:
-        """The scheduled learning rate of `step`, set on every parameter group."""
+        """The scheduled learning rate of `step`, set on every parameter group (`optim.set_scheduled_lr`)."""
         lr = scheduled_lr(self.tc, step, self.run.max_steps)
-        for group in self.state.optimizer.param_groups:
-            group["lr"] = lr
+        set_scheduled_lr(self.state.optimizer, lr, self.tc.lr)  # Muon's groups follow with their own peak
         return lr
 
     def micro_steps(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
