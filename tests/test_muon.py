@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -211,3 +213,16 @@ def test_account_counts_muon_state_as_one_buffer_per_matrix():
     # exactly the state the two optimizers allocate: one buffer per Muon matrix, two moments for the rest
     assert muon == 4 * (sum(p.numel() for p in hidden) + 2 * sum(p.numel() for p in rest))
     assert adamw - muon == 4 * account.muon_parameters(cfg)
+
+
+def test_tslm_account_counts_muon_memory(run_cli):
+    code, out, _ = run_cli("account", "tinystories-17m", "--json")
+    adamw = json.loads(out)["memory"]["optimizer_state"]
+    code2, out2, _ = run_cli("account", "tinystories-17m", "--optimizer", "muon", "--json")
+    muon = json.loads(out2)["memory"]["optimizer_state"]
+    from tinystories_cli import account
+    from tinystories_cli.config import PRESETS
+
+    assert code == code2 == 0 and adamw - muon == 4 * account.muon_parameters(PRESETS["tinystories-17m"].model)
+    code, out, err = run_cli("account", "tinystories-17m", "--optimizer", "muon", "--parallel", "fsdp")
+    assert code == 2 and "--optimizer muon needs whole matrices" in err and "--parallel fsdp" in err

@@ -283,6 +283,8 @@ def training_memory(cfg: ModelConfig, batch_size: int, seq_len: int | None = Non
     (embeddings, final norm, LM head) for the forward, two blocks (the one computing and the one prefetched)
     in the compute dtype, and one block's unsharded gradients in fp32 before their reduce-scatter.
     """
+    if optimizer == "muon" and parallel == "fsdp":
+        raise ValueError("`optimizer` muon needs whole matrices and cannot run with `parallel` fsdp: use ddp, or adamw")
     counts = parameter_counts(cfg)
     p = counts["total"]
     shard = math.ceil(p / world_size) if parallel == "fsdp" else p
@@ -344,12 +346,13 @@ def report(
     activation_checkpointing: bool = False,
     parallel: str = "ddp",
     world_size: int = 1,
+    optimizer: str = "adamw",
 ) -> dict:
     """Every figure `tslm account` shows, as one JSON-ready dict. Memory is per process; `batch_size` is
     the micro-batch of one process (FLOPs and time count all `world_size` processes). `peak_tflops`
     defaults to the A100 peak of `dtype` (`peak_tflops_for`)."""
     setup = {"activation_checkpointing": activation_checkpointing, "parallel": parallel,
-             "world_size": world_size, "dtype": dtype}
+             "world_size": world_size, "dtype": dtype, "optimizer": optimizer}
     peak_tflops = peak_tflops_for(dtype) if peak_tflops is None else peak_tflops
     T = cfg.context_length
     if tokens is not None:

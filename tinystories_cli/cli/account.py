@@ -9,13 +9,14 @@ from rich.table import Table
 
 from tinystories_cli import account
 from tinystories_cli.cli import common
-from tinystories_cli.config import PRESETS, ModelConfig, resolve_configs
+from tinystories_cli.config import PRESETS, ModelConfig, TrainConfig, resolve_configs
 from tinystories_cli.console import console, human_bytes, human_count
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import strict_json
 
 
-@common.with_options(common.config_options(ModelConfig, common.MODEL, include=common.SHAPE_FIELDS))
+@common.with_options(common.config_options(ModelConfig, common.MODEL, include=common.SHAPE_FIELDS),
+                     common.config_options(TrainConfig, common.TRAIN, include=("optimizer",)))
 def command(
     preset: Annotated[Optional[str], typer.Argument(help="Preset name (see --list).", show_default=False)] = None,
     list_presets: Annotated[bool, typer.Option("--list", help="List the presets and exit.")] = False,
@@ -35,7 +36,8 @@ def command(
     print_config: common.PrintConfig = False,
     settings: dict | None = None,
 ) -> None:
-    """Parameters, FLOPs, AdamW training memory and training time for a model preset."""
+    """Parameters, FLOPs, training memory (AdamW's, or Muon + AdamW's with --optimizer muon) and training time
+    for a model preset."""
     if list_presets:
         _print_presets(as_json)
         return
@@ -62,6 +64,7 @@ def command(
         cfg, batch_size=bs, steps=None if tokens else (steps or train.max_steps),
         tokens=int(tokens) if tokens else None, memory=mem_bytes, peak_tflops=peak_tflops, mfu=mfu,
         dtype=dtype, activation_checkpointing=activation_checkpointing, parallel=parallel, world_size=world_size,
+        optimizer=(settings or {}).get("optimizer") or "adamw",
     )
     rep["preset"] = p.name
     if measure:
