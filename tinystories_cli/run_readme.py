@@ -256,8 +256,11 @@ def _training_section(config: dict) -> list[str]:
         tb = config["time_budget"]
         extra += [("time budget (s)", tb.get("budget_s")), ("probe tokens/s", tb.get("probe_tokens_per_s")),
                   ("planned steps", tb.get("planned_steps")), ("actual time (s)", tb.get("actual_s"))]
+    chosen = config.get("chosen") if isinstance(config.get("chosen"), dict) else {}
+    used = [("dtype used", chosen.get("dtype")), ("compiled", chosen.get("compile"))]  # what `auto` resolved to
     out = _table([(k, f"`{_setting(v)}`") for k, v in train.items()]
-                 + [(k, f"{v:,}" if isinstance(v, int) else _fmt(v)) for k, v in extra if v is not None])
+                 + [(k, f"{v:,}" if isinstance(v, int) else _fmt(v)) for k, v in extra if v is not None]
+                 + [(k, f"`{_setting(v)}`") for k, v in used if v is not None])
     auto = config.get("auto_size")
     if isinstance(auto, dict):  # --auto-size: what the rule chose and why
         out += ["", f"Sized by `--auto-size`: d_model {_fmt(auto.get('d_model'))}, {_fmt(auto.get('num_layers'))} "

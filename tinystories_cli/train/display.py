@@ -112,10 +112,11 @@ def print_header(display: Display, run: Run, summary: dict, peak_note: str, star
         f"preset {run.preset}  model: vocab {cfg.vocab_size}, ctx {cfg.context_length}, {cfg.num_layers} x "
         f"d{cfg.d_model}, {cfg.num_heads} heads, d_ff {cfg.d_ff}, {cfg.norm_position}-{cfg.norm}, {cfg.pos_emb}, "
         f"{cfg.ffn}, {'tied' if cfg.tie_embeddings else 'untied'}, init {cfg.init}",
-        f"train: lr {tc.lr:g} -> {tc.min_lr:g}, warmup {tc.warmup_steps}, wd {tc.weight_decay:g}, betas "
+        f"train: {optimizer_label(tc)}, lr {tc.lr:g} -> {tc.min_lr:g}, warmup {tc.warmup_steps}, wd {tc.weight_decay:g}, betas "
         f"({tc.beta1:g}, {tc.beta2:g}), clip {tc.grad_clip:g}, batch {tc.batch_size} x accum {tc.grad_accum_steps} "
         f"x {summary['world_size']} proc, seed {tc.seed}, device {summary['device']}, dtype {summary['chosen']['dtype']}"
-        f"{' (auto)' if tc.dtype == 'auto' else ''}{', compile' if summary['chosen']['compile'] else ''}"
+        f"{' (auto)' if tc.dtype == 'auto' else ''}"
+        f"{', compile' + (' (auto)' if tc.compile is None else '') if summary['chosen']['compile'] else ''}"
         f"{', ' + summary['chosen']['parallel'] if summary['chosen']['parallel'] != 'none' else ''}"
         f"{', activation checkpointing' if tc.activation_checkpointing else ''}",
         f"parameters {human_count(summary['parameters'])} ({summary['parameters']:,})  tokens/step "
@@ -129,3 +130,14 @@ def print_header(display: Display, run: Run, summary: dict, peak_note: str, star
     for line in lines + [f"note: {n}" for n in notes]:
         display.note(line)
 
+
+def optimizer_label(tc) -> str:
+    """How the header names the optimizer.
+
+    >>> from tinystories_cli.config import TrainConfig
+    >>> optimizer_label(TrainConfig()), optimizer_label(TrainConfig(optimizer="muon"))
+    ('adamw', 'muon (lr 0.02, momentum 0.95) on the hidden matrices + adamw')
+    """
+    if tc.optimizer != "muon":
+        return tc.optimizer
+    return f"muon (lr {tc.muon_lr:g}, momentum {tc.muon_momentum:g}) on the hidden matrices + adamw"
