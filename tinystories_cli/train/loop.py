@@ -203,7 +203,7 @@ def restore(state: State, run: Run, ckpt) -> None:
     state.last_good = run.resume_from
     if state.start_step >= run.end_step:
         raise UserError(f"{run.resume_from} is already at step {state.start_step} (the run ends at {run.end_step})",
-                        "raise --stop-at, or the run is finished: evaluate it with `tslm eval`")
+                        "raise `stop_at`, or the run is finished: evaluate it with `tslm eval`")
 
 
 def make_loss_fn(model, autocast) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -224,7 +224,7 @@ def compile_loss(state: State) -> None:
     hooks must run), so there the model is compiled.
     """
     if state.device.type == "mps" or not hasattr(torch, "compile"):
-        state.notes.append("--compile is not supported here: running eagerly")
+        state.notes.append("`compile` is not supported here: running eagerly")
         return
     if state.parallel != "none":
         state.loss_fn = make_loss_fn(torch.compile(state.model), state.autocast)
@@ -380,8 +380,8 @@ def check_nonfinite(state: State, opts: TrainOptions, losses: dict[int, float], 
         if state.skipped > opts.skip_nonfinite:
             raise NonFiniteError(
                 f"non-finite {what} ({value}) at step {step}; last good checkpoint: {state.last_good or 'none yet'}",
-                "lower --lr, keep --grad-clip at 1.0 or lower it, use --dtype float32, or pass "
-                "--skip-nonfinite N to skip up to N bad steps; resume with --resume")
+                "lower `lr`, keep `grad_clip` at 1.0 or lower it, use `dtype` float32, or pass "
+                "`skip_nonfinite` N to skip up to N bad steps; resume with `resume`")
         display.note(f"warning: non-finite {what} at step {step}: step skipped ({state.skipped}/{opts.skip_nonfinite})")
 
 
@@ -515,8 +515,8 @@ def plan_time_budget(run: Run) -> None:
     step_tokens = tokens_per_step(tc.batch_size, tc.grad_accum_steps, dist.world_size, run.model_cfg.context_length)
     steps = steps_in_budget(budget, spent, tps, step_tokens, eval_cost_in_steps(tc) / tc.eval_every)
     if steps < 1:
-        raise UserError(f"a --time-budget of {format_duration(budget)} leaves no time to train (the probe ran "
-                        f"{tps:,.0f} tokens/s, {spent:.1f} s)", "give a longer --time-budget or a smaller model")
+        raise UserError(f"a `time_budget` of {format_duration(budget)} leaves no time to train (the probe ran "
+                        f"{tps:,.0f} tokens/s, {spent:.1f} s)", "give a longer `time_budget` or a smaller model")
     update = {"max_steps": steps}
     if tc.warmup_steps > steps // 2:
         update["warmup_steps"] = steps // 10
@@ -525,7 +525,7 @@ def plan_time_budget(run: Run) -> None:
     run.max_steps = steps
     run.end_step = min(run.end_step, steps) if run.options.stop_at is not None else steps
     run.time_plan = time_plan(budget, deadline, spent, tps, steps)
-    run.notes.append(f"--time-budget {format_duration(budget)}: the probe ran {tps:,.0f} tokens/s ({spent:.1f} s) "
+    run.notes.append(f"`time_budget` {format_duration(budget)}: the probe ran {tps:,.0f} tokens/s ({spent:.1f} s) "
                      f"-> {steps:,} steps of {step_tokens:,} tokens, the {tc.schedule} schedule planned to end there")
 
 

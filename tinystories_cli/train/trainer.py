@@ -180,13 +180,13 @@ class Trainer:
         """Whether the run stops after `step`: its deadline passed before its end, or a signal came."""
         if out_of_time and not signalled and step < self.run.end_step:
             self.result.stopped = "time_budget"
-            self.display.note(f"--time-budget spent at step {step}: saved a checkpoint")
+            self.display.note(f"`time_budget` spent at step {step}: saved a checkpoint")
             return True
         if signalled:  # (a deadline that passes at the last step is just the end)
             name = self.signals.signame
             self.result.stopped, self.result.signal = "interrupted", name or "SIGINT"
             self.display.note(f"{name or 'signal'}: saved a checkpoint at step {step}; continue with "
-                              f"`tslm train --resume --run-name {self.run.run_dir.name}`")
+                              f"`tslm train resume=True run_name={self.run.run_dir.name}`")
             return True
         return False
 
