@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from tinystories_cli.tokens import check_tokens, open_tokens
 from tinystories_cli.train.budget import TimePlan, tokens_per_step
 from tinystories_cli.train.loggers import check_available as check_loggers_available
 from tinystories_cli.train.runstate import RunState, SamplerState  # noqa: F401  (SamplerState: its old home)
+from tinystories_cli.train.schedule import Schedule
 
 
 @dataclass
@@ -101,25 +102,44 @@ class InitSource:
 
 @dataclass
 class Run:
-    """Everything `train` needs, resolved and checked (built by `prepare_run`)."""
+    """Everything `train` needs, resolved and checked (built by `prepare_run`).
+
+    The run's length is its `schedule`'s (`train/schedule.py`, the one owner): `train_cfg`, `max_steps`,
+    `end_step` and `time_plan` read it, and only the schedule's methods change them (a deadline may be
+    attached, `run.time_plan = ...`, before training starts)."""
 
     preset: str
     model_cfg: ModelConfig
-    train_cfg: TrainConfig
+    train_cfg: InitVar[TrainConfig]
     options: TrainOptions
     run_dir: Path
     tokenizer_dir: Path
     train_file: Path
     valid_file: Path
     resume_from: Path | None
-    max_steps: int
-    end_step: int
+    max_steps: InitVar[int]
+    end_step: InitVar[int]
     fresh: bool
     tokenizer_fingerprint: str | None = None
     init_from: InitSource | None = None
     notes: list[str] = field(default_factory=list)  # what was chosen for the user, printed in the header
-    time_plan: TimePlan | None = None  # a deadline (--time-budget, quickstart): the budget, the probe, the steps planned
-    auto_size: dict | None = None  # --auto-size: what the rule chose and why (`autosize.prepare_auto_run`)
+    time_plan: InitVar[TimePlan | None] = None  # a deadline (`time_budget`, quickstart): the budget, the probe, the steps
+    auto_size: dict | None = None  # `auto_size`: what the rule chose and why (`autosize.prepare_auto_run`)
+    schedule: Schedule = field(init=False)
+
+    def __post_init__(self, train_cfg: TrainConfig, max_steps: int, end_step: int, time_plan: TimePlan | None):
+        self.schedule = Schedule(train_cfg, max_steps, end_step, time_plan)
+
+
+def _attach_plan(run: Run, plan: TimePlan | None) -> None:
+    run.schedule.plan = plan
+
+
+# (assigned after the class: a dataclass would take a property in its body for a field's default)
+Run.train_cfg = property(lambda run: run.schedule.train_cfg, doc="The resolved train settings (the schedule's).")
+Run.max_steps = property(lambda run: run.schedule.max_steps, doc="The step the lr schedule ends at.")
+Run.end_step = property(lambda run: run.schedule.end_step, doc="The step the run stops at (`stop_at`, else max_steps).")
+Run.time_plan = property(lambda run: run.schedule.plan, _attach_plan, doc="The deadline plan, if any.")
 
 
 _NUMBER = r"(\d+(?:\.\d+)?)"
