@@ -93,6 +93,7 @@ def test_loss_scaler_state_dict_round_trip():
 
 def test_the_run_reads_its_length_from_the_schedule(tiny_workspace):
     import tinystories_cli.train as T
+
     from train_fixtures import TINY_MODEL, TINY_TRAIN
 
     run = T.prepare_run("debug", None, TINY_MODEL, {"dataset": "tiny", **TINY_TRAIN, "max_steps": 12},
