@@ -22,9 +22,6 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tinystories_cli"
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 # Other programs' flags that a message may name (a pip command to run).
 THIRD_PARTY_FLAGS = {"--force-reinstall"}
-# Files whose messages are still being converted (to be removed when H1/H3 land): train/* and quickstart.py
-# (H1), download.py (H3). The coordinator empties this after merging them.
-NOT_YET_CONVERTED = {"train", "quickstart.py"}
 # Where a message text is built: a variable with one of these names, or a function with one in its name.
 MESSAGE_NAMES = re.compile(r"(fix|hint|msg|message|what|why|reason|advice|note)", re.IGNORECASE)
 ERROR_CALLS = re.compile(r"(Error|Exception|Warning|^warn$|^warning$|^fail$)")
@@ -77,12 +74,10 @@ def flags_named(text: str) -> list[str]:
     return [f for f in FLAG.findall(text) if f not in THIRD_PARTY_FLAGS]
 
 
-def library_messages(include_unconverted: bool = False) -> list[tuple[str, int, str]]:
+def library_messages() -> list[tuple[str, int, str]]:
     out = []
     for path in library_files():
         rel = path.relative_to(PACKAGE)
-        if not include_unconverted and (rel.parts[0] in NOT_YET_CONVERTED or str(rel) in NOT_YET_CONVERTED):
-            continue
         out += [(str(rel), line, text) for line, text in message_strings(ast.parse(path.read_text()))]
     return out
 
@@ -108,12 +103,6 @@ def reencode_hint(p):
 '''
     found = [(line, flags_named(text)) for line, text in message_strings(ast.parse(src)) if flags_named(text)]
     assert found == [(3, ["--force"]), (5, ["--out"]), (6, ["--seed"]), (10, ["--out"])]
-
-
-def test_the_allowlist_is_only_the_files_still_being_converted():
-    """Every entry of NOT_YET_CONVERTED exists (a stale entry would hide nothing and should go)."""
-    for entry in NOT_YET_CONVERTED:
-        assert (PACKAGE / entry).exists(), entry
 
 
 # --- every backticked parameter name has a flag -----------------------------------------------------------
@@ -152,7 +141,7 @@ def backticked_parameters(text: str) -> list[tuple[str | None, str]]:
 def test_every_backticked_parameter_in_a_library_message_has_a_flag():
     table = known_parameters()
     unknown = []
-    for f, line, text in library_messages(include_unconverted=True):
+    for f, line, text in library_messages():
         for command, name in backticked_parameters(text):
             if command is not None and command not in cli.COMMANDS:
                 unknown.append(f"tinystories_cli/{f}:{line}: no command `tslm {command}`")

@@ -113,7 +113,7 @@ def test_fit_context():
     assert qs.fit_context(256, 10_000) == 256
     assert qs.fit_context(256, 257) == 256
     assert qs.fit_context(256, 200) == 128
-    with pytest.raises(UserError, match="longer --text"):
+    with pytest.raises(UserError, match="longer `text`"):
         qs.fit_context(256, 5)
 
 

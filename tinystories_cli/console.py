@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from rich.console import Console
 from rich.markup import escape
 
 # Results go to stdout (so they can be piped); progress, notes and errors go to stderr.
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
+
+
+def _as_is(text: str) -> str:
+    return text
+
+
+# How the training display shows a library note's backticked parameter names (`fit_memory`): as they are, unless
+# the CLI installs its translator (cli/__init__.main: the running command's flags, --fit-memory).
+show_parameters: Callable[[str], str] = _as_is
 
 
 def print_error(message: str) -> None:

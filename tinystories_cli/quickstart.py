@@ -286,7 +286,7 @@ def split_text(source: Path, train_out: Path, valid_out: Path, *, force: bool = 
         if isinstance(rec, dict) and {k: rec.get(k) for k in want} == want and rec.get("sha256") == sha256_file(source):
             return "skipped", rec
         raise UserError(f"{train_out.parent} was made from another text ({rec.get('source', 'unknown')})",
-                        "pass --force to redo every stage with this text, or use another --dir")
+                        "pass `force` to redo every stage with this text, or use another `workdir`")
     data, truncated = read_text_prefix(source)
     _check_utf8(data, source)
     cut = split_point(data)
@@ -366,7 +366,7 @@ def encode_text(text_file: Path, tokens_file: Path, tokenizer_dir: Path, *, forc
         return "skipped"
     if tokens_file.exists() and not force:
         raise UserError(f"{tokens_file} does not match the tokenizer in {tokenizer_dir} (another tokenizer, or damaged)",
-                        "pass --force to redo every stage, or use another --dir")
+                        "pass `force` to redo every stage, or use another `workdir`")
 
     # (bytes, tokens) progress of this file, labelled with its name for the caller's bar
     size = text_file.stat().st_size
@@ -411,7 +411,7 @@ def fit_context(context_length: int, num_tokens: int) -> int:
     ctx = 1 << (max(num_tokens - 1, 1).bit_length() - 1)
     if ctx < 8:
         raise UserError(f"the validation text is only {num_tokens} tokens long",
-                        "pass a longer --text (a few hundred short stories at least)")
+                        "pass a longer `text` (a few hundred short stories at least)")
     return ctx
 
 
@@ -469,7 +469,7 @@ def _continue_earlier_run(opts: QuickstartOptions, run_dir: Path, tokenizer_dir:
     fp = (saved.get("tokenizer") or {}).get("fingerprint")
     if fp is not None and fp != tokenizer.fingerprint:
         raise UserError(f"{run_dir} was trained with another tokenizer",
-                        "pass --force to redo every stage, or use another --dir")
+                        "pass `force` to redo every stage, or use another `workdir`")
     auto_size = saved.get("auto_size") if isinstance(saved.get("auto_size"), dict) else None
     max_steps = int(saved.get("max_steps") or saved.get("train", {}).get("max_steps", 0))
     if last_step >= max_steps > 0:
@@ -683,9 +683,9 @@ def run_quickstart(opts: QuickstartOptions, notify: Notify | None = None, *, dow
     """Run every stage (skipping finished ones) and return where everything is."""
     notify = notify or (lambda stage, msg: None)
     if not (opts.minutes > 0 and math.isfinite(opts.minutes)):
-        raise UserError(f"--minutes must be positive, got {opts.minutes:g}")
+        raise UserError(f"`minutes` must be positive, got {opts.minutes:g}")
     if opts.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be at least 1, got {opts.max_new_tokens}")
+        raise UserError(f"`max_new_tokens` must be at least 1, got {opts.max_new_tokens}")
     data_root, runs_root = roots(opts.workdir)
     ds = paths.dataset_dir(DATASET, data_root)
     train_txt, valid_txt = paths.text_path(DATASET, "train", data_root), paths.text_path(DATASET, "valid", data_root)

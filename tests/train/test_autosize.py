@@ -100,7 +100,7 @@ def test_prepare_auto_run_from_a_token_budget_and_explicit_settings_win(tiny_wor
     rec = run.auto_size
     assert rec["d_model"] == 32 and rec["lr"] == 1e-3 and rec["why"] == c.why
     assert set(rec["explicit"]) >= {"d_model", "num_layers", "context_length", "lr"}
-    assert any(n.startswith("--auto-size: d_model 32") for n in run.notes)
+    assert any(n.startswith("`auto_size`: d_model 32") for n in run.notes)  # the CLI shows --auto-size
 
 
 def test_prepare_auto_run_from_a_time_budget_probes_the_reference_model(tiny_workspace, monkeypatch):

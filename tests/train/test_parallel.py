@@ -91,7 +91,7 @@ def test_fsdp_equals_one_process_and_checkpoints_move_between_world_sizes(worksp
     assert set(got["from_one"]) == set(range(6, 11))
     assert all(abs(got["from_one"][s] - want[s]) < 1e-5 for s in got["from_one"])
     # a resume that changes the global batch is refused, naming the values that keep it
-    with pytest.raises(T.prepare.UserError, match="--batch-size 4 or --grad-accum 2"):
+    with pytest.raises(T.prepare.UserError, match="`batch_size` 4 or `grad_accum_steps` 2"):
         T.prepare_run(None, None, None, {"batch_size": 2, "dataset": "tiny"},
                       T.TrainOptions(run_name="fsdp_split", resume="auto"))
     # a resume on 1 process may also keep the global batch through accumulation instead

@@ -128,7 +128,7 @@ def test_nonfinite_loss_stops_with_clear_message(workspace, monkeypatch):
     with pytest.raises(T.NonFiniteError) as e:
         _run("nan")
     msg = str(e.value)
-    assert "step 5" in msg and "step_0000004.safetensors" in msg and "--lr" in msg
+    assert "step 5" in msg and "step_0000004.safetensors" in msg and "`lr`" in msg  # (the CLI shows --lr)
     calls["n"] = 0
     res = _run("nan2", skip_nonfinite=1)  # skipped, then the run finishes
     assert res.step == 8 and res.train_losses[5] != res.train_losses[5]  # NaN logged for the skipped step

@@ -26,6 +26,7 @@ except ImportError:  # pragma: no cover
     from click.exceptions import Abort, Exit
 
 from tinystories_cli import __version__
+from tinystories_cli import console as terminal
 from tinystories_cli.console import print_error
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import DISK_FULL
@@ -183,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "--debug")
     command = _plain_labels(typer.main.get_command(app))
     RUNNING.clear()
+    shown, terminal.show_parameters = terminal.show_parameters, _flags  # the training display's notes name flags too
     try:
         rv = command.main(args=argv, prog_name="tslm", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
@@ -223,3 +225,5 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print_error(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback and report it)")
         return 1
+    finally:
+        terminal.show_parameters = shown  # (in-process callers, tests: the library's own words again)

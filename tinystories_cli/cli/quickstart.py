@@ -14,6 +14,8 @@ from tinystories_cli.cli import common
 from tinystories_cli.console import console, err_console, human_bytes
 
 COMMAND_KWARGS = {"no_args_is_help": False}
+# The library's `time_budget` (a run with a deadline: "`time_budget` spent at step N") is quickstart's --minutes.
+FLAG_RENAMES = {"time_budget": "--minutes"}
 
 
 

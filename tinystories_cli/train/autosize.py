@@ -256,7 +256,7 @@ def prepare_auto_run(preset: str | None, config_file: str | Path | None, model_o
     or the config file) win over the choice. The choice is in `run.auto_size` and `run.notes`."""
     if options.resume is not None or options.init_from is not None:
         raise UserError("auto-size picks the model when a run starts from scratch",
-                        "drop --auto-size when resuming or fine-tuning")
+                        "drop `auto_size` when resuming or fine-tuning")
     preset = preset or BASE_PRESET
     file_data = load_config_file(config_file) if config_file else {}
     given_model = {k: v for d in (file_data.get("model"), model_overrides) for k, v in (d or {}).items() if v is not None}
@@ -278,7 +278,7 @@ def prepare_auto_run(preset: str | None, config_file: str | Path | None, model_o
                                   given_model.get("context_length", CONTEXT_LENGTH), given_train.get("batch_size"))
     else:
         raise UserError("auto-size needs a budget to size the model for",
-                        "pass --time-budget, --train-tokens or --max-steps")
+                        "pass `time_budget`, `train_tokens` or `max_steps`")
     steps = None if options.time_budget is not None else math.ceil(choice.tokens / (choice.batch_size * CONTEXT_LENGTH))
     chosen_model, chosen_train = sized_overrides(choice, given_model, given_train, steps)
     run = prepare_run(preset, config_file, {**chosen_model, **(model_overrides or {})},
@@ -287,7 +287,7 @@ def prepare_auto_run(preset: str | None, config_file: str | Path | None, model_o
                   if k in given_model or k in given_train)
     mc, tc = run.model_cfg, run.train_cfg
     run.auto_size = {**record_of(choice, run), **({"explicit": kept} if kept else {})}
-    run.notes.append(f"--auto-size: d_model {mc.d_model}, {mc.num_layers} layers, {mc.num_heads} heads, lr {tc.lr:g}, "
+    run.notes.append(f"`auto_size`: d_model {mc.d_model}, {mc.num_layers} layers, {mc.num_heads} heads, lr {tc.lr:g}, "
                      f"batch {tc.batch_size}, warmup {tc.warmup_steps}, {tc.schedule} schedule"
                      + (f" (decay over the last {tc.decay_fraction:.0%})" if tc.schedule == "wsd" else "")
                      + f"; {choice.why}"

@@ -10,6 +10,7 @@ from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+from tinystories_cli import console as terminal
 from tinystories_cli import runs
 from tinystories_cli.console import console, human_count
 from tinystories_cli.train.prepare import Run
@@ -55,6 +56,7 @@ class Display:
             self.progress.update(self.task, total=end_step)
 
     def note(self, text: str) -> None:
+        text = terminal.show_parameters(text)
         if self.mode == "rich":
             self.progress.console.print(text, soft_wrap=True, markup=False)
         elif self.mode == "plain":
@@ -63,7 +65,7 @@ class Display:
     def warn(self, text: str) -> None:
         """A warning: shown like a note, and on stderr even when the display is quiet."""
         if self.mode == "quiet":
-            print(text, file=sys.stderr, flush=True)
+            print(terminal.show_parameters(text), file=sys.stderr, flush=True)
         else:
             self.note(text)
 

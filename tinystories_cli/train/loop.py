@@ -58,7 +58,7 @@ from tinystories_cli.errors import UserError
 from tinystories_cli.evaluate import fixed_window_loss
 from tinystories_cli.fileio import atomic_write_text
 from tinystories_cli.model import TransformerLM, cross_entropy
-from tinystories_cli.optim import build_optimizer, clip_grad_norm_, cosine_lr, wsd_decay_start, wsd_lr
+from tinystories_cli.optim import build_optimizer, clip_grad_norm_
 from tinystories_cli.tokens import open_tokens
 from tinystories_cli.train import loggers
 from tinystories_cli.train.budget import (LENGTHEN_MARGIN, MIN_PACE_STEPS, PACE_SHARE, REPLAN_NOTE_SHARE,  # noqa: F401
@@ -70,6 +70,7 @@ from tinystories_cli.train.parallel import (LossScaler, apply_activation_checkpo
                                             shard_optimizer_state, tied_aliases)
 from tinystories_cli.train.prepare import Run, TrainOptions, copy_tokenizer, load_init_weights
 from tinystories_cli.train.runstate import RunState
+from tinystories_cli.train.schedule import RNG, scheduled_lr  # noqa: F401  (scheduled_lr: its old home)
 
 
 class NonFiniteError(UserError):
@@ -112,13 +113,26 @@ class State:
     best_val: float | None = None
     skipped: int = 0
     elapsed_before: float = 0.0
-    rng_state: dict[str, torch.Tensor] | None = None
+    rng: RNG | None = None        # the torch random streams (dropout); set at the loop's start on a resume
     last_good: Path | None = None
     dtype: str = "float32"        # what --dtype chose on this device
     parallel: str = "none"        # none | ddp | fsdp
     scaler: LossScaler | None = None  # float16 only
     valid_tokens_per_byte: float | None = None  # of the validation text (its sidecar), for bits per byte
     scaler_skipped: int = 0       # steps the loss scaler skipped (overflowing float16 gradients)
+
+    def __post_init__(self):
+        if self.rng is None:
+            self.rng = RNG(self.device)
+
+    def counters(self) -> dict:
+        """The loop's own bookkeeping a checkpoint keeps (`RunState`'s names)."""
+        return {"best_val_loss": self.best_val, "skipped_nonfinite": self.skipped,
+                "scaler_skipped": self.scaler_skipped, "elapsed_s": self.elapsed_before}
+
+    def load_counters(self, saved: RunState) -> None:
+        self.best_val, self.skipped = saved.best_val_loss, saved.skipped_nonfinite
+        self.scaler_skipped, self.elapsed_before = saved.scaler_skipped, saved.elapsed_s
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,24 +212,35 @@ def expected_train_seconds(run: Run, state: State, device: torch.device) -> floa
 
 
 def restore(state: State, run: Run, ckpt) -> None:
-    """Continue from `run.resume_from`: optimizer, data position, bookkeeping (weights: `build_state`; RNG: `fit`)."""
+    """Continue from `run.resume_from`: each component loads its part of the checkpoint, the inverse of
+    `checkpoint_state` (weights: `build_state`, before sharding; the RNG is applied when the loop starts)."""
     load_optimizer_state(ckpt, state.optimizer)
     if state.parallel == "fsdp":
         shard_optimizer_state(state.optimizer)
     saved = RunState.model_validate(ckpt.metadata)  # (checked by `prepare.check_resumable` already)
     state.start_step = ckpt.iteration
     state.sampler.load_state_dict(saved.sampler.for_sampler())
-    state.best_val = saved.best_val_loss
-    state.skipped = saved.skipped_nonfinite
-    state.scaler_skipped = saved.scaler_skipped
-    state.elapsed_before = saved.elapsed_s
+    state.load_counters(saved)
     if state.scaler is not None:
-        state.scaler.load_state_tensors(ckpt.extra)
-    state.rng_state = {k: v for k, v in ckpt.extra.items() if k.startswith("rng.")}
+        state.scaler.load_state_dict(ckpt.extra)
+    state.rng.load_state_dict(ckpt.extra)
     state.last_good = run.resume_from
-    if state.start_step >= run.end_step:
-        raise UserError(f"{run.resume_from} is already at step {state.start_step} (the run ends at {run.end_step})",
-                        "raise --stop-at, or the run is finished: evaluate it with `tslm eval`")
+    run.schedule.load_state_dict({"max_steps": saved.max_steps}, state.start_step, run.resume_from)
+
+
+def checkpoint_state(run: Run, state: State, elapsed: float, sampler: dict) -> tuple[RunState, dict[str, torch.Tensor]]:
+    """A step checkpoint's run state and extra tensors, gathered from the run's components: the configs, the
+    loop's counters, the schedule, the data sampler (`sampler`: its state at the step), the RNG and the loss
+    scaler (`restore` is the inverse; model and optimizer travel as `save_states`' tensors)."""
+    tc = run.train_cfg
+    saved = RunState(model_config=run.model_cfg.model_dump(), train_config=tc.model_dump(), preset=run.preset,
+                     **{**state.counters(), "elapsed_s": elapsed}, **run.schedule.state_dict(),
+                     world_size=state.dist.world_size, batch_size=tc.batch_size, grad_accum_steps=tc.grad_accum_steps,
+                     tokenizer_fingerprint=run.tokenizer_fingerprint, sampler=sampler)
+    extra = state.rng.state_dict()
+    if state.scaler is not None:
+        extra.update(state.scaler.state_dict())
+    return saved, extra
 
 
 def make_loss_fn(model, autocast) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -236,7 +261,7 @@ def compile_loss(state: State) -> None:
     hooks must run), so there the model is compiled.
     """
     if state.device.type == "mps" or not hasattr(torch, "compile"):
-        state.notes.append("--compile is not supported here: running eagerly")
+        state.notes.append("`compile` is not supported here: running eagerly")
         return
     if state.parallel != "none":
         state.loss_fn = make_loss_fn(torch.compile(state.model), state.autocast)
@@ -315,13 +340,6 @@ def flops_per_token(cfg: ModelConfig) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def scheduled_lr(tc, step: int, max_steps: int) -> float:
-    """The learning rate of `step` under the run's schedule (cosine or warmup-stable-decay)."""
-    if tc.schedule == "wsd":
-        return wsd_lr(step, tc.lr, tc.min_lr, tc.warmup_steps, max_steps, tc.decay_fraction)
-    return cosine_lr(step, tc.lr, tc.min_lr, tc.warmup_steps, max_steps)
-
-
 def is_sync_point(step: int, start_step: int, end_step: int, max_steps: int, tc) -> bool:
     """Steps where values come to the host: logging, evaluation, saving, the first and the last step."""
     return (step % tc.log_every == 0 or step % tc.eval_every == 0 or step % tc.save_every == 0
@@ -392,8 +410,8 @@ def check_nonfinite(state: State, opts: TrainOptions, losses: dict[int, float], 
         if state.skipped > opts.skip_nonfinite:
             raise NonFiniteError(
                 f"non-finite {what} ({value}) at step {step}; last good checkpoint: {state.last_good or 'none yet'}",
-                "lower --lr, keep --grad-clip at 1.0 or lower it, use --dtype float32, or pass "
-                "--skip-nonfinite N to skip up to N bad steps; resume with --resume")
+                "lower `lr`, keep `grad_clip` at 1.0 or lower it, use `dtype` float32, or pass "
+                "`skip_nonfinite` N to skip up to N bad steps; resume with `resume`")
         display.note(f"warning: non-finite {what} at step {step}: step skipped ({state.skipped}/{opts.skip_nonfinite})")
 
 
@@ -491,16 +509,8 @@ def save_step(run: Run, state: State, step: int, elapsed: float, feeder: Feeder 
     model_sd, optim_sd = full_state(state.raw_model, state.optimizer)
     if state.dist.is_main:
         path = run.run_dir / runs.CHECKPOINT_DIR / runs.step_checkpoint_name(step)
-        tc = run.train_cfg
-        saved = RunState(model_config=run.model_cfg.model_dump(), train_config=tc.model_dump(), preset=run.preset,
-                         best_val_loss=state.best_val, skipped_nonfinite=state.skipped,
-                         scaler_skipped=state.scaler_skipped, elapsed_s=elapsed, max_steps=run.max_steps,
-                         world_size=state.dist.world_size, batch_size=tc.batch_size,
-                         grad_accum_steps=tc.grad_accum_steps, tokenizer_fingerprint=run.tokenizer_fingerprint,
-                         sampler=feeder.sampler_state() if feeder is not None else state.sampler.state_dict())
-        extra = rng_tensors(state.device)
-        if state.scaler is not None:
-            extra.update(state.scaler.state_tensors())
+        saved, extra = checkpoint_state(run, state, elapsed,
+                                        feeder.sampler_state() if feeder is not None else state.sampler.state_dict())
         save_states(*state_tensors(model_sd, tied_aliases(state.raw_model)), state.optimizer, optim_sd, step, path,
                     metadata=saved.metadata(), extra_tensors=extra)
         for _, old in runs.step_checkpoints(run.run_dir)[:-run.train_cfg.keep_last]:
@@ -527,17 +537,12 @@ def plan_time_budget(run: Run) -> None:
     step_tokens = tokens_per_step(tc.batch_size, tc.grad_accum_steps, dist.world_size, run.model_cfg.context_length)
     steps = steps_in_budget(budget, spent, tps, step_tokens, eval_cost_in_steps(tc) / tc.eval_every)
     if steps < 1:
-        raise UserError(f"a --time-budget of {format_duration(budget)} leaves no time to train (the probe ran "
-                        f"{tps:,.0f} tokens/s, {spent:.1f} s)", "give a longer --time-budget or a smaller model")
-    update = {"max_steps": steps}
-    if tc.warmup_steps > steps // 2:
-        update["warmup_steps"] = steps // 10
-        run.notes.append(f"warmup shortened to {steps // 10} steps (10% of the planned {steps})")
-    run.train_cfg = tc.model_copy(update=update)
-    run.max_steps = steps
-    run.end_step = min(run.end_step, steps) if run.options.stop_at is not None else steps
-    run.time_plan = time_plan(budget, deadline, spent, tps, steps)
-    run.notes.append(f"--time-budget {format_duration(budget)}: the probe ran {tps:,.0f} tokens/s ({spent:.1f} s) "
+        raise UserError(f"a `time_budget` of {format_duration(budget)} leaves no time to train (the probe ran "
+                        f"{tps:,.0f} tokens/s, {spent:.1f} s)", "give a longer `time_budget` or a smaller model")
+    note = run.schedule.plan_deadline(time_plan(budget, deadline, spent, tps, steps), run.options.stop_at)
+    if note is not None:
+        run.notes.append(note)
+    run.notes.append(f"`time_budget` {format_duration(budget)}: the probe ran {tps:,.0f} tokens/s ({spent:.1f} s) "
                      f"-> {steps:,} steps of {step_tokens:,} tokens, the {tc.schedule} schedule planned to end there")
 
 
@@ -552,22 +557,19 @@ def fit_to_deadline(run: Run, state: State, step: int, pace: Pace, meter: "Throu
     taken had another rate (`wsd_decay_start` only moves later). A cosine schedule is never lengthened.
     The new length goes to config.json at once, so a resumed run keeps it; `time_budget.replanned`
     lists each change. Under torchrun, all ranks take the smallest length any proposes."""
-    plan = run.time_plan
-    target = replanned_length(plan, pace, time.perf_counter(), step, run.max_steps, run.train_cfg,
-                              can_lengthen(run, step))
+    schedule = run.schedule
+    plan = schedule.plan
+    target = replanned_length(plan, pace, time.perf_counter(), step, schedule.max_steps, schedule.train_cfg,
+                              schedule.can_lengthen(step))
     if state.dist.enabled:
         t = torch.tensor([target], dtype=torch.float64, device=state.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
         target = int(t.item())
-    if target == run.max_steps:
+    if target == schedule.max_steps:
         return
-    old = run.max_steps
-    run.end_step = target if run.end_step == old else min(run.end_step, target)  # (a --stop-at before the end)
-    run.max_steps = target
-    run.train_cfg = run.train_cfg.model_copy(update={"max_steps": target, "train_tokens": None})
-    plan.replanned.append({"at_step": step, "from": old, "to": target})
-    meter.end_step = run.end_step
-    display.retotal(run.end_step)
+    schedule.resize(target, step)
+    meter.end_step = schedule.end_step
+    display.retotal(schedule.end_step)
     # Said only when the length moved materially since it was last said (small corrections are frequent on a
     # busy machine; every one is still in config.json's time_budget.replanned).
     noted = plan.noted_steps if plan.noted_steps is not None else plan.planned_steps
@@ -590,10 +592,8 @@ def update_run_config(run: Run, **changes) -> None:
 
 
 def can_lengthen(run: Run, step: int) -> bool:
-    """A WSD schedule whose next step is still in its flat phase, with no --stop-at before its end."""
-    tc = run.train_cfg
-    return (tc.schedule == "wsd" and run.end_step == run.max_steps
-            and step < wsd_decay_start(tc.warmup_steps, run.max_steps, tc.decay_fraction))
+    """`Schedule.can_lengthen` of the run's schedule."""
+    return run.schedule.can_lengthen(step)
 
 
 def record_time_used(run: Run, seconds: float, result: TrainResult) -> None:
@@ -697,14 +697,12 @@ class MetricsLog:
 
 
 def rng_tensors(device: torch.device) -> dict[str, torch.Tensor]:
-    out = {"rng.torch_cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        out["rng.torch_cuda"] = torch.cuda.get_rng_state(device)
-    return out
+    """`RNG(device).state_dict()`."""
+    return RNG(device).state_dict()
 
 
 def restore_rng(extra: dict[str, torch.Tensor], device: torch.device) -> None:
-    if "rng.torch_cpu" in extra:
-        torch.set_rng_state(extra["rng.torch_cpu"])
-    if device.type == "cuda" and "rng.torch_cuda" in extra:
-        torch.cuda.set_rng_state(extra["rng.torch_cuda"], device)
+    """Set the RNG streams in a checkpoint's `extra` tensors now."""
+    rng = RNG(device)
+    rng.load_state_dict(extra)
+    rng.apply()

@@ -132,6 +132,13 @@ class LossScaler:
         self.scale.mul_(factor)
         self.good_steps.copy_(torch.where(found | grow, 0, self.good_steps + 1))
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The checkpoint's `scaler.*` tensors."""
+        return self.state_tensors()
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.load_state_tensors(tensors)
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"scaler.scale": self.scale.detach().cpu(), "scaler.good_steps": self.good_steps.detach().cpu()}
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from tinystories_cli.tokens import check_tokens, open_tokens
 from tinystories_cli.train.budget import TimePlan, tokens_per_step
 from tinystories_cli.train.loggers import check_available as check_loggers_available
 from tinystories_cli.train.runstate import RunState, SamplerState  # noqa: F401  (SamplerState: its old home)
+from tinystories_cli.train.schedule import Schedule
 
 
 @dataclass
@@ -101,25 +102,44 @@ class InitSource:
 
 @dataclass
 class Run:
-    """Everything `train` needs, resolved and checked (built by `prepare_run`)."""
+    """Everything `train` needs, resolved and checked (built by `prepare_run`).
+
+    The run's length is its `schedule`'s (`train/schedule.py`, the one owner): `train_cfg`, `max_steps`,
+    `end_step` and `time_plan` read it, and only the schedule's methods change them (a deadline may be
+    attached, `run.time_plan = ...`, before training starts)."""
 
     preset: str
     model_cfg: ModelConfig
-    train_cfg: TrainConfig
+    train_cfg: InitVar[TrainConfig]
     options: TrainOptions
     run_dir: Path
     tokenizer_dir: Path
     train_file: Path
     valid_file: Path
     resume_from: Path | None
-    max_steps: int
-    end_step: int
+    max_steps: InitVar[int]
+    end_step: InitVar[int]
     fresh: bool
     tokenizer_fingerprint: str | None = None
     init_from: InitSource | None = None
     notes: list[str] = field(default_factory=list)  # what was chosen for the user, printed in the header
-    time_plan: TimePlan | None = None  # a deadline (--time-budget, quickstart): the budget, the probe, the steps planned
-    auto_size: dict | None = None  # --auto-size: what the rule chose and why (`autosize.prepare_auto_run`)
+    time_plan: InitVar[TimePlan | None] = None  # a deadline (`time_budget`, quickstart): the budget, the probe, the steps
+    auto_size: dict | None = None  # `auto_size`: what the rule chose and why (`autosize.prepare_auto_run`)
+    schedule: Schedule = field(init=False)
+
+    def __post_init__(self, train_cfg: TrainConfig, max_steps: int, end_step: int, time_plan: TimePlan | None):
+        self.schedule = Schedule(train_cfg, max_steps, end_step, time_plan)
+
+
+def _attach_plan(run: Run, plan: TimePlan | None) -> None:
+    run.schedule.plan = plan
+
+
+# (assigned after the class: a dataclass would take a property in its body for a field's default)
+Run.train_cfg = property(lambda run: run.schedule.train_cfg, doc="The resolved train settings (the schedule's).")
+Run.max_steps = property(lambda run: run.schedule.max_steps, doc="The step the lr schedule ends at.")
+Run.end_step = property(lambda run: run.schedule.end_step, doc="The step the run stops at (`stop_at`, else max_steps).")
+Run.time_plan = property(lambda run: run.schedule.plan, _attach_plan, doc="The deadline plan, if any.")
 
 
 _NUMBER = r"(\d+(?:\.\d+)?)"
@@ -197,8 +217,8 @@ def prepare_run(
         train_cfg, note = fit_to_memory(model_cfg, train_cfg, opts.fit_memory, dist_from_env().world_size)
         notes.append(note)
     if opts.time_budget is not None and resume_from is not None:
-        raise UserError("--time-budget plans the schedule when a run starts; a resumed run keeps its plan",
-                        "drop --time-budget when resuming")
+        raise UserError("`time_budget` plans the schedule when a run starts; a resumed run keeps its plan",
+                        "drop `time_budget` when resuming")
     check_loggers_available(train_cfg.log)
     max_steps, end_step = schedule_length(model_cfg, train_cfg, opts)
     if train_cfg.max_steps != max_steps:
@@ -256,7 +276,7 @@ def check_fresh_run_dir(run_dir: Path, tokenizer_dir: Path, init: InitSource | N
     if (run_dir / runs.CONFIG_FILE).exists() or runs.step_checkpoints(run_dir):
         if not opts.force and opts.resume != "auto":
             raise UserError(f"{run_dir} already holds a run",
-                            "pass --resume to continue it, --force to start it over, or choose another --run-name")
+                            "pass `resume` to continue it, `force` to start it over, or choose another `run_name`")
 
 
 def check_sources_outside_run(run_dir: Path, tokenizer_dir: Path, init: "InitSource | None", opts: TrainOptions) -> None:
@@ -290,13 +310,13 @@ def fit_to_memory(model_cfg: ModelConfig, train_cfg: TrainConfig, budget: int, w
     if not fits:
         raise UserError(f"even a micro-batch of 1 needs about {hb(need[1])}, more than "
                         f"{hb(usable)} ({100 - 100 * FIT_MARGIN:.0f}% of the budget)",
-                        "use --parallel fsdp on more GPUs, --activation-checkpointing, a shorter --ctx, or a "
-                        "smaller model (see `tslm account --memory`)")
+                        "use `parallel` fsdp on more GPUs, `activation_checkpointing`, a shorter `context_length`, or a "
+                        "smaller model (see `tslm account memory=True`)")
     b = fits[0]
     accum = per_process // b
     bigger = [n for c, n in need.items() if c > b]
     why = f"; micro-batch {min(c for c in need if c > b)} would need {hb(min(bigger))}" if bigger else ""
-    note = (f"--fit-memory {hb(budget)}: micro-batch {b} x accumulation {accum} x {world_size} "
+    note = (f"`fit_memory` {hb(budget)}: micro-batch {b} x accumulation {accum} x {world_size} "
             f"process{'es' if world_size > 1 else ''} = global batch {per_process * world_size}; estimated "
             f"{hb(need[b])} per process, under {hb(usable)} (a {100 * FIT_MARGIN:.0f}% margin kept){why}")
     return train_cfg.model_copy(update={"batch_size": b, "grad_accum_steps": accum}), note
@@ -338,19 +358,19 @@ def init_configs(init: InitSource, preset: str | None, file_data: dict, model_ov
                  train_overrides: dict | None, opts: TrainOptions) -> tuple[str, ModelConfig, TrainConfig]:
     """(preset name, model config, train config) of a run fine-tuned from `init` (see the module docstring)."""
     if opts.tokenizer_dir is not None:
-        raise UserError("--tokenizer cannot be combined with --init-from: the tokenizer comes from the source",
-                        f"drop --tokenizer; encode your text with the source's tokenizer ({init.tokenizer_dir})")
+        raise UserError("`tokenizer_dir` cannot be combined with `init_from`: the tokenizer comes from the source",
+                        f"drop `tokenizer_dir`; encode your text with the source's tokenizer ({init.tokenizer_dir})")
     src = init.model_cfg
     given = {k: v for d in (file_data.get("model"), model_overrides) for k, v in (d or {}).items() if v is not None}
     bad = [f"{k}={v} (source: {getattr(src, k)})" for k, v in given.items()
            if k in ModelConfig.model_fields and k not in INIT_FREE | {"context_length"} and getattr(src, k) != v]
     if bad:
-        raise UserError(f"model settings contradict --init-from {init.spec}: {', '.join(bad)}",
+        raise UserError(f"model settings contradict `init_from` {init.spec}: {', '.join(bad)}",
                         "drop them: the architecture comes from the source")
     ctx = given.get("context_length", src.context_length)
     if ctx > src.context_length:
-        raise UserError(f"context length {ctx} exceeds the {src.context_length} of --init-from {init.spec}",
-                        f"use --ctx {src.context_length} or less")
+        raise UserError(f"context length {ctx} exceeds the {src.context_length} of `init_from` {init.spec}",
+                        f"use `context_length` {src.context_length} or less")
     model_cfg = build_config(ModelConfig, src, {k: v for k, v in given.items() if k in INIT_FREE | {"context_length"}},
                              where="model config")
     preset_train = get_preset(preset).train if preset else None
@@ -395,7 +415,7 @@ def find_resume(opts: TrainOptions) -> tuple[Path | None, Path | None]:
     resume_from = target if target.is_file() else runs.latest_checkpoint(run_dir)
     if resume_from is None:
         raise UserError(f"run {run_dir} has no checkpoint to resume from",
-                        "start it again with --force, or use --resume auto")
+                        "start it again with `force`, or use `resume` auto")
     return run_dir, resume_from
 
 
@@ -404,13 +424,13 @@ def resumed_configs(saved: dict, run_dir: Path, preset: str | None, given_model:
     """The saved run's configs, with the given train settings applied where they may change on resume."""
     name = saved.get("preset")
     if preset and preset != name:
-        raise UserError(f"--preset {preset} differs from the preset of the run being resumed ({name})",
-                        "drop --preset when resuming, or use a new --run-name")
+        raise UserError(f"`preset` {preset} differs from the preset of the run being resumed ({name})",
+                        "drop `preset` when resuming, or use a new `run_name`")
     model_cfg = ModelConfig.model_validate(saved["model"])
     changed = [k for k, v in given_model.items() if v is not None and getattr(model_cfg, k, None) != v]
     if changed:
         raise UserError(f"model settings {changed} differ from the run being resumed ({run_dir})",
-                        "drop them, or start a new run with another --run-name")
+                        "drop them, or start a new run with another `run_name`")
     saved_train = TrainConfig.model_validate(saved["train"])
     train_cfg = build_config(TrainConfig, saved_train, file_train, train_overrides, where="train config")
     check_global_batch(saved, saved_train, train_cfg)
@@ -448,11 +468,11 @@ def check_global_batch(saved: dict, saved_train: TrainConfig, train_cfg: TrainCo
         return
     keep = []
     if want % (train_cfg.grad_accum_steps * world) == 0:
-        keep.append(f"--batch-size {want // (train_cfg.grad_accum_steps * world)}")
+        keep.append(f"`batch_size` {want // (train_cfg.grad_accum_steps * world)}")
     if want % (train_cfg.batch_size * world) == 0:
-        keep.append(f"--grad-accum {want // (train_cfg.batch_size * world)}")
+        keep.append(f"`grad_accum_steps` {want // (train_cfg.batch_size * world)}")
     fix = (f"pass {' or '.join(keep)} to keep it" if keep else
-           f"pick --batch-size and --grad-accum whose product times {world} is {want}")
+           f"pick `batch_size` and `grad_accum_steps` whose product times {world} is {want}")
     raise UserError(f"the run's global batch is {want} sequences per step; batch {train_cfg.batch_size} x accumulation "
                     f"{train_cfg.grad_accum_steps} x {world} processes makes {got}", fix)
 
@@ -471,7 +491,7 @@ def preset_tokenizer_dir(preset: Preset, dataset: str, given: Path | None) -> Pa
             raise UserError(f"preset {preset.name} uses GPT-2's tokenizer (vocab {preset.model.vocab_size}), "
                             f"which is not in {d}",
                             f"fetch it with `tslm download gpt2-tokenizer` and encode your text with "
-                            f"`tslm encode FILE --tokenizer {d}`")
+                            f"`tslm encode FILE tokenizer={d}`")
         return d
     return paths.tokenizer_dir(dataset)
 
@@ -481,14 +501,14 @@ def check_preset_tokenizer(preset: Preset, tokenizer_dir: Path, vocab_size: int)
     if preset.tokenizer == "gpt2" and vocab_size != preset.model.vocab_size:
         raise UserError(f"preset {preset.name} is defined with GPT-2's tokenizer (vocab {preset.model.vocab_size}), "
                         f"but {tokenizer_dir} has {vocab_size} ids",
-                        f"use --tokenizer {paths.dataset_dir(GPT2_TOKENIZER)} (`tslm download gpt2-tokenizer`) with "
-                        f"token files encoded by it, or pass --vocab-size {vocab_size} to train this shape with yours")
+                        f"use `tokenizer_dir` {paths.dataset_dir(GPT2_TOKENIZER)} (`tslm download gpt2-tokenizer`) with "
+                        f"token files encoded by it, or pass `vocab_size` {vocab_size} to train this shape with yours")
 
 
 def load_run_tokenizer(tokenizer_dir: Path, dataset: str):
     if not tokenizer_dir.is_dir():
         raise UserError(f"tokenizer not found: {tokenizer_dir}",
-                        f"train one with `tslm bpe {paths.text_path(dataset, 'train')}`, or pass --tokenizer")
+                        f"train one with `tslm bpe {paths.text_path(dataset, 'train')}`, or pass `tokenizer_dir`")
     if is_hf_dir(tokenizer_dir):  # fine-tuning a Hugging Face directory: its tokenizer.json / vocab.json
         return tokenizer_from_hf(tokenizer_dir)
     return runs.load_tokenizer(tokenizer_dir)
@@ -499,7 +519,7 @@ def vocab_from_tokenizer(model_cfg: ModelConfig, tok_vocab: int, explicit: bool)
     if explicit:
         if model_cfg.vocab_size < tok_vocab:
             raise UserError(f"vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's {tok_vocab}",
-                            f"drop --vocab-size (it defaults to the tokenizer's) or set it >= {tok_vocab}")
+                            f"drop `vocab_size` (it defaults to the tokenizer's) or set it >= {tok_vocab}")
         return model_cfg
     return model_cfg if model_cfg.vocab_size == tok_vocab else model_cfg.model_copy(update={"vocab_size": tok_vocab})
 
@@ -510,7 +530,7 @@ def check_token_file_fits(path: Path, split: str, dataset: str, fingerprint: str
     check_tokens(path, fingerprint, model_cfg.vocab_size)
     if len(tokens) <= model_cfg.context_length:
         raise UserError(f"{path} holds {len(tokens)} tokens, fewer than context length + 1 "
-                        f"({model_cfg.context_length + 1})", "encode more text or lower --ctx")
+                        f"({model_cfg.context_length + 1})", "encode more text or lower `context_length`")
 
 
 def schedule_length(model_cfg: ModelConfig, train_cfg: TrainConfig, opts: TrainOptions) -> tuple[int, int]:
@@ -522,14 +542,14 @@ def schedule_length(model_cfg: ModelConfig, train_cfg: TrainConfig, opts: TrainO
         max_steps = max(1, math.ceil(train_cfg.train_tokens / step_tokens))
     if train_cfg.warmup_steps > max_steps:
         raise UserError(f"warmup_steps ({train_cfg.warmup_steps}) exceeds the number of steps ({max_steps})",
-                        "lower --warmup-steps or raise --max-steps/--train-tokens")
+                        "lower `warmup_steps` or raise `max_steps`/`train_tokens`")
     end_step = max_steps
     if opts.stop_at is not None:
         if not 1 <= opts.stop_at <= max_steps:
-            raise UserError(f"--stop-at {opts.stop_at} is outside 1..{max_steps}", "pick a step within the schedule")
+            raise UserError(f"`stop_at` {opts.stop_at} is outside 1..{max_steps}", "pick a step within the schedule")
         end_step = opts.stop_at
     if opts.skip_nonfinite < 0:
-        raise UserError(f"--skip-nonfinite must be >= 0, got {opts.skip_nonfinite}")
+        raise UserError(f"`skip_nonfinite` must be >= 0, got {opts.skip_nonfinite}")
     return max_steps, end_step
 
 
@@ -537,8 +557,8 @@ def check_resumable(ckpt_path: Path, run_dir: Path, saved: dict) -> None:
     """Refuse, before anything is written, a checkpoint that is damaged, whose run state is malformed, or
     that belongs to another run (model config, train settings or tokenizer differ from config.json)."""
     older = [p for _, p in runs.step_checkpoints(run_dir) if p != ckpt_path and p.name < ckpt_path.name]
-    fix = (f"resume from the previous one: `tslm train --resume {older[-1]}`" if older
-           else "start the run again with --force")
+    fix = (f"resume from the previous one: `tslm train resume={older[-1]}`" if older
+           else "start the run again with `force`")
     try:
         ckpt = read_checkpoint(ckpt_path)
     except UserError as e:

@@ -8,8 +8,11 @@ optimizer step at a time, reading top to bottom as the loop in `train/loop.py`'s
     evaluate_and_save(step, ...)                    # eval (and keep the best) -> save
     log.write(record)                               # metrics.jsonl, TensorBoard, W&B
 
-The pieces (state, step, checkpoint save/restore, the budget) live in `loop.py`, `runstate.py` and
-`budget.py`; this module only composes them.
+The pieces (state, step, checkpoint save/restore, the budget) live in `loop.py`, `runstate.py`, `schedule.py`
+and `budget.py`; this module only composes them. The run's stateful components each have `state_dict()` /
+`load_state_dict()`: the schedule (`run.schedule`: lr, length, deadline plan), the data sampler, the RNG, the
+loss scaler, model and optimizer; `loop.checkpoint_state` gathers a step checkpoint from them and `loop.restore`
+gives each its part back.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ from tinystories_cli.train.display import Display, Signals, print_header
 from tinystories_cli.train.loop import (Feeder, MetricsLog, State, StepStats, Throughput, TrainResult, any_rank,
                                         build_state, check_nonfinite, evaluate_and_keep_best, first_step,
                                         fit_to_deadline, flops_per_token, guarded_update, is_sync_point,
-                                        peak_tflops, plan_time_budget, record_time_used, restore_rng, run_summary,
-                                        save_step, scheduled_lr, train_step, write_run_dir)
+                                        peak_tflops, plan_time_budget, record_time_used, run_summary,
+                                        save_step, train_step, write_run_dir)
 from tinystories_cli.train.prepare import Run
 
 OnStep = Callable[[int, dict], None]
@@ -103,8 +106,8 @@ class Trainer:
     def fit(self) -> TrainResult:
         run, state = self.run, self.state
         state.model.train()
-        if state.rng_state is not None and state.dist.is_main:  # last thing before the loop: nothing else may draw
-            restore_rng(state.rng_state, state.device)
+        if state.dist.is_main:  # a resumed run's RNG streams: last thing before the loop, nothing else may draw
+            state.rng.apply()
         step = state.start_step
         with self.signals:
             while step < run.end_step:  # `fit_to_deadline` may move run.end_step
@@ -128,7 +131,7 @@ class Trainer:
 
     def set_lr(self, step: int) -> float:
         """The scheduled learning rate of `step`, set on every parameter group (`optim.set_scheduled_lr`)."""
-        lr = scheduled_lr(self.tc, step, self.run.max_steps)
+        lr = self.run.schedule.lr(step)  # the Schedule owns the run's length
         set_scheduled_lr(self.state.optimizer, lr, self.tc.lr)  # Muon's groups follow with their own peak
         return lr
 
@@ -180,13 +183,13 @@ class Trainer:
         """Whether the run stops after `step`: its deadline passed before its end, or a signal came."""
         if out_of_time and not signalled and step < self.run.end_step:
             self.result.stopped = "time_budget"
-            self.display.note(f"--time-budget spent at step {step}: saved a checkpoint")
+            self.display.note(f"`time_budget` spent at step {step}: saved a checkpoint")
             return True
         if signalled:  # (a deadline that passes at the last step is just the end)
             name = self.signals.signame
             self.result.stopped, self.result.signal = "interrupted", name or "SIGINT"
             self.display.note(f"{name or 'signal'}: saved a checkpoint at step {step}; continue with "
-                              f"`tslm train --resume --run-name {self.run.run_dir.name}`")
+                              f"`tslm train resume=True run_name={self.run.run_dir.name}`")
             return True
         return False
 
