@@ -64,7 +64,11 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
         "lm_head": 0 if cfg.tie_embeddings else V * d,
     }
     counts["total"] = (
-        counts["token_embedding"] + counts["position_embedding"] + counts["layers"] + counts["final_norm"] + counts["lm_head"]
+        counts["token_embedding"]
+        + counts["position_embedding"]
+        + counts["layers"]
+        + counts["final_norm"]
+        + counts["lm_head"]
     )
     return counts
 

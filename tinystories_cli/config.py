@@ -123,7 +123,7 @@ class ModelConfig(StrictModel):
         return data
 
     @model_validator(mode="after")
-    def _check_shapes(self) -> "ModelConfig":
+    def _check_shapes(self) -> ModelConfig:
         if self.d_model % self.num_heads:
             raise ValueError(
                 f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads}); "
@@ -200,9 +200,13 @@ class TrainConfig(StrictModel):
         "auto", "Compute dtype: auto = bfloat16 autocast where bf16 is native (a CUDA GPU with bf16, a CPU with "
         "AVX512-BF16 or AMX), else float32; weights, optimizer state and the loss stay float32; float16 = autocast "
         "with loss scaling.")
-    compile: bool | None = setting(None, "torch.compile the model and loss as one graph (falls back to eager if it "
-                                   "fails); default: on for CUDA; on a CPU when a C++ compiler is found and the run is long enough to pay "
-                                   "back the compile (about 90 s); off for MPS.", neutral=True)
+    compile: bool | None = setting(
+        None,
+        "torch.compile the model and loss as one graph (falls back to eager if it "
+        "fails); default: on for CUDA; on a CPU when a C++ compiler is found and the run is long enough to pay "
+        "back the compile (about 90 s); off for MPS.",
+        neutral=True,
+    )
     parallel: Literal["ddp", "fsdp"] = setting(
         "ddp", "Under torchrun: ddp (replicate the model) or fsdp (shard weights, gradients and AdamW state).",
         neutral=True)
@@ -218,7 +222,7 @@ class TrainConfig(StrictModel):
         return parse_log(value)
 
     @model_validator(mode="after")
-    def _check_schedule(self) -> "TrainConfig":
+    def _check_schedule(self) -> TrainConfig:
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         if self.train_tokens is None and self.warmup_steps > self.max_steps:

@@ -44,8 +44,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors.torch import save as st_save
@@ -53,12 +54,24 @@ from safetensors.torch import save as st_save
 from tinystories_cli import runs
 from tinystories_cli.config import ModelConfig
 from tinystories_cli.errors import UserError
-from tinystories_cli.fileio import (atomic_write_bytes, atomic_write_text, fsync_dir, is_within, remove_stale_temps,
-                                    temp_prefix)
+from tinystories_cli.fileio import (
+    atomic_write_bytes,
+    atomic_write_text,
+    fsync_dir,
+    is_within,
+    remove_stale_temps,
+    temp_prefix,
+)
 from tinystories_cli.interop import gpt2
+from tinystories_cli.interop.llama import (
+    EOT,
+    NotLlamaCompatible,
+    hf_config,
+    hf_state_dict,
+    llama_incompatibilities,
+    plain_state,
+)
 from tinystories_cli.interop.llamacpp import check_gguf_compatible
-from tinystories_cli.interop.llama import (EOT, NotLlamaCompatible, hf_config, hf_state_dict, llama_incompatibilities,
-                                           plain_state)
 from tinystories_cli.tokenizer.files import encode_token_bytes, write_vocab_merges
 from tinystories_cli.trained import load_trained_model
 
@@ -80,10 +93,12 @@ def hf_architecture(cfg: ModelConfig) -> str:
     if not gpt2.gpt2_incompatibilities(cfg):
         return "gpt2"
     verb = "is" if len(bad) == 1 else "are"
-    raise NotLlamaCompatible(f"{', '.join(bad)} {verb} not representable as LlamaForCausalLM (only pre-norm "
-                             f"RMSNorm/RoPE/SwiGLU models map to Llama), nor {', '.join(gpt2.gpt2_incompatibilities(cfg))} "
-                             "as GPT2LMHeadModel (pre-norm LayerNorm, learned positions)",
-                             "keep this model in tslm's own safetensors format")
+    raise NotLlamaCompatible(
+        f"{', '.join(bad)} {verb} not representable as LlamaForCausalLM (only pre-norm "
+        f"RMSNorm/RoPE/SwiGLU models map to Llama), nor {', '.join(gpt2.gpt2_incompatibilities(cfg))} "
+        "as GPT2LMHeadModel (pre-norm LayerNorm, learned positions)",
+        "keep this model in tslm's own safetensors format",
+    )
 
 
 def check_tokenizer_fits(tokenizer, cfg: ModelConfig) -> None:
@@ -269,8 +284,10 @@ def export_safetensors(model: torch.nn.Module, tokenizer, cfg: ModelConfig, out:
               "tied": {"lm_head.weight": "token_embeddings.weight"} if cfg.tie_embeddings else {},
               "special_tokens": specials}
     with atomic_dir(out) as d:
-        atomic_write_bytes(d / "model.safetensors",
-                           st_save(tensors, metadata={"format": "pt", "tslm_model_config": json.dumps(cfg.model_dump())}))
+        atomic_write_bytes(
+            d / "model.safetensors",
+            st_save(tensors, metadata={"format": "pt", "tslm_model_config": json.dumps(cfg.model_dump())}),
+        )
         _write_json(d / "config.json", config)
         write_vocab_merges(d / "tokenizer", tokenizer.vocab, tokenizer.merges)
         _write_json(d / "tokenizer" / "tokenizer_config.json",

@@ -47,8 +47,8 @@ from __future__ import annotations
 import codecs
 import os
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict

@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -75,7 +75,7 @@ def import_hf(src: str | os.PathLike, run_dir: str | os.PathLike) -> Imported:
               "imported_from": record,
               "tokenizer": {"fingerprint": tokenizer.fingerprint, "source": str(src)},
               "tslm_version": __version__, "torch_version": torch.__version__,
-              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+              "created": datetime.now(UTC).isoformat(timespec="seconds")}
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(run_dir.parent)  # what a killed import left beside it
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(run_dir.name), suffix=".tmp", dir=run_dir.parent))

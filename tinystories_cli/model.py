@@ -59,10 +59,31 @@ LAZY_REEXPORTS = {name: "tinystories_cli.interop.llama" for name in (
     "permute_for_llama", "unpermute_from_llama", "to_llama_state_dict", "from_llama_state_dict", "llama_config_dict")}
 
 __all__ = [
-    "Linear", "Embedding", "RMSNorm", "LayerNorm", "SwiGLU", "FeedForward", "RotaryPositionalEmbedding",
-    "softmax", "log_softmax", "silu", "gelu", "gelu_tanh", "relu", "cross_entropy", "dropout", "scaled_dot_product_attention",
-    "KVCache", "MultiHeadSelfAttention", "TransformerBlock", "TransformerLM", "sinusoidal_table",
-    "permute_for_llama", "unpermute_from_llama", "to_llama_state_dict", "from_llama_state_dict",  # noqa: F822 (lazy)
+    "Linear",
+    "Embedding",
+    "RMSNorm",
+    "LayerNorm",
+    "SwiGLU",
+    "FeedForward",
+    "RotaryPositionalEmbedding",
+    "softmax",
+    "log_softmax",
+    "silu",
+    "gelu",
+    "gelu_tanh",
+    "relu",
+    "cross_entropy",
+    "dropout",
+    "scaled_dot_product_attention",
+    "KVCache",
+    "MultiHeadSelfAttention",
+    "TransformerBlock",
+    "TransformerLM",
+    "sinusoidal_table",
+    "permute_for_llama",
+    "unpermute_from_llama",
+    "to_llama_state_dict",
+    "from_llama_state_dict",  # noqa: F822 (lazy)
     "llama_config_dict",  # noqa: F822 (these five resolve in __getattr__ below)
 ]
 

@@ -20,8 +20,20 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-__all__ = ["AdamW", "Muon", "MuonWithAdamW", "build_optimizer", "set_scheduled_lr", "newton_schulz", "muon_param_split", "cosine_lr", "wsd_lr", "wsd_decay_start",
-           "clip_grad_norm_", "make_param_groups"]
+__all__ = [
+    "AdamW",
+    "Muon",
+    "MuonWithAdamW",
+    "build_optimizer",
+    "set_scheduled_lr",
+    "newton_schulz",
+    "muon_param_split",
+    "cosine_lr",
+    "wsd_lr",
+    "wsd_decay_start",
+    "clip_grad_norm_",
+    "make_param_groups",
+]
 
 
 class AdamW(torch.optim.Optimizer):

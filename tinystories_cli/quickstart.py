@@ -45,9 +45,10 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ContextManager
+from typing import ContextManager
 
 import numpy as np
 import torch
@@ -58,13 +59,20 @@ from tinystories_cli import train as tl
 from tinystories_cli.config import PRESETS, TrainConfig, get_preset, option
 from tinystories_cli.device import pick_device
 from tinystories_cli.errors import UserError
-from tinystories_cli.fileio import (atomic_write_bytes, atomic_write_text, check_input_file, check_source_outside,
-                                    remove_stale_temps, sha256_file, temp_prefix)
-from tinystories_cli.tokenizer.chunking import signals_raise
+from tinystories_cli.fileio import (
+    atomic_write_bytes,
+    atomic_write_text,
+    check_input_file,
+    check_source_outside,
+    remove_stale_temps,
+    sha256_file,
+    temp_prefix,
+)
 from tinystories_cli.generate import generate_samples
 from tinystories_cli.sampling_grid import run_grid
 from tinystories_cli.tokenizer import bpe
 from tinystories_cli.tokenizer.bpe import default_workers
+from tinystories_cli.tokenizer.chunking import signals_raise
 from tinystories_cli.tokenizer.encode import encode_file
 from tinystories_cli.tokens import check_tokens
 from tinystories_cli.train import autosize, budget
@@ -365,8 +373,10 @@ def encode_text(text_file: Path, tokens_file: Path, tokenizer_dir: Path, *, forc
     if not force and _token_file_matches(tokens_file, tokenizer):
         return "skipped"
     if tokens_file.exists() and not force:
-        raise UserError(f"{tokens_file} does not match the tokenizer in {tokenizer_dir} (another tokenizer, or damaged)",
-                        "pass `force` to redo every stage, or use another `workdir`")
+        raise UserError(
+            f"{tokens_file} does not match the tokenizer in {tokenizer_dir} (another tokenizer, or damaged)",
+            "pass `force` to redo every stage, or use another `workdir`",
+        )
 
     # (bytes, tokens) progress of this file, labelled with its name for the caller's bar
     size = text_file.stat().st_size
@@ -709,20 +719,29 @@ def run_quickstart(opts: QuickstartOptions, notify: Notify | None = None, *, dow
     for d in (data_root, ds, tok_dir):  # temporaries a killed earlier run left (their owner is gone)
         remove_stale_temps(d)
     stages["split"], rec = timed("split", split_text, source, train_txt, valid_txt, force=opts.force)
-    notify("split", f"{'kept' if stages['split'] == 'skipped' else 'wrote'} {train_txt} ({rec.get('train_bytes', 0):,} bytes) "
-                    f"and {valid_txt} ({rec.get('valid_bytes', 0):,} bytes, the last {VALID_FRACTION:.0%} of the documents)"
-                    + (f"; only the first {MAX_TEXT_BYTES >> 20} MB of {source} are used" if rec.get("truncated") else ""))
+    notify(
+        "split",
+        f"{'kept' if stages['split'] == 'skipped' else 'wrote'} {train_txt} ({rec.get('train_bytes', 0):,} bytes) "
+        f"and {valid_txt} ({rec.get('valid_bytes', 0):,} bytes, the last {VALID_FRACTION:.0%} of the documents)"
+        + (f"; only the first {MAX_TEXT_BYTES >> 20} MB of {source} are used" if rec.get("truncated") else ""),
+    )
     stages["tokenizer"] = timed("tokenizer", train_tokenizer, train_txt, tok_dir, opts.vocab_size, force=opts.force,
                                 progress=bpe_progress)
-    notify("tokenizer", f"{'kept' if stages['tokenizer'] == 'skipped' else 'trained'} {tok_dir} "
-                        f"({opts.vocab_size:,} ids, learned from the first {BPE_SAMPLE_BYTES >> 20} MB of {train_txt.name})")
+    notify(
+        "tokenizer",
+        f"{'kept' if stages['tokenizer'] == 'skipped' else 'trained'} {tok_dir} "
+        f"({opts.vocab_size:,} ids, learned from the first {BPE_SAMPLE_BYTES >> 20} MB of {train_txt.name})",
+    )
     t = time.perf_counter()
     enc = [encode_text(src, dst, tok_dir, force=opts.force, progress=encode_progress)
            for src, dst in ((train_txt, train_npy), (valid_txt, valid_npy))]
     seconds["encode"] = time.perf_counter() - t
     stages["encode"] = "skipped" if enc == ["skipped", "skipped"] else "done"
-    notify("encode", f"{'kept' if stages['encode'] == 'skipped' else 'wrote'} {train_npy} ({count_tokens(train_npy):,} tokens) "
-                     f"and {valid_npy} ({count_tokens(valid_npy):,} tokens)")
+    notify(
+        "encode",
+        f"{'kept' if stages['encode'] == 'skipped' else 'wrote'} {train_npy} ({count_tokens(train_npy):,} tokens) "
+        f"and {valid_npy} ({count_tokens(valid_npy):,} tokens)",
+    )
     outcome = timed("train", train_model, opts, run_dir, tok_dir, train_npy, valid_npy, notify)
     stages["train"] = outcome.status
     story_file = run_dir / STORY_FILE
@@ -763,10 +782,12 @@ def size_flags(auto: dict | None) -> str:
     if not auto:
         return ""
     lr = float(auto["lr"])
-    return (f" --d-model {auto['d_model']} --num-layers {auto['num_layers']} --num-heads {auto['num_heads']} "
-            f"--lr {lr:g} --min-lr {lr * autosize.MIN_LR_RATIO:g} --batch-size {auto.get('batch_size', autosize.BATCH_SIZE)}"
-            + (f" --schedule {auto['schedule']}" if auto.get("schedule") else "")
-            + (f" --decay-fraction {auto['decay_fraction']:g}" if auto.get("decay_fraction") is not None else ""))
+    return (
+        f" --d-model {auto['d_model']} --num-layers {auto['num_layers']} --num-heads {auto['num_heads']} "
+        f"--lr {lr:g} --min-lr {lr * autosize.MIN_LR_RATIO:g} --batch-size {auto.get('batch_size', autosize.BATCH_SIZE)}"
+        + (f" --schedule {auto['schedule']}" if auto.get("schedule") else "")
+        + (f" --decay-fraction {auto['decay_fraction']:g}" if auto.get("decay_fraction") is not None else "")
+    )
 
 
 def next_commands(r: QuickstartResult) -> list[tuple[str, str]]:

@@ -23,9 +23,9 @@ from tinystories_cli import paths, runs
 from tinystories_cli.account import parameter_counts
 from tinystories_cli.config import ModelConfig
 from tinystories_cli.errors import UserError
+from tinystories_cli.fileio import atomic_write_text
 from tinystories_cli.interop.gpt2 import gpt2_incompatibilities
 from tinystories_cli.interop.llama import llama_incompatibilities
-from tinystories_cli.fileio import atomic_write_text
 
 README_FILE = "README.md"
 
@@ -263,10 +263,13 @@ def _training_section(config: dict) -> list[str]:
                  + [(k, f"`{_setting(v)}`") for k, v in used if v is not None])
     auto = config.get("auto_size")
     if isinstance(auto, dict):  # --auto-size: what the rule chose and why
-        out += ["", f"Sized by `--auto-size`: d_model {_fmt(auto.get('d_model'))}, {_fmt(auto.get('num_layers'))} "
-                    f"layers, {_fmt(auto.get('num_heads'))} heads, lr {_setting(auto.get('lr'))}; "
-                    f"{auto.get('why', '')}."
-                + (f" Given explicitly (kept): {', '.join(map(str, auto['explicit']))}." if auto.get("explicit") else "")]
+        out += [
+            "",
+            f"Sized by `--auto-size`: d_model {_fmt(auto.get('d_model'))}, {_fmt(auto.get('num_layers'))} "
+            f"layers, {_fmt(auto.get('num_heads'))} heads, lr {_setting(auto.get('lr'))}; "
+            f"{auto.get('why', '')}."
+            + (f" Given explicitly (kept): {', '.join(map(str, auto['explicit']))}." if auto.get("explicit") else ""),
+        ]
     return out
 
 

@@ -32,7 +32,7 @@ import os
 import re
 import shutil
 import socket
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +41,8 @@ from pydantic import ValidationError
 from tinystories_cli import paths
 from tinystories_cli.config import ModelConfig, format_validation_error
 from tinystories_cli.errors import UserError
-from tinystories_cli.tokenizer.tokenizer import Tokenizer
 from tinystories_cli.fileio import atomic_write_text, fsync_dir, read_json
+from tinystories_cli.tokenizer.tokenizer import Tokenizer
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -441,7 +441,7 @@ def abandon_later_checkpoints(run_dir: Path, step: int, best_step: int | None) -
         later.append(best)
     if not later:
         return None
-    dest = Path(run_dir) / CHECKPOINT_DIR / f"{ABANDONED_PREFIX}{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%fZ')}"
+    dest = Path(run_dir) / CHECKPOINT_DIR / f"{ABANDONED_PREFIX}{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%fZ')}"
     dest.mkdir()
     for p in later:
         os.rename(p, dest / p.name)
@@ -461,7 +461,7 @@ class RunLock:
         self.path = Path(run_dir) / LOCK_FILE
         self.fd: int | None = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         self.acquire()
         return self
 
@@ -489,7 +489,7 @@ class RunLock:
             os.close(fd)
         os.ftruncate(fd, 0)
         info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                "since": datetime.now(UTC).isoformat(timespec="seconds")}
         os.write(fd, (json.dumps(info) + "\n").encode())
         os.fsync(fd)
         self.fd = fd

@@ -23,8 +23,8 @@ from __future__ import annotations
 import itertools
 import math
 import re
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Sequence
 
 from tinystories_cli.generate import Sample, check_sampling_args, generate_samples
 

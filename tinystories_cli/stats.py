@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Protocol
+from typing import BinaryIO, Protocol
 
 from tinystories_cli.errors import UserError
 
@@ -299,6 +300,8 @@ def render_histogram_png(values: list[int], unit: str, title: str | None = None,
 
 def load_tokenizer(directory: str | os.PathLike) -> Encoder:
     """The project's tokenizer from a directory written by `tslm bpe` (or a run's tokenizer/)."""
-    from tinystories_cli.runs import load_tokenizer as load  # here: runs brings torch, which `tslm stats` needs only now
+    from tinystories_cli.runs import (
+        load_tokenizer as load,  # here: runs brings torch, which `tslm stats` needs only now
+    )
 
     return load(Path(directory))

@@ -21,8 +21,14 @@ from tinystories_cli.checkpoint import check_model_state, load_model_state, read
 from tinystories_cli.config import ModelConfig
 from tinystories_cli.errors import UserError
 from tinystories_cli.model import TransformerLM
-from tinystories_cli.runs import (checkpoint_for, load_tokenizer, model_config_of, resolve_run, run_dir_of,
-                                  tokenizer_dir_of)
+from tinystories_cli.runs import (
+    checkpoint_for,
+    load_tokenizer,
+    model_config_of,
+    resolve_run,
+    run_dir_of,
+    tokenizer_dir_of,
+)
 
 
 def model_from_checkpoint(ckpt, cfg: ModelConfig, device: str | torch.device = "cpu") -> TransformerLM:
@@ -67,8 +73,10 @@ def load_weights(model: TransformerLM, state_dict: dict[str, torch.Tensor], sour
                         "the weights and the model config must come from the same model")
     for k, v in sd.items():
         if tuple(v.shape) != tuple(own[k].shape):
-            raise UserError(f"weights of {source}: {k} has shape {list(v.shape)}, the model expects {list(own[k].shape)}",
-                            "the weights and the model config must come from the same model")
+            raise UserError(
+                f"weights of {source}: {k} has shape {list(v.shape)}, the model expects {list(own[k].shape)}",
+                "the weights and the model config must come from the same model",
+            )
     with torch.no_grad():
         for k, v in sd.items():
             if not (model.config.tie_embeddings and k == "lm_head.weight"):  # tied: the embedding is the head

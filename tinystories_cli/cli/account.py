@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -18,20 +18,58 @@ from tinystories_cli.fileio import strict_json
 @common.with_options(common.config_options(ModelConfig, common.MODEL, include=common.SHAPE_FIELDS),
                      common.config_options(TrainConfig, common.TRAIN, include=("optimizer",)))
 def command(
-    preset: Annotated[Optional[str], typer.Argument(help="Preset name (see --list).", show_default=False)] = None,
+    preset: Annotated[str | None, typer.Argument(help="Preset name (see --list).", show_default=False)] = None,
     list_presets: Annotated[bool, typer.Option("--list", help="List the presets and exit.")] = False,
     config: common.ConfigFile = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Sequences per step (default: the preset's).")] = None,
-    memory: Annotated[Optional[str], typer.Option("--memory", help="Accelerator memory, e.g. 80GB: prints the largest batch that fits.")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Training steps for the time estimate (default: the preset's).")] = None,
-    tokens: Annotated[Optional[float], typer.Option("--tokens", help="Training tokens for the time estimate (overrides --steps).")] = None,
-    peak_tflops: Annotated[Optional[float], typer.Option("--peak-tflops", help="Peak throughput in TFLOP/s (default: the A100 peak of --dtype: 312 bf16/fp16, 156 TF32 for float32).", show_default=False)] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Sequences per step (default: the preset's).")
+    ] = None,
+    memory: Annotated[
+        str | None, typer.Option("--memory", help="Accelerator memory, e.g. 80GB: prints the largest batch that fits.")
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option("--steps", help="Training steps for the time estimate (default: the preset's).")
+    ] = None,
+    tokens: Annotated[
+        float | None, typer.Option("--tokens", help="Training tokens for the time estimate (overrides --steps).")
+    ] = None,
+    peak_tflops: Annotated[
+        float | None,
+        typer.Option(
+            "--peak-tflops",
+            help="Peak throughput in TFLOP/s (default: the A100 peak of --dtype: 312 bf16/fp16, 156 TF32 for float32).",
+            show_default=False,
+        ),
+    ] = None,
     mfu: Annotated[float, typer.Option("--mfu", help="Model FLOPs utilization, 0-1.")] = 0.5,
-    dtype: Annotated[str, typer.Option("--dtype", help="Compute dtype of the run: auto (bfloat16 on a GPU) | float32 | bfloat16 | float16.")] = "auto",
-    parallel: Annotated[str, typer.Option("--parallel", help="ddp (each process holds everything) or fsdp (weights, gradients and AdamW state sharded).")] = "ddp",
-    world_size: Annotated[int, typer.Option("--world-size", help="Processes (GPUs) of the run; memory is per process.")] = 1,
-    activation_checkpointing: Annotated[bool, typer.Option("--activation-checkpointing", help="Each block keeps only its input; the backward recomputes the rest.")] = False,
-    measure: Annotated[bool, typer.Option("--measure", help="Also measure activation memory with one forward+backward on CPU (small configs).")] = False,
+    dtype: Annotated[
+        str,
+        typer.Option(
+            "--dtype", help="Compute dtype of the run: auto (bfloat16 on a GPU) | float32 | bfloat16 | float16."
+        ),
+    ] = "auto",
+    parallel: Annotated[
+        str,
+        typer.Option(
+            "--parallel",
+            help="ddp (each process holds everything) or fsdp (weights, gradients and AdamW state sharded).",
+        ),
+    ] = "ddp",
+    world_size: Annotated[
+        int, typer.Option("--world-size", help="Processes (GPUs) of the run; memory is per process.")
+    ] = 1,
+    activation_checkpointing: Annotated[
+        bool,
+        typer.Option(
+            "--activation-checkpointing", help="Each block keeps only its input; the backward recomputes the rest."
+        ),
+    ] = False,
+    measure: Annotated[
+        bool,
+        typer.Option(
+            "--measure", help="Also measure activation memory with one forward+backward on CPU (small configs)."
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print all figures as one JSON object.")] = False,
     print_config: common.PrintConfig = False,
     settings: dict | None = None,
@@ -158,8 +196,11 @@ def _render_training(tr: dict, m: dict, setup: dict) -> None:
     sharded = " (sharded)" if setup["parallel"] == "fsdp" else ""
     for k in ("parameters", "gradients", "optimizer_state", "activations", "gather_buffers"):
         if k in m:
-            t.add_row(f"memory: {k.replace('_', ' ')}{sharded if k in ('parameters', 'gradients', 'optimizer_state') else ''}",
-                      human_bytes(m[k]), f"{100 * m[k] / m['total']:.1f}%")
+            t.add_row(
+                f"memory: {k.replace('_', ' ')}{sharded if k in ('parameters', 'gradients', 'optimizer_state') else ''}",
+                human_bytes(m[k]),
+                f"{100 * m[k] / m['total']:.1f}%",
+            )
     t.add_row("[bold]memory: total[/bold]", f"[bold]{human_bytes(m['total'])}[/bold]", "")
     if "activations_measured" in m:
         am = m["activations_measured"]

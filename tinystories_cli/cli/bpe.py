@@ -13,18 +13,18 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from tinystories_cli import paths
+from tinystories_cli.cli.encode import disk_full_is_user_error, stopped_cleanly
 from tinystories_cli.config import get_preset
 from tinystories_cli.console import console, err_console, human_bytes
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import check_input_file, check_source_outside, remove_stale_temps, sha256_file, strict_json
-from tinystories_cli.cli.encode import disk_full_is_user_error, stopped_cleanly
 from tinystories_cli.tokenizer import bpe
 from tinystories_cli.tokenizer.chunking import signals_raise
 
@@ -55,22 +55,48 @@ def _peak_rss_bytes() -> int:
 
 
 def command(
-    input_path: Annotated[Optional[Path], typer.Argument(
-        metavar="[INPUT]", help="UTF-8 text file (default: the preset dataset's train.txt).", show_default=False)] = None,
-    vocab_size: Annotated[Optional[int], typer.Option(
-        "--vocab-size", help="Final vocabulary size incl. 256 bytes and special tokens (default: the preset's).",
-        show_default=False)] = None,
-    special_tokens: Annotated[Optional[List[str]], typer.Option(
-        "--special-token", metavar="TOKEN", help=f"Special token, repeatable; ids 0..k-1 in order (default: {DEFAULT_SPECIAL}).",
-        show_default=False)] = None,
+    input_path: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="[INPUT]", help="UTF-8 text file (default: the preset dataset's train.txt).", show_default=False
+        ),
+    ] = None,
+    vocab_size: Annotated[
+        int | None,
+        typer.Option(
+            "--vocab-size",
+            help="Final vocabulary size incl. 256 bytes and special tokens (default: the preset's).",
+            show_default=False,
+        ),
+    ] = None,
+    special_tokens: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--special-token",
+            metavar="TOKEN",
+            help=f"Special token, repeatable; ids 0..k-1 in order (default: {DEFAULT_SPECIAL}).",
+            show_default=False,
+        ),
+    ] = None,
     no_special: Annotated[bool, typer.Option("--no-special-tokens", help="Train without any special token.")] = False,
-    out: Annotated[Optional[Path], typer.Option(
-        "--out", help="Output directory (default: data/<dataset>/tokenizer/, or <input stem>_tokenizer/ beside the input).",
-        show_default=False)] = None,
-    workers: Annotated[Optional[int], typer.Option(
-        "--workers", help="Pre-tokenization processes (default: available cores).", show_default=False)] = None,
-    errors: Annotated[str, typer.Option("--errors", help="Invalid UTF-8: strict (fail, naming the byte offset) | replace (U+FFFD).")] = "strict",
-    preset: Annotated[str, typer.Option("--preset", help="Preset whose dataset and vocab size are the defaults.")] = DEFAULT_PRESET,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Output directory (default: data/<dataset>/tokenizer/, or <input stem>_tokenizer/ beside the input).",
+            show_default=False,
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", help="Pre-tokenization processes (default: available cores).", show_default=False),
+    ] = None,
+    errors: Annotated[
+        str, typer.Option("--errors", help="Invalid UTF-8: strict (fail, naming the byte offset) | replace (U+FFFD).")
+    ] = "strict",
+    preset: Annotated[
+        str, typer.Option("--preset", help="Preset whose dataset and vocab size are the defaults.")
+    ] = DEFAULT_PRESET,
     force: Annotated[bool, typer.Option("--force", help="Replace a different tokenizer already in --out.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON (no progress bars).")] = False,
 ) -> None:

@@ -13,8 +13,9 @@ import functools
 import inspect
 import re
 import typing
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator, Literal, Optional
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -24,7 +25,7 @@ from tinystories_cli.errors import UserError
 MODEL = "Model overrides"
 TRAIN = "Training overrides"
 
-ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="TOML or JSON config file (sections \\[model], \\[train]).")]
+ConfigFile = Annotated[Path | None, typer.Option("--config", help="TOML or JSON config file (sections \\[model], \\[train]).")]
 PrintConfig = Annotated[bool, typer.Option("--print-config", help="Print the fully resolved config as JSON and exit.")]
 
 
@@ -72,7 +73,7 @@ def _option(name: str, kind: Any, help_text: str, extra: dict, panel: str, defau
     kind = CLI_TYPES.get(extra.get("cli_type"), kind)
     show = (show_default or bool(extra.get("show_default"))) and default is not None  # the field's default
     opt = typer.Option(*flags, help=help_text, rich_help_panel=extra.get("panel") or panel, show_default=show)
-    annotation = Annotated[kind if show else Optional[kind], opt]
+    annotation = Annotated[kind if show else kind | None, opt]
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default if show else None,
                              annotation=annotation)
 

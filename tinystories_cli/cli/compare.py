@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich import box
@@ -21,13 +21,24 @@ COMMAND_KWARGS = {"no_args_is_help": True}
 
 
 def command(
-    runs: Annotated[list[str], typer.Argument(help="Run names under runs/ or run directories.", show_default=False, metavar="RUN")],
-    data: Annotated[Optional[Path], typer.Option("--data", help="Evaluate every run on this token file now (as `tslm eval` does) instead of reading saved eval_*.json results.", show_default=False)] = None,
+    runs: Annotated[
+        list[str], typer.Argument(help="Run names under runs/ or run directories.", show_default=False, metavar="RUN")
+    ],
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="Evaluate every run on this token file now (as `tslm eval` does) instead of reading saved eval_*.json results.",
+            show_default=False,
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass with --data.")] = 16,
     device: Annotated[str, common.device_option("With --data: ")] = "auto",
     markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table (for a results file).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print every run's summary as JSON.")] = False,
-    no_group: Annotated[bool, typer.Option("--no-group", help="One row per run, even for runs that differ only by seed.")] = False,
+    no_group: Annotated[
+        bool, typer.Option("--no-group", help="One row per run, even for runs that differ only by seed.")
+    ] = False,
 ) -> None:
     """Compare runs: differing settings, steps, tokens, best/final val loss, and eval loss/perplexity/bits-per-byte.
 

@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated
 
 import typer
 from rich.progress import (
-    BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
 )
 
 from tinystories_cli import download as dl
@@ -23,20 +30,59 @@ _STAGES = {"download": "downloading", "verify": "verifying", "decompress": "deco
 
 
 def command(
-    dataset: Annotated[Optional[str], typer.Argument(
-        metavar="DATASET|URL",
-        help=f"One of: {', '.join(dl.DATASETS)}; or `{dl.HF_MODEL} REPO`; or a URL (http(s)://, file://) or a local file path to fetch into --out.",
-        show_default=False)] = None,
-    repo: Annotated[Optional[str], typer.Argument(
-        metavar="REPO", help=f"With `{dl.HF_MODEL}`: the Hugging Face model repo, e.g. openai-community/gpt2.",
-        show_default=False)] = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--dir", help="Data root; files land in DIR/<dataset>/ (default: data/, or $TSLM_DATA).")] = None,
+    dataset: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="DATASET|URL",
+            help=f"One of: {', '.join(dl.DATASETS)}; or `{dl.HF_MODEL} REPO`; or a URL (http(s)://, file://) or a local file path to fetch into --out.",
+            show_default=False,
+        ),
+    ] = None,
+    repo: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="REPO",
+            help=f"With `{dl.HF_MODEL}`: the Hugging Face model repo, e.g. openai-community/gpt2.",
+            show_default=False,
+        ),
+    ] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--dir", help="Data root; files land in DIR/<dataset>/ (default: data/, or $TSLM_DATA)."),
+    ] = None,
     split: Annotated[str, typer.Option("--split", help="train | valid | all.")] = "all",
-    endpoint: Annotated[Optional[str], typer.Option("--endpoint", help="Hugging Face mirror URL or local mirror directory (default: $HF_ENDPOINT, else https://huggingface.co).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help=f"URL mode: the file to write. `{dl.HF_MODEL}`: the directory (default: DIR/hf/<owner>--<name>/).")] = None,
-    sha256: Annotated[Optional[str], typer.Option("--sha256", help="URL mode: expected sha256 (hex) of the downloaded bytes.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Download again even if the file exists; the old file is replaced only once the new one is verified.")] = False,
-    max_bytes: Annotated[Optional[int], typer.Option("--max-bytes", min=1, help="Refuse a file (downloaded or unpacked) larger than this many bytes; overrides the registry's cap for .gz sources.")] = None,
+    endpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--endpoint",
+            help="Hugging Face mirror URL or local mirror directory (default: $HF_ENDPOINT, else https://huggingface.co).",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help=f"URL mode: the file to write. `{dl.HF_MODEL}`: the directory (default: DIR/hf/<owner>--<name>/).",
+        ),
+    ] = None,
+    sha256: Annotated[
+        str | None, typer.Option("--sha256", help="URL mode: expected sha256 (hex) of the downloaded bytes.")
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Download again even if the file exists; the old file is replaced only once the new one is verified.",
+        ),
+    ] = False,
+    max_bytes: Annotated[
+        int | None,
+        typer.Option(
+            "--max-bytes",
+            min=1,
+            help="Refuse a file (downloaded or unpacked) larger than this many bytes; overrides the registry's cap for .gz sources.",
+        ),
+    ] = None,
     list_datasets: Annotated[bool, typer.Option("--list", help="List the datasets and exit.")] = False,
 ) -> None:
     """Resumable, verified downloads: `tslm download tinystories`, or `tslm download URL --out FILE`.
@@ -46,8 +92,10 @@ def command(
     if list_datasets:
         for d in dl.DATASETS.values():
             console.print(f"{d.name:<16} {d.description}", soft_wrap=True)
-        console.print(f"{dl.HF_MODEL + ' REPO':<16} a Hugging Face model: config.json, model.safetensors, tokenizer files",
-                      soft_wrap=True)
+        console.print(
+            f"{dl.HF_MODEL + ' REPO':<16} a Hugging Face model: config.json, model.safetensors, tokenizer files",
+            soft_wrap=True,
+        )
         return
     if dataset is None:
         raise UserError("missing DATASET or URL", f"e.g. tslm download tinystories; datasets: {', '.join(dl.DATASETS)}")

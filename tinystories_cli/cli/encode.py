@@ -11,8 +11,9 @@ import contextlib
 import errno
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Iterator, List, Optional
+from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
@@ -24,22 +25,47 @@ from tinystories_cli.fileio import check_output_path, check_source_outside, stri
 
 
 def command(
-    inputs: Annotated[Optional[List[str]], typer.Argument(
-        metavar="[DATASET | FILE...]",
-        help="A dataset name (encodes data/<dataset>/{train,valid}.txt) or text files (default: tinystories).",
-        show_default=False)] = None,
-    tokenizer: Annotated[Optional[Path], typer.Option(
-        "--tokenizer", "-t", help="Tokenizer directory from `tslm bpe` (default: data/<dataset>/tokenizer/), or `gpt2` for GPT-2's (`tslm download gpt2-tokenizer`).",
-        show_default=False)] = None,
-    out: Annotated[Optional[Path], typer.Option(
-        "--out", "-o", help="Output .npy (only with one input file; default: the input with .npy).", show_default=False)] = None,
-    workers: Annotated[Optional[int], typer.Option(
-        "--workers", "-j", help="Worker processes (default: all cores).", show_default=False)] = None,
-    errors: Annotated[str, typer.Option("--errors", help="Invalid UTF-8: strict (fail, naming the byte offset) | replace (U+FFFD).")] = "strict",
+    inputs: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="[DATASET | FILE...]",
+            help="A dataset name (encodes data/<dataset>/{train,valid}.txt) or text files (default: tinystories).",
+            show_default=False,
+        ),
+    ] = None,
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option(
+            "--tokenizer",
+            "-t",
+            help="Tokenizer directory from `tslm bpe` (default: data/<dataset>/tokenizer/), or `gpt2` for GPT-2's (`tslm download gpt2-tokenizer`).",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output .npy (only with one input file; default: the input with .npy).",
+            show_default=False,
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", "-j", help="Worker processes (default: all cores).", show_default=False)
+    ] = None,
+    errors: Annotated[
+        str, typer.Option("--errors", help="Invalid UTF-8: strict (fail, naming the byte offset) | replace (U+FFFD).")
+    ] = "strict",
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing token files.")] = False,
-    backend: Annotated[str, typer.Option(
-        "--backend", help="auto (tiktoken when installed and it gives the same ids, else python) | python "
-                          "(the from-scratch encoder) | tiktoken. Every backend writes the same ids.")] = "auto",
+    backend: Annotated[
+        str,
+        typer.Option(
+            "--backend",
+            help="auto (tiktoken when installed and it gives the same ids, else python) | python "
+            "(the from-scratch encoder) | tiktoken. Every backend writes the same ids.",
+        ),
+    ] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON (no progress bar).")] = False,
 ) -> None:
     """Encode text into .npy token files (uint16/uint32) with a JSON sidecar, in parallel."""
@@ -190,8 +216,17 @@ def _with_progress(src, dst, tok, workers, errors, force, tok_dir, backend, enco
                 last[0] = now
                 bar.refresh()
 
-        meta = encode_file(src, dst, tok, workers=workers, errors=errors, force=force, progress=progress, tokenizer_dir=tok_dir,
-                           backend=backend)
+        meta = encode_file(
+            src,
+            dst,
+            tok,
+            workers=workers,
+            errors=errors,
+            force=force,
+            progress=progress,
+            tokenizer_dir=tok_dir,
+            backend=backend,
+        )
         bar.refresh()
     return meta
 
@@ -206,5 +241,7 @@ def _report(results: list[dict], tok_dir: Path, as_json: bool) -> None:
         console.print(
             f"[bold]{r['output']}[/bold]: {r['num_tokens']:,} tokens ({r['dtype']}) from {human_bytes(r['source_bytes'])}, "
             f"{ratio}; {r['source_bytes'] / secs / 1e6:.1f} MB/s, {human_count(round(r['num_tokens'] / secs))} tokens/s "
-            f"on {r['workers']} worker{'s' if r['workers'] != 1 else ''} ({r['backend']} backend)", soft_wrap=True)
+            f"on {r['workers']} worker{'s' if r['workers'] != 1 else ''} ({r['backend']} backend)",
+            soft_wrap=True,
+        )
     print_note(f"tokenizer: {tok_dir} (fingerprint {results[0]['fingerprint'][:12]})")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -20,18 +20,45 @@ from tinystories_cli.run_readme import write_run_readme
 
 
 def command(
-    run: Annotated[Optional[str], typer.Argument(help="Run name, run directory or checkpoint file (default: runs/latest).", show_default=False)] = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="Token file (default: the run's data/<dataset>/valid.npy).")] = None,
+    run: Annotated[
+        str | None,
+        typer.Argument(help="Run name, run directory or checkpoint file (default: runs/latest).", show_default=False),
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Token file (default: the run's data/<dataset>/valid.npy).")
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = 16,
-    ctx: Annotated[Optional[int], typer.Option("--ctx", "--context-length", help="Window length (default and maximum: the model's context length).")] = None,
+    ctx: Annotated[
+        int | None,
+        typer.Option(
+            "--ctx", "--context-length", help="Window length (default and maximum: the model's context length)."
+        ),
+    ] = None,
     device: common.Device = "auto",
-    out: Annotated[Optional[Path], typer.Option("--out", help="Write the JSON here (default: <run>/eval_<data>.json).")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write the JSON here (default: <run>/eval_<data>.json).")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out and --plot if they exist.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON only.")] = False,
-    latest: Annotated[bool, typer.Option("--latest", help="Use the latest step checkpoint instead of the best one.")] = False,
-    per_position: Annotated[bool, typer.Option("--per-position", help="Also report the loss by position in the context window (a table of position buckets; position_nats/position_tokens/position_buckets in the JSON).")] = False,
+    latest: Annotated[
+        bool, typer.Option("--latest", help="Use the latest step checkpoint instead of the best one.")
+    ] = False,
+    per_position: Annotated[
+        bool,
+        typer.Option(
+            "--per-position",
+            help="Also report the loss by position in the context window (a table of position buckets; position_nats/position_tokens/position_buckets in the JSON).",
+        ),
+    ] = False,
     buckets: Annotated[int, typer.Option("--buckets", help="Position buckets in the --per-position table.")] = 8,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of the loss at every position here (implies --per-position; needs matplotlib).", show_default=False)] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            help="Write a PNG of the loss at every position here (implies --per-position; needs matplotlib).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Mean loss, perplexity and bits-per-byte over a whole token file, in non-overlapping windows.
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -14,10 +14,30 @@ from tinystories_cli.interop.llama import NotLlamaCompatible
 
 
 def command(
-    run: Annotated[Optional[str], typer.Argument(help="Run name, run directory or checkpoint file (default: runs/latest).", show_default=False)] = None,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="hf (transformers LlamaForCausalLM or GPT2LMHeadModel + tokenizer.json) | safetensors (tslm's own format) | gguf (one file for llama.cpp / ollama).")] = "hf",
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory (created; replaced only with --force); for gguf the .gguf file.", show_default=False)] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="Weight dtype: float32 | bfloat16 | float16; gguf: f32 | f16 | q8_0.")] = "float32",
+    run: Annotated[
+        str | None,
+        typer.Argument(help="Run name, run directory or checkpoint file (default: runs/latest).", show_default=False),
+    ] = None,
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            help="hf (transformers LlamaForCausalLM or GPT2LMHeadModel + tokenizer.json) | safetensors (tslm's own format) | gguf (one file for llama.cpp / ollama).",
+        ),
+    ] = "hf",
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output directory (created; replaced only with --force); for gguf the .gguf file.",
+            show_default=False,
+        ),
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="Weight dtype: float32 | bfloat16 | float16; gguf: f32 | f16 | q8_0.")
+    ] = "float32",
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it holds an earlier export.")] = False,
 ) -> None:
     """Export a trained model for transformers/tokenizers (--format hf), llama.cpp (--format gguf), or as plain safetensors weights + config."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.text import Text
@@ -26,40 +26,91 @@ GRID = "Sampling grid"
 
 @common.with_options(common.config_options(gen.SamplingSettings, SAMPLING, defaults=True))
 def command(
-    prompt: Annotated[Optional[str], typer.Argument(
-        help=f'The prompt; "-" reads it from stdin. Default: "{DEFAULT_PROMPT}".', show_default=False)] = None,
-    run: Annotated[Optional[str], typer.Option(
-        "--run", help="Run name or directory (default: runs/latest); loads its best checkpoint if present.")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(
-        "--checkpoint", help="A checkpoint file (its run directory supplies the tokenizer).")] = None,
-    prompt_file: Annotated[Optional[Path], typer.Option(
-        "--prompt-file", help="A file with one prompt per line (blank lines skipped), batched.")] = None,
-    stop: Annotated[Optional[list[str]], typer.Option(
-        "--stop", help="Also stop when the completion contains this string (repeatable; not included in the text).",
-        rich_help_panel=SAMPLING, show_default=False)] = None,
-    no_stop: Annotated[bool, typer.Option("--no-stop", help="Do not stop at <|endoftext|>: always generate "
-                                          "--max-tokens tokens.", rich_help_panel=SAMPLING)] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per sample (JSON lines) "
-                                          "instead of streaming text; `ids`: the prompt's and the generated token ids).")] = False,
+    prompt: Annotated[
+        str | None,
+        typer.Argument(help=f'The prompt; "-" reads it from stdin. Default: "{DEFAULT_PROMPT}".', show_default=False),
+    ] = None,
+    run: Annotated[
+        str | None,
+        typer.Option(
+            "--run", help="Run name or directory (default: runs/latest); loads its best checkpoint if present."
+        ),
+    ] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option("--checkpoint", help="A checkpoint file (its run directory supplies the tokenizer).")
+    ] = None,
+    prompt_file: Annotated[
+        Path | None,
+        typer.Option("--prompt-file", help="A file with one prompt per line (blank lines skipped), batched."),
+    ] = None,
+    stop: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--stop",
+            help="Also stop when the completion contains this string (repeatable; not included in the text).",
+            rich_help_panel=SAMPLING,
+            show_default=False,
+        ),
+    ] = None,
+    no_stop: Annotated[
+        bool,
+        typer.Option(
+            "--no-stop",
+            help="Do not stop at <|endoftext|>: always generate --max-tokens tokens.",
+            rich_help_panel=SAMPLING,
+        ),
+    ] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print one JSON object per sample (JSON lines) "
+            "instead of streaming text; `ids`: the prompt's and the generated token ids).",
+        ),
+    ] = False,
     device: common.Device = "auto",
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the whole context every step "
-                                           "(slow; for comparison).")] = False,
-    precision: Annotated[str, typer.Option(
-        "--precision", help="Weight precision of the fast CPU decode path: fp32 (exact), bf16 (needs a CPU with "
-        "avx512_bf16) or int8 (per-group weight quantization).")] = "fp32",
-    engine: Annotated[str, typer.Option(
-        "--engine", help="Decode path: auto (the C kernel for Llama-style models on the CPU, else torch), fast "
-        "(the C kernel, or an error) or torch (the reference).")] = "auto",
-    grid: Annotated[Optional[str], typer.Option(
-        "--grid", help='Compare sampling settings: e.g. "temp=0.5,1.0,1.2 top_p=0.3,0.9,1.0" (keys temp, top_p, '
-        "top_k). Every cell samples the same prompt with the same --num-samples seeds; prints a Markdown table "
-        "with distinct-2/distinct-3 and the repetition rate per cell, then the samples.", rich_help_panel=GRID,
-        show_default=False)] = None,
-    out: Annotated[Optional[Path], typer.Option(
-        "--out", help="With --grid: write the Markdown here instead of printing it.", rich_help_panel=GRID,
-        show_default=False)] = None,
-    force: Annotated[bool, typer.Option("--force", help="With --out: overwrite the file if it exists.",
-                                        rich_help_panel=GRID)] = False,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Recompute the whole context every step (slow; for comparison).")
+    ] = False,
+    precision: Annotated[
+        str,
+        typer.Option(
+            "--precision",
+            help="Weight precision of the fast CPU decode path: fp32 (exact), bf16 (needs a CPU with "
+            "avx512_bf16) or int8 (per-group weight quantization).",
+        ),
+    ] = "fp32",
+    engine: Annotated[
+        str,
+        typer.Option(
+            "--engine",
+            help="Decode path: auto (the C kernel for Llama-style models on the CPU, else torch), fast "
+            "(the C kernel, or an error) or torch (the reference).",
+        ),
+    ] = "auto",
+    grid: Annotated[
+        str | None,
+        typer.Option(
+            "--grid",
+            help='Compare sampling settings: e.g. "temp=0.5,1.0,1.2 top_p=0.3,0.9,1.0" (keys temp, top_p, '
+            "top_k). Every cell samples the same prompt with the same --num-samples seeds; prints a Markdown table "
+            "with distinct-2/distinct-3 and the repetition rate per cell, then the samples.",
+            rich_help_panel=GRID,
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="With --grid: write the Markdown here instead of printing it.",
+            rich_help_panel=GRID,
+            show_default=False,
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="With --out: overwrite the file if it exists.", rich_help_panel=GRID)
+    ] = False,
     settings: dict | None = None,
 ) -> None:
     """Generate text from a trained model: temperature, top-k, top-p, KV cache, streaming output.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -15,8 +15,21 @@ FINE_TUNE_TEXT_MAX = 64 << 20  # a larger train.txt takes a long time to encode:
 
 
 def command(
-    src: Annotated[Path, typer.Argument(help="Hugging Face model directory: config.json, model.safetensors, tokenizer.json (or vocab.json + merges.txt).", show_default=False)],
-    run_name: Annotated[Optional[str], typer.Option("--run-name", help="Run directory name under runs/ (default: the source directory's name).", show_default=False)] = None,
+    src: Annotated[
+        Path,
+        typer.Argument(
+            help="Hugging Face model directory: config.json, model.safetensors, tokenizer.json (or vocab.json + merges.txt).",
+            show_default=False,
+        ),
+    ],
+    run_name: Annotated[
+        str | None,
+        typer.Option(
+            "--run-name",
+            help="Run directory name under runs/ (default: the source directory's name).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Import a Hugging Face Llama or GPT-2 model (safetensors + byte-level BPE tokenizer) as runs/NAME."""
     from tinystories_cli.importer import import_hf
@@ -50,14 +63,22 @@ def next_commands(run_dir: Path) -> list[tuple[str, str]]:
         if not valid_txt.is_file():
             continue
         valid_npy = run_dir / f"{dataset}-valid.npy"
-        out.append((f"loss on {valid_txt} (encoded with this model's tokenizer)",
-                    f"tslm encode {valid_txt} --tokenizer {tok} --out {valid_npy} && tslm eval {run_dir} --data {valid_npy}"))
+        out.append(
+            (
+                f"loss on {valid_txt} (encoded with this model's tokenizer)",
+                f"tslm encode {valid_txt} --tokenizer {tok} --out {valid_npy} && tslm eval {run_dir} --data {valid_npy}",
+            )
+        )
         if train_txt.is_file() and train_txt.stat().st_size <= FINE_TUNE_TEXT_MAX:
             train_npy = run_dir / f"{dataset}-train.npy"
-            out.append((f"fine-tune on {train_txt}",
-                        f"tslm encode {train_txt} --tokenizer {tok} --out {train_npy} && tslm train --init-from {run_dir} "
-                        f"--train-data {train_npy} --valid-data {valid_npy} --lr 1e-4 --max-steps 300 "
-                        f"--run-name {run_dir.name}-tuned"))
+            out.append(
+                (
+                    f"fine-tune on {train_txt}",
+                    f"tslm encode {train_txt} --tokenizer {tok} --out {train_npy} && tslm train --init-from {run_dir} "
+                    f"--train-data {train_npy} --valid-data {valid_npy} --lr 1e-4 --max-steps 300 "
+                    f"--run-name {run_dir.name}-tuned",
+                )
+            )
         break
     else:
         out.append(("evaluate or fine-tune: encode a text with this model's tokenizer first",

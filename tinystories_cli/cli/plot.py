@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -19,14 +19,21 @@ COMMAND_KWARGS = {"no_args_is_help": True}
 MAX_WIDTH, MAX_HEIGHT = 1000, 500  # characters x lines: far past any terminal, small enough to draw at once
 
 def command(
-    runs: Annotated[list[str], typer.Argument(help="Run directories, run names under runs/, or metrics.jsonl files.", show_default=False)],
-    metric: Annotated[str, typer.Option("--metric", "-m", help="val_loss | train_loss | grad_norm | lr (or any logged key).")] = "val_loss",
+    runs: Annotated[
+        list[str],
+        typer.Argument(help="Run directories, run names under runs/, or metrics.jsonl files.", show_default=False),
+    ],
+    metric: Annotated[
+        str, typer.Option("--metric", "-m", help="val_loss | train_loss | grad_norm | lr (or any logged key).")
+    ] = "val_loss",
     x: Annotated[str, typer.Option("--x", help="step | tokens | time.")] = "step",
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG file to write (needs matplotlib).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="PNG file to write (needs matplotlib).")] = None,
     ascii_: Annotated[bool, typer.Option("--ascii", help="Print a terminal plot (no extra dependency).")] = False,
     log_y: Annotated[bool, typer.Option("--log-y", help="Logarithmic y axis.")] = False,
-    smooth_k: Annotated[int, typer.Option("--smooth", help="Trailing moving average over K logged points (1 = off).")] = 1,
-    title: Annotated[Optional[str], typer.Option("--title", help="Figure title.")] = None,
+    smooth_k: Annotated[
+        int, typer.Option("--smooth", help="Trailing moving average over K logged points (1 = off).")
+    ] = 1,
+    title: Annotated[str | None, typer.Option("--title", help="Figure title.")] = None,
     width: Annotated[int, typer.Option("--width", help="Terminal plot width in characters.")] = 72,
     height: Annotated[int, typer.Option("--height", help="Terminal plot height in lines.")] = 20,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,

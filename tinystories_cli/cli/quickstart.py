@@ -130,8 +130,14 @@ def _render(r: qs.QuickstartResult, total_s: float) -> None:
     st, sec = r.stages, r.seconds
 
     def note(stage: str) -> str:
-        s = {"skipped": "already there", "given": "--text", "downloaded": "downloaded", "bundled": "bundled sample, offline", "done": "new",
-             "resumed": "resumed"}.get(st.get(stage, ""), st.get(stage, ""))
+        s = {
+            "skipped": "already there",
+            "given": "--text",
+            "downloaded": "downloaded",
+            "bundled": "bundled sample, offline",
+            "done": "new",
+            "resumed": "resumed",
+        }.get(st.get(stage, ""), st.get(stage, ""))
         return f"({s}, {sec[stage]:.1f} s)" if stage in sec else ""
 
     rows = [

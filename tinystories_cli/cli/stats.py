@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
@@ -19,11 +19,28 @@ COMMAND_KWARGS = {"no_args_is_help": True}
 
 def command(
     file: Annotated[Path, typer.Argument(help="Text file (documents separated by --separator).", show_default=False)],
-    tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", "-t", help="Tokenizer directory (from `tslm bpe`): adds tokens and bytes/token.")] = None,
-    separator: Annotated[str, typer.Option("--separator", help="Document separator; '\\n' for one document per line.")] = stats.DEFAULT_SEPARATOR,
-    unit: Annotated[Optional[str], typer.Option("--unit", help="Histogram unit: tokens | words | chars | bytes (default: tokens with --tokenizer, else words).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the histogram as a PNG (needs matplotlib) instead of printing it.")] = None,
-    bins: Annotated[Optional[int], typer.Option("--bins", help="Histogram bins (default: 20 in the terminal, 50 in a PNG).", show_default=False)] = None,
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option("--tokenizer", "-t", help="Tokenizer directory (from `tslm bpe`): adds tokens and bytes/token."),
+    ] = None,
+    separator: Annotated[
+        str, typer.Option("--separator", help="Document separator; '\\n' for one document per line.")
+    ] = stats.DEFAULT_SEPARATOR,
+    unit: Annotated[
+        str | None,
+        typer.Option(
+            "--unit",
+            help="Histogram unit: tokens | words | chars | bytes (default: tokens with --tokenizer, else words).",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Write the histogram as a PNG (needs matplotlib) instead of printing it."),
+    ] = None,
+    bins: Annotated[
+        int | None,
+        typer.Option("--bins", help="Histogram bins (default: 20 in the terminal, 50 in a PNG).", show_default=False),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as one JSON object.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
 ) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import torch
 import typer
@@ -38,12 +38,33 @@ FLAG_RENAMES = common.flag_renames(ModelConfig, TrainConfig, train_lib.TrainOpti
 @common.with_options(common.config_options(ModelConfig, common.MODEL), common.config_options(TrainConfig, common.TRAIN),
                      common.config_options(train_lib.TrainOptions, RUN))
 def command(
-    preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset name (see `tslm account --list`).")] = None,
+    preset: Annotated[
+        str | None, typer.Option("--preset", "-p", help="Preset name (see `tslm account --list`).")
+    ] = None,
     config: common.ConfigFile = None,
-    resume: Annotated[bool, _opt("--resume", help="Continue a run. `--resume` or `--resume auto`: --run-name (or runs/latest) from its latest checkpoint, starting fresh if it has none; `--resume RUN_OR_CHECKPOINT`: that run or checkpoint.")] = False,
-    resume_target: Annotated[Optional[str], typer.Argument(help="With --resume: auto, a run name, a run directory or a checkpoint file.", show_default=False, metavar="[auto|RUN]")] = None,
+    resume: Annotated[
+        bool,
+        _opt(
+            "--resume",
+            help="Continue a run. `--resume` or `--resume auto`: --run-name (or runs/latest) from its latest checkpoint, starting fresh if it has none; `--resume RUN_OR_CHECKPOINT`: that run or checkpoint.",
+        ),
+    ] = False,
+    resume_target: Annotated[
+        str | None,
+        typer.Argument(
+            help="With --resume: auto, a run name, a run directory or a checkpoint file.",
+            show_default=False,
+            metavar="[auto|RUN]",
+        ),
+    ] = None,
     wandb: Annotated[bool, _opt("--wandb", help="Same as --log wandb (kept for older scripts).", hidden=True)] = False,
-    auto_size: Annotated[bool, _opt("--auto-size", help=f"Pick d_model, layers, heads, lr, batch, warmup and decay for the budget (--time-budget, --train-tokens or --max-steps) from the rule measured on a CPU (README: Auto size); flags given explicitly win. Base preset: --preset, else {autosize.BASE_PRESET}.")] = False,
+    auto_size: Annotated[
+        bool,
+        _opt(
+            "--auto-size",
+            help=f"Pick d_model, layers, heads, lr, batch, warmup and decay for the budget (--time-budget, --train-tokens or --max-steps) from the rule measured on a CPU (README: Auto size); flags given explicitly win. Base preset: --preset, else {autosize.BASE_PRESET}.",
+        ),
+    ] = False,
     plain: Annotated[bool, _opt("--plain", help="Plain log lines instead of the live display.")] = False,
     quiet: Annotated[bool, _opt("--quiet", "-q", help="No progress output.")] = False,
     print_config: common.PrintConfig = False,

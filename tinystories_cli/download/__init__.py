@@ -45,20 +45,56 @@ verified file) and `hf_model` (a Hugging Face model repo). Every name is importa
 from __future__ import annotations
 
 from tinystories_cli.download.hf_model import (
-    HF_MODEL_FILES, HF_SMALL_FILE_CAP, HFModelResult, check_repo, download_hf_model, hf_model_dir, plan_hf_model,
+    HF_MODEL_FILES,
+    HF_SMALL_FILE_CAP,
+    HFModelResult,
+    check_repo,
+    download_hf_model,
+    hf_model_dir,
+    plan_hf_model,
 )
 from tinystories_cli.download.records import (
-    CHUNK_SIZE, ORIGIN_VERSION, DownloadResult, Origin, Progress, check_complete, origin_path, part_path,
-    read_origin, record_path, same_source,
+    CHUNK_SIZE,
+    ORIGIN_VERSION,
+    DownloadResult,
+    Origin,
+    Progress,
+    check_complete,
+    origin_path,
+    part_path,
+    read_origin,
+    record_path,
+    same_source,
 )
 from tinystories_cli.download.records import locked_part as _locked_part  # noqa: F401  (tests hold a .part's lock)
 from tinystories_cli.download.registry import (
-    DATASETS, DEFAULT_ENDPOINT, GPT2_MERGES_SHA256, GPT2_VOCAB_SHA256, HF_MODEL, SPLIT_CHOICES, Dataset, PlannedFile,
-    RemoteFile, get_dataset, plan_dataset, resolve_endpoint, url_for,
+    DATASETS,
+    DEFAULT_ENDPOINT,
+    GPT2_MERGES_SHA256,
+    GPT2_VOCAB_SHA256,
+    HF_MODEL,
+    SPLIT_CHOICES,
+    Dataset,
+    PlannedFile,
+    RemoteFile,
+    get_dataset,
+    plan_dataset,
+    resolve_endpoint,
+    url_for,
 )
 from tinystories_cli.download.transfer import (
-    BACKOFF, IDLE_MIN_BYTES, IDLE_TIMEOUT, MAX_BACKOFF, OFFLINE_FIX, RETRIES, SLEEP, TIMEOUT, DownloadInterrupted,
-    NotFound, Unreachable, fetch,
+    BACKOFF,
+    IDLE_MIN_BYTES,
+    IDLE_TIMEOUT,
+    MAX_BACKOFF,
+    OFFLINE_FIX,
+    RETRIES,
+    SLEEP,
+    TIMEOUT,
+    DownloadInterrupted,
+    NotFound,
+    Unreachable,
+    fetch,
 )
 from tinystories_cli.download.transfer import RedirectGuard as _RedirectGuard  # noqa: F401  (tests drive it)
 from tinystories_cli.download.verified import download_dataset, download_planned, download_url

@@ -6,9 +6,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from tinystories_cli import paths
 from tinystories_cli.download.records import DownloadResult, read_record, record_path, same_source
@@ -16,7 +16,6 @@ from tinystories_cli.download.registry import Dataset, PlannedFile, resolve_endp
 from tinystories_cli.download.transfer import NotFound
 from tinystories_cli.download.verified import download_planned
 from tinystories_cli.errors import UserError
-
 
 # (file, required). Small files first: a repo without a usable tokenizer is refused before the weights.
 HF_MODEL_FILES: tuple[tuple[str, bool], ...] = (
@@ -94,21 +93,28 @@ def download_hf_model(repo: str, out_dir: str | os.PathLike | None = None, root:
                if (rec := read_record(pf.dest)) is not None and not same_source(rec.get("source"), pf.url)]
     if foreign and not force:
         pf, rec = foreign[0]
-        raise UserError(f"{res.dir} holds files downloaded from another source ({pf.dest.name} from {rec.get('source')}, "
-                        f"not {pf.url})", "pass another `out_dir` DIR, or `force` to replace them with this repo's files")
+        raise UserError(
+            f"{res.dir} holds files downloaded from another source ({pf.dest.name} from {rec.get('source')}, "
+            f"not {pf.url})",
+            "pass another `out_dir` DIR, or `force` to replace them with this repo's files",
+        )
     have: set[str] = set()
     for pf, required in plan:
         name = pf.dest.name
         if name == "model.safetensors" and not ("tokenizer.json" in have or {"vocab.json", "merges.txt"} <= have):
-            raise UserError(f"{repo} has neither tokenizer.json nor vocab.json + merges.txt at {pf.url.rsplit('/', 1)[0]}",
-                            "check the repo id; only repos with a Hugging Face tokenizer can be imported")
+            raise UserError(
+                f"{repo} has neither tokenizer.json nor vocab.json + merges.txt at {pf.url.rsplit('/', 1)[0]}",
+                "check the repo id; only repos with a Hugging Face tokenizer can be imported",
+            )
         try:
             with (progress_for(pf) if progress_for else contextlib.nullcontext()) as progress:
                 r = download_planned(pf, progress=progress, **_small_file_cap(name, kwargs))
         except NotFound:
             if required:
-                raise UserError(f"{repo} has no {name} ({pf.url}: not found)",
-                                "check the repo id and `endpoint`; only single-file safetensors weights (model.safetensors) are supported") from None
+                raise UserError(
+                    f"{repo} has no {name} ({pf.url}: not found)",
+                    "check the repo id and `endpoint`; only single-file safetensors weights (model.safetensors) are supported",
+                ) from None
             res.missing.append(name)
             if any(f is pf for f, _ in foreign):  # another repo's file that this one lacks: never mixed in
                 pf.dest.unlink(missing_ok=True)

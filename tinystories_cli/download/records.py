@@ -12,9 +12,10 @@ import os
 import re
 import stat
 import urllib.parse
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Optional
+from typing import Literal
 
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import atomic_write_text, sha256_file
@@ -24,7 +25,7 @@ ORIGIN_VERSION = 1
 
 # progress(stage, done, total): stage is "download", "verify" or "decompress"; done/total in bytes
 # (total None when the server does not say). For "download", done counts bytes already in the .part.
-Progress = Callable[[str, int, Optional[int]], None]
+Progress = Callable[[str, int, int | None], None]
 
 
 @dataclass
@@ -121,9 +122,16 @@ def _is_int(v) -> bool:
 
 def read_record(dest: Path) -> dict | None:
     rec = _read_small_json(record_path(dest))
-    ok = (isinstance(rec, dict) and isinstance(rec.get("sha256"), str) and bool(HEX64.fullmatch(rec["sha256"]))
-          and _is_int(rec.get("size")) and isinstance(rec.get("mtime_ns"), int) and not isinstance(rec.get("mtime_ns"), bool)
-          and isinstance(rec.get("source_sha256"), str) and bool(HEX64.fullmatch(rec["source_sha256"])))
+    ok = (
+        isinstance(rec, dict)
+        and isinstance(rec.get("sha256"), str)
+        and bool(HEX64.fullmatch(rec["sha256"]))
+        and _is_int(rec.get("size"))
+        and isinstance(rec.get("mtime_ns"), int)
+        and not isinstance(rec.get("mtime_ns"), bool)
+        and isinstance(rec.get("source_sha256"), str)
+        and bool(HEX64.fullmatch(rec["source_sha256"]))
+    )
     return rec if ok else None
 
 
@@ -170,8 +178,10 @@ def check_complete(dest: str | os.PathLike, expected_sha256: str | None = None,
         if progress:
             progress("verify", st.st_size, st.st_size)
         if actual != rec["sha256"]:
-            raise UserError(f"{dest} is corrupted: sha256 {actual}, {rec['sha256']} recorded in {record_path(dest).name}",
-                            "pass `force` to download it again")
+            raise UserError(
+                f"{dest} is corrupted: sha256 {actual}, {rec['sha256']} recorded in {record_path(dest).name}",
+                "pass `force` to download it again",
+            )
         rec["mtime_ns"] = st.st_mtime_ns
         atomic_write_text(record_path(dest), json.dumps(rec, indent=1) + "\n")
     verified = bool(rec.get("verified")) or expected_sha256 is not None  # checked against it just above
@@ -189,8 +199,20 @@ class Origin:
     sha256: str | None = None         # sha256 the server published for the file (Hugging Face LFS)
 
     def to_json(self) -> str:
-        return json.dumps({"version": ORIGIN_VERSION, "url": self.url, "etag": self.etag,
-                           "last_modified": self.last_modified, "size": self.size, "sha256": self.sha256}, indent=1) + "\n"
+        return (
+            json.dumps(
+                {
+                    "version": ORIGIN_VERSION,
+                    "url": self.url,
+                    "etag": self.etag,
+                    "last_modified": self.last_modified,
+                    "size": self.size,
+                    "sha256": self.sha256,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
 
 
 def read_origin(part: str | os.PathLike) -> Origin | None:
@@ -229,8 +251,10 @@ class Part:
             if not stat.S_ISREG(st.st_mode):
                 raise UserError(f"{path} is not a regular file", "remove it and rerun")
             if st.st_nlink != 1:
-                raise UserError(f"{path} has {st.st_nlink} hard links; refusing to write into a file shared with another name",
-                                "remove it and rerun (the download starts over)")
+                raise UserError(
+                    f"{path} has {st.st_nlink} hard links; refusing to write into a file shared with another name",
+                    "remove it and rerun (the download starts over)",
+                )
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -14,12 +14,19 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from tinystories_cli import __version__
 from tinystories_cli.download.records import (
-    CHUNK_SIZE, HEX64, Origin, Part, Progress, locked_part, origin_path, read_origin,
+    CHUNK_SIZE,
+    HEX64,
+    Origin,
+    Part,
+    Progress,
+    locked_part,
+    origin_path,
+    read_origin,
 )
 from tinystories_cli.errors import UserError
 
@@ -121,8 +128,10 @@ class RedirectGuard(urllib.request.HTTPRedirectHandler):
         if old == "https" and new != "https":
             with contextlib.suppress(Exception):
                 fp.close()
-            raise UserError(f"refusing the redirect from {req.full_url} to {newurl}: it downgrades https to {new or 'a relative URL'}",
-                            "use a mirror that stays on https (`endpoint`)")
+            raise UserError(
+                f"refusing the redirect from {req.full_url} to {newurl}: it downgrades https to {new or 'a relative URL'}",
+                "use a mirror that stays on https (`endpoint`)",
+            )
         self.hops.append(headers)
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
@@ -416,5 +425,15 @@ def fetch(url: str, part: str | os.PathLike, *, retries: int = RETRIES, backoff:
     attempt that added bytes resets the count, so a flaky but working link always finishes.
     """
     with locked_part(Path(part)) as p:
-        return fetch_into(url, p, retries=retries, backoff=backoff, sleep=sleep, timeout=timeout, idle_timeout=idle_timeout,
-                      chunk_size=chunk_size, max_bytes=max_bytes, progress=progress)[0]
+        return fetch_into(
+            url,
+            p,
+            retries=retries,
+            backoff=backoff,
+            sleep=sleep,
+            timeout=timeout,
+            idle_timeout=idle_timeout,
+            chunk_size=chunk_size,
+            max_bytes=max_bytes,
+            progress=progress,
+        )[0]

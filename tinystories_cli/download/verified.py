@@ -8,16 +8,32 @@ import gzip
 import hashlib
 import os
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from tinystories_cli.download.records import (
-    CHUNK_SIZE, HEX64, DownloadResult, Part, Progress, check_complete, locked_part, origin_path, part_path,
-    remove_stale_temps, write_record,
+    CHUNK_SIZE,
+    HEX64,
+    DownloadResult,
+    Part,
+    Progress,
+    check_complete,
+    locked_part,
+    origin_path,
+    part_path,
+    remove_stale_temps,
+    write_record,
 )
 from tinystories_cli.download.registry import PlannedFile, plan_dataset
 from tinystories_cli.download.transfer import (
-    BACKOFF, IDLE_TIMEOUT, RETRIES, TIMEOUT, DownloadInterrupted, disk_full, disk_full_error, fetch_into,
+    BACKOFF,
+    IDLE_TIMEOUT,
+    RETRIES,
+    TIMEOUT,
+    DownloadInterrupted,
+    disk_full,
+    disk_full_error,
+    fetch_into,
 )
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import atomic_write, fsync_dir
@@ -47,9 +63,11 @@ def _gunzip(part: Part, dest: Path, progress: Progress | None, chunk_size: int, 
                     break
                 written += len(chunk)
                 if cap is not None and written > cap:
-                    raise UserError(f"unpacking {part.path.name} exceeds {cap} bytes ({cap_source}); stopped and removed "
-                                    f"the partial output, the verified download stays in {part.path.name}",
-                                    "the source may be a gzip bomb; if it really is that large, rerun with a larger `max_bytes`")
+                    raise UserError(
+                        f"unpacking {part.path.name} exceeds {cap} bytes ({cap_source}); stopped and removed "
+                        f"the partial output, the verified download stays in {part.path.name}",
+                        "the source may be a gzip bomb; if it really is that large, rerun with a larger `max_bytes`",
+                    )
                 out.write(chunk)
                 h.update(chunk)
                 if progress:
@@ -59,9 +77,11 @@ def _gunzip(part: Part, dest: Path, progress: Progress | None, chunk_size: int, 
         raise UserError(f"{part.path.name} is not a valid gzip file ({e}); it was removed", "rerun to download it again") from None
     except OSError as e:
         if disk_full(e):
-            raise UserError(f"disk full while unpacking into {dest}: {e.strerror or e}; the partial output was removed, "
-                            f"the verified download stays in {part.path.name}",
-                            f"free at least {written} bytes more and rerun the same command") from None
+            raise UserError(
+                f"disk full while unpacking into {dest}: {e.strerror or e}; the partial output was removed, "
+                f"the verified download stays in {part.path.name}",
+                f"free at least {written} bytes more and rerun the same command",
+            ) from None
         raise
     return h.hexdigest()
 
@@ -171,8 +191,12 @@ def _download_part(url: str, out: Path, part: Part, sha256: str | None, size: in
     for expected, what in ((sha256, "expected"), (origin.sha256, "published by the server")):
         if expected is not None and source_sha != expected:
             part.remove()
-            raise UserError(f"sha256 mismatch for {url}: {what} {expected}, got {source_sha}; nothing was kept",
-                            "check the `sha256` value or the source" if what == "expected" else "rerun; if it persists, check `endpoint`")
+            raise UserError(
+                f"sha256 mismatch for {url}: {what} {expected}, got {source_sha}; nothing was kept",
+                "check the `sha256` value or the source"
+                if what == "expected"
+                else "rerun; if it persists, check `endpoint`",
+            )
     verified = sha256 is not None or origin.sha256 is not None
     record = dict(source_sha256=source_sha, source_size=n, url=url, verified=verified)
     if gunzip:

@@ -332,7 +332,7 @@ def param_version(model) -> tuple:
     return tuple((p.data_ptr(), -1 if p.is_inference() else p._version) for p in model.parameters())
 
 
-_ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def fast_model(model, precision: str) -> FastLM:

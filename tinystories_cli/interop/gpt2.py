@@ -23,8 +23,16 @@ import torch
 from torch import Tensor
 
 from tinystories_cli.config import ModelConfig
-from tinystories_cli.interop.hfconfig import (MAX_CONTEXT, MAX_LAYERS, MAX_VOCAB, check_architecture, hf_bool,
-                                              hf_float, hf_int, refuse_if)
+from tinystories_cli.interop.hfconfig import (
+    MAX_CONTEXT,
+    MAX_LAYERS,
+    MAX_VOCAB,
+    check_architecture,
+    hf_bool,
+    hf_float,
+    hf_int,
+    refuse_if,
+)
 
 # What GPT2LMHeadModel computes, switch by switch (the ModelConfig value it requires). `ffn` may be any
 # activation GPT-2's config can name (see OUR_ACTIVATION). A model without biases (`bias=False`,

@@ -25,8 +25,16 @@ from torch import Tensor
 from tinystories_cli.checkpoint import clean_name, unwrap_model
 from tinystories_cli.config import ModelConfig
 from tinystories_cli.errors import UserError
-from tinystories_cli.interop.hfconfig import (MAX_CONTEXT, MAX_LAYERS, MAX_VOCAB, check_architecture, hf_bool,
-                                              hf_float, hf_int, refuse_if)
+from tinystories_cli.interop.hfconfig import (
+    MAX_CONTEXT,
+    MAX_LAYERS,
+    MAX_VOCAB,
+    check_architecture,
+    hf_bool,
+    hf_float,
+    hf_int,
+    refuse_if,
+)
 
 EOT = "<|endoftext|>"
 # What LlamaForCausalLM computes, switch by switch (the ModelConfig value it requires).
@@ -223,11 +231,21 @@ def model_config_from_llama(hf: dict) -> tuple[ModelConfig, int]:
         refuse_if(hf.get(key) not in (None, False), f"{key}={hf.get(key)!r}")
     attention_bias, mlp_bias = hf_bool(hf, "attention_bias", False), hf_bool(hf, "mlp_bias", False)
     cfg = ModelConfig(
-        vocab_size=hf_int(hf, "vocab_size", hi=MAX_VOCAB), context_length=hf_int(hf, "max_position_embeddings", 2048, hi=MAX_CONTEXT),
-        d_model=d, num_layers=hf_int(hf, "num_hidden_layers", hi=MAX_LAYERS), num_heads=heads,
-        d_ff=hf_int(hf, "intermediate_size"), rope_theta=_rope_theta(hf), norm="rmsnorm", norm_position="pre",
-        norm_eps=hf_float(hf, "rms_norm_eps", 1e-6), pos_emb="rope", ffn="swiglu",
-        tie_embeddings=hf_bool(hf, "tie_word_embeddings", False), bias=attention_bias or mlp_bias, dropout=0.0,
+        vocab_size=hf_int(hf, "vocab_size", hi=MAX_VOCAB),
+        context_length=hf_int(hf, "max_position_embeddings", 2048, hi=MAX_CONTEXT),
+        d_model=d,
+        num_layers=hf_int(hf, "num_hidden_layers", hi=MAX_LAYERS),
+        num_heads=heads,
+        d_ff=hf_int(hf, "intermediate_size"),
+        rope_theta=_rope_theta(hf),
+        norm="rmsnorm",
+        norm_position="pre",
+        norm_eps=hf_float(hf, "rms_norm_eps", 1e-6),
+        pos_emb="rope",
+        ffn="swiglu",
+        tie_embeddings=hf_bool(hf, "tie_word_embeddings", False),
+        bias=attention_bias or mlp_bias,
+        dropout=0.0,
     )
     return cfg, kv
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import weakref
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -37,7 +37,7 @@ def tiktoken_installed() -> bool:
     return importlib.util.find_spec("tiktoken") is not None
 
 
-_UNFIT: "weakref.WeakKeyDictionary[Tokenizer, tuple[str, str | None]]" = weakref.WeakKeyDictionary()
+_UNFIT: weakref.WeakKeyDictionary[Tokenizer, tuple[str, str | None]] = weakref.WeakKeyDictionary()
 
 
 def tiktoken_unfit(tokenizer: Tokenizer, quick: bool = False) -> str | None:
@@ -170,8 +170,11 @@ class PackedEncoder:
         enc, dtype = self._tiktoken, tok.dtype
         if tok.special_tokens:
             allowed = enc.special_tokens_set
-            encode = (lambda t: enc.encode_to_numpy(t, allowed_special=allowed, disallowed_special=())) \
-                if hasattr(enc, "encode_to_numpy") else (lambda t: enc.encode(t, allowed_special=allowed, disallowed_special=()))
+            encode = (
+                (lambda t: enc.encode_to_numpy(t, allowed_special=allowed, disallowed_special=()))
+                if hasattr(enc, "encode_to_numpy")
+                else (lambda t: enc.encode(t, allowed_special=allowed, disallowed_special=()))
+            )
         else:
             encode = (lambda t: enc.encode_to_numpy(t, disallowed_special=())) \
                 if hasattr(enc, "encode_to_numpy") else enc.encode_ordinary

@@ -32,11 +32,11 @@ the best pair with a heap with lazy invalidation, producing exactly the naive al
 from __future__ import annotations
 
 import ctypes
-import multiprocessing as mp
 import errno
 import heapq
 import itertools
 import json
+import multiprocessing as mp
 import os
 import shutil
 import sys
@@ -52,8 +52,8 @@ import regex
 
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import atomic_write_text, fsync_dir, remove_stale_temps, sha256_file, temp_prefix
-from tinystories_cli.tokenizer.files import FORMAT_VERSION, write_vocab_merges
 from tinystories_cli.tokenizer.chunking import Cutter, WorkerPool, chunk_boundaries, mp_context
+from tinystories_cli.tokenizer.files import FORMAT_VERSION, write_vocab_merges
 from tinystories_cli.tokenizer.pretokenize import GPT2_PATTERN, GPT2_SPLIT_PATTERN, special_pattern
 
 # progress(phase, done, total): phase "pretokenize" counts bytes, phase "merge" counts merges.
@@ -304,7 +304,7 @@ class _PackedCounts:
     bad_reason: str = ""
 
     @classmethod
-    def pack(cls, r: _ChunkResult) -> "_PackedCounts":
+    def pack(cls, r: _ChunkResult) -> _PackedCounts:
         toks = [t.encode("utf-8") for t in r.counts]
         return cls(b"".join(toks), np.fromiter(map(len, toks), dtype=np.int64, count=len(toks)),
                    np.fromiter(r.counts.values(), dtype=np.int64, count=len(toks)), r.bad_offset, r.bad_reason)
@@ -603,7 +603,7 @@ class MergeState:
         self.where: list[np.ndarray] = []
 
     @classmethod
-    def build(cls, words: list[bytes], counts: np.ndarray) -> tuple["MergeState", dict[int, int]]:
+    def build(cls, words: list[bytes], counts: np.ndarray) -> tuple[MergeState, dict[int, int]]:
         """The state for `words` (distinct, each of 2+ bytes) weighted by `counts`, and its pair counts.
 
         The pair counts are taken before the per-token index is built, so their temporaries are freed
@@ -928,5 +928,7 @@ def _check_only_tokenizer_files(out: Path) -> None:
     others = sorted(p.name for p in out.iterdir() if p.name not in TOKENIZER_FILES)
     if others:
         shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
-        raise UserError(f"{out} holds files that are not a tokenizer's ({shown}); tslm bpe replaces the whole directory",
-                        "choose another `out_dir`, or move those files")
+        raise UserError(
+            f"{out} holds files that are not a tokenizer's ({shown}); tslm bpe replaces the whole directory",
+            "choose another `out_dir`, or move those files",
+        )

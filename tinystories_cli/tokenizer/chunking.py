@@ -30,8 +30,9 @@ import os
 import re
 import signal
 import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO, Iterator, Sequence
+from typing import BinaryIO
 
 import regex
 

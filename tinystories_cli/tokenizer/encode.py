@@ -30,20 +30,28 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
 from tinystories_cli import __version__
 from tinystories_cli.errors import UserError
-from tinystories_cli.fileio import (atomic_write, atomic_write_text, check_input_file, check_output_path,
-                                    check_source_outside, remove_stale_temps, sha256_file, temp_prefix)
+from tinystories_cli.fileio import (
+    atomic_write,
+    atomic_write_text,
+    check_input_file,
+    check_output_path,
+    check_source_outside,
+    remove_stale_temps,
+    sha256_file,
+    temp_prefix,
+)
 from tinystories_cli.paths import sidecar_path
-from tinystories_cli.tokens import FORMAT_VERSION  # the sidecar format, read by tokens.load_token_file
 from tinystories_cli.tokenizer.backends import PackedEncoder, refused
 from tinystories_cli.tokenizer.chunking import WorkerPool, encode_cuts_safe, split_points  # noqa: F401  (split_points: re-exported)
 from tinystories_cli.tokenizer.tokenizer import Tokenizer
+from tinystories_cli.tokens import FORMAT_VERSION  # the sidecar format, read by tokens.load_token_file
 
 HEADER_BYTES = 128  # a .npy v1.0 header for shape (n,) is 128 bytes for every n below 10**20
 BLOCK_BYTES = 1 << 20  # bytes read per block
@@ -311,8 +319,16 @@ def _encode_serial(encoder: PackedEncoder, src: Path, size: int, f, errors: str,
     return n, max_id, h.hexdigest(), encoder.verify()
 
 
-def _encode_parallel(encoder: PackedEncoder, src: Path, points: list[int], f, tmp_parent: Path, errors: str, workers: int,
-                     progress: Progress | None) -> tuple[int, int, str, str | None]:
+def _encode_parallel(
+    encoder: PackedEncoder,
+    src: Path,
+    points: list[int],
+    f,
+    tmp_parent: Path,
+    errors: str,
+    workers: int,
+    progress: Progress | None,
+) -> tuple[int, int, str, str | None]:
     """`workers` processes encode the chunks [points[i], points[i+1]) into part files, in file order;
     the parent appends each finished part to `f` in order (in the kernel) and deletes it, and hashes
     the source meanwhile. Workers return two integers per chunk, never ids; the parent encodes nothing

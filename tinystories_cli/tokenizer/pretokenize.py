@@ -12,7 +12,7 @@ the pieces produced here.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import regex
 
@@ -22,7 +22,7 @@ GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}
 GPT2_PATTERN = regex.compile(GPT2_SPLIT_PATTERN)
 
 
-def special_pattern(special_tokens: Sequence[str]) -> "regex.Pattern[str] | None":
+def special_pattern(special_tokens: Sequence[str]) -> regex.Pattern[str] | None:
     """A regex matching any special token, longest first (so overlapping tokens resolve to the longest)."""
     if not special_tokens:
         return None

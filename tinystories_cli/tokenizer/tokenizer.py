@@ -28,17 +28,18 @@ import hashlib
 import heapq
 import re
 import struct
+from collections.abc import Callable, Iterable, Iterator
 from itertools import accumulate, chain, compress, islice, repeat
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import regex
 
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import read_json, sha256_file
-from tinystories_cli.tokenizer.files import read_vocab_merges
 from tinystories_cli.tokenizer.chunking import SAFE_CUT
+from tinystories_cli.tokenizer.files import read_vocab_merges
 from tinystories_cli.tokenizer.pretokenize import GPT2_PATTERN
 
 EOT = "<|endoftext|>"
@@ -154,7 +155,11 @@ class Tokenizer:
         ranks = range(len(self.merges))
         # Built from the last merge to the first, so a repeated pair keeps its first (lowest) rank.
         self._merge: dict[tuple[int, int], tuple[int, int, int, int]] = dict(
-            zip(zip(reversed(left), reversed(right)), zip(reversed(ranks), reversed(made), reversed(left), reversed(right))))
+            zip(
+                zip(reversed(left), reversed(right)),
+                zip(reversed(ranks), reversed(made), reversed(left), reversed(right)),
+            )
+        )
         self._rank: dict[tuple[int, int], int] = dict(zip(zip(reversed(left), reversed(right)), reversed(ranks)))
         self._made: list[int] = made
         self._heap_ok = _merges_ordered(left, right, made, max(self.vocab, default=0) + 1)
@@ -162,13 +167,13 @@ class Tokenizer:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_files(cls, vocab_path: str | Path, merges_path: str | Path, special_tokens: list[str] | None = None) -> "Tokenizer":
+    def from_files(cls, vocab_path: str | Path, merges_path: str | Path, special_tokens: list[str] | None = None) -> Tokenizer:
         """Read GPT-2 format `vocab.json` + `merges.txt` (as written by `tslm bpe` or GPT-2 itself)."""
         vocab, merges = read_vocab_merges(vocab_path, merges_path)
         return cls(vocab, merges, special_tokens)
 
     @classmethod
-    def from_dir(cls, directory: str | Path, special_tokens: list[str] | None = None) -> "Tokenizer":
+    def from_dir(cls, directory: str | Path, special_tokens: list[str] | None = None) -> Tokenizer:
         """Load a tokenizer directory written by `tslm bpe`: vocab.json, merges.txt, tokenizer_config.json.
 
         Special tokens come from `special_tokens` if given, else the config's "special_tokens" list,

@@ -12,8 +12,8 @@ scaler) beside it.
 """
 
 from tinystories_cli.train.loop import NonFiniteError, TrainResult, measure_throughput, time_plan
-from tinystories_cli.train.trainer import train
 from tinystories_cli.train.prepare import Run, TrainOptions, parse_duration, prepare_run
+from tinystories_cli.train.trainer import train
 
 __all__ = ["NonFiniteError", "Run", "TrainOptions", "TrainResult", "measure_throughput", "parse_duration",
            "prepare_run", "time_plan", "train"]

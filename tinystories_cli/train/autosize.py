@@ -26,9 +26,9 @@ A row's `speed` is its tokens/s at its batch relative to the reference model's.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 from tinystories_cli.config import default_d_ff, load_config_file
 from tinystories_cli.errors import UserError

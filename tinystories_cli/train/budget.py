@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 # A token evaluated (forward only) costs about a third of a token trained (forward + backward = 3 forwards).
 FORWARD_COST_DIVISOR = 3

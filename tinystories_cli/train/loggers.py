@@ -30,8 +30,9 @@ import re
 import secrets
 import string
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from tinystories_cli import runs
 from tinystories_cli.config import LOGGERS, parse_log  # noqa: F401 (parse_log: part of this API)

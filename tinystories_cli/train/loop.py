@@ -38,22 +38,39 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from tinystories_cli import __version__, runs
 from tinystories_cli.account import train_flops_per_step
-from tinystories_cli.checkpoint import load_model_state, load_optimizer_state, read_checkpoint, save_states, state_tensors
+from tinystories_cli.checkpoint import (
+    load_model_state,
+    load_optimizer_state,
+    read_checkpoint,
+    save_states,
+    state_tensors,
+)
 from tinystories_cli.config import ModelConfig
 from tinystories_cli.data import BatchSampler, fixed_windows
-from tinystories_cli.device import (Dist, autocast_factory, broadcast_str, choose_compile, choose_dtype,
-                                    dist_from_env, init_distributed, measure_peak_tflops,
-                                    pick_device, sync, use_fast_fp32_matmul)
+from tinystories_cli.device import (
+    Dist,
+    autocast_factory,
+    broadcast_str,
+    choose_compile,
+    choose_dtype,
+    dist_from_env,
+    init_distributed,
+    measure_peak_tflops,
+    pick_device,
+    sync,
+    use_fast_fp32_matmul,
+)
 from tinystories_cli.errors import UserError
 from tinystories_cli.evaluate import fixed_window_loss
 from tinystories_cli.fileio import atomic_write_text
@@ -61,13 +78,33 @@ from tinystories_cli.model import TransformerLM, cross_entropy
 from tinystories_cli.optim import build_optimizer, clip_grad_norm_
 from tinystories_cli.tokens import open_tokens
 from tinystories_cli.train import loggers
-from tinystories_cli.train.budget import (LENGTHEN_MARGIN, MIN_PACE_STEPS, PACE_SHARE, REPLAN_NOTE_SHARE,  # noqa: F401
-                                          REPLAN_SLACK, Pace, TimePlan, eval_cost_in_steps, expected_seconds, probe_seconds,
-                                          replan_is_material, replanned_length, steps_in_budget, steps_that_fit,
-                                          time_plan, tokens_per_step)
+from tinystories_cli.train.budget import (  # noqa: F401
+    LENGTHEN_MARGIN,
+    MIN_PACE_STEPS,
+    PACE_SHARE,
+    REPLAN_NOTE_SHARE,
+    REPLAN_SLACK,
+    Pace,
+    TimePlan,
+    eval_cost_in_steps,
+    expected_seconds,
+    probe_seconds,
+    replan_is_material,
+    replanned_length,
+    steps_in_budget,
+    steps_that_fit,
+    time_plan,
+    tokens_per_step,
+)
 from tinystories_cli.train.display import Display, format_duration
-from tinystories_cli.train.parallel import (LossScaler, apply_activation_checkpointing, full_state, shard_model,
-                                            shard_optimizer_state, tied_aliases)
+from tinystories_cli.train.parallel import (
+    LossScaler,
+    apply_activation_checkpointing,
+    full_state,
+    shard_model,
+    shard_optimizer_state,
+    tied_aliases,
+)
 from tinystories_cli.train.prepare import Run, TrainOptions, copy_tokenizer, load_init_weights
 from tinystories_cli.train.runstate import RunState
 from tinystories_cli.train.schedule import RNG, scheduled_lr  # noqa: F401  (scheduled_lr: its old home)
@@ -176,13 +213,26 @@ def build_state(run: Run, probe: bool = False) -> State:
     if parallel == "fsdp":  # every rank must run the same number of forwards (each one all-gathers)
         val_starts = val_starts[:max(dist.world_size, len(val_starts) - len(val_starts) % dist.world_size)]
     autocast, note = autocast_factory(device, dtype)
-    state = State(dist, device, model, model, optimizer, sampler, valid_tokens, val_starts, autocast,
-                  loss_fn=make_loss_fn(model, autocast), compiled=False,
-                  tokens_per_step=tokens_per_step(tc.batch_size, tc.grad_accum_steps, dist.world_size, cfg.context_length),
-                  grad_clip=tc.grad_clip if tc.grad_clip > 0 else math.inf,
-                  notes=[note] if note else [], dtype=dtype, parallel=parallel,
-                  scaler=LossScaler(device) if dtype == "float16" else None,
-                  valid_tokens_per_byte=tokens_per_byte(valid_meta))
+    state = State(
+        dist,
+        device,
+        model,
+        model,
+        optimizer,
+        sampler,
+        valid_tokens,
+        val_starts,
+        autocast,
+        loss_fn=make_loss_fn(model, autocast),
+        compiled=False,
+        tokens_per_step=tokens_per_step(tc.batch_size, tc.grad_accum_steps, dist.world_size, cfg.context_length),
+        grad_clip=tc.grad_clip if tc.grad_clip > 0 else math.inf,
+        notes=[note] if note else [],
+        dtype=dtype,
+        parallel=parallel,
+        scaler=LossScaler(device) if dtype == "float16" else None,
+        valid_tokens_per_byte=tokens_per_byte(valid_meta),
+    )
     if ckpt is not None:
         restore(state, run, ckpt)
     if dist.rank > 0:
@@ -295,7 +345,7 @@ def write_run_dir(run: Run, state: State, summary: dict) -> None:
     runs.remove_stale_temps(run.run_dir)  # what a killed save left: we own the directory now
     if run.fresh:
         runs.clear_run(run.run_dir)
-        summary["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        summary["created"] = datetime.now(UTC).isoformat(timespec="seconds")
         atomic_write_text(run.run_dir / runs.CONFIG_FILE, json.dumps(summary, indent=2) + "\n")
         copy_tokenizer(run.tokenizer_dir, runs.tokenizer_dir_of(run.run_dir))
     else:
@@ -546,7 +596,7 @@ def plan_time_budget(run: Run) -> None:
                      f"-> {steps:,} steps of {step_tokens:,} tokens, the {tc.schedule} schedule planned to end there")
 
 
-def fit_to_deadline(run: Run, state: State, step: int, pace: Pace, meter: "Throughput", display: Display) -> None:
+def fit_to_deadline(run: Run, state: State, step: int, pace: Pace, meter: Throughput, display: Display) -> None:
     """Keep a run with a deadline (--time-budget, quickstart's --minutes) to it when its steps turn out
     slower or faster than the probe measured (`budget.replanned_length`).
 
@@ -598,8 +648,15 @@ def can_lengthen(run: Run, step: int) -> bool:
 
 def record_time_used(run: Run, seconds: float, result: TrainResult) -> None:
     """The actual wall-clock of a --time-budget run beside its plan, in config.json."""
-    update_run_config(run, time_budget={**run.time_plan.record(), "actual_s": round(seconds, 2), "steps_done": result.step,
-                                        "stopped": result.stopped})
+    update_run_config(
+        run,
+        time_budget={
+            **run.time_plan.record(),
+            "actual_s": round(seconds, 2),
+            "steps_done": result.step,
+            "stopped": result.stopped,
+        },
+    )
 
 
 def measure_throughput(run: Run, max_seconds: float, max_steps: int = 10) -> tuple[float, float]:

@@ -28,19 +28,28 @@ from pydantic import ValidationError
 from tinystories_cli import paths, runs
 from tinystories_cli.account import check_fits_in_memory, parse_memory, training_memory
 from tinystories_cli.checkpoint import read_checkpoint
-from tinystories_cli.config import (ModelConfig, Preset, TrainConfig, build_config, get_preset, load_config_file, option,
-                                    resolve_configs, results_neutral)
+from tinystories_cli.config import (
+    ModelConfig,
+    Preset,
+    TrainConfig,
+    build_config,
+    get_preset,
+    load_config_file,
+    option,
+    resolve_configs,
+    results_neutral,
+)
 from tinystories_cli.console import human_bytes
 from tinystories_cli.device import dist_from_env
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import atomic_write_text, check_source_outside, sha256_file
 from tinystories_cli.interop.hf import is_hf_dir, plan_hf_model, read_hf_model, tokenizer_from_hf, write_tokenizer
-from tinystories_cli.trained import load_weights
 from tinystories_cli.tokens import check_tokens, open_tokens
 from tinystories_cli.train.budget import TimePlan, tokens_per_step
 from tinystories_cli.train.loggers import check_available as check_loggers_available
 from tinystories_cli.train.runstate import RunState, SamplerState  # noqa: F401  (SamplerState: its old home)
 from tinystories_cli.train.schedule import Schedule
+from tinystories_cli.trained import load_weights
 
 
 @dataclass
@@ -251,8 +260,9 @@ def resolve_sources(preset: str | None, config_file: str | Path | None, file_dat
     run_dir, resume_from = find_resume(opts)
     if resume_from is not None:
         saved = runs.read_run_config(run_dir)
-        preset_name, model_cfg, train_cfg = resumed_configs(saved, run_dir, preset, {**file_model, **(model_overrides or {})},
-                                                            file_train, train_overrides)
+        preset_name, model_cfg, train_cfg = resumed_configs(
+            saved, run_dir, preset, {**file_model, **(model_overrides or {})}, file_train, train_overrides
+        )
         check_resumable(resume_from, run_dir, saved)
         train_cfg = keep_started_dtype(train_cfg, saved)
         return Sources(preset_name, model_cfg, train_cfg, run_dir, resume_from, runs.tokenizer_dir_of(run_dir))
@@ -279,7 +289,7 @@ def check_fresh_run_dir(run_dir: Path, tokenizer_dir: Path, init: InitSource | N
                             "pass `resume` to continue it, `force` to start it over, or choose another `run_name`")
 
 
-def check_sources_outside_run(run_dir: Path, tokenizer_dir: Path, init: "InitSource | None", opts: TrainOptions) -> None:
+def check_sources_outside_run(run_dir: Path, tokenizer_dir: Path, init: InitSource | None, opts: TrainOptions) -> None:
     """A fresh run clears `run_dir` (what an earlier run wrote there) before it copies its tokenizer and loads
     its weights: none of its sources may lie inside it (`fileio.check_source_outside`)."""
     sources = [(tokenizer_dir, "the tokenizer"), (opts.train_file, "the training tokens"),
@@ -308,10 +318,12 @@ def fit_to_memory(model_cfg: ModelConfig, train_cfg: TrainConfig, budget: int, w
     fits = [b for b, n in need.items() if n <= usable]
     hb = human_bytes
     if not fits:
-        raise UserError(f"even a micro-batch of 1 needs about {hb(need[1])}, more than "
-                        f"{hb(usable)} ({100 - 100 * FIT_MARGIN:.0f}% of the budget)",
-                        "use `parallel` fsdp on more GPUs, `activation_checkpointing`, a shorter `context_length`, or a "
-                        "smaller model (see `tslm account memory=True`)")
+        raise UserError(
+            f"even a micro-batch of 1 needs about {hb(need[1])}, more than "
+            f"{hb(usable)} ({100 - 100 * FIT_MARGIN:.0f}% of the budget)",
+            "use `parallel` fsdp on more GPUs, `activation_checkpointing`, a shorter `context_length`, or a "
+            "smaller model (see `tslm account memory=True`)",
+        )
     b = fits[0]
     accum = per_process // b
     bigger = [n for c, n in need.items() if c > b]
@@ -499,10 +511,12 @@ def preset_tokenizer_dir(preset: Preset, dataset: str, given: Path | None) -> Pa
 def check_preset_tokenizer(preset: Preset, tokenizer_dir: Path, vocab_size: int) -> None:
     """A preset that names GPT-2's tokenizer trains with it: another vocabulary would build another model."""
     if preset.tokenizer == "gpt2" and vocab_size != preset.model.vocab_size:
-        raise UserError(f"preset {preset.name} is defined with GPT-2's tokenizer (vocab {preset.model.vocab_size}), "
-                        f"but {tokenizer_dir} has {vocab_size} ids",
-                        f"use `tokenizer_dir` {paths.dataset_dir(GPT2_TOKENIZER)} (`tslm download gpt2-tokenizer`) with "
-                        f"token files encoded by it, or pass `vocab_size` {vocab_size} to train this shape with yours")
+        raise UserError(
+            f"preset {preset.name} is defined with GPT-2's tokenizer (vocab {preset.model.vocab_size}), "
+            f"but {tokenizer_dir} has {vocab_size} ids",
+            f"use `tokenizer_dir` {paths.dataset_dir(GPT2_TOKENIZER)} (`tslm download gpt2-tokenizer`) with "
+            f"token files encoded by it, or pass `vocab_size` {vocab_size} to train this shape with yours",
+        )
 
 
 def load_run_tokenizer(tokenizer_dir: Path, dataset: str):

@@ -19,21 +19,40 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from tinystories_cli import runs
 from tinystories_cli.device import deterministic_on_cpu, dist_from_env
-from tinystories_cli.run_readme import write_run_readme
 from tinystories_cli.optim import set_scheduled_lr
+from tinystories_cli.run_readme import write_run_readme
 from tinystories_cli.train.budget import Pace
 from tinystories_cli.train.display import Display, Signals, print_header
-from tinystories_cli.train.loop import (Feeder, MetricsLog, State, StepStats, Throughput, TrainResult, any_rank,
-                                        build_state, check_nonfinite, evaluate_and_keep_best, first_step,
-                                        fit_to_deadline, flops_per_token, guarded_update, is_sync_point,
-                                        peak_tflops, plan_time_budget, record_time_used, run_summary,
-                                        save_step, train_step, write_run_dir)
+from tinystories_cli.train.loop import (
+    Feeder,
+    MetricsLog,
+    State,
+    StepStats,
+    Throughput,
+    TrainResult,
+    any_rank,
+    build_state,
+    check_nonfinite,
+    evaluate_and_keep_best,
+    first_step,
+    fit_to_deadline,
+    flops_per_token,
+    guarded_update,
+    is_sync_point,
+    peak_tflops,
+    plan_time_budget,
+    record_time_used,
+    run_summary,
+    save_step,
+    train_step,
+    write_run_dir,
+)
 from tinystories_cli.train.prepare import Run
 
 OnStep = Callable[[int, dict], None]
