@@ -259,7 +259,7 @@ EXPECTED_MFU = 0.5       # of the measured matmul peak: eager CPU training measu
 def expected_seconds(deadline: float | None, flops: float, measure_peak_tflops: Callable[[], float]) -> float:
     """The expected wall-clock of the training ahead: until `deadline` (a `time.perf_counter()` value) when
     the run has one; else its `flops` at `EXPECTED_MFU` of the measured matmul peak. The peak is measured
-    only when even `OPTIMISTIC_TFLOPS` would take more than a minute, so a test-sized run never measures.
+    only when even `OPTIMISTIC_TFLOPS` would take a second, so a test-sized run never measures.
 
     >>> expected_seconds(None, 1e12, lambda: 1 / 0)  # a quarter second even at 4 TFLOP/s: not measured
     0.25
@@ -269,6 +269,6 @@ def expected_seconds(deadline: float | None, flops: float, measure_peak_tflops: 
     if deadline is not None:
         return max(0.0, deadline - time.perf_counter())
     optimistic = flops / (OPTIMISTIC_TFLOPS * 1e12)
-    if optimistic < 60.0:
+    if optimistic < 1.0:
         return optimistic
     return flops / (measure_peak_tflops() * 1e12 * EXPECTED_MFU)
