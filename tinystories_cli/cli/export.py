@@ -23,7 +23,8 @@ def command(
         typer.Option(
             "--format",
             "-f",
-            help="hf (transformers LlamaForCausalLM or GPT2LMHeadModel + tokenizer.json) | safetensors (tslm's own format) | gguf (one file for llama.cpp / ollama).",
+            help="hf (transformers LlamaForCausalLM or GPT2LMHeadModel + tokenizer.json) | "
+            "safetensors (tslm's own format) | gguf (one file for llama.cpp / ollama).",
         ),
     ] = "hf",
     out: Annotated[
