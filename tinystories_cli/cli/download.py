@@ -89,12 +89,8 @@ def command(
 ) -> None:
     """Resumable, verified downloads: `tslm download tinystories`, or `tslm download URL --out FILE`.
 
-    Interrupted downloads continue from FILE.part (its origin in FILE.part.json) on the next run. A file's sha256
-    is checked against the registry (or --sha256), and against the sha256 Hugging Face publishes for large (LFS)
-    files; otherwise it is printed and recorded in FILE.sha256, so a later run notices a corrupted file. Complete,
-    verified files are skipped. `tslm download hf-model REPO` fetches a model's config.json, model.safetensors and
-    tokenizer files and prints the directory (for `tslm import`).
-    """
+    Interrupted downloads continue from FILE.part (its origin in FILE.part.json) on the next run. A file's sha256 is checked against the registry (or --sha256), and against the sha256 Hugging Face publishes for large (LFS) files; otherwise it is printed and recorded in FILE.sha256, so a later run notices a corrupted file. Complete, verified files are skipped. `tslm download hf-model REPO` fetches a model's config.json, model.safetensors and tokenizer files and prints the directory (for `tslm import`).
+    """  # noqa: E501 (typer's rich help keeps a paragraph's line breaks: one line, so the terminal wraps it)
     if list_datasets:
         for d in dl.DATASETS.values():
             console.print(f"{d.name:<16} {d.description}", soft_wrap=True)

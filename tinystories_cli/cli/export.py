@@ -41,7 +41,8 @@ def command(
     ] = "float32",
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it holds an earlier export.")] = False,
 ) -> None:
-    """Export a trained model for transformers/tokenizers (--format hf), llama.cpp (--format gguf), or as plain safetensors weights + config."""
+    """Export a trained model for transformers/tokenizers (--format hf), llama.cpp (--format gguf),
+    or as plain safetensors weights + config."""
     if out is None:
         raise UserError("missing --out", "pass the directory to write, e.g. --out exports/my-model")
     if fmt not in export.FORMATS:
