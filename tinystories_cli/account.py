@@ -329,7 +329,8 @@ def parse_memory(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
     unit = m.group(2).upper() if m else None
     if not m or unit not in _UNITS or float(m.group(1)) <= 0:
-        raise UserError(f"cannot read memory size {text!r}", "use a positive number with a unit, e.g. 80GB, 24GiB, 512MB")
+        raise UserError(f"cannot read memory size {text!r}",
+                        "use a positive number with a unit, e.g. 80GB, 24GiB, 512MB")
     return int(float(m.group(1)) * _UNITS[unit])
 
 
@@ -412,7 +413,7 @@ def check_fits_in_memory(cfg: ModelConfig, what: str, bytes_per_param: int = FP3
     ...                      available=2**34)
     Traceback (most recent call last):
     tinystories_cli.errors.UserError: a crafted model has 413.026B parameters: its weights alone need 1.50 TiB, more than this machine's 16.00 GiB (use a smaller model, or a machine with more memory)
-    """
+    """  # noqa: E501 (a doctest's expected one-line error message)
     n = parameter_counts(cfg)["total"]
     have = host_memory_bytes() if available is None else available
     if n * bytes_per_param > have:

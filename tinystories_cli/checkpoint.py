@@ -9,8 +9,8 @@ One file holds everything needed to continue a run:
                                       non-tensor state and param groups, and caller metadata
 
 A tied matrix (`lm_head.weight` is `token_embeddings.weight`) is stored once under its first name;
-the alias is recorded, and a model that loads it must tie exactly the same weights. Paths are written atomically (temp file + fsync + rename),
-so a crash mid-write leaves the previous checkpoint untouched.
+the alias is recorded, and a model that loads it must tie exactly the same weights. Paths are written atomically
+(temp file + fsync + rename), so a crash mid-write leaves the previous checkpoint untouched.
 
     >>> import io
     >>> from tinystories_cli.model import Linear

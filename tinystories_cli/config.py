@@ -384,7 +384,8 @@ def resolve_configs(
     file_data = load_config_file(config_file) if config_file else {}
     name = preset or file_data.get("preset")
     if not name:
-        raise UserError("no preset given", f"pass a preset name (one of: {', '.join(PRESETS)}) or set preset in `config`")
+        raise UserError("no preset given",
+                        f"pass a preset name (one of: {', '.join(PRESETS)}) or set preset in `config`")
     p = get_preset(name)
     for section in ("model", "train"):
         if section in file_data and not isinstance(file_data[section], dict):

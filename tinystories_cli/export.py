@@ -183,7 +183,8 @@ def generation_config(specials: dict[str, int]) -> dict[str, Any]:
     return {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot}
 
 
-def native_state_dict(model: torch.nn.Module, cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def native_state_dict(model: torch.nn.Module, cfg: ModelConfig,
+                      dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Our own tensor names; a tied LM head is stored once (under token_embeddings.weight)."""
     sd = plain_state(model, dtype)
     if cfg.tie_embeddings:

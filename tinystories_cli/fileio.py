@@ -205,7 +205,7 @@ def check_source_outside(source: str | os.PathLike, targets, what: str = "the in
     >>> check_source_outside("/data/out/train.txt", ["/data/out"])
     Traceback (most recent call last):
     tinystories_cli.errors.UserError: this command would overwrite the input /data/out/train.txt (the input): it lies inside /data/out (move the input elsewhere first, or choose another output)
-    """
+    """  # noqa: E501 (a doctest's expected one-line output)
     if source is None:
         return
     for target in targets:

@@ -129,7 +129,8 @@ def draw_noise(generators: Sequence[torch.Generator], vocab_size: int, device: t
     return noise.clamp_min_(1e-30)  # a variate of exactly 0 would turn p / E into inf or nan
 
 
-def sample(logits: Tensor, noise: Tensor | None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+def sample(logits: Tensor, noise: Tensor | None, temperature: float = 1.0, top_k: int = 0,
+           top_p: float = 1.0) -> Tensor:
     """One token id per row from logits (B, V). `noise` is (B, V) Exp(1) (unused when greedy).
 
     argmax(p / E) with E_i ~ Exp(1) i.i.d. picks token i with probability p_i (the "exponential
@@ -169,7 +170,7 @@ def check_batch_fits(cfg, rows: int, available: int | None = None) -> None:
     >>> check_batch_fits(ModelConfig(), 10**9, available=2**34)
     Traceback (most recent call last):
     ValueError: `num_samples` x prompts = 1000000000 rows need 3887.46 TiB for the KV cache and logits, more than this machine's 16.00 GiB
-    """
+    """  # noqa: E501 (a doctest's expected one-line output)
     need = rows * 4 * (cfg.num_layers * 2 * cfg.context_length * cfg.d_model + 2 * cfg.vocab_size)
     have = host_memory_bytes() if available is None else available
     if need > have:

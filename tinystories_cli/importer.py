@@ -59,7 +59,8 @@ def import_hf(src: str | os.PathLike, run_dir: str | os.PathLike) -> Imported:
     """Read the Hugging Face directory `src` (all checks first), then write the run directory `run_dir`."""
     src, run_dir = Path(src), Path(run_dir)
     if not src.is_dir():
-        raise UserError(f"not a directory: {src}", "pass a Hugging Face model directory holding config.json, model.safetensors and tokenizer.json")
+        raise UserError(f"not a directory: {src}",
+                        "pass a Hugging Face model directory holding config.json, model.safetensors and tokenizer.json")
     if run_dir.exists() or run_dir.is_symlink():
         raise UserError(f"{run_dir} already exists", "choose another run name (an existing run is never replaced)")
     hf = read_hf_model(src)

@@ -80,9 +80,9 @@ __all__ = [
     "TransformerBlock",
     "TransformerLM",
     "sinusoidal_table",
-    "permute_for_llama",
-    "unpermute_from_llama",
-    "to_llama_state_dict",
+    "permute_for_llama",  # noqa: F822 (lazy)
+    "unpermute_from_llama",  # noqa: F822 (lazy)
+    "to_llama_state_dict",  # noqa: F822 (lazy)
     "from_llama_state_dict",  # noqa: F822 (lazy)
     "llama_config_dict",  # noqa: F822 (these five resolve in __getattr__ below)
 ]
@@ -230,7 +230,8 @@ class Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}" + (", bias" if self.bias is not None else "")
+        return (f"in_features={self.in_features}, out_features={self.out_features}"
+                + (", bias" if self.bias is not None else ""))
 
 
 class Embedding(nn.Module):

@@ -461,7 +461,7 @@ def make_param_groups(model: nn.Module, weight_decay: float, no_decay_norms_bias
     """
     decay, no_decay, decay_names, no_decay_names = [], [], [], []
     owner = {}
-    for mod_name, mod in model.named_modules():
+    for _mod_name, mod in model.named_modules():
         for p_name, p in mod.named_parameters(recurse=False):
             owner.setdefault(id(p), (mod, p_name))
     for name, p in model.named_parameters():  # deduplicated: a tied matrix appears once
@@ -486,7 +486,8 @@ def build_optimizer(model: nn.Module, tc: Any, sharded: bool = False) -> torch.o
     >>> from tinystories_cli.config import ModelConfig, TrainConfig
     >>> from tinystories_cli.model import TransformerLM
     >>> m = TransformerLM(ModelConfig(vocab_size=64, context_length=8, d_model=16, num_layers=1, num_heads=2))
-    >>> type(build_optimizer(m, TrainConfig())).__name__, type(build_optimizer(m, TrainConfig(optimizer="muon"))).__name__
+    >>> (type(build_optimizer(m, TrainConfig())).__name__,
+    ...  type(build_optimizer(m, TrainConfig(optimizer="muon"))).__name__)
     ('AdamW', 'MuonWithAdamW')
     """
     groups = make_param_groups(model, tc.weight_decay)

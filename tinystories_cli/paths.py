@@ -19,7 +19,8 @@ from pathlib import Path
 
 DATA_ROOT = Path(os.environ.get("TSLM_DATA", "data"))
 RUNS_ROOT = Path(os.environ.get("TSLM_RUNS", "runs"))
-GPT2_TOKENIZER = "gpt2-tokenizer"  # data/gpt2-tokenizer/: GPT-2's vocab.json + merges.txt (`tslm download gpt2-tokenizer`)
+# data/gpt2-tokenizer/: GPT-2's vocab.json + merges.txt (`tslm download gpt2-tokenizer`)
+GPT2_TOKENIZER = "gpt2-tokenizer"
 DEFAULT_DATASET = "tinystories"
 SPLITS = ("train", "valid")
 

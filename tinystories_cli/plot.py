@@ -55,7 +55,8 @@ def metrics_path(run: str | os.PathLike) -> Path:
     named = runs.runs_root() / str(run)
     if named.is_dir():
         return named / runs.METRICS_FILE
-    raise UserError(f"run not found: {run}", f"pass a run directory, a run name under {runs.runs_root()}/, or a metrics.jsonl")
+    raise UserError(f"run not found: {run}",
+                    f"pass a run directory, a run name under {runs.runs_root()}/, or a metrics.jsonl")
 
 
 def run_name(run: str | os.PathLike) -> str:
@@ -152,7 +153,8 @@ def pyplot():
         import matplotlib
     except ImportError:
         # No square brackets in the message: the error line is rendered as rich markup.
-        raise UserError("matplotlib is not installed", "pip install matplotlib (the tslm 'plot' extra), or use `ascii`") from None
+        raise UserError("matplotlib is not installed",
+                        "pip install matplotlib (the tslm 'plot' extra), or use `ascii`") from None
     matplotlib.use("Agg")  # no display needed; must precede the pyplot import
     import matplotlib.pyplot as plt
 
@@ -217,7 +219,8 @@ def render_ascii(series: list[Series], metric: str, x: str = "step", log_y: bool
                  width: int = 72, height: int = 20) -> str:
     """A character-grid plot: one marker per run, y labels at the left, x range underneath, legend.
 
-    >>> print(render_ascii([Series("a", [0, 1], [1.0, 0.0])], "loss", width=10, height=3))  # doctest: +NORMALIZE_WHITESPACE
+    >>> print(render_ascii([Series("a", [0, 1], [1.0, 0.0])], "loss",
+    ...                    width=10, height=3))  # doctest: +NORMALIZE_WHITESPACE
     loss vs step
              1 |*
                |

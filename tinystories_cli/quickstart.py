@@ -48,7 +48,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ContextManager
 
 import numpy as np
 import torch
@@ -106,7 +105,7 @@ MIN_DISTINCT_2 = 0.8
 
 Notify = Callable[[str, str], None]  # notify(stage, message)
 # download_progress(file name) -> context manager yielding a `download.Progress` callback (a progress bar)
-ProgressScope = Callable[[str], ContextManager[Callable]]
+ProgressScope = Callable[[str], contextlib.AbstractContextManager[Callable]]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -700,7 +699,8 @@ def run_quickstart(opts: QuickstartOptions, notify: Notify | None = None, *, dow
     ds = paths.dataset_dir(DATASET, data_root)
     train_txt, valid_txt = paths.text_path(DATASET, "train", data_root), paths.text_path(DATASET, "valid", data_root)
     tok_dir = paths.tokenizer_dir(DATASET, data_root)
-    train_npy, valid_npy = paths.tokens_path(DATASET, "train", data_root), paths.tokens_path(DATASET, "valid", data_root)
+    train_npy = paths.tokens_path(DATASET, "train", data_root)
+    valid_npy = paths.tokens_path(DATASET, "valid", data_root)
     run_dir = runs_root / RUN_NAME
     stages: dict[str, str] = {}
     seconds: dict[str, float] = {}
@@ -778,13 +778,14 @@ def size_flags(auto: dict | None) -> str:
     >>> size_flags({"d_model": 128, "num_layers": 4, "num_heads": 4, "lr": 0.004, "batch_size": 8, "schedule": "wsd",
     ...             "decay_fraction": 0.4})
     ' --d-model 128 --num-layers 4 --num-heads 4 --lr 0.004 --min-lr 0.0004 --batch-size 8 --schedule wsd --decay-fraction 0.4'
-    """
+    """  # noqa: E501 (a doctest's expected one-line output)
     if not auto:
         return ""
     lr = float(auto["lr"])
     return (
         f" --d-model {auto['d_model']} --num-layers {auto['num_layers']} --num-heads {auto['num_heads']} "
-        f"--lr {lr:g} --min-lr {lr * autosize.MIN_LR_RATIO:g} --batch-size {auto.get('batch_size', autosize.BATCH_SIZE)}"
+        f"--lr {lr:g} --min-lr {lr * autosize.MIN_LR_RATIO:g} "
+        f"--batch-size {auto.get('batch_size', autosize.BATCH_SIZE)}"
         + (f" --schedule {auto['schedule']}" if auto.get("schedule") else "")
         + (f" --decay-fraction {auto['decay_fraction']:g}" if auto.get("decay_fraction") is not None else "")
     )

@@ -240,7 +240,8 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     a malformed line elsewhere is an error naming the line."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"no metrics file: {path}", "has this run logged anything yet? `tslm train` writes metrics.jsonl")
+        raise UserError(f"no metrics file: {path}",
+                        "has this run logged anything yet? `tslm train` writes metrics.jsonl")
     records: list[dict] = []
     with open(path, encoding="utf-8", errors="replace") as f:
         lines = f.read().splitlines()  # metrics files are small (one line per logged step)
@@ -329,7 +330,7 @@ def check_run_name(name: str) -> str:
     >>> check_run_name("../elsewhere")
     Traceback (most recent call last):
     tinystories_cli.errors.UserError: run name '../elsewhere' is not a plain directory name (no '/', '\\', '..', leading '.', or 'latest') (pass a plain name, or a directory with `run_dir`)
-    """
+    """  # noqa: E501 (a doctest's expected one-line output)
     bad = (not name or name == LATEST_LINK or name.startswith(".") or any(c in name for c in "/\\\0")
            or os.path.isabs(name))
     if bad:

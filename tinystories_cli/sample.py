@@ -52,7 +52,8 @@ def extract_sample(dest: str | Path) -> tuple[Path, str]:
     """Write the sample's text to `dest` (atomically); skipped when `dest` already holds it.
     Returns (dest, "skipped" | "done")."""
     dest = Path(dest)
-    if dest.is_file() and not dest.is_symlink() and dest.stat().st_size == TEXT_SIZE and sha256_file(dest) == TEXT_SHA256:
+    if (dest.is_file() and not dest.is_symlink() and dest.stat().st_size == TEXT_SIZE
+            and sha256_file(dest) == TEXT_SHA256):
         return dest, "skipped"
     dest.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(dest, read_sample())

@@ -53,7 +53,8 @@ def load_token_file(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
     path = Path(path)
     fix = f"re-create it with `tslm encode` (e.g. `tslm encode {_text_guess(path)} out={path} force=True`)"
     if not path.is_file():
-        raise UserError(f"token file not found: {path}", f"create it with `tslm encode` (e.g. `tslm encode {_text_guess(path)}`)")
+        raise UserError(f"token file not found: {path}",
+                        f"create it with `tslm encode` (e.g. `tslm encode {_text_guess(path)}`)")
     side = sidecar_path(path)
     if not side.is_file():
         raise UserError(f"token file {path} has no sidecar {side}", fix)
@@ -61,12 +62,14 @@ def load_token_file(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
     if not isinstance(meta, dict):
         raise UserError(f"malformed token sidecar {side}: expected a JSON object", fix)
     if meta.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"token sidecar {side} has format version {meta.get('format_version')!r}, expected {FORMAT_VERSION}", fix)
+        raise UserError(f"token sidecar {side} has format version {meta.get('format_version')!r}, "
+                        f"expected {FORMAT_VERSION}", fix)
     try:
         TokenSidecar.model_validate(meta)
     except ValidationError as e:
         err = e.errors()[0]
-        raise UserError(f"malformed token sidecar {side}: {'.'.join(map(str, err['loc']))}: {err['msg']}", fix) from None
+        raise UserError(f"malformed token sidecar {side}: {'.'.join(map(str, err['loc']))}: {err['msg']}",
+                        fix) from None
     try:
         ids = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
@@ -79,7 +82,8 @@ def load_token_file(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
             f"token file {path} ({ids.dtype}, shape {ids.shape}) does not match its sidecar "
             f"({meta['dtype']}, {meta['num_tokens']} tokens)", fix)
     if meta["num_tokens"] and not 0 <= meta["max_id"] < meta["vocab_size"]:
-        raise UserError(f"malformed token sidecar {side}: max_id {meta['max_id']} outside the vocab of {meta['vocab_size']}", fix)
+        raise UserError(f"malformed token sidecar {side}: "
+                        f"max_id {meta['max_id']} outside the vocab of {meta['vocab_size']}", fix)
     return ids, meta
 
 
@@ -111,7 +115,7 @@ def reencode_hint(path: Path, tokenizer_dir: str | os.PathLike | None) -> str:
 
     >>> reencode_hint(Path("data/ts/valid.npy"), Path("runs/gpt2/tokenizer"))
     'encode the text with the right tokenizer into a new file and pass that one: `tslm encode data/ts/valid.txt tokenizer=runs/gpt2/tokenizer out=data/ts/valid.gpt2.npy`'
-    """
+    """  # noqa: E501 (a doctest's expected one-line output)
     if tokenizer_dir is None:
         return f"encode {_text_guess(path)} with the model's tokenizer (tslm encode `tokenizer`) into a new file"
     tag = Path(tokenizer_dir).parent.name or "other"

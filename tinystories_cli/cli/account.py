@@ -197,7 +197,8 @@ def _render_training(tr: dict, m: dict, setup: dict) -> None:
     for k in ("parameters", "gradients", "optimizer_state", "activations", "gather_buffers"):
         if k in m:
             t.add_row(
-                f"memory: {k.replace('_', ' ')}{sharded if k in ('parameters', 'gradients', 'optimizer_state') else ''}",
+                f"memory: {k.replace('_', ' ')}"
+                f"{sharded if k in ('parameters', 'gradients', 'optimizer_state') else ''}",
                 human_bytes(m[k]),
                 f"{100 * m[k] / m['total']:.1f}%",
             )
@@ -232,7 +233,8 @@ def _render_activations(a: dict, c, batch: int) -> None:
     rows += [("final norm", a["final_norm"]), ("LM head input", a["lm_head_input"]),
              ("logits and loss (B x T x vocab)", a["logits"])]
     for label, v in rows:
-        t.add_row(label, human_bytes(v), f"{100 * v / a['total']:.1f}%" if label != "per layer (attention, FFN, norms)" else "")
+        t.add_row(label, human_bytes(v),
+                  f"{100 * v / a['total']:.1f}%" if label != "per layer (attention, FFN, norms)" else "")
     t.add_row("[bold]total[/bold]", f"[bold]{human_bytes(a['total'])}[/bold]", "")
     console.print(t)
 

@@ -117,7 +117,8 @@ def command(
     size = input_path.stat().st_size
     show = not as_json and err_console.is_terminal
     with signals_raise(), stopped_cleanly(), disk_full_is_user_error():
-        result, t_write = _train_and_save(input_path, out_dir, vocab_size, specials, workers, errors, fingerprint, size, show)
+        result, t_write = _train_and_save(input_path, out_dir, vocab_size, specials, workers, errors, fingerprint,
+                                          size, show)
     seconds = {"hash": round(t_hash, 3), **{k: round(v, 3) for k, v in result.seconds.items()},
                "write": round(t_write, 3), "total": round(time.perf_counter() - t_start, 3)}
     summary = _summary(result, input_path, size, out_dir, specials, seconds)
@@ -172,7 +173,8 @@ def _render(s: dict) -> None:
     t = Table(title=f"BPE tokenizer -> {s['out']}", title_justify="left", show_header=False)
     t.add_column("what")
     t.add_column("value", justify="right")
-    t.add_row("vocabulary", f"{s['vocab_size']:,} ({len(s['special_tokens'])} special + 256 bytes + {s['num_merges']:,} merges)")
+    t.add_row("vocabulary",
+              f"{s['vocab_size']:,} ({len(s['special_tokens'])} special + 256 bytes + {s['num_merges']:,} merges)")
     t.add_row("input", f"{s['input']} ({human_bytes(s['input_bytes'])})")
     t.add_row("pre-tokens", f"{s['pretokens']:,} ({s['distinct_pretokens']:,} distinct)")
     rate = s["input_bytes"] / max(sec["pretokenize"], 1e-9)

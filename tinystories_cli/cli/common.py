@@ -25,7 +25,9 @@ from tinystories_cli.errors import UserError
 MODEL = "Model overrides"
 TRAIN = "Training overrides"
 
-ConfigFile = Annotated[Path | None, typer.Option("--config", help="TOML or JSON config file (sections \\[model], \\[train]).")]
+ConfigFile = Annotated[
+    Path | None, typer.Option("--config", help="TOML or JSON config file (sections \\[model], \\[train]).")
+]
 PrintConfig = Annotated[bool, typer.Option("--print-config", help="Print the fully resolved config as JSON and exit.")]
 
 

@@ -28,7 +28,8 @@ def command(
         Path | None,
         typer.Option(
             "--data",
-            help="Evaluate every run on this token file now (as `tslm eval` does) instead of reading saved eval_*.json results.",
+            help="Evaluate every run on this token file now (as `tslm eval` does) "
+            "instead of reading saved eval_*.json results.",
             show_default=False,
         ),
     ] = None,

@@ -34,7 +34,8 @@ def command(
         str | None,
         typer.Argument(
             metavar="DATASET|URL",
-            help=f"One of: {', '.join(dl.DATASETS)}; or `{dl.HF_MODEL} REPO`; or a URL (http(s)://, file://) or a local file path to fetch into --out.",
+            help=f"One of: {', '.join(dl.DATASETS)}; or `{dl.HF_MODEL} REPO`; "
+            "or a URL (http(s)://, file://) or a local file path to fetch into --out.",
             show_default=False,
         ),
     ] = None,
@@ -80,7 +81,8 @@ def command(
         typer.Option(
             "--max-bytes",
             min=1,
-            help="Refuse a file (downloaded or unpacked) larger than this many bytes; overrides the registry's cap for .gz sources.",
+            help="Refuse a file (downloaded or unpacked) larger than this many bytes; "
+            "overrides the registry's cap for .gz sources.",
         ),
     ] = None,
     list_datasets: Annotated[bool, typer.Option("--list", help="List the datasets and exit.")] = False,
@@ -88,7 +90,7 @@ def command(
     """Resumable, verified downloads: `tslm download tinystories`, or `tslm download URL --out FILE`.
 
     Interrupted downloads continue from FILE.part (its origin in FILE.part.json) on the next run. A file's sha256 is checked against the registry (or --sha256), and against the sha256 Hugging Face publishes for large (LFS) files; otherwise it is printed and recorded in FILE.sha256, so a later run notices a corrupted file. Complete, verified files are skipped. `tslm download hf-model REPO` fetches a model's config.json, model.safetensors and tokenizer files and prints the directory (for `tslm import`).
-    """
+    """  # noqa: E501 (typer's rich help keeps a paragraph's line breaks: one line, so the terminal wraps it)
     if list_datasets:
         for d in dl.DATASETS.values():
             console.print(f"{d.name:<16} {d.description}", soft_wrap=True)
@@ -101,7 +103,8 @@ def command(
         raise UserError("missing DATASET or URL", f"e.g. tslm download tinystories; datasets: {', '.join(dl.DATASETS)}")
     if dataset == dl.HF_MODEL:
         if repo is None:
-            raise UserError(f"`{dl.HF_MODEL}` needs a repo id", f"e.g. tslm download {dl.HF_MODEL} openai-community/gpt2")
+            raise UserError(f"`{dl.HF_MODEL}` needs a repo id",
+                            f"e.g. tslm download {dl.HF_MODEL} openai-community/gpt2")
         if out is not None and out_dir is not None:
             raise UserError("--dir and --out together",
                             "--out DIR is the model directory; --dir is the data root (files go to DIR/hf/...)")
@@ -210,7 +213,8 @@ def _report(pf: dl.PlannedFile, res: dl.DownloadResult) -> None:
     rec = dl.record_path(res.path)
     if res.status == "skipped":
         how = "verified against the registry" if res.verified else f"matches {rec.name}"
-        console.print(f"[green]ok[/green] {res.path} ({human_bytes(res.size)}) already complete, {how}; skipped", soft_wrap=True)
+        console.print(f"[green]ok[/green] {res.path} ({human_bytes(res.size)}) already complete, {how}; skipped",
+                      soft_wrap=True)
         return
     resumed = f", resumed at {human_bytes(res.resumed_from)}" if res.resumed_from else ""
     console.print(f"[green]downloaded[/green] {res.path} ({human_bytes(res.size)}{resumed})", soft_wrap=True)

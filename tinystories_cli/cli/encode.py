@@ -38,7 +38,8 @@ def command(
         typer.Option(
             "--tokenizer",
             "-t",
-            help="Tokenizer directory from `tslm bpe` (default: data/<dataset>/tokenizer/), or `gpt2` for GPT-2's (`tslm download gpt2-tokenizer`).",
+            help="Tokenizer directory from `tslm bpe` (default: data/<dataset>/tokenizer/), "
+            "or `gpt2` for GPT-2's (`tslm download gpt2-tokenizer`).",
             show_default=False,
         ),
     ] = None,
@@ -153,7 +154,8 @@ def _plan(inputs: list[str], tokenizer: Path | None, out: Path | None) -> tuple[
     if len(inputs) <= 1 and (not inputs or _is_dataset_name(inputs[0])):
         dataset = inputs[0] if inputs else paths.DEFAULT_DATASET
         if out is not None:
-            raise UserError("--out needs a single input file", "name the text file, e.g. `tslm encode data/tinystories/valid.txt --out valid.npy`")
+            raise UserError("--out needs a single input file",
+                            "name the text file, e.g. `tslm encode data/tinystories/valid.txt --out valid.npy`")
         texts = [paths.text_path(dataset, s) for s in paths.SPLITS]
         present = [t for t in texts if t.is_file()]
         if not present:
@@ -179,7 +181,8 @@ def _plan(inputs: list[str], tokenizer: Path | None, out: Path | None) -> tuple[
     else:
         ds = paths.dataset_of(files[0])
         beside = files[0].with_name(f"{files[0].stem}_tokenizer")  # where `tslm bpe FILE` writes
-        candidates = ([paths.tokenizer_dir(ds, root=files[0].parent.parent)] if ds else []) + [beside, paths.tokenizer_dir(paths.DEFAULT_DATASET)]
+        candidates = ([paths.tokenizer_dir(ds, root=files[0].parent.parent)] if ds else []) + [
+            beside, paths.tokenizer_dir(paths.DEFAULT_DATASET)]
         tok_dir = next((c for c in candidates if (c / "vocab.json").is_file()), candidates[0])
     _check_tokenizer(tok_dir, f"tslm bpe {files[0]}", given=tokenizer is not None)
     return jobs, tok_dir
@@ -192,7 +195,8 @@ def _is_dataset_name(arg: str) -> bool:
 
 def _check_tokenizer(tok_dir: Path, bpe_command: str, given: bool) -> None:
     if not (tok_dir / "vocab.json").is_file() or not (tok_dir / "merges.txt").is_file():
-        fix = "pass --tokenizer DIR pointing at a `tslm bpe` output" if given else f"train one with `{bpe_command}`, or pass --tokenizer DIR"
+        fix = ("pass --tokenizer DIR pointing at a `tslm bpe` output" if given
+               else f"train one with `{bpe_command}`, or pass --tokenizer DIR")
         raise UserError(f"no tokenizer in {tok_dir} (vocab.json and merges.txt)", fix)
 
 
@@ -239,8 +243,10 @@ def _report(results: list[dict], tok_dir: Path, as_json: bool) -> None:
         secs = max(r["wall_seconds"], 1e-9)
         ratio = f"{r['bytes_per_token']:.3f} bytes/token" if r["bytes_per_token"] else "no tokens"
         console.print(
-            f"[bold]{r['output']}[/bold]: {r['num_tokens']:,} tokens ({r['dtype']}) from {human_bytes(r['source_bytes'])}, "
-            f"{ratio}; {r['source_bytes'] / secs / 1e6:.1f} MB/s, {human_count(round(r['num_tokens'] / secs))} tokens/s "
+            f"[bold]{r['output']}[/bold]: {r['num_tokens']:,} tokens ({r['dtype']}) "
+            f"from {human_bytes(r['source_bytes'])}, "
+            f"{ratio}; {r['source_bytes'] / secs / 1e6:.1f} MB/s, "
+            f"{human_count(round(r['num_tokens'] / secs))} tokens/s "
             f"on {r['workers']} worker{'s' if r['workers'] != 1 else ''} ({r['backend']} backend)",
             soft_wrap=True,
         )

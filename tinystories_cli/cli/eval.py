@@ -47,7 +47,8 @@ def command(
         bool,
         typer.Option(
             "--per-position",
-            help="Also report the loss by position in the context window (a table of position buckets; position_nats/position_tokens/position_buckets in the JSON).",
+            help="Also report the loss by position in the context window (a table of position buckets; "
+            "position_nats/position_tokens/position_buckets in the JSON).",
         ),
     ] = False,
     buckets: Annotated[int, typer.Option("--buckets", help="Position buckets in the --per-position table.")] = 8,

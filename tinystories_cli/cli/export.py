@@ -23,7 +23,8 @@ def command(
         typer.Option(
             "--format",
             "-f",
-            help="hf (transformers LlamaForCausalLM or GPT2LMHeadModel + tokenizer.json) | safetensors (tslm's own format) | gguf (one file for llama.cpp / ollama).",
+            help="hf (transformers LlamaForCausalLM or GPT2LMHeadModel + tokenizer.json) | "
+            "safetensors (tslm's own format) | gguf (one file for llama.cpp / ollama).",
         ),
     ] = "hf",
     out: Annotated[
@@ -40,7 +41,8 @@ def command(
     ] = "float32",
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it holds an earlier export.")] = False,
 ) -> None:
-    """Export a trained model for transformers/tokenizers (--format hf), llama.cpp (--format gguf), or as plain safetensors weights + config."""
+    """Export a trained model for transformers/tokenizers (--format hf), llama.cpp (--format gguf),
+    or as plain safetensors weights + config."""
     if out is None:
         raise UserError("missing --out", "pass the directory to write, e.g. --out exports/my-model")
     if fmt not in export.FORMATS:

@@ -18,7 +18,8 @@ def command(
     src: Annotated[
         Path,
         typer.Argument(
-            help="Hugging Face model directory: config.json, model.safetensors, tokenizer.json (or vocab.json + merges.txt).",
+            help="Hugging Face model directory: config.json, model.safetensors, tokenizer.json "
+            "(or vocab.json + merges.txt).",
             show_default=False,
         ),
     ],
@@ -66,7 +67,8 @@ def next_commands(run_dir: Path) -> list[tuple[str, str]]:
         out.append(
             (
                 f"loss on {valid_txt} (encoded with this model's tokenizer)",
-                f"tslm encode {valid_txt} --tokenizer {tok} --out {valid_npy} && tslm eval {run_dir} --data {valid_npy}",
+                f"tslm encode {valid_txt} --tokenizer {tok} --out {valid_npy} "
+                f"&& tslm eval {run_dir} --data {valid_npy}",
             )
         )
         if train_txt.is_file() and train_txt.stat().st_size <= FINE_TUNE_TEXT_MAX:

@@ -46,7 +46,8 @@ def command(
         bool,
         _opt(
             "--resume",
-            help="Continue a run. `--resume` or `--resume auto`: --run-name (or runs/latest) from its latest checkpoint, starting fresh if it has none; `--resume RUN_OR_CHECKPOINT`: that run or checkpoint.",
+            help="Continue a run. `--resume` or `--resume auto`: --run-name (or runs/latest) from its latest "
+            "checkpoint, starting fresh if it has none; `--resume RUN_OR_CHECKPOINT`: that run or checkpoint.",
         ),
     ] = False,
     resume_target: Annotated[
@@ -62,7 +63,9 @@ def command(
         bool,
         _opt(
             "--auto-size",
-            help=f"Pick d_model, layers, heads, lr, batch, warmup and decay for the budget (--time-budget, --train-tokens or --max-steps) from the rule measured on a CPU (README: Auto size); flags given explicitly win. Base preset: --preset, else {autosize.BASE_PRESET}.",
+            help="Pick d_model, layers, heads, lr, batch, warmup and decay for the budget "
+            "(--time-budget, --train-tokens or --max-steps) from the rule measured on a CPU (README: Auto size); "
+            f"flags given explicitly win. Base preset: --preset, else {autosize.BASE_PRESET}.",
         ),
     ] = False,
     plain: Annotated[bool, _opt("--plain", help="Plain log lines instead of the live display.")] = False,
@@ -101,10 +104,13 @@ def _prepare(preset, config, resume: bool, resume_target, wandb: bool, auto_size
     model_over = common.given(settings, ModelConfig.model_fields)
     train_over = common.given(settings, TrainConfig.model_fields)
     if resume_target is not None and not resume:
-        raise UserError(f"unexpected argument {resume_target!r}", "to continue a run pass --resume, --resume auto or --resume RUN")
+        raise UserError(f"unexpected argument {resume_target!r}",
+                        "to continue a run pass --resume, --resume auto or --resume RUN")
     resume_value = (resume_target or "auto") if resume else None
-    if preset is None and config is None and resume_value is None and settings.get("init_from") is None and not auto_size:
-        raise UserError("no preset given", "pass --preset NAME (see `tslm account --list`), --config FILE, --resume or --init-from")
+    if (preset is None and config is None and resume_value is None and settings.get("init_from") is None
+            and not auto_size):
+        raise UserError("no preset given",
+                        "pass --preset NAME (see `tslm account --list`), --config FILE, --resume or --init-from")
     if settings.get("run_name") is not None and settings.get("run_dir") is not None:
         raise UserError("--run-name and --run-dir are exclusive", "pass one of them")
     peak_tflops = settings.get("peak_tflops")

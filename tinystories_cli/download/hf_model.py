@@ -113,7 +113,8 @@ def download_hf_model(repo: str, out_dir: str | os.PathLike | None = None, root:
             if required:
                 raise UserError(
                     f"{repo} has no {name} ({pf.url}: not found)",
-                    "check the repo id and `endpoint`; only single-file safetensors weights (model.safetensors) are supported",
+                    "check the repo id and `endpoint`; "
+                    "only single-file safetensors weights (model.safetensors) are supported",
                 ) from None
             res.missing.append(name)
             if any(f is pf for f, _ in foreign):  # another repo's file that this one lacks: never mixed in

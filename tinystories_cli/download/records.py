@@ -225,8 +225,10 @@ def read_origin(part: str | os.PathLike) -> Origin | None:
         return v is None or (isinstance(v, str) and 0 < len(v) <= n)
 
     url, size, sha = raw.get("url"), raw.get("size"), raw.get("sha256")
-    if not (isinstance(url, str) and 0 < len(url) <= 8192 and opt_str(raw.get("etag")) and opt_str(raw.get("last_modified"))
-            and (size is None or _is_int(size)) and (sha is None or (isinstance(sha, str) and HEX64.fullmatch(sha)))):
+    if not (isinstance(url, str) and 0 < len(url) <= 8192 and opt_str(raw.get("etag"))
+            and opt_str(raw.get("last_modified"))
+            and (size is None or _is_int(size))
+            and (sha is None or (isinstance(sha, str) and HEX64.fullmatch(sha)))):
         return None
     return Origin(url, raw.get("etag"), raw.get("last_modified"), size, sha)
 
@@ -258,7 +260,8 @@ class Part:
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise UserError(f"another tslm download is writing {path}", "wait for it to finish, then rerun") from None
+                raise UserError(f"another tslm download is writing {path}",
+                                "wait for it to finish, then rerun") from None
         except BaseException:
             os.close(self.fd)
             raise

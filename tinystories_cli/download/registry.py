@@ -123,7 +123,8 @@ def resolve_endpoint(endpoint: str | None = None) -> str:
     if "://" not in ep:
         p = Path(ep).expanduser()
         if not p.is_dir():
-            raise UserError(f"endpoint {ep!r} is neither a URL nor a directory", "pass e.g. https://hf-mirror.com or a local mirror directory")
+            raise UserError(f"endpoint {ep!r} is neither a URL nor a directory",
+                            "pass e.g. https://hf-mirror.com or a local mirror directory")
         ep = p.resolve().as_uri()
     return ep.rstrip("/")
 

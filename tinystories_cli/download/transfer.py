@@ -129,7 +129,8 @@ class RedirectGuard(urllib.request.HTTPRedirectHandler):
             with contextlib.suppress(Exception):
                 fp.close()
             raise UserError(
-                f"refusing the redirect from {req.full_url} to {newurl}: it downgrades https to {new or 'a relative URL'}",
+                f"refusing the redirect from {req.full_url} to {newurl}: "
+                f"it downgrades https to {new or 'a relative URL'}",
                 "use a mirror that stays on https (`endpoint`)",
             )
         self.hops.append(headers)
@@ -204,9 +205,11 @@ def _open(url: str, have: int, origin: Origin | None, timeout: float, header_lim
         elif e.code >= 500 or e.code in (408, 429):
             raise _Retry(f"HTTP {e.code} {e.reason}") from None
         elif e.code == 404:
-            raise NotFound(url, f"{url}: HTTP 404 {e.reason}", "check the URL (or `endpoint`); the file may have moved") from None
+            raise NotFound(url, f"{url}: HTTP 404 {e.reason}",
+                           "check the URL (or `endpoint`); the file may have moved") from None
         else:
-            fix = "check the URL (or `endpoint`); the file may have moved or need a login" if e.code in (401, 403) else None
+            fix = ("check the URL (or `endpoint`); the file may have moved or need a login" if e.code in (401, 403)
+                   else None)
             raise UserError(f"{url}: HTTP {e.code} {e.reason}", fix) from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         if deadline.fired:
@@ -258,7 +261,8 @@ def _fetch_once(url: str, part: Part, timeout: float, idle_timeout: float, chunk
             offset, total, origin = _whole_file(url, part, headers, have, length, linked_size, published)
         if max_bytes is not None and total is not None and total > max_bytes:
             part.remove()
-            raise UserError(f"{url} is {total} bytes, over the limit of {max_bytes}", "raise `max_bytes` if the file is expected")
+            raise UserError(f"{url} is {total} bytes, over the limit of {max_bytes}",
+                            "raise `max_bytes` if the file is expected")
         got = _receive(resp, part, url, offset, total, idle_timeout, chunk_size, max_bytes, progress)
         if length is not None and got < length:
             raise _Retry(f"connection closed after {offset + got} of {offset + length} bytes")
@@ -352,7 +356,8 @@ def _receive(resp, part: Part, url: str, offset: int, total: int | None, idle_ti
                 return got
             if max_bytes is not None and offset + got + len(chunk) > max_bytes:
                 part.remove()
-                raise UserError(f"{url} sent more than the limit of {max_bytes} bytes", "raise `max_bytes` if the file is expected")
+                raise UserError(f"{url} sent more than the limit of {max_bytes} bytes",
+                                "raise `max_bytes` if the file is expected")
             _write_chunk(part, offset + got, chunk)
             got += len(chunk)
             window_bytes += len(chunk)

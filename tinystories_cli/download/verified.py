@@ -74,7 +74,8 @@ def _gunzip(part: Part, dest: Path, progress: Progress | None, chunk_size: int, 
                     progress("decompress", raw.tell(), total)
     except _BadGzip as e:
         part.remove()
-        raise UserError(f"{part.path.name} is not a valid gzip file ({e}); it was removed", "rerun to download it again") from None
+        raise UserError(f"{part.path.name} is not a valid gzip file ({e}); it was removed",
+                        "rerun to download it again") from None
     except OSError as e:
         if disk_full(e):
             raise UserError(
@@ -200,7 +201,8 @@ def _download_part(url: str, out: Path, part: Part, sha256: str | None, size: in
     verified = sha256 is not None or origin.sha256 is not None
     record = dict(source_sha256=source_sha, source_size=n, url=url, verified=verified)
     if gunzip:
-        cap, cap_source = (max_bytes, "`max_bytes`") if max_bytes is not None else (max_unpacked, "the registry's limit")
+        cap, cap_source = ((max_bytes, "`max_bytes`") if max_bytes is not None
+                           else (max_unpacked, "the registry's limit"))
         out_sha = _gunzip(part, out, progress, chunk_size, cap, cap_source)
         fsync_dir(out.parent)
         write_record(out, sha256=out_sha, **record)

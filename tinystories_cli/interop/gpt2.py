@@ -47,7 +47,8 @@ IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 PREFIX = "transformer."
 
 # Per-layer tensors copied as they are (LayerNorms): ours -> GPT-2's.
-NORM_NAMES = {"ln1.weight": "ln_1.weight", "ln1.bias": "ln_1.bias", "ln2.weight": "ln_2.weight", "ln2.bias": "ln_2.bias"}
+NORM_NAMES = {"ln1.weight": "ln_1.weight", "ln1.bias": "ln_1.bias",
+              "ln2.weight": "ln_2.weight", "ln2.bias": "ln_2.bias"}
 # Conv1D projections other than c_attn: ours -> GPT-2's (weights transposed, biases copied).
 PROJ_NAMES = {"attn.output_proj": "attn.c_proj", "ffn.w1": "mlp.c_fc", "ffn.w2": "mlp.c_proj"}
 
@@ -165,7 +166,8 @@ def to_gpt2_state_dict(state_dict: dict[str, Tensor], cfg: ModelConfig, prefix: 
             out[h + t] = state_dict[ours + o]
         qkv = [state_dict[f"{ours}attn.{n}.weight"] for n in ("q_proj", "k_proj", "v_proj")]
         out[h + "attn.c_attn.weight"] = torch.cat(qkv, dim=0).t()
-        out[h + "attn.c_attn.bias"] = torch.cat([state_dict[f"{ours}attn.{n}.bias"] for n in ("q_proj", "k_proj", "v_proj")])
+        out[h + "attn.c_attn.bias"] = torch.cat(
+            [state_dict[f"{ours}attn.{n}.bias"] for n in ("q_proj", "k_proj", "v_proj")])
         for o, t in PROJ_NAMES.items():
             out[f"{h}{t}.weight"] = state_dict[f"{ours}{o}.weight"].t()
             out[f"{h}{t}.bias"] = state_dict[f"{ours}{o}.bias"]

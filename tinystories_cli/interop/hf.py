@@ -65,7 +65,8 @@ def is_hf_dir(path: Path) -> bool:
 def read_hf_config(src: Path) -> dict:
     f = Path(src) / "config.json"
     if not f.is_file():
-        raise UserError(f"no config.json in {src}", "pass a Hugging Face model directory (config.json + model.safetensors)")
+        raise UserError(f"no config.json in {src}",
+                        "pass a Hugging Face model directory (config.json + model.safetensors)")
     data = read_json(f, "Hugging Face config", "the directory must hold a valid config.json")
     if not isinstance(data, dict):
         raise UserError(f"{f} is not a JSON object")
@@ -100,7 +101,8 @@ def weight_files(src: Path) -> dict[str, Path]:
         if missing:
             raise UserError(f"shard {missing[0]} listed in {index.name} is missing", "download every shard")
         return {k: files[v] for k, v in wmap.items()}
-    pickled = [p.name for p in src.glob("*.bin")] + [p.name for p in src.glob("*.pt")] + [p.name for p in src.glob("*.pth")]
+    pickled = ([p.name for p in src.glob("*.bin")] + [p.name for p in src.glob("*.pt")]
+               + [p.name for p in src.glob("*.pth")])
     hint = f" (found {pickled[0]}: pickle files are never loaded)" if pickled else ""
     raise UserError(f"no {WEIGHTS} in {src}{hint}", "convert the weights to safetensors, or download model.safetensors")
 
@@ -182,7 +184,8 @@ def plan_hf_model(src: str | Path) -> HFPlan:
     optional = {"lm_head.weight"} if cfg.tie_embeddings else set()
     prefix = ""
     if arch == "LlamaForCausalLM":
-        expected = llama.llama_expected_shapes(cfg, kv, hf_bool(hf, "attention_bias", False), hf_bool(hf, "mlp_bias", False))
+        expected = llama.llama_expected_shapes(cfg, kv, hf_bool(hf, "attention_bias", False),
+                                               hf_bool(hf, "mlp_bias", False))
     else:
         prefix = gpt2.PREFIX if f"{gpt2.PREFIX}wte.weight" in found else ""
         expected = gpt2.gpt2_expected_shapes(cfg, prefix)
@@ -221,7 +224,8 @@ def read_hf_tokenizer(src: str | Path) -> tuple[dict[int, bytes], list[tuple[byt
         vocab, merges = read_vocab_merges(src / "vocab.json", src / "merges.txt")
         specials = _config_specials(src / "tokenizer_config.json", vocab)
     else:
-        what = " (tokenizer.model is sentencepiece, which tslm does not read)" if (src / "tokenizer.model").is_file() else ""
+        what = (" (tokenizer.model is sentencepiece, which tslm does not read)"
+                if (src / "tokenizer.model").is_file() else "")
         raise Unsupported(f"no byte-level BPE tokenizer in {src}{what}",
                           "the directory needs tokenizer.json, or vocab.json and merges.txt")
     present = set(vocab.values())

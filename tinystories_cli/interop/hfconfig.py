@@ -34,7 +34,8 @@ def hf_int(hf: dict, key: str, default: Any = _MISSING, lo: int = 1, hi: int = M
     value = hf.get(key, default)
     if value is _MISSING or value is None:
         if default is _MISSING:
-            raise Unsupported(f"config.json: {key} is missing", "the directory must hold a complete Hugging Face config")
+            raise Unsupported(f"config.json: {key} is missing",
+                              "the directory must hold a complete Hugging Face config")
         value = default
     if isinstance(value, bool) or not isinstance(value, int):
         raise Unsupported(f"config.json: {key} must be an integer, got {value!r}")
@@ -47,7 +48,8 @@ def hf_float(hf: dict, key: str, default: Any = _MISSING) -> float:
     value = hf.get(key, default)
     if value is _MISSING or value is None:
         if default is _MISSING:
-            raise Unsupported(f"config.json: {key} is missing", "the directory must hold a complete Hugging Face config")
+            raise Unsupported(f"config.json: {key} is missing",
+                              "the directory must hold a complete Hugging Face config")
         value = default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise Unsupported(f"config.json: {key} must be a positive number, got {value!r}")

@@ -116,7 +116,8 @@ def resolve_backend(tokenizer: Tokenizer, backend: str = "auto", quick: bool = F
         return "python"
     if not tiktoken_installed():
         if backend == "tiktoken":
-            raise ValueError('the tiktoken backend needs tiktoken: pip install "tslm[fast]" (or use backend auto/python)')
+            raise ValueError('the tiktoken backend needs tiktoken: pip install "tslm[fast]" '
+                             '(or use backend auto/python)')
         return "python"
     reason = tiktoken_unfit(tokenizer, quick=quick)
     if reason is None:

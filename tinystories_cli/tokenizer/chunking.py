@@ -183,7 +183,8 @@ class Cutter:
             return True
         # (N); the character after the newline must also not start a special token, or the
         # whitespace run would end its piece and stay whole ("  \\n<|endoftext|>").
-        return buf[p] == 0x0A and 0x21 <= buf[p + 1] <= 0x7E and not any(buf.startswith(t, p + 1) for t in self.specials)
+        return (buf[p] == 0x0A and 0x21 <= buf[p + 1] <= 0x7E
+                and not any(buf.startswith(t, p + 1) for t in self.specials))
 
     def _hi(self, buf: bytes) -> int:
         return len(buf) - self.lookahead  # largest p with full look-ahead

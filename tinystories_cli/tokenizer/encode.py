@@ -70,7 +70,8 @@ def npy_header(dtype: np.dtype, num_tokens: int) -> bytes:
     (128, 128)
     """
     buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (int(num_tokens),)})
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (int(num_tokens),)})
     header = buf.getvalue()
     if len(header) != HEADER_BYTES:  # pragma: no cover - only for absurd sizes
         raise ValueError(f"unexpected .npy header size {len(header)}")
@@ -352,7 +353,7 @@ def _encode_parallel(
         with WorkerPool(workers, _worker_init, (encoder,)) as pool:
             hasher = threading.Thread(target=hash_source, daemon=True)
             hasher.start()  # after the workers exist (fork), overlapping with encoding
-            for (path, a, b, part, _), (n, m) in zip(tasks, pool.imap(_worker, tasks)):
+            for (_path, a, b, part, _), (n, m) in zip(tasks, pool.imap(_worker, tasks)):
                 append_file(f, part)
                 os.unlink(part)
                 num_tokens += n

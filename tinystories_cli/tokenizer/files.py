@@ -24,7 +24,8 @@ MAX_ID = 2**24  # the largest vocabulary a model may have (config.ModelConfig.vo
 
 
 def _bytes_to_unicode() -> dict[int, str]:
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
     mapping = {b: chr(b) for b in printable}
     n = 0
     for b in range(256):
@@ -62,12 +63,14 @@ def write_vocab_merges(out_dir: str | Path, vocab: dict[int, bytes], merges: lis
     atomic_write_text(out_dir / "merges.txt", "\n".join(lines) + "\n")
 
 
-def read_vocab_merges(vocab_path: str | Path, merges_path: str | Path) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
+def read_vocab_merges(vocab_path: str | Path,
+                      merges_path: str | Path) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
     """Read GPT-2 format files; every problem is a `UserError` naming the file and the line."""
     vocab_path, merges_path = Path(vocab_path), Path(merges_path)
     for p in (vocab_path, merges_path):
         if not p.is_file():
-            raise UserError(f"tokenizer file not found: {p}", "run `tslm bpe` to train a tokenizer, or pass `tokenizer` DIR")
+            raise UserError(f"tokenizer file not found: {p}",
+                            "run `tslm bpe` to train a tokenizer, or pass `tokenizer` DIR")
     raw = read_json(vocab_path, "vocab file", "re-create it with `tslm bpe`")
     if not isinstance(raw, dict):
         raise UserError(f"malformed vocab file {vocab_path}: expected a JSON object of token -> id")
@@ -97,7 +100,8 @@ def read_vocab_merges(vocab_path: str | Path, merges_path: str | Path) -> tuple[
             continue
         parts = line.split(" ")
         if len(parts) != 2:
-            raise UserError(f"malformed merges file {merges_path} line {lineno}: expected two tokens separated by one space")
+            raise UserError(f"malformed merges file {merges_path} line {lineno}: "
+                            "expected two tokens separated by one space")
         try:
             a, b = decode_token_string(parts[0]), decode_token_string(parts[1])
         except ValueError as e:

@@ -50,7 +50,8 @@ T = TypeVar("T")
 # set `regex` and tiktoken use (neither counts \x1c-\x1f as whitespace).
 # Possessive runs (++, Python 3.11+) never backtrack; nothing follows them inside their alternative,
 # so they match exactly what greedy runs match, about 10% faster.
-ASCII_PATTERN = re.compile(r"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]++| ?[0-9]++| ?[^\sA-Za-z0-9]++|\s+(?!\S)|\s+""", re.ASCII)
+ASCII_PATTERN = re.compile(r"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]++| ?[0-9]++"""
+                           r"""| ?[^\sA-Za-z0-9]++|\s+(?!\S)|\s+""", re.ASCII)
 
 # On a word-cache miss, the new words of up to this much text are cached in one batch (`_encode_packed`).
 _BATCH_CHARS = 1 << 18
@@ -167,7 +168,8 @@ class Tokenizer:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_files(cls, vocab_path: str | Path, merges_path: str | Path, special_tokens: list[str] | None = None) -> Tokenizer:
+    def from_files(cls, vocab_path: str | Path, merges_path: str | Path,
+                   special_tokens: list[str] | None = None) -> Tokenizer:
         """Read GPT-2 format `vocab.json` + `merges.txt` (as written by `tslm bpe` or GPT-2 itself)."""
         vocab, merges = read_vocab_merges(vocab_path, merges_path)
         return cls(vocab, merges, special_tokens)
@@ -181,7 +183,8 @@ class Tokenizer:
         """
         d = Path(directory)
         if not d.is_dir():
-            raise UserError(f"tokenizer directory not found: {d}", "run `tslm bpe` to train one, or pass `tokenizer` DIR")
+            raise UserError(f"tokenizer directory not found: {d}",
+                            "run `tslm bpe` to train one, or pass `tokenizer` DIR")
         check_recorded_hashes(d)
         vocab, merges = read_vocab_merges(d / "vocab.json", d / "merges.txt")
         if special_tokens is None:
@@ -229,7 +232,8 @@ class Tokenizer:
         return self._heap_ok
 
     def __repr__(self) -> str:
-        return f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, special_tokens={self.special_tokens})"
+        return (f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, "
+                f"special_tokens={self.special_tokens})")
 
     # ------------------------------------------------------------------ encoding
 
@@ -469,7 +473,8 @@ class Tokenizer:
         ids = list(map(self._byte_id.__getitem__, data))
         if None in ids:
             missing = next(b for b in data if self._byte_id[b] is None)
-            raise UserError(f"cannot encode byte 0x{missing:02x}: the vocab has no token for it", "use a byte-level vocab (all 256 bytes)")
+            raise UserError(f"cannot encode byte 0x{missing:02x}: the vocab has no token for it",
+                            "use a byte-level vocab (all 256 bytes)")
         if not self._heap_ok:
             return tuple(self._bpe_merge_all(ids))
         return tuple(self._bpe_heap(ids)) if len(ids) > _LONG_PIECE else self._bpe_ordered(ids)
@@ -574,7 +579,8 @@ class Tokenizer:
             return b"".join(map(vocab.__getitem__, ids))
         except (KeyError, TypeError):
             bad = next(i for i in ids if not _hashable_int(i) or i not in vocab)
-            raise UserError(f"cannot decode token id {bad!r}: not in the vocab (ids are 0..{self.vocab_size - 1})") from None
+            raise UserError(f"cannot decode token id {bad!r}: "
+                            f"not in the vocab (ids are 0..{self.vocab_size - 1})") from None
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; byte sequences that are not valid UTF-8 become U+FFFD.

@@ -259,8 +259,10 @@ def prepare_auto_run(preset: str | None, config_file: str | Path | None, model_o
                         "drop `auto_size` when resuming or fine-tuning")
     preset = preset or BASE_PRESET
     file_data = load_config_file(config_file) if config_file else {}
-    given_model = {k: v for d in (file_data.get("model"), model_overrides) for k, v in (d or {}).items() if v is not None}
-    given_train = {k: v for d in (file_data.get("train"), train_overrides) for k, v in (d or {}).items() if v is not None}
+    given_model = {k: v for d in (file_data.get("model"), model_overrides) for k, v in (d or {}).items()
+                   if v is not None}
+    given_train = {k: v for d in (file_data.get("train"), train_overrides) for k, v in (d or {}).items()
+                   if v is not None}
     if options.time_budget is not None:
         budget = options.time_budget
         probe_s = probe_seconds(budget, 0.03, 20.0)

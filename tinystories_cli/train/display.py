@@ -114,9 +114,11 @@ def print_header(display: Display, run: Run, summary: dict, peak_note: str, star
         f"preset {run.preset}  model: vocab {cfg.vocab_size}, ctx {cfg.context_length}, {cfg.num_layers} x "
         f"d{cfg.d_model}, {cfg.num_heads} heads, d_ff {cfg.d_ff}, {cfg.norm_position}-{cfg.norm}, {cfg.pos_emb}, "
         f"{cfg.ffn}, {'tied' if cfg.tie_embeddings else 'untied'}, init {cfg.init}",
-        f"train: {optimizer_label(tc)}, lr {tc.lr:g} -> {tc.min_lr:g}, warmup {tc.warmup_steps}, wd {tc.weight_decay:g}, betas "
+        f"train: {optimizer_label(tc)}, lr {tc.lr:g} -> {tc.min_lr:g}, warmup {tc.warmup_steps}, "
+        f"wd {tc.weight_decay:g}, betas "
         f"({tc.beta1:g}, {tc.beta2:g}), clip {tc.grad_clip:g}, batch {tc.batch_size} x accum {tc.grad_accum_steps} "
-        f"x {summary['world_size']} proc, seed {tc.seed}, device {summary['device']}, dtype {summary['chosen']['dtype']}"
+        f"x {summary['world_size']} proc, seed {tc.seed}, device {summary['device']}, "
+        f"dtype {summary['chosen']['dtype']}"
         f"{' (auto)' if tc.dtype == 'auto' else ''}"
         f"{', compile' + (' (auto)' if tc.compile is None else '') if summary['chosen']['compile'] else ''}"
         f"{', ' + summary['chosen']['parallel'] if summary['chosen']['parallel'] != 'none' else ''}"

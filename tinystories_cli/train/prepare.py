@@ -60,7 +60,8 @@ class TrainOptions:
     it (`config.option`, `cli.common.config_options`)."""
 
     run_name: str | None = option(None, "Run directory name under runs/ (default: preset-timestamp).")
-    run_dir: Path | None = option(None, "Run directory anywhere (instead of runs/<--run-name>); runs/latest is not moved.")
+    run_dir: Path | None = option(None,
+                                  "Run directory anywhere (instead of runs/<--run-name>); runs/latest is not moved.")
     # None, "auto", or a run name / run dir / checkpoint file (`tslm train --resume [auto|RUN]`)
     resume: str | None = option(None, "Continue a run.", cli=False)
     force: bool = option(False, "Start over in a run directory that already holds a run.")
@@ -132,7 +133,8 @@ class Run:
     tokenizer_fingerprint: str | None = None
     init_from: InitSource | None = None
     notes: list[str] = field(default_factory=list)  # what was chosen for the user, printed in the header
-    time_plan: InitVar[TimePlan | None] = None  # a deadline (`time_budget`, quickstart): the budget, the probe, the steps
+    # a deadline (`time_budget`, quickstart): the budget, the probe, the steps
+    time_plan: InitVar[TimePlan | None] = None
     auto_size: dict | None = None  # `auto_size`: what the rule chose and why (`autosize.prepare_auto_run`)
     schedule: Schedule = field(init=False)
 
@@ -169,7 +171,7 @@ def parse_duration(text: str) -> float:
     >>> parse_duration("1h30")
     Traceback (most recent call last):
     tinystories_cli.errors.UserError: cannot read duration '1h30' (use e.g. 90m, 1.5h, 1h30m, 45s or 5400 (seconds): h, m, s in that order, each once)
-    """
+    """  # noqa: E501 (a doctest's expected one-line output)
     m = _DURATION.match(text.strip().lower()) if isinstance(text, str) else None
     if m is None or not any(m.groups()):
         raise UserError(f"cannot read duration {text!r}", DURATION_HINT)
@@ -268,7 +270,8 @@ def resolve_sources(preset: str | None, config_file: str | Path | None, file_dat
         return Sources(preset_name, model_cfg, train_cfg, run_dir, resume_from, runs.tokenizer_dir_of(run_dir))
     if opts.init_from is not None:
         init = resolve_init_source(opts.init_from)
-        preset_name, model_cfg, train_cfg = init_configs(init, preset, file_data, model_overrides, train_overrides, opts)
+        preset_name, model_cfg, train_cfg = init_configs(init, preset, file_data, model_overrides, train_overrides,
+                                                         opts)
         default_name = new_run_name(f"{init.path.resolve().name.removesuffix('.safetensors')}-finetune")
         run_dir = run_dir or opts.run_dir or runs.runs_root() / (opts.run_name or default_name)
         return Sources(preset_name, model_cfg, train_cfg, run_dir, None, init.tokenizer_dir, init=init)
@@ -295,7 +298,8 @@ def check_sources_outside_run(run_dir: Path, tokenizer_dir: Path, init: InitSour
     sources = [(tokenizer_dir, "the tokenizer"), (opts.train_file, "the training tokens"),
                (opts.valid_file, "the validation tokens")]
     if init is not None:
-        sources += [(init.path, "the model to fine-tune from")] + [(w, "the weights to fine-tune from") for w in init.weights]
+        sources += ([(init.path, "the model to fine-tune from")]
+                    + [(w, "the weights to fine-tune from") for w in init.weights])
     for src, what in sources:
         check_source_outside(src, [run_dir], what, "clear")
 
@@ -352,7 +356,8 @@ def resolve_init_source(spec: str) -> InitSource:
                         "and model.safetensors")
     run_dir = runs.run_dir_of(path)
     holder = runs.lock_holder(run_dir)
-    if path.is_dir() and holder is not None and runs.best_checkpoint(path) is None and runs.latest_checkpoint(path) is None:
+    if (path.is_dir() and holder is not None and runs.best_checkpoint(path) is None
+            and runs.latest_checkpoint(path) is None):
         raise UserError(f"{path} is still being trained by {holder} and has no checkpoint yet",
                         "wait for its first checkpoint (or for the run to finish), then start the fine-tuning")
     weights = runs.checkpoint_for(path)
@@ -387,7 +392,8 @@ def init_configs(init: InitSource, preset: str | None, file_data: dict, model_ov
                              where="model config")
     preset_train = get_preset(preset).train if preset else None
     base = preset_train or (TrainConfig.model_validate(init.train) if init.train else TrainConfig())
-    train_given = {**(file_data.get("train") or {}), **{k: v for k, v in (train_overrides or {}).items() if v is not None}}
+    train_given = {**(file_data.get("train") or {}),
+                   **{k: v for k, v in (train_overrides or {}).items() if v is not None}}
     schedule: dict[str, Any] = {}
     lr = train_given.get("lr", base.lr)
     if "min_lr" not in train_given:
@@ -538,7 +544,8 @@ def vocab_from_tokenizer(model_cfg: ModelConfig, tok_vocab: int, explicit: bool)
     return model_cfg if model_cfg.vocab_size == tok_vocab else model_cfg.model_copy(update={"vocab_size": tok_vocab})
 
 
-def check_token_file_fits(path: Path, split: str, dataset: str, fingerprint: str | None, model_cfg: ModelConfig) -> None:
+def check_token_file_fits(path: Path, split: str, dataset: str, fingerprint: str | None,
+                          model_cfg: ModelConfig) -> None:
     """Present, made with this tokenizer, ids inside the vocabulary, longer than one context."""
     tokens, _ = open_tokens(path, split, dataset, split)
     check_tokens(path, fingerprint, model_cfg.vocab_size)
