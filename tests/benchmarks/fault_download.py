@@ -17,7 +17,7 @@ nothing else in the directory (no .part, no origin file, no temp file). Counted:
 injected (kills that landed while the child was running, by what the .part held at that moment),
 files lost or corrupted, litter, internal errors (exit 1 or "internal error" from any run) and
 failed final runs. All but the first two must be 0. The default test suite runs ~10 trials
-(tests/test_download_faults.py).
+(tests/download/test_download_faults.py).
 """
 
 from __future__ import annotations
