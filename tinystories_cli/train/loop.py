@@ -204,35 +204,14 @@ def build_state(run: Run, probe: bool = False) -> State:
     if parallel == "fsdp":
         shard_model(model, dtype)
     optimizer = build_optimizer(model, tc, sharded=parallel == "fsdp")  # AdamW, or Muon + AdamW
-    train_tokens, _ = open_tokens(run.train_file, "train", tc.dataset, "train")
-    valid_tokens, valid_meta = open_tokens(run.valid_file, "valid", tc.dataset, "valid")
-    sampler = BatchSampler(train_tokens, tc.batch_size, cfg.context_length, seed=tc.seed,
-                           rank=dist.rank, world_size=dist.world_size, grad_accum=tc.grad_accum_steps)
-    # The global count (all ranks together), so a DDP run evaluates the same windows as one process.
-    val_starts = fixed_windows(len(valid_tokens), cfg.context_length, tc.eval_batches * tc.batch_size * dist.world_size)
-    if parallel == "fsdp":  # every rank must run the same number of forwards (each one all-gathers)
-        val_starts = val_starts[:max(dist.world_size, len(val_starts) - len(val_starts) % dist.world_size)]
+    sampler, valid_tokens, valid_meta, val_starts = open_data(run, dist, parallel)
     autocast, note = autocast_factory(device, dtype)
-    state = State(
-        dist,
-        device,
-        model,
-        model,
-        optimizer,
-        sampler,
-        valid_tokens,
-        val_starts,
-        autocast,
-        loss_fn=make_loss_fn(model, autocast),
-        compiled=False,
-        tokens_per_step=tokens_per_step(tc.batch_size, tc.grad_accum_steps, dist.world_size, cfg.context_length),
-        grad_clip=tc.grad_clip if tc.grad_clip > 0 else math.inf,
-        notes=[note] if note else [],
-        dtype=dtype,
-        parallel=parallel,
-        scaler=LossScaler(device) if dtype == "float16" else None,
-        valid_tokens_per_byte=tokens_per_byte(valid_meta),
-    )
+    steps_tokens = tokens_per_step(tc.batch_size, tc.grad_accum_steps, dist.world_size, cfg.context_length)
+    state = State(dist, device, model, model, optimizer, sampler, valid_tokens, val_starts, autocast,
+                  loss_fn=make_loss_fn(model, autocast), compiled=False, tokens_per_step=steps_tokens,
+                  grad_clip=tc.grad_clip if tc.grad_clip > 0 else math.inf, notes=[note] if note else [],
+                  dtype=dtype, parallel=parallel, scaler=LossScaler(device) if dtype == "float16" else None,
+                  valid_tokens_per_byte=tokens_per_byte(valid_meta))
     if ckpt is not None:
         restore(state, run, ckpt)
     if dist.rank > 0:
@@ -249,6 +228,21 @@ def build_state(run: Run, probe: bool = False) -> State:
     if choose_compile(tc.compile, device, expected):
         compile_loss(state)
     return state
+
+
+def open_data(run: Run, dist: Dist, parallel: str) -> tuple[BatchSampler, np.ndarray, dict, np.ndarray]:
+    """The run's batch sampler, its validation tokens (and their sidecar) and the fixed validation windows."""
+    cfg, tc = run.model_cfg, run.train_cfg
+    train_tokens, _ = open_tokens(run.train_file, "train", tc.dataset, "train")
+    valid_tokens, valid_meta = open_tokens(run.valid_file, "valid", tc.dataset, "valid")
+    sampler = BatchSampler(train_tokens, tc.batch_size, cfg.context_length, seed=tc.seed,
+                           rank=dist.rank, world_size=dist.world_size, grad_accum=tc.grad_accum_steps)
+    # The global count (all ranks together), so a DDP run evaluates the same windows as one process.
+    count = tc.eval_batches * tc.batch_size * dist.world_size
+    val_starts = fixed_windows(len(valid_tokens), cfg.context_length, count)
+    if parallel == "fsdp":  # every rank must run the same number of forwards (each one all-gathers)
+        val_starts = val_starts[:max(dist.world_size, len(val_starts) - len(val_starts) % dist.world_size)]
+    return sampler, valid_tokens, valid_meta, val_starts
 
 
 def expected_train_seconds(run: Run, state: State, device: torch.device) -> float | None:
