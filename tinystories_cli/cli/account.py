@@ -14,63 +14,79 @@ from tinystories_cli.console import console, human_bytes, human_count
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import strict_json
 
+# the command's options, one alias each (keeps the signature one line per parameter)
+PresetArg = Annotated[str | None, typer.Argument(help="Preset name (see --list).", show_default=False)]
+ListPresetsOpt = Annotated[bool, typer.Option("--list", help="List the presets and exit.")]
+BatchSizeOpt = Annotated[
+    int | None, typer.Option("--batch-size", help="Sequences per step (default: the preset's).")
+]
+MemoryOpt = Annotated[
+    str | None, typer.Option("--memory", help="Accelerator memory, e.g. 80GB: prints the largest batch that fits.")
+]
+StepsOpt = Annotated[
+    int | None, typer.Option("--steps", help="Training steps for the time estimate (default: the preset's).")
+]
+TokensOpt = Annotated[
+    float | None, typer.Option("--tokens", help="Training tokens for the time estimate (overrides --steps).")
+]
+PeakTflopsOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--peak-tflops",
+        help="Peak throughput in TFLOP/s (default: the A100 peak of --dtype: 312 bf16/fp16, 156 TF32 for float32).",
+        show_default=False,
+    ),
+]
+MfuOpt = Annotated[float, typer.Option("--mfu", help="Model FLOPs utilization, 0-1.")]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--dtype", help="Compute dtype of the run: auto (bfloat16 on a GPU) | float32 | bfloat16 | float16."
+    ),
+]
+ParallelOpt = Annotated[
+    str,
+    typer.Option(
+        "--parallel",
+        help="ddp (each process holds everything) or fsdp (weights, gradients and AdamW state sharded).",
+    ),
+]
+WorldSizeOpt = Annotated[
+    int, typer.Option("--world-size", help="Processes (GPUs) of the run; memory is per process.")
+]
+ActivationCheckpointingOpt = Annotated[
+    bool,
+    typer.Option(
+        "--activation-checkpointing", help="Each block keeps only its input; the backward recomputes the rest."
+    ),
+]
+MeasureOpt = Annotated[
+    bool,
+    typer.Option(
+        "--measure", help="Also measure activation memory with one forward+backward on CPU (small configs)."
+    ),
+]
+AsJsonOpt = Annotated[bool, typer.Option("--json", help="Print all figures as one JSON object.")]
+
 
 @common.with_options(common.config_options(ModelConfig, common.MODEL, include=common.SHAPE_FIELDS),
                      common.config_options(TrainConfig, common.TRAIN, include=("optimizer",)))
 def command(
-    preset: Annotated[str | None, typer.Argument(help="Preset name (see --list).", show_default=False)] = None,
-    list_presets: Annotated[bool, typer.Option("--list", help="List the presets and exit.")] = False,
+    preset: PresetArg = None,
+    list_presets: ListPresetsOpt = False,
     config: common.ConfigFile = None,
-    batch_size: Annotated[
-        int | None, typer.Option("--batch-size", help="Sequences per step (default: the preset's).")
-    ] = None,
-    memory: Annotated[
-        str | None, typer.Option("--memory", help="Accelerator memory, e.g. 80GB: prints the largest batch that fits.")
-    ] = None,
-    steps: Annotated[
-        int | None, typer.Option("--steps", help="Training steps for the time estimate (default: the preset's).")
-    ] = None,
-    tokens: Annotated[
-        float | None, typer.Option("--tokens", help="Training tokens for the time estimate (overrides --steps).")
-    ] = None,
-    peak_tflops: Annotated[
-        float | None,
-        typer.Option(
-            "--peak-tflops",
-            help="Peak throughput in TFLOP/s (default: the A100 peak of --dtype: 312 bf16/fp16, 156 TF32 for float32).",
-            show_default=False,
-        ),
-    ] = None,
-    mfu: Annotated[float, typer.Option("--mfu", help="Model FLOPs utilization, 0-1.")] = 0.5,
-    dtype: Annotated[
-        str,
-        typer.Option(
-            "--dtype", help="Compute dtype of the run: auto (bfloat16 on a GPU) | float32 | bfloat16 | float16."
-        ),
-    ] = "auto",
-    parallel: Annotated[
-        str,
-        typer.Option(
-            "--parallel",
-            help="ddp (each process holds everything) or fsdp (weights, gradients and AdamW state sharded).",
-        ),
-    ] = "ddp",
-    world_size: Annotated[
-        int, typer.Option("--world-size", help="Processes (GPUs) of the run; memory is per process.")
-    ] = 1,
-    activation_checkpointing: Annotated[
-        bool,
-        typer.Option(
-            "--activation-checkpointing", help="Each block keeps only its input; the backward recomputes the rest."
-        ),
-    ] = False,
-    measure: Annotated[
-        bool,
-        typer.Option(
-            "--measure", help="Also measure activation memory with one forward+backward on CPU (small configs)."
-        ),
-    ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print all figures as one JSON object.")] = False,
+    batch_size: BatchSizeOpt = None,
+    memory: MemoryOpt = None,
+    steps: StepsOpt = None,
+    tokens: TokensOpt = None,
+    peak_tflops: PeakTflopsOpt = None,
+    mfu: MfuOpt = 0.5,
+    dtype: DtypeOpt = "auto",
+    parallel: ParallelOpt = "ddp",
+    world_size: WorldSizeOpt = 1,
+    activation_checkpointing: ActivationCheckpointingOpt = False,
+    measure: MeasureOpt = False,
+    as_json: AsJsonOpt = False,
     print_config: common.PrintConfig = False,
     settings: dict | None = None,
 ) -> None:

@@ -54,51 +54,64 @@ def _peak_rss_bytes() -> int:
     return max(own, kids) * scale
 
 
+# the command's options, one alias each (keeps the signature one line per parameter)
+InputPathArg = Annotated[
+    Path | None,
+    typer.Argument(
+        metavar="[INPUT]", help="UTF-8 text file (default: the preset dataset's train.txt).", show_default=False
+    ),
+]
+VocabSizeOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--vocab-size",
+        help="Final vocabulary size incl. 256 bytes and special tokens (default: the preset's).",
+        show_default=False,
+    ),
+]
+SpecialTokensOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--special-token",
+        metavar="TOKEN",
+        help=f"Special token, repeatable; ids 0..k-1 in order (default: {DEFAULT_SPECIAL}).",
+        show_default=False,
+    ),
+]
+NoSpecialOpt = Annotated[bool, typer.Option("--no-special-tokens", help="Train without any special token.")]
+OutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        help="Output directory (default: data/<dataset>/tokenizer/, or <input stem>_tokenizer/ beside the input).",
+        show_default=False,
+    ),
+]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option("--workers", help="Pre-tokenization processes (default: available cores).", show_default=False),
+]
+ErrorsOpt = Annotated[
+    str, typer.Option("--errors", help="Invalid UTF-8: strict (fail, naming the byte offset) | replace (U+FFFD).")
+]
+PresetOpt = Annotated[
+    str, typer.Option("--preset", help="Preset whose dataset and vocab size are the defaults.")
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace a different tokenizer already in --out.")]
+AsJsonOpt = Annotated[bool, typer.Option("--json", help="Print the summary as JSON (no progress bars).")]
+
+
 def command(
-    input_path: Annotated[
-        Path | None,
-        typer.Argument(
-            metavar="[INPUT]", help="UTF-8 text file (default: the preset dataset's train.txt).", show_default=False
-        ),
-    ] = None,
-    vocab_size: Annotated[
-        int | None,
-        typer.Option(
-            "--vocab-size",
-            help="Final vocabulary size incl. 256 bytes and special tokens (default: the preset's).",
-            show_default=False,
-        ),
-    ] = None,
-    special_tokens: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--special-token",
-            metavar="TOKEN",
-            help=f"Special token, repeatable; ids 0..k-1 in order (default: {DEFAULT_SPECIAL}).",
-            show_default=False,
-        ),
-    ] = None,
-    no_special: Annotated[bool, typer.Option("--no-special-tokens", help="Train without any special token.")] = False,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out",
-            help="Output directory (default: data/<dataset>/tokenizer/, or <input stem>_tokenizer/ beside the input).",
-            show_default=False,
-        ),
-    ] = None,
-    workers: Annotated[
-        int | None,
-        typer.Option("--workers", help="Pre-tokenization processes (default: available cores).", show_default=False),
-    ] = None,
-    errors: Annotated[
-        str, typer.Option("--errors", help="Invalid UTF-8: strict (fail, naming the byte offset) | replace (U+FFFD).")
-    ] = "strict",
-    preset: Annotated[
-        str, typer.Option("--preset", help="Preset whose dataset and vocab size are the defaults.")
-    ] = DEFAULT_PRESET,
-    force: Annotated[bool, typer.Option("--force", help="Replace a different tokenizer already in --out.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON (no progress bars).")] = False,
+    input_path: InputPathArg = None,
+    vocab_size: VocabSizeOpt = None,
+    special_tokens: SpecialTokensOpt = None,
+    no_special: NoSpecialOpt = False,
+    out: OutOpt = None,
+    workers: WorkersOpt = None,
+    errors: ErrorsOpt = "strict",
+    preset: PresetOpt = DEFAULT_PRESET,
+    force: ForceOpt = False,
+    as_json: AsJsonOpt = False,
 ) -> None:
     """Train a byte-level BPE tokenizer (GPT-2 pre-tokenization) and write vocab.json + merges.txt."""
     t_start = time.perf_counter()

@@ -29,63 +29,76 @@ COMMAND_KWARGS = {"no_args_is_help": True}
 _STAGES = {"download": "downloading", "verify": "verifying", "decompress": "decompressing"}
 
 
+# the command's options, one alias each (keeps the signature one line per parameter)
+DatasetArg = Annotated[
+    str | None,
+    typer.Argument(
+        metavar="DATASET|URL",
+        help=f"One of: {', '.join(dl.DATASETS)}; or `{dl.HF_MODEL} REPO`; "
+        "or a URL (http(s)://, file://) or a local file path to fetch into --out.",
+        show_default=False,
+    ),
+]
+RepoArg = Annotated[
+    str | None,
+    typer.Argument(
+        metavar="REPO",
+        help=f"With `{dl.HF_MODEL}`: the Hugging Face model repo, e.g. openai-community/gpt2.",
+        show_default=False,
+    ),
+]
+OutDirOpt = Annotated[
+    Path | None,
+    typer.Option("--dir", help="Data root; files land in DIR/<dataset>/ (default: data/, or $TSLM_DATA)."),
+]
+SplitOpt = Annotated[str, typer.Option("--split", help="train | valid | all.")]
+EndpointOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--endpoint",
+        help="Hugging Face mirror URL or local mirror directory (default: $HF_ENDPOINT, else https://huggingface.co).",
+    ),
+]
+OutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        help=f"URL mode: the file to write. `{dl.HF_MODEL}`: the directory (default: DIR/hf/<owner>--<name>/).",
+    ),
+]
+Sha256Opt = Annotated[
+    str | None, typer.Option("--sha256", help="URL mode: expected sha256 (hex) of the downloaded bytes.")
+]
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Download again even if the file exists; the old file is replaced only once the new one is verified.",
+    ),
+]
+MaxBytesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-bytes",
+        min=1,
+        help="Refuse a file (downloaded or unpacked) larger than this many bytes; "
+        "overrides the registry's cap for .gz sources.",
+    ),
+]
+ListDatasetsOpt = Annotated[bool, typer.Option("--list", help="List the datasets and exit.")]
+
+
 def command(
-    dataset: Annotated[
-        str | None,
-        typer.Argument(
-            metavar="DATASET|URL",
-            help=f"One of: {', '.join(dl.DATASETS)}; or `{dl.HF_MODEL} REPO`; "
-            "or a URL (http(s)://, file://) or a local file path to fetch into --out.",
-            show_default=False,
-        ),
-    ] = None,
-    repo: Annotated[
-        str | None,
-        typer.Argument(
-            metavar="REPO",
-            help=f"With `{dl.HF_MODEL}`: the Hugging Face model repo, e.g. openai-community/gpt2.",
-            show_default=False,
-        ),
-    ] = None,
-    out_dir: Annotated[
-        Path | None,
-        typer.Option("--dir", help="Data root; files land in DIR/<dataset>/ (default: data/, or $TSLM_DATA)."),
-    ] = None,
-    split: Annotated[str, typer.Option("--split", help="train | valid | all.")] = "all",
-    endpoint: Annotated[
-        str | None,
-        typer.Option(
-            "--endpoint",
-            help="Hugging Face mirror URL or local mirror directory (default: $HF_ENDPOINT, else https://huggingface.co).",
-        ),
-    ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out",
-            help=f"URL mode: the file to write. `{dl.HF_MODEL}`: the directory (default: DIR/hf/<owner>--<name>/).",
-        ),
-    ] = None,
-    sha256: Annotated[
-        str | None, typer.Option("--sha256", help="URL mode: expected sha256 (hex) of the downloaded bytes.")
-    ] = None,
-    force: Annotated[
-        bool,
-        typer.Option(
-            "--force",
-            help="Download again even if the file exists; the old file is replaced only once the new one is verified.",
-        ),
-    ] = False,
-    max_bytes: Annotated[
-        int | None,
-        typer.Option(
-            "--max-bytes",
-            min=1,
-            help="Refuse a file (downloaded or unpacked) larger than this many bytes; "
-            "overrides the registry's cap for .gz sources.",
-        ),
-    ] = None,
-    list_datasets: Annotated[bool, typer.Option("--list", help="List the datasets and exit.")] = False,
+    dataset: DatasetArg = None,
+    repo: RepoArg = None,
+    out_dir: OutDirOpt = None,
+    split: SplitOpt = "all",
+    endpoint: EndpointOpt = None,
+    out: OutOpt = None,
+    sha256: Sha256Opt = None,
+    force: ForceOpt = False,
+    max_bytes: MaxBytesOpt = None,
+    list_datasets: ListDatasetsOpt = False,
 ) -> None:
     """Resumable, verified downloads: `tslm download tinystories`, or `tslm download URL --out FILE`.
 

@@ -23,51 +23,61 @@ from tinystories_cli.console import console, err_console, human_bytes, human_cou
 from tinystories_cli.errors import UserError
 from tinystories_cli.fileio import check_output_path, check_source_outside, strict_json
 
+# the command's options, one alias each (keeps the signature one line per parameter)
+InputsArg = Annotated[
+    list[str] | None,
+    typer.Argument(
+        metavar="[DATASET | FILE...]",
+        help="A dataset name (encodes data/<dataset>/{train,valid}.txt) or text files (default: tinystories).",
+        show_default=False,
+    ),
+]
+TokenizerOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--tokenizer",
+        "-t",
+        help="Tokenizer directory from `tslm bpe` (default: data/<dataset>/tokenizer/), "
+        "or `gpt2` for GPT-2's (`tslm download gpt2-tokenizer`).",
+        show_default=False,
+    ),
+]
+OutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        "-o",
+        help="Output .npy (only with one input file; default: the input with .npy).",
+        show_default=False,
+    ),
+]
+WorkersOpt = Annotated[
+    int | None, typer.Option("--workers", "-j", help="Worker processes (default: all cores).", show_default=False)
+]
+ErrorsOpt = Annotated[
+    str, typer.Option("--errors", help="Invalid UTF-8: strict (fail, naming the byte offset) | replace (U+FFFD).")
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing token files.")]
+BackendOpt = Annotated[
+    str,
+    typer.Option(
+        "--backend",
+        help="auto (tiktoken when installed and it gives the same ids, else python) | python "
+        "(the from-scratch encoder) | tiktoken. Every backend writes the same ids.",
+    ),
+]
+AsJsonOpt = Annotated[bool, typer.Option("--json", help="Print the summary as JSON (no progress bar).")]
+
 
 def command(
-    inputs: Annotated[
-        list[str] | None,
-        typer.Argument(
-            metavar="[DATASET | FILE...]",
-            help="A dataset name (encodes data/<dataset>/{train,valid}.txt) or text files (default: tinystories).",
-            show_default=False,
-        ),
-    ] = None,
-    tokenizer: Annotated[
-        Path | None,
-        typer.Option(
-            "--tokenizer",
-            "-t",
-            help="Tokenizer directory from `tslm bpe` (default: data/<dataset>/tokenizer/), "
-            "or `gpt2` for GPT-2's (`tslm download gpt2-tokenizer`).",
-            show_default=False,
-        ),
-    ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out",
-            "-o",
-            help="Output .npy (only with one input file; default: the input with .npy).",
-            show_default=False,
-        ),
-    ] = None,
-    workers: Annotated[
-        int | None, typer.Option("--workers", "-j", help="Worker processes (default: all cores).", show_default=False)
-    ] = None,
-    errors: Annotated[
-        str, typer.Option("--errors", help="Invalid UTF-8: strict (fail, naming the byte offset) | replace (U+FFFD).")
-    ] = "strict",
-    force: Annotated[bool, typer.Option("--force", help="Overwrite existing token files.")] = False,
-    backend: Annotated[
-        str,
-        typer.Option(
-            "--backend",
-            help="auto (tiktoken when installed and it gives the same ids, else python) | python "
-            "(the from-scratch encoder) | tiktoken. Every backend writes the same ids.",
-        ),
-    ] = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON (no progress bar).")] = False,
+    inputs: InputsArg = None,
+    tokenizer: TokenizerOpt = None,
+    out: OutOpt = None,
+    workers: WorkersOpt = None,
+    errors: ErrorsOpt = "strict",
+    force: ForceOpt = False,
+    backend: BackendOpt = "auto",
+    as_json: AsJsonOpt = False,
 ) -> None:
     """Encode text into .npy token files (uint16/uint32) with a JSON sidecar, in parallel."""
     from tinystories_cli.tokenizer.backends import BACKENDS, resolve_backend

@@ -18,48 +18,61 @@ from tinystories_cli.fileio import atomic_write_bytes, atomic_write_text, check_
 from tinystories_cli.plot import figure_png, pyplot
 from tinystories_cli.run_readme import write_run_readme
 
+# the command's options, one alias each (keeps the signature one line per parameter)
+RunArg = Annotated[
+    str | None,
+    typer.Argument(help="Run name, run directory or checkpoint file (default: runs/latest).", show_default=False),
+]
+DataOpt = Annotated[
+    Path | None, typer.Option("--data", help="Token file (default: the run's data/<dataset>/valid.npy).")
+]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")]
+CtxOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--ctx", "--context-length", help="Window length (default and maximum: the model's context length)."
+    ),
+]
+OutOpt = Annotated[
+    Path | None, typer.Option("--out", help="Write the JSON here (default: <run>/eval_<data>.json).")
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite --out and --plot if they exist.")]
+AsJsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON only.")]
+LatestOpt = Annotated[
+    bool, typer.Option("--latest", help="Use the latest step checkpoint instead of the best one.")
+]
+PerPositionOpt = Annotated[
+    bool,
+    typer.Option(
+        "--per-position",
+        help="Also report the loss by position in the context window (a table of position buckets; "
+        "position_nats/position_tokens/position_buckets in the JSON).",
+    ),
+]
+BucketsOpt = Annotated[int, typer.Option("--buckets", help="Position buckets in the --per-position table.")]
+PlotOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--plot",
+        help="Write a PNG of the loss at every position here (implies --per-position; needs matplotlib).",
+        show_default=False,
+    ),
+]
+
 
 def command(
-    run: Annotated[
-        str | None,
-        typer.Argument(help="Run name, run directory or checkpoint file (default: runs/latest).", show_default=False),
-    ] = None,
-    data: Annotated[
-        Path | None, typer.Option("--data", help="Token file (default: the run's data/<dataset>/valid.npy).")
-    ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = 16,
-    ctx: Annotated[
-        int | None,
-        typer.Option(
-            "--ctx", "--context-length", help="Window length (default and maximum: the model's context length)."
-        ),
-    ] = None,
+    run: RunArg = None,
+    data: DataOpt = None,
+    batch_size: BatchSizeOpt = 16,
+    ctx: CtxOpt = None,
     device: common.Device = "auto",
-    out: Annotated[
-        Path | None, typer.Option("--out", help="Write the JSON here (default: <run>/eval_<data>.json).")
-    ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite --out and --plot if they exist.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON only.")] = False,
-    latest: Annotated[
-        bool, typer.Option("--latest", help="Use the latest step checkpoint instead of the best one.")
-    ] = False,
-    per_position: Annotated[
-        bool,
-        typer.Option(
-            "--per-position",
-            help="Also report the loss by position in the context window (a table of position buckets; "
-            "position_nats/position_tokens/position_buckets in the JSON).",
-        ),
-    ] = False,
-    buckets: Annotated[int, typer.Option("--buckets", help="Position buckets in the --per-position table.")] = 8,
-    plot: Annotated[
-        Path | None,
-        typer.Option(
-            "--plot",
-            help="Write a PNG of the loss at every position here (implies --per-position; needs matplotlib).",
-            show_default=False,
-        ),
-    ] = None,
+    out: OutOpt = None,
+    force: ForceOpt = False,
+    as_json: AsJsonOpt = False,
+    latest: LatestOpt = False,
+    per_position: PerPositionOpt = False,
+    buckets: BucketsOpt = 8,
+    plot: PlotOpt = None,
 ) -> None:
     """Mean loss, perplexity and bits-per-byte over a whole token file, in non-overlapping windows.
 

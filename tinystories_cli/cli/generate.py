@@ -24,93 +24,109 @@ SAMPLING = "Sampling"
 GRID = "Sampling grid"
 
 
+# the command's options, one alias each (keeps the signature one line per parameter)
+PromptArg = Annotated[
+    str | None,
+    typer.Argument(help=f'The prompt; "-" reads it from stdin. Default: "{DEFAULT_PROMPT}".', show_default=False),
+]
+RunOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--run", help="Run name or directory (default: runs/latest); loads its best checkpoint if present."
+    ),
+]
+CheckpointOpt = Annotated[
+    Path | None, typer.Option("--checkpoint", help="A checkpoint file (its run directory supplies the tokenizer).")
+]
+PromptFileOpt = Annotated[
+    Path | None,
+    typer.Option("--prompt-file", help="A file with one prompt per line (blank lines skipped), batched."),
+]
+StopOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--stop",
+        help="Also stop when the completion contains this string (repeatable; not included in the text).",
+        rich_help_panel=SAMPLING,
+        show_default=False,
+    ),
+]
+NoStopOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-stop",
+        help="Do not stop at <|endoftext|>: always generate --max-tokens tokens.",
+        rich_help_panel=SAMPLING,
+    ),
+]
+AsJsonOpt = Annotated[
+    bool,
+    typer.Option(
+        "--json",
+        help="Print one JSON object per sample (JSON lines) "
+        "instead of streaming text; `ids`: the prompt's and the generated token ids).",
+    ),
+]
+NoCacheOpt = Annotated[
+    bool, typer.Option("--no-cache", help="Recompute the whole context every step (slow; for comparison).")
+]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="Weight precision of the fast CPU decode path: fp32 (exact), bf16 (needs a CPU with "
+        "avx512_bf16) or int8 (per-group weight quantization).",
+    ),
+]
+EngineOpt = Annotated[
+    str,
+    typer.Option(
+        "--engine",
+        help="Decode path: auto (the C kernel for Llama-style models on the CPU, else torch), fast "
+        "(the C kernel, or an error) or torch (the reference).",
+    ),
+]
+GridOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--grid",
+        help='Compare sampling settings: e.g. "temp=0.5,1.0,1.2 top_p=0.3,0.9,1.0" (keys temp, top_p, '
+        "top_k). Every cell samples the same prompt with the same --num-samples seeds; prints a Markdown table "
+        "with distinct-2/distinct-3 and the repetition rate per cell, then the samples.",
+        rich_help_panel=GRID,
+        show_default=False,
+    ),
+]
+OutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        help="With --grid: write the Markdown here instead of printing it.",
+        rich_help_panel=GRID,
+        show_default=False,
+    ),
+]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="With --out: overwrite the file if it exists.", rich_help_panel=GRID)
+]
+
+
 @common.with_options(common.config_options(gen.SamplingSettings, SAMPLING, defaults=True))
 def command(
-    prompt: Annotated[
-        str | None,
-        typer.Argument(help=f'The prompt; "-" reads it from stdin. Default: "{DEFAULT_PROMPT}".', show_default=False),
-    ] = None,
-    run: Annotated[
-        str | None,
-        typer.Option(
-            "--run", help="Run name or directory (default: runs/latest); loads its best checkpoint if present."
-        ),
-    ] = None,
-    checkpoint: Annotated[
-        Path | None, typer.Option("--checkpoint", help="A checkpoint file (its run directory supplies the tokenizer).")
-    ] = None,
-    prompt_file: Annotated[
-        Path | None,
-        typer.Option("--prompt-file", help="A file with one prompt per line (blank lines skipped), batched."),
-    ] = None,
-    stop: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--stop",
-            help="Also stop when the completion contains this string (repeatable; not included in the text).",
-            rich_help_panel=SAMPLING,
-            show_default=False,
-        ),
-    ] = None,
-    no_stop: Annotated[
-        bool,
-        typer.Option(
-            "--no-stop",
-            help="Do not stop at <|endoftext|>: always generate --max-tokens tokens.",
-            rich_help_panel=SAMPLING,
-        ),
-    ] = False,
-    as_json: Annotated[
-        bool,
-        typer.Option(
-            "--json",
-            help="Print one JSON object per sample (JSON lines) "
-            "instead of streaming text; `ids`: the prompt's and the generated token ids).",
-        ),
-    ] = False,
+    prompt: PromptArg = None,
+    run: RunOpt = None,
+    checkpoint: CheckpointOpt = None,
+    prompt_file: PromptFileOpt = None,
+    stop: StopOpt = None,
+    no_stop: NoStopOpt = False,
+    as_json: AsJsonOpt = False,
     device: common.Device = "auto",
-    no_cache: Annotated[
-        bool, typer.Option("--no-cache", help="Recompute the whole context every step (slow; for comparison).")
-    ] = False,
-    precision: Annotated[
-        str,
-        typer.Option(
-            "--precision",
-            help="Weight precision of the fast CPU decode path: fp32 (exact), bf16 (needs a CPU with "
-            "avx512_bf16) or int8 (per-group weight quantization).",
-        ),
-    ] = "fp32",
-    engine: Annotated[
-        str,
-        typer.Option(
-            "--engine",
-            help="Decode path: auto (the C kernel for Llama-style models on the CPU, else torch), fast "
-            "(the C kernel, or an error) or torch (the reference).",
-        ),
-    ] = "auto",
-    grid: Annotated[
-        str | None,
-        typer.Option(
-            "--grid",
-            help='Compare sampling settings: e.g. "temp=0.5,1.0,1.2 top_p=0.3,0.9,1.0" (keys temp, top_p, '
-            "top_k). Every cell samples the same prompt with the same --num-samples seeds; prints a Markdown table "
-            "with distinct-2/distinct-3 and the repetition rate per cell, then the samples.",
-            rich_help_panel=GRID,
-            show_default=False,
-        ),
-    ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out",
-            help="With --grid: write the Markdown here instead of printing it.",
-            rich_help_panel=GRID,
-            show_default=False,
-        ),
-    ] = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="With --out: overwrite the file if it exists.", rich_help_panel=GRID)
-    ] = False,
+    no_cache: NoCacheOpt = False,
+    precision: PrecisionOpt = "fp32",
+    engine: EngineOpt = "auto",
+    grid: GridOpt = None,
+    out: OutOpt = None,
+    force: ForceOpt = False,
     settings: dict | None = None,
 ) -> None:
     """Generate text from a trained model: temperature, top-k, top-p, KV cache, streaming output.

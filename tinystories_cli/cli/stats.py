@@ -17,32 +17,43 @@ from tinystories_cli.fileio import atomic_write_bytes, check_input_file, check_o
 COMMAND_KWARGS = {"no_args_is_help": True}
 
 
+# the command's options, one alias each (keeps the signature one line per parameter)
+FileArg = Annotated[Path, typer.Argument(help="Text file (documents separated by --separator).", show_default=False)]
+TokenizerOpt = Annotated[
+    Path | None,
+    typer.Option("--tokenizer", "-t", help="Tokenizer directory (from `tslm bpe`): adds tokens and bytes/token."),
+]
+SeparatorOpt = Annotated[
+    str, typer.Option("--separator", help="Document separator; '\\n' for one document per line.")
+]
+UnitOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--unit",
+        help="Histogram unit: tokens | words | chars | bytes (default: tokens with --tokenizer, else words).",
+    ),
+]
+OutOpt = Annotated[
+    Path | None,
+    typer.Option("--out", "-o", help="Write the histogram as a PNG (needs matplotlib) instead of printing it."),
+]
+BinsOpt = Annotated[
+    int | None,
+    typer.Option("--bins", help="Histogram bins (default: 20 in the terminal, 50 in a PNG).", show_default=False),
+]
+AsJsonOpt = Annotated[bool, typer.Option("--json", help="Print the figures as one JSON object.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")]
+
+
 def command(
-    file: Annotated[Path, typer.Argument(help="Text file (documents separated by --separator).", show_default=False)],
-    tokenizer: Annotated[
-        Path | None,
-        typer.Option("--tokenizer", "-t", help="Tokenizer directory (from `tslm bpe`): adds tokens and bytes/token."),
-    ] = None,
-    separator: Annotated[
-        str, typer.Option("--separator", help="Document separator; '\\n' for one document per line.")
-    ] = stats.DEFAULT_SEPARATOR,
-    unit: Annotated[
-        str | None,
-        typer.Option(
-            "--unit",
-            help="Histogram unit: tokens | words | chars | bytes (default: tokens with --tokenizer, else words).",
-        ),
-    ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option("--out", "-o", help="Write the histogram as a PNG (needs matplotlib) instead of printing it."),
-    ] = None,
-    bins: Annotated[
-        int | None,
-        typer.Option("--bins", help="Histogram bins (default: 20 in the terminal, 50 in a PNG).", show_default=False),
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as one JSON object.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
+    file: FileArg,
+    tokenizer: TokenizerOpt = None,
+    separator: SeparatorOpt = stats.DEFAULT_SEPARATOR,
+    unit: UnitOpt = None,
+    out: OutOpt = None,
+    bins: BinsOpt = None,
+    as_json: AsJsonOpt = False,
+    force: ForceOpt = False,
 ) -> None:
     """Corpus statistics: documents, bytes, characters, words, tokens, bytes/token, and a document-length histogram."""
     check_input_file(file, "text file")
