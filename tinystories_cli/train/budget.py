@@ -253,7 +253,7 @@ def replan_is_material(noted: int, target: int, share: float = REPLAN_NOTE_SHARE
 
 # What the compile decision (`device.choose_compile`) needs to know: how long the training ahead will take.
 OPTIMISTIC_TFLOPS = 4.0  # faster than any CPU this tool trains on (the 2-core dev VM measures 0.17 fp32)
-EXPECTED_MFU = 0.5       # of the measured matmul peak: eager CPU training measured 0.3-0.5 (RESULTS.md)
+EXPECTED_MFU = 0.3  # of the measured matmul peak: the quickstart-size model trained at ~0.37 of bf16's (12-06)
 
 
 def expected_seconds(deadline: float | None, flops: float, measure_peak_tflops: Callable[[], float]) -> float:
