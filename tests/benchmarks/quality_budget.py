@@ -89,7 +89,8 @@ def arm_run(arm: str, code: Path, text: Path, workdir: Path, minutes: float) -> 
     cmd = [sys.executable, "-m", "tinystories_cli", "quickstart", "--minutes", f"{minutes:g}", "--text", str(text),
            "--dir", str(workdir / arm), "--device", "cpu", "--plain"]
     t = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    # cwd = the code's tree: `python -m` puts the working directory first on sys.path, before PYTHONPATH
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=code)
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         raise SystemExit(f"{arm} quickstart failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
@@ -107,6 +108,7 @@ def arm_run(arm: str, code: Path, text: Path, workdir: Path, minutes: float) -> 
 
 
 def baseline_main(args) -> None:
+    args.workdir = args.workdir.resolve()
     base_code = checkout(args.baseline, args.workdir)
     rounds = []
     for i in range(args.rounds):
