@@ -36,6 +36,14 @@ __all__ = [
 ]
 
 
+def run_closure(closure) -> Tensor | None:
+    """The loss a `step(closure)` re-evaluates (with gradients on, inside the optimizers' no-grad step)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class AdamW(torch.optim.Optimizer):
     """AdamW (Loshchilov & Hutter): decoupled weight decay, bias correction folded into the step size.
 
@@ -73,10 +81,7 @@ class AdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None, found_inf: Tensor | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, steps = self._gather(group)
             if params:
@@ -238,10 +243,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None, found_inf: Tensor | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             muon_update(self.state, group, found_inf)
         return loss
@@ -310,10 +312,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None, found_inf: Tensor | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             if group["algorithm"] == "muon":
                 muon_update(self.state, group, found_inf)
