@@ -155,7 +155,8 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 def newton_schulz(g: Tensor, steps: int = 5, coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
                   eps: float = 1e-7) -> Tensor:
-    """An approximately orthogonal matrix with the singular vectors of the 2-D matrix `g` (U V^T of its SVD).
+    """An approximately orthogonal matrix with the singular vectors of the 2-D matrix `g` (U V^T of its SVD);
+    for a stack of matrices (..., A, B), each one's.
 
     Works in bfloat16 on the wide orientation (rows <= columns, so the Gram matrix is the small one):
     X <- g / ||g||_F (every singular value now <= 1), then `steps` times, with A = X X^T,
@@ -167,19 +168,66 @@ def newton_schulz(g: Tensor, steps: int = 5, coefficients: tuple[float, float, f
     >>> bool(s.min() > 0.5 and s.max() < 1.3)
     True
     """
-    if g.ndim != 2:
-        raise ValueError(f"newton_schulz needs a 2-D matrix, got shape {tuple(g.shape)}")
+    if g.ndim < 2:
+        raise ValueError(f"newton_schulz needs a 2-D matrix or a stack of them, got shape {tuple(g.shape)}")
     a, b, c = coefficients
-    tall = g.size(0) > g.size(1)
+    tall = g.size(-2) > g.size(-1)
     x = g.bfloat16()
     if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=eps)
-    for _ in range(steps):
-        gram = x @ x.T
-        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A A
-        x = torch.addmm(x, poly, x, beta=a)  # a X + (b A + c A A) X
-    return x.T if tall else x
+        x = x.mT
+    if x.ndim == 2:
+        x = x / x.norm().clamp(min=eps)
+        for _ in range(steps):
+            gram = x @ x.T
+            poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A A
+            x = torch.addmm(x, poly, x, beta=a)  # a X + (b A + c A A) X
+    else:
+        x = x.reshape(-1, *x.shape[-2:])
+        x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=eps)
+        for _ in range(steps):
+            gram = x @ x.mT
+            poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+            x = torch.baddbmm(x, poly, x, beta=a)
+        x = x.reshape(*g.shape[:-2], *x.shape[-2:])
+    return x.mT if tall else x
+
+
+# Matrices of one shape are orthogonalized together, as one batched Newton-Schulz, up to this many
+# elements per batch (a bf16 copy of the batch is the extra memory): on a CPU a model's dozens of small
+# matrices otherwise cost more in per-call overhead than in arithmetic.
+NS_BATCH_ELEMENTS = 1 << 24
+
+
+def orthogonalize_all(updates: list[Tensor], steps: int = 5, eps: float = 1e-7,
+                      max_elements: int = NS_BATCH_ELEMENTS) -> list[Tensor]:
+    """`newton_schulz` of every matrix in `updates`, batching the matrices of one shape (a tall matrix and
+    its transpose's shape count as one: it is orthogonalized as the wide one, transposed back).
+
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> ms = [torch.randn(8, 32, generator=g), torch.randn(32, 8, generator=g), torch.randn(8, 8, generator=g)]
+    >>> outs = orthogonalize_all(ms)
+    >>> [tuple(o.shape) for o in outs]
+    [(8, 32), (32, 8), (8, 8)]
+    >>> all(torch.allclose(o.float(), newton_schulz(m).float(), atol=2e-2) for o, m in zip(outs, ms))
+    True
+    """
+    out: list[Tensor | None] = [None] * len(updates)
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, u in enumerate(updates):
+        by_shape.setdefault((min(u.shape), max(u.shape)), []).append(i)
+    for (rows, cols), idx in by_shape.items():
+        per_batch = max(1, max_elements // (rows * cols))
+        for start in range(0, len(idx), per_batch):
+            chunk = idx[start:start + per_batch]
+            if len(chunk) == 1:
+                out[chunk[0]] = newton_schulz(updates[chunk[0]], steps, eps=eps)
+                continue
+            wide = torch.stack([updates[i].mT if updates[i].size(0) > updates[i].size(1) else updates[i]
+                                for i in chunk])
+            for i, q in zip(chunk, newton_schulz(wide, steps, eps=eps).unbind(0)):
+                out[i] = q.mT if updates[i].size(0) > updates[i].size(1) else q
+    return out  # type: ignore[return-value]
 
 
 class Muon(torch.optim.Optimizer):
@@ -250,26 +298,29 @@ class Muon(torch.optim.Optimizer):
 
 
 def muon_update(state: dict, group: dict, found_inf: Tensor | None) -> None:
-    """One Muon step of the parameters of `group` (their momentum buffers kept in `state`)."""
+    """One Muon step of the parameters of `group` (their momentum buffers kept in `state`): the momentum of
+    every matrix, then all of them orthogonalized at once (`orthogonalize_all`), then the weights."""
     lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-    for p in group["params"]:
-        if p.grad is None:
-            continue
-        g = p.grad
-        st = state[p]
-        if "momentum_buffer" not in st:
-            st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        buf = st["momentum_buffer"]
-        if found_inf is None:
-            ok: float | Tensor = 1.0
-            buf.lerp_(g, 1.0 - mom)
-        else:
+    params = [p for p in group["params"] if p.grad is not None]
+    if not params:
+        return
+    for p in params:
+        if "momentum_buffer" not in state[p]:
+            state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    grads = [p.grad for p in params]
+    bufs = [state[p]["momentum_buffer"] for p in params]
+    oks: list[float | Tensor] = [1.0] * len(params)
+    if found_inf is None:
+        torch._foreach_lerp_(bufs, grads, 1.0 - mom)
+    else:
+        for i, (p, g, buf) in enumerate(zip(params, grads, bufs)):
             skip = found_inf.to(p.device) != 0
-            ok = (~skip).to(p.dtype)
+            oks[i] = (~skip).to(p.dtype)
             g.masked_fill_(skip, 0.0)
-            buf.lerp_(g, (1.0 - mom) * ok)  # unchanged on a skipped step
-        u = g.lerp(buf, mom) if group["nesterov"] else buf
-        u = newton_schulz(u, group["ns_steps"], eps=group["eps"])
+            buf.lerp_(g, (1.0 - mom) * oks[i])  # unchanged on a skipped step
+    updates = torch._foreach_lerp(grads, bufs, mom) if group["nesterov"] else bufs
+    updates = orthogonalize_all(list(updates), group["ns_steps"], eps=group["eps"])
+    for p, u, ok in zip(params, updates, oks):
         if wd != 0:
             p.mul_(1.0 - lr * wd * ok)
         step = -lr * Muon.lr_multiplier(p.shape, group["lr_scale"])
