@@ -16,6 +16,14 @@ the start times every width back to back, so each candidate gets its fair share:
 This keeps the sweep independent of how loaded the machine is (only the wall-clock of the sweep
 changes): "2 minutes of this machine" is probe tokens/s x 120 reference tokens.
 
+--seconds S instead gives every run S seconds of wall-clock, as quickstart does (the trainer's own time
+budget: its probe, any compile and the evaluations count against it; `--compile auto` and `--dtype auto`
+decide as they do for a real run). Equal minutes, so the machine must be otherwise idle.
+
+    python examples/size_sweep.py --text ../shared/data/tinystories_train.txt --workdir /tmp/sweep240 \
+        --seconds 240 --widths 128,192 --lrs 4e-3 --schedule wsd --batch-sizes 8 \
+        --set decay_fraction=0.4 --set optimizer=muon --set muon_lr=0.02 --set seed=1
+
 Data: quickstart's 95/5 split of --text and its 2048-id tokenizer (or --vocab-size; built under
 WORKDIR/data by the same library functions `tslm quickstart` uses). Every run: 4 layers (2 for
 d_model 64) unless --layers, heads of width 32, batch 16 x 256 unless --batch-sizes, warmup 20
@@ -51,10 +59,10 @@ def prepare(text: Path, workdir: Path, vocab_size: int) -> tuple[Path, Path, Pat
     return data / "train.npy", data / "valid.npy", data / "tokenizer"
 
 
-def run_options(run_dir: Path, files: tuple[Path, Path, Path]) -> tl.TrainOptions:
+def run_options(run_dir: Path, files: tuple[Path, Path, Path], seconds: float | None = None) -> tl.TrainOptions:
     train_file, valid_file, tok = files
     return tl.TrainOptions(run_dir=run_dir, train_file=train_file, valid_file=valid_file, tokenizer_dir=tok,
-                           display="quiet", force=True)
+                           display="quiet", force=True, time_budget=seconds)
 
 
 def shape_of(width: int, layers: int | None) -> autosize.Shape:
@@ -98,6 +106,9 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("size_sweep"))
     ap.add_argument("--vocab-size", type=int, default=2048)
     ap.add_argument("--budgets", default="0.5e6,1.5e6", help="reference-token budgets, comma-separated")
+    ap.add_argument("--seconds", default="",
+                    help="wall-clock budgets instead of --budgets, comma-separated: each run trains for that long "
+                         "(the trainer's time budget: its probe, compile and evaluations count), as quickstart does")
     ap.add_argument("--widths", default="64,128,192,256")
     ap.add_argument("--lrs", default="3e-3", help="learning rates tried at every width")
     ap.add_argument("--lr-widths", default="", help="widths that also try --extra-lrs")
@@ -133,7 +144,8 @@ def main() -> None:
     done = {json.loads(line)["name"] for line in out.read_text().splitlines()} if out.is_file() else set()
     lr_widths = {int(w) for w in args.lr_widths.split(",") if w}
     schedules = ["cosine", "wsd"] if args.schedule == "both" else [args.schedule]
-    for budget in (float(b) for b in args.budgets.split(",")):
+    timed = bool(args.seconds)
+    for budget in (float(b) for b in (args.seconds or args.budgets).split(",")):
         for w in widths:
             lrs = [float(x) for x in args.lrs.split(",")]
             if w in lr_widths:
@@ -145,35 +157,39 @@ def main() -> None:
                     (f"-B{batch}" if batch != autosize.BATCH_SIZE else "") + \
                     (f"-wu{warmup}" if warmup != autosize.WARMUP_STEPS else "") + \
                     "".join(f"-{k}{v:g}" if isinstance(v, float) else f"-{k}{v}" for k, v in settings.items())
-                name = f"b{budget:g}-d{w}{extra}-lr{lr:g}-{schedule}"
+                name = f"{'s' if timed else 'b'}{budget:g}-d{w}{extra}-lr{lr:g}-{schedule}"
                 if name in done:
                     continue
                 tokens_per_step = batch * autosize.CONTEXT_LENGTH
-                tokens = int(budget * speeds[variant(w, d, batch)] / ref)
+                own_speed = speeds[variant(w, d, batch)]
+                tokens = int(budget * own_speed if timed else budget * own_speed / ref)  # timed: an estimate
                 steps = max(warmup + 1, tokens // tokens_per_step)
                 given = {k: v for k, v in settings.items() if k != "min_lr_ratio"}
-                train_over = {"dataset": "quickstart", "max_steps": steps, "lr": lr,
+                train_over = {"dataset": "quickstart", **({} if timed else {"max_steps": steps}), "lr": lr,
                               "min_lr": lr * settings.get("min_lr_ratio", 0.1), **given,
                               "warmup_steps": warmup, "batch_size": batch,
                               "schedule": schedule, "eval_every": max(1, steps // 4), "eval_batches": 4,
                               "save_every": max(1, steps // 4), "log_every": 50}
                 run_dir = args.workdir / "runs" / name
                 run = tl.prepare_run(autosize.BASE_PRESET, None, shape.model_overrides(), train_over,
-                                     run_options(run_dir, files))
+                                     run_options(run_dir, files, budget if timed else None))
                 t = time.perf_counter()
                 result = tl.train(run)
                 wall = time.perf_counter() - t
-                if result.stopped != "finished":  # a signal: the run is incomplete, not a data point
+                steps = result.max_steps if timed else steps
+                if result.stopped not in ("finished", "time_budget"):  # a signal: incomplete, not a data point
                     raise SystemExit(f"{name} stopped at step {result.step}/{steps} ({result.stopped}); "
                                      "rerun the same command to redo it")
                 ev = evaluate_run(run_dir, files[1])
-                rec = {"name": name, "budget_ref_tokens": budget, "d_model": w, "num_layers": shape.num_layers,
+                rec = {"name": name, ("budget_seconds" if timed else "budget_ref_tokens"): budget, "d_model": w,
+                       "num_layers": shape.num_layers,
                        "num_heads": shape.num_heads, "lr": lr, "schedule": schedule, "batch_size": batch,
                        "warmup_steps": warmup, **({"settings": settings} if settings else {}),
                        "vocab_size": args.vocab_size, "steps": steps,
                        "tokens": steps * tokens_per_step, "val_loss": round(ev["loss"], 4),
                        "bits_per_byte": ev.get("bits_per_byte"), "wall_s": round(wall, 1),
-                       "train_tokens_per_s": round(result.tokens_per_s, 1)}
+                       "train_tokens_per_s": round(result.tokens_per_s, 1),
+                       "chosen": json.loads((run_dir / "config.json").read_text()).get("chosen")}
                 print(json.dumps(rec), flush=True)
                 with open(out, "a") as f:
                     f.write(json.dumps(rec) + "\n")
