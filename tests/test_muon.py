@@ -57,11 +57,13 @@ def test_muon_matches_torch_optim_muon_over_20_steps(nesterov, lr_scale, shapes)
         torch.testing.assert_close(opt.state[a]["momentum_buffer"], ref_opt.state[b]["momentum_buffer"])
 
 
-@pytest.mark.parametrize("max_elements", [1 << 24, 3 * 16 * 32, 1])
-def test_orthogonalize_all_equals_one_matrix_at_a_time(max_elements):
+@pytest.mark.parametrize(("max_elements", "max_matrix"), [(1 << 24, 1 << 17), (3 * 16 * 32, 1 << 17), (1, 1 << 17),
+                                                         (1 << 24, 24 * 24)])
+def test_orthogonalize_all_equals_one_matrix_at_a_time(max_elements, max_matrix):
     g = torch.Generator().manual_seed(0)
     ms = [torch.randn(*s, generator=g) for s in BATCHED_SHAPES]
-    outs = orthogonalize_all(ms, max_elements=max_elements)  # one batch, batches of 3 and 1, all singletons
+    # one batch per shape; batches of 3 and 1; all singletons; (24, 24) batched but (16, 32) too big to batch
+    outs = orthogonalize_all(ms, max_elements=max_elements, max_matrix=max_matrix)
     for m, q in zip(ms, outs):
         assert q.shape == m.shape and q.dtype == torch.bfloat16
         torch.testing.assert_close(q, newton_schulz(m), rtol=0, atol=0)

@@ -192,16 +192,20 @@ def newton_schulz(g: Tensor, steps: int = 5, coefficients: tuple[float, float, f
     return x.mT if tall else x
 
 
-# Matrices of one shape are orthogonalized together, as one batched Newton-Schulz, up to this many
-# elements per batch (a bf16 copy of the batch is the extra memory): on a CPU a model's dozens of small
-# matrices otherwise cost more in per-call overhead than in arithmetic.
+# Small matrices of one shape are orthogonalized together, as one batched Newton-Schulz, up to
+# NS_BATCH_ELEMENTS per batch (a bf16 copy of the batch is the extra memory): on a CPU a model's dozens of
+# small matrices otherwise cost more in per-call overhead than in arithmetic (d_model 128 x 4 layers: a
+# MuonWithAdamW step 21.5 -> 15.2 ms). Larger ones go one at a time: there torch.bmm was slower than one
+# torch.mm per matrix (d_model 512: 439 -> 497 ms batched). tests/benchmarks/muon_step.py measures both.
 NS_BATCH_ELEMENTS = 1 << 24
+NS_BATCH_MAX_MATRIX = 1 << 17
 
 
 def orthogonalize_all(updates: list[Tensor], steps: int = 5, eps: float = 1e-7,
-                      max_elements: int = NS_BATCH_ELEMENTS) -> list[Tensor]:
-    """`newton_schulz` of every matrix in `updates`, batching the matrices of one shape (a tall matrix and
-    its transpose's shape count as one: it is orthogonalized as the wide one, transposed back).
+                      max_elements: int = NS_BATCH_ELEMENTS, max_matrix: int = NS_BATCH_MAX_MATRIX) -> list[Tensor]:
+    """`newton_schulz` of every matrix in `updates`, batching the matrices of one shape with at most
+    `max_matrix` elements (a tall matrix and its transpose's shape count as one: it is orthogonalized as the
+    wide one, transposed back), `max_elements` per batch; larger matrices one at a time.
 
     >>> import torch
     >>> g = torch.Generator().manual_seed(0)
@@ -217,7 +221,7 @@ def orthogonalize_all(updates: list[Tensor], steps: int = 5, eps: float = 1e-7,
     for i, u in enumerate(updates):
         by_shape.setdefault((min(u.shape), max(u.shape)), []).append(i)
     for (rows, cols), idx in by_shape.items():
-        per_batch = max(1, max_elements // (rows * cols))
+        per_batch = max(1, max_elements // (rows * cols)) if rows * cols <= max_matrix else 1
         for start in range(0, len(idx), per_batch):
             chunk = idx[start:start + per_batch]
             if len(chunk) == 1:
