@@ -187,7 +187,8 @@ class TrainConfig(StrictModel):
         "with --lr on the embeddings, LM head and norms.")
     muon_lr: float = setting(0.02, "Muon's peak learning rate (the schedule scales it as it scales --lr).", gt=0)
     muon_momentum: float = setting(0.95, "Muon's (Nesterov) momentum.", ge=0, lt=1)
-    muon_weight_decay: float = setting(0.0, "Muon's decoupled weight decay.", ge=0)
+    muon_weight_decay: float = setting(
+        0.1, "Muon's decoupled weight decay (each step multiplies the matrices by 1 - muon_lr x this).", ge=0)
     grad_clip: float = setting(1.0, "Global gradient-norm clip (0 = off).", ge=0)
     eval_every: int = setting(500, "Validation every N steps.", gt=0, neutral=True)
     eval_batches: int = setting(20, "Validation batches (fixed windows).", gt=0, neutral=True)
