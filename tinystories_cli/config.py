@@ -208,6 +208,12 @@ class TrainConfig(StrictModel):
         "back the compile (about 90 s); off for MPS.",
         neutral=True,
     )
+    keep_freed_memory: bool = setting(
+        True, "On a CPU under glibc, keep the memory a step frees for the next step instead of handing it back to "
+        "the OS (fresh pages for every step's largest buffers cost up to a third of a step); the process then "
+        "holds its peak memory until it exits.",
+        neutral=True,
+    )
     parallel: Literal["ddp", "fsdp"] = setting(
         "ddp", "Under torchrun: ddp (replicate the model) or fsdp (shard weights, gradients and AdamW state).",
         neutral=True)

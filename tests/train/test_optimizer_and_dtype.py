@@ -5,6 +5,10 @@ native bf16, records the choice, and a resumed run keeps the dtype it started wi
 from __future__ import annotations
 
 import json
+import platform
+import resource
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -80,3 +84,30 @@ def test_a_resumed_run_keeps_the_dtype_it_started_with(workspace, monkeypatch):
     assert _chosen(second.run_dir)["dtype"] == "float32"
     straight = _run("straight", train={"dtype": "float32"})
     assert {**first.train_losses, **second.train_losses} == straight.train_losses
+
+
+_FAULTS = """
+import resource, sys, torch
+from tinystories_cli.device import keep_freed_cpu_memory
+applied = keep_freed_cpu_memory(torch.device("cpu")) if sys.argv[1] == "1" else False
+for _ in range(10):  # the heap grows for the first few steps (aligned blocks do not fit the freed ones at first)
+    torch.ones(2**24).sum()  # 64 MiB, above glibc's largest mmap threshold
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(6):
+    torch.ones(2**24).sum()
+print(int(applied), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_freed_memory tunes glibc's malloc")
+def test_keep_freed_memory_reuses_a_steps_buffers_instead_of_faulting_them_in_again():
+    def faults(keep: str) -> tuple[int, int]:
+        out = subprocess.run([sys.executable, "-c", _FAULTS, keep], capture_output=True, text=True, check=True)
+        applied, n = out.stdout.split()
+        return int(applied), int(n)
+
+    pages = 2**26 // resource.getpagesize()  # one 64 MiB buffer
+    applied, kept = faults("1")
+    assert applied == 1 and kept <= 2 * pages  # six more "steps" fault in (almost) nothing new
+    assert faults("0")[1] >= 5 * pages  # glibc's default: each 64 MiB block is mapped and faulted in afresh
+    assert not D.keep_freed_cpu_memory(torch.device("meta"))  # only a CPU's malloc is tuned

@@ -66,6 +66,7 @@ from tinystories_cli.device import (
     choose_dtype,
     dist_from_env,
     init_distributed,
+    keep_freed_cpu_memory,
     measure_peak_tflops,
     pick_device,
     sync,
@@ -190,6 +191,8 @@ def build_state(run: Run, probe: bool = False) -> State:
         torch.distributed.barrier()
     dtype = choose_dtype(tc.dtype, device)
     use_fast_fp32_matmul(device)
+    if tc.keep_freed_memory:
+        keep_freed_cpu_memory(device)
     parallel = tc.parallel if dist.enabled else "none"
     # Seeding before construction makes the initial weights a function of `seed`.
     torch.manual_seed(tc.seed)
