@@ -211,7 +211,7 @@ class TrainConfig(StrictModel):
     keep_freed_memory: bool = setting(
         True, "On a CPU under glibc, keep the memory a step frees for the next step instead of handing it back to "
         "the OS (fresh pages for every step's largest buffers cost up to a third of a step); the process then "
-        "holds its peak memory until it exits.",
+        "holds its peak memory until it exits, and ~40% more of it at large batches.",
         neutral=True,
     )
     parallel: Literal["ddp", "fsdp"] = setting(

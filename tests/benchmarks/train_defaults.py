@@ -2,11 +2,15 @@
 `--compile auto` buy (issue 27).
 
     python tests/benchmarks/train_defaults.py --data DIR [--sizes 17m,quickstart] [--rounds 2]
+    python tests/benchmarks/train_defaults.py --data DIR10K --sizes 17m-preset --rounds 3
 
 --data is a directory with train.npy, valid.npy and tokenizer/ (e.g. a quickstart data directory). Sizes:
 `17m` is tinystories-17m's shape (d_model 512, 4 layers, 16 heads) and `quickstart` the auto size's model at
-4 minutes (d_model 128, 4 layers, 4 heads), both at batch 8 x 256 on the data's tokenizer. Each round runs,
-in turn (the order alternates), one `tslm train` process per arm for the same steps on the same seed:
+4 minutes (d_model 128, 4 layers, 4 heads), both at batch 8 x 256 on the data's tokenizer. `17m-preset` is
+`--preset tinystories-17m` itself, every training setting as the preset has it (batch 64 x 256, its lr)
+but the run's length and warmup (14 steps, 2 of warmup), on the data's tokenizer (the preset's has 10,000
+ids: `tslm bpe --vocab-size 10000`, then `tslm encode`). Each round runs, in turn (the order alternates),
+one `tslm train` process per arm for the same steps on the same seed:
 
     default   no --dtype / --compile flag: what the run chooses (recorded under "chosen" in config.json)
     float32   --dtype float32 --no-compile: the old CPU path
@@ -32,22 +36,26 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 SIZES = {"17m": {"d_model": 512, "num_layers": 4, "num_heads": 16, "steps": 100, "lr": 2e-3},
-         "quickstart": {"d_model": 128, "num_layers": 4, "num_heads": 4, "steps": 800, "lr": 4e-3}}
+         "quickstart": {"d_model": 128, "num_layers": 4, "num_heads": 4, "steps": 800, "lr": 4e-3},
+         "17m-preset": {"preset": "tinystories-17m", "steps": 14, "log_every": 2, "eval_batches": 2}}
 ARMS = {"default": [], "float32": ["--dtype", "float32", "--no-compile"]}
 
 
 def one_run(size: str, arm: str, data: Path, workdir: Path, seed: int) -> dict:
     s = SIZES[size]
     run_dir = workdir / f"{size}-{arm}"
-    cmd = [sys.executable, "-m", "tinystories_cli", "train", "--preset", "tinystories-cpu",
+    if "preset" in s:  # the preset as it is, but for the run's length
+        shape = ["--preset", s["preset"], "--warmup-steps", "2"]
+    else:
+        shape = ["--preset", "tinystories-cpu", "--d-model", str(s["d_model"]), "--num-layers", str(s["num_layers"]),
+                 "--num-heads", str(s["num_heads"]), "--batch-size", "8", "--warmup-steps", "20", "--lr", str(s["lr"]),
+                 "--min-lr", str(s["lr"] / 10), "--schedule", "wsd", "--decay-fraction", "0.4"]
+    cmd = [sys.executable, "-m", "tinystories_cli", "train", *shape,
            "--train-data", str(data / "train.npy"), "--valid-data", str(data / "valid.npy"),
            "--tokenizer", str(data / "tokenizer"), "--run-dir", str(run_dir), "--force", "--plain",
-           "--d-model", str(s["d_model"]), "--num-layers", str(s["num_layers"]), "--num-heads", str(s["num_heads"]),
-           "--batch-size", "8", "--max-steps", str(s["steps"]), "--warmup-steps", "20", "--lr", str(s["lr"]),
-           "--min-lr", str(s["lr"] / 10), "--schedule", "wsd", "--decay-fraction", "0.4",
-           "--eval-every", str(s["steps"]), "--save-every", str(s["steps"]),
-           "--log-every", str(max(10, s["steps"] // 20)),
-           "--eval-batches", "16", "--seed", str(seed), *ARMS[arm]]
+           "--max-steps", str(s["steps"]), "--eval-every", str(s["steps"]), "--save-every", str(s["steps"]),
+           "--log-every", str(s.get("log_every", max(10, s["steps"] // 20))),
+           "--eval-batches", str(s.get("eval_batches", 16)), "--seed", str(seed), *ARMS[arm]]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     wall = time.perf_counter() - t
