@@ -47,7 +47,8 @@ def time_reference(data: Path, workdir: Path, seconds: float) -> float:
 
 
 def time_row(rule: autosize.Rule, data: Path, workdir: Path, seconds: float, compiled: bool) -> float:
-    choice = autosize._choice(rule, 1.0, 1, "")
+    choice = autosize.choose(rule.min_ref_tokens)  # the row itself, at its threshold
+    assert choice.shape.d_model == rule.d_model
     train = {**choice.train_overrides(), "max_steps": 1000, "warmup_steps": 1, "compile": compiled}
     run = tl.prepare_run(autosize.BASE_PRESET, None, choice.model_overrides(), train, options(data, workdir))
     tps, _ = tl.measure_throughput(run, seconds, max_steps=1000)

@@ -149,11 +149,11 @@ class Choice:
         return out
 
     def record(self) -> dict:
+        """The shape and the training settings chosen (`train_overrides` without the derived min_lr and
+        grad_accum_steps), the budget and why."""
+        train = {k: v for k, v in self.train_overrides().items() if k not in ("min_lr", "grad_accum_steps")}
         return {"d_model": self.shape.d_model, "num_layers": self.shape.num_layers, "num_heads": self.shape.num_heads,
-                "lr": self.lr, "batch_size": self.batch_size, "warmup_steps": self.warmup_steps, "schedule": SCHEDULE,
-                "decay_fraction": self.decay_fraction, "optimizer": OPTIMIZER, "muon_lr": MUON_LR,
-                "muon_weight_decay": MUON_WEIGHT_DECAY, "reference_tokens": round(self.ref_tokens),
-                "tokens": self.tokens, "why": self.why}
+                **train, "reference_tokens": round(self.ref_tokens), "tokens": self.tokens, "why": self.why}
 
 
 def rule_for(ref_tokens: float) -> Rule:
